@@ -1,0 +1,1 @@
+"""Class 1 of the survey, hardware-efficient exact attention: tiled, quantized, split-KV and paged kernels."""

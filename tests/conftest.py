@@ -1,0 +1,18 @@
+import os
+
+# Triton kernels run through the interpreter on CPU; must be set before effattn (and triton) import.
+if os.environ.get("EFFATTN_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def device() -> str:
+    return os.environ.get("EFFATTN_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
