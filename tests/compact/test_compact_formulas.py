@@ -48,3 +48,28 @@ def test_layers_hold_what_the_registry_claims(name, shape, d_model):
 def test_compact_records_shrink_the_cache():
     sizes = {n: REGISTRY.get(n).state_or_cache.elements(SEVEN_B) for n in LAYERS}
     assert sizes["mha"] > sizes["gqa"] > sizes["tpa"] > sizes["mla"] > sizes["mqa"] == sizes["mfa"]
+
+
+def test_readme_table_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from effattn.compact.formulas import comparison_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert comparison_table(SEVEN_B, D_MODEL) in readme
+
+
+def test_benchmark_runs_quick(tmp_path):
+    """benchmarks/compact.py --quick: tiny CPU run, every decode step checked against the reference path."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compact.py"
+    spec = importlib.util.spec_from_file_location("compact_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--contexts", "40", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "compact_decode.json").read_text())["rows"]
+    assert len(rows) == 7 and all(r["tokens_per_s"] > 0 and r["rel_err_vs_reference"] < 1e-4 for r in rows)
+    assert (tmp_path / "compact_decode.md").read_text().startswith("# Compact attention decode")

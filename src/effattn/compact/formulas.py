@@ -132,16 +132,21 @@ def state_or_cache(name: str):
     return StateOrCache(formula, True, elements)
 
 
-def comparison_rows(shape: Shape, d_model: int, bytes_per_element: int = 2) -> list[list[str]]:
-    """One Markdown-ready row per compact method: cache numbers and bytes per token, params, vs MHA."""
+SEVEN_B = Shape(batch=1, seq_q=1, heads=32, kv_heads=8, head_dim=128)  # d_model 4096: a LLaMA-2-7B-like layer
+
+
+def comparison_table(shape: Shape = SEVEN_B, d_model: int = 4096, bytes_per_element: int = 2) -> str:
+    """Markdown table of every compact record's KV cache per token and attention parameters at `shape`
+    (the README's table)."""
     from ..registry import REGISTRY
 
     mha = REGISTRY.get("mha").state_or_cache.elements(shape)
-    rows = []
+    lines = ["| method | KV cache / token / layer | numbers | bytes (16-bit) | MHA cache / this | attention params |",
+             "|---|---|---|---|---|---|"]
     for m in REGISTRY:
-        if m.family != "compact" or m.params is None:
-            continue
-        n = m.state_or_cache.elements(shape)
-        rows.append([m.name, m.state_or_cache.formula, str(n), f"{n * bytes_per_element:,}",
-                     f"{mha / n:.1f}x", f"{m.params(shape, d_model) / 1e6:.1f}M"])
-    return rows
+        if m.family == "compact" and m.params is not None:
+            n = m.state_or_cache.elements(shape)
+            lines.append(f"| {m.name} | {m.state_or_cache.formula} | {n:,} | {n * bytes_per_element:,} | "
+                         f"{mha / n:.1f} | {m.params(shape, d_model) / 1e6:.1f}M |")
+    return "\n".join(lines)
+

@@ -120,7 +120,7 @@ def _register() -> None:
     register(Method(
         name="mfa", family="compact", cite="Hu et al. 2024 (survey Table 3, MFA; Eqs. 32-33)",
         fn=mfa_attention, reference=mfa_attention_reference, make_inputs=make_inputs,
-        complexity=Complexity("O(N^2 d h)", "O(N^2)", 2.0, 2.0),
+        complexity=Complexity("O(N^2 h d)", "O(N^2)", 2.0, 2.0),
         state_or_cache=state_or_cache("mfa"), params=PARAMS["mfa"], options=OPTIONS,
         supports=frozenset({"causal", "noncausal", "backward", "decode"}),
         grad_inputs=("q", "k", "v", "w_uq"),

@@ -169,7 +169,7 @@ def _register() -> None:
     register(Method(
         name="mla", family="compact", cite="Liu et al. 2024, DeepSeek-V2 (survey Table 3, MLA; Eqs. 27-31)",
         fn=mla_attention, reference=mla_attention_reference, make_inputs=make_inputs,
-        complexity=Complexity("O(N^2 (r_kv + d_R) h)", "O(N^2)", 2.0, 2.0),
+        complexity=Complexity("O(N^2 h (r_kv + d_R))", "O(N^2)", 2.0, 2.0),
         state_or_cache=state_or_cache("mla"), params=PARAMS["mla"], forms=FORMS, options=OPTIONS,
         supports=frozenset({"causal", "noncausal", "backward", "decode"}),
         grad_inputs=("q", "c_kv", "k_rope", "w_uk", "w_uv"),

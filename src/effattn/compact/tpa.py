@@ -148,7 +148,7 @@ def _register() -> None:
     register(Method(
         name="tpa", family="compact", cite="Zhang et al. 2025 (survey Table 3, TPA; Eqs. 34-38)",
         fn=tpa_attention, reference=tpa_attention_reference, make_inputs=make_inputs,
-        complexity=Complexity("O(N^2 h (r_k d + r_v d))", "O(N^2)", 2.0, 2.0),
+        complexity=Complexity("O(N^2 h d (r_k + r_v))", "O(N^2)", 2.0, 2.0),
         state_or_cache=state_or_cache("tpa"), params=PARAMS["tpa"], options=OPTIONS,
         supports=frozenset({"causal", "noncausal", "backward", "decode"}),
         grad_inputs=("q", "a_k", "b_k", "a_v", "b_v"),
