@@ -23,6 +23,15 @@ class KVCacheBase:
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
         self.dtype, self.device = dtype, torch.device(device)
+        self._memo = None  # (seq_ids, segments): rebuilt only after the cache changes
+
+    def segments(self, seq_ids=None):
+        """(list of KVSegment, totals `[B]` int32) describing the cache to the decode kernel. Built once per
+        change of the cache, so repeated decode calls launch no host-to-device copies."""
+        key = None if seq_ids is None else tuple(seq_ids)
+        if self._memo is None or self._memo[0] != key:
+            self._memo = (key, self._build_segments(seq_ids))
+        return self._memo[1]
 
     def _check_append(self, k, v, batch: int, lengths) -> list[int]:
         """k `[n, T, Hkv, D]`, v `[n, T, Hkv, Dv]` in the cache's dtype and device; `lengths` (default all
@@ -54,6 +63,24 @@ class KVCacheBase:
             raise ValueError(f"seq_ids is only meaningful for a PagedKVCache, got {seq_ids!r}")
         return list(self.lengths)
 
+    def sequence_ids(self) -> list[int]:
+        """The sequences a decode call covers by default, in batch order."""
+        return list(range(len(self.lengths)))
+
     def keys_values_batch(self, dtype=None, seq_ids=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        ids = range(len(self.batch_lengths(seq_ids))) if seq_ids is None else seq_ids
-        return [self.keys_values(i, dtype) for i in ids]
+        return [self.keys_values(i, dtype) for i in (self.sequence_ids() if seq_ids is None else seq_ids)]
+
+
+def decode_reference(q: torch.Tensor, cache, *, dtype=torch.float64, seq_ids=None, causal: bool = True,
+                     scale: float | None = None, return_lse: bool = False):
+    """Readable ground truth for `effattn.decode`: exact softmax attention of q `[B, Tq, H, D]` over each
+    sequence's (dequantised) keys and values, computed in `dtype` on q's device. Returns o `[B, Tq, H, Dv]`
+    in `dtype` (and LSE `[B, H, Tq]`)."""
+    from ..reference import softmax_attention
+
+    outs = [softmax_attention(q[i:i + 1].to(dtype), k[None].to(q.device), v[None].to(q.device), causal=causal,
+                              scale=scale, return_lse=return_lse)
+            for i, (k, v) in enumerate(cache.keys_values_batch(dtype, seq_ids))]
+    if return_lse:
+        return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
+    return torch.cat(outs)

@@ -37,6 +37,7 @@ class ContiguousKVCache(KVCacheBase):
             self.k[b, start:start + n] = k[b, :n]
             self.v[b, start:start + n] = v[b, :n]
             self.lengths[b] = start + n
+        self._memo = None
 
     def retain(self, index: torch.Tensor) -> None:
         """Keep, for every (sequence, KV head), the tokens `index[b, h]` (ascending), dropping the rest:
@@ -52,8 +53,9 @@ class ContiguousKVCache(KVCacheBase):
                                 gather.unsqueeze(-1).expand(-1, -1, -1, buf.shape[-1]))
             buf[:, :n] = kept
         self.lengths = [n] * self.batch
+        self._memo = None
 
-    def segments(self, seq_ids=None):
+    def _build_segments(self, seq_ids):
         lens = self._lengths_tensor(self.batch_lengths(seq_ids))
         return [KVSegment(self.k, self.v, lens, torch.zeros_like(lens), max(self.lengths))], lens
 

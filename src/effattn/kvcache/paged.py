@@ -41,6 +41,7 @@ class PagedKVCache(KVCacheBase):
     def add_sequence(self) -> int:
         sid, self._next_id = self._next_id, self._next_id + 1
         self.tables[sid], self.seq_lengths[sid] = [], 0
+        self._memo = None
         return sid
 
     def _check_id(self, sid) -> int:
@@ -66,10 +67,14 @@ class PagedKVCache(KVCacheBase):
             if self.refcount[blk] == 0:
                 self.free_blocks.append(blk)
         del self.seq_lengths[sid]
+        self._memo = None
 
     @property
     def lengths(self) -> list[int]:
         return list(self.seq_lengths.values())
+
+    def sequence_ids(self) -> list[int]:
+        return list(self.tables)
 
     def batch_lengths(self, seq_ids=None) -> list[int]:
         return [self.seq_lengths[s] for s in self._ids(seq_ids)]
@@ -126,9 +131,10 @@ class PagedKVCache(KVCacheBase):
             self.v[blk, off:off + take] = v[done:done + take]
             L, done = L + take, done + take
         self.seq_lengths[sid] = L
+        self._memo = None
 
     # ----------------------------------------------------------------------------------- kernel + checks
-    def segments(self, seq_ids=None):
+    def _build_segments(self, seq_ids):
         ids = self._ids(seq_ids)
         width = max(1, max(len(self.tables[s]) for s in ids))
         table = torch.zeros(len(ids), width, dtype=torch.int32)

@@ -29,8 +29,8 @@ class QuantizedKVCache(KVCacheBase):
         check_choice("key_bits", key_bits, BITS)
         check_choice("value_bits", value_bits, BITS)
         check_choice("key_axis", key_axis, ("channel", "token"))
-        check_positive_int("key_group", key_group)
-        check_positive_int("value_group", value_group)
+        check_positive_int("key_group", key_group, power_of_two=True)
+        check_positive_int("value_group", value_group, power_of_two=True)
         check_positive_int("residual", residual, minimum=0)
         Dv = self.head_dim_v
         if key_axis == "token" and head_dim % key_group:
@@ -95,6 +95,7 @@ class QuantizedKVCache(KVCacheBase):
             self.k_res[b, :rest] = pending_k[new_q - Lq:]
             self.v_res[b, :rest] = pending_v[new_q - Lq:]
             self.lengths[b], self.quantized[b] = L, new_q
+        self._memo = None
 
     def _store_codes(self, b: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize tokens k `[n, Hkv, D]`, v `[n, Hkv, Dv]` into positions [start, start + n)."""
@@ -110,7 +111,7 @@ class QuantizedKVCache(KVCacheBase):
         self.k_scale[b, rows], self.k_zero[b, rows] = ks, kz
         self.v_scale[b, start:start + n], self.v_zero[b, start:start + n] = vs, vz
 
-    def segments(self, seq_ids=None):
+    def _build_segments(self, seq_ids):
         lengths = self.batch_lengths(seq_ids)
         totals = self._lengths_tensor(lengths)
         quant = self._lengths_tensor(self.quantized)
