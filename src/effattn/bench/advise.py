@@ -24,8 +24,11 @@ def _estimate(rs: list[dict], fit: dict | None, n: int) -> tuple[float, float, s
     t, mem = near["time_s"] / near["batch"], (near["peak_bytes"] or 0) / near["batch"]
     if near["n"] == n:
         return t, mem, "measured"
-    ts = fit["time_slope"] if fit and fit["time_slope"] is not None else 1.0
-    ms = fit["memory_slope"] if fit and fit["memory_slope"] is not None else 1.0
+    from .fit import r_claims
+
+    claimed_t, claimed_m = r_claims(near)  # without a fit (one size measured), trust the registry's claim
+    ts = fit["time_slope"] if fit and fit["time_slope"] is not None else (claimed_t if claimed_t is not None else 1.0)
+    ms = fit["memory_slope"] if fit and fit["memory_slope"] is not None else (claimed_m if claimed_m is not None else 1.0)
     ratio = n / near["n"]
     return t * ratio ** ts, mem * ratio ** ms, f"extrapolated from N={near['n']} (slopes {ts:.2f}, {ms:.2f})"
 

@@ -57,11 +57,13 @@ def infer_causal(method: Method, inputs: dict) -> bool | None:
 
 
 def _caller(method: Method, inputs: dict) -> Callable[[dict], Any]:
-    """Through `effattn.attention` when the inputs are q, k, v and declared options; else the record's fn."""
+    """Through `effattn.attention` when the inputs are q, k, v and declared options of a method registered
+    under that name; else the record's fn (records outside the registry, methods with other inputs)."""
     import effattn
 
     extra = set(inputs) - {"q", "k", "v"}
-    if {"q", "k", "v"} <= set(inputs) and extra <= set(method.options):
+    public = method.name in effattn.REGISTRY and effattn.REGISTRY.get(method.name) is method
+    if public and {"q", "k", "v"} <= set(inputs) and extra <= set(method.options):
         return lambda d: effattn.attention(d["q"], d["k"], d["v"], method=method.name,
                                            **{k: v for k, v in d.items() if k not in ("q", "k", "v")})
     return lambda d: method.fn(**d)

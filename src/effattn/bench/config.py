@@ -34,6 +34,7 @@ class BenchConfig:
     anchors: str = "auto"  # auto | none | comma-separated anchor names
     time_limit: float = 20.0  # seconds per cell (warm-up, timing, memory, accuracy)
     min_run_time: float = 0.05  # seconds of timed calls per cell on the CPU (torch.utils.benchmark)
+    min_samples: int = 5  # timed samples at least (CPU), while they fit in a quarter of the time limit
     warmup_ms: float = 25.0  # triton.testing.do_bench on CUDA
     rep_ms: float = 100.0
     seed: int = 0

@@ -23,9 +23,10 @@ from .measure import failure_status, median_seconds, peak_memory, release, synch
 from .progress import Progress
 
 
-def selected_methods(cfg: BenchConfig):
-    names = cfg.methods if cfg.methods else REGISTRY.names()
-    return [REGISTRY.get(n) for n in names]  # unknown names raise with a did-you-mean
+def selected_methods(cfg: BenchConfig, registry=None):
+    registry = REGISTRY if registry is None else registry
+    names = cfg.methods if cfg.methods else registry.names()
+    return [registry.get(n) for n in names]  # unknown names raise with a did-you-mean
 
 
 def plan(cfg: BenchConfig, methods, anchors: list[Anchor]) -> list[Cell]:
@@ -55,7 +56,7 @@ def _measure(prep: Prepared, cfg: BenchConfig, record: dict) -> None:
         record.update(accuracy(o, exact_attention(e["q"], e["k"], e["v"], e["causal"], e["scale"])))
     del out
     t, calls = median_seconds(prep.call, dev, min_run_time=cfg.min_run_time, warmup_ms=cfg.warmup_ms,
-                              rep_ms=cfg.rep_ms, max_seconds=cfg.time_limit / 4)
+                              rep_ms=cfg.rep_ms, min_samples=cfg.min_samples, max_seconds=cfg.time_limit / 4)
     record.update(time_s=t, timed_calls=calls, tokens_per_s=prep.tokens / t)
     if prep.flops is not None:
         record.update(flops=prep.flops, tflops=prep.flops / t / 1e12)
@@ -111,7 +112,7 @@ def run_cell(cell: Cell, subject, cfg: BenchConfig) -> dict:
 
 
 def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike, *, resume: bool = False, command: str = "",
-              stream=None, write_reports: bool = True) -> dict:
+              stream=None, write_reports: bool = True, registry=None) -> dict:
     """Run (or continue) a benchmark into `out_dir`; returns the results dict. Ctrl-C stops it cleanly,
     re-raising KeyboardInterrupt after everything measured has been written."""
     stream = sys.stderr if stream is None else stream
@@ -128,14 +129,15 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike, *, resume: bool = Fa
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, data, path, command, stream, write_reports)
+        return _run(cfg, data, path, command, stream, write_reports, registry)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(cfg: BenchConfig, data: dict | None, path: Path, command: str, stream, write_reports: bool) -> dict:
+def _run(cfg: BenchConfig, data: dict | None, path: Path, command: str, stream, write_reports: bool,
+         registry) -> dict:
     out = path.parent
-    methods = selected_methods(cfg)
+    methods = selected_methods(cfg, registry)
     anchors, anchor_status = select(cfg.anchors, cfg)
     data = res.new_results(cfg, command, anchor_status, methods) if data is None else data
     data["anchors"].update(anchor_status)

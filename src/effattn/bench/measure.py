@@ -78,14 +78,15 @@ def median_seconds(fn: Callable[[], object], device: str, *, min_run_time: float
     from torch.utils.benchmark import Timer
 
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    per_call = [t / m.number_per_run for t in m.raw_times]
-    spent = sum(m.raw_times)
+    if min_run_time > 0:
+        m = timer.blocked_autorange(min_run_time=min_run_time)
+        per_call, calls = [t / m.number_per_run for t in m.raw_times], m.number_per_run * len(m.raw_times)
+    else:  # single calls only (smoke runs)
+        per_call, calls = [timer.timeit(1).raw_times[0]], 1
+    spent = sum(per_call)
     while len(per_call) < min_samples and spent + per_call[-1] < max_seconds:
-        t = timer.timeit(1).raw_times[0]
-        per_call.append(t)
-        spent += t
-    calls = m.number_per_run * len(m.raw_times) + len(per_call) - len(m.raw_times)
+        per_call.append(timer.timeit(1).raw_times[0])
+        spent, calls = spent + per_call[-1], calls + 1
     return float(torch.tensor(per_call).median()), int(calls)
 
 
