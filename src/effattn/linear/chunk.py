@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..hardware._flash_common import _dot  # a @ b in fp32; PREC "upcast" works around the interpreter's 16-bit dot
+
 
 @triton.jit
 def _gate_rows(gc, rows, live, i_h, ok, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr):
@@ -81,7 +83,7 @@ def _wy_fwd(k, v, beta, gc, w, u, start, end, H: tl.constexpr, K: tl.constexpr, 
     r = tl.arange(0, BT)
     strict = r[:, None] > r[None, :]
     b_kb = b_k.to(tl.float32) * b_b[:, None]
-    b_L = tl.dot(b_kb.to(b_k.dtype), tl.trans(b_k), input_precision=PREC)  # beta_i k_i . k_j
+    b_L = _dot(b_kb.to(b_k.dtype), tl.trans(b_k), None, PREC)  # beta_i k_i . k_j
     if GATE == 1:
         b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
         b_L = b_L * tl.exp(tl.where(strict, b_g[:, None] - b_g[None, :], -float("inf")))
@@ -94,13 +96,13 @@ def _wy_fwd(k, v, beta, gc, w, u, start, end, H: tl.constexpr, K: tl.constexpr, 
         b_A = tl.where(r[:, None] == i, b_A - tl.sum(l_i[:, None] * b_A, 0)[None, :], b_A)
     b_A = b_A.to(b_k.dtype)
     tl.store(w + (rows[:, None] * H + i_h) * K + ok[None, :],
-             tl.dot(b_A, b_kb.to(b_k.dtype), input_precision=PREC).to(w.dtype.element_ty),
+             _dot(b_A, b_kb.to(b_k.dtype), None, PREC).to(w.dtype.element_ty),
              mask=live[:, None] & (ok[None, :] < K))
     for i_v in range(0, tl.cdiv(V, BV)):
         ov = i_v * BV + tl.arange(0, BV)
         m = live[:, None] & (ov[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m, other=0.0)
-        b_u = tl.dot(b_A, (b_v.to(tl.float32) * b_b[:, None]).to(b_v.dtype), input_precision=PREC)
+        b_u = _dot(b_A, (b_v.to(tl.float32) * b_b[:, None]).to(b_v.dtype), None, PREC)
         tl.store(u + (rows[:, None] * H + i_h) * V + ov[None, :], b_u.to(u.dtype.element_ty), mask=m)
 
 
@@ -127,14 +129,14 @@ def _state_fwd(k, u, w, gc, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.cons
         b_x = tl.load(u + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m_v, other=0.0).to(tl.float32)
         if DELTA:
             b_w = tl.load(w + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
-            b_x -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
+            b_x -= _dot(b_w, b_h.to(b_w.dtype), None, PREC)
             tl.store(x + (rows[:, None] * H + i_h) * V + ov[None, :], b_x.to(x.dtype.element_ty), mask=m_v)
         if GATE != 0:
             b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
             g_last = _gate_last(gc, tl.minimum(bos + i * BT + BT, eos) - 1, i_h, ok, H, K, GATE)
             b_h = _decay_state(b_h, g_last, GATE)
             b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_k.dtype)
-        b_h += tl.dot(tl.trans(b_k), b_x.to(b_k.dtype), input_precision=PREC)
+        b_h += _dot(tl.trans(b_k), b_x.to(b_k.dtype), None, PREC)
     if STORE_HT:
         tl.store(ht + i_s * H * K * V + p_kv, b_h.to(ht.dtype.element_ty), mask=m_kv)
 
@@ -174,12 +176,12 @@ def _state_bwd(q, k, w, gc, do, dxi, dh, dht, dh0, cu, first, scale, H: tl.const
             if GATE != 0:
                 b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_w.dtype)
             b_dx = tl.load(dxi + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m_v, other=0.0).to(tl.float32)
-            b_dx += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PREC)
+            b_dx += _dot(b_k, b_dh.to(b_k.dtype), None, PREC)
         if GATE != 0:
             b_dh = _decay_state(b_dh, g_last, GATE)
-        b_dh += tl.dot(tl.trans((b_q * scale).to(b_do.dtype)), b_do, input_precision=PREC)
+        b_dh += _dot(tl.trans((b_q * scale).to(b_do.dtype)), b_do, None, PREC)
         if DELTA:
-            b_dh -= tl.dot(tl.trans(b_w), b_dx.to(b_w.dtype), input_precision=PREC)
+            b_dh -= _dot(tl.trans(b_w), b_dx.to(b_w.dtype), None, PREC)
     tl.store(dh0 + i_s * H * K * V + p_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)
 
 
@@ -204,7 +206,7 @@ def _chunk_output(q, k, x, gc, h, o, start, end, scale, H: tl.constexpr, K: tl.c
             b_qg = (b_q.to(tl.float32) * tl.exp(b_gq)[:, None]).to(b_q.dtype)
         else:
             b_qg = (b_q.to(tl.float32) * tl.exp(b_gq)).to(b_q.dtype)
-    b_o = tl.dot(b_qg, b_h.to(b_q.dtype), input_precision=PREC)
+    b_o = _dot(b_qg, b_h.to(b_q.dtype), None, PREC)
     for j in range(0, i_q + 1):
         rk = t0 + j * BQ + tl.arange(0, BQ)
         lk = rk < t1
@@ -216,13 +218,13 @@ def _chunk_output(q, k, x, gc, h, o, start, end, scale, H: tl.constexpr, K: tl.c
             b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
             qa = b_q.to(tl.float32) * tl.exp(tl.where(lq[:, None], b_gq - ref[None, :], 0.0))
             ka = b_k.to(tl.float32) * tl.exp(tl.where(lk[:, None], ref[None, :] - b_gk, 0.0))
-            b_a = tl.dot(qa.to(b_q.dtype), tl.trans(ka.to(b_k.dtype)), input_precision=PREC)
+            b_a = _dot(qa.to(b_q.dtype), tl.trans(ka.to(b_k.dtype)), None, PREC)
         else:
-            b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+            b_a = _dot(b_q, tl.trans(b_k), None, PREC)
             if GATE == 1:
                 b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
                 b_a *= tl.exp(tl.where(rq[:, None] >= rk[None, :], b_gq[:, None] - b_gk[None, :], -float("inf")))
         b_a = tl.where((rq[:, None] >= rk[None, :]) & lk[None, :], b_a, 0.0)
-        b_o += tl.dot(b_a.to(b_x.dtype), b_x, input_precision=PREC)
+        b_o += _dot(b_a.to(b_x.dtype), b_x, None, PREC)
     tl.store(o + (rq[:, None] * H + i_h) * V + ov[None, :], (b_o * scale).to(o.dtype.element_ty),
              mask=lq[:, None] & (ov[None, :] < V))

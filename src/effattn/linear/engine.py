@@ -13,6 +13,7 @@ import torch
 import triton
 
 from .._memory import empty_output
+from ..hardware._flash_common import dot_precision
 from ..validate import check_choice, check_cu_seqlens, check_positive_int, check_qkv, check_scale, check_tensor
 from .chunk import _chunk_cumsum, _chunk_output, _state_bwd, _state_fwd, _wy_fwd
 from .chunk_torch import Chunks, chunk_local, from_chunks, make_chunks, to_chunks, _decay, _pair
@@ -20,8 +21,8 @@ from .chunk_torch import Chunks, chunk_local, from_chunks, make_chunks, to_chunk
 _VJP_GROUP = 64  # chunks per batched backward step: bounds the O(group C^2 Dk) memory of vector gates
 
 
-def _prec(t: torch.Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"
+def _prec(t: torch.Tensor):
+    return dot_precision(t.dtype)
 
 
 def _blocks(K: int, V: int, num_seqs: int, H: int):
