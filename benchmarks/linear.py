@@ -121,6 +121,7 @@ def main():
     ap.add_argument("--sizes", default="4096,16384,65536")
     ap.add_argument("--cross", default="512,1024,2048,4096,8192")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--passes", default="fwd,fwd+bwd")
     ap.add_argument("--budget", type=float, default=280.0, help="seconds; later measurements are skipped after it")
     a = ap.parse_args()
     t_start = time.time()
@@ -133,9 +134,9 @@ def main():
         for T in sizes:
             x = inputs(kind, max(1, 16384 // T), T)
             timed(rep, "effattn", kind, T, lambda: ours(kind, x), False)
-            xg = inputs(kind, max(1, 16384 // T), T, requires_grad=True)
-            timed(rep, "effattn", kind, T, lambda: ours(kind, xg), True)
-            del x, xg
+            if "fwd+bwd" in a.passes:
+                xg = inputs(kind, max(1, 16384 // T), T, requires_grad=True)
+                timed(rep, "effattn", kind, T, lambda: ours(kind, xg), True)
     for T in [int(s) for s in a.cross.split(",") if s]:
         B = max(1, 16384 // T)
         x = inputs("simple_gla", B, T)
@@ -167,9 +168,9 @@ def main():
                 break
             x = inputs(kind, max(1, 16384 // T), T)
             timed(rep, "fla", kind, T, lambda: fla(kind, x), False)
-            xg = inputs(kind, max(1, 16384 // T), T, requires_grad=True)
-            timed(rep, "fla", kind, T, lambda: fla(kind, xg), True)
-            del x, xg
+            if "fwd+bwd" in a.passes:
+                xg = inputs(kind, max(1, 16384 // T), T, requires_grad=True)
+                timed(rep, "fla", kind, T, lambda: fla(kind, xg), True)
     print("total", time.time() - t_start, "s", flush=True)
 
 

@@ -71,7 +71,7 @@ def _chunk_cumsum(g, out, start, end, H: tl.constexpr, KG: tl.constexpr, BT: tl.
 
 
 @triton.jit
-def _wy_fwd(k, v, beta, gc, w, u, start, end, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _wy_fwd(k, v, beta, gc, w, u, scratch, start, end, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr):
     n, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + n), tl.load(end + n)
@@ -89,11 +89,16 @@ def _wy_fwd(k, v, beta, gc, w, u, start, end, H: tl.constexpr, K: tl.constexpr, 
         b_L = b_L * tl.exp(tl.where(strict, b_g[:, None] - b_g[None, :], -float("inf")))
         b_kb = b_kb * tl.exp(b_g)[:, None]
     b_L = tl.where(strict, b_L, 0.0)
-    # A = (I + L)^{-1} by forward substitution: row i of A is e_i - sum_{j<i} L_ij A_j.
-    b_A = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    # A = (I + L)^{-1} by forward substitution, row i of A = e_i - sum_{j<i} L_ij A_j. A is kept transposed
+    # and the rows of L are read back from scratch, so each step reduces within a row (no cross-warp sum).
+    p_L = scratch + (n.to(tl.int64) * H + i_h) * BT * BT
+    tl.store(p_L + r[:, None] * BT + r[None, :], b_L)
+    tl.debug_barrier()
+    b_AT = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
     for i in range(1, BT):
-        l_i = tl.sum(tl.where(r[:, None] == i, b_L, 0.0), 0)
-        b_A = tl.where(r[:, None] == i, b_A - tl.sum(l_i[:, None] * b_A, 0)[None, :], b_A)
+        l_i = tl.load(p_L + i * BT + r)
+        b_AT = tl.where(r[None, :] == i, b_AT - tl.sum(b_AT * l_i[None, :], 1)[:, None], b_AT)
+    b_A = tl.trans(b_AT)
     b_A = b_A.to(b_k.dtype)
     tl.store(w + (rows[:, None] * H + i_h) * K + ok[None, :],
              _dot(b_A, b_kb.to(b_k.dtype), None, PREC).to(w.dtype.element_ty),
