@@ -141,7 +141,7 @@ def test_methods_are_their_gates():
     g = torch.log(gamma).view(1, 1, H).expand(B, T, H)
     base = dict(q=x["q"], k=x["k"], v=x["v"], form="recurrent")
     torch.testing.assert_close(retnet(**base), simple_gla(g=g, **base))
-    torch.testing.assert_close(lightning(decay=0.9, **base), simple_gla(g=torch.full((B, T, H), 0.9).log().double(), **base))
+    torch.testing.assert_close(lightning(decay=0.9, **base), simple_gla(g=torch.full((B, T, H), 0.9, dtype=torch.float64).log(), **base))
     torch.testing.assert_close(lightning(**base), linear_recurrent(x["q"], x["k"], x["v"]))
     d = make("scalar", True, T=20)
     torch.testing.assert_close(gated_delta_net(d["q"], d["k"], d["v"], torch.zeros_like(d["g"]), d["beta"], form="recurrent"),

@@ -22,7 +22,8 @@ from ..validate import check_choice
 from .chunk_torch import chunk_form
 from .engine import chunk_gated_linear_attn, validate_linear
 
-FORMS = ("chunk", "chunk_torch", "parallel", "recurrent")
+FORMS = ("chunk", "parallel", "recurrent")  # registered (and tested over the registry)
+ALL_FORMS = FORMS + ("chunk_torch",)  # the pure-PyTorch chunkwise form, tested in tests/linear
 
 
 def _per_sequence(form_fn, q, k, v, g, beta, *, cu_seqlens, initial_state, output_final_state, **kw):
@@ -44,7 +45,7 @@ def _per_sequence(form_fn, q, k, v, g, beta, *, cu_seqlens, initial_state, outpu
 def gated_linear_attn(q, k, v, g=None, beta=None, *, scale=None, initial_state=None, output_final_state=False,
                       cu_seqlens=None, delta_rule=False, form="chunk", chunk_size=64):
     """The engine behind every method of this module, in the chosen `form` (module docstring)."""
-    check_choice("form", form, FORMS)
+    check_choice("form", form, ALL_FORMS)
     if form == "chunk":
         return chunk_gated_linear_attn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
