@@ -84,7 +84,7 @@ class Report:
         self.data = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
                      "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                      "command": " ".join(sys.argv), "layout": f"[B, T, H={H}, D={D}], B = max(1, 16384 // T), bf16",
-                     "correctness": [], "speed": [], "errors": []}
+                     "correctness": [], "speed": [], "errors": [], "profile": []}
 
     def add(self, key, row):
         self.data[key].append(row)
@@ -95,7 +95,7 @@ class Report:
 
 def correctness(rep: Report):
     shape = Shape(batch=2, seq_q=203, heads=2, head_dim=64)
-    for name in ("lightning", "retnet", "simple_gla", "gla", "delta_net", "gated_delta_net", "linear_transformer"):
+    for name in ("simple_gla", "gla", "delta_net", "gated_delta_net", "retnet"):
         for dtype in (torch.float32, torch.bfloat16):
             res = check_method(REGISTRY.get(name), form="chunk", shape=shape, dtype=dtype, device="cuda", seed=1)
             rep.add("correctness", {"method": name, "dtype": str(dtype), "ok": all(r.ok for r in res),
@@ -130,28 +130,19 @@ def main():
     if not a.skip_check:
         correctness(rep)
     fla_kinds = [k for k in a.fla.split(",") if k]
-    for kind in KINDS:  # ours first: cheap to compile, so it is measured even if FLA's autotuning runs long
+    left = lambda: time.time() - t_start < a.budget  # noqa: E731
+    for kind in KINDS:  # ours first (cheap to compile), then FLA (60-110 s of autotuning per op)
         for T in sizes:
             x = inputs(kind, max(1, 16384 // T), T)
             timed(rep, "effattn", kind, T, lambda: ours(kind, x), False)
-            if "fwd+bwd" in a.passes:
-                xg = inputs(kind, max(1, 16384 // T), T, requires_grad=True)
-                timed(rep, "effattn", kind, T, lambda: ours(kind, xg), True)
-    for T in [int(s) for s in a.cross.split(",") if s]:
-        B = max(1, 16384 // T)
-        x = inputs("simple_gla", B, T)
-        timed(rep, "effattn", "simple_gla", T, lambda: ours("simple_gla", x), False)
-        from effattn.hardware.flash import flash_attention
-        timed(rep, "effattn_flash", "causal_softmax", T, lambda: flash_attention(x["q"], x["k"], x["v"], causal=True), False)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        qt, kt, vt = (t.transpose(1, 2) for t in (x["q"], x["k"], x["v"]))
-
-        def sdpa():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-        timed(rep, "sdpa_cudnn", "causal_softmax", T, sdpa, False)
+    if "fwd+bwd" in a.passes:
+        for kind in KINDS:
+            for T in sizes:
+                if left():
+                    xg = inputs(kind, max(1, 16384 // T), T, requires_grad=True)
+                    timed(rep, "effattn", kind, T, lambda: ours(kind, xg), True)
     for kind in fla_kinds:
-        if time.time() - t_start > a.budget:
+        if not left():
             rep.add("errors", {"impl": "fla", "kind": kind, "error": "skipped: time budget of this run spent"})
             continue
         x = inputs(kind, 4, 4096)
@@ -164,13 +155,35 @@ def main():
             rep.add("errors", {"impl": "fla", "kind": kind, "error": traceback.format_exc()[-500:]})
             continue
         for T in sizes:
-            if time.time() - t_start > a.budget:
-                break
             x = inputs(kind, max(1, 16384 // T), T)
             timed(rep, "fla", kind, T, lambda: fla(kind, x), False)
             if "fwd+bwd" in a.passes:
                 xg = inputs(kind, max(1, 16384 // T), T, requires_grad=True)
                 timed(rep, "fla", kind, T, lambda: fla(kind, xg), True)
+    for T in [int(s) for s in a.cross.split(",") if s]:
+        if not left():
+            break
+        B = max(1, 16384 // T)
+        x = inputs("simple_gla", B, T)
+        timed(rep, "effattn", "simple_gla", T, lambda: ours("simple_gla", x), False)
+        from effattn.hardware.flash import flash_attention
+        timed(rep, "effattn_flash", "causal_softmax", T, lambda: flash_attention(x["q"], x["k"], x["v"], causal=True), False)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        qt, kt, vt = (t.transpose(1, 2) for t in (x["q"], x["k"], x["v"]))
+
+        def sdpa():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        timed(rep, "sdpa_cudnn", "causal_softmax", T, sdpa, False)
+    for kind in KINDS:  # where the forward's time goes, per kernel (T = 16384, B = 1)
+        x = inputs(kind, 1, 16384)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                ours(kind, x)
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            if ev.device_time_total > 0:
+                rep.add("profile", {"kind": kind, "kernel": ev.key[:60], "us_per_call": ev.device_time_total / 5})
     print("total", time.time() - t_start, "s", flush=True)
 
 

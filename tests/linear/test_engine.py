@@ -63,6 +63,12 @@ def test_triton_chunk_matches_reference(gate, delta):
     check_all(chunk_gated_linear_attn, make(gate, delta), delta, chunk_size=16)
 
 
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_triton_chunk_head_dim_split(gate):
+    """Dk = 80 > 64: the state kernels split the key dimension across programs (rows are independent)."""
+    check_all(chunk_gated_linear_attn, make(gate, False, B=1, T=20, H=1, K=80, V=16), False, chunk_size=16)
+
+
 @pytest.mark.parametrize("gate,delta", CASES, ids=IDS)
 def test_torch_forms_agree_in_float64(gate, delta):
     x = make(gate, delta, T=37)

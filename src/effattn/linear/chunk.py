@@ -89,16 +89,31 @@ def _wy_fwd(k, v, beta, gc, w, u, scratch, start, end, H: tl.constexpr, K: tl.co
         b_L = b_L * tl.exp(tl.where(strict, b_g[:, None] - b_g[None, :], -float("inf")))
         b_kb = b_kb * tl.exp(b_g)[:, None]
     b_L = tl.where(strict, b_L, 0.0)
-    # A = (I + L)^{-1} by forward substitution, row i of A = e_i - sum_{j<i} L_ij A_j. A is kept transposed
-    # and the rows of L are read back from scratch, so each step reduces within a row (no cross-warp sum).
+    # A = (I + L)^{-1} in two steps (16-row blocks, as FLA's solve_tril): (1) the block-diagonal inverse
+    # Ad = (I + Ld)^{-1} by forward substitution, the row r of all blocks at once; kept transposed, with the
+    # rows of L read back from scratch, so each step reduces within a row. (2) I + L = (I + Ld)(I + N) with
+    # N = Ad Lo strictly block-lower, N^(BT/16) = 0, so A = (I - N + N^2 - ...) Ad in a few dots.
     p_L = scratch + (n.to(tl.int64) * H + i_h) * BT * BT
     tl.store(p_L + r[:, None] * BT + r[None, :], b_L)
     tl.debug_barrier()
-    b_AT = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    for i in range(1, BT):
-        l_i = tl.load(p_L + i * BT + r)
-        b_AT = tl.where(r[None, :] == i, b_AT - tl.sum(b_AT * l_i[None, :], 1)[:, None], b_AT)
-    b_A = tl.trans(b_AT)
+    blk = r // 16
+    same = blk[:, None] == blk[None, :]
+    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    b_AT = eye
+    for i in range(1, 16):
+        row = blk * 16 + i  # for column c of Ad^T: the row i of c's block
+        l_i = tl.load(p_L + row[:, None] * BT + r[None, :], mask=same, other=0.0)
+        b_AT = tl.where(r[None, :] == row[:, None], b_AT - tl.sum(b_AT * l_i, 1)[:, None], b_AT)
+    b_Ad = tl.trans(b_AT)
+    if BT > 16:
+        b_N = _dot(b_Ad, tl.where(same, 0.0, b_L), None, PREC)
+        b_S, b_P = eye, eye
+        for _ in tl.static_range(BT // 16 - 1):
+            b_P = -_dot(b_P, b_N, None, PREC)
+            b_S += b_P
+        b_A = _dot(b_S, b_Ad, None, PREC)
+    else:
+        b_A = b_Ad
     b_A = b_A.to(b_k.dtype)
     tl.store(w + (rows[:, None] * H + i_h) * K + ok[None, :],
              _dot(b_A, b_kb.to(b_k.dtype), None, PREC).to(w.dtype.element_ty),
@@ -115,9 +130,11 @@ def _wy_fwd(k, v, beta, gc, w, u, scratch, start, end, H: tl.constexpr, K: tl.co
 def _state_fwd(k, u, w, gc, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
                USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
-    i_v, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # without the delta rule the rows of the state are independent: programs may split Dk too (BK < K)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     bos, eos, n0 = tl.load(cu + i_s), tl.load(cu + i_s + 1), tl.load(first + i_s)
-    ok = tl.arange(0, BK)
+    ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     m_kv = (ok[:, None] < K) & (ov[None, :] < V)
     p_kv = (i_h * K + ok[:, None]) * V + ov[None, :]
@@ -151,9 +168,11 @@ def _state_bwd(q, k, w, gc, do, dxi, dh, dht, dh0, cu, first, scale, H: tl.const
                V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                DELTA: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr):
     """dh[n] = gradient of the state after chunk n; dh0 = gradient of the initial state."""
-    i_v, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # without the delta rule the rows of the state are independent: programs may split Dk too (BK < K)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     bos, eos, n0 = tl.load(cu + i_s), tl.load(cu + i_s + 1), tl.load(first + i_s)
-    ok = tl.arange(0, BK)
+    ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     m_kv = (ok[:, None] < K) & (ov[None, :] < V)
     p_kv = (i_h * K + ok[:, None]) * V + ov[None, :]

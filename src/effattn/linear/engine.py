@@ -31,20 +31,22 @@ def _bk(K: int) -> int:
     return max(16, triton.next_power_of_2(K))
 
 
-def _configs(V: int, kernel: str):
-    """Candidate (BV, num_warps, num_stages), the first one used by the interpreter."""
+def _configs(V: int, kernel: str, K: int = 0, delta_rule: bool = True):
+    """Candidate (BV, num_warps, num_stages[, BK]), the first one used by the interpreter."""
     bv = [b for b in (16, 32, 64, 128) if b <= max(16, triton.next_power_of_2(V))]
     if kernel == "wy":  # a latency-bound forward substitution: try a few warp counts
-        return [(bv[-1] if len(bv) < 3 else bv[2], w, 1) for w in (4, 8, 2)]
+        return [(bv[-1] if len(bv) < 3 else bv[2], w, st) for w, st in ((4, 1), (4, 2), (8, 2), (2, 2))]
     if kernel == "state":  # sequential over chunks: split V finer to fill the GPU, pipeline the loads
-        return [(b, w, st) for b in reversed(bv[:3]) for w, st in ((4, 2), (4, 3), (8, 2))]
+        bks = ([64] if not delta_rule and _bk(K) > 64 else []) + [_bk(K)]  # the split first: tested on CPU
+        return [(b, w, st, bk) for bk in bks for b in reversed(bv[:3]) for w, st in ((4, 2), (4, 3), (8, 2))]
     return [(b, w, st) for b in reversed(bv[-2:]) for w, st in ((4, 2), (4, 3), (8, 2))]
 
 
 def _tuned(name, kernel, grid, key, configs, *args, **meta):
     """Launch `kernel` with the fastest of `configs` for `key` (BV, num_warps, num_stages)."""
     def launch(cfg):
-        kernel[grid(cfg[0])](*args, **meta, BV=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+        extra = {} if len(cfg) < 4 else {"BK": cfg[3]}
+        kernel[grid(*cfg[:1], *cfg[3:])](*args, **meta, **extra, BV=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
     launch(pick_config((name, *key), configs, launch))
 
 
@@ -82,17 +84,16 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool)
         w, u = empty_output((T, H, K), k.dtype, k.device), empty_output((T, H, V), v.dtype, v.device)
         scratch = torch.empty(N * H * ch.size * ch.size, dtype=torch.float32, device=q.device)
         _tuned("wy", _wy_fwd, lambda bv: (N, H), key, _configs(V, "wy"), k, v, beta, gc, w, u, scratch, ch.start,
-               ch.end,
-               H=H, K=K, V=V, BT=ch.size, BK=BK, GATE=gate, PREC=_prec(k))
+               ch.end, H=H, K=K, V=V, BT=ch.size, BK=BK, GATE=gate, PREC=_prec(k))
         x = empty_output((T, H, V), v.dtype, v.device)
     else:
         u = v if beta is None else (v * beta.unsqueeze(-1)).to(v.dtype)
         x = u
     h = empty_output((N, H, K, V), q.dtype, q.device)
     ht = empty_output((num_seqs, H, K, V), torch.float32, q.device) if want_ht else None
-    _tuned("state_fwd", _state_fwd, lambda bv: (triton.cdiv(V, bv), num_seqs, H), key, _configs(V, "state"),
-           k, u, w, gc, h, x, h0, ht, ch.cu_seqlens, ch.first, H=H, K=K, V=V, BT=ch.size, BK=BK, GATE=gate,
-           DELTA=delta_rule, USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
+    _tuned("state_fwd", _state_fwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
+           _configs(V, "state", K, delta_rule), k, u, w, gc, h, x, h0, ht, ch.cu_seqlens, ch.first, H=H, K=K, V=V,
+           BT=ch.size, GATE=gate, DELTA=delta_rule, USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
     o = empty_output((T, H, V), q.dtype, q.device)
     BQ = 16 if gate == 2 else ch.size
     _tuned("output", _chunk_output, lambda bv: (triton.cdiv(V, bv), N * (ch.size // BQ), H), key,
@@ -116,9 +117,9 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, gc, h, w, do, dht
         dxi = from_chunks(scale * torch.einsum("nhij,nihv->njhv", P, to_chunks(f32(do), ch)), ch, T)
     dh = torch.empty_like(h)
     dh0 = empty_output((num_seqs, H, K, V), torch.float32, q.device)
-    _tuned("state_bwd", _state_bwd, lambda bv: (triton.cdiv(V, bv), num_seqs, H), key, _configs(V, "state"),
-           q, k, w, gc, do, dxi, dh, dht, dh0, ch.cu_seqlens, ch.first, scale, H=H, K=K, V=V, BT=ch.size,
-           BK=_bk(K), GATE=gate, DELTA=delta_rule, USE_DHT=dht is not None, PREC=_prec(q))
+    _tuned("state_bwd", _state_bwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
+           _configs(V, "state", K, delta_rule), q, k, w, gc, do, dxi, dh, dht, dh0, ch.cu_seqlens, ch.first, scale,
+           H=H, K=K, V=V, BT=ch.size, GATE=gate, DELTA=delta_rule, USE_DHT=dht is not None, PREC=_prec(q))
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (q, k, v, g, beta)]
     grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if t is not None else None for t in leaves]
     with torch.enable_grad():
