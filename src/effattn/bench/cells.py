@@ -127,6 +127,16 @@ def _flat(out: Any) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
+def key_length(inputs: dict, wanted: int, default: int) -> int:
+    """Length of the keys / cache: k's dim 1, else `wanted` when some other token-major input `[B, S, ...]`
+    has it (latent caches such as MLA's c_kv), else `default`."""
+    k = inputs.get("k")
+    if isinstance(k, torch.Tensor):
+        return k.shape[1]
+    others = [t for name, t in inputs.items() if name != "q" and isinstance(t, torch.Tensor) and t.dim() >= 3]
+    return wanted if any(t.shape[1] == wanted for t in others) else default
+
+
 def cell_shape(cfg: BenchConfig, mode: str, n: int) -> Shape:
     b = cfg.batch_for(n)
     if mode == "decode":
@@ -143,10 +153,10 @@ def prepare_method(method: Method, cell: Cell, cfg: BenchConfig, generator: torc
     inputs = method.make_inputs(shape, cfg.torch_dtype, cfg.device, generator)
     if cell.form != "default":
         inputs["form"] = cell.form
-    q, k = inputs.get("q"), inputs.get("k")
+    q = inputs.get("q")
     B = q.shape[0] if isinstance(q, torch.Tensor) else shape.batch
     T = q.shape[1] if isinstance(q, torch.Tensor) else shape.seq_q
-    S = k.shape[1] if isinstance(k, torch.Tensor) else T
+    S = key_length(inputs, shape.S, T)
     notes = []
     if cell.mode == "decode":
         if T != 1:
