@@ -32,7 +32,8 @@ def mode_table(data: dict, mode: str) -> tuple[list[str], list[list[str]]]:
     for r in data["records"]:
         if r["mode"] == mode:
             rows.setdefault(r["label"], {})[r["n"]] = r
-    headers = ["method", "class"] + [f"N={n} ms" for n in ns] + ["Mtok/s", "TFLOP/s", "MiB", "rel L2",
+    rate = "KV GB/s" if mode == "decode" else "TFLOP/s"  # decoding is bound by reading the cache
+    headers = ["method", "class"] + [f"N={n} ms" for n in ns] + ["Mtok/s", rate, "MiB", "rel L2",
                                                                   "vs fastest anchor", "notes"]
     out = []
     for label, by_n in rows.items():
@@ -60,7 +61,8 @@ def mode_table(data: dict, mode: str) -> tuple[list[str], list[list[str]]]:
         notes = [f"@N={last['n']}"] + list(last.get("notes") or [])
         if last.get("cosine") is not None:
             notes.append(f"cos {last['cosine']:.4f}")
-        out.append([label, cls] + cells + [_num(last["tokens_per_s"] / 1e6), _num(last.get("tflops")),
+        rate_value = last.get("bytes_per_s", 0) / 1e9 if mode == "decode" else last.get("tflops")
+        out.append([label, cls] + cells + [_num(last["tokens_per_s"] / 1e6), _num(rate_value),
                                            _num(last["peak_bytes"] / 2**20), _num(last.get("rel_l2"), "{:.2e}"),
                                            vs, "; ".join(notes)])
     return headers, out
