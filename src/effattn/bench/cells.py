@@ -104,20 +104,21 @@ def softmax_flops(B, H, T, S, D, Dv, causal, mode) -> float:
 
 
 def with_grads(call: Callable[[dict], Any], inputs: dict, names, generator) -> Callable[[], Any]:
-    """forward + backward of every output that needs a gradient, under fixed random upstream gradients."""
+    """forward + backward of every output that needs a gradient, under fixed random upstream gradients
+    (drawn at the first call, which is the untimed warm-up)."""
     wrt = [inputs[n] for n in names if isinstance(inputs.get(n), torch.Tensor) and inputs[n].is_floating_point()]
     if not wrt:
         raise Skip("no floating input to differentiate")
     for t in wrt:
         t.requires_grad_(True)
-    probe = [o for o in _flat(call(inputs)) if isinstance(o, torch.Tensor) and o.requires_grad]
-    if not probe:
-        raise Skip("outputs do not require grad")
-    grads = [torch.randn(o.shape, generator=generator).to(o.device, o.dtype) for o in probe]
-    del probe
+    grads: list[torch.Tensor] = []
 
     def step():
         outs = [o for o in _flat(call(inputs)) if isinstance(o, torch.Tensor) and o.requires_grad]
+        if not outs:
+            raise Skip("outputs do not require grad")
+        if not grads:
+            grads.extend(torch.randn(o.shape, generator=generator).to(o.device, o.dtype) for o in outs)
         return torch.autograd.grad(outs, wrt, grads, allow_unused=True)
 
     return step
