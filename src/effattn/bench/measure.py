@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -87,15 +88,20 @@ def median_seconds(fn: Callable[[], object], device: str, *, min_run_time: float
         return float(torch.tensor(times).median()) * 1e-3, len(times)
     from torch.utils.benchmark import Timer
 
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    def one_call() -> float:  # Timer.timeit(1) would run 2 more warm-up calls first
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
     if min_run_time > 0 and (first_call_s is None or first_call_s < min_run_time):
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         m = timer.blocked_autorange(min_run_time=min_run_time)
         per_call, calls = [t / m.number_per_run for t in m.raw_times], m.number_per_run * len(m.raw_times)
     else:
-        per_call, calls = [timer.timeit(1).raw_times[0]], 1
+        per_call, calls = [one_call()], 1
     spent = sum(per_call)
     while len(per_call) < min_samples and spent + per_call[-1] < max_seconds:
-        per_call.append(timer.timeit(1).raw_times[0])
+        per_call.append(one_call())
         spent, calls = spent + per_call[-1], calls + 1
     return float(torch.tensor(per_call).median()), int(calls)
 
