@@ -182,3 +182,12 @@ def test_time_limit_and_failure_classes():
 def test_median_seconds_takes_several_samples():
     t, calls = median_seconds(lambda: sum(range(1000)), "cpu", min_run_time=0.0, min_samples=5)
     assert calls == 5 and 0 < t < 1 and math.isfinite(t)
+
+
+def test_budget_leaves_cells_for_resume(tmp_path, tiny):
+    cfg = tiny(seq_lens=(8, 16), modes=("fwd",), methods=("standard", "mqa"), anchors="none", budget=1e-9)
+    data = run_bench(cfg, tmp_path, stream=io.StringIO(), write_reports=False)
+    assert [r["status"] for r in data["records"]] == ["skipped"] * 4
+    assert all("run budget" in r["reason"] for r in data["records"]) and not data["complete"]
+    done = run_bench(replace(cfg, budget=None), tmp_path, resume=True, stream=io.StringIO(), write_reports=False)
+    assert done["complete"] and [r["status"] for r in done["records"]] == ["ok"] * 4

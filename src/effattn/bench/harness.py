@@ -128,7 +128,10 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike, *, resume: bool = Fa
     path = out / res.RESULTS_FILE
     if resume and path.exists():
         data = res.load(path)
-        cfg = BenchConfig.from_json(data["config"])  # the interrupted run's settings, so numbers compare
+        # the interrupted run's sizes, modes and methods, so numbers compare; this invocation's limits
+        saved = BenchConfig.from_json(data["config"])
+        saved.budget, saved.time_limit = cfg.budget, cfg.time_limit
+        cfg = saved
         print(f"resuming {path}: {len(data['records'])} cells already measured", file=stream)
     else:
         data = None
@@ -157,7 +160,7 @@ def _run(cfg: BenchConfig, data: dict | None, path: Path, command: str, stream, 
     cells = plan(cfg, methods, anchors)
     todo = [c for c in cells if c.key not in done]
     subjects = {("anchor", a.name): a for a in anchors} | {("method", m.name): m for m in methods}
-    progress = Progress([c.n for c in todo], max(cfg.seq_lens), stream)
+    progress = Progress([c.n for c in todo], max(cfg.seq_lens), stream, budget=cfg.budget)
     last: dict[tuple, dict] = {}  # (kind, name, form, mode) -> its latest record, to decide on larger N
     for r in sorted(data["records"], key=lambda r: r["n"]):
         if not r.get("reason", "").startswith("not run:"):
