@@ -19,7 +19,7 @@ from . import results as res
 from .anchors import Anchor, prepare_anchor, select
 from .cells import Prepared, Skip, accuracy, exact_attention, first_output, prepare_method
 from .config import BenchConfig, Cell
-from .measure import failure_status, median_seconds, peak_memory, release, synchronize, time_limit
+from .measure import CellTimeout, failure_status, median_seconds, peak_memory, release, synchronize, time_limit
 from .progress import Progress
 
 
@@ -109,7 +109,7 @@ def run_cell(cell: Cell, subject, cfg: BenchConfig) -> dict:
             record["status"] = "ok"
     except Skip as exc:
         record.update(status="skipped", reason=str(exc))
-    except Exception as exc:  # noqa: BLE001  (every failure of one cell is recorded; the run goes on)
+    except (Exception, CellTimeout) as exc:  # noqa: BLE001  (every failure of a cell is recorded; the run goes on)
         record.update(status=failure_status(exc), reason=f"{type(exc).__name__}: {exc}"[:300])
     finally:
         prep = None

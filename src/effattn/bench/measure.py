@@ -22,8 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
-class CellTimeout(Exception):
-    """A cell ran past its time limit."""
+class CellTimeout(BaseException):
+    """A cell ran past its time limit. A BaseException, like KeyboardInterrupt, so that library code
+    catching Exception (Triton's interpreter wraps those in InterpreterError) lets it through."""
 
 
 @contextlib.contextmanager
