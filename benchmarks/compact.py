@@ -15,7 +15,6 @@ Before timing, each variant's decode step is checked against its layer's float64
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -54,7 +53,7 @@ def timer(fn, device) -> float:
 def fill(cache, n: int) -> None:
     """Pretend n tokens were prefilled: random contents, length n (values only need to be realistic in scale)."""
     for buf in cache.buffers.values():
-        buf[:, :n].normal_()
+        buf.normal_()
     cache.length = n
 
 
@@ -103,8 +102,7 @@ def run(args) -> dict:
                 x = torch.randn(batch, 1, args.d_model, dtype=dtype, device=device)
                 fast = decode_step(layer, cache, x, n, kwargs).float()
                 if n <= args.check_max_context:  # on two sequences: the reference path expands K/V
-                    sub = copy.copy(cache)
-                    sub.batch, sub.buffers = min(2, batch), {k: b[:2] for k, b in cache.buffers.items()}
+                    sub = cache.narrow_batch(min(2, batch))
                     ref = decode_step(layer, sub, x[:2], n, {"reference": True}).float()
                     row["rel_err_vs_reference"] = float((fast[:2] - ref).norm() / ref.norm())
                 try:

@@ -90,3 +90,18 @@ def test_mla_cache_holds_only_the_latent_and_rope_key():
     cache = layer.new_cache(batch=1, capacity=5)
     assert {n: tuple(b.shape) for n, b in cache.buffers.items()} == {
         "kv_latent": (1, 5, MLA_DIMS.kv_rank + MLA_DIMS.d_rope)}
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_cache_views_return_what_was_appended(heads_first):
+    from effattn.compact import LayerCache
+
+    cache = LayerCache({"k": (3, 5), "c": (4,)}, batch=2, capacity=9, heads_first=heads_first)
+    k, c = torch.randn(2, 7, 3, 5), torch.randn(2, 7, 4)
+    cache.append(k=k[:, :4], c=c[:, :4])
+    out = cache.append(k=k[:, 4:], c=c[:, 4:])
+    assert torch.equal(out["k"], k) and torch.equal(out["c"], c)
+    assert out["k"].data_ptr() == cache.buffers["k"].data_ptr()  # views of the buffers, not copies
+    assert cache.buffers["k"].shape == ((2, 3, 9, 5) if heads_first else (2, 9, 3, 5))
+    half = cache.narrow_batch(1)
+    assert torch.equal(half.view()["k"], k[:1]) and half.nbytes * 2 == cache.nbytes

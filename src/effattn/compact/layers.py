@@ -42,6 +42,7 @@ class GroupedAttention(CompactLayer):
         self.wo = nn.Linear(heads * head_dim, d_model, **kw)
         self.rope = RotaryEmbedding(head_dim, rope_base) if rope else None
         self.fields = {"k": (kv_heads, head_dim), "v": (kv_heads, head_dim)}
+        self.heads_first = True  # per-head (per-rank) token runs: attention reads the cache in place
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None, *, reference: bool = False) -> torch.Tensor:
         """x `[B, T, d_model]` -> `[B, T, d_model]`. `reference=True` computes Eq. 26 literally (K/V heads
