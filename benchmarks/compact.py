@@ -80,7 +80,8 @@ def run(args) -> dict:
     for label, name, kwargs in VARIANTS:
         label = f"GQA-{args.kv_heads}" if name == "gqa" else label
         torch.manual_seed(0)
-        layer = build_layer(name, shape, args.d_model, dtype=dtype, device=device)
+        core = {"core": args.core} if name in ("mha", "gqa", "mqa", "mla") else {}  # MFA/TPA: their own paths
+        layer = build_layer(name, shape, args.d_model, dtype=dtype, device=device, **core)
         per_token = layer.cache_elements_per_token() * elem
         record = effattn.REGISTRY.get(name)
         assert per_token == record.state_or_cache.bytes(shape, elem), (label, per_token)
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--layer-gb", type=float, default=20.0, help="memory allowed for the one timed layer's step")
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--check-max-context", type=int, default=16384, help="check vs reference up to this context")
+    p.add_argument("--core", default="standard", help="registered exact softmax method run by MHA/GQA/MQA/MLA")
     p.add_argument("--out", default=None, help="folder for compact_decode.json / .md")
     args = p.parse_args(argv)
     if args.quick:

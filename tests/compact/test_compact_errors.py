@@ -78,5 +78,7 @@ def test_layer_and_cache_errors():
         MLA(16, 2, MLADims(8, 6, 4, 2, 4))(torch.zeros(1, 2, 16), form="naive")
     with pytest.raises(TypeError, match="dims.v_rank must be an int"):
         TPA(16, 2, 4, TPADims(2, 2, 1.5))
+    with pytest.raises(ValueError, match="unknown method 'flashy'"):
+        GroupedAttention(16, 4, 2, 4, core="flashy")
     with pytest.raises(ValueError, match="name must be one of"):
         build_layer("mha2", Shape(), 64)

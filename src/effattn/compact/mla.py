@@ -20,6 +20,7 @@ from torch import nn
 
 from ..nn.rotary import RotaryEmbedding
 from ..reference import softmax_attention
+from ..registry import REGISTRY
 from ..validate import check_choice, check_positive_int, check_same, check_scale, check_tensor
 from .cache import CompactLayer, LayerCache
 from .formulas import MLADims
@@ -61,15 +62,16 @@ def expand_kv(c_kv, k_rope, w_uk, w_uv) -> tuple[torch.Tensor, torch.Tensor]:
     return k, torch.einsum("bsr,rhv->bshv", c_kv, w_uv)
 
 
-def absorbed_attention(q, kv_latent, w_uk, w_uv, *, causal=False, scale=None) -> torch.Tensor:
+def absorbed_attention(q, kv_latent, w_uk, w_uv, *, causal=False, scale=None, core=standard_attention) -> torch.Tensor:
     """Attention in the latent space. kv_latent `[B, S, r_kv + d_R]` is [c_kv, k_rope] side by side (the
-    layer's cache stores it that way, so decoding slices instead of concatenating)."""
+    layer's cache stores it that way, so decoding slices instead of concatenating). `core` is the exact
+    softmax attention run on the latent MQA problem (head dim r_kv + d_R, value dim r_kv)."""
     d_nope, r_kv = w_uk.shape[2], w_uk.shape[0]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # W_UK folded into the query: q_i^N W_UK^(i)T, [B, T, H, r_kv]
     q_latent = torch.cat([torch.einsum("bthn,rhn->bthr", q[..., :d_nope], w_uk), q[..., d_nope:]], dim=-1)
     kv = kv_latent[:, :, None, :]  # one KV "head" shared by all query heads
-    o_latent = standard_attention(q_latent, kv, kv[..., :r_kv], causal=causal, scale=scale)
+    o_latent = core(q_latent, kv, kv[..., :r_kv], causal=causal, scale=scale)
     return torch.einsum("bthr,rhv->bthv", o_latent, w_uv)  # W_UV applied after attention
 
 
@@ -102,8 +104,9 @@ class MLA(CompactLayer):
     Parameters Dm (r_q + r_kv + d_R + h d_v) + r_q h (d_N + d_R) + r_kv h (d_N + d_v) (Table 3)."""
 
     def __init__(self, d_model: int, heads: int, dims: MLADims, *, rope_base: float = 10000.0, causal: bool = True,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 core: str = "standard", dtype: torch.dtype | None = None, device=None) -> None:
         super().__init__()
+        self.core = REGISTRY.get(core).name  # exact softmax method for the absorbed (latent MQA) attention
         for name in ("q_rank", "kv_rank", "d_nope", "d_rope", "d_v"):
             check_positive_int(f"dims.{name}", getattr(dims, name))
         check_positive_int("d_model", d_model)
@@ -141,9 +144,10 @@ class MLA(CompactLayer):
         if reference:
             o = mla_attention_reference(q, c_kv, k_rope, self.w_uk, self.w_uv, causal=self.causal)
         elif form == "absorbed":
-            o = absorbed_attention(q, kv, self.w_uk, self.w_uv, causal=self.causal)
+            o = absorbed_attention(q, kv, self.w_uk, self.w_uv, causal=self.causal, core=REGISTRY.get(self.core).fn)
         else:
-            o = mla_attention(q, c_kv, k_rope, self.w_uk, self.w_uv, causal=self.causal, form="expanded")
+            k, v = expand_kv(c_kv, k_rope, self.w_uk, self.w_uv)
+            o = REGISTRY.get(self.core).fn(q, k, v, causal=self.causal)
         return self.wo(o.reshape(B, T, self.heads * d.d_v))
 
 
