@@ -81,7 +81,8 @@ class MFA(CompactLayer):
         kw = dict(bias=False, dtype=dtype, device=device)
         self.w_dq = nn.Linear(d_model, head_dim, **kw)
         self.w_uq = nn.Parameter(torch.empty(head_dim, heads, head_dim, dtype=dtype, device=device))
-        nn.init.normal_(self.w_uq, std=head_dim ** -0.5)
+        bound = (3 / head_dim) ** 0.5  # variance 1 / d, like nn.Linear's fan-in scaling
+        nn.init.uniform_(self.w_uq, -bound, bound)
         self.wk = nn.Linear(d_model, head_dim, **kw)
         self.wv = nn.Linear(d_model, head_dim, **kw)
         self.wo = nn.Linear(heads * head_dim, d_model, **kw)

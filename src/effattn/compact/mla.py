@@ -119,8 +119,9 @@ class MLA(CompactLayer):
         self.w_uk = nn.Parameter(torch.empty(dims.kv_rank, heads, dims.d_nope, dtype=dtype, device=device))
         self.w_uv = nn.Parameter(torch.empty(dims.kv_rank, heads, dims.d_v, dtype=dtype, device=device))
         self.wo = nn.Linear(heads * dims.d_v, d_model, **kw)
-        nn.init.normal_(self.w_uk, std=dims.kv_rank ** -0.5)
-        nn.init.normal_(self.w_uv, std=dims.kv_rank ** -0.5)
+        bound = (3 / dims.kv_rank) ** 0.5  # variance 1 / r_kv: unit-variance per-head keys and values
+        nn.init.uniform_(self.w_uk, -bound, bound)
+        nn.init.uniform_(self.w_uv, -bound, bound)
         self.rope = RotaryEmbedding(dims.d_rope, rope_base)
         self.fields = {"kv_latent": (dims.kv_rank + dims.d_rope,)}
 
