@@ -88,7 +88,8 @@ def run(args) -> dict:
         for n in args.contexts:
             fit = max(0, budget // (args.layers * n * per_token))  # sequences whose whole-model cache fits
             batch = min(fit, args.max_batch)
-            while batch > 0 and batch * n * per_token + extra_bytes(label, layer, batch, n, elem) > args.layer_gb * 2**30:
+            need = lambda b: b * n * per_token + extra_bytes(label, layer, b, n, elem)  # noqa: E731
+            while batch > 0 and need(batch) > args.layer_gb * 2**30:
                 batch //= 2
             row = {"method": label, "context": n, "kv_bytes_per_token_layer": per_token,
                    "kv_bytes_per_token_model": per_token * args.layers, "batch_fits_model": fit, "batch": batch}
@@ -139,7 +140,8 @@ def markdown(result: dict) -> str:
              "", f"{m['date']}, {m['device']}, torch {m['torch']}, Triton {m['triton']}, {m['dtype']}.",
              f"Command: `{m['command']}`. Batch = largest whose {c['layers']}-layer cache fits in "
              f"{c['budget_gb']} GB beside {c['weights_gb']} GB of weights (capped at {c['max_batch']}).", "",
-             "| method | context | KV bytes/token/layer | batch that fits | batch run | step ms | tokens/s | KV read GB/s |",
+             "| method | context | KV bytes/token/layer | batch that fits | batch run | step ms | tokens/s "
+             "| KV read GB/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         timing = (f"{r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | {r['kv_read_GBps']:.1f}" if "step_ms" in r

@@ -38,6 +38,7 @@ def test_registered_functions_run_through_the_public_api():
     ("mfa", "v", torch.zeros(1, 4, 8), ValueError, "must share B and S"),
     ("mfa", "k", [1.0], TypeError, "k must be a torch.Tensor"),
     ("mfa", "w_uq", None, TypeError, "needs the query up-projection"),
+    ("mfa", "rope_base", -3, ValueError, "rope_base must be None"),
     ("tpa", "a_k", torch.zeros(1, 5, 2, 3), ValueError, "a_k must have shape"),
     ("tpa", "b_v", torch.zeros(1, 5, 3, 8), ValueError, "b_v must have shape"),
     ("tpa", "b_k", torch.zeros(1, 5, 8), ValueError, "b_k must have 4 dimensions"),

@@ -19,7 +19,7 @@ from .mha import standard_attention
 OPTIONS = {"w_uq": None, "causal": False, "scale": None, "rope_base": None}
 
 
-def _check_mfa(q, k, v, w_uq, scale) -> None:
+def _check_mfa(q, k, v, w_uq, scale, rope_base) -> None:
     check_tensor("q", q, ndim=3, layout="[B, T, d_c] (the shared query latent)")
     check_tensor("k", k, ndim=3, layout="[B, S, d] (the single key head)")
     check_tensor("v", v, ndim=3, layout="[B, S, d_v] (the single value head)")
@@ -32,6 +32,10 @@ def _check_mfa(q, k, v, w_uq, scale) -> None:
     if w_uq.shape[0] != q.shape[2] or w_uq.shape[2] != k.shape[2]:
         raise ValueError(f"w_uq must be [d_c={q.shape[2]}, H, d={k.shape[2]}], got {tuple(w_uq.shape)}")
     check_scale(scale)
+    if rope_base is not None and not (isinstance(rope_base, (int, float)) and rope_base > 1):
+        raise ValueError(f"rope_base must be None (no rotary) or a number > 1, got {rope_base!r}")
+    if rope_base is not None and k.shape[2] % 2:
+        raise ValueError(f"rotary needs an even head dim, got d={k.shape[2]}")
 
 
 def _rotate_queries(q: torch.Tensor, S: int, rope_base: float | None) -> torch.Tensor:
@@ -53,7 +57,7 @@ def mfa_attention(q, k, v, w_uq=None, *, causal=False, scale=None, rope_base=Non
     """
     if w_uq is None:
         raise TypeError("mfa_attention needs the query up-projection w_uq [d_c, H, d]")
-    _check_mfa(q, k, v, w_uq, scale)
+    _check_mfa(q, k, v, w_uq, scale, rope_base)
     qh = _rotate_queries(torch.einsum("btc,chd->bthd", q, w_uq), k.shape[1], rope_base)
     return standard_attention(qh, k[:, :, None], v[:, :, None], causal=causal, scale=scale)
 
