@@ -6,8 +6,10 @@ For each (method, N) the batch is the largest that fits a whole model's cache (-
 weights in --budget-gb of GPU memory (capped at --max-batch; MLA expanded shrinks further when its
 per-step expansion of the cache does not fit). Reported per layer: step time, tokens/s (batch / step
 time), KV bytes per token (measured on the layer's cache) and the cache bytes read per second.
-Before timing, each variant's decode step is checked against its layer's float64-style reference path
-(same weights, `reference=True`) on the same cache.
+Before timing, each variant's decode step is checked against its layer's reference path (`reference=True`:
+the survey's equations literally, e.g. MLA's expansion of the latents; same weights, cache and dtype), on
+two sequences; the relative error is reported and the script exits 1 when it exceeds 2e-2 (1e-4 in fp32).
+tokens/s is per attention layer: batch / step time.
 
     python benchmarks/compact.py --out benchmarks/results          # GPU, bf16, full sizes
     python benchmarks/compact.py --quick                            # CPU smoke run at a tiny width

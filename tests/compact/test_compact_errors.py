@@ -75,6 +75,8 @@ def test_layer_and_cache_errors():
         LayerCache({"k": (2,)}, batch=1, capacity=0)
     with pytest.raises(ValueError, match="dims.kv_rank must be >= 1"):
         MLA(16, 2, MLADims(8, 0, 4, 2, 4))
+    with pytest.raises(ValueError, match="dims.d_rope must be even"):
+        MLA(16, 2, MLADims(8, 6, 4, 3, 4))
     with pytest.raises(ValueError, match="form must be one of"):
         MLA(16, 2, MLADims(8, 6, 4, 2, 4))(torch.zeros(1, 2, 16), form="naive")
     with pytest.raises(TypeError, match="dims.v_rank must be an int"):

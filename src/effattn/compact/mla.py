@@ -101,7 +101,8 @@ def mla_attention_reference(q, c_kv, k_rope, w_uk, w_uv, *, causal=False, scale=
 class MLA(CompactLayer):
     """The MLA layer (Eqs. 27-31): q = [c_q W_UQ^N, RoPE(c_q W_UQ^R)] with c_q = x W_DQ; [c_kv, k_rope] =
     [x W_DKV, RoPE(x W_KR)] (one matrix, as DeepSeek-V2's code fuses them); W_UK, W_UV; output W_O.
-    Parameters Dm (r_q + r_kv + d_R + h d_v) + r_q h (d_N + d_R) + r_kv h (d_N + d_v) (Table 3)."""
+    Parameters Dm (r_q + r_kv + d_R + h d_v) + r_q h (d_N + d_R) + r_kv h (d_N + d_v) (Table 3; DeepSeek-V2
+    also RMS-normalises c_q and c_kv, whose r_q + r_kv gains the table and this layer leave out)."""
 
     def __init__(self, d_model: int, heads: int, dims: MLADims, *, rope_base: float = 10000.0, causal: bool = True,
                  core: str = "standard", dtype: torch.dtype | None = None, device=None) -> None:
@@ -111,6 +112,8 @@ class MLA(CompactLayer):
             check_positive_int(f"dims.{name}", getattr(dims, name))
         check_positive_int("d_model", d_model)
         check_positive_int("heads", heads)
+        if dims.d_rope % 2:
+            raise ValueError(f"dims.d_rope must be even (rotary rotates pairs of channels), got {dims.d_rope}")
         self.d_model, self.heads, self.dims, self.causal = d_model, heads, dims, causal
         kw = dict(bias=False, dtype=dtype, device=device)
         self.w_dq = nn.Linear(d_model, dims.q_rank, **kw)
