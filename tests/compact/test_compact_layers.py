@@ -105,3 +105,37 @@ def test_cache_views_return_what_was_appended(heads_first):
     assert cache.buffers["k"].shape == ((2, 3, 9, 5) if heads_first else (2, 9, 3, 5))
     half = cache.narrow_batch(1)
     assert torch.equal(half.view()["k"], k[:1]) and half.nbytes * 2 == cache.nbytes
+
+
+def _largest_intermediate(fn) -> int:
+    """numel of the largest tensor any op creates while fn runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t._base is None:  # views allocate nothing
+                    Watch.largest = max(Watch.largest, t.numel())
+            return out
+
+    with Watch():
+        fn()
+    return Watch.largest
+
+
+@pytest.mark.parametrize("name,kwargs,expands", [("mla", {"form": "absorbed"}, False),
+                                                 ("mla", {"form": "expanded"}, True), ("tpa", {}, False)])
+def test_decoding_never_materialises_per_head_keys(name, kwargs, expands):
+    """A decode step of absorbed MLA and of TPA allocates nothing of the size of per-head K/V (B S H d)."""
+    layer = _layer(name)
+    B, S = 2, 60
+    cache = layer.new_cache(batch=B, capacity=S + 1)
+    with torch.no_grad():
+        layer(torch.randn(B, S, D_MODEL, dtype=torch.float64), cache)
+        x = torch.randn(B, 1, D_MODEL, dtype=torch.float64)
+        largest = _largest_intermediate(lambda: layer(x, cache, **kwargs))
+    per_head_keys = B * (S + 1) * HEADS * 16  # both layers' per-head key dim is 16 (MLA d_N, TPA head dim)
+    assert (largest >= per_head_keys) == expands, (largest, per_head_keys)
