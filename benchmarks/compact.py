@@ -35,6 +35,8 @@ from effattn.registry import Shape  # noqa: E402
 # (label, registry method, layer keyword arguments for the decode step)
 VARIANTS = [("MHA", "mha", {}), ("GQA", "gqa", {}), ("MQA", "mqa", {}), ("MLA absorbed", "mla", {"form": "absorbed"}),
             ("MLA expanded", "mla", {"form": "expanded"}), ("MFA", "mfa", {}), ("TPA", "tpa", {})]
+# Layers that can hand their cache to the split-KV Triton decode kernel (head dims it supports)
+KERNEL_LAYERS = ("mha", "gqa", "mqa", "mfa")
 
 
 def timer(fn, device) -> float:
@@ -79,11 +81,17 @@ def run(args) -> dict:
     shape = Shape(batch=1, seq_q=1, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)
     budget = int(args.budget_gb * 2**30) - int(args.weights_gb * 2**30)
     rows = []
-    for label, name, kwargs in VARIANTS:
-        label = f"GQA-{args.kv_heads}" if name == "gqa" else label
+    kernel = args.decode_kernel == "on" or (args.decode_kernel == "auto" and device.type == "cuda")
+    variants = [(label, name, kwargs, {}) for label, name, kwargs in VARIANTS]
+    if kernel:
+        variants += [(f"{label} +kernel", name, kwargs, {"decode_kernel": True})
+                     for label, name, kwargs in VARIANTS if name in KERNEL_LAYERS]
+    for label, name, kwargs, build in variants:
+        label = label.replace("GQA", f"GQA-{args.kv_heads}")
         torch.manual_seed(0)
-        core = {"core": args.core} if name in ("mha", "gqa", "mqa", "mla") else {}  # MFA/TPA: their own paths
-        layer = build_layer(name, shape, args.d_model, dtype=dtype, device=device, **core)
+        if name in ("mha", "gqa", "mqa", "mla"):  # MFA/TPA run their own attention paths
+            build["core"] = args.core
+        layer = build_layer(name, shape, args.d_model, dtype=dtype, device=device, **build)
         per_token = layer.cache_elements_per_token() * elem
         record = effattn.REGISTRY.get(name)
         assert per_token == record.state_or_cache.bytes(shape, elem), (label, per_token)
@@ -171,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--check-max-context", type=int, default=16384, help="check vs reference up to this context")
     p.add_argument("--core", default="standard", help="registered exact softmax method run by MHA/GQA/MQA/MLA")
+    p.add_argument("--decode-kernel", choices=["auto", "on", "off"], default="auto",
+                   help="also time MHA/GQA/MQA/MFA with the split-KV Triton decode kernel (auto: on CUDA)")
     p.add_argument("--out", default=None, help="folder for compact_decode.json / .md")
     args = p.parse_args(argv)
     if args.quick:
@@ -178,6 +188,7 @@ def main(argv=None) -> int:
         args.contexts = [64, 256] if "--contexts" not in (argv or sys.argv) else args.contexts
         args.layers, args.budget_gb, args.weights_gb = 2, 0.01, 0.0
         args.layer_gb, args.max_batch, args.check_max_context = 0.01, 4, 256
+        args.decode_kernel = "on" if "--decode-kernel" in (argv or sys.argv) else "off"
     result = run(args)
     bad = [r for r in result["rows"] if r.get("rel_err_vs_reference", 0.0) > (2e-2 if args.dtype != "fp32" else 1e-4)]
     if args.out:

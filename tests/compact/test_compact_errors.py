@@ -81,6 +81,9 @@ def test_layer_and_cache_errors():
         MLA(16, 2, MLADims(8, 6, 4, 2, 4))(torch.zeros(1, 2, 16), form="naive")
     with pytest.raises(TypeError, match="dims.v_rank must be an int"):
         TPA(16, 2, 4, TPADims(2, 2, 1.5))
+    kernel = GroupedAttention(16, 4, 2, 4, decode_kernel=True, dtype=torch.float64)
+    with pytest.raises(ValueError, match="the decode kernel supports dtypes"):
+        kernel(torch.zeros(1, 2, 16, dtype=torch.float64), kernel.new_cache(1, 4))
     with pytest.raises(ValueError, match="unknown method 'flashy'"):
         GroupedAttention(16, 4, 2, 4, core="flashy")
     with pytest.raises(ValueError, match="name must be one of"):

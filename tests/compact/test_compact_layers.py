@@ -139,3 +139,17 @@ def test_decoding_never_materialises_per_head_keys(name, kwargs, expands):
         largest = _largest_intermediate(lambda: layer(x, cache, **kwargs))
     per_head_keys = B * (S + 1) * HEADS * 16  # both layers' per-head key dim is 16 (MLA d_N, TPA head dim)
     assert (largest >= per_head_keys) == expands, (largest, per_head_keys)
+
+
+@pytest.mark.parametrize("name", ["gqa", "mqa", "mfa"])
+def test_decode_kernel_reads_the_cache_in_place(name):
+    """decode_kernel=True: prefill + decode through the split-KV Triton kernel (interpreted on CPU) on the
+    layer's own cache buffers equals the full forward of the materialised path."""
+    layer = _layer(name, torch.float32)
+    x = torch.randn(2, 9, D_MODEL)
+    with torch.no_grad():
+        full = layer(x)
+        layer.decode_kernel = True
+        cache = layer.new_cache(batch=2, capacity=11)
+        steps = [layer(x[:, :7], cache)] + [layer(x[:, t:t + 1], cache) for t in (7, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)

@@ -124,3 +124,25 @@ class CompactLayer(nn.Module):
         if cache.fields != self.cache_fields():
             raise ValueError(f"cache holds fields {cache.fields}, this layer needs {self.cache_fields()}")
         return cache.length
+
+
+def kernel_decode(q: torch.Tensor, cache: LayerCache, k_name: str = "k", v_name: str = "v") -> torch.Tensor:
+    """Causal attention of q `[B, T, H, D]` (its tokens already appended) over the cache's key and value
+    fields, by the split-KV FlashDecoding kernel of `effattn.hardware` reading the cache buffers in place
+    (strided: token-major or heads-first alike; a single-head field `[B, cap, D]` is MQA). Returns
+    `[B, T, H, Dv]`. Dao et al. 2023 (Flash-Decoding)."""
+    from .._triton_mode import require_triton
+    from ..hardware.decode_api import DECODE_DTYPES, HEAD_DIMS
+    from ..hardware.decode_kernels import KVSegment, flash_decode
+
+    k, v = cache._tokens[k_name], cache._tokens[v_name]
+    if k.dim() == 3:  # one shared head
+        k, v = k.unsqueeze(2), v.unsqueeze(2)
+    D, Dv = k.shape[-1], v.shape[-1]
+    if q.dtype not in DECODE_DTYPES or D not in HEAD_DIMS or Dv not in HEAD_DIMS:
+        raise ValueError(f"the decode kernel supports dtypes {DECODE_DTYPES} and head dims {HEAD_DIMS}, got "
+                         f"{q.dtype}, D={D}, Dv={Dv}")
+    require_triton("kernel_decode", q)
+    lengths = torch.full((cache.batch,), cache.length, dtype=torch.int32, device=q.device)
+    segment = KVSegment(k, v, lengths, torch.zeros_like(lengths), cache.length)
+    return flash_decode(q.contiguous(), [segment], lengths, scale=D ** -0.5, causal=True)

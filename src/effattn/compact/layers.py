@@ -17,7 +17,7 @@ from ..nn.rotary import RotaryEmbedding
 from ..reference import softmax_attention
 from ..registry import REGISTRY
 from ..validate import check_positive_int
-from .cache import CompactLayer, LayerCache
+from .cache import CompactLayer, LayerCache, kernel_decode
 from . import mha  # noqa: F401  (registers "standard", the default core)
 
 
@@ -25,13 +25,15 @@ class GroupedAttention(CompactLayer):
     """Multi-head attention with `kv_heads` key/value heads (MHA, GQA, MQA); no biases (Table 3 counts
     4 Dm h d parameters for MHA and 2 Dm h d + 2 Dm hkv d for GQA). `core` names the registered exact
     softmax method that computes the attention (default "standard"; a flash or decode kernel once
-    registered): any method taking (q, k, v, causal=...) with GQA heads."""
+    registered): any method taking (q, k, v, causal=...) with GQA heads. `decode_kernel=True`: attention over
+    a cache runs the split-KV decode kernel on the cache buffers in place (`kernel_decode`; causal only)."""
 
     def __init__(self, d_model: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None, *,
                  rope: bool = True, rope_base: float = 10000.0, causal: bool = True, core: str = "standard",
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 decode_kernel: bool = False, dtype: torch.dtype | None = None, device=None) -> None:
         super().__init__()
         self.core = REGISTRY.get(core).name  # registered exact softmax method doing the attention itself
+        self.decode_kernel = decode_kernel
         check_positive_int("d_model", d_model)
         check_positive_int("heads", heads)
         kv_heads = heads if kv_heads is None else check_positive_int("kv_heads", kv_heads)
@@ -60,6 +62,8 @@ class GroupedAttention(CompactLayer):
             q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             stored = cache.append(k=k, v=v)
+            if self.decode_kernel and self.causal and not reference:
+                return self.wo(kernel_decode(q, cache).reshape(B, T, self.heads * self.head_dim))
             k, v = stored["k"], stored["v"]
         attn = softmax_attention if reference else REGISTRY.get(self.core).fn
         o = attn(q, k, v, causal=self.causal)
@@ -78,7 +82,8 @@ def convert_kv_heads(layer: GroupedAttention, kv_heads: int) -> GroupedAttention
     p = layer.wq.weight
     out = GroupedAttention(layer.d_model, layer.heads, kv_heads, layer.head_dim, rope=layer.rope is not None,
                            rope_base=layer.rope.base if layer.rope is not None else 10000.0,
-                           causal=layer.causal, core=layer.core, dtype=p.dtype, device=p.device)
+                           causal=layer.causal, core=layer.core, decode_kernel=layer.decode_kernel, dtype=p.dtype,
+                           device=p.device)
     group = layer.kv_heads // kv_heads
     with torch.no_grad():
         out.wq.weight.copy_(layer.wq.weight)
