@@ -29,6 +29,7 @@ from .._triton_mode import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+MAX_SPLITS = 256  # per segment: the merge kernel holds all splits of a row in one tile
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -162,36 +163,31 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(PO, PL, O, LSE, s_ob, s_ot, s_oh, Tq, Hkv, H, M, n_splits,
-                         G: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_LSE: tl.constexpr):
-    bh = tl.program_id(0)
+                         G: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         WRITE_LSE: tl.constexpr):
+    # One program per output row and channel block, all splits in one tile: a loop over splits would
+    # serialise one memory round trip per split, which dominated short caches.
+    pid = tl.program_id(0)
+    bh = pid // M
+    row = pid % M
     b = bh // Hkv
-    kvh = bh % Hkv
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    dv = tl.arange(0, DV)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], tl.float32)
-    for s in range(0, n_splits):
-        slot = (bh.to(tl.int64) * n_splits + s) * M + rows
-        lse_s = tl.load(PL + slot, mask=row_ok, other=float("-inf"))
-        o_s = tl.load(PO + slot[:, None] * DV + dv[None, :], mask=row_ok[:, None], other=0.0)
-        m_new = tl.maximum(m_i, lse_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(lse_s - m_safe)
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o_s
-        m_i = m_new
-    has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    t = rows // G
-    head = kvh * G + rows % G
-    tl.store(O + b.to(tl.int64) * s_ob + t[:, None] * s_ot + head[:, None] * s_oh + dv[None, :],
-             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    t = row // G
+    head = (bh % Hkv) * G + row % G
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < n_splits
+    slot = (bh.to(tl.int64) * n_splits + s) * M + row
+    lse_s = tl.load(PL + slot, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse_s - m_safe)  # 0 for empty splits
+    l = tl.sum(w, 0)
+    dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    o_s = tl.load(PO + slot[:, None] * DV + dv[None, :], mask=s_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    o = tl.sum(w[:, None] * o_s, 0) / tl.where(l > 0, l, 1.0)
+    tl.store(O + b.to(tl.int64) * s_ob + t * s_ot + head * s_oh + dv, o.to(O.dtype.element_ty), mask=dv < DV)
     if WRITE_LSE:
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + (b.to(tl.int64) * H + head) * Tq + t, lse, mask=row_ok)
+        lse = tl.where(l > 0, (m_safe + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + (b.to(tl.int64) * H + head) * Tq + t, lse, mask=tl.program_id(1) == 0)
 
 
 # --------------------------------------------------------------------------------------------- launcher
@@ -237,20 +233,25 @@ def _pow2(x: int) -> int:
 
 
 def default_config(q: torch.Tensor, segments, n_rows: int) -> dict:
-    """Splits so that about four waves of programs cover the GPU; few on the CPU interpreter."""
+    """Tile sizes, warps and the number of KV splits (enough programs to fill the GPU); few on the CPU."""
     B, Tq, H, D = q.shape
     Hkv = segments[0].k.shape[2]
     block_m = min(64, max(16, _pow2(n_rows)))
     programs = B * Hkv * triton.cdiv(n_rows, block_m)
     if q.is_cuda:
-        target, min_split = 4 * _num_sms(q.device), 256
-        block_n = 64 if any(s.k_quant is not None or s.v_quant is not None for s in segments) else 128
+        # Measured on an H100 (benchmarks/results/decode.md): plain caches are memory-bound and want about
+        # two programs per SM; dequantising caches are compute-heavier and want more programs in flight.
+        quant = any(s.k_quant is not None or s.v_quant is not None for s in segments)
+        sms = _num_sms(q.device)
+        target, min_split = (8 * sms, 1024) if quant else (2 * sms, 256)
+        block_n = 64 if quant or q.element_size() > 2 else 128  # fp32 128-row tiles overflow shared memory
+        stages = 3 if quant else 2
     else:
-        target, min_split, block_n = 1, 16, 16
+        target, min_split, block_n, stages = 1, 16, 16, 1
     longest = max(s.max_len for s in segments)
-    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(longest, min_split)))
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(longest, min_split), MAX_SPLITS))
     return dict(block_m=block_m, block_n=block_n, num_splits=splits, num_warps=4 if q.is_cuda else 1,
-                num_stages=3 if q.is_cuda else 1)
+                num_stages=stages)
 
 
 def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tensor, *, scale: float,
@@ -298,7 +299,9 @@ def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tenso
         base += n
     o = empty_output((B, Tq, H, Dv), q.dtype, q.device)
     lse = empty_output((B, H, Tq), torch.float32, q.device) if return_lse else pl
-    _decode_merge_kernel[(B * Hkv, triton.cdiv(M, BLOCK_M))](
+    block_s = _pow2(n_total)
+    block_dv = max(16, min(Dv, 8192 // block_s))
+    _decode_merge_kernel[(B * Hkv * M, triton.cdiv(Dv, block_dv))](
         po, pl, o, lse, o.stride(0), o.stride(1), o.stride(2), Tq, Hkv, H, M, n_total,
-        G=G, DV=Dv, BLOCK_M=BLOCK_M, WRITE_LSE=return_lse, num_warps=4 if q.is_cuda else 1)
+        G=G, DV=Dv, BLOCK_S=block_s, BLOCK_DV=block_dv, WRITE_LSE=return_lse, num_warps=4 if q.is_cuda else 1)
     return (o, lse) if return_lse else o
