@@ -27,7 +27,7 @@ def pattern_attention(q, k, v, pattern, *, scale=None, block=None):
     B, T, S, H, _, _, _ = check_qkv(q, k, v)
     check_scale(scale)
     p = P.as_pattern(pattern).shifted(S - T)
-    bm = _engine.block_mask(p, B, H, T, S, block=block, device=q.device)
+    bm = p.block_mask(B, H, T, S, block=block, device=q.device)
     return _engine.flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 

@@ -26,11 +26,19 @@ from . import _engine
 
 
 class Pattern:
-    """A named mask function `(b, h, q_idx, kv_idx) -> bool tensor`, combinable with `&`, `|`, `~`."""
+    """A named mask function `(b, h, q_idx, kv_idx) -> bool tensor`, combinable with `&`, `|`, `~`.
 
-    def __init__(self, fn: Callable, name: str) -> None:
+    `per_batch` / `per_head` say whether the mask depends on b / h; block masks of patterns that do not
+    are built once and broadcast (B = 1 / H = 1), which keeps them cheap at long lengths.
+    """
+
+    def __init__(self, fn: Callable, name: str, per_batch: bool = False, per_head: bool = False) -> None:
         self.fn = fn
         self.__name__ = name
+        self.per_batch, self.per_head = per_batch, per_head
+
+    def _derived(self, fn: Callable, name: str, *others: "Pattern") -> "Pattern":
+        return Pattern(fn, name, any(p.per_batch for p in (self, *others)), any(p.per_head for p in (self, *others)))
 
     def __call__(self, b, h, q_idx, kv_idx) -> torch.Tensor:
         out = self.fn(b, h, q_idx, kv_idx)
@@ -38,16 +46,16 @@ class Pattern:
 
     def __and__(self, other: Callable) -> "Pattern":
         other = as_pattern(other)
-        return Pattern(lambda b, h, q, kv: self(b, h, q, kv) & other(b, h, q, kv),
-                       f"({self.__name__} & {other.__name__})")
+        return self._derived(lambda b, h, q, kv: self(b, h, q, kv) & other(b, h, q, kv),
+                             f"({self.__name__} & {other.__name__})", other)
 
     def __or__(self, other: Callable) -> "Pattern":
         other = as_pattern(other)
-        return Pattern(lambda b, h, q, kv: self(b, h, q, kv) | other(b, h, q, kv),
-                       f"({self.__name__} | {other.__name__})")
+        return self._derived(lambda b, h, q, kv: self(b, h, q, kv) | other(b, h, q, kv),
+                             f"({self.__name__} | {other.__name__})", other)
 
     def __invert__(self) -> "Pattern":
-        return Pattern(lambda b, h, q, kv: ~self(b, h, q, kv), f"~{self.__name__}")
+        return self._derived(lambda b, h, q, kv: ~self(b, h, q, kv), f"~{self.__name__}")
 
     def __repr__(self) -> str:
         return f"Pattern({self.__name__})"
@@ -56,15 +64,16 @@ class Pattern:
         """Query i at key position i + offset: `shifted(S - T)` aligns T queries bottom-right to S keys."""
         if offset == 0:
             return self
-        return Pattern(lambda b, h, q, kv: self(b, h, q + offset, kv), f"{self.__name__}>>{offset}")
+        return self._derived(lambda b, h, q, kv: self(b, h, q + offset, kv), f"{self.__name__}>>{offset}")
 
     def dense(self, B: int, H: int, T: int, S: int, device=None) -> torch.Tensor:
         """The elementwise mask `[B, H, T, S]` (True = attend); for tests and pictures, O(B H T S)."""
         return mask_from_fn(self, B, H, T, S, device)
 
     def block_mask(self, B: int, H: int, T: int, S: int, block=None, device=None):
-        """The `BlockMask` of the block-sparse flash kernel (B or H may be 1 to broadcast)."""
-        return _engine.block_mask(self, B, H, T, S, block=block, device=device)
+        """The `BlockMask` of the block-sparse flash kernel, `[B or 1, H or 1]` as the pattern needs."""
+        return _engine.block_mask(self, B if self.per_batch else 1, H if self.per_head else 1, T, S,
+                                  block=block, device=device)
 
 
 def as_pattern(fn: Callable) -> Pattern:
@@ -72,7 +81,7 @@ def as_pattern(fn: Callable) -> Pattern:
         return fn
     if not callable(fn):
         raise TypeError(f"a pattern must be a mask function (b, h, q_idx, kv_idx) -> bool, got {type(fn).__name__}")
-    return Pattern(fn, getattr(fn, "__name__", "mask_fn"))
+    return Pattern(fn, getattr(fn, "__name__", "mask_fn"), per_batch=True, per_head=True)  # may use b and h
 
 
 def _int(name, value, minimum=0):
@@ -88,6 +97,11 @@ def _positions(name, values) -> torch.Tensor:
 
 def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(like.device)
+
+
+def _member(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x in values, elementwise; written with == and any (not torch.isin) so FlexAttention can trace it."""
+    return (x.unsqueeze(-1) == _on(values, x)).any(-1)
 
 
 # ---------------------------------------------------------------- 1D patterns (language)
@@ -119,7 +133,7 @@ def dilated_window(window: int, dilation: int, causal: bool = True) -> Pattern:
 def global_tokens(positions: Sequence[int]) -> Pattern:
     """Longformer global attention: the chosen positions attend to all keys and are attended by all."""
     g = _positions("positions", positions)
-    return Pattern(lambda b, h, q, kv: torch.isin(q, _on(g, q)) | torch.isin(kv, _on(g, kv)),
+    return Pattern(lambda b, h, q, kv: _member(q, g) | _member(kv, g),
                    f"global({g.tolist()})")
 
 
@@ -136,7 +150,7 @@ def random_blocks(T: int, S: int, block: int, n_random: int, seed: int = 0, head
     def fn(b, h, q, kv):
         t = _on(table, q)
         return t[h % heads, (q // block).clamp(max=nq - 1), (kv // block).clamp(max=nk - 1)]
-    return Pattern(fn, f"random_blocks({n_random}x{block},seed={seed})")
+    return Pattern(fn, f"random_blocks({n_random}x{block},seed={seed})", per_head=heads > 1)
 
 
 def block_window(block: int, window_blocks: int) -> Pattern:
@@ -152,7 +166,8 @@ def bigbird(T: int, S: int, block: int, window_blocks: int = 1, global_blocks: i
     p = block_window(block, window_blocks) | random_blocks(T, S, block, n_random, seed, heads)
     if global_blocks:
         p = p | global_tokens(range(min(global_blocks * block, max(T, S))))
-    return Pattern(p.fn, f"bigbird(b={block},w={window_blocks},g={global_blocks},r={n_random},seed={seed})")
+    return Pattern(p.fn, f"bigbird(b={block},w={window_blocks},g={global_blocks},r={n_random},seed={seed})",
+                   per_head=p.per_head)
 
 
 def strided(stride: int) -> Pattern:
@@ -184,7 +199,7 @@ def a_shape(sinks: int, window: int) -> Pattern:
 def vertical_slash(vertical: Sequence[int], slash: Sequence[int]) -> Pattern:
     """MInference vertical-slash: causal, key columns `vertical` plus diagonals q - kv in `slash`."""
     vt, st = _positions("vertical", vertical), _positions("slash", slash)
-    return Pattern(lambda b, h, q, kv: (kv <= q) & (torch.isin(kv, _on(vt, kv)) | torch.isin(q - kv, _on(st, q))),
+    return Pattern(lambda b, h, q, kv: (kv <= q) & (_member(kv, vt) | _member(q - kv, st)),
                    f"vertical_slash(v={len(vt)},s={len(st)})")
 
 
@@ -192,7 +207,7 @@ def prefix_lm(prefix) -> Pattern:
     """Prefix-LM: bidirectional over the first `prefix` keys, causal after; `prefix` an int or `[B]`."""
     if isinstance(prefix, torch.Tensor):
         p = prefix.long().flatten()
-        return Pattern(lambda b, h, q, kv: (kv < _on(p, kv)[b]) | (kv <= q), "prefix_lm(per-batch)")
+        return Pattern(lambda b, h, q, kv: (kv < _on(p, kv)[b]) | (kv <= q), "prefix_lm(per-batch)", per_batch=True)
     _int("prefix", prefix)
     return Pattern(lambda b, h, q, kv: (kv < prefix) | (kv <= q), f"prefix_lm({prefix})")
 
