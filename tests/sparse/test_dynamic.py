@@ -82,8 +82,10 @@ def test_errors():
     q, k, v = qkv(T=32, S=32)
     with pytest.raises(ValueError, match="power of two"):
         sp.moba(q, k, v, block_size=24)
-    with pytest.raises(ValueError, match="exactly one"):
-        sp.xattention(q, k, v, block_size=16, stride=4, threshold=0.5, budget=0.5)
+    with pytest.raises(ValueError, match="neither"):
+        sp.xattention(q, k, v, block_size=16, stride=4, threshold=None)
+    with pytest.raises(ValueError, match="budget"):
+        sp.xattention(q, k, v, block_size=16, stride=4, budget=0.0)
     with pytest.raises(ValueError, match="stride must divide"):
         sp.xattention(q, k, v, block_size=16, stride=3)
     with pytest.raises(ValueError, match="threshold"):

@@ -164,7 +164,7 @@ def choose_blocks(weights: torch.Tensor, candidates: torch.Tensor, threshold=Non
     """Per row, the fewest candidate blocks whose weights (normalised over candidates) sum to at least
     `threshold`, or the `ceil(budget * n_candidates)` heaviest. Bool, same shape as `weights`."""
     w = weights.masked_fill(~candidates, 0.0)
-    if budget is not None:
+    if budget is not None:  # a budget replaces the threshold
         k = torch.ceil(budget * candidates.sum(-1, keepdim=True).to(w.dtype)).long()
         order = w.masked_fill(~candidates, -1.0).argsort(-1, descending=True)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(w.shape[-1], device=w.device).expand_as(order))
@@ -217,8 +217,8 @@ def xattention_select(q, k, block_size=64, stride=8, threshold=0.9, budget=None,
 def xattention(q, k, v, *, block_size=64, stride=8, threshold=0.9, budget=None, causal=True, scale=None):
     """Block-sparse prefill with antidiagonal block selection (XAttention; FlexPrefill's cumulative
     threshold). q `[B, T, H, D]`, k `[B, S, Hkv, D]`, v `[B, S, Hkv, Dv]` -> o `[B, T, H, Dv]`.
-    `threshold` in (0, 1] (attention mass to keep per query block) or `budget` in (0, 1] (fraction of
-    blocks). Selection O(N^2 d / s), attention O(selected blocks * b^2 d)."""
+    `threshold` in (0, 1] (attention mass to keep per query block) or, when given, `budget` in (0, 1]
+    (fraction of the causally visible blocks; replaces the threshold). Selection O(N^2 d / s), attention O(selected blocks * b^2 d)."""
     B, T, S, H, _, _, _ = _check(q, k, v, scale, block_size=block_size, stride=stride)
     _check_xattention(block_size, stride, threshold, budget)
     sel = xattention_select(q, k, block_size, stride, threshold, budget, causal, scale)
@@ -230,8 +230,8 @@ def xattention(q, k, v, *, block_size=64, stride=8, threshold=0.9, budget=None, 
 def _check_xattention(block_size, stride, threshold, budget):
     if block_size % stride:
         raise ValueError(f"stride must divide block_size, got stride={stride}, block_size={block_size}")
-    if (threshold is None) == (budget is None):
-        raise ValueError(f"give exactly one of threshold and budget, got threshold={threshold}, budget={budget}")
+    if threshold is None and budget is None:
+        raise ValueError("give a threshold or a budget, got neither")
     for name, x in (("threshold", threshold), ("budget", budget)):
         if x is not None and not (isinstance(x, (int, float)) and 0 < x <= 1):
             raise ValueError(f"{name} must be in (0, 1], got {x!r}")
