@@ -1,1 +1,4 @@
 """Class 1 of the survey, hardware-efficient exact attention: tiled, quantized, split-KV and paged kernels."""
+from .flash import flash_attention, sliding_window_attention
+
+__all__ = ["flash_attention", "sliding_window_attention"]
