@@ -108,3 +108,17 @@ def test_errors():
         sp.differential_attention(q[..., :31], k[..., :31], v, *[torch.zeros(15)] * 4)
     with pytest.raises(ValueError, match="lambda_q1"):
         sp.differential_attention(q, k, v, *[torch.zeros(15)] * 4)
+
+
+def test_through_the_public_api():
+    import effattn
+    q, k, v = qkv(T=40, S=40)
+    g = torch.Generator().manual_seed(0)
+    gates, w = torch.rand(1, 40, 4, 3, generator=g), torch.full((16,), 1 / 16)
+    torch.testing.assert_close(effattn.attention(q, k, v, method="nsa", gates=gates, w_k=w, w_v=w, block_size=16,
+                                                 top_n=1, window=8),
+                               sp.nsa(q, k, v, gates, w, w, block_size=16, top_n=1, window=8))
+    E = torch.randn(8, 40, generator=g) / 40 ** 0.5
+    torch.testing.assert_close(effattn.attention(q, k, v, method="linformer", E=E, F=E), sp.linformer(q, k, v, E, E))
+    with pytest.raises(TypeError, match="gates"):
+        effattn.attention(q, k, v, method="nsa")

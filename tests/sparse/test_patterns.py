@@ -98,6 +98,16 @@ def test_combinators_names_and_shift():
     assert torch.equal(c.shifted(4).dense(1, 1, 3, 7)[0, 0], loop_mask(lambda i, j: j <= i + 4, 3, 7))
 
 
+def test_batch_and_head_dependence_flags():
+    assert not (P.causal() | P.sliding_window(3)).per_head
+    mixed = P.causal() & P.random_blocks(16, 16, 4, 1, heads=2)
+    assert mixed.per_head and not mixed.per_batch
+    assert P.prefix_lm(torch.tensor([1, 2])).per_batch
+    assert P.as_pattern(lambda b, h, q, kv: kv <= q + h).per_head  # a bare function may use b and h
+    bm = mixed.block_mask(3, 2, 16, 16, block=(16, 16))
+    assert bm.to_dense().shape[:2] == (1, 2)
+
+
 def test_per_batch_prefix_and_document_ids():
     p = P.prefix_lm(torch.tensor([2, 6]))
     m = p.dense(2, 1, 8, 8)

@@ -52,7 +52,7 @@ def _register() -> None:
         fn=linformer, reference=linformer_reference, make_inputs=linformer_inputs,
         complexity=Complexity("O(N k d)", "O(N k)", 1.0, 1.0),
         state_or_cache=StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim),
-        options={"scale": None}, supports=frozenset({"noncausal", "backward", "gqa"}),
+        options={"E": None, "F": None, "scale": None}, supports=frozenset({"noncausal", "backward", "gqa"}),
         grad_inputs=("q", "k", "v", "E", "F"), approximates_softmax=True,
         description="keys and values projected N -> k by learned E, F (non-causal)"))
 

@@ -131,7 +131,8 @@ def _register() -> None:
         make_inputs=partial(nsa_inputs, block_size=16, top_n=1, window=6),
         complexity=Complexity("O(N^2 d / l + N n l d + N w d)", "O(N)", 1.0, 1.0),
         state_or_cache=StateOrCache("2 Hkv d (1 + 1/l)", True, lambda s: 2 * s.Hkv * s.head_dim),
-        options={"block_size": 64, "top_n": 4, "window": 512, "scale": None},
+        options={"gates": None, "w_k": None, "w_v": None, "block_size": 64, "top_n": 4, "window": 512,
+                 "scale": None},
         supports=frozenset({"causal", "backward", "gqa"}), grad_inputs=("q", "k", "v", "gates", "w_k", "w_v"),
         approximates_softmax=True,
         description="compressed + top-n selected blocks + sliding window, learned gates (trainable)"))
