@@ -13,8 +13,8 @@ import math
 
 import torch
 
+from ..hardware.flash import flash_attention
 from ..validate import check_positive_int, check_qkv, check_scale, check_tensor
-from . import _engine
 
 
 def lambda_init_for(layer: int) -> float:
@@ -50,8 +50,8 @@ def differential_attention(q, k, v, lambda_q1, lambda_k1, lambda_q2, lambda_k2, 
     d = _check(q, k, v, dict(lambda_q1=lambda_q1, lambda_k1=lambda_k1, lambda_q2=lambda_q2, lambda_k2=lambda_k2),
                layer, scale)
     scale = d ** -0.5 if scale is None else scale
-    a1 = _engine.flash_attention(q[..., :d].contiguous(), k[..., :d].contiguous(), v, causal=causal, scale=scale)
-    a2 = _engine.flash_attention(q[..., d:].contiguous(), k[..., d:].contiguous(), v, causal=causal, scale=scale)
+    a1 = flash_attention(q[..., :d].contiguous(), k[..., :d].contiguous(), v, causal=causal, scale=scale)
+    a2 = flash_attention(q[..., d:].contiguous(), k[..., d:].contiguous(), v, causal=causal, scale=scale)
     lam = _lambda(lambda_q1, lambda_k1, lambda_q2, lambda_k2, lambda_init_for(layer)).to(a1.dtype)
     return _head_norm(a1 - lam * a2, lambda_init_for(layer), eps)
 

@@ -18,9 +18,10 @@ import math
 
 import torch
 
+from ..hardware.flash import flash_attention
 from ..reference.softmax import softmax_attention
 from ..validate import check_positive_int, check_qkv, check_scale
-from . import _engine
+from .block_mask import block_mask_from_blocks
 from ._select import (block_relation, causal_fn, dense_mask, kv_heads_to_q, n_blocks, stat_dtype,
                       top_k_of)
 
@@ -65,8 +66,8 @@ def moba(q, k, v, *, block_size=64, top_k=3, scale=None):
     time O(N (k + 1) b d) plus O(N^2 d / b^2) for the gate."""
     B, T, S, H, _, _, _ = _check(q, k, v, scale, block_size=block_size, top_k=top_k)
     sel = moba_select(q, k, block_size, top_k)
-    bm = _engine.block_mask_from_blocks(sel, T, S, (block_size, block_size), mask_fn=causal_fn(T, S))
-    return _engine.flash_attention(q, k, v, block_mask=bm, scale=scale)
+    bm = block_mask_from_blocks(sel, T, S, (block_size, block_size), mask_fn=causal_fn(T, S))
+    return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 
 def _block_average(n: int, block: int, dtype, device) -> torch.Tensor:
@@ -131,9 +132,9 @@ def quest(q, k, v, *, page_size=16, top_k=4, scale=None):
     nq = n_blocks(T, QUERY_BLOCK)
     padded = torch.nn.functional.pad(sel, (0, 0, 0, nq * QUERY_BLOCK - T))
     blocks = padded.view(B, H, nq, QUERY_BLOCK, -1).any(3)
-    bm = _engine.block_mask_from_blocks(blocks, T, S, (QUERY_BLOCK, page_size),
+    bm = block_mask_from_blocks(blocks, T, S, (QUERY_BLOCK, page_size),
                                         mask_fn=_quest_mask_fn(sel, T, S, page_size))
-    return _engine.flash_attention(q, k, v, block_mask=bm, scale=scale)
+    return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 
 def quest_reference_select(q, k, page_size=16, top_k=4):
@@ -222,9 +223,9 @@ def xattention(q, k, v, *, block_size=64, stride=8, threshold=0.9, budget=None, 
     B, T, S, H, _, _, _ = _check(q, k, v, scale, block_size=block_size, stride=stride)
     _check_xattention(block_size, stride, threshold, budget)
     sel = xattention_select(q, k, block_size, stride, threshold, budget, causal, scale)
-    bm = _engine.block_mask_from_blocks(sel, T, S, (block_size, block_size),
+    bm = block_mask_from_blocks(sel, T, S, (block_size, block_size),
                                         mask_fn=causal_fn(T, S) if causal else None)
-    return _engine.flash_attention(q, k, v, block_mask=bm, scale=scale)
+    return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 
 def _check_xattention(block_size, stride, threshold, budget):
@@ -274,7 +275,7 @@ def _register() -> None:
     register(Method(
         name="moba", cite="Lu et al. 2025 (survey Table 4, MoBA)", fn=moba, reference=moba_reference,
         make_inputs=partial(softmax_inputs, block_size=16, top_k=1),
-        complexity=Complexity("O(N k b d + N^2 d / b)", "O(N)", 1.0, 1.0),
+        complexity=Complexity("O(N k b d + N^2 d / b^2)", "O(N)", 1.0, 1.0),
         options={"block_size": 64, "top_k": 3, "scale": None},
         description="mean-pooled key blocks, top-k gate per query block, causal current block", **common))
     register(Method(

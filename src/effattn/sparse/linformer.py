@@ -7,9 +7,9 @@ positions). The projected K, V go through the flash kernel.
 """
 from __future__ import annotations
 
+from ..hardware.flash import flash_attention
 from ..reference.softmax import softmax_attention
 from ..validate import check_qkv, check_same, check_scale, check_tensor
-from . import _engine
 
 
 def project(x, P):
@@ -28,7 +28,7 @@ def linformer(q, k, v, E, F, *, scale=None):
             raise ValueError(f"{name} must have shape [k, S] with S={S} (the key length), got {tuple(P.shape)}")
     if E.shape[0] != F.shape[0]:
         raise ValueError(f"E and F must project to the same k, got {E.shape[0]} and {F.shape[0]}")
-    return _engine.flash_attention(q, project(k, E), project(v, F), scale=scale)
+    return flash_attention(q, project(k, E), project(v, F), scale=scale)
 
 
 def linformer_reference(q, k, v, E, F, *, scale=None, **_ignored):

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from ..hardware.flash import flash_attention
 from ..reference.softmax import softmax_attention
 from ..validate import check_positive_int, check_qkv, check_scale, check_tensor
-from . import _engine
+from .block_mask import block_mask, block_mask_from_blocks
 from ._select import block_relation, causal_fn, dense_mask, n_blocks, stat_dtype, top_k_of
 
 
@@ -71,8 +72,8 @@ def nsa(q, k, v, gates, w_k, w_v, *, block_size=64, top_n=4, window=512, scale=N
     Time O(N^2 d / l + N (top_n + 1) l d + N w d)."""
     B, T, S, H, Hkv = _check(q, k, v, gates, w_k, w_v, block_size, top_n, window, scale)
     kc, vc = compress(k, w_k, block_size), compress(v, w_v, block_size)
-    bm_c = _engine.block_mask(_compressed_visible(T, S, block_size), 1, 1, T, kc.shape[1], device=q.device)
-    o_cmp = _engine.flash_attention(q, kc, vc, block_mask=bm_c, scale=scale)
+    bm_c = block_mask(_compressed_visible(T, S, block_size), 1, 1, T, kc.shape[1], device=q.device)
+    o_cmp = flash_attention(q, kc, vc, block_mask=bm_c, scale=scale)
     with torch.no_grad():  # the compressed probabilities rank the blocks; the ranking has no gradient
         acc = stat_dtype(q)
         D = q.shape[-1]
@@ -82,9 +83,9 @@ def nsa(q, k, v, gates, w_k, w_v, *, block_size=64, top_n=4, window=512, scale=N
                                                    torch.arange(kc.shape[1], device=q.device).view(1, -1))
         importance = torch.softmax(sc.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
         sel = _select(importance, T, S, block_size, top_n, H, Hkv)
-    bm_s = _engine.block_mask_from_blocks(sel, T, S, (block_size, block_size), mask_fn=causal_fn(T, S))
-    o_slc = _engine.flash_attention(q, k, v, block_mask=bm_s, scale=scale)
-    o_win = _engine.flash_attention(q, k, v, causal=True, window=(window - 1, 0), scale=scale)
+    bm_s = block_mask_from_blocks(sel, T, S, (block_size, block_size), mask_fn=causal_fn(T, S))
+    o_slc = flash_attention(q, k, v, block_mask=bm_s, scale=scale)
+    o_win = flash_attention(q, k, v, causal=True, window=(window - 1, 0), scale=scale)
     g = gates.to(q.dtype).unsqueeze(-1)
     return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
 

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
+from ..hardware.flash import flash_attention
 from ..reference.softmax import softmax_attention
 from ..validate import check_qkv, check_scale
-from . import _engine
 from . import patterns as P
 
 
@@ -28,7 +28,7 @@ def pattern_attention(q, k, v, pattern, *, scale=None, block=None):
     check_scale(scale)
     p = P.as_pattern(pattern).shifted(S - T)
     bm = p.block_mask(B, H, T, S, block=block, device=q.device)
-    return _engine.flash_attention(q, k, v, block_mask=bm, scale=scale)
+    return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 
 def pattern_reference(q, k, v, pattern, *, scale=None, **_ignored):

@@ -22,7 +22,7 @@ import torch
 
 from ..reference.softmax import mask_from_fn
 from ..validate import check_positive_int
-from . import _engine
+from .block_mask import block_mask
 
 
 class Pattern:
@@ -72,8 +72,8 @@ class Pattern:
 
     def block_mask(self, B: int, H: int, T: int, S: int, block=None, device=None):
         """The `BlockMask` of the block-sparse flash kernel, `[B or 1, H or 1]` as the pattern needs."""
-        return _engine.block_mask(self, B if self.per_batch else 1, H if self.per_head else 1, T, S,
-                                  block=block, device=device)
+        kw = {} if block is None else {"block": tuple(block)}  # None: the kernel's default tiles
+        return block_mask(self, B if self.per_batch else 1, H if self.per_head else 1, T, S, device=device, **kw)
 
 
 def as_pattern(fn: Callable) -> Pattern:
