@@ -4,7 +4,9 @@ the quality of the dynamic methods vs full attention. Public API only.
     python benchmarks/sparse.py --out results_dir            # GPU: N = 32k density sweep, 16k patterns
     python benchmarks/sparse.py --quick --out /tmp/sp        # CPU smoke run (Triton interpreter), tiny
 
-Writes sparse.json and sparse.md into --out. Timings are triton.testing.do_bench medians on CUDA
+Writes sparse.json and sparse.md into --out (sparse_<part>.* with --only density|patterns|quality, to
+split a run that would not fit one device call: the pattern part compiles FlexAttention for each of the
+7 patterns, fwd and bwd). Timings are triton.testing.do_bench medians on CUDA
 (perf_counter medians on CPU, meaningless except as a smoke test); every sparse time is next to the dense
 flash time and FlexAttention's time from the same run, as ratios.
 """
@@ -115,7 +117,13 @@ def density_sweep(cfg):
 
 def flex_fn(cfg):
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention) if cfg.device == "cuda" else flex_attention
+    if cfg.device != "cuda":
+        return flex_attention  # eager (CPU smoke run)
+    # Each pattern's mask_mod is a new closure, so Dynamo recompiles per pattern: keep all of them compiled
+    # instead of falling back to eager after the default 8 recompilations.
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+    return torch.compile(flex_attention)
 
 
 def pattern_vs_flex(cfg):
@@ -132,7 +140,7 @@ def pattern_vs_flex(cfg):
         t0 = time.perf_counter()
         bm = pattern.block_mask(1, cfg.H, N, N, block=cfg.block, device=cfg.device)
         build_s = time.perf_counter() - t0
-        fbm = create_block_mask(pattern, 1, cfg.H if pattern.per_head else 1, N, N, device=cfg.device)
+        fbm = create_block_mask(pattern, None, cfg.H if pattern.per_head else None, N, N, device=cfg.device)
 
         def ours():
             return effattn.flash_attention(q, k, v, block_mask=bm)
@@ -257,9 +265,10 @@ def main(argv=None):
     with torch.no_grad():
         qual = quality(cfg) if "quality" in parts else []
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sparse.json"), "w") as f:
+    stem = "sparse" + ("_" + "_".join(args.only) if args.only else "")  # --only runs do not overwrite others
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "density": dens, "patterns": pats, "quality": qual}, f, indent=1)
-    with open(os.path.join(args.out, "sparse.md"), "w") as f:
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(markdown(meta, dens, pats, qual))
     print(markdown(meta, dens, pats, qual))
 

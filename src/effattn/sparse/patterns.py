@@ -333,3 +333,16 @@ def draw(mask_fn, T: int, S: int | None = None, *, b: int = 0, h: int = 0, path:
     name = getattr(mask_fn, "__name__", "mask")
     return "\n".join([f"{name}  [{T} x {S}], density {m.float().mean():.3f}"]
                      + ["".join("#" if x else "." for x in row) for row in m.tolist()])
+
+
+def _demo() -> None:
+    """`python -m effattn.sparse.patterns`: draw every pattern of this file on a small grid."""
+    for p in (causal(), sliding_window(3), dilated_window(2, 2), global_tokens([0, 7]) | sliding_window(1, 1),
+              bigbird(16, 16, 4, seed=0), strided(4), fixed(4, 1), sinks_recent(2, 4), vertical_slash([1, 9], [0, 5]),
+              prefix_lm(5), document(torch.tensor([0] * 5 + [1] * 7 + [2] * 4)) & causal(),
+              neighborhood((4, 4), (3, 3)), sliding_tile((4, 4), (2, 2), (1, 1)), radial(4, 4, 2)):
+        print(draw(p, 16), end="\n\n")
+
+
+if __name__ == "__main__":
+    _demo()
