@@ -11,9 +11,9 @@ from effattn.sparse import lsh
 from effattn.testing import assert_matches_reference, odd_shapes
 
 
-def qkv(B=1, T=45, S=45, H=4, Hkv=2, D=32, dtype=torch.float32, seed=0):
+def qkv(B=1, T=45, S=45, H=4, Hkv=2, D=32, dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g).to(dtype) for shape in ((B, T, H, D), (B, S, Hkv, D), (B, S, Hkv, D))]
+    return [torch.randn(shape, generator=g).to(device, dtype) for shape in ((B, T, H, D), (B, S, Hkv, D), (B, S, Hkv, D))]
 
 
 @pytest.mark.parametrize("T,S", [(45, 45), (19, 64), (1, 50)])
@@ -53,20 +53,21 @@ def test_choose_blocks_rule():
     assert dyn.choose_blocks(w, cand, budget=0.5).tolist() == [[False, True, True, False]]
 
 
-def test_full_budget_is_full_attention():
-    q, k, v = qkv(T=40, S=40)
+def test_full_budget_is_full_attention(device):
+    q, k, v = qkv(T=40, S=40, device=device)
     full = softmax_attention(q, k, v, causal=True)
     for o in (sp.moba(q, k, v, block_size=16, top_k=8), sp.quest(q, k, v, page_size=16, top_k=8),
               sp.xattention(q, k, v, block_size=16, stride=4, threshold=1.0)):
         torch.testing.assert_close(o, full, atol=2e-5, rtol=1e-4)
 
 
-def test_lsh_variants_and_decoding_quest():
+def test_lsh_variants_and_decoding_quest(device):
     for opts in ({"causal": False}, {"shared_qk": False, "causal": False}, {"n_hashes": 3, "chunk_size": 5}):
-        assert_matches_reference(REGISTRY.get("reformer_lsh"), shape=odd_shapes()[0], seed=2, **opts)
-    assert_matches_reference(REGISTRY.get("differential"), shape=odd_shapes()[1], seed=1, causal=False, layer=3)
+        assert_matches_reference(REGISTRY.get("reformer_lsh"), shape=odd_shapes()[0], seed=2, device=device, **opts)
+    assert_matches_reference(REGISTRY.get("differential"), shape=odd_shapes()[1], seed=1, device=device,
+                             causal=False, layer=3)
     assert_matches_reference(REGISTRY.get("quest"), shape=odd_shapes()[1].__class__(batch=2, seq_q=1, seq_k=50),
-                             seed=4, top_k=1)
+                             seed=4, device=device, top_k=1)
 
 
 def test_lsh_buckets_are_seeded():
@@ -110,15 +111,15 @@ def test_errors():
         sp.differential_attention(q, k, v, *[torch.zeros(15)] * 4)
 
 
-def test_through_the_public_api():
+def test_through_the_public_api(device):
     import effattn
-    q, k, v = qkv(T=40, S=40)
+    q, k, v = qkv(T=40, S=40, device=device)
     g = torch.Generator().manual_seed(0)
-    gates, w = torch.rand(1, 40, 4, 3, generator=g), torch.full((16,), 1 / 16)
+    gates, w = torch.rand(1, 40, 4, 3, generator=g).to(device), torch.full((16,), 1 / 16, device=device)
     torch.testing.assert_close(effattn.attention(q, k, v, method="nsa", gates=gates, w_k=w, w_v=w, block_size=16,
                                                  top_n=1, window=8),
                                sp.nsa(q, k, v, gates, w, w, block_size=16, top_n=1, window=8))
-    E = torch.randn(8, 40, generator=g) / 40 ** 0.5
+    E = (torch.randn(8, 40, generator=g) / 40 ** 0.5).to(device)
     torch.testing.assert_close(effattn.attention(q, k, v, method="linformer", E=E, F=E), sp.linformer(q, k, v, E, E))
     with pytest.raises(TypeError, match="gates"):
         effattn.attention(q, k, v, method="nsa")
