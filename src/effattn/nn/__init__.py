@@ -4,6 +4,8 @@ Every token mixer has `forward(x)` (training, causal) and `step(x, cache)` (deco
 `effattn.nn.common`. `make_mixer(name, dim, heads)` builds the layer of a name: a method-specific layer
 from `LAYERS` when there is one, otherwise `Attention` around the registered method of that name.
 """
+import difflib
+
 from .attention import Attention, default_method
 from .common import CachedLayer, RMSNorm, ShortConv, SwiGLU
 from .linear_layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, Mamba2, MultiScaleRetention
@@ -23,6 +25,12 @@ def make_mixer(name: str | None, dim: int, heads: int, **options) -> CachedLayer
     """The token mixer called `name`: `LAYERS[name]` or `Attention(dim, heads, method=name, **options)`."""
     if name in LAYERS:
         return LAYERS[name](dim, heads, **options)
+    from ..registry import REGISTRY
+
+    if isinstance(name, str) and name not in REGISTRY:
+        close = difflib.get_close_matches(name, mixer_names(), n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown layer or method {name!r}{hint} (known: {', '.join(mixer_names())})")
     return Attention(dim, heads, method=name, **options)
 
 

@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
                    help="wall-clock budget for the sweep, split evenly over runs (default: 9 on cpu, none on gpu)")
     p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     p.add_argument("--widths", default=None, help="comma-separated model widths (override the preset)")
+    p.add_argument("--eval-examples", type=int, default=None, help="override the evaluation set size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="quality_results", help="folder for quality_<task>.json and .png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -60,6 +61,8 @@ def run(args) -> int:
     cfg = replace(PRESETS[preset][args.task], seed=args.seed)
     if args.steps is not None:
         cfg = replace(cfg, recipe=replace(cfg.recipe, steps=args.steps, warmup=min(cfg.recipe.warmup, args.steps)))
+    if args.eval_examples is not None:
+        cfg = replace(cfg, eval_examples=args.eval_examples)
     if args.widths is not None:
         cfg = replace(cfg, widths=tuple(int(w) for w in args.widths.split(",")))
     budget = args.budget_minutes if args.budget_minutes is not None else (9.0 if device.type == "cpu" else None)

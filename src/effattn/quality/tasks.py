@@ -93,23 +93,28 @@ def stdlib_files() -> list[Path]:
 
 
 def stdlib_bytes(max_bytes: int = 4_000_000, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) uint8 tensors of stdlib source bytes; a file goes to validation when the hash
-    of its relative path falls in the first `val_fraction` (a stable split, independent of the file list)."""
+    """(train, validation) uint8 tensors of stdlib source bytes, about max_bytes in all. A file goes to
+    validation when the hash of its relative path falls in the first `val_fraction` (a stable split);
+    each side takes files, in sorted order, until it holds its share of max_bytes."""
     check_positive_int("max_bytes", max_bytes)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     root = Path(sysconfig.get_paths()["stdlib"])
-    train, val, total = [], [], 0
+    parts = {True: [], False: []}
+    budget = {True: val_fraction * max_bytes, False: (1 - val_fraction) * max_bytes}
     for path in stdlib_files():
-        data = path.read_bytes()
         rel = str(path.relative_to(root)).encode()
         in_val = int(hashlib.sha1(rel).hexdigest()[:8], 16) / 0xFFFFFFFF < val_fraction
-        (val if in_val else train).append(data)
-        total += len(data)
-        if total >= max_bytes:
+        if budget[in_val] > 0:
+            data = path.read_bytes()
+            parts[in_val].append(data)
+            budget[in_val] -= len(data)
+        if budget[True] <= 0 and budget[False] <= 0:
             break
-    if not train or not val:
+    if not parts[True] or not parts[False]:
         raise RuntimeError(f"found too little standard-library source under {root} for a train/val split")
-    as_tensor = lambda parts: torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)  # noqa: E731
-    return as_tensor(train), as_tensor(val)
+    as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)  # noqa: E731
+    return as_tensor(parts[False]), as_tensor(parts[True])
 
 
 def byte_windows(data: torch.Tensor, n: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

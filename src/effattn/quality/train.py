@@ -69,7 +69,7 @@ def evaluate(model: TinyLM, inputs: torch.Tensor, targets: torch.Tensor, batch: 
     for s in range(0, inputs.shape[0], batch):
         x, y = inputs[s:s + batch].to(device), targets[s:s + batch].to(device)
         loss, c, a = supervised_loss(model, x, y)
-        total_loss, correct, asked = total_loss + float(loss) * a, correct + c, asked + a
+        total_loss, correct, asked = total_loss + loss.item() * a, correct + c, asked + a
     model.train()
     return {"accuracy": correct / max(asked, 1), "loss": total_loss / max(asked, 1)}
 
@@ -103,7 +103,7 @@ def train(model: TinyLM, sample: Sampler, recipe: Recipe, *, seed: int, device, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if bar:
             bar.update(step + 1, f"loss {losses[-1]:.3f}")
     else:
