@@ -8,7 +8,7 @@ import torch
 from .registry import REGISTRY
 from .validate import check_options, check_tensor
 
-DEFAULT_METHOD = "standard"
+DEFAULT_METHOD = "flash"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str | None = None, **options: Any):
