@@ -10,7 +10,8 @@ _triton_mode.configure()  # before any kernel module is imported: Triton reads i
 
 from . import compact, hardware, linear, nn, reference, sparse  # noqa: E402  (registers their methods)
 from .api import attention  # noqa: E402
+from . import distributed  # noqa: E402  (context parallelism; after api, which it wraps)
 from .registry import REGISTRY, Method, methods  # noqa: E402
 
-__all__ = ["attention", "methods", "Method", "REGISTRY", "reference", "hardware", "compact", "sparse", "linear", "nn"]
+__all__ = ["attention", "methods", "Method", "REGISTRY", "reference", "hardware", "compact", "sparse", "linear", "nn", "distributed"]
 __version__ = "0.1.0"
