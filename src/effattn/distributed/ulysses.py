@@ -35,10 +35,10 @@ def ulysses_attention(q, k, v, *, group=None, method: str | Callable = "standard
     if H % world or Hkv % world:
         raise ValueError(f"Ulysses shards heads: H={H} query heads and Hkv={Hkv} key/value heads must both "
                          f"divide by the world size {world}")
-    refused = [name for name in _REFUSED if options.get(name) not in (None, False)]
+    refused = [name for name in _REFUSED if options.get(name) is not None and options.get(name) is not False]
     if refused:
         raise ValueError(f"ulysses_attention does not take {refused[0]!r}: it would see head-sharded, "
-                         f"whole-sequence tensors (got {refused[0]}={options[refused[0]]!r})")
+                         f"whole-sequence tensors (got {refused[0]}={type(options[refused[0]]).__name__})")
     if zigzag and n % 2:
         raise ValueError(f"zigzag shards hold two equal chunks, so the local length must be even, got n={n}")
     if callable(method):

@@ -56,7 +56,7 @@ class ContextParallel(nn.Module):
             raise ValueError(f"mode='ring' runs exact full softmax attention, got method {name!r}; "
                              "use mode='ulysses' for other methods")
         for key, value in options.items():
-            if key not in _RING_OPTIONS and value not in (None, False):
+            if key not in _RING_OPTIONS and value is not None and value is not False:
                 raise ValueError(f"mode='ring' takes only the options {_RING_OPTIONS}, got {key}={value!r} "
                                  f"for method {name!r}; use mode='ulysses' for it")
         kept = {key: value for key, value in options.items() if key in _RING_OPTIONS}
