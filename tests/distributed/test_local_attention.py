@@ -103,3 +103,39 @@ def _layer_without_attention(x):
 def test_errors(world_of_one, call, error, match):
     with pytest.raises(error, match=match):
         call(*_qkv(10, 10, 4, 2))
+
+
+class _CpuFlash:
+    """The CUDA flash ops' signatures, served by PyTorch's CPU flash kernel: tests the "sdpa" backend's
+    layouts, GQA head expansion and gradient sums without a GPU."""
+
+    @staticmethod
+    def _scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, return_debug_mask, *, scale=None):
+        assert q.stride(-1) == 1 and dropout_p == 0.0 and not return_debug_mask
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)
+        return o, lse, None, None, q.shape[2], k.shape[2], torch.empty(2, dtype=torch.int64), torch.empty(0), None
+
+    @staticmethod
+    def _scaled_dot_product_flash_attention_backward(do, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, dropout_p,
+                                                     is_causal, seed, offset, *, scale=None):
+        assert cum_q is None and cum_k is None and (max_q, max_k) == (q.shape[2], k.shape[2])
+        assert lse.is_contiguous() and lse.dtype == torch.float32 and seed.numel() == 2
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, o, lse, dropout_p, is_causal, scale=scale)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_backend_layouts_against_torch_backend(monkeypatch, causal):
+    monkeypatch.setattr(local, "_aten", _CpuFlash)
+    q, k, v = _qkv(11, 11, 4, 2, Dv=8, dtype=torch.float32, seed=3)
+    # A strided slice of the shard, as ring steps pass them; causal blocks are square in the ring (the
+    # CUDA kernel aligns causal masks top-left, which equals bottom-right only then).
+    rows = slice(0, 11) if causal else slice(3, 11)
+    o, lse = local.sdpa_forward(q[:, rows], k, v, causal=causal, scale=0.4)
+    o_ref, lse_ref = local.torch_forward(q[:, rows], k, v, causal=causal, scale=0.4)
+    assert (o - o_ref).abs().max() < 1e-5 and (lse - lse_ref).abs().max() < 1e-5
+    do = torch.randn_like(o_ref)
+    got = local.sdpa_backward(do, q[:, rows], k, v, o, lse, causal=causal, scale=0.4)
+    want = local.torch_backward(do, q[:, rows], k, v, o_ref, lse_ref, causal=causal, scale=0.4)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and (g - w).abs().max() < 1e-5

@@ -12,7 +12,8 @@ Backends, each a `LocalAttention(forward, backward)` pair with the signatures of
 `torch_backward`:
 - "torch": plain PyTorch, blockwise over queries, any float dtype and device; what CPU/gloo runs.
 - "sdpa": PyTorch's CUDA flash-attention kernel (`aten._scaled_dot_product_flash_attention` and its
-  backward, which takes out and LSE), for fp16/bf16 on CUDA.
+  backward, which takes out and LSE), for fp16/bf16 on CUDA. Its causal mask is top-left aligned, so
+  causal calls must be square (T == S), which the ring's diagonal steps are.
 "auto" picks "sdpa" where it applies and "torch" otherwise. Nothing here knows about ranks.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Callable
 import torch
 
 from ..validate import check_choice
+
+_aten = torch.ops.aten  # a module global, so a test can put the CPU flash kernel behind the same calls
 
 # Query rows per block of the torch backend: scores of one block are [B, Hkv, group, QUERY_BLOCK, S].
 QUERY_BLOCK = 256
@@ -109,7 +112,7 @@ def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
 def sdpa_forward(q, k, v, *, causal: bool = False, scale: float):
     """PyTorch's CUDA flash kernel: o `[B, T, H, Dv]` in q's dtype and lse `[B, H, T]` float32."""
     group = q.shape[2] // k.shape[2]
-    out = torch.ops.aten._scaled_dot_product_flash_attention(
+    out = _aten._scaled_dot_product_flash_attention(
         q.transpose(1, 2), _expand_heads(k, group), _expand_heads(v, group), 0.0, causal, False, scale=scale)
     return out[0].transpose(1, 2), out[1]
 
@@ -119,15 +122,15 @@ def sdpa_backward(do, q, k, v, o, lse, *, causal: bool = False, scale: float):
     S, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
     # The kernel's RNG state arguments are read only with dropout; take well-formed ones from a 1-token call.
-    tiny = torch.ops.aten._scaled_dot_product_flash_attention(
+    tiny = _aten._scaled_dot_product_flash_attention(
         q[:1, :1, :1].transpose(1, 2), q[:1, :1, :1].transpose(1, 2), q[:1, :1, :1].transpose(1, 2), 0.0, False,
         False)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+    dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
         do.transpose(1, 2), q.transpose(1, 2), _expand_heads(k, group), _expand_heads(v, group),
         o.to(q.dtype).transpose(1, 2), lse.float().contiguous(), None, None, T, S, 0.0, causal,
         tiny[6], tiny[7], scale=scale)
-    dk = dk.view(B, Hkv, group, S, D).sum(2) if group > 1 else dk
-    dv = dv.view(B, Hkv, group, S, dv.shape[-1]).sum(2) if group > 1 else dv
+    if group > 1:  # the kernel saw each K/V head repeated for its group: sum the group's gradients
+        dk, dv = dk.unflatten(1, (Hkv, group)).sum(2), dv.unflatten(1, (Hkv, group)).sum(2)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 

@@ -90,7 +90,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, zigzag, group, local):
         rank, world = group_rank_size(group)
-        o, lse = _ring_forward(q, k, v, scale, causal, zigzag, group, rank, world, local)
+        if world == 1:  # a ring of one is the local kernel: no accumulators (zigzag order is natural order)
+            o, lse = local.forward(q, k, v, causal=causal, scale=scale)
+        else:
+            o, lse = _ring_forward(q, k, v, scale, causal, zigzag, group, rank, world, local)
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (scale, causal, zigzag, group, rank, world, local)
@@ -100,7 +103,11 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(do.contiguous(), q, k, v, o, lse, *ctx.args)
+        scale, causal, zigzag, group, rank, world, local = ctx.args
+        if world == 1:
+            dq, dk, dv = local.backward(do.contiguous(), q, k, v, o, lse, causal=causal, scale=scale)
+        else:
+            dq, dk, dv = _ring_backward(do.contiguous(), q, k, v, o, lse, *ctx.args)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
