@@ -9,7 +9,7 @@ import torch
 from .registry import REGISTRY
 from .validate import check_options, check_tensor
 
-DEFAULT_METHOD = "standard"
+DEFAULT_METHOD = "flash"
 # Set by effattn.distributed.ContextParallel while a wrapped layer runs: a callable
 # (q, k, v, method, options) that runs this call context parallel instead.
 ROUTE: contextvars.ContextVar = contextvars.ContextVar("effattn_attention_route", default=None)

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--dtype", default="float32", choices=["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"])
     pc.add_argument("--seed", type=int, default=0)
     pc.set_defaults(func=cmd_check)
+    from .bench.command import add_parsers as add_bench_parsers  # `bench` and `advise`
+
+    add_bench_parsers(sub)
     return p
 
 
