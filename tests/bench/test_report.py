@@ -78,3 +78,23 @@ def test_html_plots_render_in_headless_chromium(smoke, tmp_path):
     colourful = (img.max(axis=-1) - img.min(axis=-1) > 0.25).mean()  # plot markers and lines, not text
     colours = len({tuple(p) for p in (img.reshape(-1, 3)[::7] * 31).round().astype(int).tolist()})
     assert non_white > 0.02 and colourful > 0.0003 and colours > 64, (non_white, colourful, colours)
+
+
+def test_reports_without_matplotlib(smoke, tmp_path, monkeypatch):
+    import builtins
+
+    from effattn.bench.report import write_reports
+
+    data, _, _ = smoke
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(__import__("sys").modules, "effattn.bench.plots", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    paths = write_reports(data, tmp_path)
+    assert "No plots: matplotlib is not installed" in paths["markdown"].read_text()
+    assert "<img" not in paths["html"].read_text() and not list(tmp_path.glob("*.png"))
