@@ -1,80 +1,15 @@
-"""The harness on the CPU: a smoke run through every registered method, failures per cell, resume, Ctrl-C."""
+"""The harness on the CPU: failures per cell, Ctrl-C and resume, budgets, timing and memory measurement."""
 import io
-import json
 import math
 from dataclasses import replace
 
 import pytest
 import torch
 
-import effattn
 from effattn.bench import harness, run_bench
 from effattn.bench.measure import CellTimeout, failure_status, median_seconds, peak_memory, time_limit
 from effattn.bench.results import RESULTS_FILE, load, validate
 from effattn.registry import REGISTRY, Registry
-
-LEGIT_SKIPS = ("no backward", "no decode support", "make_inputs drew")
-
-
-def test_smoke_every_method_every_mode(smoke):
-    data, out, log = smoke
-    assert data["complete"] and validate(data) == []
-    seen = {(r["name"], r["form"], r["mode"]) for r in data["records"] if r["kind"] == "method"}
-    for m in effattn.methods():
-        for form in m.forms:
-            for mode in ("fwd", "fwdbwd", "decode"):
-                assert (m.name, form, mode) in seen, (m.name, form, mode)
-    for r in data["records"]:
-        assert r["status"] in ("ok", "skipped"), (r["label"], r["mode"], r["status"], r["reason"])
-        if r["status"] == "skipped":
-            assert any(s in r["reason"] for s in LEGIT_SKIPS), r
-        else:
-            assert r["time_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_bytes"] > 0
-    fwd = [r for r in data["records"] if r["mode"] == "fwd" and r["kind"] == "method"]
-    assert all(r["status"] == "ok" for r in fwd), [r["reason"] for r in fwd if r["status"] != "ok"]
-    for r in fwd:  # derived from the registry alone: FLOPs where the family defines them, error where approximating
-        meta = data["methods"][r["name"]]
-        assert ("rel_l2" in r) == meta["approximates_softmax"]
-        if meta["family"] == "baseline":
-            assert r["flops"] == pytest.approx(2 * r["batch"] * r["heads"] * 16 * 16 / 2 * 2 * r["head_dim"])
-        if meta["family"] == "linear":
-            assert r["flops"] > 0 and r["tflops"] > 0
-    std = next(r for r in fwd if r["name"] == "standard")
-    assert std["causal"] is True and set(std["vs_anchors"]) == {"sdpa_math", "sdpa_flash"}
-    assert data["anchors"]["sdpa_math"] == "available" and data["anchors"]["flex"].startswith("unavailable")
-    assert "elapsed" in log and "eta" in log
-
-
-def test_decode_is_one_token_against_the_cache(smoke):
-    data, _, _ = smoke
-    dec = [r for r in data["records"] if r["mode"] == "decode" and r["status"] == "ok" and r["kind"] == "method"]
-    assert dec
-    for r in dec:
-        assert r["seq_q"] == 1 and r["tokens_per_s"] == pytest.approx(r["batch"] / r["time_s"])
-        assert r["bytes_per_s"] > 0
-        if r["cache_per_token"]:
-            assert r["seq_k"] == 16
-
-
-def test_results_json_schema(smoke):
-    data, out, _ = smoke
-    loaded = load(out / RESULTS_FILE)
-    assert loaded["schema"] == "effattn.bench/1" and loaded["schema_version"] == 1
-    assert loaded["device"]["type"] == "cpu" and loaded["versions"]["torch"] == torch.__version__
-    assert loaded["command"] == "pytest smoke" and loaded["config"]["seq_lens"] == [16]
-    bad = json.loads(json.dumps(loaded))
-    bad["records"][0].pop("time_s")
-    bad["records"][1]["status"] = "exploded"
-    bad["schema_version"] = 99
-    problems = validate(bad)
-    assert any("time_s" in p for p in problems) and any("exploded" in p for p in problems)
-    assert any("schema" in p for p in problems)
-    assert validate([]) == ["top level must be an object, got list"]
-    (out / "broken.json").write_text("{")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        load(out / "broken.json")
-    with pytest.raises(ValueError, match="does not exist"):
-        load(out / "missing.json")
 
 
 def _raises(**kwargs):
