@@ -186,7 +186,8 @@ def _run(cfg: BenchConfig, data: dict | None, path: Path, command: str, stream, 
                 record = run_cell(cell, subject, cfg)
                 last[group] = record
             data["records"].append(record)
-            res.save(data, path)
+            if why is None:  # records of cells not run are cheap to redo: no rewrite for them
+                res.save(data, path)
             progress.done(record)
         data["complete"] = not any(r.get("reason", "").startswith(BUDGET_REASON) for r in data["records"])
     except KeyboardInterrupt:

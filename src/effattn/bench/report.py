@@ -91,9 +91,9 @@ def caveats(data: dict) -> list[str]:
         out.append("CPU run at tiny sizes: fixed per-call costs (Python, dispatch, Triton's interpreter for "
                    "kernel methods) dominate, so times say little about GPU speed, and fitted slopes are noisy "
                    "and usually below the claimed exponents. Only a slope *above* its claim is a real warning.")
-        out.append("CPU peak memory counts the storages torch operations allocate during one call (outputs, "
-                   "saved tensors, temporaries; not the inputs); Triton's interpreter's own numpy buffers are "
-                   "not counted.")
+        out.append("CPU peak memory is the allocator's peak during one call (the profiler's memory events): "
+                   "outputs, saved tensors and temporaries, not the inputs; the numpy buffers of Triton's "
+                   "interpreter are not counted.")
     else:
         out.append("Peak memory is torch.cuda.max_memory_allocated during one call minus what was allocated "
                    "before it (the inputs).")
