@@ -19,6 +19,10 @@ def test_bench_command_writes_everything(tmp_path, capsys):
     assert {r["name"] for r in data["records"]} == {"standard", "mqa"} and data["anchors"] == {}
     for name in ("report.md", "report.html", "summary.txt", "time_vs_n_fwd.png", "error_vs_speed.png"):
         assert (out / name).stat().st_size > 0
+        (out / name).unlink()
+    assert main(["bench", "--report-only", "--out", str(out)]) == 0  # measures nothing, rewrites the reports
+    assert (out / "report.html").exists() and "rewrote the reports" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["records"] == data["records"]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -128,3 +128,14 @@ def test_budget_leaves_cells_for_resume(tmp_path, tiny):
     assert all("run budget" in r["reason"] for r in data["records"]) and not data["complete"]
     done = run_bench(replace(cfg, budget=None), tmp_path, resume=True, stream=io.StringIO(), write_reports=False)
     assert done["complete"] and [r["status"] for r in done["records"]] == ["ok"] * 4
+
+
+def test_resuming_a_cuda_run_without_cuda_is_an_error(tmp_path, tiny):
+    cfg = tiny(seq_lens=(8,), modes=("fwd",), methods=("standard",), anchors="none")
+    run_bench(cfg, tmp_path, stream=io.StringIO(), write_reports=False)
+    path = tmp_path / RESULTS_FILE
+    data = load(path)
+    data["config"]["device"] = "cuda"
+    path.write_text(__import__("json").dumps(data))
+    with pytest.raises(ValueError, match="torch.cuda.is_available"):
+        run_bench(cfg, tmp_path, resume=True, stream=io.StringIO())

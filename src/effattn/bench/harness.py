@@ -18,7 +18,7 @@ from ..registry import REGISTRY
 from . import results as res
 from .anchors import Anchor, prepare_anchor, select
 from .cells import Prepared, Skip, accuracy, exact_attention, first_output, prepare_method
-from .config import BenchConfig, Cell
+from .config import BenchConfig, Cell, validate_config
 from .measure import CellTimeout, failure_status, median_seconds, peak_memory, release, synchronize, time_limit
 from .progress import Progress
 
@@ -131,6 +131,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike, *, resume: bool = Fa
         # the interrupted run's sizes, modes and methods, so numbers compare; this invocation's limits
         saved = BenchConfig.from_json(data["config"])
         saved.budget, saved.time_limit = cfg.budget, cfg.time_limit
+        validate_config(saved)  # e.g. a CUDA run cannot be continued on a machine without CUDA
         cfg = saved
         print(f"resuming {path}: {len(data['records'])} cells already measured", file=stream)
     else:

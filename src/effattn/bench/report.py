@@ -193,7 +193,7 @@ def html_report(data: dict, figures: list[tuple[str, Path]]) -> str:
 
 
 NO_PLOTS = ("No plots: matplotlib is not installed here (`pip install matplotlib`, then `effattn bench "
-            "--resume --out DIR` rewrites the reports from results.json).")
+            "--report-only --out DIR` rewrites the reports from results.json).")
 
 
 def write_reports(data: dict, out_dir) -> dict[str, Path]:
