@@ -1,5 +1,6 @@
 """The harness on the CPU: failures per cell, Ctrl-C and resume, budgets, timing and memory measurement."""
 import io
+import json
 import math
 from dataclasses import replace
 
@@ -136,6 +137,6 @@ def test_resuming_a_cuda_run_without_cuda_is_an_error(tmp_path, tiny):
     path = tmp_path / RESULTS_FILE
     data = load(path)
     data["config"]["device"] = "cuda"
-    path.write_text(__import__("json").dumps(data))
+    path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="torch.cuda.is_available"):
         run_bench(cfg, tmp_path, resume=True, stream=io.StringIO())
