@@ -100,6 +100,9 @@ def caveats(data: dict) -> list[str]:
     out.append(f"Times are medians ({'triton.testing.do_bench' if dev['type'] == 'cuda' else 'torch.utils.benchmark'}) "
                f"after a warm-up; per-cell limit {cfg['time_limit']:g} s. Slopes use time and memory per "
                "sequence (divided by B) and are flagged when more than 0.5 away from the claim.")
+    out.append("Anchors run causal (the registry's usual default) on plain q, k, v with H key/value heads; "
+               "'vs fastest anchor' is the fastest exact anchor's time over the method's (above 1: faster), "
+               "whatever the method's own mask.")
     out.append("Errors (rel L2, cosine) are against exact softmax attention on the same random Gaussian inputs, "
                "whose attention is spread over all keys: a worst case for sparse and low-rank approximations.")
     out.append("Claimed exponents are the registry's, one per method; a form such as a masked-quadratic "
