@@ -91,10 +91,10 @@ def kernel_fn(q, cache, cfg):
     return lambda: flash_decode(q, segs, totals, scale=scale, **cfg)
 
 
-def sweep(q, cache, variants, splits_choices, dequants=("compute",)):
+def sweep(q, cache, variants, splits_choices):
     results = []
-    for (bn, nw, ns), sp, dq in itertools.product(variants, splits_choices, dequants):
-        cfg = dict(block_n=bn, num_warps=nw, num_stages=ns, num_splits=sp, dequant=dq)
+    for (bn, nw, ns), sp in itertools.product(variants, splits_choices):
+        cfg = dict(block_n=bn, num_warps=nw, num_stages=ns, num_splits=sp)
         try:
             t = bench(kernel_fn(q, cache, cfg), rep=30)
         except Exception as e:  # a configuration the compiler rejects (shared memory) is skipped
@@ -182,17 +182,16 @@ def run_size(B, L, dev, quick) -> dict:
         full = name == "kivi4" and not quick  # the bar's contender gets the full sweep
         qvariants = [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)] if full else [(64, 4, 3)]
         qsplits = sorted({*splits, default_config(q, cache.segments()[0], H // HKV)["num_splits"]})
-        qres = sweep(q, cache, qvariants, qsplits, dequants=("compute", "float32") if full else ("compute",))
+        qres = sweep(q, cache, qvariants, qsplits)
         auto_ms = bench(kernel_fn(q, cache, {}))
         ms = min(qres[0]["ms"], auto_ms)
-        fp32_best = min([r["ms"] for r in qres if r["dequant"] == "float32"] or [nan])
         o = effattn.decode(q, cache)
         rel = float((o.float() - o_sdpa.float()).norm() / o_sdpa.float().norm()) if o_sdpa is not None else nan
-        rec[name] = {"ms": ms, "auto_ms": auto_ms, "best_float32_dequant_ms": fp32_best, "best": qres[0],
+        rec[name] = {"ms": ms, "auto_ms": auto_ms, "best": qres[0],
                      "sweep": qres, "held_bytes": held,
                      "logical_tbps": tbps(ms), "held_tbps": held / (ms * 1e-3) / 1e12,
                      "speedup_vs_bf16": rec["contiguous_ms"] / ms, "rel_error_vs_sdpa": rel}
-        log(f"   {name:6s}          {ms:.4f} ms (auto {auto_ms:.4f}, fp32 dequant {fp32_best:.4f}; {qres[0]}), "
+        log(f"   {name:6s}          {ms:.4f} ms (auto {auto_ms:.4f}; best {qres[0]}), "
             f"x{rec['contiguous_ms'] / ms:.2f} vs bf16, holds {held / 1e9:.2f} GB "
             f"({held / (ms * 1e-3) / 1e12:.2f} TB/s of it), rel err vs exact {rel:.3g}")
         del cache

@@ -29,7 +29,6 @@ from .._triton_mode import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-_DEQ_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 MAX_SPLITS = 256  # per segment: the merge kernel holds all splits of a row in one tile
 
 
@@ -63,7 +62,7 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _load_tile(X, row_off, n0, end, S, Z, s_base, s_row, BLOCK_N: tl.constexpr, D: tl.constexpr,
-               BITS: tl.constexpr, GN: tl.constexpr, GD: tl.constexpr, DT: tl.constexpr):
+               BITS: tl.constexpr, GN: tl.constexpr, GD: tl.constexpr):
     """Tile `[BLOCK_N, D]` of keys or values for tokens n0 .. n0 + BLOCK_N (rows `row_off`, element
     offsets; tokens >= end read as 0). BITS > 0 dequantises codes with the scale/zero of (token group
     n // GN, channel group d // GD); GN and GD are powers of two and n0 a multiple of BLOCK_N."""
@@ -75,10 +74,9 @@ def _load_tile(X, row_off, n0, end, S, Z, s_base, s_row, BLOCK_N: tl.constexpr, 
     else:
         dp = tl.arange(0, D // (8 // BITS))
         p = tl.load(X + row_off[:, None] + dp[None, :], mask=mask_n[:, None], other=0)
-        # Dequantise in q's dtype DT (the rounding plain PyTorch has too): half the registers and packed
-        # bf16/fp16 FMAs, where float32 made the loop compute-bound. The interpreter passes float32, as
-        # its 16-bit arithmetic is unreliable.
-        codes = _unpack(p, BITS, BLOCK_N, D).to(DT)
+        # Dequantised in float32: measured on the H100 it is faster than bf16 arithmetic (which Triton
+        # routes through float32 conversions) and keeps int8 codes exact.
+        codes = _unpack(p, BITS, BLOCK_N, D).to(tl.float32)
         # Load each (token group, channel group) scale once and broadcast it over its group, rather
         # than gathering one scale per element (8x the code bytes through L1 at 4 bits).
         TN: tl.constexpr = BLOCK_N if BLOCK_N < GN else GN  # tokens sharing a scale inside the tile
@@ -87,8 +85,8 @@ def _load_tile(X, row_off, n0, end, S, Z, s_base, s_row, BLOCK_N: tl.constexpr, 
         tok = n0 + tl.arange(0, R) * TN
         s_off = s_base + (tok // GN).to(tl.int64)[:, None] * s_row + tl.arange(0, CD)[None, :]
         s_mask = (tok < end)[:, None]
-        scale = tl.load(S + s_off, mask=s_mask, other=0.0).to(DT)
-        zero = tl.load(Z + s_off, mask=s_mask, other=0.0).to(DT)
+        scale = tl.load(S + s_off, mask=s_mask, other=0.0).to(tl.float32)
+        zero = tl.load(Z + s_off, mask=s_mask, other=0.0).to(tl.float32)
         x = tl.reshape(codes, [R, TN, CD, GD]) * scale[:, None, :, None] + zero[:, None, :, None]
         x = tl.reshape(x, [BLOCK_N, D])
     return x
@@ -104,7 +102,7 @@ def _decode_split_kernel(
         CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
         K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GN: tl.constexpr, K_GD: tl.constexpr,
         V_GN: tl.constexpr, V_GD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        DIRECT: tl.constexpr, WRITE_LSE: tl.constexpr, DEQ: tl.constexpr):
+        DIRECT: tl.constexpr, WRITE_LSE: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -142,7 +140,7 @@ def _decode_split_kernel(
         else:
             k_row = b.to(tl.int64) * s_kb + n.to(tl.int64) * s_kn
             v_row = b.to(tl.int64) * s_vb + n.to(tl.int64) * s_vn
-        k = _load_tile(K + k_base, k_row, n0, end, KS, KZ, ks_base, s_ksr, BLOCK_N, D, K_BITS, K_GN, K_GD, DEQ)
+        k = _load_tile(K + k_base, k_row, n0, end, KS, KZ, ks_base, s_ksr, BLOCK_N, D, K_BITS, K_GN, K_GD)
         qk = _dot(q, tl.trans(k.to(q.dtype)), PRECISION, UPCAST) * qk_scale  # log2 units
         keep = mask_n[None, :]
         if CAUSAL:
@@ -153,7 +151,7 @@ def _decode_split_kernel(
         p = tl.exp2(qk - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V + v_base, v_row, n0, end, VS, VZ, vs_base, s_vsr, BLOCK_N, DV, V_BITS, V_GN, V_GD, DEQ)
+        v = _load_tile(V + v_base, v_row, n0, end, VS, VZ, vs_base, s_vsr, BLOCK_N, DV, V_BITS, V_GN, V_GD)
         acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), PRECISION, UPCAST)
         m_i = m_new
 
@@ -250,19 +248,21 @@ def default_config(q: torch.Tensor, segments, n_rows: int) -> dict:
     block_m = min(64, max(16, _pow2(n_rows)))
     programs = B * Hkv * triton.cdiv(n_rows, block_m)
     if q.is_cuda:
-        # Measured on an H100 (benchmarks/results/decode.md): plain caches are memory-bound and want about
-        # two programs per SM; dequantising caches are compute-heavier and want more programs in flight.
+        # From the H100 sweeps (benchmarks/results/decode.md). Plain caches are memory-bound: the most
+        # splits that keep every program in one wave (one per SM; a partial second wave costs a tail).
+        # Dequantising caches are compute-heavier and want about five waves to hide their latency.
         quant = any(s.k_quant is not None or s.v_quant is not None for s in segments)
         sms = _num_sms(q.device)
-        target, min_split = (8 * sms, 1024) if quant else (2 * sms, 256)
-        block_n = 64 if quant or q.element_size() > 2 else 128  # fp32 128-row tiles overflow shared memory
-        stages = 3 if quant else 2
+        waves, min_split = (5, 1024) if quant else (1, 256)
+        target = max(1, waves * sms // programs)
+        block_n, stages = (64, 3) if quant or q.element_size() > 2 else (128, 3)  # fp32: 128 rows overflow smem
+        stages = 2 if q.element_size() > 2 else stages
     else:
         target, min_split, block_n, stages = 1, 16, 16, 1
     longest = max(s.max_len for s in segments)
-    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(longest, min_split), MAX_SPLITS))
+    splits = max(1, min(target, triton.cdiv(longest, min_split), MAX_SPLITS))
     return dict(block_m=block_m, block_n=block_n, num_splits=splits, num_warps=4 if q.is_cuda else 1,
-                num_stages=stages, dequant="compute")
+                num_stages=stages)
 
 
 def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tensor, *, scale: float,
@@ -292,7 +292,6 @@ def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tenso
     po = torch.empty((rows, Dv), dtype=torch.float32, device=q.device)
     pl = torch.empty((rows,), dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    deq = tl.float32 if interpreting() or cfg.get("dequant") == "float32" else _DEQ_DTYPE[q.dtype]
     base = 0
     for seg, (split_len, n) in zip(segments, splits):
         kq, vq = seg.k_quant, seg.v_quant
@@ -313,7 +312,7 @@ def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tenso
             K_GN=kq.group_tokens if kq else 1, K_GD=kq.group_channels if kq else 1,
             V_GN=vq.group_tokens if vq else 1, V_GD=vq.group_channels if vq else 1,
             PRECISION=precision, UPCAST=interpreting() and q.dtype != torch.float32, DIRECT=direct,
-            WRITE_LSE=return_lse, DEQ=deq, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            WRITE_LSE=return_lse, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         base += n
     if direct:
         return (o, lse) if return_lse else o
