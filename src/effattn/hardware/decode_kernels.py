@@ -248,15 +248,23 @@ def default_config(q: torch.Tensor, segments, n_rows: int) -> dict:
     block_m = min(64, max(16, _pow2(n_rows)))
     programs = B * Hkv * triton.cdiv(n_rows, block_m)
     if q.is_cuda:
-        # From the H100 sweeps (benchmarks/results/decode.md). Plain caches are memory-bound: the most
-        # splits that keep every program in one wave (one per SM; a partial second wave costs a tail).
-        # Dequantising caches are compute-heavier and want about five waves to hide their latency.
+        # From the H100 sweeps (benchmarks/results/decode.md). Contiguous caches are memory-bound: the
+        # most splits that keep all programs in one wave (a partial second wave costs a tail). Paged
+        # caches wait on a block-table load before each tile and want about two waves in flight when the
+        # batch alone does not fill the GPU. Dequantising caches want about five waves.
         quant = any(s.k_quant is not None or s.v_quant is not None for s in segments)
+        paged = any(s.block_table is not None for s in segments)
         sms = _num_sms(q.device)
-        waves, min_split = (5, 1024) if quant else (1, 256)
-        target = max(1, waves * sms // programs)
-        block_n, stages = (64, 3) if quant or q.element_size() > 2 else (128, 3)  # fp32: 128 rows overflow smem
-        stages = 2 if q.element_size() > 2 else stages
+        if quant:
+            target, min_split, block_n, stages = 5 * sms // programs, 1024, 64, 3
+        elif paged and programs >= sms:
+            target, min_split, block_n, stages = 1, 256, 64, 2
+        elif paged:
+            target, min_split, block_n, stages = triton.cdiv(2 * sms, programs), 256, 128, 2
+        else:
+            target, min_split, block_n, stages = sms // programs, 256, 128, 3
+        if q.element_size() > 2:  # fp32 tiles of 128 rows overflow shared memory
+            block_n, stages = 64, 2
     else:
         target, min_split, block_n, stages = 1, 16, 16, 1
     longest = max(s.max_len for s in segments)
