@@ -1,0 +1,171 @@
+"""Building blocks shared by the flash forward and backward kernels, and their launch-time tuner.
+
+Scores live in the log2 domain inside the kernels (s2 = log2(e) * s), so the softmax uses `exp2`, which
+maps to one MUFU instruction; log2(e) is folded into the score scale (FlashAttention-2, Dao 2023, Alg. 1).
+Visibility is arithmetic: query row i sits at key position pos = i + (S - T) (bottom-right alignment) and
+sees keys j with pos - LEFT <= j <= pos + RIGHT; "no limit" is the sentinel `NO_LIMIT`, causal is
+RIGHT = 0. Block-sparse masks add a per-tile bitmask for the partial tiles (see effattn.sparse.block_mask).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import triton
+import triton.language as tl
+
+from .._triton_mode import interpreting
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NO_LIMIT = 1 << 30  # window side without a limit; pos +- NO_LIMIT stays inside int32 for N < 2^30
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a [rows, cols] tile, zero-filling rows >= n_rows / cols >= n_cols only where asked to."""
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """a @ b (+ acc) in float32. DOT_PREC "ieee" for fp32 inputs (exact products, so fp32 passes the 2x
+    rule), "upcast" under the interpreter for bf16, whose dot multiplies raw bf16 bit patterns."""
+    if DOT_PREC == "upcast":
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return c
+
+
+def dot_precision(dtype) -> str | None:
+    import torch
+
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if dtype == torch.bfloat16 and interpreting() else None
+
+
+@triton.jit
+def _sequence(CU, b, T, S, VARLEN: tl.constexpr):
+    """(row offset, query length, key length, batch index into the tensors) of sequence b: a packed
+    sequence of cu_seqlens (self-attention, batch 1) or batch element b."""
+    if VARLEN:
+        q0 = tl.load(CU + b)
+        seqlen_q = tl.load(CU + b + 1) - q0
+        seqlen_k = seqlen_q
+        bb = 0
+    else:
+        q0 = 0
+        seqlen_q = T
+        seqlen_k = S
+        bb = b
+    return q0, seqlen_q, seqlen_k, bb
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice.tanh does not run in the interpreter; 1 - 2 / (e^{2x} + 1) saturates correctly at +-inf.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _scores(qk, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """log2-domain scores of the raw dot products, and tanh(...) of the softcap (Gemma 2) for the backward."""
+    if SOFTCAP:
+        t = _tanh(qk * cap_in)  # cap_in = scale / softcap
+        s = t * cap_out  # cap_out = softcap * log2(e)
+    else:
+        t = qk
+        s = qk * qk_scale  # qk_scale = scale * log2(e)
+    return s, t
+
+
+@triton.jit
+def _visible(pos, kidx, kv_len, LEFT, RIGHT):
+    """Window / causal visibility of key kidx for the query at key position pos (broadcast shapes)."""
+    return (kidx < kv_len) & (kidx >= pos - LEFT) & (kidx <= pos + RIGHT)
+
+
+@triton.jit
+def _tile_bits(BITS, tile, r, c, BLOCK_Q: tl.constexpr, WORDS: tl.constexpr):
+    """Bit (r, c) of partial tile `tile`: rows r and columns c local to the tile, broadcast shapes."""
+    w = tl.load(BITS + (tile * BLOCK_Q + r) * WORDS + c // 32)
+    return ((w >> (c % 32)) & 1) != 0
+
+
+@triton.jit
+def _kv_stages(m0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of query block [m0, m0 + BLOCK_M) split into [lo, a) masked, [a, b) full, [b, hi) masked.
+
+    Full blocks are inside the window for every row and inside the keys, so they need no mask at all."""
+    pos_lo = m0 + off
+    pos_hi = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1 + off
+    lo = tl.maximum(pos_lo - LEFT, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(tl.minimum(pos_hi + RIGHT + 1, seqlen_k), 0)
+    full_lo = tl.cdiv(tl.maximum(pos_hi - LEFT, 0), BLOCK_N) * BLOCK_N
+    full_hi = tl.maximum(tl.minimum(pos_lo + RIGHT + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    b = tl.minimum(tl.maximum(full_hi, a), hi)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query range that sees key block [n0, n0 + BLOCK_N), split like `_kv_stages`; full query blocks
+    see every key of the block and lie inside the queries (keys past the end never get stored)."""
+    j_hi = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
+    lo = tl.maximum(n0 - off - RIGHT, 0) // BLOCK_M * BLOCK_M
+    hi = tl.maximum(tl.minimum(j_hi - off + LEFT + 1, seqlen_q), 0)
+    full_lo = tl.cdiv(tl.maximum(j_hi - off - RIGHT, 0), BLOCK_M) * BLOCK_M
+    full_hi = tl.maximum(tl.minimum(n0 - off + LEFT + 1, seqlen_q), 0) // BLOCK_M * BLOCK_M
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    b = tl.minimum(tl.maximum(full_hi, a), hi)
+    return lo, a, b, hi
+
+
+# ------------------------------------------------------------------------------------------------- tuner
+class Config(tuple):
+    """(block_m, block_n, num_warps, num_stages) of one launch."""
+
+    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int):
+        return super().__new__(cls, (block_m, block_n, num_warps, num_stages))
+
+
+_BEST: dict = {}
+
+
+def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]) -> Config:
+    """The fastest of `configs` for `key`, timed once per key with do_bench and cached; the interpreter
+    (and a single candidate) takes the first. Launches must be idempotent (they overwrite their outputs)."""
+    if interpreting() or len(configs) == 1:
+        return configs[0]
+    if key not in _BEST:
+        best, best_ms = None, math.inf
+        for cfg in configs:
+            try:
+                ms = triton.testing.do_bench(lambda: launch(cfg), warmup=10, rep=30)
+            except triton.runtime.errors.OutOfResources:
+                continue  # e.g. too much shared memory for this tile shape
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        _BEST[key] = best
+    return _BEST[key]
+
+
+def seqlen_bucket(n: int) -> int:
+    """Tuning key for a sequence length: short, medium and long sequences may prefer different tiles."""
+    return min(triton.next_power_of_2(max(n, 1)), 16384)
+
+
+def block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))

@@ -1,0 +1,319 @@
+"""FlashAttention-2 backward in Triton (Dao 2023, Alg. 2), recomputing P from the saved LSE.
+
+Three launches, none atomic: Delta = rowsum(dO * O); dK/dV with one program per (KV block, batch, KV
+head) that walks the query blocks of every query head of its GQA group (so dK/dV are reduced over the
+group in registers, K/V never repeated); dQ with one program per (query block, batch, head) that walks
+the KV blocks like the forward. With s the natural-log scores and P = exp(s - LSE):
+dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta), and d(raw score) = scale * dS (times 1 - tanh^2 with a
+softcap); dQ = dS K, dK = dS^T Q.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._memory import empty_output
+from ._flash_common import (_sequence, _dot, dot_precision, LOG2E, NO_LIMIT, Config, _kv_stages, _load_tile, _q_stages, _scores, _tile_bits,
+                            _visible, block_d, pick_config, seqlen_bucket)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _delta_kernel(O, DO, DLSE, DELTA, so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, sd_b, sd_h, T, H,
+                  HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """Delta = rowsum(dO * O) - dLSE: an upstream gradient of the LSE adds dLSE * P to dS."""
+    m0 = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    o = _load_tile(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :], offs_m, T, offs_d,
+                   HEAD_DIM_V, True, True)
+    do = _load_tile(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :], offs_m, T, offs_d,
+                    HEAD_DIM_V, True, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * sd_b + h * sd_h + offs_m, mask=offs_m < T, other=0.0)
+    tl.store(DELTA + b * sd_b + h * sd_h + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _lse2(LSEb, offs, n, CHECK: tl.constexpr):
+    """Saved natural LSE -> log2 domain; an empty row's -inf becomes +inf so that its P is exactly 0."""
+    if CHECK:
+        lse = tl.load(LSEb + offs, mask=offs < n, other=0.0)
+    else:
+        lse = tl.load(LSEb + offs)
+    lse = lse * 1.4426950408889634
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q, seqlen_k,
+               qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, tile, offs_d, offs_dv,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr,
+               WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate the query block [m0, m0 + BLOCK_M) into dK, dV of the key block, transposed: [keys, rows]."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = _load_tile(Qb + offs_m[:, None] * sq_t + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, MASK, PAD_D)
+    do = _load_tile(DOb + offs_m[:, None] * sdo_t + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DIM_V,
+                    MASK, PAD_DV)
+    lse = _lse2(LSEb, offs_m, seqlen_q, MASK)
+    sT, tT = _scores(_dot(k, tl.trans(q), None, DOT_PREC), qk_scale, cap_in, cap_out, SOFTCAP)
+    if MASK:
+        keep = _visible(offs_m[None, :] + off, offs_n[:, None], seqlen_k, LEFT, RIGHT) & (offs_m[None, :] < seqlen_q)
+        if USE_BITS:
+            keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[None, :], tl.arange(0, BLOCK_N)[:, None],
+                               BLOCK_M, WORDS)
+        sT = tl.where(keep, sT, float("-inf"))
+    pT = tl.exp2(sT - lse[None, :])
+    dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC)
+    if MASK:
+        delta = tl.load(DELTAb + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    else:
+        delta = tl.load(DELTAb + offs_m)
+    dsT = pT * (_dot(v, tl.trans(do), None, DOT_PREC) - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
+    dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, CU,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, slse_b, slse_h,
+        sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+        T, S, HKV, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT,
+        Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
+        ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1) // HKV
+    hk = tl.program_id(1) % HKV
+    q0, seqlen_q, seqlen_k, bb = _sequence(CU, b, T, S, VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    off = seqlen_k - seqlen_q
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
+    k = _load_tile(K + bb * sk_b + q0 * sk_t + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :], offs_n,
+                   seqlen_k, offs_d, HEAD_DIM, True, PAD_D)
+    v = _load_tile(V + bb * sv_b + q0 * sv_t + hk * sv_h + offs_n[:, None] * sv_t + offs_dv[None, :], offs_n,
+                   seqlen_k, offs_dv, HEAD_DIM_V, True, PAD_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        Qb = Q + bb * sq_b + q0 * sq_t + h * sq_h
+        DOb = DO + bb * sdo_b + q0 * sdo_t + h * sdo_h
+        LSEb = LSE + bb * slse_b + h * slse_h + q0
+        DELTAb = DELTA + bb * slse_b + h * slse_h + q0
+        if SPARSE:
+            row = ((b * MB_B) * HM + h * MB_H) * NKB + pid_n
+            for i in range(tl.load(FULL_NUM + row)):
+                m0 = tl.load(FULL_IDX + row * NQB + i) * BLOCK_M
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False, WORDS,
+                                    SOFTCAP, DOT_PREC)
+            for i in range(tl.load(Q_NUM + row)):
+                qb = tl.load(Q_IDX + row * NQB + i)
+                tile = tl.load(TILE_MAP + (((b * MB_B) * HM + h * MB_H) * NQB + qb) * NKB + pid_n)
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, qb * BLOCK_M, offs_n, off,
+                                    seqlen_q, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, tile,
+                                    offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True,
+                                    True, WORDS, SOFTCAP, DOT_PREC)
+        else:
+            lo, a, c, hi = _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+            for m0 in range(lo, a, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS,
+                                    SOFTCAP, DOT_PREC)
+            for m0 in tl.range(a, c, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False, WORDS,
+                                    SOFTCAP, DOT_PREC)
+            for m0 in range(c, hi, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS,
+                                    SOFTCAP, DOT_PREC)
+    dk = dk * (qk_scale * 0.6931471805599453)  # d(raw score) = scale * dS; qk_scale carries log2(e)
+    row_ok = offs_n < seqlen_k
+    dk_ptrs = DK + bb * sdk_b + q0 * sdk_t + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :]
+    dv_ptrs = DV + bb * sdv_b + q0 * sdv_t + hk * sdv_h + offs_n[:, None] * sdv_t + offs_dv[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT,
+             RIGHT, BITS, tile, offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+             MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
+             DOT_PREC: tl.constexpr):
+    """Accumulate the key block [n0, n0 + BLOCK_N) into dQ of the query block."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK, PAD_D)
+    v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :], offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
+                   MASK, PAD_DV)
+    s, t = _scores(_dot(q, tl.trans(k), None, DOT_PREC), qk_scale, cap_in, cap_out, SOFTCAP)
+    if MASK:
+        keep = _visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT)
+        if USE_BITS:
+            keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[:, None], tl.arange(0, BLOCK_N)[None, :],
+                               BLOCK_M, WORDS)
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.exp2(s - lse[:, None])
+    ds = p * (_dot(do, tl.trans(v), None, DOT_PREC) - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return _dot(ds.to(k.dtype), k, dq, DOT_PREC)
+
+
+@triton.jit
+def _dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, CU,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, slse_b, slse_h,
+        sdq_b, sdq_t, sdq_h,
+        T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT,
+        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
+        ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    q0, seqlen_q, seqlen_k, bb = _sequence(CU, b, T, S, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    off = seqlen_k - seqlen_q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
+    pos = offs_m + off
+    Kb = K + bb * sk_b + q0 * sk_t + (h // GROUP) * sk_h
+    Vb = V + bb * sv_b + q0 * sv_t + (h // GROUP) * sv_h
+    q = _load_tile(Q + bb * sq_b + q0 * sq_t + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], offs_m,
+                   seqlen_q, offs_d, HEAD_DIM, True, PAD_D)
+    do = _load_tile(DO + bb * sdo_b + q0 * sdo_t + h * sdo_h + offs_m[:, None] * sdo_t + offs_dv[None, :],
+                    offs_m, seqlen_q, offs_dv, HEAD_DIM_V, True, PAD_DV)
+    lse = _lse2(LSE + bb * slse_b + h * slse_h + q0, offs_m, seqlen_q, True)
+    delta = tl.load(DELTA + bb * slse_b + h * slse_h + q0 + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if SPARSE:
+        row = ((b * MB_B) * HM + h * MB_H) * NQB + pid_m
+        for i in range(tl.load(FULL_NUM + row)):
+            n0 = tl.load(FULL_IDX + row * NKB + i) * BLOCK_N
+            dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
+                          LEFT, RIGHT, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          PAD_DV, ARITH, False, WORDS, SOFTCAP, DOT_PREC)
+        for i in range(tl.load(KV_NUM + row)):
+            kb = tl.load(KV_IDX + row * NKB + i)
+            tile = tl.load(TILE_MAP + row * NKB + kb)
+            dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, kb * BLOCK_N, pos, seqlen_k, qk_scale, cap_in,
+                          cap_out, LEFT, RIGHT, BITS, tile, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                          BLOCK_N, PAD_D, PAD_DV, True, True, WORDS, SOFTCAP, DOT_PREC)
+    else:
+        lo, a, c, hi = _kv_stages(m0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+        for n0 in range(lo, a, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
+                          LEFT, RIGHT, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
+        for n0 in tl.range(a, c, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
+                          LEFT, RIGHT, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          PAD_DV, False, False, WORDS, SOFTCAP, DOT_PREC)
+        for n0 in range(c, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
+                          LEFT, RIGHT, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
+    dq = dq * (qk_scale * 0.6931471805599453)
+    dq_ptrs = DQ + bb * sdq_b + q0 * sdq_t + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind: str) -> list[Config]:
+    """Candidate (BLOCK_M, BLOCK_N, warps, stages); dK/dV prefers tall key blocks, dQ tall query blocks."""
+    from .._triton_mode import interpreting
+
+    if fixed is not None:
+        bm, bn = fixed
+        cands = [Config(bm, bn, 4, 2), Config(bm, bn, 8, 2), Config(bm, bn, 4, 3)]
+        return cands[:1] if interpreting() else cands
+    if interpreting():
+        return [Config(32, 32, 4, 1)]
+    if dtype == torch.float32 or D > 128:
+        return [Config(32, 64, 4, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 2)]
+    if kind == "dkdv":
+        return [Config(64, 128, 8, 2), Config(32, 128, 4, 3), Config(64, 64, 4, 3), Config(64, 128, 8, 3)]
+    return [Config(128, 64, 8, 2), Config(128, 32, 4, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 3)]
+
+
+def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_seqlens, max_seqlen, sparse):
+    """Gradients (dq, dk, dv) of `flash_fwd`'s outputs (dlse, `[B, H, T]` float32, may be None)."""
+    B, T, H, D = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    varlen = cu_seqlens is not None
+    n_seq = cu_seqlens.numel() - 1 if varlen else B
+    delta = empty_output((B, H, T), torch.float32, q.device)
+    _delta_kernel[(triton.cdiv(T, 64), B * H)](
+        o, do, dlse if dlse is not None else delta, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        delta.stride(0), delta.stride(1), T, H, HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv), BLOCK_M=64,
+        HAS_DLSE=dlse is not None)
+    dq = empty_output(q.shape, q.dtype, q.device)
+    dk = empty_output(k.shape, k.dtype, k.device)
+    dv = empty_output(v.shape, v.dtype, v.device)
+    left, right = window if window is not None else (NO_LIMIT, NO_LIMIT)
+    if causal:
+        right = 0
+    cap_in = scale / softcap if softcap else 1.0
+    cap_out = softcap * LOG2E if softcap else 1.0
+    dummy = (q,) * 6 + (0, 0, 1, 1, 1)
+    cu = cu_seqlens if varlen else delta
+    arith = causal or window is not None
+    fixed = sparse.block if sparse is not None else None
+    rows = max_seqlen if varlen else T
+    cols = max_seqlen if varlen else S
+    common = (T, S)
+    scal = (scale * LOG2E, cap_in, cap_out, left, right)
+    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), VARLEN=varlen,
+                SPARSE=sparse is not None, ARITH=arith, WORDS=sparse.words if sparse is not None else 1,
+                SOFTCAP=bool(softcap), DOT_PREC=dot_precision(q.dtype))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+               v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
+
+    def launch_dkdv(cfg: Config) -> None:
+        bm, bn, warps, stages = cfg
+        grid = (sparse.num_kv_blocks if sparse is not None else triton.cdiv(cols, bn), n_seq * Hkv)
+        _dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, cu, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+                           dv.stride(0), dv.stride(1), dv.stride(2), *common, Hkv, H // Hkv, *scal,
+                           *(sparse.kernel_args_transposed() if sparse is not None else dummy),
+                           BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
+
+    def launch_dq(cfg: Config) -> None:
+        bm, bn, warps, stages = cfg
+        grid = (sparse.num_q_blocks if sparse is not None else triton.cdiv(rows, bm), n_seq * H)
+        _dq_kernel[grid](q, k, v, do, lse, delta, dq, cu, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+                         *common, H, H // Hkv, *scal, *(sparse.kernel_args() if sparse is not None else dummy),
+                         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
+
+    key = (D, Dv, q.dtype, arith, bool(softcap), fixed, varlen, seqlen_bucket(max(rows, cols)))
+    d = max(D, Dv)
+    launch_dkdv(pick_config(("dkdv",) + key, bwd_configs(d, q.dtype, fixed, "dkdv"), launch_dkdv))
+    launch_dq(pick_config(("dq",) + key, bwd_configs(d, q.dtype, fixed, "dq"), launch_dq))
+    return dq, dk, dv

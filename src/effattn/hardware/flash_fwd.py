@@ -1,0 +1,185 @@
+"""FlashAttention-2 forward in Triton (Dao 2023, Alg. 1): one program per (query block, batch, head).
+
+Q stays in registers, K/V tiles stream through shared memory, the row max m and row sum l are updated
+online, and O and the natural-log LSE are written once. Dense problems visit the keys of their window in
+three stages (masked, unmasked, masked) so that only boundary tiles pay for the mask; block-sparse
+problems visit the full and the partial KV blocks of the BlockMask's index lists.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._memory import empty_output
+from ._flash_common import (_sequence, _dot, dot_precision, LN2, Config, _kv_stages, _load_tile, _scores, _tile_bits, _visible, block_d,
+                            pick_config, seqlen_bucket)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT,
+              BITS, tile, offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+              MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One online-softmax step over the key block [n0, n0 + BLOCK_N)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK, PAD_D)
+    s, _ = _scores(_dot(q, tl.trans(k), None, DOT_PREC), qk_scale, cap_in, cap_out, SOFTCAP)
+    if MASK:
+        keep = _visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT)
+        if USE_BITS:
+            keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[:, None], tl.arange(0, BLOCK_N)[None, :],
+                               BLOCK_M, WORDS)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: exp2 gives 0
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :], offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
+                   MASK, PAD_DV)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _flash_fwd_kernel(
+        Q, K, V, O, LSE, CU,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, slse_b, slse_h,
+        T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT,
+        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
+        ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, REVERSE: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if REVERSE:  # causal: start the longest rows first so the last wave is short
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q0, seqlen_q, seqlen_k, bb = _sequence(CU, b, T, S, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    off = seqlen_k - seqlen_q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    pos = offs_m + off
+    Qb = Q + bb * sq_b + q0 * sq_t + h * sq_h
+    Kb = K + bb * sk_b + q0 * sk_t + (h // GROUP) * sk_h
+    Vb = V + bb * sv_b + q0 * sv_t + (h // GROUP) * sv_h
+    q = _load_tile(Qb + offs_m[:, None] * sq_t + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, True,
+                   BLOCK_D != HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if SPARSE:
+        row = ((b * MB_B) * HM + h * MB_H) * NQB + pid_m
+        for i in range(tl.load(FULL_NUM + row)):
+            n0 = tl.load(FULL_IDX + row * NKB + i) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                      BLOCK_DV != HEAD_DIM_V, ARITH, False, WORDS, SOFTCAP, DOT_PREC)
+        for i in range(tl.load(KV_NUM + row)):
+            kb = tl.load(KV_IDX + row * NKB + i)
+            tile = tl.load(TILE_MAP + row * NKB + kb)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, kb * BLOCK_N, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, tile, offs_d,
+                                      offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                      BLOCK_DV != HEAD_DIM_V, True, True, WORDS, SOFTCAP, DOT_PREC)
+    else:
+        lo, a, c, hi = _kv_stages(m0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+        for n0 in range(lo, a, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                      BLOCK_DV != HEAD_DIM_V, True, False, WORDS, SOFTCAP, DOT_PREC)
+        for n0 in tl.range(a, c, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                      BLOCK_DV != HEAD_DIM_V, False, False, WORDS, SOFTCAP, DOT_PREC)
+        for n0 in range(c, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                      BLOCK_DV != HEAD_DIM_V, True, False, WORDS, SOFTCAP, DOT_PREC)
+    # Rows that see no key at all output 0 and LSE -inf, like the reference.
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    row_ok = offs_m < seqlen_q
+    Ob = O + bb * so_b + q0 * so_t + h * so_h
+    o_ptrs = Ob + offs_m[:, None] * so_t + offs_dv[None, :]
+    if BLOCK_DV != HEAD_DIM_V:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    else:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bb * slse_b + h * slse_h + q0 + offs_m, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> list[Config]:
+    """Candidate tiles for the forward (H100): larger D or fp32 need smaller tiles to fit shared memory."""
+    from .._triton_mode import interpreting
+
+    if fixed is not None:  # block-sparse: the tiles are the BlockMask's blocks
+        bm, bn = fixed
+        cands = [Config(bm, bn, 4, 3), Config(bm, bn, 8, 3), Config(bm, bn, 4, 2), Config(bm, bn, 8, 2)]
+        return cands[:1] if interpreting() else cands
+    if interpreting():
+        return [Config(32, 32, 4, 1)]
+    if dtype == torch.float32:
+        return [Config(64, 32, 4, 2), Config(64, 64, 4, 2), Config(32, 32, 4, 2)]
+    if D <= 64:
+        return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(128, 64, 4, 4), Config(128, 128, 4, 3),
+                Config(64, 64, 4, 3)]
+    if D <= 128:
+        return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 2),
+                Config(64, 64, 4, 3)]
+    return [Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 32, 4, 2)]
+
+
+def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen, sparse):
+    """Launch the forward. q `[B, T, H, D]`, k `[B, S, Hkv, D]`, v `[B, S, Hkv, Dv]` -> (o, lse `[B, H, T]`).
+
+    `window` is a normalized (left, right) pair or None; `sparse` is a BlockMask (on q's device) or None;
+    `max_seqlen` the longest packed sequence when `cu_seqlens` is given."""
+    from ._flash_common import LOG2E, NO_LIMIT
+
+    B, T, H, D = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    o = empty_output((B, T, H, Dv), q.dtype, q.device)
+    lse = empty_output((B, H, T), torch.float32, q.device)
+    left, right = window if window is not None else (NO_LIMIT, NO_LIMIT)
+    if causal:
+        right = 0
+    varlen = cu_seqlens is not None
+    n_bh = (cu_seqlens.numel() - 1 if varlen else B) * H
+    rows = max_seqlen if varlen else T
+    cap_in = scale / softcap if softcap else 1.0
+    cap_out = softcap * LOG2E if softcap else 1.0
+    sp = sparse.kernel_args() if sparse is not None else (q,) * 6 + (0, 0, 1, 1, 1)
+    cu = cu_seqlens if varlen else lse
+    arith = causal or window is not None
+
+    def launch(cfg: Config) -> None:
+        bm, bn, warps, stages = cfg
+        grid = (sparse.num_q_blocks if sparse is not None else triton.cdiv(rows, bm), n_bh)
+        _flash_fwd_kernel[grid](
+            q, k, v, o, lse, cu, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), lse.stride(0),
+            lse.stride(1), T, S, H, H // Hkv, scale * LOG2E, cap_in, cap_out, left, right, *sp,
+            HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
+            VARLEN=varlen, SPARSE=sparse is not None, ARITH=arith,
+            WORDS=sparse.words if sparse is not None else 1, SOFTCAP=bool(softcap),
+            REVERSE=causal and sparse is None, DOT_PREC=dot_precision(q.dtype),
+            num_warps=warps, num_stages=stages)
+
+    fixed = sparse.block if sparse is not None else None
+    key = ("fwd", D, Dv, q.dtype, arith, bool(softcap), fixed, varlen, seqlen_bucket(rows))
+    launch(pick_config(key, fwd_configs(max(D, Dv), q.dtype, fixed), launch))
+    return o, lse

@@ -1,0 +1,82 @@
+"""flash_attention (Triton fwd + bwd) against the float64 reference under the 2x rule, outputs poisoned.
+
+Runs through Triton's interpreter on CPU: shapes are small and not multiples of the 32 x 32 tiles, so
+every case crosses partial tiles; the feature matrix is sampled rather than fully crossed.
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+
+import effattn
+from effattn.registry import REGISTRY, Shape
+from effattn.testing import assert_matches_reference
+
+FLASH = REGISTRY.get("flash")
+GQA = Shape(batch=2, seq_q=37, heads=4, kv_heads=2, head_dim=32)
+CROSS = Shape(batch=1, seq_q=19, seq_k=45, heads=4, kv_heads=1, head_dim=32)
+TALL = Shape(batch=1, seq_q=45, seq_k=37, heads=2, kv_heads=2, head_dim=32)  # causal: 8 rows see nothing
+
+
+@pytest.mark.parametrize("shape", [GQA, CROSS, TALL], ids=["gqa", "cross_mqa", "T_gt_S"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp32_causal_and_not(shape, causal, device):
+    assert_matches_reference(FLASH, shape=shape, device=device, causal=causal, return_lse=True)
+
+
+@pytest.mark.parametrize("options", [
+    dict(window=(5, 3)),
+    dict(window=7, causal=True),
+    dict(window=(0, 6), causal=False),
+    dict(softcap=5.0, causal=True),
+    dict(softcap=3.0, window=(9, 2), scale=0.3),
+], ids=str)
+def test_fp32_window_softcap(options, device):
+    assert_matches_reference(FLASH, shape=replace(CROSS, seq_q=33), device=device, return_lse=True, **options)
+
+
+@pytest.mark.parametrize("dtype,options", [
+    (torch.bfloat16, dict(causal=True)),
+    (torch.float16, dict(causal=False, return_lse=True)),
+    (torch.bfloat16, dict(causal=True, window=11, softcap=4.0)),
+], ids=str)
+def test_half_precision(dtype, options, device):
+    assert_matches_reference(FLASH, shape=GQA, dtype=dtype, device=device, **options)
+
+
+@pytest.mark.parametrize("D,Dv,backward", [(64, 64, True), (96, 64, False), (128, 128, False), (256, 256, False),
+                                           (16, 32, False)])
+def test_head_dims(D, Dv, backward, device):
+    shape = Shape(batch=1, seq_q=21, seq_k=40, heads=2, kv_heads=1, head_dim=D, head_dim_v=Dv)
+    assert_matches_reference(FLASH, shape=shape, device=device, backward=backward, causal=True)
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window=(4, 9), return_lse=True)], ids=str)
+def test_varlen(options, device):
+    cu = torch.tensor([0, 13, 13, 50, 81], dtype=torch.int32, device=device)  # with an empty sequence
+    shape = Shape(batch=1, seq_q=81, heads=4, kv_heads=2, head_dim=32)
+    assert_matches_reference(FLASH, shape=shape, device=device, cu_seqlens=cu, **options)
+
+
+def test_empty_rows_give_zero_and_minus_inf(device):
+    q, k, v = (torch.randn(1, n, 2, 32, device=device) for n in (45, 37, 37))
+    o, lse = effattn.flash_attention(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(o[:, :8], torch.zeros_like(o[:, :8]))
+    assert bool(torch.isneginf(lse[..., :8]).all()) and bool(torch.isfinite(lse[..., 8:]).all())
+
+
+def test_sliding_window_method_and_default(device):
+    assert_matches_reference(REGISTRY.get("flash_sliding_window"), shape=CROSS, device=device, window=6)
+    q, k, v = (torch.randn(1, 20, 2, 32, device=device) for _ in range(3))
+    torch.testing.assert_close(effattn.attention(q, k, v, causal=True), effattn.flash_attention(q, k, v, causal=True))
+    assert effattn.api.DEFAULT_METHOD == "flash"
+
+
+def test_gradient_flows_through_noncontiguous_inputs(device):
+    x = torch.randn(2, 24, 3, 32, device=device, requires_grad=True)
+    q, k, v = x[:, :, 0:1].expand(2, 24, 2, 32), x[:, :, 1:2], x[:, :, 2:3]  # GQA 2:1, strided views
+    effattn.flash_attention(q, k, v, causal=True).sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    effattn.reference.softmax_attention(ref[:, :, 0:1].expand(2, 24, 2, 32), ref[:, :, 1:2], ref[:, :, 2:3],
+                                        causal=True).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, atol=1e-5, rtol=1e-4)
