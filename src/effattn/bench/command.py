@@ -32,7 +32,7 @@ def add_parsers(sub) -> None:
     pb.add_argument("--anchors", default="auto", help="auto | none | comma-separated anchor names")
     pb.add_argument("--time-limit", type=float, default=None, help="seconds per cell before it is recorded as a timeout")
     pb.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run, 0 for none (default: 240 on CPU, none on CUDA); cells left "
+                    help="seconds for the whole run, 0 for none (default: 240 on CPU, 420 on CUDA); cells left "
                          "are recorded and --resume runs them")
     pb.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
     pb.add_argument("--quick", action="store_true", help="fewer, smaller sizes")
