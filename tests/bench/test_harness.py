@@ -32,7 +32,7 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, tiny):
     for m in (std, replace(std, name="raises", fn=_raises), replace(std, name="sleeps", fn=_sleeps),
               replace(std, name="ooms", fn=_ooms)):
         reg.add(m)
-    cfg = tiny(seq_lens=(8, 16), modes=("fwd",), anchors="none", time_limit=0.5)
+    cfg = tiny(seq_lens=(8, 16), modes=("fwd",), anchors="none", time_limit=2.0)
     data = run_bench(cfg, tmp_path, stream=io.StringIO(), write_reports=False, registry=reg)
     status = {(r["name"], r["n"]): (r["status"], r["reason"]) for r in data["records"]}
     assert status[("standard", 8)][0] == status[("standard", 16)][0] == "ok"
