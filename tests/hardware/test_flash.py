@@ -80,3 +80,13 @@ def test_gradient_flows_through_noncontiguous_inputs(device):
     effattn.reference.softmax_attention(ref[:, :, 0:1].expand(2, 24, 2, 32), ref[:, :, 1:2], ref[:, :, 2:3],
                                         causal=True).sum().backward()
     torch.testing.assert_close(x.grad, ref.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_tma_descriptor_forward(monkeypatch, device):
+    """The forward's TMA-descriptor load path (chosen by the tuner on Hopper), pinned here."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "fwd=32,32,4,1,1")
+    assert_matches_reference(FLASH, shape=GQA, dtype=torch.bfloat16, device=device, causal=True, return_lse=True)
+    assert_matches_reference(FLASH, shape=replace(CROSS, seq_q=33), dtype=torch.float16, device=device,
+                             window=(9, 2), backward=False)
+    assert_matches_reference(FLASH, shape=Shape(batch=1, seq_q=20, heads=2, head_dim=96), device=device,
+                             backward=False)  # padded head dim: falls back to pointer loads
