@@ -28,6 +28,7 @@ class _FlashAttention(torch.autograd.Function):
         cfg = dict(scale=scale, causal=causal, window=window, softcap=softcap, cu_seqlens=cu_seqlens,
                    max_seqlen=max_seqlen, sparse=sparse)
         o, lse = flash_fwd(q, k, v, **cfg)
+        ctx.set_materialize_grads(False)  # an unused LSE output gets None, not a zero tensor, in backward
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.cfg = cfg
         return o, lse
@@ -35,7 +36,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
+        do = torch.zeros_like(o) if do is None else do if do.stride(-1) == 1 else do.contiguous()
         dlse = None if dlse is None else dlse.float().contiguous()
         dq, dk, dv = flash_bwd(do, dlse, q, k, v, o, lse, **ctx.cfg)
         return dq, dk, dv, None, None, None, None, None, None, None
