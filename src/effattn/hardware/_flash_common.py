@@ -18,7 +18,6 @@ import triton.language as tl
 from .._triton_mode import interpreting
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 NO_LIMIT = 1 << 30  # window side without a limit; pos +- NO_LIMIT stays inside int32 for N < 2^30
 
 

@@ -11,8 +11,7 @@ import torch
 
 from .._triton_mode import require_triton
 from ..reference.softmax import softmax_attention
-from ..validate import (check_cu_seqlens, check_qkv, check_scale, check_softcap, check_tensor,
-                        normalize_window)
+from ..validate import check_cu_seqlens, check_qkv, check_scale, check_softcap, normalize_window
 from .flash_bwd import flash_bwd
 from .flash_fwd import flash_fwd
 
@@ -140,7 +139,8 @@ def _register() -> None:
     supports = frozenset({"causal", "noncausal", "backward", "gqa", "varlen"})
 
     def window_inputs(shape: Shape, dtype, device, generator, **options):
-        return softmax_inputs(shape, dtype, device, generator, **{"window": max(2, shape.S // 3), "causal": True, **options})
+        options = {"window": max(2, shape.S // 3), "causal": True, **options}
+        return softmax_inputs(shape, dtype, device, generator, **options)
 
     register(Method(
         name="flash", family="hardware", cite="Dao 2023, FlashAttention-2 (survey Sec. 3.1, Table 2)",

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ._flash_common import (_sequence, _dot, dot_precision, LOG2E, NO_LIMIT, Config, _kv_stages, _load_tile, _q_stages, _scores, _tile_bits,
-                            _visible, block_d, pick_config, seqlen_bucket)
+from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
+                            _tile_bits, _visible, block_d, dot_precision, pick_config, seqlen_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -279,9 +279,9 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_s
     n_seq = cu_seqlens.numel() - 1 if varlen else B
     delta = empty_output((B, H, T), torch.float32, q.device)
     _delta_kernel[(triton.cdiv(T, 64), B * H)](
-        o, do, dlse if dlse is not None else delta, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        delta.stride(0), delta.stride(1), T, H, HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv), BLOCK_M=64,
-        HAS_DLSE=dlse is not None)
+        o, do, dlse if dlse is not None else delta, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0),
+        do.stride(1), do.stride(2), delta.stride(0), delta.stride(1), T, H, HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv),
+        BLOCK_M=64, HAS_DLSE=dlse is not None)
     dq = empty_output(q.shape, q.dtype, q.device)
     dk = empty_output(k.shape, k.dtype, k.device)
     dv = empty_output(v.shape, v.dtype, v.device)

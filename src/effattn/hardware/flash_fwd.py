@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ._flash_common import (_sequence, _dot, dot_precision, Config, _kv_stages, _load_tile, _scores, _tile_bits, _visible, block_d,
-                            pick_config, seqlen_bucket)
+from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _tile_bits, _visible,
+                            block_d, dot_precision, pick_config, seqlen_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -94,33 +94,40 @@ def _flash_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
     if SPARSE:
         row = ((b * MB_B) * HM + h * MB_H) * NQB + pid_m
         for i in range(tl.load(FULL_NUM + row)):
             n0 = tl.load(FULL_IDX + row * NKB + i) * BLOCK_N
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D != HEAD_DIM,
-                                      BLOCK_DV != HEAD_DIM_V, ARITH, False, WORDS, SOFTCAP, DOT_PREC, TMA)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
+                                      cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
+                                      HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False, WORDS, SOFTCAP,
+                                      DOT_PREC, TMA)
         for i in range(tl.load(KV_NUM + row)):
             kb = tl.load(KV_IDX + row * NKB + i)
             tile = tl.load(TILE_MAP + row * NKB + kb)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, kb * BLOCK_N, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, tile, offs_d,
-                                      offs_dv, bb, kcol, vcol, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D != HEAD_DIM,
-                                      BLOCK_DV != HEAD_DIM_V, True, True, WORDS, SOFTCAP, DOT_PREC, TMA)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, kb * BLOCK_N, pos, seqlen_k, qk_scale,
+                                      cap_in, cap_out, LEFT, RIGHT, BITS, tile, offs_d, offs_dv, bb, kcol, vcol,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, True, WORDS,
+                                      SOFTCAP, DOT_PREC, TMA)
     else:
         lo, a, c, hi = _kv_stages(m0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
-        for n0 in range(lo, a, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D != HEAD_DIM,
-                                      BLOCK_DV != HEAD_DIM_V, True, False, WORDS, SOFTCAP, DOT_PREC, TMA)
-        for n0 in tl.range(a, c, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D != HEAD_DIM,
-                                      BLOCK_DV != HEAD_DIM_V, False, False, WORDS, SOFTCAP, DOT_PREC, TMA)
-        for n0 in range(c, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D != HEAD_DIM,
-                                      BLOCK_DV != HEAD_DIM_V, True, False, WORDS, SOFTCAP, DOT_PREC, TMA)
+        for n0 in range(lo, a, BLOCK_N):  # masked: left window edge
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
+                                      cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
+                                      HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
+                                      DOT_PREC, TMA)
+        for n0 in tl.range(a, c, BLOCK_N):  # unmasked
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
+                                      cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
+                                      HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False, WORDS, SOFTCAP,
+                                      DOT_PREC, TMA)
+        for n0 in range(c, hi, BLOCK_N):  # masked: diagonal / right window edge / end of the keys
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
+                                      cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
+                                      HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
+                                      DOT_PREC, TMA)
     # Rows that see no key at all output 0 and LSE -inf, like the reference.
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
