@@ -1,10 +1,10 @@
 # The two commands of the README:
-#   make bench   set up .venv and run the main job (effattn bench on this machine's hardware)
+#   make bench   set up .venv and run the main job (effattn bench on this machine's hardware -> bench-out/)
 #   make test    set up .venv and run the whole test suite (CPU: Triton kernels through its interpreter)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Triton 3.6 is what the GPU image has; its interpreter breaks on numpy >= 2.3.
-PINS := "triton==3.6.0" "numpy<2.3" "pytest>=7" "pytest-xdist>=3"
+PINS := "triton==3.6.0" "numpy<2.3" "pytest>=7" "pytest-xdist>=3" "matplotlib>=3.7"
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
 JOBS ?= 2
@@ -20,10 +20,10 @@ $(VENV)/.ready: pyproject.toml Makefile
 	touch $@
 
 bench: setup
-	$(VENV)/bin/effattn check
-	$(VENV)/bin/effattn list
+	$(VENV)/bin/effattn bench --out bench-out
 
 test: setup
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
 
 check: setup

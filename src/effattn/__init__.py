@@ -9,9 +9,12 @@ from . import _triton_mode
 _triton_mode.configure()  # before any kernel module is imported: Triton reads it at decoration time
 
 from . import compact, hardware, linear, nn, reference, sparse  # noqa: E402  (registers their methods)
+from . import kvcache  # noqa: E402
+from .hardware import decode, flash_attention  # noqa: E402
 from .api import attention  # noqa: E402
-from .hardware import flash_attention  # noqa: E402
+from . import distributed  # noqa: E402  (context parallelism; after api, which it wraps)
 from .registry import REGISTRY, Method, methods  # noqa: E402
 
-__all__ = ["attention", "flash_attention", "methods", "Method", "REGISTRY", "reference", "hardware", "compact", "sparse", "linear", "nn"]
+__all__ = ["attention", "flash_attention", "decode", "methods", "Method", "REGISTRY", "reference", "hardware",
+           "compact", "sparse", "linear", "nn", "kvcache", "distributed"]
 __version__ = "0.1.0"

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--dtype", default="float32", choices=["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"])
     pc.add_argument("--seed", type=int, default=0)
     pc.set_defaults(func=cmd_check)
+    from .bench.command import add_parsers as add_bench_parsers  # `bench` and `advise`
+    from .quality.cli import add_parser as add_quality_parser
+
+    add_bench_parsers(sub)
+    add_quality_parser(sub)
     return p
 
 

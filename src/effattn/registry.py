@@ -77,7 +77,8 @@ class Method:
     fn(**inputs, **options) is the fast path; reference(**inputs, **options) is the readable float64
     ground truth with the same signature (options a reference does not need are accepted and ignored).
     `make_inputs(shape, dtype, device, generator)` draws a valid input dict (tensors and options) for
-    `fn`/`reference`; `grad_inputs` names the tensors that get gradients in training.
+    `fn`/`reference`; `grad_inputs` names the tensors that get gradients in training. `params(shape,
+    d_model)`, where known, counts the attention layer's parameters at model width d_model (Table 3).
     """
 
     name: str
@@ -94,6 +95,7 @@ class Method:
     grad_inputs: tuple[str, ...] = ("q", "k", "v")
     approximates_softmax: bool = False
     description: str = ""
+    params: Callable[[Shape, int], int] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -52,6 +52,7 @@ def _register() -> None:
     from ..inputs import softmax_inputs
     from ..reference import softmax_attention
     from ..registry import Complexity, Method, Shape, StateOrCache, register
+    from .formulas import PARAMS, gqa_kv_heads, state_or_cache
 
     quadratic = Complexity("O(N^2 d)", "O(N^2)", 2.0, 2.0)
     common = dict(fn=standard_attention, reference=softmax_attention, options=OPTIONS, complexity=quadratic,
@@ -71,19 +72,15 @@ def _register() -> None:
         description="plain PyTorch softmax(QK^T)V, N x N scores materialised", **common))
     register(Method(
         name="mha", family="compact", cite="Vaswani et al. 2017 (survey Table 3, MHA)",
-        make_inputs=heads(lambda s: s.heads),
-        state_or_cache=StateOrCache("2 H d", True, lambda s: 2 * s.heads * s.head_dim),
+        make_inputs=heads(lambda s: s.heads), state_or_cache=state_or_cache("mha"), params=PARAMS["mha"],
         description="multi-head attention: one K/V head per query head", **common))
     register(Method(
         name="gqa", family="compact", cite="Ainslie et al. 2023 (survey Table 3, GQA)",
-        make_inputs=heads(lambda s: max(1, s.heads // 2)),
-        state_or_cache=StateOrCache("2 G d", True, lambda s: 2 * s.Hkv * s.head_dim),
-        description="grouped-query attention: G K/V heads shared by groups of query heads", **common))
+        make_inputs=heads(gqa_kv_heads), state_or_cache=state_or_cache("gqa"), params=PARAMS["gqa"],
+        description="grouped-query attention: hkv K/V heads shared by groups of query heads", **common))
     register(Method(
         name="mqa", family="compact", cite="Shazeer 2019 (survey Table 3, MQA)",
-        make_inputs=heads(lambda s: 1),
-        state_or_cache=StateOrCache("2 d", True, lambda s: 2 * s.head_dim),
+        make_inputs=heads(lambda s: 1), state_or_cache=state_or_cache("mqa"), params=PARAMS["mqa"],
         description="multi-query attention: one K/V head shared by all query heads", **common))
-
 
 _register()
