@@ -17,6 +17,7 @@ from ..reference.softmax import softmax_attention, visibility
 from ..validate import check_choice, check_qkv, check_scale
 from ._flash_common import LOG2E
 from .quant_fwd import quant_fwd
+from .quant_prep import quantize_qk, quantize_v
 from .quantize import (FP8, FP8_MAX, V_BLOCK, dequantize, dequantize_v_fp8, hadamard, quantize_fp8,
                        quantize_int8, quantize_v_fp8, smooth_k as smooth_keys)
 
@@ -28,18 +29,21 @@ HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _quantise(q, k, v, *, qk_dtype, pv_dtype, smooth, groups, v_per_head=False, rotation=None):
+def _quantise(q, k, v, *, qk_dtype, pv_dtype, smooth, groups, v_per_head=False, rotation=None, fused=False):
     """The quantisation rule shared by kernel and reference: (q codes, q scale, k codes, k scale, v or V
-    codes, V scale or None)."""
+    codes, V scale or None). fused: the one-pass Triton quantisers (bit-identical) where they apply."""
     if rotation is not None:
         q, k = q.to(torch.float32) @ rotation, k.to(torch.float32) @ rotation
-    if smooth:
-        k = smooth_keys(k)
-    quant = quantize_int8 if qk_dtype == "int8" else quantize_fp8
-    qc, sq = quant(q, groups[0])
-    kc, sk = quant(k, groups[1])
+    if fused and groups[0] is not None:
+        fp8 = qk_dtype == "fp8"
+        qc, sq = quantize_qk(q, groups[0], fp8=fp8, smooth=False)
+        kc, sk = quantize_qk(k, groups[1], fp8=fp8, smooth=smooth)
+    else:
+        quant = quantize_int8 if qk_dtype == "int8" else quantize_fp8
+        qc, sq = quant(q, groups[0])
+        kc, sk = quant(smooth_keys(k) if smooth else k, groups[1])
     if pv_dtype == "fp8":
-        vc, sv = quantize_v_fp8(v, per_head=v_per_head)
+        vc, sv = quantize_v(v) if fused and not v_per_head else quantize_v_fp8(v, per_head=v_per_head)
         return qc, sq, kc, sk, vc, sv
     return qc, sq, kc, sk, v, None
 
@@ -94,14 +98,14 @@ def _check(name, q, k, v, causal, scale, dtypes):
     return S, D, D ** -0.5 if scale is None else float(scale)
 
 
-def _sage_codes(q, k, v, qk_dtype, pv_dtype, smooth_k, granularity):
+def _sage_codes(q, k, v, qk_dtype, pv_dtype, smooth_k, granularity, fused=False):
     check_choice("qk_dtype", qk_dtype, ("int8", "fp8"))
     check_choice("pv_dtype", pv_dtype, ("fp16", "fp8"))
     check_choice("granularity", granularity, tuple(GRANULARITY))
     if not isinstance(smooth_k, bool):
         raise TypeError(f"smooth_k must be a bool, got {type(smooth_k).__name__}")
     return _quantise(q, k, v, qk_dtype=qk_dtype, pv_dtype=pv_dtype, smooth=smooth_k,
-                     groups=GRANULARITY[granularity])
+                     groups=GRANULARITY[granularity], fused=fused)
 
 
 def sage_attention(q, k, v, *, causal=False, qk_dtype="int8", pv_dtype="fp16", smooth_k=True,
@@ -119,7 +123,7 @@ def sage_attention(q, k, v, *, causal=False, qk_dtype="int8", pv_dtype="fp16", s
     S, D, scale = _check("sage_attention", q, k, v, causal, scale, DTYPES)
     require_triton("sage_attention", q)
     with torch.no_grad():
-        codes = _sage_codes(q, k, v, qk_dtype, pv_dtype, smooth_k, granularity)
+        codes = _sage_codes(q, k, v, qk_dtype, pv_dtype, smooth_k, granularity, fused=True)
         return _forward(codes, causal, scale, q.dtype)
 
 
@@ -131,7 +135,7 @@ def sage_reference(q, k, v, *, causal=False, qk_dtype="int8", pv_dtype="fp16", s
     return _attend_dequantised(codes, q, causal, scale, S)
 
 
-def _fp8_codes(q, k, v, D, granularity, rotate, seed):
+def _fp8_codes(q, k, v, D, granularity, rotate, seed, fused=False):
     check_choice("granularity", granularity, tuple(FP8_GRANULARITY))
     if not isinstance(rotate, bool):
         raise TypeError(f"hadamard must be a bool, got {type(rotate).__name__}")
@@ -139,7 +143,8 @@ def _fp8_codes(q, k, v, D, granularity, rotate, seed):
         raise ValueError(f"flash_fp8: hadamard=True needs a power-of-2 head dim, got D={D}")
     rotation = hadamard(D, int(seed), q.device) if rotate else None
     return _quantise(q, k, v, qk_dtype="fp8", pv_dtype="fp8", smooth=False,
-                     groups=FP8_GRANULARITY[granularity], v_per_head=granularity == "head", rotation=rotation)
+                     groups=FP8_GRANULARITY[granularity], v_per_head=granularity == "head", rotation=rotation,
+                     fused=fused)
 
 
 def flash_fp8(q, k, v, *, causal=False, granularity="head", hadamard=False, seed=0, scale=None):
@@ -151,7 +156,7 @@ def flash_fp8(q, k, v, *, causal=False, granularity="head", hadamard=False, seed
     S, D, scale = _check("flash_fp8", q, k, v, causal, scale, DTYPES)
     require_triton("flash_fp8", q)
     with torch.no_grad():
-        return _forward(_fp8_codes(q, k, v, D, granularity, hadamard, seed), causal, scale, q.dtype)
+        return _forward(_fp8_codes(q, k, v, D, granularity, hadamard, seed, fused=True), causal, scale, q.dtype)
 
 
 def flash_fp8_reference(q, k, v, *, causal=False, granularity="head", hadamard=False, seed=0, scale=None,

@@ -24,11 +24,15 @@ from .quantize import V_BLOCK
 def _to_e4m3(x, GRID_ROUND: tl.constexpr):
     """x (float32, |x| <= 448) -> float8 e4m3. GRID_ROUND (interpreter): Triton 3.6's interpreter drops the
     carry when rounding crosses a power of two (31.6 -> 16), so round onto the e4m3 grid (3 mantissa bits,
-    subnormal step 2^-9) in float32 first; the cast of a grid value is then exact."""
+    subnormal step 2^-9, ties to even like the hardware's cvt.rn) in float32 first; the cast of a grid
+    value is then exact."""
     if GRID_ROUND:
         e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # exact exponent of |x|
         step = tl.exp2((tl.maximum(e, -6) - 3).to(tl.float32))
-        x = tl.where(x < 0, -1.0, 1.0) * tl.floor(tl.abs(x) / step + 0.5) * step
+        t = tl.abs(x) / step
+        r = tl.floor(t + 0.5)
+        r = tl.where((r - t == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)  # ties to even
+        x = tl.where(x < 0, -1.0, 1.0) * r * step
     return x.to(tl.float8e4nv)
 
 

@@ -6,7 +6,7 @@ see bit-identical integer / FP8 codes. Tensors use the API layout `[B, N, H, D]`
 per (batch, head), and a scale is stored per token (`[B, H, N]`, each token holding its group's scale) so
 the kernel reads the same way at every granularity.
 
-    int8:  s = max|x_group| / 127,  x_q = round(x / s) in [-127, 127]          (SageAttention, Eq. 3)
+    int8:  s = max|x_group| / 127,  x_q = sign(y) floor(|y| + 1/2), y = x / s   (SageAttention, Eq. 3)
     fp8:   s = max|x_group| / 448,  x_q = e4m3(x / s)                           (FlashAttention-3 FP8)
     smoothing: K <- K - mean_tokens(K), which adds a per-row constant to Q K^T (softmax-invariant)
 """
@@ -46,8 +46,8 @@ def quantize_int8(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, tor
     """Symmetric INT8 quantisation per group of `group` tokens (None: per head). x `[B, N, H, D]` ->
     (codes int8 `[B, N, H, D]`, scale float32 `[B, H, N]`); x ~= codes * scale."""
     scale = _group_scales(x, group, INT8_MAX)
-    codes = torch.round(x.to(torch.float32) / scale.transpose(1, 2)[..., None]).clamp_(-INT8_MAX, INT8_MAX)
-    return codes.to(torch.int8), scale
+    y = x.to(torch.float32) / scale.transpose(1, 2)[..., None]
+    return (torch.sign(y) * torch.floor(y.abs() + 0.5)).to(torch.int8), scale  # half away from zero
 
 
 def quantize_fp8(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +90,7 @@ def smooth_k(k: torch.Tensor) -> torch.Tensor:
     """K minus its per-channel mean over tokens (SageAttention Sec. 4.2), in float32: q . (k_j - mean)
     differs from q . k_j by a constant per query row, which the softmax cancels, while outlier channels
     shared by all keys no longer set the quantisation scale."""
-    kf = k.to(torch.float32)
-    return kf - kf.mean(dim=1, keepdim=True)
+    return k.to(torch.float32) - k.mean(dim=1, keepdim=True, dtype=torch.float32)
 
 
 def hadamard(d: int, seed: int = 0, device=None) -> torch.Tensor:
