@@ -37,7 +37,7 @@ def _to_e4m3(x, GRID_ROUND: tl.constexpr):
 
 
 @triton.jit
-def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b, n0, pos, seqlen_k, RIGHT,
+def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b, n0, pos, seqlen_k, LEFT, RIGHT,
                 offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                 PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, PV_FP8: tl.constexpr,
                 DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr):
@@ -50,7 +50,7 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b,
         sk = tl.load(KSb + offs_n)
     s = tl.dot(q, tl.trans(k)).to(tl.float32) * sq[:, None] * sk[None, :]
     if MASK:
-        s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, NO_LIMIT, RIGHT), s, float("-inf"))
+        s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT), s, float("-inf"))
     p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i, MASK)
     v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
                    MASK, PAD_DV)
@@ -67,7 +67,7 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b,
 def _quant_fwd_kernel(
         Q, K, V, QS, KS, VS, O,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sv_d, so_b, so_t, so_h,
-        sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, svs_n, T, S, H, GROUP, RIGHT,
+        sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, svs_n, T, S, H, GROUP, LEFT, RIGHT,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, REVERSE: tl.constexpr,
         DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr):
@@ -94,18 +94,18 @@ def _quant_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo, a, c, hi = _kv_stages(m0, T, S, off, NO_LIMIT, RIGHT, BLOCK_M, BLOCK_N)
+    lo, a, c, hi = _kv_stages(m0, T, S, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     for n0 in range(lo, a, BLOCK_N):
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
-                                    RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                    LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
                                     BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND)
     for n0 in tl.range(a, c, BLOCK_N):
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
-                                    RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                    LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
                                     BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC, GRID_ROUND)
     for n0 in range(c, hi, BLOCK_N):
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
-                                    RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                    LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
                                     BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND)
     if PV_FP8:
         l_i = l_i * 448.0  # P was stored as 448 P
@@ -121,14 +121,12 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
     if pv_fp8:
         if interpreting():
             return [Config(32, V_BLOCK, 4, 1)]
-        return [Config(128, V_BLOCK, 4, 3), Config(128, V_BLOCK, 8, 3), Config(128, V_BLOCK, 4, 4),
-                Config(64, V_BLOCK, 4, 3)]
+        return [Config(128, V_BLOCK, 4, 3), Config(128, V_BLOCK, 8, 3)]
     if interpreting():
         return [Config(32, 32, 4, 1)]
     if dtype == torch.float32:
         return [Config(64, 32, 4, 2), Config(64, 64, 4, 2)]
-    return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 128, 4, 3),
-            Config(64, 64, 4, 3)]
+    return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(128, 64, 8, 3)]
 
 
 def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype) -> torch.Tensor:
@@ -158,7 +156,7 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype) ->
         _quant_fwd_kernel[(triton.cdiv(T, bm), B * H)](
             q, k, v, q_scale, k_scale, vs, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), *sv, o.stride(0), o.stride(1), o.stride(2), q_scale.stride(0), q_scale.stride(1),
-            k_scale.stride(0), k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, 0 if causal else NO_LIMIT,
+            k_scale.stride(0), k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT,
             HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
             PV_FP8=pv_fp8, REVERSE=causal, DOT_PREC=None if pv_fp8 else dot_precision(v.dtype),
             GRID_ROUND=interpreting(),
