@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import effattn
+from effattn.cli import main
 from effattn.hardware import quant_fp4 as fp4
 from effattn.hardware import quantize as Q
 from effattn.hardware.quant import flash_fp8_reference, sage_reference
@@ -125,7 +126,7 @@ def test_finer_granularity_is_more_accurate_on_outliers():
     assert err["thread"] < err["block"], err
 
 
-def test_fp4_quantiser_and_emulation():
+def test_fp4_quantiser_and_emulation(capsys):
     x = _rand(2, 5, 3, 32, seed=7).double() * 4
     codes, s_b, g = fp4.quantize_nvfp4(x, -1, keep=(0, 2))
     assert set(codes.abs().unique().tolist()) <= set(fp4.E2M1) and s_b.dtype == Q.FP8
@@ -141,6 +142,8 @@ def test_fp4_quantiser_and_emulation():
         exact = softmax_attention(q, k, v, causal=causal)
         assert _rel_l1(fp4.sage3_fp4_emulation(q, k, v, causal=causal), exact) < 0.3
     assert "fp4" in REGISTRY.get("sage_int8").description.lower()
+    assert main(["list", "--descriptions"]) == 0
+    assert "SageAttention3 FP4 needs Blackwell" in capsys.readouterr().out
     assert not any("fp4" in m.name for m in REGISTRY)  # emulation only: no registered fast path
 
 
