@@ -100,6 +100,14 @@ def test_kernel_options_match_quantised_reference(name, options):
     assert_matches_reference(REGISTRY.get(name), shape=shape, seed=5, **options)
 
 
+def test_strided_inputs():
+    """Views with a non-unit last stride (e.g. from a fused QKV projection laid out [B, T, D, H])."""
+    q, k, v = (_rand(1, 21, 32, 2, seed=s).transpose(2, 3) for s in (1, 2, 3))
+    for pv in ("fp16", "fp8"):
+        want = sage_reference(q.double(), k.double(), v.double(), pv_dtype=pv)
+        assert (effattn.sage_attention(q, k, v, pv_dtype=pv).double() - want).abs().max() < 1e-5
+
+
 # ------------------------------------------------------------------------------- error vs exact attention
 # Documented bounds (relative L1 vs exact attention; the registry descriptions quote them). flash_fp8 has no
 # K smoothing (FlashAttention-3 has none), so outlier key channels cost it accuracy.

@@ -45,7 +45,7 @@ def _quantise(q, k, v, *, qk_dtype, pv_dtype, smooth, groups, v_per_head=False, 
     if pv_dtype == "fp8":
         vc, sv = quantize_v(v) if fused and not v_per_head else quantize_v_fp8(v, per_head=v_per_head)
         return qc, sq, kc, sk, vc, sv
-    return qc, sq, kc, sk, v, None
+    return qc, sq, kc, sk, v if v.stride(-1) == 1 else v.contiguous(), None  # the kernel assumes unit stride
 
 
 def _forward(codes, causal, scale, out_dtype):
