@@ -152,7 +152,7 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype) ->
     o = empty_output((B, T, H, Dv), out_dtype, q.device)
 
     def launch(cfg: Config) -> None:
-        bm, bn, warps, stages = cfg
+        bm, bn, warps, stages, _tma = cfg  # the quantized loop loads through pointers only
         _quant_fwd_kernel[(triton.cdiv(T, bm), B * H)](
             q, k, v, q_scale, k_scale, vs, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), *sv, o.stride(0), o.stride(1), o.stride(2), q_scale.stride(0), q_scale.stride(1),
