@@ -87,3 +87,18 @@ def test_chunked_reference_recurrence_matches_token_by_token(monkeypatch, gate, 
                                     initial_state=ins["initial_state"].double(), output_final_state=True)
     torch.testing.assert_close(o, o_ref)
     torch.testing.assert_close(s, s_ref)
+
+
+def test_strong_vector_gates_take_the_explicit_decay_path(monkeypatch):
+    """Gates decaying by more than e^-MAX_SPAN within a chunk must not overflow the factorised product."""
+    monkeypatch.setattr(recurrence, "CHUNK", 4)
+    from effattn.registry import Shape
+    ins = linear_inputs(Shape(batch=1, seq_q=9, heads=2, head_dim=8), torch.float32, "cpu",
+                        torch.Generator().manual_seed(4), gate="vector", initial_state=False)
+    g = ins["g"] * 30.0  # up to ~-100 per token per channel
+    assert float(-g[:, :4].sum(1).min()) > recurrence.MAX_SPAN
+    o, s = recurrence.gated_recurrence(ins["q"], ins["k"], ins["v"], g)
+    o_ref, s_ref = linear_recurrent(ins["q"], ins["k"], ins["v"], g, output_final_state=True)
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)

@@ -34,7 +34,7 @@ def default_method() -> str:
     return "flash" if "flash" in REGISTRY else "standard"
 
 
-def _probe(record, heads: int, kv_heads: int, head_dim: int) -> dict:
+def _probe(record, heads: int, kv_heads: int | None, head_dim: int) -> dict:
     """What the method's own input factory produces for this layer's head configuration."""
     shape = Shape(batch=1, seq_q=4, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     return record.make_inputs(shape, torch.float32, "cpu", torch.Generator().manual_seed(0))
@@ -56,8 +56,13 @@ class Attention(CachedLayer):
         super().__init__()
         head_dim = layer_dims(dim, heads, head_dim)
         record = REGISTRY.get(default_method() if method is None else method)
+        probe = _probe(record, heads, kv_heads, head_dim)
+        missing = sorted({"q", "k", "v"} - set(probe))
+        if missing:
+            raise ValueError(f"method {record.name!r} does not take q, k, v tensors (no {missing}); the generic "
+                             f"Attention layer cannot drive it: use its own layer (effattn.nn.LAYERS)")
         if kv_heads is None:  # the method's own head configuration (gqa: heads // 2, mqa: 1, ...)
-            kv_heads = _probe(record, heads, heads, head_dim)["k"].shape[2]
+            kv_heads = probe["k"].shape[2] if heads % probe["k"].shape[2] == 0 else heads
         if kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"heads={heads} must be a positive multiple of kv_heads={kv_heads}")
         if kv_heads != heads and "gqa" not in record.supports:
@@ -71,7 +76,6 @@ class Attention(CachedLayer):
         self.cache_keys = ("k", "v", "state", "x")
         self.record, self.dim, self.heads, self.kv_heads, self.head_dim = record, dim, heads, kv_heads, head_dim
         self.stateful = "state" in record.supports
-        probe = _probe(record, heads, kv_heads, head_dim)
         # Options the method's factory sets (e.g. delta_rule=True) define the method; the user's win.
         defaults = {k: v for k, v in probe.items() if not isinstance(v, torch.Tensor)
                     and k in record.options and k not in _LAYER_OWNED + ("scale", "form")}
