@@ -32,13 +32,17 @@ def test_short_training_run_solves_easy_mqar(one_thread):
 
 def test_cli_quality_writes_json_and_plot(tmp_path, capsys):
     out = tmp_path / "res"
-    rc = main(["quality", "--task", "lm", "--methods", "standard,gla", "--steps", "2", "--widths", "16",
-               "--eval-examples", "4", "--out", str(out), "--budget-minutes", "5"])
+    # A 1-second budget cannot hold 40 steps: fit_budget lowers the steps of both runs alike.
+    rc = main(["quality", "--task", "lm", "--methods", "standard,gla", "--steps", "40", "--widths", "16",
+               "--eval-examples", "4", "--out", str(out), "--budget-minutes", "0.02"])
     assert rc == 0
     result = json.loads((out / "quality_lm.json").read_text())
     assert [r["method"] for r in result["runs"]] == ["standard", "gla"]
+    steps = result["config"]["recipe"]["steps"]
+    assert 10 <= steps < 40
     for run in result["runs"]:
-        assert run["train"]["steps_done"] == 2 and run["width"] == 16
+        assert run["train"]["recipe"]["steps"] == steps and run["width"] == 16
+        assert 0 < run["train"]["steps_done"] <= steps
         assert [e["setting"]["seq_len"] for e in run["eval"]] == [128, 256]
         assert all(e["bits_per_byte"] > 0 and 0 <= e["accuracy"] <= 1 for e in run["eval"])
     standard, gla = result["runs"]

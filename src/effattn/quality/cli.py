@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
                    help="wall-clock budget for the sweep, split evenly over runs (default: 9 on cpu, none on gpu)")
     p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     p.add_argument("--widths", default=None, help="comma-separated model widths (override the preset)")
+    p.add_argument("--lr", type=float, default=None, help="override the preset's peak learning rate")
     p.add_argument("--eval-examples", type=int, default=None, help="override the evaluation set size")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU intra-op threads (default 1: tiny models gain nothing from more, and on a shared "
@@ -84,6 +85,8 @@ def _sweep(args, device) -> int:
     cfg = replace(PRESETS[preset][args.task], seed=args.seed)
     if args.steps is not None:
         cfg = replace(cfg, recipe=replace(cfg.recipe, steps=args.steps, warmup=min(cfg.recipe.warmup, args.steps)))
+    if args.lr is not None:
+        cfg = replace(cfg, recipe=replace(cfg.recipe, lr=args.lr))
     if args.eval_examples is not None:
         cfg = replace(cfg, eval_examples=args.eval_examples)
     if args.widths is not None:

@@ -125,13 +125,12 @@ def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = No
           progress: bool = True, command: str = "") -> dict:
     """Every method x width of cfg with the same recipe; returns (and writes, with `out_dir`) the results.
 
-    A budget gives each run an equal share of the time; a run that hits it stops early and says so
-    (`train.truncated`), so a slow method is never silently compared at fewer steps."""
+    With a budget, `fit_budget` first times each run and lowers the steps of all of them alike; a run
+    that still overruns its time cap stops early and says so (`train.truncated`)."""
     runs_todo = [(m, w) for m in methods for w in cfg.widths]
-    if budget_minutes is not None:
-        share = budget_minutes * 60 / max(1, len(runs_todo))
-        cfg = replace(cfg, recipe=replace(cfg.recipe, time_limit_s=0.85 * share))  # leave room for evaluation
     corpora = tasks.stdlib_bytes() if cfg.task == "lm" else None
+    if budget_minutes is not None:
+        cfg = fit_budget(cfg, runs_todo, device, corpora, budget_minutes * 60, progress)
     result = {"task": cfg.task, "config": _jsonable(asdict(cfg)), "environment": environment(device),
               "command": command, "runs": []}
     overall = Progress(len(runs_todo), f"quality {cfg.task}") if progress else None
@@ -144,6 +143,34 @@ def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = No
         if out_dir is not None:  # after every run, so an interrupted sweep keeps what it measured
             write(result, out_dir, with_plot=False)
     return result
+
+
+def seconds_per_step(cfg: TaskConfig, method: str, width: int, device, corpora=None, steps: int = 2) -> float:
+    """Measured training time per step of one (method, width) model, after one warm-up step."""
+    model = TinyLM(cfg.vocab, width, cfg.layers, method, heads=cfg.heads, **cfg.mixer_options)
+    sample = mixture([sampler(cfg, s, (corpora or (None, None))[0]) for s in cfg.train_settings])
+    probe = replace(cfg.recipe, steps=steps + 1, warmup=1, time_limit_s=None)
+    train(model, sample, replace(probe, steps=1), seed=cfg.seed, device=device, progress=False)
+    return train(model, sample, replace(probe, steps=steps), seed=cfg.seed, device=device,
+                 progress=False)["seconds"] / steps
+
+
+def fit_budget(cfg: TaskConfig, runs, device, corpora, budget_s: float, progress: bool = True) -> TaskConfig:
+    """Scale every run's steps down by one factor so the sweep fits the budget: the recipe stays the same
+    for all methods. Each run also gets a hard time cap (its share of the budget); a run that still hits
+    it stops early and records `truncated`."""
+    per_step = [seconds_per_step(cfg, m, w, device, corpora) for m, w in runs]
+    usable = 0.8 * budget_s  # the rest for evaluation and the probes themselves
+    steps = cfg.recipe.steps
+    if sum(per_step) * steps > usable:
+        steps = max(10, int(usable / sum(per_step)))
+    if progress:
+        print(f"budget {budget_s / 60:.1f} min: {steps} steps per run (preset {cfg.recipe.steps}); measured "
+              + ", ".join(f"{m}/{w} {1000 * t:.0f} ms/step" for (m, w), t in zip(runs, per_step)), flush=True)
+    cap = 1.3 * max(t * steps for t in per_step)
+    recipe = replace(cfg.recipe, steps=steps, warmup=min(cfg.recipe.warmup, max(1, steps // 10)),
+                     time_limit_s=max(cap, budget_s / max(1, len(runs)) * 0.9))
+    return replace(cfg, recipe=recipe)
 
 
 def _jsonable(obj):
@@ -176,6 +203,7 @@ def plot(result: dict, path) -> None:
     """Left: the metric vs evaluation setting (largest width). Right: the metric on the hardest setting vs
     the decoding state size (one point per width)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,6 +222,7 @@ def plot(result: dict, path) -> None:
     left.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
     left.set_title(f"{result['task']}: {key} by setting (width {widest['width']})")
     right.set_xscale("log")
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a log axis
     right.set_xlabel(f"decoding state / KV cache elements per sequence ({labels[-1]})")
     right.set_title(f"{key} vs state size, hardest setting")
     for ax in (left, right):
