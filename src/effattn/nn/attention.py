@@ -16,6 +16,8 @@ in without edits here:
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,16 @@ def _probe(record, heads: int, kv_heads: int | None, head_dim: int) -> dict:
     """What the method's own input factory produces for this layer's head configuration."""
     shape = Shape(batch=1, seq_q=4, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     return record.make_inputs(shape, torch.float32, "cpu", torch.Generator().manual_seed(0))
+
+
+def _required_args(fn) -> set[str]:
+    """Arguments of the method's function beyond q, k, v that have no default (it cannot run without)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.default is inspect.Parameter.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in ("q", "k", "v")}
 
 
 class Attention(CachedLayer):
@@ -84,12 +96,14 @@ class Attention(CachedLayer):
             self.options["causal"] = True
         required = {k: v for k, v in probe.items() if isinstance(v, torch.Tensor)
                     and k not in ("q", "k", "v", "initial_state") and k not in record.options}
-        unknown = sorted(set(required) - {"g", "beta"})
+        unknown = sorted((set(required) | _required_args(record.fn)) - {"g", "beta"})
         if unknown:
             raise ValueError(f"method {record.name!r} needs inputs {unknown} that the generic Attention layer cannot "
                              f"produce; use its own layer (effattn.nn.LAYERS)")
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        # Shared-QK methods (Reformer) read keys from the queries: a key projection would get no gradient.
+        self.shared_qk = bool({**record.options, **self.options}.get("shared_qk", False))
+        self.k_proj = None if self.shared_qk else nn.Linear(dim, kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
         self.g_proj = self.beta_proj = None
@@ -116,7 +130,7 @@ class Attention(CachedLayer):
 
     def _qkv(self, x: torch.Tensor, offset: int):
         q = split_heads(self.q_proj(x), self.heads)
-        k = split_heads(self.k_proj(x), self.kv_heads)
+        k = q if self.shared_qk else split_heads(self.k_proj(x), self.kv_heads)
         v = split_heads(self.v_proj(x), self.kv_heads)
         if self.l2_qk:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)

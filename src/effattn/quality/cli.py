@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="sizes (default: from the device)")
     p.add_argument("--budget-minutes", type=float, default=None,
-                   help="wall-clock budget for the sweep, split evenly over runs (default: 9 on cpu, none on gpu)")
+                   help="wall-clock budget for the sweep, split evenly over runs (default: 8 on cpu, none on gpu)")
     p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     p.add_argument("--widths", default=None, help="comma-separated model widths (override the preset)")
     p.add_argument("--lr", type=float, default=None, help="override the preset's peak learning rate")
@@ -91,7 +91,7 @@ def _sweep(args, device) -> int:
         cfg = replace(cfg, eval_examples=args.eval_examples)
     if args.widths is not None:
         cfg = replace(cfg, widths=tuple(int(w) for w in args.widths.split(",")))
-    budget = args.budget_minutes if args.budget_minutes is not None else (9.0 if device.type == "cpu" else None)
+    budget = args.budget_minutes if args.budget_minutes is not None else (8.0 if device.type == "cpu" else None)
     methods = resolve_methods(args.methods, device)
     command = "effattn " + " ".join(sys.argv[1:])
     result = sweep(cfg, methods, device, budget_minutes=budget, out_dir=args.out, progress=not args.quiet,

@@ -51,7 +51,7 @@ def _kv(pairs):
 PRESETS = {
     "cpu": {
         "mqar": TaskConfig("mqar", 256, _kv([(64, 4), (64, 8)]), _kv([(64, 4), (64, 8), (128, 8), (256, 16)]),
-                           (64,), Recipe(steps=800, batch=32, lr=3e-3, warmup=40)),
+                           (64,), Recipe(steps=800, batch=32, lr=1e-2, warmup=40)),
         "copy": TaskConfig("copy", 16, ({"seq_len": 64, "num_tokens": 8},),
                            ({"seq_len": 64, "num_tokens": 8}, {"seq_len": 128, "num_tokens": 8}),
                            (32, 64), Recipe(steps=500, batch=32, lr=3e-3, warmup=30)),
