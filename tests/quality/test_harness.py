@@ -49,6 +49,8 @@ def test_cli_quality_writes_json_and_plot(tmp_path, capsys):
     assert standard["eval"][1]["state_elements"] == 2 * standard["eval"][0]["state_elements"]  # KV grows
     assert gla["eval"][1]["state_elements"] == gla["eval"][0]["state_elements"]  # state is fixed
     assert (out / "quality_lm.png").stat().st_size > 10_000
+    table = (out / "quality_lm.md").read_text()
+    assert "| gla | 16 |" in table and "bits_per_byte T=256" in table
     assert "gla" in capsys.readouterr().out
 
 

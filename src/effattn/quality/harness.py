@@ -190,13 +190,35 @@ def _setting_label(setting: dict) -> str:
 
 
 def write(result: dict, out_dir, with_plot: bool = True) -> tuple[Path, Path]:
+    """quality_<task>.json always; .md (table) and .png (plot) with `with_plot`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"quality_{result['task']}.json", out / f"quality_{result['task']}.png"
     json_path.write_text(json.dumps(result, indent=1))
     if with_plot:
+        (out / f"quality_{result['task']}.md").write_text(markdown(result))
         plot(result, png_path)
     return json_path, png_path
+
+
+def markdown(result: dict) -> str:
+    """A Markdown table: one row per run, the metric per evaluation setting, state size, steps, time."""
+    runs = result["runs"]
+    key = "bits_per_byte" if result["task"] == "lm" else "accuracy"
+    settings = [_setting_label(e["setting"]) for e in runs[0]["eval"]] if runs else []
+    env, recipe = result["environment"], result["config"]["recipe"]
+    lines = [f"# quality: {result['task']}", "",
+             f"`{result['command']}` on {env.get('gpu', env['device'])}, torch {env['torch']}, {env['date_utc']} UTC; "
+             f"recipe: {recipe['steps']} steps, batch {recipe['batch']}, lr {recipe['lr']}, same seed for all.", "",
+             "| method | width | params | " + " | ".join(f"{key} {s}" for s in settings)
+             + f" | state elements ({settings[-1] if settings else ''}) | steps | seconds |",
+             "|" + "---|" * (len(settings) + 6)]
+    for r in runs:
+        cells = [f"{e[key]:.3f}" for e in r["eval"]]
+        steps = f"{r['train']['steps_done']}" + (" (time cap)" if r["train"]["truncated"] else "")
+        lines.append(f"| {r['method']} | {r['width']} | {r['params']} | " + " | ".join(cells)
+                     + f" | {r['eval'][-1]['state_elements']} | {steps} | {r['train']['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path) -> None:
