@@ -26,14 +26,17 @@ def test_paged_equals_contiguous_token_for_token(setup):
 
 def test_lossy_caches_report_divergence(setup):
     model, prompt = setup
-    r = compare_with_exact(model, prompt, 5, kinds=("kivi2", "kivi4", "int8", "streaming_llm", "h2o"), budget=10)
-    for kind in ("kivi2", "kivi4", "int8", "streaming_llm", "h2o"):
+    prompt = prompt[:1]  # one sequence keeps the interpreter's work small
+    kinds = ("kivi2", "kivi4", "kvquant", "int8", "streaming_llm", "h2o")
+    r = compare_with_exact(model, prompt, 4, kinds=kinds, budget=10)
+    for kind in kinds:
         assert 0 <= r[kind]["token_agreement"] <= 1 and 0 <= r[kind]["top1_agreement"] <= 1
         assert r[kind]["max_logit_error"] > 0, kind  # lossy: they must differ from exact decoding
-        assert r[kind]["tokens"].shape == (2, 5)
+        assert r[kind]["tokens"].shape == (1, 4)
     assert r["int8"]["max_logit_error"] < r["kivi4"]["max_logit_error"] < r["kivi2"]["max_logit_error"]
+    assert r["kvquant"]["max_logit_error"] < r["kivi2"]["max_logit_error"]
     # an eviction budget that covers the whole sequence evicts nothing: exact again
-    full = compare_with_exact(model, prompt, 5, kinds=("streaming_llm",), budget=32)
+    full = compare_with_exact(model, prompt, 4, kinds=("streaming_llm",), budget=32)
     assert full["streaming_llm"]["max_logit_error"] < 1e-4 and full["streaming_llm"]["token_agreement"] == 1.0
 
 

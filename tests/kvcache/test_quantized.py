@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from effattn.kvcache import QuantizedKVCache, int8_cache, kivi_cache
+from effattn.kvcache import QuantizedKVCache, int8_cache, kivi_cache, kvquant_cache
 from effattn.kvcache.quantize import dequantize, pack, quantize, unpack
 
 
@@ -66,6 +66,36 @@ def test_quantized_errors():
         QuantizedKVCache(1, 8, 1, 16, value_group=32)
     with pytest.raises(ValueError, match="bits must be one of"):
         kivi_cache(1, 8, 1, 16, bits=8)
+    with pytest.raises(ValueError, match="key_outliers=17 must be <= head_dim=16"):
+        kvquant_cache(1, 8, 1, 16, outliers=17)
+    with pytest.raises(ValueError, match="rope_base must be a number > 1"):
+        kvquant_cache(1, 8, 1, 16, rope_base=0.5)
     cache = kivi_cache(1, 8, 1, 16, group=8)
     with pytest.raises(ValueError, match="exceed max_len=8"):
         cache.append(torch.zeros(1, 9, 1, 16), torch.zeros(1, 9, 1, 16))
+
+
+def test_kvquant_sparse_outliers_are_exact_and_keep_ranges_tight():
+    torch.manual_seed(0)
+    k = torch.randn(1, 16, 1, 16)
+    k[0, torch.arange(16), 0, torch.randint(0, 16, (16,))] = 50.0  # one huge entry per key
+    errors = {}
+    for n_out in (0, 1):
+        cache = kvquant_cache(1, 16, 1, 16, bits=4, group=8, outliers=n_out, residual=0)
+        cache.pre_rope = False  # compare the stored (pre-RoPE) keys directly
+        cache.append(k, k)
+        kk, _ = cache.keys_values(0)
+        errors[n_out] = (kk - k[0]).abs()
+    assert float(errors[1][k[0] == 50.0].max()) == 0.0  # the sparse part is kept exactly
+    assert float(errors[1].max()) < float(errors[0].max()) / 10  # and no longer stretches the ranges
+
+
+def test_kvquant_rotates_pre_rope_keys_like_nn_rotary():
+    from effattn.nn.rotary import RotaryEmbedding
+
+    k = torch.randn(1, 6, 2, 16, dtype=torch.float64)
+    cache = kvquant_cache(1, 8, 2, 16, bits=8, group=8, outliers=0, residual=8, dtype=torch.float64)
+    cache.append(k, k)  # all 6 tokens stay in the full-precision residual window
+    kk, _ = cache.keys_values(0)
+    expect = RotaryEmbedding(16)(k.float(), 0)[0].double()
+    assert torch.allclose(kk, expect, atol=1e-5)

@@ -19,7 +19,7 @@ from ..nn.rotary import RotaryEmbedding
 from .contiguous import ContiguousKVCache
 from .eviction import H2O, StreamingLLM
 from .paged import PagedKVCache
-from .quantized import int8_cache, kivi_cache
+from .quantized import int8_cache, kivi_cache, kvquant_cache
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,13 @@ class _Block(nn.Module):
         c = self.cfg
         h = self.norm1(x)
         q = self.rope(self.q(h).view(B, T, c.heads, c.head_dim), pos)
-        k, v = self.kv(h).view(B, T, 2, c.kv_heads, c.head_dim).unbind(2)
-        k = self.rope(k.contiguous(), pos)
-        v = v.contiguous()
+        k_pre, v = self.kv(h).view(B, T, 2, c.kv_heads, c.head_dim).unbind(2)
+        k_pre, v = k_pre.contiguous(), v.contiguous()
+        k = self.rope(k_pre, pos)
         if cache is None or T > 1:  # exact attention over the T new tokens (no cache, or prefill)
             a = attention(q, k, v, causal=True)
         if cache is not None:
-            cache.append(k, v)
+            cache.append(k_pre if getattr(cache, "pre_rope", False) else k, v)  # KVQuant rotates in-kernel
             if T == 1:
                 a = decode(q, cache)
             if policy is not None:
@@ -85,7 +85,7 @@ class TinyDecoder(nn.Module):
         return self.head(self.norm(x))
 
 
-CACHE_KINDS = ("contiguous", "paged", "kivi4", "kivi2", "int8", "streaming_llm", "h2o")
+CACHE_KINDS = ("contiguous", "paged", "kivi4", "kivi2", "kvquant", "int8", "streaming_llm", "h2o")
 
 
 def make_caches(kind: str, model: TinyDecoder, batch: int, max_len: int, *, device="cpu", dtype=torch.float32,
@@ -105,6 +105,8 @@ def make_caches(kind: str, model: TinyDecoder, batch: int, max_len: int, *, devi
             return cache
         if kind in ("kivi4", "kivi2"):
             return kivi_cache(*args, bits=int(kind[-1]), group=8, residual=8, **kw)
+        if kind == "kvquant":
+            return kvquant_cache(*args, bits=4, group=8, outliers=1, residual=8, **kw)
         if kind == "int8":
             return int8_cache(*args, **kw)
         raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..hardware._flash_common import _dot  # a @ b in fp32; PREC "upcast" works around the interpreter's 16-bit dot
+
 
 @triton.jit
 def _gate_rows(gc, rows, live, i_h, ok, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr):
@@ -69,7 +71,7 @@ def _chunk_cumsum(g, out, start, end, H: tl.constexpr, KG: tl.constexpr, BT: tl.
 
 
 @triton.jit
-def _wy_fwd(k, v, beta, gc, w, u, start, end, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _wy_fwd(k, v, beta, gc, w, u, scratch, start, end, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr):
     n, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + n), tl.load(end + n)
@@ -81,26 +83,46 @@ def _wy_fwd(k, v, beta, gc, w, u, start, end, H: tl.constexpr, K: tl.constexpr, 
     r = tl.arange(0, BT)
     strict = r[:, None] > r[None, :]
     b_kb = b_k.to(tl.float32) * b_b[:, None]
-    b_L = tl.dot(b_kb.to(b_k.dtype), tl.trans(b_k), input_precision=PREC)  # beta_i k_i . k_j
+    b_L = _dot(b_kb.to(b_k.dtype), tl.trans(b_k), None, PREC)  # beta_i k_i . k_j
     if GATE == 1:
         b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
         b_L = b_L * tl.exp(tl.where(strict, b_g[:, None] - b_g[None, :], -float("inf")))
         b_kb = b_kb * tl.exp(b_g)[:, None]
     b_L = tl.where(strict, b_L, 0.0)
-    # A = (I + L)^{-1} by forward substitution: row i of A is e_i - sum_{j<i} L_ij A_j.
-    b_A = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    for i in range(1, BT):
-        l_i = tl.sum(tl.where(r[:, None] == i, b_L, 0.0), 0)
-        b_A = tl.where(r[:, None] == i, b_A - tl.sum(l_i[:, None] * b_A, 0)[None, :], b_A)
+    # A = (I + L)^{-1} in two steps (16-row blocks, as FLA's solve_tril): (1) the block-diagonal inverse
+    # Ad = (I + Ld)^{-1} by forward substitution, the row r of all blocks at once; kept transposed, with the
+    # rows of L read back from scratch, so each step reduces within a row. (2) I + L = (I + Ld)(I + N) with
+    # N = Ad Lo strictly block-lower, N^(BT/16) = 0, so A = (I - N + N^2 - ...) Ad in a few dots.
+    p_L = scratch + (n.to(tl.int64) * H + i_h) * BT * BT
+    tl.store(p_L + r[:, None] * BT + r[None, :], b_L)
+    tl.debug_barrier()
+    blk = r // 16
+    same = blk[:, None] == blk[None, :]
+    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    b_AT = eye
+    for i in range(1, 16):
+        row = blk * 16 + i  # for column c of Ad^T: the row i of c's block
+        l_i = tl.load(p_L + row[:, None] * BT + r[None, :], mask=same, other=0.0)
+        b_AT = tl.where(r[None, :] == row[:, None], b_AT - tl.sum(b_AT * l_i, 1)[:, None], b_AT)
+    b_Ad = tl.trans(b_AT)
+    if BT > 16:
+        b_N = _dot(b_Ad, tl.where(same, 0.0, b_L), None, PREC)
+        b_S, b_P = eye, eye
+        for _ in tl.static_range(BT // 16 - 1):
+            b_P = -_dot(b_P, b_N, None, PREC)
+            b_S += b_P
+        b_A = _dot(b_S, b_Ad, None, PREC)
+    else:
+        b_A = b_Ad
     b_A = b_A.to(b_k.dtype)
     tl.store(w + (rows[:, None] * H + i_h) * K + ok[None, :],
-             tl.dot(b_A, b_kb.to(b_k.dtype), input_precision=PREC).to(w.dtype.element_ty),
+             _dot(b_A, b_kb.to(b_k.dtype), None, PREC).to(w.dtype.element_ty),
              mask=live[:, None] & (ok[None, :] < K))
     for i_v in range(0, tl.cdiv(V, BV)):
         ov = i_v * BV + tl.arange(0, BV)
         m = live[:, None] & (ov[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m, other=0.0)
-        b_u = tl.dot(b_A, (b_v.to(tl.float32) * b_b[:, None]).to(b_v.dtype), input_precision=PREC)
+        b_u = _dot(b_A, (b_v.to(tl.float32) * b_b[:, None]).to(b_v.dtype), None, PREC)
         tl.store(u + (rows[:, None] * H + i_h) * V + ov[None, :], b_u.to(u.dtype.element_ty), mask=m)
 
 
@@ -108,9 +130,11 @@ def _wy_fwd(k, v, beta, gc, w, u, start, end, H: tl.constexpr, K: tl.constexpr, 
 def _state_fwd(k, u, w, gc, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
                USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
-    i_v, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # without the delta rule the rows of the state are independent: programs may split Dk too (BK < K)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     bos, eos, n0 = tl.load(cu + i_s), tl.load(cu + i_s + 1), tl.load(first + i_s)
-    ok = tl.arange(0, BK)
+    ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     m_kv = (ok[:, None] < K) & (ov[None, :] < V)
     p_kv = (i_h * K + ok[:, None]) * V + ov[None, :]
@@ -127,14 +151,14 @@ def _state_fwd(k, u, w, gc, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.cons
         b_x = tl.load(u + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m_v, other=0.0).to(tl.float32)
         if DELTA:
             b_w = tl.load(w + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
-            b_x -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
+            b_x -= _dot(b_w, b_h.to(b_w.dtype), None, PREC)
             tl.store(x + (rows[:, None] * H + i_h) * V + ov[None, :], b_x.to(x.dtype.element_ty), mask=m_v)
         if GATE != 0:
             b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
             g_last = _gate_last(gc, tl.minimum(bos + i * BT + BT, eos) - 1, i_h, ok, H, K, GATE)
             b_h = _decay_state(b_h, g_last, GATE)
             b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_k.dtype)
-        b_h += tl.dot(tl.trans(b_k), b_x.to(b_k.dtype), input_precision=PREC)
+        b_h += _dot(tl.trans(b_k), b_x.to(b_k.dtype), None, PREC)
     if STORE_HT:
         tl.store(ht + i_s * H * K * V + p_kv, b_h.to(ht.dtype.element_ty), mask=m_kv)
 
@@ -144,9 +168,11 @@ def _state_bwd(q, k, w, gc, do, dxi, dh, dht, dh0, cu, first, scale, H: tl.const
                V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                DELTA: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr):
     """dh[n] = gradient of the state after chunk n; dh0 = gradient of the initial state."""
-    i_v, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # without the delta rule the rows of the state are independent: programs may split Dk too (BK < K)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     bos, eos, n0 = tl.load(cu + i_s), tl.load(cu + i_s + 1), tl.load(first + i_s)
-    ok = tl.arange(0, BK)
+    ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     m_kv = (ok[:, None] < K) & (ov[None, :] < V)
     p_kv = (i_h * K + ok[:, None]) * V + ov[None, :]
@@ -174,12 +200,12 @@ def _state_bwd(q, k, w, gc, do, dxi, dh, dht, dh0, cu, first, scale, H: tl.const
             if GATE != 0:
                 b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_w.dtype)
             b_dx = tl.load(dxi + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m_v, other=0.0).to(tl.float32)
-            b_dx += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PREC)
+            b_dx += _dot(b_k, b_dh.to(b_k.dtype), None, PREC)
         if GATE != 0:
             b_dh = _decay_state(b_dh, g_last, GATE)
-        b_dh += tl.dot(tl.trans((b_q * scale).to(b_do.dtype)), b_do, input_precision=PREC)
+        b_dh += _dot(tl.trans((b_q * scale).to(b_do.dtype)), b_do, None, PREC)
         if DELTA:
-            b_dh -= tl.dot(tl.trans(b_w), b_dx.to(b_w.dtype), input_precision=PREC)
+            b_dh -= _dot(tl.trans(b_w), b_dx.to(b_w.dtype), None, PREC)
     tl.store(dh0 + i_s * H * K * V + p_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)
 
 
@@ -204,7 +230,7 @@ def _chunk_output(q, k, x, gc, h, o, start, end, scale, H: tl.constexpr, K: tl.c
             b_qg = (b_q.to(tl.float32) * tl.exp(b_gq)[:, None]).to(b_q.dtype)
         else:
             b_qg = (b_q.to(tl.float32) * tl.exp(b_gq)).to(b_q.dtype)
-    b_o = tl.dot(b_qg, b_h.to(b_q.dtype), input_precision=PREC)
+    b_o = _dot(b_qg, b_h.to(b_q.dtype), None, PREC)
     for j in range(0, i_q + 1):
         rk = t0 + j * BQ + tl.arange(0, BQ)
         lk = rk < t1
@@ -216,13 +242,13 @@ def _chunk_output(q, k, x, gc, h, o, start, end, scale, H: tl.constexpr, K: tl.c
             b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
             qa = b_q.to(tl.float32) * tl.exp(tl.where(lq[:, None], b_gq - ref[None, :], 0.0))
             ka = b_k.to(tl.float32) * tl.exp(tl.where(lk[:, None], ref[None, :] - b_gk, 0.0))
-            b_a = tl.dot(qa.to(b_q.dtype), tl.trans(ka.to(b_k.dtype)), input_precision=PREC)
+            b_a = _dot(qa.to(b_q.dtype), tl.trans(ka.to(b_k.dtype)), None, PREC)
         else:
-            b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+            b_a = _dot(b_q, tl.trans(b_k), None, PREC)
             if GATE == 1:
                 b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
                 b_a *= tl.exp(tl.where(rq[:, None] >= rk[None, :], b_gq[:, None] - b_gk[None, :], -float("inf")))
         b_a = tl.where((rq[:, None] >= rk[None, :]) & lk[None, :], b_a, 0.0)
-        b_o += tl.dot(b_a.to(b_x.dtype), b_x, input_precision=PREC)
+        b_o += _dot(b_a.to(b_x.dtype), b_x, None, PREC)
     tl.store(o + (rq[:, None] * H + i_h) * V + ov[None, :], (b_o * scale).to(o.dtype.element_ty),
              mask=lq[:, None] & (ov[None, :] < V))

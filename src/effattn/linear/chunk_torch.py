@@ -11,7 +11,7 @@ h_c at the start of chunk c and the chunk-local cumulative log gates Gc (float32
 
 Intra-chunk work runs for all chunks at once on a padded `[N, C, H, *]` layout; only the h_c scan is
 sequential. `chunk_local` (everything but the scan) is also what the Triton backward differentiates.
-Vector gates materialise D per channel: memory O(N C^2 Dk) (this form is for testing and as a fallback).
+Vector gates take their decays relative to reference rows in blocks of 16 (`_pair_vector`), like the kernel.
 """
 from __future__ import annotations
 
@@ -89,6 +89,24 @@ def _pair(a: torch.Tensor, b: torch.Tensor, D: torch.Tensor, vector: bool) -> to
     return torch.einsum("nihd,njhd->nhij", a, b) * D
 
 
+def _pair_vector(a: torch.Tensor, b: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """tril(sum_d a_id b_jd e^{G_id - G_jd}) for a vector gate without the `[C, C, K]` decay tensor: in blocks
+    of 16 rows, relative to a reference row (the key block's last row below the diagonal, the block's first
+    row on it) as the Triton kernel does, so no exponent is positive outside a diagonal block."""
+    N, C, H, K = a.shape
+    S = min(16, C)
+    nb = C // S
+    Gb = G.reshape(N, nb, S, H, K)
+    blk = torch.arange(nb, device=a.device)
+    below = (blk.view(1, nb, 1, 1, 1) > blk.view(1, 1, nb, 1, 1))  # [1, I, J, 1, 1]
+    ref = torch.where(below, Gb[:, None, :, -1], Gb[:, :, None, 0])  # [N, I, J, H, K]
+    live = (blk.view(nb, 1) >= blk.view(1, nb)).view(1, nb, nb, 1, 1, 1)
+    af = a.reshape(N, nb, 1, S, H, K) * torch.exp(Gb[:, :, None] - ref[:, :, :, None])
+    bf = b.reshape(N, 1, nb, S, H, K) * torch.exp(torch.where(live, ref[:, :, :, None] - Gb[:, None], -float("inf")))
+    P = torch.einsum("nIJihd,nIJjhd->nhIiJj", af, bf).reshape(N, H, C, C)
+    return P.tril()
+
+
 def wy(k, v, Gc, beta, vector: bool):
     """W = A (beta k e^{Gc}), U = A (beta v) with A = (I + tril_-1(beta k k^T * D))^{-1}: `[N, C, H, *]`."""
     C = k.shape[1]
@@ -112,7 +130,7 @@ def chunk_local(q, k, v, Gc, beta, h, *, scale: float, delta_rule: bool, vector:
         x = U - torch.einsum("nchk,nhkv->nchv", W, h)
     else:
         x = v if beta is None else v * beta.unsqueeze(-1)
-    P = _pair(q, k, _decay(Gc, vector, strict=False), vector)  # [N, H, C, C]
+    P = _pair_vector(q, k, Gc) if vector else _pair(q, k, _decay(Gc, False, strict=False), False)  # [N, H, C, C]
     o = scale * (torch.einsum("nchk,nhkv->nchv", q * torch.exp(Gk), h) + torch.einsum("nhij,njhv->nihv", P, x))
     last = Gk[:, -1]  # padding rows carry g = 0, so row C-1 holds the chunk's last cumulative gate
     k_to_end = k * torch.exp(last.unsqueeze(1) - Gk)

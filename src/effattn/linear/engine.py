@@ -9,10 +9,13 @@ over all chunks at once (batched PyTorch; the log-gate gradient comes out throug
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from .._memory import empty_output
+from ..hardware._flash_common import dot_precision, pick_config, seqlen_bucket
 from ..validate import check_choice, check_cu_seqlens, check_positive_int, check_qkv, check_scale, check_tensor
 from .chunk import _chunk_cumsum, _chunk_output, _state_bwd, _state_fwd, _wy_fwd
 from .chunk_torch import Chunks, chunk_local, from_chunks, make_chunks, to_chunks, _decay, _pair
@@ -20,16 +23,38 @@ from .chunk_torch import Chunks, chunk_local, from_chunks, make_chunks, to_chunk
 _VJP_GROUP = 64  # chunks per batched backward step: bounds the O(group C^2 Dk) memory of vector gates
 
 
-def _prec(t: torch.Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"
+def _prec(t: torch.Tensor):
+    return dot_precision(t.dtype)
 
 
-def _blocks(K: int, V: int, num_seqs: int, H: int):
-    BK = max(16, triton.next_power_of_2(K))
-    BV_out = min(64, max(16, triton.next_power_of_2(V)))
-    # the state scan is sequential: split V finer when there are few (sequence, head) pairs to fill the GPU
-    BV_state = BV_out if num_seqs * H * triton.cdiv(V, BV_out) >= 128 else max(16, BV_out // 2)
-    return BK, BV_out, BV_state
+def _bk(K: int) -> int:
+    return max(16, triton.next_power_of_2(K))
+
+
+def _configs(V: int, kernel: str, K: int = 0, delta_rule: bool = True):
+    """Candidate (BV, num_warps, num_stages[, BK]), the first one used by the interpreter."""
+    bv = [b for b in (16, 32, 64, 128) if b <= max(16, triton.next_power_of_2(V))]
+    if kernel == "wy":  # a latency-bound forward substitution: try a few warp counts
+        return [(bv[-1] if len(bv) < 3 else bv[2], w, st) for w, st in ((4, 1), (4, 2), (8, 2), (2, 2))]
+    if kernel == "state":  # sequential over chunks: split V finer to fill the GPU, pipeline the loads
+        bks = ([64] if not delta_rule and _bk(K) > 64 else []) + [_bk(K)]  # the split first: tested on CPU
+        return [(b, w, st, bk) for bk in bks for b in reversed(bv[:3]) for w, st in ((4, 2), (4, 3), (8, 2))]
+    return [(b, w, st) for b in reversed(bv[-2:]) for w, st in ((4, 2), (4, 3), (8, 2))]
+
+
+def _tuned(name, kernel, grid, key, configs, *args, **meta):
+    """Launch `kernel` with the fastest of `configs` for `key` (BV, num_warps, num_stages)."""
+    def launch(cfg):
+        extra = {} if len(cfg) < 4 else {"BK": cfg[3]}
+        kernel[grid(*cfg[:1], *cfg[3:])](*args, **meta, **extra, BV=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+    launch(pick_config((name, *key), configs, launch))
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_chunks(B: int, T: int, chunk_size: int, device: str) -> Chunks:
+    """Chunk tables of B sequences of T tokens, built once per shape (no host sync in later calls)."""
+    cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32)
+    return make_chunks(cu, chunk_size, device)
 
 
 def _gate_code(g) -> int:
@@ -51,28 +76,29 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool)
     T, H, K = q.shape
     V = v.shape[-1]
     num_seqs, N = ch.cu_seqlens.numel() - 1, ch.start.numel()
-    BK, BV, BVs = _blocks(K, V, num_seqs, H)
-    gate = _gate_code(g)
+    BK, gate = _bk(K), _gate_code(g)
+    key = (gate, delta_rule, K, V, ch.size, q.dtype, num_seqs * H, seqlen_bucket(T))
     gc = _cumsum(g, ch) if gate else None
     w = None
     if delta_rule:
         w, u = empty_output((T, H, K), k.dtype, k.device), empty_output((T, H, V), v.dtype, v.device)
-        _wy_fwd[(N, H)](k, v, beta, gc, w, u, ch.start, ch.end, H=H, K=K, V=V, BT=ch.size, BK=BK, BV=BV,
-                        GATE=gate, PREC=_prec(k))
+        scratch = torch.empty(N * H * ch.size * ch.size, dtype=torch.float32, device=q.device)
+        _tuned("wy", _wy_fwd, lambda bv: (N, H), key, _configs(V, "wy"), k, v, beta, gc, w, u, scratch, ch.start,
+               ch.end, H=H, K=K, V=V, BT=ch.size, BK=BK, GATE=gate, PREC=_prec(k))
         x = empty_output((T, H, V), v.dtype, v.device)
     else:
         u = v if beta is None else (v * beta.unsqueeze(-1)).to(v.dtype)
         x = u
     h = empty_output((N, H, K, V), q.dtype, q.device)
     ht = empty_output((num_seqs, H, K, V), torch.float32, q.device) if want_ht else None
-    _state_fwd[(triton.cdiv(V, BVs), num_seqs, H)](
-        k, u, w, gc, h, x, h0, ht, ch.cu_seqlens, ch.first, H=H, K=K, V=V, BT=ch.size, BK=BK, BV=BVs,
-        GATE=gate, DELTA=delta_rule, USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
+    _tuned("state_fwd", _state_fwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
+           _configs(V, "state", K, delta_rule), k, u, w, gc, h, x, h0, ht, ch.cu_seqlens, ch.first, H=H, K=K, V=V,
+           BT=ch.size, GATE=gate, DELTA=delta_rule, USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
     o = empty_output((T, H, V), q.dtype, q.device)
     BQ = 16 if gate == 2 else ch.size
-    _chunk_output[(triton.cdiv(V, BV), N * (ch.size // BQ), H)](
-        q, k, x, gc, h, o, ch.start, ch.end, scale, H=H, K=K, V=V, BT=ch.size, BQ=BQ, BK=BK, BV=BV,
-        GATE=gate, PREC=_prec(q))
+    _tuned("output", _chunk_output, lambda bv: (triton.cdiv(V, bv), N * (ch.size // BQ), H), key,
+           _configs(V, "output"), q, k, x, gc, h, o, ch.start, ch.end, scale, H=H, K=K, V=V, BT=ch.size, BQ=BQ,
+           BK=BK, GATE=gate, PREC=_prec(q))
     return o, ht, gc, h, w
 
 
@@ -80,7 +106,8 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, gc, h, w, do, dht
     T, H, K = q.shape
     V = v.shape[-1]
     num_seqs, vector = ch.cu_seqlens.numel() - 1, g is not None and g.dim() == 3
-    BK, _, BVs = _blocks(K, V, num_seqs, H)
+    gate = _gate_code(g)
+    key = (gate, delta_rule, K, V, ch.size, q.dtype, num_seqs * H, seqlen_bucket(T))
     do = do.contiguous()
     f32 = lambda t: None if t is None else t.float()  # noqa: E731
     dxi = None
@@ -90,9 +117,9 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, gc, h, w, do, dht
         dxi = from_chunks(scale * torch.einsum("nhij,nihv->njhv", P, to_chunks(f32(do), ch)), ch, T)
     dh = torch.empty_like(h)
     dh0 = empty_output((num_seqs, H, K, V), torch.float32, q.device)
-    _state_bwd[(triton.cdiv(V, BVs), num_seqs, H)](
-        q, k, w, gc, do, dxi, dh, dht, dh0, ch.cu_seqlens, ch.first, scale, H=H, K=K, V=V, BT=ch.size, BK=BK,
-        BV=BVs, GATE=_gate_code(g), DELTA=delta_rule, USE_DHT=dht is not None, PREC=_prec(q))
+    _tuned("state_bwd", _state_bwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
+           _configs(V, "state", K, delta_rule), q, k, w, gc, do, dxi, dh, dht, dh0, ch.cu_seqlens, ch.first, scale,
+           H=H, K=K, V=V, BT=ch.size, GATE=gate, DELTA=delta_rule, USE_DHT=dht is not None, PREC=_prec(q))
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (q, k, v, g, beta)]
     grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if t is not None else None for t in leaves]
     with torch.enable_grad():
@@ -183,9 +210,8 @@ def chunk_gated_linear_attn(q, k, v, g=None, beta=None, *, scale=None, initial_s
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else float(scale)
     pk = lambda t: None if t is None else t.contiguous().reshape(B * T, *t.shape[2:])  # noqa: E731
-    cu = (torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device) if cu_seqlens is None
-          else cu_seqlens)
-    ch = make_chunks(cu, chunk_size, q.device)
+    ch = (_dense_chunks(B, T, chunk_size, str(q.device)) if cu_seqlens is None
+          else make_chunks(cu_seqlens, chunk_size, q.device))
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht = _ChunkGatedLinearAttn.apply(pk(q), pk(k), pk(v), pk(g), pk(beta), h0, scale, delta_rule, ch,
                                         output_final_state)

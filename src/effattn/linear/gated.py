@@ -22,7 +22,8 @@ from ..validate import check_choice
 from .chunk_torch import chunk_form
 from .engine import chunk_gated_linear_attn, validate_linear
 
-FORMS = ("chunk", "chunk_torch", "parallel", "recurrent")
+FORMS = ("chunk", "parallel", "recurrent")  # registered (and tested over the registry)
+ALL_FORMS = FORMS + ("chunk_torch",)  # the pure-PyTorch chunkwise form, tested in tests/linear
 
 
 def _per_sequence(form_fn, q, k, v, g, beta, *, cu_seqlens, initial_state, output_final_state, **kw):
@@ -44,7 +45,7 @@ def _per_sequence(form_fn, q, k, v, g, beta, *, cu_seqlens, initial_state, outpu
 def gated_linear_attn(q, k, v, g=None, beta=None, *, scale=None, initial_state=None, output_final_state=False,
                       cu_seqlens=None, delta_rule=False, form="chunk", chunk_size=64):
     """The engine behind every method of this module, in the chosen `form` (module docstring)."""
-    check_choice("form", form, FORMS)
+    check_choice("form", form, ALL_FORMS)
     if form == "chunk":
         return chunk_gated_linear_attn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
@@ -54,6 +55,14 @@ def gated_linear_attn(q, k, v, g=None, beta=None, *, scale=None, initial_state=N
     if form == "chunk_torch":
         return chunk_form(q, k, v, g, beta, scale=scale, initial_state=initial_state, delta_rule=delta_rule,
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    if form == "parallel" and q.dtype in (torch.float16, torch.bfloat16):
+        # the masked quadratic form sums T terms per output and solves a T x T system (delta rule): in
+        # float32, as a kernel would accumulate (and torch has no 16-bit triangular solve)
+        up = lambda t: None if t is None else t.float()  # noqa: E731
+        out = gated_linear_attn(up(q), up(k), up(v), up(g), up(beta), scale=scale, initial_state=up(initial_state),
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                delta_rule=delta_rule, form=form)
+        return (out[0].to(q.dtype), out[1]) if output_final_state else out.to(q.dtype)
     form_fn = linear_parallel if form == "parallel" else linear_recurrent
     return _per_sequence(form_fn, q, k, v, g, beta, cu_seqlens=cu_seqlens, initial_state=initial_state,
                          output_final_state=output_final_state, scale=scale, delta_rule=delta_rule)
@@ -72,7 +81,7 @@ def _need(name, arg, t, layout):
 def _fixed_gate(q, log_decay: torch.Tensor) -> torch.Tensor:
     """A fixed per-head log decay `[H]` as the scalar gate g `[B, T, H]`."""
     B, T, H, _ = q.shape
-    return log_decay.to(device=q.device, dtype=torch.float32).view(1, 1, H).expand(B, T, H).contiguous()
+    return log_decay.to(device=q.device, dtype=q.dtype).view(1, 1, H).expand(B, T, H).contiguous()
 
 
 def _decay_per_head(name, value, H) -> torch.Tensor:
@@ -181,8 +190,9 @@ def _register() -> None:
         grads = ("q", "k", "v") + (("g",) if gate else ()) + (("beta",) if delta else ()) + ("initial_state",)
         register(Method(
             name=name, family="linear", cite=cite, fn=fn, reference=_reference(fn),
+            # chunk_size 16: several chunks (and a remainder) even at the registry's short test lengths
             make_inputs=partial(linear_inputs, gate=gate, beta=delta, normalize_qk=delta, output_final_state=True,
-                                **extra),
+                                chunk_size=16, **extra),
             complexity=Complexity("O(N C d + N d^2)", "O(N d + N/C d^2)", 1.0, 1.0),
             state_or_cache=StateOrCache("H d_k d_v", False, lambda s: s.heads * s.head_dim * s.Dv),
             forms=FORMS, options={"scale": None, "initial_state": None, "output_final_state": False,
