@@ -1,5 +1,6 @@
 """New methods plug into Attention without edits: a softmax method without a decoding path replays, and a
 gated delta-rule method gets its g / beta projections and L2-normalised q, k from its own input factory."""
+import functools
 from dataclasses import replace
 from functools import partial
 
@@ -102,3 +103,24 @@ def test_strong_vector_gates_take_the_explicit_decay_path(monkeypatch):
     assert torch.isfinite(o).all()
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_name,op", [("mamba2", "simple_gla"), ("gla", "gla"), ("deltanet", "delta_net"),
+                                           ("gated_deltanet", "gated_delta_net")])
+def test_layers_route_to_the_registered_op(monkeypatch, layer_name, op):
+    """Where the registry has the op (and it runs natively), the layer calls it with FLA's arguments and
+    gets what the chunked reference fallback gives. On CPU we force the route (kernels run interpreted)."""
+    from effattn.nn import make_mixer
+
+    assert op in REGISTRY
+    torch.manual_seed(5)
+    layer = make_mixer(layer_name, 32, 2)
+    x = torch.randn(1, 5, 32)
+    fallback = layer(x)
+    called = []
+    record = REGISTRY.get(op)
+    spy = replace(record, fn=functools.wraps(record.fn)(lambda *a, **k: called.append(op) or record.fn(*a, **k)))
+    _add(monkeypatch, spy)
+    monkeypatch.setattr(recurrence, "interpreting", lambda: False)
+    torch.testing.assert_close(layer(x), fallback, rtol=1e-4, atol=1e-4)
+    assert called and set(called) == {op}
