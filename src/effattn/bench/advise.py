@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from .fit import length, r_claims
+
 TASK_MODE = {"train": "fwdbwd", "prefill": "fwd", "decode": "decode"}
 TIERS = ("exact", "approximation", "recurrence", "does not fit", "not measured")
 
@@ -20,17 +22,16 @@ def _fmt_bytes(b: float) -> str:
 
 def _estimate(rs: list[dict], fit: dict | None, n: int) -> tuple[float, float, str]:
     """(seconds per sequence, bytes per sequence, how) at length n from the nearest measured cell."""
-    near = min(rs, key=lambda r: abs(math.log(r["n"] / n)))
+    near = min(rs, key=lambda r: abs(math.log(length(r) / n)))
+    at = length(near)
     t, mem = near["time_s"] / near["batch"], (near["peak_bytes"] or 0) / near["batch"]
-    if near["n"] == n:
+    if at == n:
         return t, mem, "measured"
-    from .fit import r_claims
-
     claimed_t, claimed_m = r_claims(near)  # without a fit (one size measured), trust the registry's claim
     ts = fit["time_slope"] if fit and fit["time_slope"] is not None else (claimed_t if claimed_t is not None else 1.0)
     ms = fit["memory_slope"] if fit and fit["memory_slope"] is not None else (claimed_m if claimed_m is not None else 1.0)
-    ratio = n / near["n"]
-    return t * ratio ** ts, mem * ratio ** ms, f"extrapolated from N={near['n']} (slopes {ts:.2f}, {ms:.2f})"
+    ratio = n / at
+    return t * ratio ** ts, mem * ratio ** ms, f"extrapolated from N={at} (slopes {ts:.2f}, {ms:.2f})"
 
 
 def advise(data: dict, seq_len: int, task: str, memory_gib: float | None = None) -> list[dict]:
@@ -43,6 +44,10 @@ def advise(data: dict, seq_len: int, task: str, memory_gib: float | None = None)
         raise ValueError(f"memory must be a positive number of GiB, got {memory_gib!r}")
     mode = TASK_MODE[task]
     fits = {(f["label"], f["mode"]): f for f in data.get("fits", [])}
+    errors: dict[str, list[float]] = {}  # accuracy is measured in fwd (and decode) cells: any mode's counts
+    for r in data["records"]:
+        if r["kind"] == "method" and r.get("rel_l2") is not None:
+            errors.setdefault(r["label"], []).append(r["rel_l2"])
     by_label: dict[str, list[dict]] = {}
     for r in data["records"]:
         if r["kind"] == "method" and r["mode"] == mode:
@@ -74,8 +79,8 @@ def advise(data: dict, seq_len: int, task: str, memory_gib: float | None = None)
         elif ok[0]["family"] == "linear":
             tier, why = "recurrence", f"a recurrence with state {meta.get('state_or_cache', '?')}: a different model, train it as such"
         else:
-            errs = [r["rel_l2"] for r in ok if r.get("rel_l2") is not None]
-            err = f" (rel L2 error {max(errs):.2e} vs exact)" if errs else ""
+            errs = errors.get(label, [])
+            err = f" (rel L2 error up to {max(errs):.2e} vs exact)" if errs else ""
             tier, why = "approximation", f"approximates softmax attention{err}"
         line = (f"{label}: {why}; {t * 1e3:.3g} ms and {_fmt_bytes(mem)} per sequence at N={seq_len} "
                 f"({how})")

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..inputs import randn
 from ..registry import Method, Shape
 from .config import BenchConfig, Cell
 
@@ -104,20 +105,21 @@ def softmax_flops(B, H, T, S, D, Dv, causal, mode) -> float:
 
 
 def with_grads(call: Callable[[dict], Any], inputs: dict, names, generator) -> Callable[[], Any]:
-    """forward + backward of every output that needs a gradient, under fixed random upstream gradients."""
+    """forward + backward of every output that needs a gradient, under fixed random upstream gradients
+    (drawn at the first call, which is the untimed warm-up)."""
     wrt = [inputs[n] for n in names if isinstance(inputs.get(n), torch.Tensor) and inputs[n].is_floating_point()]
     if not wrt:
         raise Skip("no floating input to differentiate")
     for t in wrt:
         t.requires_grad_(True)
-    probe = [o for o in _flat(call(inputs)) if isinstance(o, torch.Tensor) and o.requires_grad]
-    if not probe:
-        raise Skip("outputs do not require grad")
-    grads = [torch.randn(o.shape, generator=generator).to(o.device, o.dtype) for o in probe]
-    del probe
+    grads: list[torch.Tensor] = []
 
     def step():
         outs = [o for o in _flat(call(inputs)) if isinstance(o, torch.Tensor) and o.requires_grad]
+        if not outs:
+            raise Skip("outputs do not require grad")
+        if not grads:
+            grads.extend(torch.randn(o.shape, generator=generator).to(o.device, o.dtype) for o in outs)
         return torch.autograd.grad(outs, wrt, grads, allow_unused=True)
 
     return step
@@ -125,6 +127,16 @@ def with_grads(call: Callable[[dict], Any], inputs: dict, names, generator) -> C
 
 def _flat(out: Any) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def key_length(inputs: dict, wanted: int, default: int) -> int:
+    """Length of the keys / cache: k's dim 1, else `wanted` when some other token-major input `[B, S, ...]`
+    has it (latent caches such as MLA's c_kv), else `default`."""
+    k = inputs.get("k")
+    if isinstance(k, torch.Tensor):
+        return k.shape[1]
+    others = [t for name, t in inputs.items() if name != "q" and isinstance(t, torch.Tensor) and t.dim() >= 3]
+    return wanted if any(t.shape[1] == wanted for t in others) else default
 
 
 def cell_shape(cfg: BenchConfig, mode: str, n: int) -> Shape:
@@ -143,18 +155,29 @@ def prepare_method(method: Method, cell: Cell, cfg: BenchConfig, generator: torc
     inputs = method.make_inputs(shape, cfg.torch_dtype, cfg.device, generator)
     if cell.form != "default":
         inputs["form"] = cell.form
-    q, k = inputs.get("q"), inputs.get("k")
+    q = inputs.get("q")
     B = q.shape[0] if isinstance(q, torch.Tensor) else shape.batch
     T = q.shape[1] if isinstance(q, torch.Tensor) else shape.seq_q
-    S = k.shape[1] if isinstance(k, torch.Tensor) else T
+    S = key_length(inputs, shape.S, T)
     notes = []
-    if cell.mode == "decode":
-        if T != 1:
-            raise Skip(f"make_inputs gave {T} query tokens for a one-token decode step")
-        if method.state_or_cache.per_token and S != cell.n:
-            raise Skip(f"make_inputs gave a cache of {S} tokens, not {cell.n}")
-        if not method.state_or_cache.per_token:
-            notes.append("one recurrent step from a fixed-size state (independent of N)")
+    keys_count = cell.mode != "decode" or method.state_or_cache.per_token  # a state has no key length
+    if T != shape.seq_q or (keys_count and S != shape.S):
+        drawn = f"make_inputs drew T={T}, S={S} for T={shape.seq_q}, S={shape.S}"
+        only_qkv = {n for n, t in inputs.items() if isinstance(t, torch.Tensor)} == {"q", "k", "v"}
+        if cell.mode != "decode":
+            # its length is fixed by its options (a token grid, a test shape): measure it as drawn, say so;
+            # the slope fit uses the lengths actually run
+            notes.append(f"ran at T={T}, S={S}: make_inputs fixes the length")
+        elif not only_qkv:
+            raise Skip(drawn)
+        else:  # the decode contract is one query against a cache of N: redraw plain q, k, v that way
+            for name, length in (("q", shape.seq_q), ("k", shape.S), ("v", shape.S)):
+                t = inputs[name]
+                inputs[name] = randn((t.shape[0], length, *t.shape[2:]), t.dtype, t.device, generator)
+            T, S = shape.seq_q, shape.S
+            notes.append(f"q, k, v redrawn at T={T}, S={S} ({drawn})")
+    if cell.mode == "decode" and not method.state_or_cache.per_token:
+        notes.append("one recurrent step from a fixed-size state (independent of N)")
     causal = infer_causal(method, inputs)
     call = _caller(method, inputs)
     forward = lambda: call(inputs)  # noqa: E731
