@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from math import nan
 import json
 import os
 import platform
@@ -28,8 +29,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 import effattn
 from effattn.hardware.decode_kernels import default_config, flash_decode
-from effattn.kvcache import ContiguousKVCache, PagedKVCache, int8_cache, kivi_cache
-from effattn.reference import softmax_attention
+from effattn.kvcache import ContiguousKVCache, PagedKVCache, decode_reference, int8_cache, kivi_cache
 from effattn.testing import compare
 
 H, HKV, D = 32, 8, 128
@@ -69,10 +69,8 @@ def correctness(dev) -> list[dict]:
         for name, cache in make_caches(3, HKV, D, dtype, dev, 2112).items():
             cache.append(k.to(dev, dtype), v.to(dev, dtype), lengths=lens)
             o = effattn.decode(q.to(dev, dtype), cache)
-            ref = torch.cat([softmax_attention(q[i:i + 1].double(), kk[None], vv[None], causal=True)
-                             for i, (kk, vv) in enumerate(cache.keys_values_batch(torch.float64))]).cpu()
-            base = torch.cat([softmax_attention(q[i:i + 1].to(dev, dtype), kk[None], vv[None], causal=True)
-                              for i, (kk, vv) in enumerate(cache.keys_values_batch(dtype))])
+            ref = decode_reference(q.to(dtype), cache)  # float64 on the CPU
+            base = decode_reference(q.to(dev, dtype), cache, dtype=dtype)  # plain PyTorch, same dtype, GPU
             c = compare("o", o, base, ref, dtype)
             out.append({"cache": name, "dtype": str(dtype), "error": c.error, "baseline_error": c.baseline_error,
                         "allowed": c.allowed, "ok": c.ok})
@@ -100,6 +98,10 @@ def sweep(q, cache, variants, splits_choices):
     return sorted(results, key=lambda r: r["ms"])
 
 
+def maxdiff(o, ref):
+    return float((o.float() - ref.float()).abs().max()) if ref is not None else float("nan")
+
+
 def run_size(B, L, dev, quick) -> dict:
     log(f"== B={B} L={L}")
     rec = {"B": B, "L": L}
@@ -114,12 +116,16 @@ def run_size(B, L, dev, quick) -> dict:
     # SDPA anchor, in its own [B, H, L, D] layout.
     qs, ks, vs = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
     sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)  # noqa: E731
-    o_sdpa = sdpa().transpose(1, 2)
-    rec["sdpa_ms"] = bench(sdpa)
+    try:
+        o_sdpa = sdpa().transpose(1, 2)
+        rec["sdpa_ms"] = bench(sdpa)
+    except Exception as e:  # keep measuring our kernels; the table shows the anchor as missing
+        log(f"   sdpa failed: {type(e).__name__}: {str(e)[:200]}")
+        o_sdpa, rec["sdpa_ms"] = None, float("nan")
     rec["sdpa_tbps"] = tbps(rec["sdpa_ms"])
     log(f"   sdpa            {rec['sdpa_ms']:.4f} ms {rec['sdpa_tbps']:.2f} TB/s")
     del qs, ks, vs
-
+    torch.cuda.empty_cache()
     cont = ContiguousKVCache(B, L, HKV, D, dtype=torch.bfloat16, device=dev)
     cont.append(k, v)
     auto = default_config(q, cont.segments()[0], H // HKV)
@@ -134,7 +140,7 @@ def run_size(B, L, dev, quick) -> dict:
     rec["contiguous_ms"] = min(best["ms"], rec["contiguous_auto_ms"])
     rec["contiguous_tbps"] = tbps(rec["contiguous_ms"])
     o = effattn.decode(q, cont)
-    rec["contiguous_vs_sdpa_maxdiff"] = float((o.float() - o_sdpa.float()).abs().max())
+    rec["contiguous_vs_sdpa_maxdiff"] = maxdiff(o, o_sdpa)
     log(f"   contiguous auto {rec['contiguous_auto_ms']:.4f} ms ({auto}); best {best} -> "
         f"{rec['contiguous_tbps']:.2f} TB/s; max|o - sdpa| {rec['contiguous_vs_sdpa_maxdiff']:.3g}")
     rec["decode_api_ms_no_graph"] = do_bench(lambda: effattn.decode(q, cont), rep=100, return_mode="median")
@@ -152,7 +158,7 @@ def run_size(B, L, dev, quick) -> dict:
     rec["paged_tbps"] = tbps(rec["paged_ms"])
     rec["paged_over_contiguous"] = rec["paged_ms"] / rec["contiguous_ms"]
     o = effattn.decode(q, paged)
-    rec["paged_vs_sdpa_maxdiff"] = float((o.float() - o_sdpa.float()).abs().max())
+    rec["paged_vs_sdpa_maxdiff"] = maxdiff(o, o_sdpa)
     log(f"   paged(16)       {rec['paged_ms']:.4f} ms {rec['paged_tbps']:.2f} TB/s, x{rec['paged_over_contiguous']:.3f} "
         f"of contiguous; max|o - sdpa| {rec['paged_vs_sdpa_maxdiff']:.3g}")
     del paged
@@ -170,7 +176,7 @@ def run_size(B, L, dev, quick) -> dict:
         qres = sweep(q, cache, qvariants, splits)
         ms = min(qres[0]["ms"], bench(kernel_fn(q, cache, {})))
         o = effattn.decode(q, cache)
-        rel = float((o.float() - o_sdpa.float()).norm() / o_sdpa.float().norm())
+        rel = float((o.float() - o_sdpa.float()).norm() / o_sdpa.float().norm()) if o_sdpa is not None else nan
         rec[name] = {"ms": ms, "best": qres[0], "sweep": qres, "held_bytes": held,
                      "logical_tbps": tbps(ms), "held_tbps": held / (ms * 1e-3) / 1e12,
                      "speedup_vs_bf16": rec["contiguous_ms"] / ms, "rel_error_vs_sdpa": rel}

@@ -102,6 +102,8 @@ def test_decode_validation_errors(device):
         effattn.decode(torch.randn(2, 5, 4, 16, device=device), cache)
     with pytest.raises(ValueError, match="num_splits"):
         effattn.decode(q, cache, num_splits=0)
+    with pytest.raises(ValueError, match="num_splits must be <= 256"):
+        effattn.decode(q, cache, num_splits=257)
     with pytest.raises(ValueError, match="block_n"):
         effattn.decode(q, cache, block_n=24)
     with pytest.raises(ValueError, match="scale"):

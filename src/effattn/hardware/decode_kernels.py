@@ -29,6 +29,7 @@ from .._triton_mode import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+MAX_SPLITS = 256  # per segment: the merge kernel holds all splits of a row in one tile
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -91,14 +92,15 @@ def _load_tile(X, row_off, n0, end, S, Z, s_base, s_row, BLOCK_N: tl.constexpr, 
 
 @triton.jit
 def _decode_split_kernel(
-        Q, K, V, KS, KZ, VS, VZ, BT, LENS, OFFS, TOTALS, PO, PL,
-        s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
+        Q, K, V, KS, KZ, VS, VZ, BT, LENS, OFFS, TOTALS, PO, PL, O, LSE,
+        s_qb, s_qt, s_qh, s_ob, s_ot, s_oh, H, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
         s_ksb, s_ksr, s_ksh, s_vsb, s_vsr, s_vsh, s_btb,
         Tq, Hkv, M, split_len, split_base, n_splits_total, qk_scale,
         G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
         K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GN: tl.constexpr, K_GD: tl.constexpr,
-        V_GN: tl.constexpr, V_GD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        V_GN: tl.constexpr, V_GD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        DIRECT: tl.constexpr, WRITE_LSE: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -154,44 +156,45 @@ def _decode_split_kernel(
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    slot = (bh.to(tl.int64) * n_splits_total + split_base + split) * M + rows
     dv = tl.arange(0, DV)
-    tl.store(PO + slot[:, None] * DV + dv[None, :], o, mask=row_ok[:, None])
-    tl.store(PL + slot, lse, mask=row_ok)
+    if DIRECT:  # the only split: final output, no merge
+        tl.store(O + b.to(tl.int64) * s_ob + t[:, None] * s_ot + head[:, None] * s_oh + dv[None, :],
+                 o.to(O.dtype.element_ty), mask=row_ok[:, None])
+        if WRITE_LSE:
+            tl.store(LSE + (b.to(tl.int64) * H + head) * Tq + t, lse * 0.6931471805599453, mask=row_ok)
+    else:
+        slot = (bh.to(tl.int64) * n_splits_total + split_base + split) * M + rows
+        tl.store(PO + slot[:, None] * DV + dv[None, :], o, mask=row_ok[:, None])
+        tl.store(PL + slot, lse, mask=row_ok)
 
 
 @triton.jit
 def _decode_merge_kernel(PO, PL, O, LSE, s_ob, s_ot, s_oh, Tq, Hkv, H, M, n_splits,
-                         G: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_LSE: tl.constexpr):
-    bh = tl.program_id(0)
+                         G: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         WRITE_LSE: tl.constexpr):
+    # One program per output row and channel block, all splits in one tile: a loop over splits would
+    # serialise one memory round trip per split, which dominated short caches.
+    pid = tl.program_id(0)
+    bh = pid // M
+    row = pid % M
     b = bh // Hkv
-    kvh = bh % Hkv
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    dv = tl.arange(0, DV)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], tl.float32)
-    for s in range(0, n_splits):
-        slot = (bh.to(tl.int64) * n_splits + s) * M + rows
-        lse_s = tl.load(PL + slot, mask=row_ok, other=float("-inf"))
-        o_s = tl.load(PO + slot[:, None] * DV + dv[None, :], mask=row_ok[:, None], other=0.0)
-        m_new = tl.maximum(m_i, lse_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(lse_s - m_safe)
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o_s
-        m_i = m_new
-    has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    t = rows // G
-    head = kvh * G + rows % G
-    tl.store(O + b.to(tl.int64) * s_ob + t[:, None] * s_ot + head[:, None] * s_oh + dv[None, :],
-             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    t = row // G
+    head = (bh % Hkv) * G + row % G
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < n_splits
+    slot = (bh.to(tl.int64) * n_splits + s) * M + row
+    lse_s = tl.load(PL + slot, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse_s - m_safe)  # 0 for empty splits
+    l = tl.sum(w, 0)
+    dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    o_s = tl.load(PO + slot[:, None] * DV + dv[None, :], mask=s_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    o = tl.sum(w[:, None] * o_s, 0) / tl.where(l > 0, l, 1.0)
+    tl.store(O + b.to(tl.int64) * s_ob + t * s_ot + head * s_oh + dv, o.to(O.dtype.element_ty), mask=dv < DV)
     if WRITE_LSE:
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + (b.to(tl.int64) * H + head) * Tq + t, lse, mask=row_ok)
+        lse = tl.where(l > 0, (m_safe + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + (b.to(tl.int64) * H + head) * Tq + t, lse, mask=tl.program_id(1) == 0)
 
 
 # --------------------------------------------------------------------------------------------- launcher
@@ -237,25 +240,31 @@ def _pow2(x: int) -> int:
 
 
 def default_config(q: torch.Tensor, segments, n_rows: int) -> dict:
-    """Splits so that about four waves of programs cover the GPU; few on the CPU interpreter."""
+    """Tile sizes, warps and the number of KV splits (enough programs to fill the GPU); few on the CPU."""
     B, Tq, H, D = q.shape
     Hkv = segments[0].k.shape[2]
     block_m = min(64, max(16, _pow2(n_rows)))
     programs = B * Hkv * triton.cdiv(n_rows, block_m)
     if q.is_cuda:
-        target, min_split = 4 * _num_sms(q.device), 256
-        block_n = 64 if any(s.k_quant is not None or s.v_quant is not None for s in segments) else 128
+        # Measured on an H100 (benchmarks/results/decode.md): plain caches are memory-bound and want about
+        # two programs per SM; dequantising caches are compute-heavier and want more programs in flight.
+        quant = any(s.k_quant is not None or s.v_quant is not None for s in segments)
+        sms = _num_sms(q.device)
+        target, min_split = (8 * sms, 1024) if quant else (2 * sms, 256)
+        block_n = 64 if quant or q.element_size() > 2 else 128  # fp32 128-row tiles overflow shared memory
+        stages = 3 if quant else 2
     else:
-        target, min_split, block_n = 1, 16, 16
+        target, min_split, block_n, stages = 1, 16, 16, 1
     longest = max(s.max_len for s in segments)
-    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(longest, min_split)))
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(longest, min_split), MAX_SPLITS))
     return dict(block_m=block_m, block_n=block_n, num_splits=splits, num_warps=4 if q.is_cuda else 1,
-                num_stages=3 if q.is_cuda else 1)
+                num_stages=stages)
 
 
 def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tensor, *, scale: float,
                  causal: bool = True, return_lse: bool = False, **config):
-    """Launch the split kernel once per segment into one partial buffer, then the merge kernel.
+    """Launch the split kernel once per segment into one partial buffer, then the merge kernel (or, when
+    the whole cache is one split, let that split write the output directly).
 
     q `[B, Tq, H, D]`; `totals` `[B]` int32 cache length of each sequence (sum over segments). Returns o
     `[B, Tq, H, Dv]` (and LSE `[B, H, Tq]` float32, natural log). `config` overrides `default_config`.
@@ -272,8 +281,12 @@ def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tenso
         split_len = triton.cdiv(max(1, triton.cdiv(seg.max_len, cfg["num_splits"])), BLOCK_N) * BLOCK_N
         splits.append((split_len, max(1, triton.cdiv(seg.max_len, split_len))))
     n_total = sum(n for _, n in splits)
-    po = torch.empty((B * Hkv * n_total * M, Dv), dtype=torch.float32, device=q.device)
-    pl = torch.empty((B * Hkv * n_total * M,), dtype=torch.float32, device=q.device)
+    direct = n_total == 1
+    o = empty_output((B, Tq, H, Dv), q.dtype, q.device)
+    lse = empty_output((B, H, Tq), torch.float32, q.device) if return_lse else o
+    rows = 1 if direct else B * Hkv * n_total * M  # partials unused when direct
+    po = torch.empty((rows, Dv), dtype=torch.float32, device=q.device)
+    pl = torch.empty((rows,), dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     base = 0
     for seg, (split_len, n) in zip(segments, splits):
@@ -284,9 +297,9 @@ def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tenso
         grid = (n, B * Hkv, triton.cdiv(M, BLOCK_M))
         _decode_split_kernel[grid](
             q, seg.k, seg.v, ks, kq.zero if kq else ks, vs, vq.zero if vq else vs, bt,
-            seg.lengths, seg.offsets, totals, po, pl,
-            q.stride(0), q.stride(1), q.stride(2), seg.k.stride(0), seg.k.stride(1), seg.k.stride(2),
-            seg.v.stride(0), seg.v.stride(1), seg.v.stride(2),
+            seg.lengths, seg.offsets, totals, po, pl, o, lse,
+            q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), H,
+            seg.k.stride(0), seg.k.stride(1), seg.k.stride(2), seg.v.stride(0), seg.v.stride(1), seg.v.stride(2),
             ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
             bt.stride(0), Tq, Hkv, M, split_len, base, n_total, scale * LOG2E,
             G=G, D=D, DV=Dv, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal,
@@ -294,11 +307,14 @@ def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tenso
             K_BITS=kq.bits if kq else 0, V_BITS=vq.bits if vq else 0,
             K_GN=kq.group_tokens if kq else 1, K_GD=kq.group_channels if kq else 1,
             V_GN=vq.group_tokens if vq else 1, V_GD=vq.group_channels if vq else 1,
-            PRECISION=precision, UPCAST=interpreting() and q.dtype != torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            PRECISION=precision, UPCAST=interpreting() and q.dtype != torch.float32, DIRECT=direct,
+            WRITE_LSE=return_lse, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         base += n
-    o = empty_output((B, Tq, H, Dv), q.dtype, q.device)
-    lse = empty_output((B, H, Tq), torch.float32, q.device) if return_lse else pl
-    _decode_merge_kernel[(B * Hkv, triton.cdiv(M, BLOCK_M))](
+    if direct:
+        return (o, lse) if return_lse else o
+    block_s = _pow2(n_total)
+    block_dv = max(16, min(Dv, 8192 // block_s))
+    _decode_merge_kernel[(B * Hkv * M, triton.cdiv(Dv, block_dv))](
         po, pl, o, lse, o.stride(0), o.stride(1), o.stride(2), Tq, Hkv, H, M, n_total,
-        G=G, DV=Dv, BLOCK_M=BLOCK_M, WRITE_LSE=return_lse, num_warps=4 if q.is_cuda else 1)
+        G=G, DV=Dv, BLOCK_S=block_s, BLOCK_DV=block_dv, WRITE_LSE=return_lse, num_warps=4 if q.is_cuda else 1)
     return (o, lse) if return_lse else o

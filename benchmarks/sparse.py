@@ -1,0 +1,277 @@
+"""Sparse attention benchmark: block-sparse flash time vs density, pattern methods vs FlexAttention, and
+the quality of the dynamic methods vs full attention. Public API only.
+
+    python benchmarks/sparse.py --out results_dir            # GPU: N = 32k density sweep, 16k patterns
+    python benchmarks/sparse.py --quick --out /tmp/sp        # CPU smoke run (Triton interpreter), tiny
+
+Writes sparse.json and sparse.md into --out (sparse_<part>.* with --only density|patterns|quality, to
+split a run that would not fit one device call: the pattern part compiles FlexAttention for each of the
+7 patterns, fwd and bwd). Timings are triton.testing.do_bench medians on CUDA
+(perf_counter medians on CPU, meaningless except as a smoke test); every sparse time is next to the dense
+flash time and FlexAttention's time from the same run, as ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+import effattn  # noqa: E402
+import effattn.sparse as sp  # noqa: E402
+from effattn.sparse import dynamic as dyn  # noqa: E402
+from effattn.sparse.block_mask import block_mask_from_blocks  # noqa: E402
+from effattn.sparse.pattern_methods import SPECS  # noqa: E402
+
+
+@dataclass
+class Config:
+    device: str
+    dtype: torch.dtype
+    H: int
+    D: int
+    n_density: int
+    n_pattern: int
+    n_quality: int
+    block: tuple
+    pattern_options: dict
+
+
+def full_config(device):
+    return Config(device, torch.bfloat16, 16, 128, 32768, 16384, 8192, (128, 64), {
+        "sliding_window": {"window": 1024}, "longformer": {"window": 512, "global_tokens": tuple(range(16))},
+        "bigbird": {"block_size": 128, "window_blocks": 1, "global_blocks": 1, "random_blocks": 3},
+        "sparse_transformer": {"stride": 128, "variant": "fixed", "summary": 16},
+        "streaming_llm": {"sinks": 64, "window": 1024},
+        "neighborhood_2d": {"grid": (128, 128), "kernel": (13, 13)},
+        "neighborhood_3d": {"grid": (16, 32, 32), "kernel": (5, 9, 9)}})
+
+
+def quick_config(device):
+    return Config(device, torch.float32, 1, 16, 128, 128, 128, (16, 16), {
+        "sliding_window": {"window": 32}, "longformer": {"window": 16, "global_tokens": (0, 1)},
+        "bigbird": {"block_size": 16, "random_blocks": 1}, "sparse_transformer": {"stride": 16},
+        "streaming_llm": {"sinks": 4, "window": 32}, "neighborhood_2d": {"grid": (8, 16), "kernel": (3, 5)},
+        "neighborhood_3d": {"grid": (2, 8, 8), "kernel": (1, 3, 3)}})
+
+
+def bench(fn, device) -> float:
+    """Median milliseconds."""
+    if device == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=50, rep=200))
+    fn()  # CPU (interpreter): a smoke test, one timed call
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def rand(cfg, N, H=None, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    H = cfg.H if H is None else H
+    out = [torch.randn(1, N, H, cfg.D, generator=g).to(cfg.device, cfg.dtype) for _ in range(3)]
+    return [t.requires_grad_(grad) for t in out]
+
+
+def fwd_bwd(call, q, k, v):
+    def run():
+        o = call()
+        o.backward(torch.ones_like(o))
+        q.grad = k.grad = v.grad = None
+    return run
+
+
+# ---------------------------------------------------------------- 1. time vs density
+
+def density_sweep(cfg):
+    N, (BQ, BK) = cfg.n_density, cfg.block
+    q, k, v = rand(cfg, N)
+    nq, nk = math.ceil(N / BQ), math.ceil(N / BK)
+    dense_fwd = bench(lambda: effattn.flash_attention(q, k, v), cfg.device)
+    dense_fb = bench(fwd_bwd(lambda: effattn.flash_attention(q, k, v), q, k, v), cfg.device)
+    rows = []
+    for rho in (0.05, 0.10, 0.25, 0.50):
+        g = torch.Generator().manual_seed(int(rho * 100))
+        n_sel = max(1, round(rho * nk))  # the same number of random KV blocks for every query block
+        idx = torch.rand(1, cfg.H, nq, nk, generator=g).topk(n_sel, dim=-1).indices
+        sel = torch.zeros(1, cfg.H, nq, nk, dtype=torch.bool).scatter_(-1, idx, True).to(cfg.device)
+        bm = block_mask_from_blocks(sel, N, N, block=cfg.block)
+        fwd = bench(lambda: effattn.flash_attention(q, k, v, block_mask=bm), cfg.device)
+        fb = bench(fwd_bwd(lambda: effattn.flash_attention(q, k, v, block_mask=bm), q, k, v), cfg.device)
+        rows.append({"density": rho, "measured_density": bm.density(), "fwd_ms": fwd, "fwd_bwd_ms": fb,
+                     "dense_fwd_ms": dense_fwd, "dense_fwd_bwd_ms": dense_fb,
+                     "speedup_fwd": dense_fwd / fwd, "speedup_fwd_bwd": dense_fb / fb})
+        print(f"density {rho:.2f}: fwd {fwd:.3f} ms ({dense_fwd / fwd:.2f}x dense), "
+              f"fwd+bwd {fb:.3f} ms ({dense_fb / fb:.2f}x)", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- 2. pattern methods vs FlexAttention
+
+def flex_fn(cfg):
+    from torch.nn.attention.flex_attention import flex_attention
+    if cfg.device != "cuda":
+        return flex_attention  # eager (CPU smoke run)
+    # Each pattern's mask_mod is a new closure, so Dynamo recompiles per pattern: keep all of them compiled
+    # instead of falling back to eager after the default 8 recompilations.
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+    return torch.compile(flex_attention)
+
+
+def pattern_vs_flex(cfg):
+    from torch.nn.attention.flex_attention import create_block_mask
+    flex = flex_fn(cfg)
+    rows = []
+    for spec in SPECS:
+        N = cfg.n_pattern
+        opts = cfg.pattern_options[spec.name]
+        pattern = spec.build(N, N, cfg.H, **opts)
+        q, k, v = rand(cfg, N)
+        flex_grad = cfg.device == "cuda"  # FlexAttention has no CPU backward
+        qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_(flex_grad) for t in (q, k, v))
+        t0 = time.perf_counter()
+        bm = pattern.block_mask(1, cfg.H, N, N, block=cfg.block, device=cfg.device)
+        build_s = time.perf_counter() - t0
+        fbm = create_block_mask(pattern, None, cfg.H if pattern.per_head else None, N, N, device=cfg.device)
+
+        def ours():
+            return effattn.flash_attention(q, k, v, block_mask=bm)
+
+        def theirs():
+            return flex(qf, kf, vf, block_mask=fbm)
+        err = float((ours().float() - theirs().transpose(1, 2).float()).abs().max())
+        r = {"method": spec.name, "options": {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in opts.items()},
+             "N": N, "density": bm.density(), "build_s": build_s, "max_abs_diff_vs_flex": err,
+             "fwd_ms": bench(ours, cfg.device), "flex_fwd_ms": bench(theirs, cfg.device),
+             "fwd_bwd_ms": bench(fwd_bwd(ours, q, k, v), cfg.device),
+             "flex_fwd_bwd_ms": bench(fwd_bwd(theirs, qf, kf, vf), cfg.device) if flex_grad else math.nan}
+        r["ratio_fwd"] = r["flex_fwd_ms"] / r["fwd_ms"]
+        r["ratio_fwd_bwd"] = r["flex_fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        rows.append(r)
+        print(f"{spec.name}: density {r['density']:.3f}, fwd {r['fwd_ms']:.3f} ms vs flex {r['flex_fwd_ms']:.3f} "
+              f"({r['ratio_fwd']:.2f}x), fwd+bwd {r['ratio_fwd_bwd']:.2f}x, |diff| {err:.2e}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- 3. quality of dynamic methods
+
+def local_inputs(cfg, N, seed=0):
+    """Queries and keys that share a slowly drifting direction (a moving average of noise over w tokens,
+    so it decorrelates over ~w tokens) plus noise: attention is mostly local, logit contrast ~3, with
+    chance long-range matches. The structure dynamic selection is meant to find."""
+    g = torch.Generator().manual_seed(seed)
+    H, D, w = cfg.H, cfg.D, max(16, N // 64)
+    cs = torch.randn(1, N + w, H, D, generator=g).cumsum(1)
+    direction = torch.nn.functional.normalize(cs[:, w:] - cs[:, :-w], dim=-1)
+    alpha = math.sqrt(3 * math.sqrt(D))  # q.k * D^-0.5 between aligned tokens ~ 3
+    q = alpha * direction + torch.randn(1, N, H, D, generator=g)
+    k = alpha * direction + torch.randn(1, N, H, D, generator=g)
+    v = torch.randn(1, N, H, D, generator=g)
+    return [t.to(cfg.device, cfg.dtype) for t in (q, k, v)]
+
+
+def rel_err(o, ref):
+    return float((o.float() - ref.float()).norm() / ref.float().norm())
+
+
+def quality(cfg):
+    N = cfg.n_quality
+    q, k, v = local_inputs(cfg, N)
+    full = effattn.flash_attention(q, k, v, causal=True)
+    b = cfg.block[0]
+    causal_tiles = (math.ceil(N / b) + 1) / (2 * math.ceil(N / b))  # density of dense causal attention
+    rows = [{"method": "full causal", "budget": "-", "density": causal_tiles, "rel_err": 0.0}]
+
+    def add(method, budget, o, density):
+        rows.append({"method": method, "budget": budget, "density": density, "rel_err": rel_err(o, full)})
+        print(f"{method} {budget}: density {density:.3f}, rel err {rows[-1]['rel_err']:.4f}", flush=True)
+
+    nb = math.ceil(N / b)
+    for top_k in (1, 2, 4, 8):
+        if top_k < nb:
+            add("moba", f"top_k={top_k}", sp.moba(q, k, v, block_size=b, top_k=top_k),
+                dyn.moba_select(q, k, b, top_k).float().mean().item())
+    page = max(16, b // 2)
+    for top_k in (4, 8, 16, 32):
+        if top_k < N // page:
+            add("quest", f"top_k={top_k} pages of {page}", sp.quest(q, k, v, page_size=page, top_k=top_k),
+                dyn.quest_select(q, k, page, top_k).float().mean().item())
+    stride = 8 if b >= 64 else 4
+    for kw in ({"threshold": 0.5}, {"threshold": 0.8}, {"threshold": 0.9}, {"threshold": 0.95},
+               {"budget": 0.1}, {"budget": 0.25}):
+        add("xattention", ",".join(f"{k_}={v_}" for k_, v_ in kw.items()),
+            sp.xattention(q, k, v, block_size=b, stride=stride, **kw),
+            dyn.xattention_select(q, k, b, stride, **kw).float().mean().item())
+    gates = torch.zeros(1, N, cfg.H, 3, device=cfg.device, dtype=cfg.dtype)
+    gates[..., 1] = 1.0  # the selection branch alone: the part of NSA that approximates attention
+    w = torch.full((b,), 1.0 / b, device=cfg.device, dtype=cfg.dtype)
+    for top_n in (2, 4, 8):
+        if top_n < nb:
+            add("nsa (selected branch)", f"top_n={top_n}", sp.nsa(q, k, v, gates, w, w, block_size=b, top_n=top_n),
+                float("nan"))
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+def markdown(meta, dens, pats, qual):
+    lines = [f"# Sparse attention benchmark ({meta['date']})", "",
+             f"Device: {meta['device_name']}; torch {meta['torch']}, triton {meta['triton']}; dtype {meta['dtype']}, "
+             f"H={meta['H']}, D={meta['D']}, block {meta['block']}. Command: `{meta['command']}`", "",
+             f"## Time vs density (N={meta['n_density']}, random KV blocks per query block, non-causal)", "",
+             "| density | measured | fwd ms | dense fwd ms | speedup | fwd+bwd ms | dense fwd+bwd ms | speedup |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['density']:.2f} | {r['measured_density']:.3f} | {r['fwd_ms']:.3f} | {r['dense_fwd_ms']:.3f} | "
+              f"{r['speedup_fwd']:.2f}x | {r['fwd_bwd_ms']:.3f} | {r['dense_fwd_bwd_ms']:.3f} | {r['speedup_fwd_bwd']:.2f}x |"
+              for r in dens]
+    lines += ["", f"## Pattern methods vs FlexAttention (same mask, N={meta['n_pattern']}; ratio = Flex time / ours)",
+              "", "| method | density | fwd ms | Flex fwd ms | ratio | fwd+bwd ms | Flex fwd+bwd ms | ratio | mask build s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['density']:.3f} | {r['fwd_ms']:.3f} | {r['flex_fwd_ms']:.3f} | {r['ratio_fwd']:.2f}x | "
+              f"{r['fwd_bwd_ms']:.3f} | {r['flex_fwd_bwd_ms']:.3f} | {r['ratio_fwd_bwd']:.2f}x | {r['build_s']:.2f} |"
+              for r in pats]
+    lines += ["", f"## Dynamic methods: relative L2 error vs full causal attention (N={meta['n_quality']}, "
+              "locality-structured q/k)", "", "| method | budget | density (tiles) | rel. error |", "|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['budget']} | {'-' if math.isnan(r['density']) else format(r['density'], '.3f')} | "
+              f"{r['rel_err']:.4f} |" for r in qual]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", choices=("density", "patterns", "quality"), action="append")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = quick_config(device) if args.quick else full_config(device)
+    parts = args.only or ["density", "patterns", "quality"]
+    import triton
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+            "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "dtype": str(cfg.dtype).replace("torch.", ""),
+            "H": cfg.H, "D": cfg.D, "block": list(cfg.block), "n_density": cfg.n_density,
+            "n_pattern": cfg.n_pattern, "n_quality": cfg.n_quality}
+    dens = density_sweep(cfg) if "density" in parts else []
+    pats = pattern_vs_flex(cfg) if "patterns" in parts else []
+    with torch.no_grad():
+        qual = quality(cfg) if "quality" in parts else []
+    os.makedirs(args.out, exist_ok=True)
+    stem = "sparse" + ("_" + "_".join(args.only) if args.only else "")  # --only runs do not overwrite others
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump({"meta": meta, "density": dens, "patterns": pats, "quality": qual}, f, indent=1)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(markdown(meta, dens, pats, qual))
+    print(markdown(meta, dens, pats, qual))
+
+
+if __name__ == "__main__":
+    main()

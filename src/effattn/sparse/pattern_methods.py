@@ -1,0 +1,169 @@
+"""Pattern-based sparse attention methods (survey Sec. 6.3), each a pattern run by the block-sparse kernel.
+
+A method here is one function `(T, S, H, **options) -> Pattern` (the mask, in absolute positions); the
+fast path builds its `BlockMask` and calls `effattn.flash_attention(q, k, v, block_mask=...)`, which skips
+the empty blocks; the reference is `softmax_attention` with the same elementwise mask. Queries are
+aligned bottom-right when T != S, as everywhere in effattn.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
+
+from ..hardware.flash import flash_attention
+from ..reference.softmax import softmax_attention
+from ..validate import check_qkv, check_scale
+from . import patterns as P
+
+
+def pattern_attention(q, k, v, pattern, *, scale=None, block=None):
+    """Softmax attention restricted to `pattern` (a mask function), through the block-sparse flash kernel.
+
+    q: `[B, T, H, D]`, k: `[B, S, Hkv, D]`, v: `[B, S, Hkv, Dv]`; `pattern(b, h, q_idx, kv_idx)` in
+    absolute positions (query i at key position i + S - T). `block=(BQ, BK)` the kernel's tile (None: the
+    kernel's default). Returns o `[B, T, H, Dv]`; rows that see no key are 0. Time O(visited blocks * BQ * BK * d).
+    """
+    B, T, S, H, _, _, _ = check_qkv(q, k, v)
+    check_scale(scale)
+    p = P.as_pattern(pattern).shifted(S - T)
+    bm = p.block_mask(B, H, T, S, block=block, device=q.device)
+    return flash_attention(q, k, v, block_mask=bm, scale=scale)
+
+
+def pattern_reference(q, k, v, pattern, *, scale=None, **_ignored):
+    """`softmax_attention` with the pattern's elementwise mask, bottom-right aligned (float64 ground truth)."""
+    T, S = q.shape[1], k.shape[1]
+    return softmax_attention(q, k, v, mask=P.as_pattern(pattern).shifted(S - T), scale=scale)
+
+
+# ---------------------------------------------------------------- the patterns of the registered methods
+
+def sliding_window_pattern(T, S, H, *, window=256, causal=True):
+    """Each query sees the `window` keys before it (and after it unless causal), itself included."""
+    return P.sliding_window(window, 0 if causal else window)
+
+
+def longformer_pattern(T, S, H, *, window=256, global_tokens=(0,), causal=False):
+    """Longformer (Beltagy et al. 2020): sliding window | global tokens (attend to / attended by all)."""
+    p = sliding_window_pattern(T, S, H, window=window, causal=causal) | P.global_tokens(global_tokens)
+    return p & P.causal() if causal else p
+
+
+def bigbird_pattern(T, S, H, *, block_size=64, window_blocks=1, global_blocks=1, random_blocks=2, seed=0):
+    """BigBird (Zaheer et al. 2020): block window + global blocks + seeded random blocks per head."""
+    return P.bigbird(max(T, S), S, block_size, window_blocks, global_blocks, random_blocks, seed, heads=H)
+
+
+def sparse_transformer_pattern(T, S, H, *, stride=128, variant="strided", summary=1):
+    """Sparse Transformer (Child et al. 2019), the union of its two heads' patterns ("strided" or "fixed")."""
+    if variant == "strided":
+        return P.strided(stride)
+    if variant == "fixed":
+        return P.fixed(stride, summary)
+    raise ValueError(f"variant must be 'strided' or 'fixed', got {variant!r}")
+
+
+def streaming_llm_pattern(T, S, H, *, sinks=4, window=1024):
+    """StreamingLLM (Xiao et al. 2024b): attention sinks + the most recent `window` keys, causal."""
+    return P.sinks_recent(sinks, window)
+
+
+def _grid_pattern(T, S, grid, kernel, dims):
+    if not isinstance(grid, (tuple, list)) or len(grid) != dims:
+        raise TypeError(f"grid must be a tuple of {dims} ints, got {grid!r}")
+    if not (T == S == math.prod(grid)):
+        raise ValueError(f"neighborhood attention needs T == S == prod(grid) = {math.prod(grid)}, got T={T}, S={S}")
+    return P.neighborhood(grid, kernel)
+
+
+def neighborhood_2d_pattern(T, S, H, *, grid=(32, 32), kernel=(7, 7)):
+    """NATTEN 2D: tokens of an image in raster order, each sees its kernel-sized window (clamped)."""
+    return _grid_pattern(T, S, grid, kernel, 2)
+
+
+def neighborhood_3d_pattern(T, S, H, *, grid=(8, 16, 16), kernel=(3, 7, 7)):
+    """NATTEN 3D: tokens of a video (frames, height, width) in raster order."""
+    return _grid_pattern(T, S, grid, kernel, 3)
+
+
+# ---------------------------------------------------------------- registration
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    build: Callable
+    options: Mapping[str, Any]
+    test_options: Mapping[str, Any]
+    cite: str
+    description: str
+    complexity: tuple
+    grid: tuple | None = None  # the registry's shapes must be this grid's length
+
+
+def _methods(spec: _Spec):
+    def fn(q, k, v, *, scale=None, block=None, **options):
+        return pattern_attention(q, k, v, spec.build(q.shape[1], k.shape[1], q.shape[2], **options),
+                                 scale=scale, block=block)
+
+    def reference(q, k, v, *, scale=None, block=None, **options):
+        return pattern_reference(q, k, v, spec.build(q.shape[1], k.shape[1], q.shape[2], **options), scale=scale)
+
+    fn.__name__, reference.__name__ = spec.name, f"{spec.name}_reference"
+    fn.__doc__ = (f"{spec.build.__doc__}\n\n    q: `[B, T, H, D]`, k: `[B, S, Hkv, D]`, v: `[B, S, Hkv, Dv]` -> "
+                  f"o `[B, T, H, Dv]`, through the block-sparse flash kernel (see `pattern_attention`).")
+    return fn, reference
+
+
+SPECS = (
+    _Spec("sliding_window", sliding_window_pattern, {"window": 256, "causal": True}, {"window": 7},
+          "Beltagy et al. 2020 (survey Sec. 6.3, window attention)", "causal local window via block mask",
+          ("O(N w d)", "O(N)")),
+    _Spec("longformer", longformer_pattern, {"window": 256, "global_tokens": (0,), "causal": False},
+          {"window": 3, "global_tokens": (0, 11)}, "Beltagy et al. 2020 (Longformer; survey Sec. 6.3)",
+          "sliding window plus global tokens", ("O(N (w + g) d)", "O(N)")),
+    _Spec("bigbird", bigbird_pattern, {"block_size": 64, "window_blocks": 1, "global_blocks": 1,
+                                       "random_blocks": 2, "seed": 0},
+          {"block_size": 8, "random_blocks": 1, "seed": 3}, "Zaheer et al. 2020 (BigBird; survey Sec. 6.3)",
+          "block window + global + seeded random blocks", ("O(N (w + g + r) b d)", "O(N)")),
+    _Spec("sparse_transformer", sparse_transformer_pattern, {"stride": 128, "variant": "strided", "summary": 1},
+          {"stride": 6}, "Child et al. 2019 (Sparse Transformer; survey Sec. 3.3)",
+          "strided (or fixed) factorised pattern, causal", ("O(N sqrt(N) d)", "O(N)")),
+    _Spec("streaming_llm", streaming_llm_pattern, {"sinks": 4, "window": 1024}, {"sinks": 2, "window": 8},
+          "Xiao et al. 2024b (survey Table 4, StreamingLLM)", "attention sinks + recent window, causal",
+          ("O(N (s + w) d)", "O(s + w)")),
+    _Spec("neighborhood_2d", neighborhood_2d_pattern, {"grid": (32, 32), "kernel": (7, 7)},
+          {"grid": (5, 7), "kernel": (3, 3)}, "Hassani et al. 2023a (survey Table 4, NeighborAttn)",
+          "2D neighborhood attention over an image token grid", ("O(N k^2 d)", "O(N)"), grid=(5, 7)),
+    _Spec("neighborhood_3d", neighborhood_3d_pattern, {"grid": (8, 16, 16), "kernel": (3, 7, 7)},
+          {"grid": (3, 3, 4), "kernel": (2, 3, 3)}, "Hassani et al. 2023a (survey Table 4, NeighborAttn)",
+          "3D neighborhood attention over a video token grid", ("O(N k^3 d)", "O(N)"), grid=(3, 3, 4)),
+)
+
+FUNCTIONS = {spec.name: _methods(spec) for spec in SPECS}
+
+
+def _register() -> None:
+    from ..inputs import softmax_inputs
+    from ..registry import Complexity, Method, StateOrCache, register
+
+    def make_inputs(spec):
+        def make(shape, dtype, device, generator, **options):
+            if spec.grid is not None:
+                shape = replace(shape, seq_q=math.prod(spec.grid), seq_k=None)
+            return softmax_inputs(shape, dtype, device, generator, **{**spec.test_options, **options})
+        return make
+
+    for spec in SPECS:
+        fn, reference = FUNCTIONS[spec.name]
+        causal = spec.options.get("causal", spec.name in ("sparse_transformer", "streaming_llm"))
+        register(Method(
+            name=spec.name, family="sparse", cite=spec.cite, fn=fn, reference=reference,
+            make_inputs=make_inputs(spec), complexity=Complexity(*spec.complexity, 1.0, 1.0),
+            state_or_cache=StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim),
+            options={"scale": None, "block": None, **spec.options},
+            supports=frozenset({"causal" if causal else "noncausal", "backward", "gqa"}),
+            approximates_softmax=True, description=spec.description))
+
+
+_register()

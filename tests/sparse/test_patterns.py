@@ -1,0 +1,175 @@
+"""Every pattern against its definition written as a loop over (query, key) pairs, plus combinators,
+pictures, seeded randomness, block-mask builders and error paths."""
+import math
+import struct
+import zlib
+
+import pytest
+import torch
+
+from effattn.sparse import patterns as P
+
+T, S = 12, 12
+
+
+def loop_mask(rule, T=T, S=S):
+    return torch.tensor([[bool(rule(i, j)) for j in range(S)] for i in range(T)])
+
+
+def coords(i, grid):
+    out = []
+    for g in reversed(grid):
+        out.append(i % g)
+        i //= g
+    return out[::-1]
+
+
+def natten_rule(grid, kernel):
+    def rule(i, j):
+        ok = True
+        for ci, cj, g, k in zip(coords(i, grid), coords(j, grid), grid, kernel):
+            start = min(max(ci - k // 2, 0), g - k)
+            ok &= start <= cj < start + k
+        return ok
+    return rule
+
+
+def tile_rule(grid, tile, window):
+    def rule(i, j):
+        ok = True
+        for ci, cj, g, t, w in zip(coords(i, grid), coords(j, grid), grid, tile, window):
+            n = math.ceil(g / t)
+            start = min(max(ci // t - w // 2, 0), n - w)
+            ok &= start <= cj // t < start + w
+        return ok
+    return rule
+
+
+def radial_rule(tpf, width):
+    def rule(i, j):
+        d = abs(i // tpf - j // tpf)
+        return abs(i % tpf - j % tpf) <= width // 2 ** int(math.floor(math.log2(d + 1)))
+    return rule
+
+
+CASES = [
+    (P.causal(), lambda i, j: j <= i, (T, S)),
+    (P.full(), lambda i, j: True, (T, S)),
+    (P.sliding_window(3), lambda i, j: i - 3 <= j <= i, (T, S)),
+    (P.sliding_window(2, 1), lambda i, j: i - 2 <= j <= i + 1, (T, S)),
+    (P.dilated_window(2, 3), lambda i, j: 0 <= i - j <= 6 and (i - j) % 3 == 0, (T, S)),
+    (P.dilated_window(2, 2, causal=False), lambda i, j: abs(i - j) <= 4 and (i - j) % 2 == 0, (T, S)),
+    (P.global_tokens([0, 5]), lambda i, j: i in (0, 5) or j in (0, 5), (T, S)),
+    (P.block_window(4, 1), lambda i, j: abs(i // 4 - j // 4) <= 1, (T, S)),
+    (P.strided(4), lambda i, j: j <= i and (i - j < 4 or (i - j) % 4 == 0), (T, S)),
+    (P.fixed(4, 2), lambda i, j: j <= i and (i // 4 == j // 4 or j % 4 >= 2), (T, S)),
+    (P.sinks_recent(2, 3), lambda i, j: j <= i and (j < 2 or i - j < 3), (T, S)),
+    (P.a_shape(1, 4), lambda i, j: j <= i and (j < 1 or i - j < 4), (T, S)),
+    (P.vertical_slash([1, 7], [0, 3]), lambda i, j: j <= i and (j in (1, 7) or i - j in (0, 3)), (T, S)),
+    (P.prefix_lm(5), lambda i, j: j < 5 or j <= i, (T, S)),
+    (P.document(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])) & P.causal(),
+     lambda i, j: j <= i and [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3][i] == [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3][j], (T, S)),
+    (P.neighborhood((4, 5), (3, 3)), natten_rule((4, 5), (3, 3)), (20, 20)),
+    (P.neighborhood((3, 4, 4), (2, 3, 3)), natten_rule((3, 4, 4), (2, 3, 3)), (48, 48)),
+    (P.sliding_tile((6, 6), (2, 3), (3, 1)), tile_rule((6, 6), (2, 3), (3, 1)), (36, 36)),
+    (P.sliding_tile((2, 4, 4), (1, 2, 2), (1, 2, 2)), tile_rule((2, 4, 4), (1, 2, 2), (1, 2, 2)), (32, 32)),
+    (P.radial(5, 4, 3), radial_rule(4, 3), (20, 20)),
+]
+
+
+@pytest.mark.parametrize("pattern,rule,size", CASES, ids=[c[0].__name__ for c in CASES])
+def test_pattern_matches_definition(pattern, rule, size):
+    got = pattern.dense(1, 1, *size)[0, 0]
+    want = loop_mask(rule, *size)
+    assert torch.equal(got, want), "\n" + P.draw(got, *size) + "\nexpected\n" + P.draw(want, *size)
+    assert 0 < got.float().mean() <= 1
+
+
+def test_combinators_names_and_shift():
+    w, c = P.sliding_window(2, 2), P.causal()
+    both, either, neg = w & c, w | P.global_tokens([0]), ~c
+    assert both.__name__ == "(window(2,2) & causal)" and "|" in either.__name__ and neg.__name__ == "~causal"
+    assert torch.equal(both.dense(1, 1, T, S), w.dense(1, 1, T, S) & c.dense(1, 1, T, S))
+    assert torch.equal(either.dense(1, 1, T, S), w.dense(1, 1, T, S) | P.global_tokens([0]).dense(1, 1, T, S))
+    assert torch.equal(neg.dense(1, 1, T, S), ~c.dense(1, 1, T, S))
+    plain = P.as_pattern(lambda b, h, q, kv: kv <= q)  # a bare function combines too
+    assert torch.equal((plain & w).dense(1, 1, T, S), both.dense(1, 1, T, S))
+    # bottom-right alignment: 3 queries at the end of 7 keys
+    assert torch.equal(c.shifted(4).dense(1, 1, 3, 7)[0, 0], loop_mask(lambda i, j: j <= i + 4, 3, 7))
+
+
+def test_batch_and_head_dependence_flags():
+    assert not (P.causal() | P.sliding_window(3)).per_head
+    mixed = P.causal() & P.random_blocks(16, 16, 4, 1, heads=2)
+    assert mixed.per_head and not mixed.per_batch
+    assert P.prefix_lm(torch.tensor([1, 2])).per_batch
+    assert P.as_pattern(lambda b, h, q, kv: kv <= q + h).per_head  # a bare function may use b and h
+    bm = mixed.block_mask(3, 2, 16, 16, block=(16, 16))
+    assert bm.to_dense().shape[:2] == (1, 2)
+
+
+def test_per_batch_prefix_and_document_ids():
+    p = P.prefix_lm(torch.tensor([2, 6]))
+    m = p.dense(2, 1, 8, 8)
+    for b, n in enumerate((2, 6)):
+        assert torch.equal(m[b, 0], loop_mask(lambda i, j: j < n or j <= i, 8, 8))
+    ids = P.document_ids(torch.tensor([0, 3, 3, 7], dtype=torch.int32))
+    assert ids.tolist() == [0, 0, 0, 2, 2, 2, 2]
+
+
+def test_random_blocks_are_seeded_and_counted():
+    a = P.random_blocks(32, 40, 8, 2, seed=1, heads=3).dense(1, 3, 32, 40)
+    b = P.random_blocks(32, 40, 8, 2, seed=1, heads=3).dense(1, 3, 32, 40)
+    c = P.random_blocks(32, 40, 8, 2, seed=2, heads=3).dense(1, 3, 32, 40)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0, 0], a[0, 1])  # heads differ
+    blocks = a[0, :, ::8, ::8]  # one element per (query block, key block)
+    assert (blocks.sum(-1) == 2).all()
+    bb = P.bigbird(32, 32, 8, 1, 1, 1, seed=4, heads=2)
+    parts = (P.block_window(8, 1) | P.random_blocks(32, 32, 8, 1, 4, 2) | P.global_tokens(range(8)))
+    assert torch.equal(bb.dense(1, 2, 32, 32), parts.dense(1, 2, 32, 32))
+
+
+def test_draw_text_and_png(tmp_path):
+    text = P.draw(P.causal(), 3, 4, path=str(tmp_path / "m.png"), pixel=2)
+    assert text.splitlines()[1:] == ["#...", "##..", "###."]
+    data = (tmp_path / "m.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert (w, h) == (8, 6)
+    idat = data.index(b"IDAT")
+    raw = zlib.decompress(data[idat + 4: idat + 4 + struct.unpack(">I", data[idat - 4: idat])[0]])
+    assert raw[1] == 0 and raw[-1] == 255  # top-left attends (black), bottom-right does not (white)
+
+
+@pytest.mark.parametrize("pattern,size", [(P.sliding_window(5) & P.causal(), (37, 37)),
+                                          (P.bigbird(45, 45, 8, seed=0, heads=2), (45, 45)),
+                                          (P.causal().shifted(26), (19, 45))])
+def test_block_mask_builder(pattern, size):
+    H = 2
+    bm = pattern.block_mask(1, H, *size, block=(16, 16))
+    assert torch.equal(bm.to_dense().expand(1, H, *size), pattern.dense(1, H, *size))
+    assert 0 < bm.density() <= 1
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="left"):
+        P.sliding_window(-1)
+    with pytest.raises(ValueError, match="dilation"):
+        P.dilated_window(2, 0)
+    with pytest.raises(TypeError, match="stride"):
+        P.strided(2.5)
+    with pytest.raises(ValueError, match="positions"):
+        P.global_tokens([-1])
+    with pytest.raises(TypeError, match="mask function"):
+        P.causal() & 3
+    with pytest.raises(TypeError, match="doc_ids"):
+        P.document([0, 0, 1])
+    with pytest.raises(TypeError, match="grid"):
+        P.neighborhood((4,), (3,))
+    with pytest.raises(TypeError, match="kernel"):
+        P.neighborhood((4, 4), (3, 3, 3))
+    with pytest.raises(ValueError, match="fit"):
+        P.neighborhood((4, 4), (5, 3))
+    with pytest.raises(ValueError, match="window_tiles"):
+        P.sliding_tile((4, 4), (2, 2), (3, 1))
