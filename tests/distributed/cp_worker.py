@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 import effattn
 from effattn.distributed import ContextParallel, local, ring_attention, shard, ulysses_attention, unshard
+from effattn.distributed import ring as ring_module
 from effattn.reference import softmax_attention
 from effattn.testing import compare
 
@@ -71,7 +72,21 @@ def _reference_in(dtype, q, k, v, do, name, zigzag, **options):
 
 def case_ring_causal_zigzag_gqa(world):
     q, k, v, do = _inputs(world, 4, 2)
-    _check_sharded(lambda *x: ring_attention(*x, causal=True, zigzag=True), q, k, v, do, zigzag=True, causal=True)
+    sent = []
+
+    class Recording(ring_module.RingExchange):
+        def __init__(self, tensors, *args):
+            sent.extend(tuple(t.shape) for t in tensors)
+            super().__init__(tensors, *args)
+
+    ring_module.RingExchange = Recording
+    try:
+        _check_sharded(lambda *x: ring_attention(*x, causal=True, zigzag=True), q, k, v, do, zigzag=True,
+                       causal=True)
+    finally:
+        ring_module.RingExchange = Recording.__bases__[0]
+    # K/V (and dK/dV) travel with their Hkv = 2 heads: GQA never repeats them in the ring's buffers.
+    assert sent and all(shape[2] == 2 for shape in sent), f"sent shapes {sorted(set(sent))}"
 
 
 def case_ring_causal_contiguous_mqa(world):
