@@ -32,6 +32,7 @@ from effattn.reference import softmax_attention  # noqa: E402
 from effattn.testing import compare  # noqa: E402
 
 H, D = 16, 128
+MATMUL_TFLOPS = 790.0  # bf16 matrix-product rate measured on the H200 (KINDS.md), the compute ceiling
 DEVICE = "cuda"
 
 
@@ -169,6 +170,10 @@ def run_speed(world, solo, seqs, deadline):
         row["speedup_ring_vs_best_1gpu"] = best1 / best_ring
         row["speedup_ulysses_vs_best_1gpu"] = best1 / row[f"ulysses_{world}gpu_ms"]
         row[f"ring_{world}gpu_tflops_per_gpu"] = flops / world / (row[f"ring_{world}gpu_ms"] * 1e-3) / 1e12
+        # Floors: the causal work split evenly at the measured bf16 matmul rate (KINDS.md, ~790 TFLOP/s on
+        # H200), and the K/V bytes one ring step moves (hidden behind compute when overlap works).
+        row[f"compute_floor_{world}gpu_ms"] = flops / world / MATMUL_TFLOPS / 1e9
+        row["kv_bytes_per_step"] = 2 * (N // world) * H * D * 2
         log(json.dumps(row))
         rows.append(row)
         del q, k, v, do, qz, kz, vz, doz, qc, kc, vc, doc
@@ -252,6 +257,11 @@ def markdown(res):
                      f"{r['speedup_ring_vs_ring1']:.2f}x | {r.get('speedup_ring_sdpa_local_vs_sdpa_flash', 0):.2f}x | "
                      f"{r['speedup_ring_vs_best_1gpu']:.2f}x | "
                      f"{r['speedup_ulysses_vs_best_1gpu']:.2f}x | {r[f'ring_{w}gpu_tflops_per_gpu']:.0f} |")
+    if res.get("speed"):
+        lines += ["", f"Compute floor at {MATMUL_TFLOPS:.0f} TFLOP/s split over {w} GPUs: " + ", ".join(
+            f"N={r['N']}: {r[f'compute_floor_{w}gpu_ms']:.1f} ms" for r in res["speed"]) +
+            "; each ring step moves " + ", ".join(f"{r['kv_bytes_per_step'] / 2 ** 20:.0f} MiB" for r in res["speed"])
+            + " of K/V per rank."]
     fit = res.get("fit")
     if fit:
         lines += ["", f"## Longest sequence whose fwd+bwd fits {fit['budget_gib']} GiB per GPU", "",
