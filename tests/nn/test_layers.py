@@ -47,6 +47,11 @@ def _mixer(name):
     return make_mixer(name, DIM, HEADS)
 
 
+def _quantized(layer) -> bool:
+    """A quantized exact-attention method (hardware class, yet approximating softmax: INT8 / FP8)."""
+    return isinstance(layer, Attention) and layer.record.family == "hardware" and layer.record.approximates_softmax
+
+
 def _trains(name):
     layer = make_mixer(name, DIM, HEADS)
     return not isinstance(layer, Attention) or layer.record.trains
@@ -70,6 +75,14 @@ def test_forward_matches_step_decoding(name):
         assert y_t.shape == (2, DIM)
         steps.append(y_t)
     assert cache["offset"] == 5
+    if _quantized(layer):
+        # Quantisation scales are computed over the tokens a call sees, so decoding (which replays the prefix)
+        # and one forward over the whole sequence round differently: they agree to the quantisers' error.
+        y_a, cache = layer.step(x[:, :3])
+        y_b, _ = layer.step(x[:, 3:], cache)
+        for out in (torch.stack(steps, 1), torch.cat([y_a, y_b], 1)):
+            assert ((out - y).norm() / y.norm()).item() < 0.05
+        return
     torch.testing.assert_close(torch.stack(steps, 1), y, rtol=tol, atol=tol)
     y_a, cache = layer.step(x[:, :3])  # prompt chunk, then a chunk continuing it
     y_b, _ = layer.step(x[:, 3:], cache)
