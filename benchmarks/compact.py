@@ -6,8 +6,10 @@ For each (method, N) the batch is the largest that fits a whole model's cache (-
 weights in --budget-gb of GPU memory (capped at --max-batch; MLA expanded shrinks further when its
 per-step expansion of the cache does not fit). Reported per layer: step time, tokens/s (batch / step
 time), KV bytes per token (measured on the layer's cache) and the cache bytes read per second.
-Before timing, each variant's decode step is checked against its layer's float64-style reference path
-(same weights, `reference=True`) on the same cache.
+Before timing, each variant's decode step is checked against its layer's reference path (`reference=True`:
+the survey's equations literally, e.g. MLA's expansion of the latents; same weights, cache and dtype), on
+two sequences; the relative error is reported and the script exits 1 when it exceeds 2e-2 (1e-4 in fp32).
+tokens/s is per attention layer: batch / step time.
 
     python benchmarks/compact.py --out benchmarks/results          # GPU, bf16, full sizes
     python benchmarks/compact.py --quick                            # CPU smoke run at a tiny width
@@ -15,7 +17,6 @@ Before timing, each variant's decode step is checked against its layer's float64
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -34,6 +35,8 @@ from effattn.registry import Shape  # noqa: E402
 # (label, registry method, layer keyword arguments for the decode step)
 VARIANTS = [("MHA", "mha", {}), ("GQA", "gqa", {}), ("MQA", "mqa", {}), ("MLA absorbed", "mla", {"form": "absorbed"}),
             ("MLA expanded", "mla", {"form": "expanded"}), ("MFA", "mfa", {}), ("TPA", "tpa", {})]
+# Layers that can hand their cache to the split-KV Triton decode kernel (head dims it supports)
+KERNEL_LAYERS = ("mha", "gqa", "mqa", "mfa")
 
 
 def timer(fn, device) -> float:
@@ -54,7 +57,7 @@ def timer(fn, device) -> float:
 def fill(cache, n: int) -> None:
     """Pretend n tokens were prefilled: random contents, length n (values only need to be realistic in scale)."""
     for buf in cache.buffers.values():
-        buf[:, :n].normal_()
+        buf.normal_()
     cache.length = n
 
 
@@ -78,17 +81,25 @@ def run(args) -> dict:
     shape = Shape(batch=1, seq_q=1, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)
     budget = int(args.budget_gb * 2**30) - int(args.weights_gb * 2**30)
     rows = []
-    for label, name, kwargs in VARIANTS:
-        label = f"GQA-{args.kv_heads}" if name == "gqa" else label
+    kernel = args.decode_kernel == "on" or (args.decode_kernel == "auto" and device.type == "cuda")
+    variants = [(label, name, kwargs, {}) for label, name, kwargs in VARIANTS]
+    if kernel:
+        variants += [(f"{label} +kernel", name, kwargs, {"decode_kernel": True})
+                     for label, name, kwargs in VARIANTS if name in KERNEL_LAYERS]
+    for label, name, kwargs, build in variants:
+        label = label.replace("GQA", f"GQA-{args.kv_heads}")
         torch.manual_seed(0)
-        layer = build_layer(name, shape, args.d_model, dtype=dtype, device=device)
+        if name in ("mha", "gqa", "mqa", "mla"):  # MFA/TPA run their own attention paths
+            build["core"] = args.core
+        layer = build_layer(name, shape, args.d_model, dtype=dtype, device=device, **build)
         per_token = layer.cache_elements_per_token() * elem
         record = effattn.REGISTRY.get(name)
         assert per_token == record.state_or_cache.bytes(shape, elem), (label, per_token)
         for n in args.contexts:
             fit = max(0, budget // (args.layers * n * per_token))  # sequences whose whole-model cache fits
             batch = min(fit, args.max_batch)
-            while batch > 0 and batch * n * per_token + extra_bytes(label, layer, batch, n, elem) > args.layer_gb * 2**30:
+            need = lambda b: b * n * per_token + extra_bytes(label, layer, b, n, elem)  # noqa: E731
+            while batch > 0 and need(batch) > args.layer_gb * 2**30:
                 batch //= 2
             row = {"method": label, "context": n, "kv_bytes_per_token_layer": per_token,
                    "kv_bytes_per_token_model": per_token * args.layers, "batch_fits_model": fit, "batch": batch}
@@ -103,8 +114,7 @@ def run(args) -> dict:
                 x = torch.randn(batch, 1, args.d_model, dtype=dtype, device=device)
                 fast = decode_step(layer, cache, x, n, kwargs).float()
                 if n <= args.check_max_context:  # on two sequences: the reference path expands K/V
-                    sub = copy.copy(cache)
-                    sub.batch, sub.buffers = min(2, batch), {k: b[:2] for k, b in cache.buffers.items()}
+                    sub = cache.narrow_batch(min(2, batch))
                     ref = decode_step(layer, sub, x[:2], n, {"reference": True}).float()
                     row["rel_err_vs_reference"] = float((fast[:2] - ref).norm() / ref.norm())
                 try:
@@ -140,7 +150,8 @@ def markdown(result: dict) -> str:
              "", f"{m['date']}, {m['device']}, torch {m['torch']}, Triton {m['triton']}, {m['dtype']}.",
              f"Command: `{m['command']}`. Batch = largest whose {c['layers']}-layer cache fits in "
              f"{c['budget_gb']} GB beside {c['weights_gb']} GB of weights (capped at {c['max_batch']}).", "",
-             "| method | context | KV bytes/token/layer | batch that fits | batch run | step ms | tokens/s | KV read GB/s |",
+             "| method | context | KV bytes/token/layer | batch that fits | batch run | step ms | tokens/s "
+             "| KV read GB/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         timing = (f"{r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | {r['kv_read_GBps']:.1f}" if "step_ms" in r
@@ -167,6 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--layer-gb", type=float, default=20.0, help="memory allowed for the one timed layer's step")
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--check-max-context", type=int, default=16384, help="check vs reference up to this context")
+    p.add_argument("--core", default="standard", help="registered exact softmax method run by MHA/GQA/MQA/MLA")
+    p.add_argument("--decode-kernel", choices=["auto", "on", "off"], default="auto",
+                   help="also time MHA/GQA/MQA/MFA with the split-KV Triton decode kernel (auto: on CUDA)")
     p.add_argument("--out", default=None, help="folder for compact_decode.json / .md")
     args = p.parse_args(argv)
     if args.quick:
@@ -174,6 +188,7 @@ def main(argv=None) -> int:
         args.contexts = [64, 256] if "--contexts" not in (argv or sys.argv) else args.contexts
         args.layers, args.budget_gb, args.weights_gb = 2, 0.01, 0.0
         args.layer_gb, args.max_batch, args.check_max_context = 0.01, 4, 256
+        args.decode_kernel = "on" if "--decode-kernel" in (argv or sys.argv) else "off"
     result = run(args)
     bad = [r for r in result["rows"] if r.get("rel_err_vs_reference", 0.0) > (2e-2 if args.dtype != "fp32" else 1e-4)]
     if args.out:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from math import nan
 import json
 import os
 import platform
@@ -28,8 +29,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 import effattn
 from effattn.hardware.decode_kernels import default_config, flash_decode
-from effattn.kvcache import ContiguousKVCache, PagedKVCache, int8_cache, kivi_cache
-from effattn.reference import softmax_attention
+from effattn.kvcache import ContiguousKVCache, PagedKVCache, decode_reference, int8_cache, kivi_cache
 from effattn.testing import compare
 
 H, HKV, D = 32, 8, 128
@@ -67,13 +67,17 @@ def correctness(dev) -> list[dict]:
         v = torch.randn(3, max(lens), HKV, D, generator=g)
         q = torch.randn(3, 2, H, D, generator=g)
         for name, cache in make_caches(3, HKV, D, dtype, dev, 2112).items():
-            cache.append(k.to(dev, dtype), v.to(dev, dtype), lengths=lens)
-            o = effattn.decode(q.to(dev, dtype), cache)
-            ref = torch.cat([softmax_attention(q[i:i + 1].double(), kk[None], vv[None], causal=True)
-                             for i, (kk, vv) in enumerate(cache.keys_values_batch(torch.float64))]).cpu()
-            base = torch.cat([softmax_attention(q[i:i + 1].to(dev, dtype), kk[None], vv[None], causal=True)
-                              for i, (kk, vv) in enumerate(cache.keys_values_batch(dtype))])
-            c = compare("o", o, base, ref, dtype)
+            try:
+                cache.append(k.to(dev, dtype), v.to(dev, dtype), lengths=lens)
+                o = effattn.decode(q.to(dev, dtype), cache)
+                ref = decode_reference(q.to(dtype), cache)  # float64 on the CPU
+                base = decode_reference(q.to(dev, dtype), cache, dtype=dtype)  # plain PyTorch, same dtype, GPU
+                c = compare("o", o, base, ref, dtype)
+            except Exception as e:  # report and go on to the timings
+                log(f"check {name} {dtype} FAILED to run: {type(e).__name__}: {str(e)[:300]}")
+                out.append({"cache": name, "dtype": str(dtype), "error": nan, "baseline_error": nan,
+                            "allowed": nan, "ok": False})
+                continue
             out.append({"cache": name, "dtype": str(dtype), "error": c.error, "baseline_error": c.baseline_error,
                         "allowed": c.allowed, "ok": c.ok})
             log(f"check {name:10s} {str(dtype):15s} {c}")
@@ -92,12 +96,16 @@ def sweep(q, cache, variants, splits_choices):
     for (bn, nw, ns), sp in itertools.product(variants, splits_choices):
         cfg = dict(block_n=bn, num_warps=nw, num_stages=ns, num_splits=sp)
         try:
-            t = bench(kernel_fn(q, cache, cfg), rep=40)
+            t = bench(kernel_fn(q, cache, cfg), rep=30)
         except Exception as e:  # a configuration the compiler rejects (shared memory) is skipped
             log(f"   skip {cfg}: {type(e).__name__}: {str(e)[:120]}")
             continue
         results.append({**cfg, "ms": t})
     return sorted(results, key=lambda r: r["ms"])
+
+
+def maxdiff(o, ref):
+    return float((o.float() - ref.float()).abs().max()) if ref is not None else float("nan")
 
 
 def run_size(B, L, dev, quick) -> dict:
@@ -114,18 +122,22 @@ def run_size(B, L, dev, quick) -> dict:
     # SDPA anchor, in its own [B, H, L, D] layout.
     qs, ks, vs = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
     sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)  # noqa: E731
-    o_sdpa = sdpa().transpose(1, 2)
-    rec["sdpa_ms"] = bench(sdpa)
+    try:
+        o_sdpa = sdpa().transpose(1, 2)
+        rec["sdpa_ms"] = bench(sdpa)
+    except Exception as e:  # keep measuring our kernels; the table shows the anchor as missing
+        log(f"   sdpa failed: {type(e).__name__}: {str(e)[:200]}")
+        o_sdpa, rec["sdpa_ms"] = None, float("nan")
     rec["sdpa_tbps"] = tbps(rec["sdpa_ms"])
     log(f"   sdpa            {rec['sdpa_ms']:.4f} ms {rec['sdpa_tbps']:.2f} TB/s")
     del qs, ks, vs
-
+    torch.cuda.empty_cache()
     cont = ContiguousKVCache(B, L, HKV, D, dtype=torch.bfloat16, device=dev)
     cont.append(k, v)
     auto = default_config(q, cont.segments()[0], H // HKV)
     auto_splits = auto["num_splits"]
     variants = [(128, 4, 3)] if quick else [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (64, 8, 4)]
-    splits = sorted({max(1, auto_splits // 2), auto_splits, auto_splits * 2})
+    splits = sorted({max(1, auto_splits // 2), auto_splits, min(256, auto_splits * 2), min(256, auto_splits * 4)})
     res = sweep(q, cont, variants, splits)
     best = res[0]
     rec["contiguous_sweep"] = res
@@ -134,11 +146,12 @@ def run_size(B, L, dev, quick) -> dict:
     rec["contiguous_ms"] = min(best["ms"], rec["contiguous_auto_ms"])
     rec["contiguous_tbps"] = tbps(rec["contiguous_ms"])
     o = effattn.decode(q, cont)
-    rec["contiguous_vs_sdpa_maxdiff"] = float((o.float() - o_sdpa.float()).abs().max())
+    rec["contiguous_vs_sdpa_maxdiff"] = maxdiff(o, o_sdpa)
     log(f"   contiguous auto {rec['contiguous_auto_ms']:.4f} ms ({auto}); best {best} -> "
         f"{rec['contiguous_tbps']:.2f} TB/s; max|o - sdpa| {rec['contiguous_vs_sdpa_maxdiff']:.3g}")
     rec["decode_api_ms_no_graph"] = do_bench(lambda: effattn.decode(q, cont), rep=100, return_mode="median")
     best_cfg = {k2: best[k2] for k2 in ("block_n", "num_warps", "num_stages", "num_splits")}
+    rec["contiguous_auto_config"] = auto
     del cont
 
     paged = PagedKVCache(B * triton.cdiv(L, 16), 16, HKV, D, dtype=torch.bfloat16, device=dev)
@@ -152,7 +165,7 @@ def run_size(B, L, dev, quick) -> dict:
     rec["paged_tbps"] = tbps(rec["paged_ms"])
     rec["paged_over_contiguous"] = rec["paged_ms"] / rec["contiguous_ms"]
     o = effattn.decode(q, paged)
-    rec["paged_vs_sdpa_maxdiff"] = float((o.float() - o_sdpa.float()).abs().max())
+    rec["paged_vs_sdpa_maxdiff"] = maxdiff(o, o_sdpa)
     log(f"   paged(16)       {rec['paged_ms']:.4f} ms {rec['paged_tbps']:.2f} TB/s, x{rec['paged_over_contiguous']:.3f} "
         f"of contiguous; max|o - sdpa| {rec['paged_vs_sdpa_maxdiff']:.3g}")
     del paged
@@ -166,15 +179,20 @@ def run_size(B, L, dev, quick) -> dict:
         cache.append(k, v)
         held = sum(t.numel() * t.element_size() for t in (cache.k_codes, cache.v_codes, cache.k_scale,
                                                            cache.k_zero, cache.v_scale, cache.v_zero))
-        qvariants = [(64, 4, 3)] if quick else [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4)]
-        qres = sweep(q, cache, qvariants, splits)
-        ms = min(qres[0]["ms"], bench(kernel_fn(q, cache, {})))
+        full = name == "kivi4" and not quick  # the bar's contender gets the full sweep
+        qvariants = [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)] if full else [(64, 4, 3)]
+        qsplits = sorted({*splits, default_config(q, cache.segments()[0], H // HKV)["num_splits"]})
+        qres = sweep(q, cache, qvariants, qsplits)
+        auto_ms = bench(kernel_fn(q, cache, {}))
+        ms = min(qres[0]["ms"], auto_ms)
         o = effattn.decode(q, cache)
-        rel = float((o.float() - o_sdpa.float()).norm() / o_sdpa.float().norm())
-        rec[name] = {"ms": ms, "best": qres[0], "sweep": qres, "held_bytes": held,
+        rel = float((o.float() - o_sdpa.float()).norm() / o_sdpa.float().norm()) if o_sdpa is not None else nan
+        rec[name] = {"ms": ms, "auto_ms": auto_ms, "best": qres[0],
+                     "sweep": qres, "held_bytes": held,
                      "logical_tbps": tbps(ms), "held_tbps": held / (ms * 1e-3) / 1e12,
                      "speedup_vs_bf16": rec["contiguous_ms"] / ms, "rel_error_vs_sdpa": rel}
-        log(f"   {name:6s}          {ms:.4f} ms, x{rec['contiguous_ms'] / ms:.2f} vs bf16, holds {held / 1e9:.2f} GB "
+        log(f"   {name:6s}          {ms:.4f} ms (auto {auto_ms:.4f}; best {qres[0]}), "
+            f"x{rec['contiguous_ms'] / ms:.2f} vs bf16, holds {held / 1e9:.2f} GB "
             f"({held / (ms * 1e-3) / 1e12:.2f} TB/s of it), rel err vs exact {rel:.3g}")
         del cache
     del k, v

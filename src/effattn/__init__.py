@@ -12,8 +12,9 @@ from . import compact, hardware, linear, nn, reference, sparse  # noqa: E402  (r
 from . import kvcache  # noqa: E402
 from .hardware import decode, flash_attention  # noqa: E402
 from .api import attention  # noqa: E402
+from . import distributed  # noqa: E402  (context parallelism; after api, which it wraps)
 from .registry import REGISTRY, Method, methods  # noqa: E402
 
 __all__ = ["attention", "flash_attention", "decode", "methods", "Method", "REGISTRY", "reference", "hardware",
-           "compact", "sparse", "linear", "nn", "kvcache"]
+           "compact", "sparse", "linear", "nn", "kvcache", "distributed"]
 __version__ = "0.1.0"

@@ -93,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--seed", type=int, default=0)
     pc.set_defaults(func=cmd_check)
     from .bench.command import add_parsers as add_bench_parsers  # `bench` and `advise`
+    from .quality.cli import add_parser as add_quality_parser
 
     add_bench_parsers(sub)
+    add_quality_parser(sub)
     return p
 
 

@@ -28,6 +28,7 @@ def test_bench_command_writes_everything(tmp_path, capsys):
     (["bench", "--seq-lens", "1"], "seq_lens must be integers >= 2"),
     (["bench", "--methods", "flashh", "--seq-lens", "8"], "unknown method 'flashh'"),
     (["bench", "--heads", "0"], "heads must be >= 1"),
+    (["bench", "--device", "cuda"], "torch.cuda.is_available() is False"),
     (["advise", "--seq-len", "64", "--task", "train", "--results", "/nonexistent/results.json"], "does not exist"),
 ])
 def test_cli_errors(argv, message, capsys, tmp_path):
@@ -72,7 +73,7 @@ def test_ranking_exact_first_when_it_fits():
             _rec("broken", 1024, 1.0, 1, status="error")]
     ranked = advise(_data(recs), 1024, "prefill")
     assert [e["label"] for e in ranked] == ["fast_exact", "slow_exact", "approx", "rnn", "broken"]
-    assert "measured" in ranked[0]["line"] and "rel L2 error 3.00e-02" in ranked[2]["line"]
+    assert "measured" in ranked[0]["line"] and "rel L2 error up to 3.00e-02" in ranked[2]["line"]
     assert "different model" in ranked[3]["line"] and "no successful" in ranked[4]["line"]
     tight = advise(_data(recs), 1024, "prefill", memory_gib=0.5)  # 1 GiB exact does not fit, 256 MiB does
     assert [e["label"] for e in tight][:2] == ["fast_exact", "approx"]
@@ -94,3 +95,17 @@ def test_advise_errors():
         advise(data, 64, "prefill", memory_gib=-1)
     with pytest.raises(ValueError, match="no fwdbwd measurements"):
         advise(data, 64, "train")
+
+
+def test_cuda_defaults_are_the_anchor_sizes(monkeypatch):
+    import torch
+
+    from effattn.bench.config import default_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = default_config("cuda")
+    assert cfg.seq_lens == (1024, 4096, 16384, 65536) and (cfg.heads, cfg.head_dim, cfg.dtype) == (16, 128, "bfloat16")
+    assert [cfg.batch_for(n) for n in cfg.seq_lens] == [16, 4, 1, 1] and cfg.threads is None
+    assert default_config("cuda", budget=0).budget is None
+    cpu = default_config("cpu")
+    assert cpu.seq_lens == (64, 128, 256) and cpu.budget == 240 and cpu.threads == 1

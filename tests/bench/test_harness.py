@@ -165,6 +165,15 @@ def test_time_limit_and_failure_classes():
     with time_limit(5):
         pass  # no alarm left behind
     assert failure_status(CellTimeout("x")) == "timeout"
+    wrapped = RuntimeError("InterpreterError(\"CellTimeout('ran past the per-cell time limit of 10 s')\")")
+    assert failure_status(wrapped) == "timeout"
+    try:
+        try:
+            raise MemoryError
+        except MemoryError as inner:
+            raise RuntimeError("kernel failed") from inner
+    except RuntimeError as outer:
+        assert failure_status(outer) == "oom"
     assert failure_status(MemoryError()) == "oom"
     assert failure_status(RuntimeError("DefaultCPUAllocator: can't allocate memory")) == "oom"
     assert failure_status(ValueError("bad")) == "error"

@@ -38,6 +38,7 @@ def test_registered_functions_run_through_the_public_api():
     ("mfa", "v", torch.zeros(1, 4, 8), ValueError, "must share B and S"),
     ("mfa", "k", [1.0], TypeError, "k must be a torch.Tensor"),
     ("mfa", "w_uq", None, TypeError, "needs the query up-projection"),
+    ("mfa", "rope_base", -3, ValueError, "rope_base must be None"),
     ("tpa", "a_k", torch.zeros(1, 5, 2, 3), ValueError, "a_k must have shape"),
     ("tpa", "b_v", torch.zeros(1, 5, 3, 8), ValueError, "b_v must have shape"),
     ("tpa", "b_k", torch.zeros(1, 5, 8), ValueError, "b_k must have 4 dimensions"),
@@ -74,9 +75,16 @@ def test_layer_and_cache_errors():
         LayerCache({"k": (2,)}, batch=1, capacity=0)
     with pytest.raises(ValueError, match="dims.kv_rank must be >= 1"):
         MLA(16, 2, MLADims(8, 0, 4, 2, 4))
+    with pytest.raises(ValueError, match="dims.d_rope must be even"):
+        MLA(16, 2, MLADims(8, 6, 4, 3, 4))
     with pytest.raises(ValueError, match="form must be one of"):
         MLA(16, 2, MLADims(8, 6, 4, 2, 4))(torch.zeros(1, 2, 16), form="naive")
     with pytest.raises(TypeError, match="dims.v_rank must be an int"):
         TPA(16, 2, 4, TPADims(2, 2, 1.5))
+    kernel = GroupedAttention(16, 4, 2, 4, decode_kernel=True, dtype=torch.float64)
+    with pytest.raises(ValueError, match="the decode kernel supports dtypes"):
+        kernel(torch.zeros(1, 2, 16, dtype=torch.float64), kernel.new_cache(1, 4))
+    with pytest.raises(ValueError, match="unknown method 'flashy'"):
+        GroupedAttention(16, 4, 2, 4, core="flashy")
     with pytest.raises(ValueError, match="name must be one of"):
         build_layer("mha2", Shape(), 64)

@@ -90,3 +90,66 @@ def test_mla_cache_holds_only_the_latent_and_rope_key():
     cache = layer.new_cache(batch=1, capacity=5)
     assert {n: tuple(b.shape) for n, b in cache.buffers.items()} == {
         "kv_latent": (1, 5, MLA_DIMS.kv_rank + MLA_DIMS.d_rope)}
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_cache_views_return_what_was_appended(heads_first):
+    from effattn.compact import LayerCache
+
+    cache = LayerCache({"k": (3, 5), "c": (4,)}, batch=2, capacity=9, heads_first=heads_first)
+    k, c = torch.randn(2, 7, 3, 5), torch.randn(2, 7, 4)
+    cache.append(k=k[:, :4], c=c[:, :4])
+    out = cache.append(k=k[:, 4:], c=c[:, 4:])
+    assert torch.equal(out["k"], k) and torch.equal(out["c"], c)
+    assert out["k"].data_ptr() == cache.buffers["k"].data_ptr()  # views of the buffers, not copies
+    assert cache.buffers["k"].shape == ((2, 3, 9, 5) if heads_first else (2, 9, 3, 5))
+    half = cache.narrow_batch(1)
+    assert torch.equal(half.view()["k"], k[:1]) and half.nbytes * 2 == cache.nbytes
+
+
+def _largest_intermediate(fn) -> int:
+    """numel of the largest tensor any op creates while fn runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t._base is None:  # views allocate nothing
+                    Watch.largest = max(Watch.largest, t.numel())
+            return out
+
+    with Watch():
+        fn()
+    return Watch.largest
+
+
+@pytest.mark.parametrize("name,kwargs,expands", [("mla", {"form": "absorbed"}, False),
+                                                 ("mla", {"form": "expanded"}, True), ("tpa", {}, False)])
+def test_decoding_never_materialises_per_head_keys(name, kwargs, expands):
+    """A decode step of absorbed MLA and of TPA allocates nothing of the size of per-head K/V (B S H d)."""
+    layer = _layer(name)
+    B, S = 2, 60
+    cache = layer.new_cache(batch=B, capacity=S + 1)
+    with torch.no_grad():
+        layer(torch.randn(B, S, D_MODEL, dtype=torch.float64), cache)
+        x = torch.randn(B, 1, D_MODEL, dtype=torch.float64)
+        largest = _largest_intermediate(lambda: layer(x, cache, **kwargs))
+    per_head_keys = B * (S + 1) * HEADS * 16  # both layers' per-head key dim is 16 (MLA d_N, TPA head dim)
+    assert (largest >= per_head_keys) == expands, (largest, per_head_keys)
+
+
+@pytest.mark.parametrize("name", ["gqa", "mqa", "mfa"])
+def test_decode_kernel_reads_the_cache_in_place(name):
+    """decode_kernel=True: prefill + decode through the split-KV Triton kernel (interpreted on CPU) on the
+    layer's own cache buffers equals the full forward of the materialised path."""
+    layer = _layer(name, torch.float32)
+    x = torch.randn(2, 9, D_MODEL)
+    with torch.no_grad():
+        full = layer(x)
+        layer.decode_kernel = True
+        cache = layer.new_cache(batch=2, capacity=11)
+        steps = [layer(x[:, :7], cache)] + [layer(x[:, t:t + 1], cache) for t in (7, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)

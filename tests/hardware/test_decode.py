@@ -3,10 +3,11 @@ import pytest
 import torch
 
 import effattn
-from effattn.kvcache import ContiguousKVCache, PagedKVCache, QuantizedKVCache, decode_reference, int8_cache, kivi_cache
+from effattn.kvcache import (ContiguousKVCache, PagedKVCache, QuantizedKVCache, decode_reference, int8_cache,
+                             kivi_cache, kvquant_cache)
 from effattn.testing import compare
 
-KINDS = ["contiguous", "paged", "kivi2", "kivi4", "int8", "kivi4_tokenkeys"]
+KINDS = ["contiguous", "paged", "kivi2", "kivi4", "int8", "kivi4_tokenkeys", "kvquant"]
 
 
 def make_cache(kind, B, Hkv, D, dtype, device, max_len=96):
@@ -17,6 +18,8 @@ def make_cache(kind, B, Hkv, D, dtype, device, max_len=96):
         for _ in range(B):
             cache.add_sequence()
         return cache
+    if kind == "kvquant":  # pre-RoPE per-channel 2-bit keys with two sparse outliers per key
+        return kvquant_cache(B, max_len, Hkv, D, bits=2, group=8, outliers=2, residual=4, dtype=dtype, device=device)
     if kind == "int8":
         return int8_cache(B, max_len, Hkv, D, group=16, dtype=dtype, device=device)
     if kind == "kivi4_tokenkeys":  # per-token 4-bit keys, a residual that is not a group multiple
@@ -58,7 +61,7 @@ def test_decode_every_cache_mixed_lengths_gqa(kind, device):
     check(kind, B=3, H=6, Hkv=2, D=32, Tq=2, lengths=[53, 3, 37], dtype=torch.float32, device=device)
 
 
-@pytest.mark.parametrize("kind", ["contiguous", "paged", "kivi4", "int8"])
+@pytest.mark.parametrize("kind", ["contiguous", "paged", "kivi4", "int8", "kvquant"])
 def test_decode_bf16(kind, device):
     check(kind, B=2, H=4, Hkv=1, D=16, Tq=1, lengths=[45, 29], dtype=torch.bfloat16, device=device)
 
@@ -102,6 +105,8 @@ def test_decode_validation_errors(device):
         effattn.decode(torch.randn(2, 5, 4, 16, device=device), cache)
     with pytest.raises(ValueError, match="num_splits"):
         effattn.decode(q, cache, num_splits=0)
+    with pytest.raises(ValueError, match="num_splits must be <= 256"):
+        effattn.decode(q, cache, num_splits=257)
     with pytest.raises(ValueError, match="block_n"):
         effattn.decode(q, cache, block_n=24)
     with pytest.raises(ValueError, match="scale"):

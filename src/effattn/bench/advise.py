@@ -43,6 +43,10 @@ def advise(data: dict, seq_len: int, task: str, memory_gib: float | None = None)
         raise ValueError(f"memory must be a positive number of GiB, got {memory_gib!r}")
     mode = TASK_MODE[task]
     fits = {(f["label"], f["mode"]): f for f in data.get("fits", [])}
+    errors: dict[str, list[float]] = {}  # accuracy is measured in fwd (and decode) cells: any mode's counts
+    for r in data["records"]:
+        if r["kind"] == "method" and r.get("rel_l2") is not None:
+            errors.setdefault(r["label"], []).append(r["rel_l2"])
     by_label: dict[str, list[dict]] = {}
     for r in data["records"]:
         if r["kind"] == "method" and r["mode"] == mode:
@@ -74,8 +78,8 @@ def advise(data: dict, seq_len: int, task: str, memory_gib: float | None = None)
         elif ok[0]["family"] == "linear":
             tier, why = "recurrence", f"a recurrence with state {meta.get('state_or_cache', '?')}: a different model, train it as such"
         else:
-            errs = [r["rel_l2"] for r in ok if r.get("rel_l2") is not None]
-            err = f" (rel L2 error {max(errs):.2e} vs exact)" if errs else ""
+            errs = errors.get(label, [])
+            err = f" (rel L2 error up to {max(errs):.2e} vs exact)" if errs else ""
             tier, why = "approximation", f"approximates softmax attention{err}"
         line = (f"{label}: {why}; {t * 1e3:.3g} ms and {_fmt_bytes(mem)} per sequence at N={seq_len} "
                 f"({how})")

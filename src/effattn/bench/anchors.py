@@ -31,6 +31,7 @@ class Anchor:
     approximates_softmax: bool = False
     inputs: dict | None = None  # linear_inputs options (linear anchors)
     description: str = ""
+    probe: bool = False  # detect by a tiny call (cheap SDPA backends); others compile for minutes at first call
 
 
 def _sdpa(backend_name: str) -> Callable[[dict], object]:
@@ -83,11 +84,13 @@ def _fla(module: str, fn_name: str, args: tuple[str, ...]) -> Callable[[dict], o
 
 
 ANCHORS = [
-    Anchor("sdpa_math", "softmax", _sdpa("MATH"), description="PyTorch SDPA, math backend"),
-    Anchor("sdpa_flash", "softmax", _sdpa("FLASH_ATTENTION"), description="PyTorch SDPA, FlashAttention-2 backend"),
-    Anchor("sdpa_efficient", "softmax", _sdpa("EFFICIENT_ATTENTION"), cuda_only=True,
+    Anchor("sdpa_math", "softmax", _sdpa("MATH"), probe=True, description="PyTorch SDPA, math backend"),
+    Anchor("sdpa_flash", "softmax", _sdpa("FLASH_ATTENTION"), probe=True,
+           description="PyTorch SDPA, FlashAttention-2 backend"),
+    Anchor("sdpa_efficient", "softmax", _sdpa("EFFICIENT_ATTENTION"), cuda_only=True, probe=True,
            description="PyTorch SDPA, memory-efficient backend"),
-    Anchor("sdpa_cudnn", "softmax", _sdpa("CUDNN_ATTENTION"), cuda_only=True, description="PyTorch SDPA, cuDNN backend"),
+    Anchor("sdpa_cudnn", "softmax", _sdpa("CUDNN_ATTENTION"), cuda_only=True, probe=True,
+           description="PyTorch SDPA, cuDNN backend"),
     Anchor("flex", "softmax", _flex, cuda_only=True, decodes=False,
            description="torch.compile(flex_attention) with the same causal block mask"),
     Anchor("flash_attn", "softmax", _flash_attn, cuda_only=True, module="flash_attn",
@@ -115,7 +118,10 @@ def anchor_inputs(anchor: Anchor, shape, cfg: BenchConfig, generator, causal: bo
 
 
 def detect(cfg: BenchConfig, names=None) -> dict[str, str]:
-    """anchor name -> "available" or "unavailable: <why>", for `names` (default: all) on cfg's device."""
+    """anchor name -> "available" or "unavailable: <why>", for `names` (default: all) on cfg's device.
+    SDPA backends are probed with a tiny call (availability depends on dtype and head dim); the others are
+    checked by import only, since their first call compiles for up to minutes (a failing call is then
+    recorded in its cells)."""
     status = {}
     for a in ANCHORS:
         if names is not None and a.name not in names:
@@ -126,8 +132,11 @@ def detect(cfg: BenchConfig, names=None) -> dict[str, str]:
         try:
             if a.module:
                 importlib.import_module(a.module)
-            tiny = Shape(batch=1, seq_q=16, heads=cfg.heads, head_dim=cfg.head_dim)
-            a.run(anchor_inputs(a, tiny, cfg, torch.Generator().manual_seed(0)))
+            if a.name == "flex":
+                from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+            if a.probe:
+                tiny = Shape(batch=1, seq_q=16, heads=cfg.heads, head_dim=cfg.head_dim)
+                a.run(anchor_inputs(a, tiny, cfg, torch.Generator().manual_seed(0)))
             status[a.name] = "available"
         except Exception as exc:  # any failure means "cannot be used here"; the reason is reported
             status[a.name] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"

@@ -104,20 +104,21 @@ def softmax_flops(B, H, T, S, D, Dv, causal, mode) -> float:
 
 
 def with_grads(call: Callable[[dict], Any], inputs: dict, names, generator) -> Callable[[], Any]:
-    """forward + backward of every output that needs a gradient, under fixed random upstream gradients."""
+    """forward + backward of every output that needs a gradient, under fixed random upstream gradients
+    (drawn at the first call, which is the untimed warm-up)."""
     wrt = [inputs[n] for n in names if isinstance(inputs.get(n), torch.Tensor) and inputs[n].is_floating_point()]
     if not wrt:
         raise Skip("no floating input to differentiate")
     for t in wrt:
         t.requires_grad_(True)
-    probe = [o for o in _flat(call(inputs)) if isinstance(o, torch.Tensor) and o.requires_grad]
-    if not probe:
-        raise Skip("outputs do not require grad")
-    grads = [torch.randn(o.shape, generator=generator).to(o.device, o.dtype) for o in probe]
-    del probe
+    grads: list[torch.Tensor] = []
 
     def step():
         outs = [o for o in _flat(call(inputs)) if isinstance(o, torch.Tensor) and o.requires_grad]
+        if not outs:
+            raise Skip("outputs do not require grad")
+        if not grads:
+            grads.extend(torch.randn(o.shape, generator=generator).to(o.device, o.dtype) for o in outs)
         return torch.autograd.grad(outs, wrt, grads, allow_unused=True)
 
     return step
@@ -125,6 +126,16 @@ def with_grads(call: Callable[[dict], Any], inputs: dict, names, generator) -> C
 
 def _flat(out: Any) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def key_length(inputs: dict, wanted: int, default: int) -> int:
+    """Length of the keys / cache: k's dim 1, else `wanted` when some other token-major input `[B, S, ...]`
+    has it (latent caches such as MLA's c_kv), else `default`."""
+    k = inputs.get("k")
+    if isinstance(k, torch.Tensor):
+        return k.shape[1]
+    others = [t for name, t in inputs.items() if name != "q" and isinstance(t, torch.Tensor) and t.dim() >= 3]
+    return wanted if any(t.shape[1] == wanted for t in others) else default
 
 
 def cell_shape(cfg: BenchConfig, mode: str, n: int) -> Shape:
@@ -143,10 +154,10 @@ def prepare_method(method: Method, cell: Cell, cfg: BenchConfig, generator: torc
     inputs = method.make_inputs(shape, cfg.torch_dtype, cfg.device, generator)
     if cell.form != "default":
         inputs["form"] = cell.form
-    q, k = inputs.get("q"), inputs.get("k")
+    q = inputs.get("q")
     B = q.shape[0] if isinstance(q, torch.Tensor) else shape.batch
     T = q.shape[1] if isinstance(q, torch.Tensor) else shape.seq_q
-    S = k.shape[1] if isinstance(k, torch.Tensor) else T
+    S = key_length(inputs, shape.S, T)
     notes = []
     if cell.mode == "decode":
         if T != 1:

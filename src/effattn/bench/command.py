@@ -31,6 +31,9 @@ def add_parsers(sub) -> None:
     pb.add_argument("--mode", type=str, default=None, help=f"comma-separated subset of {','.join(MODES)} (default: all)")
     pb.add_argument("--anchors", default="auto", help="auto | none | comma-separated anchor names")
     pb.add_argument("--time-limit", type=float, default=None, help="seconds per cell before it is recorded as a timeout")
+    pb.add_argument("--budget", type=float, default=None,
+                    help="seconds for the whole run, 0 for none (default: 240 on CPU, none on CUDA); cells left "
+                         "are recorded and --resume runs them")
     pb.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
     pb.add_argument("--quick", action="store_true", help="fewer, smaller sizes")
     pb.add_argument("--resume", action="store_true", help="continue the interrupted run in --out with its settings")
@@ -57,6 +60,7 @@ def cmd_bench(args) -> int:
                          head_dim=args.head_dim, seq_lens=_ints(args.seq_lens) if args.seq_lens else None,
                          modes=_modes(args.mode) if args.mode else None, anchors=args.anchors,
                          methods=tuple(args.methods) if args.methods else None, time_limit=args.time_limit,
+                         budget=args.budget,
                          seed=args.seed, threads=args.threads)
     given = {k: v for k, v in vars(args).items() if k != "func" and v not in (None, False)}
     command = "effattn bench " + " ".join(

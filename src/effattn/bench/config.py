@@ -32,9 +32,13 @@ class BenchConfig:
     modes: tuple[str, ...] = MODES
     methods: tuple[str, ...] | None = None  # None: every registered method
     anchors: str = "auto"  # auto | none | comma-separated anchor names
-    time_limit: float = 20.0  # seconds per cell (warm-up, timing, memory, accuracy)
+    time_limit: float = 10.0  # seconds per cell (warm-up, timing, memory, accuracy)
     min_run_time: float = 0.05  # seconds of timed calls per cell on the CPU (torch.utils.benchmark)
-    min_samples: int = 5  # timed samples at least (CPU), while they fit in a quarter of the time limit
+    min_samples: int = 5  # timed samples at least (CPU), while they fit in `sample_seconds`
+    sample_seconds: float = 1.0
+    # seconds for the whole run; cells left when it is used up are recorded and `--resume` runs them.
+    # CUDA: 500 s keeps one invocation inside a 10-minute job limit; --budget 0 removes it.
+    budget: float | None = 240.0
     warmup_ms: float = 25.0  # triton.testing.do_bench on CUDA
     rep_ms: float = 100.0
     seed: int = 0
@@ -66,13 +70,13 @@ def default_config(device: str, quick: bool = False, **overrides) -> BenchConfig
     """The defaults for `device`, then every override that is not None."""
     if device == "cuda":
         cfg = BenchConfig(device="cuda", dtype="bfloat16", seq_lens=CUDA_SEQ_LENS, batch=None, heads=16,
-                          head_dim=128, time_limit=300.0, threads=None)
+                          head_dim=128, time_limit=180.0, threads=None, budget=500.0)
         if quick:
             cfg.seq_lens = (1024, 4096)
     else:
         cfg = BenchConfig()
         if quick:
-            cfg.seq_lens, cfg.heads, cfg.head_dim, cfg.time_limit = QUICK_SEQ_LENS, 1, 16, 10.0
+            cfg.seq_lens, cfg.heads, cfg.head_dim, cfg.budget = QUICK_SEQ_LENS, 1, 16, 120.0
             cfg.min_run_time = 0.02
     for key, value in overrides.items():
         if value is not None:
@@ -102,6 +106,8 @@ def validate_config(cfg: BenchConfig) -> None:
     bad = [m for m in cfg.modes if m not in MODES]
     if bad or not cfg.modes:
         raise ValueError(f"modes must be a non-empty subset of {MODES}, got {cfg.modes!r}")
+    if cfg.budget is not None and cfg.budget <= 0:
+        cfg.budget = None  # --budget 0: no limit
     if cfg.time_limit <= 0:
         raise ValueError(f"time_limit must be > 0 seconds, got {cfg.time_limit}")
     cfg.seq_lens = tuple(sorted(set(cfg.seq_lens)))

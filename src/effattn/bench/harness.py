@@ -30,13 +30,14 @@ def selected_methods(cfg: BenchConfig, registry=None):
 
 
 def plan(cfg: BenchConfig, methods, anchors: list[Anchor]) -> list[Cell]:
+    """Sizes outermost, so a run cut short (budget, Ctrl-C) has measured every subject and mode at the
+    small sizes rather than one mode at every size."""
     cells = []
-    for mode in cfg.modes:
-        for n in cfg.seq_lens:
-            groups = {m.family == "linear" for m in methods}
-            for a in anchors:
-                if a.group == "softmax" or (a.group == "linear" and True in groups):
-                    cells.append(Cell("anchor", a.name, "default", mode, n))
+    has_linear = any(m.family == "linear" for m in methods)
+    for n in cfg.seq_lens:
+        for mode in cfg.modes:
+            cells += [Cell("anchor", a.name, "default", mode, n) for a in anchors
+                      if a.group == "softmax" or has_linear]
             for m in methods:
                 cells += [Cell("method", m.name, f, mode, n) for f in m.forms]
     return cells
@@ -48,7 +49,9 @@ def _measure(prep: Prepared, cfg: BenchConfig, record: dict) -> None:
     if dev == "cuda":  # compile / autotune before the memory call, so their buffers are not counted
         prep.call()
         synchronize(dev)
+    start = time.perf_counter()
     peak, out = peak_memory(prep.call, dev)  # on the CPU this call is also the warm-up
+    first = time.perf_counter() - start
     record["peak_bytes"] = peak
     if prep.exact_inputs is not None and record["mode"] != "fwdbwd":
         o = first_output(out if prep.forward is prep.call else prep.forward())
@@ -56,12 +59,16 @@ def _measure(prep: Prepared, cfg: BenchConfig, record: dict) -> None:
         record.update(accuracy(o, exact_attention(e["q"], e["k"], e["v"], e["causal"], e["scale"])))
     del out
     t, calls = median_seconds(prep.call, dev, min_run_time=cfg.min_run_time, warmup_ms=cfg.warmup_ms,
-                              rep_ms=cfg.rep_ms, min_samples=cfg.min_samples, max_seconds=cfg.time_limit / 4)
+                              rep_ms=cfg.rep_ms, min_samples=cfg.min_samples,
+                              max_seconds=min(cfg.sample_seconds, cfg.time_limit / 4), first_call_s=first)
     record.update(time_s=t, timed_calls=calls, tokens_per_s=prep.tokens / t)
     if prep.flops is not None:
         record.update(flops=prep.flops, tflops=prep.flops / t / 1e12)
     if prep.bytes_read is not None:
         record.update(bytes_read=prep.bytes_read, bytes_per_s=prep.bytes_read / t)
+
+
+BUDGET_REASON = "not run: run budget"
 
 
 def growth_exponent(record: dict) -> float:
@@ -142,6 +149,10 @@ def _run(cfg: BenchConfig, data: dict | None, path: Path, command: str, stream, 
     data = res.new_results(cfg, command, anchor_status, methods) if data is None else data
     data["anchors"].update(anchor_status)
     res.describe_methods(data, methods)
+    # first use of torch.utils.benchmark and of dispatch modes costs seconds: not the first cell's time
+    peak_memory(lambda: median_seconds(lambda: torch.ones(2) + 1, "cpu", min_run_time=0.0, min_samples=1), "cpu")
+    # cells the previous invocation's budget left are run now
+    data["records"] = [r for r in data["records"] if not r.get("reason", "").startswith(BUDGET_REASON)]
     done = {res.record_key(r) for r in data["records"]}
     cells = plan(cfg, methods, anchors)
     todo = [c for c in cells if c.key not in done]
@@ -152,15 +163,20 @@ def _run(cfg: BenchConfig, data: dict | None, path: Path, command: str, stream, 
         if not r.get("reason", "").startswith("not run:"):
             last[(r["kind"], r["name"], r["form"], r["mode"])] = r
     data["complete"] = False
+    started = time.perf_counter()
     try:
         for cell in todo:
             group = (cell.kind, cell.name, cell.form, cell.mode)
             subject = subjects[(cell.kind, cell.name)]
-            why = give_up_reason(last[group], cell.n, cfg) if group in last else None
+            over_budget = cfg.budget is not None and time.perf_counter() - started > cfg.budget
+            if over_budget:
+                why = f"{BUDGET_REASON} of {cfg.budget:g} s used up (--budget to change; --resume continues)"
+            else:
+                why = give_up_reason(last[group], cell.n, cfg) if group in last else None
             if why is not None:
                 record = res.base_record(cell, subject, cfg)
                 record.update(status="skipped", reason=why, wall_s=0.0)
-                if last[group]["status"] != "ok":
+                if not over_budget and last[group]["status"] in ("timeout", "oom"):
                     record["status"] = last[group]["status"]  # what stopped it carries over to larger N
             else:
                 progress.start(cell.label, cell.mode, cell.n)
@@ -169,7 +185,7 @@ def _run(cfg: BenchConfig, data: dict | None, path: Path, command: str, stream, 
             data["records"].append(record)
             res.save(data, path)
             progress.done(record)
-        data["complete"] = True
+        data["complete"] = not any(r.get("reason", "").startswith(BUDGET_REASON) for r in data["records"])
     except KeyboardInterrupt:
         progress.finish()
         print(f"\ninterrupted: {len(data['records'])} cells kept in {path}; continue with --resume",

@@ -33,7 +33,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         return
 
     def _expired(signum, frame):
-        raise CellTimeout(f"ran past the per-cell time limit of {seconds:g} s")
+        raise CellTimeout(f"{TIMEOUT_TEXT} of {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, _expired)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -44,11 +44,19 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+TIMEOUT_TEXT = "ran past the per-cell time limit"
+
+
 def failure_status(exc: BaseException) -> str:
-    """'oom', 'timeout' or 'error' for an exception raised by a cell."""
-    if isinstance(exc, CellTimeout):
+    """'oom', 'timeout' or 'error' for an exception raised by a cell. Wrappers count as what they wrap
+    (Triton's interpreter re-raises anything from inside a kernel as InterpreterError, keeping the text)."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(e, CellTimeout) or TIMEOUT_TEXT in str(e) for e in chain):
         return "timeout"
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+    if any(isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) for e in chain):
         return "oom"
     text = str(exc).lower()
     if isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
@@ -64,11 +72,13 @@ def synchronize(device: str) -> None:
 
 def median_seconds(fn: Callable[[], object], device: str, *, min_run_time: float = 0.05,
                    warmup_ms: float = 25.0, rep_ms: float = 100.0, min_samples: int = 5,
-                   max_seconds: float = 5.0) -> tuple[float, int]:
-    """(median seconds per call, number of timed calls). `fn` has been called once already (warm-up).
+                   max_seconds: float = 1.0, first_call_s: float | None = None) -> tuple[float, int]:
+    """(median seconds per call, number of timed calls). `fn` has been called once already (warm-up),
+    taking `first_call_s` if known.
 
-    On the CPU, blocked_autorange gives one sample per block; a slow call gives a single block, so more
-    single-call samples are added (up to `min_samples`, within `max_seconds`) to make the median a median.
+    On the CPU, fast calls go through blocked_autorange (one sample per block of calls). Slow ones (the
+    warm-up took longer than `min_run_time`, e.g. Triton's interpreter) are timed one call at a time.
+    Either way single-call samples are added up to `min_samples` while they fit in `max_seconds`.
     """
     if device == "cuda":
         import triton.testing
@@ -78,10 +88,10 @@ def median_seconds(fn: Callable[[], object], device: str, *, min_run_time: float
     from torch.utils.benchmark import Timer
 
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    if min_run_time > 0:
+    if min_run_time > 0 and (first_call_s is None or first_call_s < min_run_time):
         m = timer.blocked_autorange(min_run_time=min_run_time)
         per_call, calls = [t / m.number_per_run for t in m.raw_times], m.number_per_run * len(m.raw_times)
-    else:  # single calls only (smoke runs)
+    else:
         per_call, calls = [timer.timeit(1).raw_times[0]], 1
     spent = sum(per_call)
     while len(per_call) < min_samples and spent + per_call[-1] < max_seconds:

@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-STATUS_SHORT = {"timeout": "TIMEOUT", "oom": "OOM", "error": "ERROR", "skipped": "-"}
+STATUS_SHORT = {"timeout": "TIMEOUT", "oom": "OOM", "error": "ERROR", "skipped": "-", "budget": "(budget)"}
 
 
 def _num(x, fmt="{:.3g}") -> str:
@@ -32,7 +32,8 @@ def mode_table(data: dict, mode: str) -> tuple[list[str], list[list[str]]]:
     for r in data["records"]:
         if r["mode"] == mode:
             rows.setdefault(r["label"], {})[r["n"]] = r
-    headers = ["method", "class"] + [f"N={n} ms" for n in ns] + ["Mtok/s", "TFLOP/s", "MiB", "rel L2",
+    rate = "KV GB/s" if mode == "decode" else "TFLOP/s"  # decoding is bound by reading the cache
+    headers = ["method", "class"] + [f"N={n} ms" for n in ns] + ["Mtok/s", rate, "MiB", "rel L2",
                                                                   "vs fastest anchor", "notes"]
     out = []
     for label, by_n in rows.items():
@@ -43,8 +44,13 @@ def mode_table(data: dict, mode: str) -> tuple[list[str], list[list[str]]]:
         cells = []
         for n in ns:
             r = by_n.get(n)
-            cells.append("" if r is None else _num(r["time_s"] * 1e3) if r["status"] == "ok"
-                         else STATUS_SHORT[r["status"]])
+            if r is None:
+                cells.append("")
+            elif r["status"] == "ok":
+                cells.append(_num(r["time_s"] * 1e3))
+            else:
+                budget = r["status"] == "skipped" and "run budget" in r.get("reason", "")
+                cells.append(STATUS_SHORT["budget" if budget else r["status"]])
         if last is None:
             reasons = sorted({r.get("reason", "")[:70] for r in by_n.values()})
             out.append([label, cls] + cells + ["", "", "", "", "", "; ".join(reasons)])
@@ -55,7 +61,8 @@ def mode_table(data: dict, mode: str) -> tuple[list[str], list[list[str]]]:
         notes = [f"@N={last['n']}"] + list(last.get("notes") or [])
         if last.get("cosine") is not None:
             notes.append(f"cos {last['cosine']:.4f}")
-        out.append([label, cls] + cells + [_num(last["tokens_per_s"] / 1e6), _num(last.get("tflops")),
+        rate_value = last.get("bytes_per_s", 0) / 1e9 if mode == "decode" else last.get("tflops")
+        out.append([label, cls] + cells + [_num(last["tokens_per_s"] / 1e6), _num(rate_value),
                                            _num(last["peak_bytes"] / 2**20), _num(last.get("rel_l2"), "{:.2e}"),
                                            vs, "; ".join(notes)])
     return headers, out
@@ -93,10 +100,13 @@ def caveats(data: dict) -> list[str]:
     out.append(f"Times are medians ({'triton.testing.do_bench' if dev['type'] == 'cuda' else 'torch.utils.benchmark'}) "
                f"after a warm-up; per-cell limit {cfg['time_limit']:g} s. Slopes use time and memory per "
                "sequence (divided by B) and are flagged when more than 0.5 away from the claim.")
+    out.append("Errors (rel L2, cosine) are against exact softmax attention on the same random Gaussian inputs, "
+               "whose attention is spread over all keys: a worst case for sparse and low-rank approximations.")
     out.append("FLOPs: softmax-type methods and anchors 4·B·H·T·S·D (halved when causal), fwd+bwd 3.5x fwd; "
                "linear recurrences 4·B·T·(state size), fwd+bwd 3x; other methods report tokens/s only.")
     if not data.get("complete"):
-        out.append("This run is INCOMPLETE (interrupted); `effattn bench --resume --out DIR` continues it.")
+        out.append("This run is INCOMPLETE (interrupted, or its --budget ran out); `effattn bench --resume "
+                   "--out DIR` continues it.")
     return out
 
 

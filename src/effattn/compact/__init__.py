@@ -10,8 +10,8 @@ from .mha import standard_attention  # registers standard, mha, gqa, mqa; then m
 from .mla import MLA, mla_attention, mla_attention_reference  # noqa: I001
 from .mfa import MFA, mfa_attention, mfa_attention_reference
 from .tpa import TPA, tpa_attention, tpa_attention_reference
-from .build import build_layer  # noqa: E402  (after the methods are registered)
+from .build import build_layer  # after the methods are registered
 
-__all__ = ["standard_attention", "build_layer", "formulas", "LayerCache", "CompactLayer", "GroupedAttention", "convert_kv_heads",
-           "MLA", "mla_attention", "mla_attention_reference", "MFA", "mfa_attention", "mfa_attention_reference",
+__all__ = ["standard_attention", "build_layer", "formulas", "LayerCache", "CompactLayer", "GroupedAttention",
+           "convert_kv_heads", "MLA", "mla_attention", "mla_attention_reference", "MFA", "mfa_attention", "mfa_attention_reference",
            "TPA", "tpa_attention", "tpa_attention_reference"]

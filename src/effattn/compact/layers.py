@@ -15,19 +15,25 @@ from torch import nn
 
 from ..nn.rotary import RotaryEmbedding
 from ..reference import softmax_attention
+from ..registry import REGISTRY
 from ..validate import check_positive_int
-from .cache import CompactLayer, LayerCache
-from .mha import standard_attention
+from .cache import CompactLayer, LayerCache, kernel_decode
+from . import mha  # noqa: F401  (registers "standard", the default core)
 
 
 class GroupedAttention(CompactLayer):
     """Multi-head attention with `kv_heads` key/value heads (MHA, GQA, MQA); no biases (Table 3 counts
-    4 Dm h d parameters for MHA and 2 Dm h d + 2 Dm hkv d for GQA)."""
+    4 Dm h d parameters for MHA and 2 Dm h d + 2 Dm hkv d for GQA). `core` names the registered exact
+    softmax method that computes the attention (default "standard"; a flash or decode kernel once
+    registered): any method taking (q, k, v, causal=...) with GQA heads. `decode_kernel=True`: attention over
+    a cache runs the split-KV decode kernel on the cache buffers in place (`kernel_decode`; causal only)."""
 
     def __init__(self, d_model: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None, *,
-                 rope: bool = True, rope_base: float = 10000.0, causal: bool = True,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 rope: bool = True, rope_base: float = 10000.0, causal: bool = True, core: str = "standard",
+                 decode_kernel: bool = False, dtype: torch.dtype | None = None, device=None) -> None:
         super().__init__()
+        self.core = REGISTRY.get(core).name  # registered exact softmax method doing the attention itself
+        self.decode_kernel = decode_kernel
         check_positive_int("d_model", d_model)
         check_positive_int("heads", heads)
         kv_heads = heads if kv_heads is None else check_positive_int("kv_heads", kv_heads)
@@ -42,6 +48,7 @@ class GroupedAttention(CompactLayer):
         self.wo = nn.Linear(heads * head_dim, d_model, **kw)
         self.rope = RotaryEmbedding(head_dim, rope_base) if rope else None
         self.fields = {"k": (kv_heads, head_dim), "v": (kv_heads, head_dim)}
+        self.heads_first = True  # per-head (per-rank) token runs: attention reads the cache in place
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None, *, reference: bool = False) -> torch.Tensor:
         """x `[B, T, d_model]` -> `[B, T, d_model]`. `reference=True` computes Eq. 26 literally (K/V heads
@@ -55,8 +62,10 @@ class GroupedAttention(CompactLayer):
             q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             stored = cache.append(k=k, v=v)
+            if self.decode_kernel and self.causal and not reference:
+                return self.wo(kernel_decode(q, cache).reshape(B, T, self.heads * self.head_dim))
             k, v = stored["k"], stored["v"]
-        attn = softmax_attention if reference else standard_attention
+        attn = softmax_attention if reference else REGISTRY.get(self.core).fn
         o = attn(q, k, v, causal=self.causal)
         return self.wo(o.reshape(B, T, self.heads * self.head_dim))
 
@@ -73,7 +82,8 @@ def convert_kv_heads(layer: GroupedAttention, kv_heads: int) -> GroupedAttention
     p = layer.wq.weight
     out = GroupedAttention(layer.d_model, layer.heads, kv_heads, layer.head_dim, rope=layer.rope is not None,
                            rope_base=layer.rope.base if layer.rope is not None else 10000.0,
-                           causal=layer.causal, dtype=p.dtype, device=p.device)
+                           causal=layer.causal, core=layer.core, decode_kernel=layer.decode_kernel, dtype=p.dtype,
+                           device=p.device)
     group = layer.kv_heads // kv_heads
     with torch.no_grad():
         out.wq.weight.copy_(layer.wq.weight)

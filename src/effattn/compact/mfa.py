@@ -13,13 +13,13 @@ from torch import nn
 from ..nn.rotary import RotaryEmbedding, apply_rotary, rotary_angles
 from ..reference import softmax_attention
 from ..validate import check_positive_int, check_same, check_scale, check_tensor
-from .cache import CompactLayer, LayerCache
+from .cache import CompactLayer, LayerCache, kernel_decode
 from .mha import standard_attention
 
 OPTIONS = {"w_uq": None, "causal": False, "scale": None, "rope_base": None}
 
 
-def _check_mfa(q, k, v, w_uq, scale) -> None:
+def _check_mfa(q, k, v, w_uq, scale, rope_base) -> None:
     check_tensor("q", q, ndim=3, layout="[B, T, d_c] (the shared query latent)")
     check_tensor("k", k, ndim=3, layout="[B, S, d] (the single key head)")
     check_tensor("v", v, ndim=3, layout="[B, S, d_v] (the single value head)")
@@ -32,6 +32,10 @@ def _check_mfa(q, k, v, w_uq, scale) -> None:
     if w_uq.shape[0] != q.shape[2] or w_uq.shape[2] != k.shape[2]:
         raise ValueError(f"w_uq must be [d_c={q.shape[2]}, H, d={k.shape[2]}], got {tuple(w_uq.shape)}")
     check_scale(scale)
+    if rope_base is not None and not (isinstance(rope_base, (int, float)) and rope_base > 1):
+        raise ValueError(f"rope_base must be None (no rotary) or a number > 1, got {rope_base!r}")
+    if rope_base is not None and k.shape[2] % 2:
+        raise ValueError(f"rotary needs an even head dim, got d={k.shape[2]}")
 
 
 def _rotate_queries(q: torch.Tensor, S: int, rope_base: float | None) -> torch.Tensor:
@@ -53,9 +57,14 @@ def mfa_attention(q, k, v, w_uq=None, *, causal=False, scale=None, rope_base=Non
     """
     if w_uq is None:
         raise TypeError("mfa_attention needs the query up-projection w_uq [d_c, H, d]")
-    _check_mfa(q, k, v, w_uq, scale)
-    qh = _rotate_queries(torch.einsum("btc,chd->bthd", q, w_uq), k.shape[1], rope_base)
+    _check_mfa(q, k, v, w_uq, scale, rope_base)
+    qh = mfa_queries(q, w_uq, k.shape[1], rope_base)
     return standard_attention(qh, k[:, :, None], v[:, :, None], causal=causal, scale=scale)
+
+
+def mfa_queries(q: torch.Tensor, w_uq: torch.Tensor, S: int, rope_base: float | None) -> torch.Tensor:
+    """Per-head queries c_q W_up_Q^(i) `[B, T, H, d]`, rotated at positions S - T .. S - 1."""
+    return _rotate_queries(torch.einsum("btc,chd->bthd", q, w_uq), S, rope_base)
 
 
 def mfa_attention_reference(q, k, v, w_uq, *, causal=False, scale=None, rope_base=None, **_ignored):
@@ -73,15 +82,18 @@ class MFA(CompactLayer):
     Dm (3 d + h d) + h d^2 parameters, 2 d cached numbers per token (Table 3)."""
 
     def __init__(self, d_model: int, heads: int, head_dim: int, *, rope: bool = True, rope_base: float = 10000.0,
-                 causal: bool = True, dtype: torch.dtype | None = None, device=None) -> None:
+                 causal: bool = True, decode_kernel: bool = False, dtype: torch.dtype | None = None,
+                 device=None) -> None:
         super().__init__()
         for name, val in (("d_model", d_model), ("heads", heads), ("head_dim", head_dim)):
             check_positive_int(name, val)
         self.d_model, self.heads, self.head_dim, self.causal = d_model, heads, head_dim, causal
+        self.decode_kernel = decode_kernel  # attention over a cache by the split-KV kernel, as GroupedAttention
         kw = dict(bias=False, dtype=dtype, device=device)
         self.w_dq = nn.Linear(d_model, head_dim, **kw)
         self.w_uq = nn.Parameter(torch.empty(head_dim, heads, head_dim, dtype=dtype, device=device))
-        nn.init.normal_(self.w_uq, std=head_dim ** -0.5)
+        bound = (3 / head_dim) ** 0.5  # variance 1 / d, like nn.Linear's fan-in scaling
+        nn.init.uniform_(self.w_uq, -bound, bound)
         self.wk = nn.Linear(d_model, head_dim, **kw)
         self.wv = nn.Linear(d_model, head_dim, **kw)
         self.wo = nn.Linear(heads * head_dim, d_model, **kw)
@@ -98,6 +110,9 @@ class MFA(CompactLayer):
             k = self.rope(k[:, :, None], offset)[:, :, 0]
         if cache is not None:
             stored = cache.append(k=k, v=v)
+            if self.decode_kernel and self.causal and not reference:
+                q = mfa_queries(self.w_dq(x), self.w_uq, cache.length, self.rope_base)
+                return self.wo(kernel_decode(q, cache).reshape(B, T, self.heads * self.head_dim))
             k, v = stored["k"], stored["v"]
         attn = mfa_attention_reference if reference else mfa_attention
         o = attn(self.w_dq(x), k, v, self.w_uq, causal=self.causal, rope_base=self.rope_base)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..nn.rotary import RotaryEmbedding
 from ..reference import softmax_attention
+from ..registry import REGISTRY
 from ..validate import check_choice, check_positive_int, check_same, check_scale, check_tensor
 from .cache import CompactLayer, LayerCache
 from .formulas import MLADims
@@ -61,15 +62,16 @@ def expand_kv(c_kv, k_rope, w_uk, w_uv) -> tuple[torch.Tensor, torch.Tensor]:
     return k, torch.einsum("bsr,rhv->bshv", c_kv, w_uv)
 
 
-def absorbed_attention(q, kv_latent, w_uk, w_uv, *, causal=False, scale=None) -> torch.Tensor:
+def absorbed_attention(q, kv_latent, w_uk, w_uv, *, causal=False, scale=None, core=standard_attention) -> torch.Tensor:
     """Attention in the latent space. kv_latent `[B, S, r_kv + d_R]` is [c_kv, k_rope] side by side (the
-    layer's cache stores it that way, so decoding slices instead of concatenating)."""
+    layer's cache stores it that way, so decoding slices instead of concatenating). `core` is the exact
+    softmax attention run on the latent MQA problem (head dim r_kv + d_R, value dim r_kv)."""
     d_nope, r_kv = w_uk.shape[2], w_uk.shape[0]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # W_UK folded into the query: q_i^N W_UK^(i)T, [B, T, H, r_kv]
     q_latent = torch.cat([torch.einsum("bthn,rhn->bthr", q[..., :d_nope], w_uk), q[..., d_nope:]], dim=-1)
     kv = kv_latent[:, :, None, :]  # one KV "head" shared by all query heads
-    o_latent = standard_attention(q_latent, kv, kv[..., :r_kv], causal=causal, scale=scale)
+    o_latent = core(q_latent, kv, kv[..., :r_kv], causal=causal, scale=scale)
     return torch.einsum("bthr,rhv->bthv", o_latent, w_uv)  # W_UV applied after attention
 
 
@@ -99,15 +101,19 @@ def mla_attention_reference(q, c_kv, k_rope, w_uk, w_uv, *, causal=False, scale=
 class MLA(CompactLayer):
     """The MLA layer (Eqs. 27-31): q = [c_q W_UQ^N, RoPE(c_q W_UQ^R)] with c_q = x W_DQ; [c_kv, k_rope] =
     [x W_DKV, RoPE(x W_KR)] (one matrix, as DeepSeek-V2's code fuses them); W_UK, W_UV; output W_O.
-    Parameters Dm (r_q + r_kv + d_R + h d_v) + r_q h (d_N + d_R) + r_kv h (d_N + d_v) (Table 3)."""
+    Parameters Dm (r_q + r_kv + d_R + h d_v) + r_q h (d_N + d_R) + r_kv h (d_N + d_v) (Table 3; DeepSeek-V2
+    also RMS-normalises c_q and c_kv, whose r_q + r_kv gains the table and this layer leave out)."""
 
     def __init__(self, d_model: int, heads: int, dims: MLADims, *, rope_base: float = 10000.0, causal: bool = True,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 core: str = "standard", dtype: torch.dtype | None = None, device=None) -> None:
         super().__init__()
+        self.core = REGISTRY.get(core).name  # exact softmax method for the absorbed (latent MQA) attention
         for name in ("q_rank", "kv_rank", "d_nope", "d_rope", "d_v"):
             check_positive_int(f"dims.{name}", getattr(dims, name))
         check_positive_int("d_model", d_model)
         check_positive_int("heads", heads)
+        if dims.d_rope % 2:
+            raise ValueError(f"dims.d_rope must be even (rotary rotates pairs of channels), got {dims.d_rope}")
         self.d_model, self.heads, self.dims, self.causal = d_model, heads, dims, causal
         kw = dict(bias=False, dtype=dtype, device=device)
         self.w_dq = nn.Linear(d_model, dims.q_rank, **kw)
@@ -116,8 +122,9 @@ class MLA(CompactLayer):
         self.w_uk = nn.Parameter(torch.empty(dims.kv_rank, heads, dims.d_nope, dtype=dtype, device=device))
         self.w_uv = nn.Parameter(torch.empty(dims.kv_rank, heads, dims.d_v, dtype=dtype, device=device))
         self.wo = nn.Linear(heads * dims.d_v, d_model, **kw)
-        nn.init.normal_(self.w_uk, std=dims.kv_rank ** -0.5)
-        nn.init.normal_(self.w_uv, std=dims.kv_rank ** -0.5)
+        bound = (3 / dims.kv_rank) ** 0.5  # variance 1 / r_kv: unit-variance per-head keys and values
+        nn.init.uniform_(self.w_uk, -bound, bound)
+        nn.init.uniform_(self.w_uv, -bound, bound)
         self.rope = RotaryEmbedding(dims.d_rope, rope_base)
         self.fields = {"kv_latent": (dims.kv_rank + dims.d_rope,)}
 
@@ -141,9 +148,10 @@ class MLA(CompactLayer):
         if reference:
             o = mla_attention_reference(q, c_kv, k_rope, self.w_uk, self.w_uv, causal=self.causal)
         elif form == "absorbed":
-            o = absorbed_attention(q, kv, self.w_uk, self.w_uv, causal=self.causal)
+            o = absorbed_attention(q, kv, self.w_uk, self.w_uv, causal=self.causal, core=REGISTRY.get(self.core).fn)
         else:
-            o = mla_attention(q, c_kv, k_rope, self.w_uk, self.w_uv, causal=self.causal, form="expanded")
+            k, v = expand_kv(c_kv, k_rope, self.w_uk, self.w_uv)
+            o = REGISTRY.get(self.core).fn(q, k, v, causal=self.causal)
         return self.wo(o.reshape(B, T, self.heads * d.d_v))
 
 

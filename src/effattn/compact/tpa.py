@@ -105,6 +105,7 @@ class TPA(CompactLayer):
         self.rope = RotaryEmbedding(head_dim, rope_base) if rope else None
         self.fields = {"a_k": (dims.k_rank, heads), "b_k": (dims.k_rank, head_dim),
                        "a_v": (dims.v_rank, heads), "b_v": (dims.v_rank, head_dim)}
+        self.heads_first = True  # per-head (per-rank) token runs: attention reads the cache in place
 
     def _factors(self, x: torch.Tensor, name: str, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape

@@ -11,7 +11,7 @@ import torch
 
 from .._triton_mode import require_triton
 from ..validate import check_qkv, check_scale, check_tensor
-from .decode_kernels import KVSegment, flash_decode
+from .decode_kernels import MAX_SPLITS, KVSegment, flash_decode
 
 DECODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -21,6 +21,8 @@ def _check_config(num_splits, block_n) -> None:
     for name, value in (("num_splits", num_splits), ("block_n", block_n)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+    if num_splits is not None and num_splits > MAX_SPLITS:
+        raise ValueError(f"num_splits must be <= {MAX_SPLITS}, got {num_splits}")
     if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
 

@@ -22,7 +22,8 @@ class KVCacheBase:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype = dtype
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
         self._memo = None  # (seq_ids, segments): rebuilt only after the cache changes
 
     def segments(self, seq_ids=None):

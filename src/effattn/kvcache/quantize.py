@@ -11,16 +11,34 @@ import torch
 BITS = (2, 4, 8)
 
 
-def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (uint8, x's shape) and scale, zero (float32, x's shape with `dim` reduced to 1)."""
+def quantize(x: torch.Tensor, bits: int, dim: int, exclude: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (uint8, x's shape) and scale, zero (float32, x's shape with `dim` reduced to 1). Entries
+    where `exclude` is True (sparse outliers stored apart) do not widen the range."""
     levels = 2 ** bits - 1
     xf = x.float()
-    lo = xf.amin(dim, keepdim=True)
-    hi = xf.amax(dim, keepdim=True)
+    if exclude is None:
+        lo = xf.amin(dim, keepdim=True)
+        hi = xf.amax(dim, keepdim=True)
+    else:
+        lo = torch.where(exclude, torch.inf, xf).amin(dim, keepdim=True)
+        hi = torch.where(exclude, -torch.inf, xf).amax(dim, keepdim=True)
+        lo, hi = torch.where(torch.isinf(lo), 0.0, lo), torch.where(torch.isinf(hi), 0.0, hi)
+        xf = xf.clamp(lo, hi)
     scale = (hi - lo) / levels
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
     codes = torch.round((xf - lo) / safe).clamp_(0, levels).to(torch.uint8)
     return codes, scale, lo
+
+
+def rotate(x: torch.Tensor, base: float, dtype) -> torch.Tensor:
+    """RoPE ("rotate half", as effattn.nn.rotary) of x `[L, Hkv, D]` at positions 0 .. L-1, in `dtype`."""
+    L, _, D = x.shape
+    inv_freq = base ** (-torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D)
+    angle = torch.arange(L, dtype=torch.float64, device=x.device)[:, None] * inv_freq  # [L, D/2]
+    cos, sin = angle.cos().to(dtype)[:, None], angle.sin().to(dtype)[:, None]
+    x1, x2 = x[..., :D // 2].to(dtype), x[..., D // 2:].to(dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

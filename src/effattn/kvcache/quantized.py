@@ -7,6 +7,13 @@ token), to 2 or 4 bits, and keeps the most recent tokens in full precision (the 
 `key_axis="token"` quantizes keys per token like values; with 8 bits and `residual=0` this is the INT8
 per-token cache. The decode kernel dequantises the packed codes in its tile loader; the residual is a
 second, full-precision segment merged with the same LSE rule.
+
+KVQuant (Hooper et al. 2024) quantizes keys per channel *before* RoPE (rotation mixes channel pairs and
+smears the outlier channels) and keeps a dense-and-sparse split: the largest-magnitude entries of each
+key are stored apart in full precision and left out of the quantization ranges. `pre_rope=True` stores
+pre-RoPE keys (append keys before rotary embedding; the kernel rotates them at their positions) and
+`key_outliers=n` keeps n sparse outliers per key vector (a fixed count per token here, rather than
+KVQuant's calibrated thresholds; uniform codes rather than its non-uniform datatype).
 """
 from __future__ import annotations
 
@@ -15,14 +22,14 @@ import torch
 from ..hardware.decode_kernels import KVSegment, Quant
 from ..validate import check_choice, check_positive_int
 from .base import KVCacheBase
-from .quantize import BITS, dequantize, pack, quantize, unpack
+from .quantize import BITS, dequantize, pack, quantize, rotate, unpack
 
 
 class QuantizedKVCache(KVCacheBase):
     def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, head_dim_v: int | None = None, *,
                  key_bits: int = 4, value_bits: int = 4, key_axis: str = "channel", key_group: int = 32,
-                 value_group: int = 32, residual: int = 32, dtype: torch.dtype = torch.float32,
-                 device="cpu") -> None:
+                 value_group: int = 32, residual: int = 32, pre_rope: bool = False, rope_base: float = 10000.0,
+                 key_outliers: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> None:
         super().__init__(kv_heads, head_dim, head_dim_v, dtype, device)
         check_positive_int("batch", batch)
         check_positive_int("max_len", max_len)
@@ -32,6 +39,12 @@ class QuantizedKVCache(KVCacheBase):
         check_positive_int("key_group", key_group, power_of_two=True)
         check_positive_int("value_group", value_group, power_of_two=True)
         check_positive_int("residual", residual, minimum=0)
+        check_positive_int("key_outliers", key_outliers, minimum=0)
+        if key_outliers > head_dim:
+            raise ValueError(f"key_outliers={key_outliers} must be <= head_dim={head_dim}")
+        if not (isinstance(rope_base, (int, float)) and rope_base > 1):
+            raise ValueError(f"rope_base must be a number > 1, got {rope_base!r}")
+        self.pre_rope, self.rope_base, self.key_outliers = bool(pre_rope), float(rope_base), key_outliers
         Dv = self.head_dim_v
         if key_axis == "token" and head_dim % key_group:
             raise ValueError(f"key_group={key_group} must divide head_dim={head_dim} for per-token keys")
@@ -55,6 +68,8 @@ class QuantizedKVCache(KVCacheBase):
         self.k_zero = torch.zeros_like(self.k_scale)
         self.v_scale = torch.zeros(batch, max_len, kv_heads, Dv // value_group, dtype=sdtype, device=dev)
         self.v_zero = torch.zeros_like(self.v_scale)
+        self.k_out_idx = torch.zeros(batch, max_len, kv_heads, key_outliers, dtype=torch.int32, device=dev)
+        self.k_out_val = torch.zeros(batch, max_len, kv_heads, key_outliers, dtype=dtype, device=dev)
         window = residual + self.token_group
         self.k_res = torch.zeros(batch, window, kv_heads, head_dim, dtype=dtype, device=dev)
         self.v_res = torch.zeros(batch, window, kv_heads, Dv, dtype=dtype, device=dev)
@@ -62,13 +77,17 @@ class QuantizedKVCache(KVCacheBase):
         self.quantized = [0] * batch  # tokens [0, quantized[b]) are codes, the rest is the residual
 
     def _quantize_keys(self, x: torch.Tensor):  # x [n, Hkv, D], n a multiple of token_group
+        """codes, scale, zero, and the sparse outliers (channel index, value) `[n, Hkv, key_outliers]`."""
+        idx = x.abs().topk(self.key_outliers, dim=-1).indices  # largest-magnitude entries of each key
+        val = torch.gather(x, -1, idx)
+        exclude = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
         if self.key_axis == "channel":
-            g = x.reshape(-1, self.key_group, *x.shape[1:])  # [groups, G, Hkv, D]
-            codes, scale, zero = quantize(g, self.key_bits, dim=1)
-            return codes.reshape(x.shape), scale[:, 0], zero[:, 0]
-        g = x.reshape(*x.shape[:-1], -1, self.key_group)
-        codes, scale, zero = quantize(g, self.key_bits, dim=-1)
-        return codes.reshape(x.shape), scale[..., 0], zero[..., 0]
+            shape = (-1, self.key_group, *x.shape[1:])  # [groups, G, Hkv, D]
+            codes, scale, zero = quantize(x.reshape(shape), self.key_bits, 1, exclude.reshape(shape))
+            return codes.reshape(x.shape), scale[:, 0], zero[:, 0], idx, val
+        shape = (*x.shape[:-1], -1, self.key_group)
+        codes, scale, zero = quantize(x.reshape(shape), self.key_bits, -1, exclude.reshape(shape))
+        return codes.reshape(x.shape), scale[..., 0], zero[..., 0], idx, val
 
     def _quantize_values(self, x: torch.Tensor):
         g = x.reshape(*x.shape[:-1], -1, self.value_group)
@@ -100,7 +119,8 @@ class QuantizedKVCache(KVCacheBase):
     def _store_codes(self, b: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize tokens k `[n, Hkv, D]`, v `[n, Hkv, Dv]` into positions [start, start + n)."""
         n = k.shape[0]
-        kc, ks, kz = self._quantize_keys(k)
+        kc, ks, kz, oi, ov = self._quantize_keys(k)
+        self.k_out_idx[b, start:start + n], self.k_out_val[b, start:start + n] = oi.to(torch.int32), ov
         vc, vs, vz = self._quantize_values(v)
         self.k_codes[b, start:start + n] = pack(kc, self.key_bits)
         self.v_codes[b, start:start + n] = pack(vc, self.value_bits)
@@ -116,16 +136,21 @@ class QuantizedKVCache(KVCacheBase):
         totals = self._lengths_tensor(lengths)
         quant = self._lengths_tensor(self.quantized)
         k_gn, k_gd = (self.key_group, 1) if self.key_axis == "channel" else (1, self.key_group)
+        rope = self.rope_base if self.pre_rope else None
         body = KVSegment(self.k_codes, self.v_codes, quant, torch.zeros_like(quant), max(self.quantized),
-                         k_quant=Quant(self.key_bits, self.k_scale, self.k_zero, k_gn, k_gd),
-                         v_quant=Quant(self.value_bits, self.v_scale, self.v_zero, 1, self.value_group))
+                         k_quant=Quant(self.key_bits, self.k_scale, self.k_zero, k_gn, k_gd,
+                                       self.k_out_idx if self.key_outliers else None, self.k_out_val),
+                         v_quant=Quant(self.value_bits, self.v_scale, self.v_zero, 1, self.value_group),
+                         rope_base=rope)
         res_len = [L - q for L, q in zip(lengths, self.quantized)]
-        residual = KVSegment(self.k_res, self.v_res, self._lengths_tensor(res_len), quant, max(res_len))
+        residual = KVSegment(self.k_res, self.v_res, self._lengths_tensor(res_len), quant, max(res_len),
+                             rope_base=rope)
         segs = [s for s in (body, residual) if s.max_len > 0]
         return segs or [residual], totals
 
     def keys_values(self, b: int, dtype=None):
-        """Dequantised keys `[L, Hkv, D]` and values `[L, Hkv, Dv]` of sequence b, computed in `dtype`."""
+        """Dequantised keys `[L, Hkv, D]` (rotated to their positions when stored pre-RoPE) and values
+        `[L, Hkv, Dv]` of sequence b, computed in `dtype`."""
         dtype = dtype or self.dtype
         Lq, L = self.quantized[b], self.lengths[b]
         kc = unpack(self.k_codes[b, :Lq], self.key_bits)
@@ -140,9 +165,10 @@ class QuantizedKVCache(KVCacheBase):
         rep = self.value_group
         v = dequantize(vc, self.v_scale[b, :Lq].repeat_interleave(rep, -1),
                        self.v_zero[b, :Lq].repeat_interleave(rep, -1), dtype)
+        k = k.scatter(-1, self.k_out_idx[b, :Lq].long(), self.k_out_val[b, :Lq].to(dtype))  # sparse part
         k = torch.cat([k, self.k_res[b, :L - Lq].to(dtype)])
         v = torch.cat([v, self.v_res[b, :L - Lq].to(dtype)])
-        return k, v
+        return (rotate(k, self.rope_base, dtype) if self.pre_rope else k), v
 
     def nbytes(self) -> int:
         """Bytes of storage per the tokens held (codes + scales + residual), for memory reports."""
@@ -158,6 +184,15 @@ def kivi_cache(batch, max_len, kv_heads, head_dim, *, bits: int = 4, group: int 
     check_choice("bits", bits, (2, 4))
     return QuantizedKVCache(batch, max_len, kv_heads, head_dim, key_bits=bits, value_bits=bits,
                             key_axis="channel", key_group=group, value_group=group, residual=residual, **kw)
+
+
+def kvquant_cache(batch, max_len, kv_heads, head_dim, *, bits: int = 4, group: int = 32, outliers: int = 1,
+                  residual: int = 32, rope_base: float = 10000.0, **kw):
+    """KVQuant-style: per-channel keys quantized before RoPE with `outliers` sparse full-precision entries
+    per key vector, per-token values; append pre-RoPE keys."""
+    return QuantizedKVCache(batch, max_len, kv_heads, head_dim, key_bits=bits, value_bits=bits,
+                            key_axis="channel", key_group=group, value_group=group, residual=residual,
+                            pre_rope=True, rope_base=rope_base, key_outliers=outliers, **kw)
 
 
 def int8_cache(batch, max_len, kv_heads, head_dim, *, group: int | None = None, **kw):

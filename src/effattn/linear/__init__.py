@@ -1,5 +1,10 @@
 """Class 4 of the survey, linear attention: the gated recurrence S_t = G_t * S_{t-1} + beta_t k_t^T v_t."""
+from .engine import chunk_gated_linear_attn
 from .feature_maps import elu_plus_one
+from .fused_recurrent import fused_recurrent_gated_linear_attn
+from .gated import delta_net, gated_delta_net, gated_linear_attn, gla, lightning, retnet, retnet_gamma, simple_gla
 from .linear_transformer import linear_transformer
 
-__all__ = ["elu_plus_one", "linear_transformer"]
+__all__ = ["elu_plus_one", "linear_transformer", "chunk_gated_linear_attn", "fused_recurrent_gated_linear_attn",
+           "gated_linear_attn", "lightning", "retnet", "retnet_gamma", "simple_gla", "gla", "delta_net",
+           "gated_delta_net"]

@@ -11,9 +11,10 @@ import torch
 
 from ..reference import linear_parallel, linear_recurrent
 from ..validate import check_choice, check_qkv, check_scale
+from .engine import chunk_gated_linear_attn
 from .feature_maps import elu_plus_one, elu_plus_one_reference
 
-FORMS = ("parallel", "recurrent")
+FORMS = ("chunk", "parallel", "recurrent")
 
 
 def _run(q, k, v, phi, form_fn, *, scale, normalize, eps, initial_state, output_final_state):
@@ -26,13 +27,14 @@ def _run(q, k, v, phi, form_fn, *, scale, normalize, eps, initial_state, output_
     return (o, state) if output_final_state else o
 
 
-def linear_transformer(q, k, v, *, scale=None, normalize=True, eps=1e-6, form="recurrent",
+def linear_transformer(q, k, v, *, scale=None, normalize=True, eps=1e-6, form="chunk",
                        initial_state=None, output_final_state=False):
     """Causal linear attention with the elu+1 feature map.
 
     q, k: `[B, T, H, D]`, v: `[B, T, H, Dv]`; initial_state: `[B, H, D, Dv (+1 if normalize)]`.
     Returns o `[B, T, H, Dv]` (and the final state with `output_final_state`). Time O(N d^2) recurrent,
-    O(N^2 d) parallel; state O(d^2) per head. `form`: "parallel" (masked quadratic) or "recurrent".
+    O(N^2 d) parallel, O(N C d + N d^2) chunk; state O(d^2) per head. `form`: "chunk" (Triton chunkwise
+    kernels), "parallel" (masked quadratic) or "recurrent".
     """
     check_qkv(q, k, v, same_length=True)
     check_scale(scale)
@@ -40,7 +42,7 @@ def linear_transformer(q, k, v, *, scale=None, normalize=True, eps=1e-6, form="r
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"linear_transformer needs as many key heads as query heads, got H={q.shape[2]}, "
                          f"Hkv={k.shape[2]}")
-    form_fn = linear_parallel if form == "parallel" else linear_recurrent
+    form_fn = {"chunk": chunk_gated_linear_attn, "parallel": linear_parallel, "recurrent": linear_recurrent}[form]
     return _run(q, k, v, elu_plus_one, form_fn, scale=scale, normalize=normalize, eps=eps,
                 initial_state=initial_state, output_final_state=output_final_state)
 
@@ -65,7 +67,7 @@ def _register() -> None:
         make_inputs=partial(linear_inputs, state_cols_extra=1, output_final_state=True),
         complexity=Complexity("O(N d^2)", "O(N d)", 1.0, 1.0),
         state_or_cache=StateOrCache("H d (d + 1)", False, lambda s: s.heads * s.head_dim * (s.Dv + 1)),
-        forms=FORMS, options={"scale": None, "normalize": True, "eps": 1e-6, "form": "recurrent",
+        forms=FORMS, options={"scale": None, "normalize": True, "eps": 1e-6, "form": "chunk",
                               "initial_state": None, "output_final_state": False},
         supports=frozenset({"causal", "backward", "decode", "state"}),
         grad_inputs=("q", "k", "v", "initial_state"),

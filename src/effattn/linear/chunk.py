@@ -1,0 +1,254 @@
+"""Triton chunkwise kernels of the gated recurrence, shared by every gate type (see chunk_torch.py for the math).
+
+One set of kernels for all gates, selected by constexpr GATE (0 none, 1 scalar per head, 2 vector per key
+channel) and DELTA (delta rule, WY representation):
+- `_chunk_cumsum`: chunk-local cumulative log gates in float32 (forward) / reversed (their gradient).
+- `_wy_fwd`: delta rules only, W = A (beta k e^{Gc}) and U = A (beta v) per chunk, A by forward substitution.
+- `_state_fwd`: the one sequential kernel, h_{c+1} = e^{Gc_last} h_c + (k e^{Gc_last - Gc})^T x with
+  x = u, or x = U - W h_c (delta); stores every h_c (and x for delta rules).
+- `_state_bwd`: the same scan reversed for dh: dh_c = e^{Gc_last} dh_{c+1} + scale (q e^{Gc})^T do
+  [- W^T (dx_intra + (k e^{Gc_last - Gc}) dh_{c+1}) for delta rules].
+- `_chunk_output`: o = scale [(q e^{Gc}) h_c + tril(q k^T * D) x]; vector gates go in sub-blocks of 16 rows
+  whose decays are taken relative to a row inside the pair of blocks, so no exponent is positive across
+  blocks (within a diagonal 16-row block the bound is e^{-(sum of 15 log gates)}, as in FLA's GLA).
+Every kernel indexes packed tokens `[T, H, D]` through chunk tables (varlen is the only layout).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..hardware._flash_common import _dot  # a @ b in fp32; PREC "upcast" works around the interpreter's 16-bit dot
+
+
+@triton.jit
+def _gate_rows(gc, rows, live, i_h, ok, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr):
+    """Cumulative log gates of `rows`: `[R]` (scalar) or `[R, BK]` (vector); 0 for dead rows / no gate."""
+    if GATE == 1:
+        return tl.load(gc + rows * H + i_h, mask=live, other=0.0)
+    else:
+        return tl.load(gc + (rows[:, None] * H + i_h) * K + ok[None, :], mask=live[:, None] & (ok[None, :] < K),
+                       other=0.0)
+
+
+@triton.jit
+def _gate_last(gc, row, i_h, ok, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr):
+    """Cumulative log gate of one row, shaped to scale state rows: scalar or `[BK]`."""
+    if GATE == 1:
+        return tl.load(gc + row * H + i_h)
+    else:
+        return tl.load(gc + (row * H + i_h) * K + ok, mask=ok < K, other=0.0)
+
+
+@triton.jit
+def _to_end(b_k, b_g, g_last, live, GATE: tl.constexpr):
+    """k_j e^{Gc_last - Gc_j}: the weight of key j in the state at the chunk's end (<= 1, never overflows)."""
+    if GATE == 1:
+        return b_k * tl.exp(tl.where(live, g_last - b_g, 0.0))[:, None]
+    else:
+        return b_k * tl.exp(tl.where(live[:, None], g_last[None, :] - b_g, 0.0))
+
+
+@triton.jit
+def _decay_state(b_h, g_last, GATE: tl.constexpr):
+    if GATE == 1:
+        return b_h * tl.exp(g_last)
+    else:
+        return b_h * tl.exp(g_last)[:, None]
+
+
+@triton.jit
+def _chunk_cumsum(g, out, start, end, H: tl.constexpr, KG: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr,
+                  REVERSE: tl.constexpr):
+    n, i_h = tl.program_id(0), tl.program_id(1)
+    t0, t1 = tl.load(start + n), tl.load(end + n)
+    rows = t0 + tl.arange(0, BT)
+    cols = tl.arange(0, BG)
+    live = (rows[:, None] < t1) & (cols[None, :] < KG)
+    ptr = (rows[:, None] * H + i_h) * KG + cols[None, :]
+    b_g = tl.load(g + ptr, mask=live, other=0.0).to(tl.float32)
+    tl.store(out + ptr, tl.cumsum(b_g, axis=0, reverse=REVERSE), mask=live)
+
+
+@triton.jit
+def _wy_fwd(k, v, beta, gc, w, u, scratch, start, end, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr):
+    n, i_h = tl.program_id(0), tl.program_id(1)
+    t0, t1 = tl.load(start + n), tl.load(end + n)
+    rows = t0 + tl.arange(0, BT)
+    live = rows < t1
+    ok = tl.arange(0, BK)
+    b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ok[None, :], mask=live[:, None] & (ok[None, :] < K), other=0.0)
+    b_b = tl.load(beta + rows * H + i_h, mask=live, other=0.0).to(tl.float32)
+    r = tl.arange(0, BT)
+    strict = r[:, None] > r[None, :]
+    b_kb = b_k.to(tl.float32) * b_b[:, None]
+    b_L = _dot(b_kb.to(b_k.dtype), tl.trans(b_k), None, PREC)  # beta_i k_i . k_j
+    if GATE == 1:
+        b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
+        b_L = b_L * tl.exp(tl.where(strict, b_g[:, None] - b_g[None, :], -float("inf")))
+        b_kb = b_kb * tl.exp(b_g)[:, None]
+    b_L = tl.where(strict, b_L, 0.0)
+    # A = (I + L)^{-1} in two steps (16-row blocks, as FLA's solve_tril): (1) the block-diagonal inverse
+    # Ad = (I + Ld)^{-1} by forward substitution, the row r of all blocks at once; kept transposed, with the
+    # rows of L read back from scratch, so each step reduces within a row. (2) I + L = (I + Ld)(I + N) with
+    # N = Ad Lo strictly block-lower, N^(BT/16) = 0, so A = (I - N + N^2 - ...) Ad in a few dots.
+    p_L = scratch + (n.to(tl.int64) * H + i_h) * BT * BT
+    tl.store(p_L + r[:, None] * BT + r[None, :], b_L)
+    tl.debug_barrier()
+    blk = r // 16
+    same = blk[:, None] == blk[None, :]
+    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    b_AT = eye
+    for i in range(1, 16):
+        row = blk * 16 + i  # for column c of Ad^T: the row i of c's block
+        l_i = tl.load(p_L + row[:, None] * BT + r[None, :], mask=same, other=0.0)
+        b_AT = tl.where(r[None, :] == row[:, None], b_AT - tl.sum(b_AT * l_i, 1)[:, None], b_AT)
+    b_Ad = tl.trans(b_AT)
+    if BT > 16:
+        b_N = _dot(b_Ad, tl.where(same, 0.0, b_L), None, PREC)
+        b_S, b_P = eye, eye
+        for _ in tl.static_range(BT // 16 - 1):
+            b_P = -_dot(b_P, b_N, None, PREC)
+            b_S += b_P
+        b_A = _dot(b_S, b_Ad, None, PREC)
+    else:
+        b_A = b_Ad
+    b_A = b_A.to(b_k.dtype)
+    tl.store(w + (rows[:, None] * H + i_h) * K + ok[None, :],
+             _dot(b_A, b_kb.to(b_k.dtype), None, PREC).to(w.dtype.element_ty),
+             mask=live[:, None] & (ok[None, :] < K))
+    for i_v in range(0, tl.cdiv(V, BV)):
+        ov = i_v * BV + tl.arange(0, BV)
+        m = live[:, None] & (ov[None, :] < V)
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m, other=0.0)
+        b_u = _dot(b_A, (b_v.to(tl.float32) * b_b[:, None]).to(b_v.dtype), None, PREC)
+        tl.store(u + (rows[:, None] * H + i_h) * V + ov[None, :], b_u.to(u.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _state_fwd(k, u, w, gc, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
+               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+    i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # without the delta rule the rows of the state are independent: programs may split Dk too (BK < K)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
+    bos, eos, n0 = tl.load(cu + i_s), tl.load(cu + i_s + 1), tl.load(first + i_s)
+    ok = i_k * BK + tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    m_kv = (ok[:, None] < K) & (ov[None, :] < V)
+    p_kv = (i_h * K + ok[:, None]) * V + ov[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_s * H * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    for i in range(0, tl.cdiv(eos - bos, BT)):
+        rows = bos + i * BT + tl.arange(0, BT)
+        live = rows < eos
+        tl.store(h + (n0 + i).to(tl.int64) * H * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
+        m_k = live[:, None] & (ok[None, :] < K)
+        m_v = live[:, None] & (ov[None, :] < V)
+        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
+        b_x = tl.load(u + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m_v, other=0.0).to(tl.float32)
+        if DELTA:
+            b_w = tl.load(w + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
+            b_x -= _dot(b_w, b_h.to(b_w.dtype), None, PREC)
+            tl.store(x + (rows[:, None] * H + i_h) * V + ov[None, :], b_x.to(x.dtype.element_ty), mask=m_v)
+        if GATE != 0:
+            b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
+            g_last = _gate_last(gc, tl.minimum(bos + i * BT + BT, eos) - 1, i_h, ok, H, K, GATE)
+            b_h = _decay_state(b_h, g_last, GATE)
+            b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_k.dtype)
+        b_h += _dot(tl.trans(b_k), b_x.to(b_k.dtype), None, PREC)
+    if STORE_HT:
+        tl.store(ht + i_s * H * K * V + p_kv, b_h.to(ht.dtype.element_ty), mask=m_kv)
+
+
+@triton.jit
+def _state_bwd(q, k, w, gc, do, dxi, dh, dht, dh0, cu, first, scale, H: tl.constexpr, K: tl.constexpr,
+               V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+               DELTA: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr):
+    """dh[n] = gradient of the state after chunk n; dh0 = gradient of the initial state."""
+    i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # without the delta rule the rows of the state are independent: programs may split Dk too (BK < K)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
+    bos, eos, n0 = tl.load(cu + i_s), tl.load(cu + i_s + 1), tl.load(first + i_s)
+    ok = i_k * BK + tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    m_kv = (ok[:, None] < K) & (ov[None, :] < V)
+    p_kv = (i_h * K + ok[:, None]) * V + ov[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_s * H * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    for i in range(tl.cdiv(eos - bos, BT) - 1, -1, -1):
+        rows = bos + i * BT + tl.arange(0, BT)
+        live = rows < eos
+        tl.store(dh + (n0 + i).to(tl.int64) * H * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
+        m_k = live[:, None] & (ok[None, :] < K)
+        m_v = live[:, None] & (ov[None, :] < V)
+        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0).to(tl.float32)
+        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m_v, other=0.0)
+        if GATE != 0:
+            b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
+            g_last = _gate_last(gc, tl.minimum(bos + i * BT + BT, eos) - 1, i_h, ok, H, K, GATE)
+            if GATE == 1:
+                b_q = b_q * tl.exp(b_g)[:, None]
+            else:
+                b_q = b_q * tl.exp(b_g)
+        if DELTA:
+            b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
+            b_w = tl.load(w + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
+            if GATE != 0:
+                b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_w.dtype)
+            b_dx = tl.load(dxi + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m_v, other=0.0).to(tl.float32)
+            b_dx += _dot(b_k, b_dh.to(b_k.dtype), None, PREC)
+        if GATE != 0:
+            b_dh = _decay_state(b_dh, g_last, GATE)
+        b_dh += _dot(tl.trans((b_q * scale).to(b_do.dtype)), b_do, None, PREC)
+        if DELTA:
+            b_dh -= _dot(tl.trans(b_w), b_dx.to(b_w.dtype), None, PREC)
+    tl.store(dh0 + i_s * H * K * V + p_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)
+
+
+@triton.jit
+def _chunk_output(q, k, x, gc, h, o, start, end, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+                  PREC: tl.constexpr):
+    i_v, i_nq, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, i_q = i_nq // (BT // BQ), i_nq % (BT // BQ)
+    t0, t1 = tl.load(start + n), tl.load(end + n)
+    ok = tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    rq = t0 + i_q * BQ + tl.arange(0, BQ)
+    lq = rq < t1
+    b_q = tl.load(q + (rq[:, None] * H + i_h) * K + ok[None, :], mask=lq[:, None] & (ok[None, :] < K), other=0.0)
+    b_h = tl.load(h + n.to(tl.int64) * H * K * V + (i_h * K + ok[:, None]) * V + ov[None, :],
+                  mask=(ok[:, None] < K) & (ov[None, :] < V), other=0.0)
+    b_qg = b_q
+    if GATE != 0:
+        b_gq = _gate_rows(gc, rq, lq, i_h, ok, H, K, GATE)
+        if GATE == 1:
+            b_qg = (b_q.to(tl.float32) * tl.exp(b_gq)[:, None]).to(b_q.dtype)
+        else:
+            b_qg = (b_q.to(tl.float32) * tl.exp(b_gq)).to(b_q.dtype)
+    b_o = _dot(b_qg, b_h.to(b_q.dtype), None, PREC)
+    for j in range(0, i_q + 1):
+        rk = t0 + j * BQ + tl.arange(0, BQ)
+        lk = rk < t1
+        b_k = tl.load(k + (rk[:, None] * H + i_h) * K + ok[None, :], mask=lk[:, None] & (ok[None, :] < K), other=0.0)
+        b_x = tl.load(x + (rk[:, None] * H + i_h) * V + ov[None, :], mask=lk[:, None] & (ov[None, :] < V), other=0.0)
+        if GATE == 2:
+            # decays relative to a reference row: the last key row for earlier blocks, the first row on the diagonal
+            ref = _gate_last(gc, tl.where(j < i_q, t0 + j * BQ + BQ - 1, t0 + i_q * BQ), i_h, ok, H, K, GATE)
+            b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
+            qa = b_q.to(tl.float32) * tl.exp(tl.where(lq[:, None], b_gq - ref[None, :], 0.0))
+            ka = b_k.to(tl.float32) * tl.exp(tl.where(lk[:, None], ref[None, :] - b_gk, 0.0))
+            b_a = _dot(qa.to(b_q.dtype), tl.trans(ka.to(b_k.dtype)), None, PREC)
+        else:
+            b_a = _dot(b_q, tl.trans(b_k), None, PREC)
+            if GATE == 1:
+                b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
+                b_a *= tl.exp(tl.where(rq[:, None] >= rk[None, :], b_gq[:, None] - b_gk[None, :], -float("inf")))
+        b_a = tl.where((rq[:, None] >= rk[None, :]) & lk[None, :], b_a, 0.0)
+        b_o += _dot(b_a.to(b_x.dtype), b_x, None, PREC)
+    tl.store(o + (rq[:, None] * H + i_h) * V + ov[None, :], (b_o * scale).to(o.dtype.element_ty),
+             mask=lq[:, None] & (ov[None, :] < V))

@@ -1,0 +1,219 @@
+"""The gated linear recurrence engine: launchers, autograd and the public chunkwise function.
+
+    S_t = G_t * S_{t-1} + beta_t k_t^T v_t   (or the (gated) delta rule),   o_t = scale * q_t S_t
+
+`chunk_gated_linear_attn` runs the Triton chunkwise kernels of chunk.py. Backward: the reverse scan over
+chunk states (`_state_bwd`, Triton) gives dh at every chunk boundary; given h_c and dh_{c+1} every chunk is
+independent, so the remaining gradients are the vector-Jacobian product of `chunk_torch.chunk_local`
+over all chunks at once (batched PyTorch; the log-gate gradient comes out through the chunk-local cumsum).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from .._memory import empty_output
+from ..hardware._flash_common import dot_precision, pick_config, seqlen_bucket
+from ..validate import check_choice, check_cu_seqlens, check_positive_int, check_qkv, check_scale, check_tensor
+from .chunk import _chunk_cumsum, _chunk_output, _state_bwd, _state_fwd, _wy_fwd
+from .chunk_torch import Chunks, chunk_local, from_chunks, make_chunks, to_chunks, _decay, _pair
+
+_VJP_GROUP = 64  # chunks per batched backward step: bounds the O(group C^2 Dk) memory of vector gates
+
+
+def _prec(t: torch.Tensor):
+    return dot_precision(t.dtype)
+
+
+def _bk(K: int) -> int:
+    return max(16, triton.next_power_of_2(K))
+
+
+def _configs(V: int, kernel: str, K: int = 0, delta_rule: bool = True):
+    """Candidate (BV, num_warps, num_stages[, BK]), the first one used by the interpreter."""
+    bv = [b for b in (16, 32, 64, 128) if b <= max(16, triton.next_power_of_2(V))]
+    if kernel == "wy":  # a latency-bound forward substitution: try a few warp counts
+        return [(bv[-1] if len(bv) < 3 else bv[2], w, st) for w, st in ((4, 1), (4, 2), (8, 2), (2, 2))]
+    if kernel == "state":  # sequential over chunks: split V finer to fill the GPU, pipeline the loads
+        bks = ([64] if not delta_rule and _bk(K) > 64 else []) + [_bk(K)]  # the split first: tested on CPU
+        return [(b, w, st, bk) for bk in bks for b in reversed(bv[:3]) for w, st in ((4, 2), (4, 3), (8, 2))]
+    return [(b, w, st) for b in reversed(bv[-2:]) for w, st in ((4, 2), (4, 3), (8, 2))]
+
+
+def _tuned(name, kernel, grid, key, configs, *args, **meta):
+    """Launch `kernel` with the fastest of `configs` for `key` (BV, num_warps, num_stages)."""
+    def launch(cfg):
+        extra = {} if len(cfg) < 4 else {"BK": cfg[3]}
+        kernel[grid(*cfg[:1], *cfg[3:])](*args, **meta, **extra, BV=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+    launch(pick_config((name, *key), configs, launch))
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_chunks(B: int, T: int, chunk_size: int, device: str) -> Chunks:
+    """Chunk tables of B sequences of T tokens, built once per shape (no host sync in later calls)."""
+    cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32)
+    return make_chunks(cu, chunk_size, device)
+
+
+def _gate_code(g) -> int:
+    return 0 if g is None else (1 if g.dim() == 2 else 2)
+
+
+def _cumsum(g: torch.Tensor, ch: Chunks, reverse: bool = False) -> torch.Tensor:
+    """Chunk-local cumulative sum of packed log gates `[T, H(, K)]`, float32."""
+    H = g.shape[1]
+    KG = g.shape[2] if g.dim() == 3 else 1
+    out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    _chunk_cumsum[(ch.start.numel(), H)](g, out, ch.start, ch.end, H=H, KG=KG, BT=ch.size,
+                                         BG=max(16, triton.next_power_of_2(KG)), REVERSE=reverse)
+    return out
+
+
+def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool):
+    """Packed q, k `[T, H, K]`, v `[T, H, V]`; returns o, ht, and what backward needs (gc, h, w)."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    num_seqs, N = ch.cu_seqlens.numel() - 1, ch.start.numel()
+    BK, gate = _bk(K), _gate_code(g)
+    key = (gate, delta_rule, K, V, ch.size, q.dtype, num_seqs * H, seqlen_bucket(T))
+    gc = _cumsum(g, ch) if gate else None
+    w = None
+    if delta_rule:
+        w, u = empty_output((T, H, K), k.dtype, k.device), empty_output((T, H, V), v.dtype, v.device)
+        scratch = torch.empty(N * H * ch.size * ch.size, dtype=torch.float32, device=q.device)
+        _tuned("wy", _wy_fwd, lambda bv: (N, H), key, _configs(V, "wy"), k, v, beta, gc, w, u, scratch, ch.start,
+               ch.end, H=H, K=K, V=V, BT=ch.size, BK=BK, GATE=gate, PREC=_prec(k))
+        x = empty_output((T, H, V), v.dtype, v.device)
+    else:
+        u = v if beta is None else (v * beta.unsqueeze(-1)).to(v.dtype)
+        x = u
+    h = empty_output((N, H, K, V), q.dtype, q.device)
+    ht = empty_output((num_seqs, H, K, V), torch.float32, q.device) if want_ht else None
+    _tuned("state_fwd", _state_fwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
+           _configs(V, "state", K, delta_rule), k, u, w, gc, h, x, h0, ht, ch.cu_seqlens, ch.first, H=H, K=K, V=V,
+           BT=ch.size, GATE=gate, DELTA=delta_rule, USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
+    o = empty_output((T, H, V), q.dtype, q.device)
+    BQ = 16 if gate == 2 else ch.size
+    _tuned("output", _chunk_output, lambda bv: (triton.cdiv(V, bv), N * (ch.size // BQ), H), key,
+           _configs(V, "output"), q, k, x, gc, h, o, ch.start, ch.end, scale, H=H, K=K, V=V, BT=ch.size, BQ=BQ,
+           BK=BK, GATE=gate, PREC=_prec(q))
+    return o, ht, gc, h, w
+
+
+def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, gc, h, w, do, dht, want_dh0: bool):
+    T, H, K = q.shape
+    V = v.shape[-1]
+    num_seqs, vector = ch.cu_seqlens.numel() - 1, g is not None and g.dim() == 3
+    gate = _gate_code(g)
+    key = (gate, delta_rule, K, V, ch.size, q.dtype, num_seqs * H, seqlen_bucket(T))
+    do = do.contiguous()
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    dxi = None
+    if delta_rule:  # dx_intra = tril(q k^T * D)^T do: the part of dx (x = U - W h) not flowing through the state
+        Gc = to_chunks(gc, ch) if gc is not None else to_chunks(q.new_zeros(T, H, dtype=torch.float32), ch)
+        P = _pair(to_chunks(f32(q), ch), to_chunks(f32(k), ch), _decay(Gc, vector, strict=False), vector)
+        dxi = from_chunks(scale * torch.einsum("nhij,nihv->njhv", P, to_chunks(f32(do), ch)), ch, T)
+    dh = torch.empty_like(h)
+    dh0 = empty_output((num_seqs, H, K, V), torch.float32, q.device)
+    _tuned("state_bwd", _state_bwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
+           _configs(V, "state", K, delta_rule), q, k, w, gc, do, dxi, dh, dht, dh0, ch.cu_seqlens, ch.first, scale,
+           H=H, K=K, V=V, BT=ch.size, GATE=gate, DELTA=delta_rule, USE_DHT=dht is not None, PREC=_prec(q))
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (q, k, v, g, beta)]
+    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if t is not None else None for t in leaves]
+    with torch.enable_grad():
+        for n0 in range(0, ch.start.numel(), _VJP_GROUP):
+            sub = Chunks(ch.index[n0:n0 + _VJP_GROUP], ch.start, ch.end, ch.first, ch.cu_seqlens, ch.size)
+            qc, kc, vc = (to_chunks(f32(t), sub) for t in leaves[:3])
+            gp = leaves[3] if leaves[3] is not None else q.new_zeros(T, H)
+            Gc = to_chunks(gp.float(), sub).cumsum(1)
+            bc = None if leaves[4] is None else to_chunks(f32(leaves[4]), sub)
+            o, h_next, _ = chunk_local(qc, kc, vc, Gc, bc, h[n0:n0 + _VJP_GROUP].float(), scale=scale,
+                                       delta_rule=delta_rule, vector=vector)
+            live = [t for t in leaves if t is not None]
+            parts = torch.autograd.grad([o, h_next], live, [to_chunks(f32(do), sub), dh[n0:n0 + _VJP_GROUP].float()],
+                                        allow_unused=True)
+            it = iter(parts)
+            for i, t in enumerate(leaves):
+                if t is not None:
+                    p = next(it)
+                    if p is not None:
+                        grads[i] += p
+    grads = [None if gr is None else gr.to(t.dtype) for gr, t in zip(grads, (q, k, v, g, beta))]
+    return (*grads, dh0 if want_dh0 else None)
+
+
+class _ChunkGatedLinearAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, scale, delta_rule, ch, want_ht):
+        o, ht, gc, h, w = _forward(q, k, v, g, beta, scale, h0, delta_rule, ch, want_ht)
+        ctx.save_for_backward(q, k, v, g, beta, gc, h, w)
+        ctx.scale, ctx.delta_rule, ctx.ch, ctx.has_h0 = scale, delta_rule, ch, h0 is not None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, gc, h, w = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, g, beta, ctx.scale, ctx.delta_rule, ctx.ch, gc, h, w,
+                                               do, dht, ctx.has_h0)
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
+
+
+def validate_linear(q, k, v, g, beta, scale, initial_state, cu_seqlens, *, delta_rule: bool,
+                    dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> int:
+    """Checks shared by every public function of the engine; returns the number of sequences."""
+    B, T, _, H, Hkv, K, V = check_qkv(q, k, v, dtypes=dtypes, same_length=True)
+    if Hkv != H:
+        raise ValueError(f"k and v must have as many heads as q (H={H}), got Hkv={Hkv}")
+    check_scale(scale)
+    if g is not None:
+        check_tensor("g", g, dtypes=(q.dtype, torch.float32))
+        if tuple(g.shape) not in ((B, T, H), (B, T, H, K)):
+            raise ValueError(f"g must be [B, T, H] (scalar gate) or [B, T, H, Dk] (vector gate) = "
+                             f"{(B, T, H)} or {(B, T, H, K)}, got {tuple(g.shape)}")
+    if beta is not None:
+        check_tensor("beta", beta, ndim=3, dtypes=(q.dtype, torch.float32), layout="[B, T, H]")
+        if tuple(beta.shape) != (B, T, H):
+            raise ValueError(f"beta must be [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
+    if delta_rule and g is not None and g.dim() == 4:
+        raise ValueError("the delta rule takes a scalar gate g [B, T, H] (gated delta rule), got a vector gate")
+    num_seqs = B
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q)
+        num_seqs = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, ndim=4, layout="[N, H, Dk, Dv]")
+        if tuple(initial_state.shape) != (num_seqs, H, K, V):
+            raise ValueError(f"initial_state must be [num_seqs, H, Dk, Dv] = {(num_seqs, H, K, V)}, "
+                             f"got {tuple(initial_state.shape)}")
+    for name, t in (("g", g), ("beta", beta), ("initial_state", initial_state)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    return num_seqs
+
+
+def chunk_gated_linear_attn(q, k, v, g=None, beta=None, *, scale=None, initial_state=None,
+                            output_final_state=False, cu_seqlens=None, delta_rule=False, chunk_size=64):
+    """Chunkwise gated linear attention with Triton kernels (forward and backward).
+
+    q, k: `[B, T, H, Dk]`, v: `[B, T, H, Dv]`; g: log forget gate `[B, T, H]` (scalar) or `[B, T, H, Dk]`
+    (vector), `g <= 0`; beta: `[B, T, H]`; initial_state: `[N, H, Dk, Dv]` (N = B, or the number of
+    sequences with `cu_seqlens`, int32 `[N + 1]`, B == 1). `delta_rule`: S_t = G_t S_{t-1} (I - beta k^T k)
+    + beta k^T v (scalar gate or none). Returns o `[B, T, H, Dv]` in q's dtype, and with
+    `output_final_state` also the final state `[N, H, Dk, Dv]` in float32.
+    Time O(T C Dk + T Dk Dv), memory O(T/C H Dk Dv) for the chunk states; chunk_size C a power of two >= 16.
+    """
+    validate_linear(q, k, v, g, beta, scale, initial_state, cu_seqlens, delta_rule=delta_rule)
+    check_positive_int("chunk_size", chunk_size, power_of_two=True, minimum=16)
+    check_choice("output_final_state", output_final_state, (True, False))
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else float(scale)
+    pk = lambda t: None if t is None else t.contiguous().reshape(B * T, *t.shape[2:])  # noqa: E731
+    ch = (_dense_chunks(B, T, chunk_size, str(q.device)) if cu_seqlens is None
+          else make_chunks(cu_seqlens, chunk_size, q.device))
+    h0 = None if initial_state is None else initial_state.contiguous()
+    o, ht = _ChunkGatedLinearAttn.apply(pk(q), pk(k), pk(v), pk(g), pk(beta), h0, scale, delta_rule, ch,
+                                        output_final_state)
+    o = o.reshape(B, T, H, v.shape[-1])
+    return (o, ht) if output_final_state else o

@@ -1,0 +1,75 @@
+"""`effattn quality`: the argument parser and the command (cli.py only registers it)."""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import torch
+
+from .harness import PRESETS, TASKS
+
+# Exact softmax attention first (the default method: flash once merged), then the state-carrying layers.
+DEFAULT_METHODS = ("linear_transformer", "retnet", "gla", "deltanet", "gated_deltanet", "mamba2")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quality", help="train small models per method on MQAR / copy / induction / bytes LM")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated layer or method names (default: exact attention + linear layers; "
+                        "'all': every name effattn.nn.make_mixer accepts that trains)")
+    p.add_argument("--task", choices=TASKS, default="mqar")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="sizes (default: from the device)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="wall-clock budget for the sweep, split evenly over runs (default: 9 on cpu, none on gpu)")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
+    p.add_argument("--widths", default=None, help="comma-separated model widths (override the preset)")
+    p.add_argument("--eval-examples", type=int, default=None, help="override the evaluation set size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="quality_results", help="folder for quality_<task>.json and .png")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def resolve_methods(spec: str | None) -> list[str]:
+    from ..nn import default_method, make_mixer, mixer_names
+
+    if spec is None:
+        return [default_method(), *DEFAULT_METHODS]
+    if spec == "all":
+        names = []
+        for name in mixer_names():
+            try:
+                make_mixer(name, 16, 2)
+            except (ValueError, TypeError):  # needs inputs / options a generic layer cannot give it
+                continue
+            names.append(name)
+        return names
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--methods must name at least one method, got {spec!r}")
+    for name in names:
+        make_mixer(name, 16, 2)  # unknown names fail here, before any training, with a did-you-mean
+    return names
+
+
+def run(args) -> int:
+    from .harness import sweep, write
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    cfg = replace(PRESETS[preset][args.task], seed=args.seed)
+    if args.steps is not None:
+        cfg = replace(cfg, recipe=replace(cfg.recipe, steps=args.steps, warmup=min(cfg.recipe.warmup, args.steps)))
+    if args.eval_examples is not None:
+        cfg = replace(cfg, eval_examples=args.eval_examples)
+    if args.widths is not None:
+        cfg = replace(cfg, widths=tuple(int(w) for w in args.widths.split(",")))
+    budget = args.budget_minutes if args.budget_minutes is not None else (9.0 if device.type == "cpu" else None)
+    methods = resolve_methods(args.methods)
+    command = "effattn " + " ".join(sys.argv[1:])
+    result = sweep(cfg, methods, device, budget_minutes=budget, out_dir=args.out, progress=not args.quiet,
+                   command=command)
+    json_path, png_path = write(result, args.out)
+    print(f"wrote {json_path} and {png_path}")
+    return 0

@@ -1,0 +1,205 @@
+"""The quality sweep: every method trained with the same recipe and seeds on a task, evaluated on a grid.
+
+One run = (method, width): a `TinyLM` trained on a mixture of the task's training settings, then
+evaluated on every evaluation setting (longer sequences, more key-value pairs) with a fixed, seeded
+evaluation set. Each run also records the model's decoding memory at each evaluation length (KV cache
+or recurrent state, counted from the layers' own `step` caches), so accuracy can be read against state
+size. Results: one JSON file and one PNG per task.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..models import TinyLM
+from . import tasks
+from .train import Progress, Recipe, evaluate, train
+
+TASKS = ("mqar", "copy", "induction", "lm")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A task's data, model sizes and recipe. Settings are keyword arguments of the task's generator."""
+
+    task: str
+    vocab: int
+    train_settings: tuple[dict, ...]
+    eval_settings: tuple[dict, ...]
+    widths: tuple[int, ...]
+    recipe: Recipe
+    layers: int = 2
+    heads: int = 2
+    eval_examples: int = 256
+    seed: int = 0
+    mixer_options: dict = field(default_factory=dict)
+
+
+def _kv(pairs):
+    return tuple({"seq_len": t, "num_kv_pairs": p} for t, p in pairs)
+
+
+# CPU: small enough that the default sweep ends in minutes on two cores; MQAR's vocabulary shrinks to 256
+# there, because with Zoology's 8192 no model leaves chance within a few hundred CPU steps (measured).
+# GPU: the Zoology-scale grid (vocab 8192, sequences up to 512, up to 64 pairs, widths 64-256).
+PRESETS = {
+    "cpu": {
+        "mqar": TaskConfig("mqar", 256, _kv([(64, 4), (64, 8)]), _kv([(64, 4), (64, 8), (128, 8), (256, 16)]),
+                           (32, 64), Recipe(steps=500, batch=32, lr=3e-3, warmup=30)),
+        "copy": TaskConfig("copy", 16, ({"seq_len": 64, "num_tokens": 8},),
+                           ({"seq_len": 64, "num_tokens": 8}, {"seq_len": 128, "num_tokens": 8}),
+                           (32, 64), Recipe(steps=500, batch=32, lr=3e-3, warmup=30)),
+        "induction": TaskConfig("induction", 16, ({"seq_len": 64},), ({"seq_len": 64}, {"seq_len": 128}),
+                                (32, 64), Recipe(steps=500, batch=32, lr=3e-3, warmup=30)),
+        "lm": TaskConfig("lm", 256, ({"seq_len": 128},), ({"seq_len": 128}, {"seq_len": 256}),
+                         (64,), Recipe(steps=500, batch=16, lr=3e-3, warmup=30), eval_examples=64),
+    },
+    "gpu": {
+        "mqar": TaskConfig("mqar", 8192, _kv([(64, 4), (128, 8), (256, 16), (256, 32)]),
+                           _kv([(64, 4), (128, 8), (256, 16), (512, 32), (512, 64)]),
+                           (64, 128, 256), Recipe(steps=4000, batch=128, lr=3e-3, warmup=200), eval_examples=1000),
+        "copy": TaskConfig("copy", 16, ({"seq_len": 256, "num_tokens": 16},),
+                           ({"seq_len": 256, "num_tokens": 16}, {"seq_len": 512, "num_tokens": 16}),
+                           (64, 128), Recipe(steps=3000, batch=128, lr=1e-3, warmup=200), eval_examples=1000),
+        "induction": TaskConfig("induction", 16, ({"seq_len": 256},), ({"seq_len": 256}, {"seq_len": 1024}),
+                                (64, 128), Recipe(steps=3000, batch=128, lr=1e-3, warmup=200), eval_examples=1000),
+        "lm": TaskConfig("lm", 256, ({"seq_len": 512},), ({"seq_len": 512}, {"seq_len": 1024}),
+                         (128, 256), Recipe(steps=4000, batch=32, lr=1e-3, warmup=200), eval_examples=256),
+    },
+}
+
+
+def sampler(cfg: TaskConfig, setting: dict, corpus=None):
+    """`sample(n, generator) -> (inputs, targets)` for one setting of the task."""
+    generators = {"mqar": partial(tasks.mqar, vocab=cfg.vocab), "copy": partial(tasks.selective_copy, vocab=cfg.vocab),
+                  "induction": partial(tasks.induction, vocab=cfg.vocab), "lm": partial(tasks.byte_windows, corpus)}
+    if cfg.task not in generators:
+        raise ValueError(f"task must be one of {TASKS}, got {cfg.task!r}")
+    fn = partial(generators[cfg.task], **setting)
+    return lambda n, generator: fn(n=n, generator=generator)
+
+
+def mixture(samplers):
+    """Each batch from one of the samplers, chosen by the same generator (so the order is seeded too)."""
+    def sample(n, generator):
+        i = int(torch.randint(len(samplers), (1,), generator=generator))
+        return samplers[i](n, generator)
+    return sample
+
+
+def run_one(cfg: TaskConfig, method: str, width: int, device, corpora=None, progress: bool = True) -> dict:
+    """Train one (method, width) model on cfg and evaluate it on every evaluation setting."""
+    train_data, val_data = corpora if corpora is not None else (None, None)
+    torch.manual_seed(cfg.seed)  # same initial weights for the shared parts of every method
+    model = TinyLM(cfg.vocab, width, cfg.layers, method, heads=cfg.heads, **cfg.mixer_options)
+    train_sample = mixture([sampler(cfg, s, train_data) for s in cfg.train_settings])
+    log = train(model, train_sample, cfg.recipe, seed=cfg.seed, device=device, label=f"{method:>16} d={width:<4}",
+                progress=progress)
+    evals = []
+    for i, setting in enumerate(cfg.eval_settings):
+        x, y = sampler(cfg, setting, val_data)(cfg.eval_examples, torch.Generator().manual_seed(10_000 + i))
+        metrics = evaluate(model, x, y, cfg.recipe.batch, device)
+        if cfg.task == "lm":
+            metrics["bits_per_byte"] = metrics["loss"] / torch.log(torch.tensor(2.0)).item()
+        metrics["state_elements"] = model.cache_elements(x[:1].to(device))
+        evals.append({"setting": setting, **metrics})
+    params = sum(p.numel() for p in model.parameters())
+    return {"method": method, "width": width, "params": params, "train": log, "eval": evals}
+
+
+def environment(device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "threads": torch.get_num_threads()}
+    if str(device).startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = None, out_dir=None,
+          progress: bool = True, command: str = "") -> dict:
+    """Every method x width of cfg with the same recipe; returns (and writes, with `out_dir`) the results.
+
+    A budget gives each run an equal share of the time; a run that hits it stops early and says so
+    (`train.truncated`), so a slow method is never silently compared at fewer steps."""
+    runs_todo = [(m, w) for m in methods for w in cfg.widths]
+    if budget_minutes is not None:
+        share = budget_minutes * 60 / max(1, len(runs_todo))
+        cfg = replace(cfg, recipe=replace(cfg.recipe, time_limit_s=0.85 * share))  # leave room for evaluation
+    corpora = tasks.stdlib_bytes() if cfg.task == "lm" else None
+    result = {"task": cfg.task, "config": _jsonable(asdict(cfg)), "environment": environment(device),
+              "command": command, "runs": []}
+    overall = Progress(len(runs_todo), f"quality {cfg.task}") if progress else None
+    for i, (method, width) in enumerate(runs_todo):
+        run = run_one(cfg, method, width, device, corpora, progress)
+        result["runs"].append(run)
+        if progress:
+            print(summary_line(run), flush=True)
+            overall.update(i + 1, force=True)
+        if out_dir is not None:  # after every run, so an interrupted sweep keeps what it measured
+            write(result, out_dir, with_plot=False)
+    return result
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def summary_line(run: dict) -> str:
+    key = "bits_per_byte" if "bits_per_byte" in run["eval"][0] else "accuracy"
+    cells = ", ".join(f"{_setting_label(e['setting'])}: {e[key]:.3f}" for e in run["eval"])
+    flag = f" (stopped at step {run['train']['steps_done']})" if run["train"]["truncated"] else ""
+    return f"{run['method']:>16} d={run['width']:<4} {key}: {cells}  [{run['train']['seconds']:.0f}s{flag}]"
+
+
+def _setting_label(setting: dict) -> str:
+    short = {"seq_len": "T", "num_kv_pairs": "kv", "num_tokens": "n"}
+    return " ".join(f"{short.get(k, k)}={v}" for k, v in setting.items())
+
+
+def write(result: dict, out_dir, with_plot: bool = True) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"quality_{result['task']}.json", out / f"quality_{result['task']}.png"
+    json_path.write_text(json.dumps(result, indent=1))
+    if with_plot:
+        plot(result, png_path)
+    return json_path, png_path
+
+
+def plot(result: dict, path) -> None:
+    """Left: the metric vs evaluation setting (largest width). Right: the metric on the hardest setting vs
+    the decoding state size (one point per width)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lm = result["task"] == "lm"
+    key = "bits_per_byte" if lm else "accuracy"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    methods = list(dict.fromkeys(r["method"] for r in result["runs"]))
+    for method in methods:
+        runs = sorted((r for r in result["runs"] if r["method"] == method), key=lambda r: r["width"])
+        widest = runs[-1]
+        labels = [_setting_label(e["setting"]) for e in widest["eval"]]
+        left.plot(range(len(labels)), [e[key] for e in widest["eval"]], marker="o", label=method)
+        right.plot([r["eval"][-1]["state_elements"] for r in runs], [r["eval"][-1][key] for r in runs],
+                   marker="o", label=method)
+    left.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+    left.set_title(f"{result['task']}: {key} by setting (width {widest['width']})")
+    right.set_xscale("log")
+    right.set_xlabel(f"decoding state / KV cache elements per sequence ({labels[-1]})")
+    right.set_title(f"{key} vs state size, hardest setting")
+    for ax in (left, right):
+        ax.set_ylabel(key + (" (lower is better)" if lm else ""))
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,187 @@
+"""The gated recurrence engine: recurrent == parallel == chunkwise (torch) == Triton chunk kernels, against
+the float64 reference, for every gate type; varlen, initial states, chunk remainders, decoding, stability."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effattn.linear import (chunk_gated_linear_attn, delta_net, fused_recurrent_gated_linear_attn, gated_delta_net,
+                            gated_linear_attn, gla, lightning, retnet, retnet_gamma, simple_gla)
+from effattn.linear.chunk_torch import chunk_form
+from effattn.reference import linear_parallel, linear_recurrent
+from effattn.testing import compare
+
+CASES = [(None, False), ("scalar", False), ("vector", False), (None, True), ("scalar", True)]
+IDS = ["none", "scalar", "vector", "delta", "gated_delta"]
+
+
+def make(gate, delta, B=2, T=45, H=2, K=16, V=32, n_states=None, strength=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
+    if delta:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    g = None if gate is None else strength * F.logsigmoid(r(B, T, H, *((K,) if gate == "vector" else ())) + 2)
+    beta = torch.sigmoid(r(B, T, H)) if delta else None
+    h0 = 0.5 * r(n_states or B, H, K, V)
+    return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0)
+
+
+def run(fn, x, dtype, delta, do, dht, **kw):
+    """Outputs and gradients of every input under upstream gradients (do, dht)."""
+    ins = {n: None if t is None else t.detach().to(dtype).requires_grad_() for n, t in x.items()}
+    o, ht = fn(**ins, output_final_state=True, delta_rule=delta, **kw)
+    ((o.double() * do).sum() + (ht.double() * dht).sum()).backward()
+    return [o, ht] + [t.grad for t in ins.values() if t is not None]
+
+
+def check_all(fast_fn, x, delta, dtype=torch.float32, **kw):
+    ref = run(linear_recurrent if "cu_seqlens" not in kw else _per_seq, x, torch.float64, delta, *_upstream(x),
+              **{k: v for k, v in kw.items() if k == "cu_seqlens"})
+    base = run(linear_recurrent if "cu_seqlens" not in kw else _per_seq, x, dtype, delta, *_upstream(x),
+               **{k: v for k, v in kw.items() if k == "cu_seqlens"})
+    fast = run(fast_fn, x, dtype, delta, *_upstream(x), **kw)
+    names = ["o", "ht"] + [f"d{n}" for n, t in x.items() if t is not None]
+    results = [compare(n, f, b, r, dtype) for n, f, b, r in zip(names, fast, base, ref)]
+    assert all(c.ok for c in results), "\n".join(map(str, results))
+
+
+def _upstream(x):
+    gen = torch.Generator().manual_seed(1)
+    B, T, H, _ = x["q"].shape
+    S = x["initial_state"]
+    return torch.randn(B, T, H, x["v"].shape[-1], generator=gen, dtype=torch.float64), \
+        torch.randn(S.shape, generator=gen, dtype=torch.float64)
+
+
+def _per_seq(q, k, v, g=None, beta=None, *, cu_seqlens, **kw):
+    return gated_linear_attn(q, k, v, g, beta, cu_seqlens=cu_seqlens, form="recurrent", **kw)
+
+
+@pytest.mark.parametrize("gate,delta", CASES, ids=IDS)
+def test_triton_chunk_matches_reference(gate, delta):
+    """Triton chunk kernels (fwd, final state, grads of q, k, v, g, beta, h0), T=45 = 2 chunks of 16 + 13."""
+    check_all(chunk_gated_linear_attn, make(gate, delta), delta, chunk_size=16)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_triton_chunk_head_dim_split(gate):
+    """Dk = 80 > 64: the state kernels split the key dimension across programs (rows are independent)."""
+    check_all(chunk_gated_linear_attn, make(gate, False, B=1, T=20, H=1, K=80, V=16), False, chunk_size=16)
+
+
+@pytest.mark.parametrize("gate,delta", CASES, ids=IDS)
+def test_torch_forms_agree_in_float64(gate, delta):
+    x = make(gate, delta, T=37)
+    ref_o, ref_s = linear_recurrent(**x, output_final_state=True, delta_rule=delta)
+    for form in (linear_parallel, lambda **a: chunk_form(**a, chunk_size=16)):
+        o, s = form(**x, output_final_state=True, delta_rule=delta)
+        torch.testing.assert_close(o, ref_o, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(s, ref_s, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("gate,delta", [("vector", False), ("scalar", True)], ids=["gla", "gated_delta"])
+def test_chunk_torch_grads(gate, delta):
+    check_all(lambda **a: chunk_form(**a, chunk_size=16), make(gate, delta, T=21), delta)
+
+
+@pytest.mark.parametrize("gate,delta", [("vector", False), ("scalar", True)], ids=["gla", "gated_delta"])
+def test_varlen(gate, delta):
+    """Packed sequences (one shorter than a chunk, one spanning three) with their own initial states."""
+    x = make(gate, delta, B=1, T=58, n_states=3)
+    cu = torch.tensor([0, 7, 40, 58], dtype=torch.int32)
+    check_all(chunk_gated_linear_attn, x, delta, cu_seqlens=cu, chunk_size=16)
+    ref = _per_seq(**x, cu_seqlens=cu, delta_rule=delta, output_final_state=True)
+    got = chunk_form(**x, cu_seqlens=cu, delta_rule=delta, output_final_state=True, chunk_size=16)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("gate,delta", CASES, ids=IDS)
+def test_fused_recurrent_decoding(gate, delta):
+    """A prompt then one-token steps, the state carried in and out, == the recurrence over the whole text."""
+    x = make(gate, delta, B=2, T=12)
+    f32 = {n: None if t is None else t.float() for n, t in x.items()}
+    ref_o, ref_s = linear_recurrent(**x, output_final_state=True, delta_rule=delta)
+    cut = lambda a, b: {n: None if t is None else t[:, a:b] for n, t in f32.items() if n != "initial_state"}  # noqa: E731
+    o, s = fused_recurrent_gated_linear_attn(**cut(0, 10), initial_state=f32["initial_state"],
+                                             output_final_state=True, delta_rule=delta)
+    outs = [o]
+    for t in (10, 11):
+        o, s = fused_recurrent_gated_linear_attn(**cut(t, t + 1), initial_state=s, output_final_state=True,
+                                                 delta_rule=delta)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1).double(), ref_o, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.double(), ref_s, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_recurrent_varlen():
+    x = {n: None if t is None else t.float() for n, t in make("scalar", True, B=1, T=20, n_states=2).items()}
+    cu = torch.tensor([0, 9, 20], dtype=torch.int32)
+    o, s = fused_recurrent_gated_linear_attn(**x, cu_seqlens=cu, output_final_state=True, delta_rule=True)
+    ro, rs = _per_seq(**x, cu_seqlens=cu, delta_rule=True, output_final_state=True)
+    torch.testing.assert_close(o, ro, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s, rs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gate,delta", [("scalar", False), ("vector", False), ("scalar", True)])
+def test_long_sequence_strong_decay_bf16_is_finite(gate, delta):
+    """T = 4096, gates e^{g} down to ~e^{-20} per step, bf16: chunk-local float32 cumsums never overflow."""
+    x = make(gate, delta, B=1, T=4096, H=1, K=16, V=16, strength=8.0)
+    x = {n: None if t is None else t.to(torch.bfloat16) for n, t in x.items()}
+    if gate == "vector":  # a diagonal 16-row block bounds e^{-sum g} (chunk.py): milder there, still strong
+        x["g"] = x["g"] / 4
+    fast = chunk_gated_linear_attn if gate == "scalar" and not delta else lambda **a: chunk_form(**a, chunk_size=64)
+    o, s = fast(**x, output_final_state=True, delta_rule=delta)
+    assert torch.isfinite(o.float()).all() and torch.isfinite(s.float()).all()
+    ref = linear_recurrent(**{n: None if t is None else t[:, -200:] if n != "initial_state" else None
+                              for n, t in x.items()}, delta_rule=delta)
+    # strong decay forgets the far past: the last outputs match a recurrence over the last 200 tokens
+    torch.testing.assert_close(o[:, -8:].float(), ref[:, -8:].float(), rtol=0.1, atol=0.1)
+
+
+def test_methods_are_their_gates():
+    x = make(None, False, T=20)
+    B, T, H, _ = x["q"].shape
+    gamma = retnet_gamma(H)
+    assert torch.allclose(gamma, torch.tensor([1 - 2 ** -5, 1 - 2 ** -6], dtype=torch.float64))
+    g = torch.log(gamma).view(1, 1, H).expand(B, T, H)
+    base = dict(q=x["q"], k=x["k"], v=x["v"], form="recurrent")
+    torch.testing.assert_close(retnet(**base), simple_gla(g=g, **base))
+    torch.testing.assert_close(lightning(decay=0.9, **base), simple_gla(g=torch.full((B, T, H), 0.9, dtype=torch.float64).log(), **base))
+    torch.testing.assert_close(lightning(**base), linear_recurrent(x["q"], x["k"], x["v"]))
+    d = make("scalar", True, T=20)
+    torch.testing.assert_close(gated_delta_net(d["q"], d["k"], d["v"], torch.zeros_like(d["g"]), d["beta"], form="recurrent"),
+                               delta_net(d["q"], d["k"], d["v"], beta=d["beta"], form="recurrent"))
+
+
+def test_errors_name_the_argument():
+    x = {n: None if t is None else t.float() for n, t in make("scalar", True, T=8).items()}
+    q, k, v, g, beta = x["q"], x["k"], x["v"], x["g"], x["beta"]
+    with pytest.raises(ValueError, match="g must be"):
+        chunk_gated_linear_attn(q, k, v, g[:, :, :1])
+    with pytest.raises(ValueError, match="beta must be"):
+        chunk_gated_linear_attn(q, k, v, g, beta[:, :4], delta_rule=True)
+    with pytest.raises(ValueError, match="scalar gate"):
+        chunk_gated_linear_attn(q, k, v, g.unsqueeze(-1).expand(*g.shape, 16), beta, delta_rule=True)
+    with pytest.raises(ValueError, match="initial_state must be"):
+        chunk_gated_linear_attn(q, k, v, g, initial_state=torch.zeros(1, 2, 16, 32))
+    with pytest.raises(ValueError, match="chunk_size must be a power of two"):
+        chunk_gated_linear_attn(q, k, v, g, chunk_size=24)
+    with pytest.raises(ValueError, match="batch size 1"):
+        chunk_gated_linear_attn(q, k, v, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+    with pytest.raises(TypeError, match="q must have dtype"):
+        chunk_gated_linear_attn(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="form must be one of"):
+        simple_gla(q, k, v, g, form="magic")
+    with pytest.raises(ValueError, match="scalar gate g"):
+        simple_gla(q, k, v, g.unsqueeze(-1).expand(*g.shape, 16))
+    with pytest.raises(ValueError, match="vector gate g"):
+        gla(q, k, v, g)
+    with pytest.raises(ValueError, match="needs beta"):
+        delta_net(q, k, v)
+    with pytest.raises(ValueError, match="no data-dependent gate"):
+        retnet(q, k, v, g)
+    with pytest.raises(ValueError, match="decay must be"):
+        lightning(q, k, v, decay=1.5)
+    with pytest.raises(ValueError, match="no backward"):
+        fused_recurrent_gated_linear_attn(q.requires_grad_(), k, v, g)
