@@ -99,6 +99,20 @@ def _visible(pos, kidx, kv_len, LEFT, RIGHT):
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i, MASK: tl.constexpr):
+    """Online-softmax update for a tile of log2 scores s (-inf where masked): (p, alpha, l, m) with
+    p = 2^(s - m_new), alpha = 2^(m_old - m_new) rescaling the running sum and accumulator."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASK:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: exp2 gives 0
+    else:
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
 def _tile_bits(BITS, tile, r, c, BLOCK_Q: tl.constexpr, WORDS: tl.constexpr):
     """Bit (r, c) of partial tile `tile`: rows r and columns c local to the tile, broadcast shapes."""
     w = tl.load(BITS + (tile * BLOCK_Q + r) * WORDS + c // 32)

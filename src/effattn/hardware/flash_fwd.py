@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _tile_bits, _visible,
-                            block_d, dot_precision, pick_config, seqlen_bucket)
+from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
+                            _visible, block_d, dot_precision, pick_config, seqlen_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -38,14 +38,7 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale,
             keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[:, None], tl.arange(0, BLOCK_N)[None, :],
                                BLOCK_M, WORDS)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: exp2 gives 0
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i, MASK)
     if TMA:
         v = Vb.load([bb, n0, vcol]).reshape([BLOCK_N, HEAD_DIM_V])
     else:
