@@ -90,14 +90,14 @@ def test_chunked_reference_recurrence_matches_token_by_token(monkeypatch, gate, 
     torch.testing.assert_close(s, s_ref)
 
 
-def test_strong_vector_gates_take_the_explicit_decay_path(monkeypatch):
-    """Gates decaying by more than e^-MAX_SPAN within a chunk must not overflow the factorised product."""
+def test_strong_vector_gates_stay_finite(monkeypatch):
+    """Gates decaying by more than e^-40 within a chunk (past what a factorised float32 product holds)."""
     monkeypatch.setattr(recurrence, "CHUNK", 4)
     from effattn.registry import Shape
     ins = linear_inputs(Shape(batch=1, seq_q=9, heads=2, head_dim=8), torch.float32, "cpu",
                         torch.Generator().manual_seed(4), gate="vector", initial_state=False)
     g = ins["g"] * 30.0  # up to ~-100 per token per channel
-    assert float(-g[:, :4].sum(1).min()) > recurrence.MAX_SPAN
+    assert float(-g[:, :4].sum(1).min()) > 40.0
     o, s = recurrence.gated_recurrence(ins["q"], ins["k"], ins["v"], g)
     o_ref, s_ref = linear_recurrent(ins["q"], ins["k"], ins["v"], g, output_final_state=True)
     assert torch.isfinite(o).all()
