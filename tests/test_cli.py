@@ -32,3 +32,13 @@ def test_check_unknown_method_is_an_error(capsys):
 def test_module_entry_point():
     res = subprocess.run([sys.executable, "-m", "effattn", "list"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "standard" in res.stdout
+
+
+def test_readme_method_table_is_the_registry(capsys):
+    """The README's method table is `effattn list --markdown`: regenerate it when a method is added."""
+    from pathlib import Path
+
+    assert main(["list", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table in readme
