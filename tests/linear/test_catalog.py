@@ -3,7 +3,8 @@ gradients) at shapes off the block sizes, decode steps == chunk form token by to
 import pytest
 import torch
 
-from effattn.linear import FavorProjection, orthogonal_random_features, performer
+from effattn.linear import FavorProjection, mamba2, orthogonal_random_features, performer
+from effattn.linear.mamba2 import mamba2_reference
 from effattn.linear.performer import performer_reference
 from effattn.testing import compare
 
@@ -108,3 +109,40 @@ def test_performer_errors():
         FavorProjection(8, 4, redraw_every=0)
     with pytest.raises(ValueError, match="key heads"):
         performer(x["q"], x["k"][:, :, :1], x["v"][:, :, :1])
+
+
+# ------------------------------------------------------------------------------------------------- mamba2
+def mamba2_case(Bt=2, T=21, H=4, G=2, N=16, P=12, seed=0, skip=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = dict(x=rand(gen, Bt, T, H, P), dt=rand(gen, Bt, T, H) - 1, A=-torch.exp(rand(gen, H, std=0.5)),
+             B=rand(gen, Bt, T, G, N), C=rand(gen, Bt, T, G, N), initial_state=rand(gen, Bt, H, N, P, std=0.5))
+    if skip:
+        x.update(D=rand(gen, H), dt_bias=rand(gen, H, std=0.5))
+    return x
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+@pytest.mark.parametrize("G,skip", [(1, True), (4, False)])
+def test_mamba2_matches_reference(form, G, skip):
+    check_against_reference(mamba2, mamba2_reference, mamba2_case(G=G, skip=skip), {}, form=form, chunk_size=16)
+
+
+def test_mamba2_decode_equals_chunk():
+    check_decode(mamba2, mamba2_case(T=9, seed=1), {}, "initial_state", split=("A", "D", "dt_bias"))
+
+
+def test_mamba2_errors():
+    x = {n: t.float() for n, t in mamba2_case(T=5).items()}
+    with pytest.raises(ValueError, match="form"):
+        mamba2(**x, form="parallel")
+    with pytest.raises(ValueError, match="G dividing"):
+        three = x["B"][:, :, :1].repeat(1, 1, 3, 1)  # 3 groups for 4 heads
+        mamba2(**{**x, "B": three, "C": three})
+    with pytest.raises(ValueError, match="C must"):
+        mamba2(**{**x, "C": x["C"][:, :, :1]})
+    with pytest.raises(ValueError, match="dt must"):
+        mamba2(**{**x, "dt": x["dt"][:, :3]})
+    with pytest.raises(ValueError, match="A must"):
+        mamba2(**{**x, "A": x["A"][:2]})
+    with pytest.raises(TypeError):
+        mamba2(**{**x, "B": x["B"].double()})
