@@ -3,9 +3,10 @@ gradients) at shapes off the block sizes, decode steps == chunk form token by to
 import pytest
 import torch
 
-from effattn.linear import FavorProjection, mamba2, orthogonal_random_features, performer
+from effattn.linear import FavorProjection, mamba2, orthogonal_random_features, performer, rwkv6
 from effattn.linear.mamba2 import mamba2_reference
 from effattn.linear.performer import performer_reference
+from effattn.linear.rwkv6 import rwkv6_reference
 from effattn.testing import compare
 
 
@@ -146,3 +147,43 @@ def test_mamba2_errors():
         mamba2(**{**x, "A": x["A"][:2]})
     with pytest.raises(TypeError):
         mamba2(**{**x, "B": x["B"].double()})
+
+
+# -------------------------------------------------------------------------------------------------- rwkv6
+def rwkv6_case(B=2, T=21, H=2, K=16, V=12, seed=0, strong=False, state=True):
+    gen = torch.Generator().manual_seed(seed)
+    # w = -exp(x): strong decays (down to e^-36 per step) where dividing by the decay would blow up; not
+    # stronger: the engine's vector-gate chunk form overflows once a chunk's summed log decay passes ~88
+    w = -torch.exp(rand(gen, B, T, H, K) + (0.5 if strong else -1.0))
+    x = dict(r=rand(gen, B, T, H, K), k=rand(gen, B, T, H, K), v=rand(gen, B, T, H, V), w=w,
+             u=rand(gen, H, K, std=0.5))
+    if state:
+        x["initial_state"] = rand(gen, B, H, K, V, std=0.5)
+    return x
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+@pytest.mark.parametrize("strong,state", [(False, True), (True, False)])
+def test_rwkv6_matches_reference(form, strong, state):
+    check_against_reference(rwkv6, rwkv6_reference, rwkv6_case(strong=strong, state=state), {"scale": 0.5},
+                            form=form, chunk_size=16)
+
+
+def test_rwkv6_decode_equals_chunk():
+    check_decode(rwkv6, rwkv6_case(T=9, seed=1), {}, "initial_state", split=("u",))
+
+
+def test_rwkv6_errors():
+    x = {n: t.float() for n, t in rwkv6_case(T=5).items()}
+    with pytest.raises(ValueError, match="form"):
+        rwkv6(**x, form="parallel")
+    with pytest.raises(ValueError, match="w must"):
+        rwkv6(**{**x, "w": x["w"][..., :3]})
+    with pytest.raises(ValueError, match="u must"):
+        rwkv6(**{**x, "u": x["u"][:1]})
+    with pytest.raises(ValueError, match="initial_state must"):
+        rwkv6(**{**x, "initial_state": x["initial_state"][:1]})
+    with pytest.raises(ValueError, match="heads"):
+        rwkv6(**{**x, "k": x["k"][:, :, :1], "v": x["v"][:, :, :1]})
+    with pytest.raises(ValueError, match="scale"):
+        rwkv6(**x, scale=-1.0)
