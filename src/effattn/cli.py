@@ -36,6 +36,10 @@ def cmd_list(args) -> int:
             print("| " + " | ".join(r) + " |")
     else:
         print(format_table(headers, rows))
+    if args.descriptions:
+        from .registry import REGISTRY
+
+        print("\n".join(f"{m.name}: {m.description}" for m in REGISTRY))
     return 0
 
 
@@ -85,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     pl = sub.add_parser("list", help="print the method registry as a table")
     pl.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    pl.add_argument("--descriptions", action="store_true", help="also print each method's description")
     pl.set_defaults(func=cmd_list)
     pc = sub.add_parser("check", help="compare every method's fast path with its float64 reference")
     pc.add_argument("--device", choices=["cpu", "cuda"], default=None)

@@ -114,4 +114,4 @@ class TinyLM(nn.Module):
         """Numbers kept per sequence (all layers) after reading tokens `[1, T]`: the KV cache or the state."""
         with torch.no_grad():
             _, caches = self.step(tokens)
-        return sum(t[0].numel() for c in caches for t in c.values() if isinstance(t, torch.Tensor))
+        return sum(t[0].numel() for c in caches for t in c.values() if isinstance(t, torch.Tensor))  # batch row 0

@@ -55,3 +55,12 @@ def test_verdict_tolerance():
     assert verdict(2.6, 2.0, 4, 8).startswith("CONTRADICTS")
     assert verdict(2.6, 2.0, 4, 8, tolerance=1.0) == "ok"
     assert verdict(None, 2.0, 4, 8) == "n/a" and verdict(1.0, None, 4, 8) == "n/a"
+
+
+def test_fixed_length_methods_are_fitted_on_the_lengths_they_ran():
+    fixed = [dict(r, seq_q=35) for r in _records("grid", 2, 2, 1.0, 1.0)]
+    fit = fit_records(fixed)[0]
+    assert fit["n_min"] == fit["n_max"] == 35 and fit["time_slope"] is None
+    assert fit["time_verdict"] == "n/a"
+    honest = [dict(r, seq_q=r["n"]) for r in _records("q", 2, 2, 2.0, 2.0)]
+    assert fit_records(honest)[0]["time_slope"] == pytest.approx(2.0)

@@ -139,3 +139,28 @@ def test_sdpa_backend_layouts_against_torch_backend(monkeypatch, causal):
     want = local.torch_backward(do, q[:, rows], k, v, o_ref, lse_ref, causal=causal, scale=0.4)
     for g, w in zip(got, want):
         assert g.shape == w.shape and (g - w).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_backend_against_torch_backend(causal):
+    """The Triton kernels (interpreted on CPU) as the ring's local attention: o, LSE, and the backward
+    from a given o and LSE, on a strided slice of rows, GQA, T != S."""
+    q, k, v = _qkv(21, 19, 4, 2, D=16, Dv=32, dtype=torch.float32, seed=4)
+    rows = slice(5, 21)
+    o, lse = local.flash_forward(q[:, rows], k, v, causal=causal, scale=0.3)
+    o_ref, lse_ref = local.torch_forward(q[:, rows], k, v, causal=causal, scale=0.3)
+    assert (o - o_ref).abs().max() < 1e-4 and (lse - lse_ref).abs().max() < 1e-4
+    do = torch.randn_like(o_ref)
+    lse_slice = torch.cat([lse_ref, lse_ref], dim=2)[:, :, :lse_ref.shape[2]]  # strided along T, as ring steps pass it
+    got = local.flash_backward(do, q[:, rows], k, v, o_ref, lse_slice, causal=causal, scale=0.3)
+    want = local.torch_backward(do, q[:, rows], k, v, o_ref, lse_ref, causal=causal, scale=0.3)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and (g - w).abs().max() < 1e-4
+
+
+def test_backend_choice():
+    q, k, v = _qkv(4, 4, 2, 2, D=16, Dv=16, dtype=torch.float32)
+    assert local.local_backend("auto", q, v).name == "torch"  # CPU: plain PyTorch, not the interpreter
+    assert local.local_backend("flash", q, v).name == "flash"
+    with pytest.raises(ValueError, match="backend='flash' needs"):
+        local.local_backend("flash", q.double(), v.double())

@@ -80,3 +80,24 @@ def test_gradient_flows_through_noncontiguous_inputs(device):
     effattn.reference.softmax_attention(ref[:, :, 0:1].expand(2, 24, 2, 32), ref[:, :, 1:2], ref[:, :, 2:3],
                                         causal=True).sum().backward()
     torch.testing.assert_close(x.grad, ref.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_tma_descriptor_forward(monkeypatch, device):
+    """The forward's TMA-descriptor load path (chosen by the tuner on Hopper), pinned here."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "fwd=32,32,4,1,1")
+    assert_matches_reference(FLASH, shape=GQA, dtype=torch.bfloat16, device=device, causal=True, return_lse=True)
+    assert_matches_reference(FLASH, shape=replace(CROSS, seq_q=33), dtype=torch.float16, device=device,
+                             window=(9, 2), backward=False)
+    assert_matches_reference(FLASH, shape=Shape(batch=1, seq_q=20, heads=2, head_dim=96), device=device,
+                             backward=False)  # padded head dim: falls back to pointer loads
+
+
+def test_gradient_of_lse_alone(device):
+    """A loss on the LSE only (o unused: its gradient arrives as None) still gives exact gradients."""
+    x = [torch.randn(1, 21, 2, 32, device=device, requires_grad=True) for _ in range(3)]
+    effattn.flash_attention(*x, causal=True, return_lse=True)[1].sum().backward()
+    y = [t.detach().clone().requires_grad_(True) for t in x]
+    effattn.reference.softmax_attention(*y, causal=True, return_lse=True)[1].sum().backward()
+    for a, b in zip(x[:2], y[:2]):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+    assert y[2].grad is None and torch.equal(x[2].grad, torch.zeros_like(x[2]))  # LSE does not depend on v

@@ -1,5 +1,6 @@
 """New methods plug into Attention without edits: a softmax method without a decoding path replays, and a
 gated delta-rule method gets its g / beta projections and L2-normalised q, k from its own input factory."""
+import functools
 from dataclasses import replace
 from functools import partial
 
@@ -87,3 +88,39 @@ def test_chunked_reference_recurrence_matches_token_by_token(monkeypatch, gate, 
                                     initial_state=ins["initial_state"].double(), output_final_state=True)
     torch.testing.assert_close(o, o_ref)
     torch.testing.assert_close(s, s_ref)
+
+
+def test_strong_vector_gates_take_the_explicit_decay_path(monkeypatch):
+    """Gates decaying by more than e^-MAX_SPAN within a chunk must not overflow the factorised product."""
+    monkeypatch.setattr(recurrence, "CHUNK", 4)
+    from effattn.registry import Shape
+    ins = linear_inputs(Shape(batch=1, seq_q=9, heads=2, head_dim=8), torch.float32, "cpu",
+                        torch.Generator().manual_seed(4), gate="vector", initial_state=False)
+    g = ins["g"] * 30.0  # up to ~-100 per token per channel
+    assert float(-g[:, :4].sum(1).min()) > recurrence.MAX_SPAN
+    o, s = recurrence.gated_recurrence(ins["q"], ins["k"], ins["v"], g)
+    o_ref, s_ref = linear_recurrent(ins["q"], ins["k"], ins["v"], g, output_final_state=True)
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_name,op", [("mamba2", "simple_gla"), ("gla", "gla"), ("deltanet", "delta_net"),
+                                           ("gated_deltanet", "gated_delta_net")])
+def test_layers_route_to_the_registered_op(monkeypatch, layer_name, op):
+    """Where the registry has the op (and it runs natively), the layer calls it with FLA's arguments and
+    gets what the chunked reference fallback gives. On CPU we force the route (kernels run interpreted)."""
+    from effattn.nn import make_mixer
+
+    assert op in REGISTRY
+    torch.manual_seed(5)
+    layer = make_mixer(layer_name, 32, 2)
+    x = torch.randn(1, 5, 32)
+    fallback = layer(x)
+    called = []
+    record = REGISTRY.get(op)
+    spy = replace(record, fn=functools.wraps(record.fn)(lambda *a, **k: called.append(op) or record.fn(*a, **k)))
+    _add(monkeypatch, spy)
+    monkeypatch.setattr(recurrence, "interpreting", lambda: False)
+    torch.testing.assert_close(layer(x), fallback, rtol=1e-4, atol=1e-4)
+    assert called and set(called) == {op}

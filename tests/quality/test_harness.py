@@ -32,19 +32,25 @@ def test_short_training_run_solves_easy_mqar(one_thread):
 
 def test_cli_quality_writes_json_and_plot(tmp_path, capsys):
     out = tmp_path / "res"
-    rc = main(["quality", "--task", "lm", "--methods", "standard,gla", "--steps", "2", "--widths", "16",
-               "--eval-examples", "4", "--out", str(out), "--budget-minutes", "5"])
+    # A 1-second budget cannot hold 40 steps: fit_budget lowers the steps of both runs alike.
+    rc = main(["quality", "--task", "lm", "--methods", "standard,gla", "--steps", "40", "--widths", "16",
+               "--eval-examples", "4", "--out", str(out), "--budget-minutes", "0.02"])
     assert rc == 0
     result = json.loads((out / "quality_lm.json").read_text())
     assert [r["method"] for r in result["runs"]] == ["standard", "gla"]
+    steps = result["config"]["recipe"]["steps"]
+    assert 10 <= steps < 40
     for run in result["runs"]:
-        assert run["train"]["steps_done"] == 2 and run["width"] == 16
+        assert run["train"]["recipe"]["steps"] == steps and run["width"] == 16
+        assert 0 < run["train"]["steps_done"] <= steps
         assert [e["setting"]["seq_len"] for e in run["eval"]] == [128, 256]
         assert all(e["bits_per_byte"] > 0 and 0 <= e["accuracy"] <= 1 for e in run["eval"])
     standard, gla = result["runs"]
     assert standard["eval"][1]["state_elements"] == 2 * standard["eval"][0]["state_elements"]  # KV grows
     assert gla["eval"][1]["state_elements"] == gla["eval"][0]["state_elements"]  # state is fixed
     assert (out / "quality_lm.png").stat().st_size > 10_000
+    table = (out / "quality_lm.md").read_text()
+    assert "| gla | 16 |" in table and "bits_per_byte T=256" in table
     assert "gla" in capsys.readouterr().out
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from .fit import length, r_claims
+
 TASK_MODE = {"train": "fwdbwd", "prefill": "fwd", "decode": "decode"}
 TIERS = ("exact", "approximation", "recurrence", "does not fit", "not measured")
 
@@ -20,17 +22,16 @@ def _fmt_bytes(b: float) -> str:
 
 def _estimate(rs: list[dict], fit: dict | None, n: int) -> tuple[float, float, str]:
     """(seconds per sequence, bytes per sequence, how) at length n from the nearest measured cell."""
-    near = min(rs, key=lambda r: abs(math.log(r["n"] / n)))
+    near = min(rs, key=lambda r: abs(math.log(length(r) / n)))
+    at = length(near)
     t, mem = near["time_s"] / near["batch"], (near["peak_bytes"] or 0) / near["batch"]
-    if near["n"] == n:
+    if at == n:
         return t, mem, "measured"
-    from .fit import r_claims
-
     claimed_t, claimed_m = r_claims(near)  # without a fit (one size measured), trust the registry's claim
     ts = fit["time_slope"] if fit and fit["time_slope"] is not None else (claimed_t if claimed_t is not None else 1.0)
     ms = fit["memory_slope"] if fit and fit["memory_slope"] is not None else (claimed_m if claimed_m is not None else 1.0)
-    ratio = n / near["n"]
-    return t * ratio ** ts, mem * ratio ** ms, f"extrapolated from N={near['n']} (slopes {ts:.2f}, {ms:.2f})"
+    ratio = n / at
+    return t * ratio ** ts, mem * ratio ** ms, f"extrapolated from N={at} (slopes {ts:.2f}, {ms:.2f})"
 
 
 def advise(data: dict, seq_len: int, task: str, memory_gib: float | None = None) -> list[dict]:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..inputs import randn
 from ..registry import Method, Shape
 from .config import BenchConfig, Cell
 
@@ -159,13 +160,24 @@ def prepare_method(method: Method, cell: Cell, cfg: BenchConfig, generator: torc
     T = q.shape[1] if isinstance(q, torch.Tensor) else shape.seq_q
     S = key_length(inputs, shape.S, T)
     notes = []
-    if cell.mode == "decode":
-        if T != 1:
-            raise Skip(f"make_inputs gave {T} query tokens for a one-token decode step")
-        if method.state_or_cache.per_token and S != cell.n:
-            raise Skip(f"make_inputs gave a cache of {S} tokens, not {cell.n}")
-        if not method.state_or_cache.per_token:
-            notes.append("one recurrent step from a fixed-size state (independent of N)")
+    keys_count = cell.mode != "decode" or method.state_or_cache.per_token  # a state has no key length
+    if T != shape.seq_q or (keys_count and S != shape.S):
+        drawn = f"make_inputs drew T={T}, S={S} for T={shape.seq_q}, S={shape.S}"
+        only_qkv = {n for n, t in inputs.items() if isinstance(t, torch.Tensor)} == {"q", "k", "v"}
+        if cell.mode != "decode":
+            # its length is fixed by its options (a token grid, a test shape): measure it as drawn, say so;
+            # the slope fit uses the lengths actually run
+            notes.append(f"ran at T={T}, S={S}: make_inputs fixes the length")
+        elif not only_qkv:
+            raise Skip(drawn)
+        else:  # the decode contract is one query against a cache of N: redraw plain q, k, v that way
+            for name, length in (("q", shape.seq_q), ("k", shape.S), ("v", shape.S)):
+                t = inputs[name]
+                inputs[name] = randn((t.shape[0], length, *t.shape[2:]), t.dtype, t.device, generator)
+            T, S = shape.seq_q, shape.S
+            notes.append(f"q, k, v redrawn at T={T}, S={S} ({drawn})")
+    if cell.mode == "decode" and not method.state_or_cache.per_token:
+        notes.append("one recurrent step from a fixed-size state (independent of N)")
     causal = infer_causal(method, inputs)
     call = _caller(method, inputs)
     forward = lambda: call(inputs)  # noqa: E731

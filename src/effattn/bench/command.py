@@ -32,11 +32,14 @@ def add_parsers(sub) -> None:
     pb.add_argument("--anchors", default="auto", help="auto | none | comma-separated anchor names")
     pb.add_argument("--time-limit", type=float, default=None, help="seconds per cell before it is recorded as a timeout")
     pb.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run, 0 for none (default: 240 on CPU, none on CUDA); cells left "
+                    help="seconds for the whole run, 0 for none (default: 240 on CPU, 420 on CUDA); cells left "
                          "are recorded and --resume runs them")
     pb.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
     pb.add_argument("--quick", action="store_true", help="fewer, smaller sizes")
     pb.add_argument("--resume", action="store_true", help="continue the interrupted run in --out with its settings")
+    pb.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rewrite the reports of --out from its results.json (e.g. on a machine "
+                         "with matplotlib, for a GPU run's results)")
     pb.add_argument("--seed", type=int, default=None)
     pb.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: 1, stable timings)")
     pb.set_defaults(func=cmd_bench)
@@ -55,6 +58,17 @@ def cmd_bench(args) -> int:
     from .harness import run_bench
     from .report import terminal_report
 
+    if args.report_only:
+        from pathlib import Path
+
+        from .report import write_reports
+        from .results import RESULTS_FILE, load
+
+        data = load(Path(args.out) / RESULTS_FILE)
+        write_reports(data, args.out)
+        print(terminal_report(data))
+        print(f"\nrewrote the reports in {args.out}")
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = default_config(device, quick=args.quick, dtype=args.dtype, batch=args.batch, heads=args.heads,
                          head_dim=args.head_dim, seq_lens=_ints(args.seq_lens) if args.seq_lens else None,

@@ -18,8 +18,8 @@ from ..registry import REGISTRY
 from . import results as res
 from .anchors import Anchor, prepare_anchor, select
 from .cells import Prepared, Skip, accuracy, exact_attention, first_output, prepare_method
-from .config import BenchConfig, Cell
-from .measure import failure_status, median_seconds, peak_memory, release, synchronize, time_limit
+from .config import BenchConfig, Cell, validate_config
+from .measure import CellTimeout, failure_status, median_seconds, peak_memory, release, synchronize, time_limit
 from .progress import Progress
 
 
@@ -109,7 +109,7 @@ def run_cell(cell: Cell, subject, cfg: BenchConfig) -> dict:
             record["status"] = "ok"
     except Skip as exc:
         record.update(status="skipped", reason=str(exc))
-    except Exception as exc:  # noqa: BLE001  (every failure of one cell is recorded; the run goes on)
+    except (Exception, CellTimeout) as exc:  # noqa: BLE001  (every failure of a cell is recorded; the run goes on)
         record.update(status=failure_status(exc), reason=f"{type(exc).__name__}: {exc}"[:300])
     finally:
         prep = None
@@ -128,7 +128,11 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike, *, resume: bool = Fa
     path = out / res.RESULTS_FILE
     if resume and path.exists():
         data = res.load(path)
-        cfg = BenchConfig.from_json(data["config"])  # the interrupted run's settings, so numbers compare
+        # the interrupted run's sizes, modes and methods, so numbers compare; this invocation's limits
+        saved = BenchConfig.from_json(data["config"])
+        saved.budget, saved.time_limit = cfg.budget, cfg.time_limit
+        validate_config(saved)  # e.g. a CUDA run cannot be continued on a machine without CUDA
+        cfg = saved
         print(f"resuming {path}: {len(data['records'])} cells already measured", file=stream)
     else:
         data = None
@@ -157,7 +161,7 @@ def _run(cfg: BenchConfig, data: dict | None, path: Path, command: str, stream, 
     cells = plan(cfg, methods, anchors)
     todo = [c for c in cells if c.key not in done]
     subjects = {("anchor", a.name): a for a in anchors} | {("method", m.name): m for m in methods}
-    progress = Progress([c.n for c in todo], max(cfg.seq_lens), stream)
+    progress = Progress([c.n for c in todo], max(cfg.seq_lens), stream, budget=cfg.budget)
     last: dict[tuple, dict] = {}  # (kind, name, form, mode) -> its latest record, to decide on larger N
     for r in sorted(data["records"], key=lambda r: r["n"]):
         if not r.get("reason", "").startswith("not run:"):
@@ -183,7 +187,8 @@ def _run(cfg: BenchConfig, data: dict | None, path: Path, command: str, stream, 
                 record = run_cell(cell, subject, cfg)
                 last[group] = record
             data["records"].append(record)
-            res.save(data, path)
+            if why is None:  # records of cells not run are cheap to redo: no rewrite for them
+                res.save(data, path)
             progress.done(record)
         data["complete"] = not any(r.get("reason", "").startswith(BUDGET_REASON) for r in data["records"])
     except KeyboardInterrupt:

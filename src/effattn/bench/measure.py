@@ -3,26 +3,28 @@
 - Time: `triton.testing.do_bench` median on CUDA (after its warm-up); `torch.utils.benchmark`'s
   `blocked_autorange` median on the CPU, with the process's thread count.
 - Peak memory: on CUDA `torch.cuda.max_memory_allocated` around one call, minus what was allocated
-  before it (the inputs); on the CPU, which has no allocator statistics, a dispatch mode that adds up the
-  storages each torch op allocates and drops them when they are freed. Either way the number is the
-  working memory of the call: outputs, saved activations and temporaries, not the inputs.
+  before it (the inputs); on the CPU, which keeps no peak statistic, the running sum of the allocation
+  and free events the profiler records with `profile_memory=True`. Either way the number is the working
+  memory of the call: outputs, saved activations and temporaries, not the inputs.
 - Time limit: SIGALRM interrupts a cell that runs too long (Python-level code such as Triton's
   interpreter stops at once; a long native op stops when it returns).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
+import time
 from typing import Callable, Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 
-class CellTimeout(Exception):
-    """A cell ran past its time limit."""
+class CellTimeout(BaseException):
+    """A cell ran past its time limit. A BaseException, like KeyboardInterrupt, so that library code
+    catching Exception (Triton's interpreter wraps those in InterpreterError) lets it through."""
 
 
 @contextlib.contextmanager
@@ -87,48 +89,59 @@ def median_seconds(fn: Callable[[], object], device: str, *, min_run_time: float
         return float(torch.tensor(times).median()) * 1e-3, len(times)
     from torch.utils.benchmark import Timer
 
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    def one_call() -> float:  # Timer.timeit(1) would run 2 more warm-up calls first
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
     if min_run_time > 0 and (first_call_s is None or first_call_s < min_run_time):
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         m = timer.blocked_autorange(min_run_time=min_run_time)
         per_call, calls = [t / m.number_per_run for t in m.raw_times], m.number_per_run * len(m.raw_times)
     else:
-        per_call, calls = [timer.timeit(1).raw_times[0]], 1
+        per_call, calls = [one_call()], 1
     spent = sum(per_call)
     while len(per_call) < min_samples and spent + per_call[-1] < max_seconds:
-        per_call.append(timer.timeit(1).raw_times[0])
+        per_call.append(one_call())
         spent, calls = spent + per_call[-1], calls + 1
     return float(torch.tensor(per_call).median()), int(calls)
 
 
-class _CpuPeak(TorchDispatchMode):
-    """Live bytes of the storages torch ops create while active, and their maximum."""
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """Kineto prints a line to the process's stderr when a profiler starts and stops; keep the bar clean."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
-    def __init__(self) -> None:
-        super().__init__()
-        from torch.multiprocessing.reductions import StorageWeakRef
 
-        self._ref = StorageWeakRef
-        self._live: dict[int, tuple[object, int]] = {}
-        self.current = 0
-        self.peak = 0
+def _cpu_peak(fn: Callable[[], object]) -> tuple[int, object]:
+    """The CPU allocator's peak during fn, from the profiler's memory events (every allocation and free,
+    temporaries inside ops and autograd's saved tensors included), minus what was live before."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def _sweep(self) -> None:
-        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
-            self.current -= self._live.pop(key)[1]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self._sweep()
-        out = func(*args, **(kwargs or {}))
-        self._sweep()  # a storage freed inside func may have its address reused by an output
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                ref = self._ref(storage)
-                if ref.cdata not in self._live:
-                    self._live[ref.cdata] = (ref, storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_to_devnull():
+        prof.__enter__()
+    try:
+        out = fn()
+    finally:
+        with _stderr_to_devnull():
+            prof.__exit__(None, None, None)
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return int(peak), out
 
 
 def peak_memory(fn: Callable[[], object], device: str) -> tuple[int, object]:
@@ -140,10 +153,7 @@ def peak_memory(fn: Callable[[], object], device: str) -> tuple[int, object]:
         out = fn()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - before), out
-    tracker = _CpuPeak()
-    with tracker:
-        out = fn()
-    return int(tracker.peak), out
+    return _cpu_peak(fn)
 
 
 def release(device: str) -> None:

@@ -1,8 +1,11 @@
 """The report's figures (matplotlib, Agg): time and memory against N on log-log axes, one line per method
-and anchor for each mode, and error against speed for the methods that approximate softmax attention."""
+(one panel per survey class, anchors in each) for each mode, and error against speed for the methods that
+approximate softmax attention."""
 from __future__ import annotations
 
 from pathlib import Path
+
+from .fit import length
 
 LINESTYLES = ("-", "--", "-.", ":")
 
@@ -16,39 +19,44 @@ def _pyplot():
     return plt
 
 
-def _series(records: list[dict], mode: str, value) -> dict[str, tuple[list, list, str]]:
-    """label -> (Ns, values, kind) of the ok cells of `mode`."""
-    out: dict[str, tuple[list, list, str]] = {}
-    for r in sorted(records, key=lambda r: r["n"]):
+def _series(records: list[dict], mode: str, value) -> dict[str, tuple[list, list, str, str]]:
+    """label -> (lengths, values, kind, family) of the ok cells of `mode` (lengths actually run)."""
+    out: dict[str, tuple[list, list, str, str]] = {}
+    for r in sorted(records, key=length):
         if r["mode"] == mode and r["status"] == "ok":
             y = value(r)
             if y is not None and y > 0:
-                xs, ys, _ = out.setdefault(r["label"], ([], [], r["kind"]))
-                xs.append(r["n"])
+                xs, ys, _, _ = out.setdefault(r["label"], ([], [], r["kind"], r["family"]))
+                xs.append(length(r))
                 ys.append(y)
     return out
 
 
 def _line_plot(plt, series, title: str, ylabel: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 5.2), dpi=100)
+    """One panel per survey class (anchors, in black, repeated in each), so 50 lines stay readable."""
+    families = sorted({fam for _, _, kind, fam in series.values() if kind == "method"}) or ["(none)"]
+    fig, axes = plt.subplots(len(families), 1, figsize=(10, 3.4 * len(families)), dpi=90, squeeze=False)
     cmap = plt.get_cmap("tab20")
-    for i, (label, (xs, ys, kind)) in enumerate(sorted(series.items())):
-        if kind == "anchor":
-            ax.plot(xs, ys, color="black", linestyle=LINESTYLES[i % 4], marker="x", linewidth=1.2,
+    anchors = {k: v for k, v in sorted(series.items()) if v[2] == "anchor"}
+    for ax, family in zip(axes[:, 0], families):
+        mine = {k: v for k, v in sorted(series.items()) if v[2] == "method" and v[3] == family}
+        for i, (label, (xs, ys, _, _)) in enumerate(anchors.items()):
+            ax.plot(xs, ys, color="black", linestyle=LINESTYLES[i % 4], marker="x", linewidth=1.0,
                     label=f"{label} (anchor)")
-        else:
+        for i, (label, (xs, ys, _, _)) in enumerate(mine.items()):
             ax.plot(xs, ys, color=cmap(i % 20), linestyle=LINESTYLES[(i // 20) % 4], marker="o", markersize=3,
                     linewidth=1.5, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if series:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(series) // 28)
-    else:
-        ax.text(0.5, 0.5, "no successful cells", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}: {family}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if mine or anchors:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + (len(mine) + len(anchors)) // 16)
+        else:
+            ax.text(0.5, 0.5, "no successful cells", ha="center", va="center", transform=ax.transAxes)
+    axes[-1, 0].set_xlabel("sequence length N")
+    fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 

@@ -14,7 +14,8 @@ def _fmt(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, sizes: list[int], n_max: int, stream, width: int = 24) -> None:
+    def __init__(self, sizes: list[int], n_max: int, stream, width: int = 24, budget: float | None = None) -> None:
+        self.budget = budget
         self.weights = [0.25 + (n / max(n_max, 1)) ** 2 for n in sizes]
         self.total = sum(self.weights) or 1.0
         self.done_w, self.i, self.stream, self.width = 0.0, 0, stream, width
@@ -26,6 +27,8 @@ class Progress:
         frac = self.done_w / self.total
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / frac * (1 - frac) if frac > 0 else float("nan")
+        if self.budget is not None and eta == eta:
+            eta = min(eta, max(0.0, self.budget - elapsed))  # the run stops at its budget
         bar = "#" * int(frac * self.width)
         eta_s = _fmt(eta) if eta == eta else "?"
         return (f"[{bar:<{self.width}}] {self.i}/{len(self.weights)} {frac:4.0%} "

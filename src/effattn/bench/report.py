@@ -91,17 +91,22 @@ def caveats(data: dict) -> list[str]:
         out.append("CPU run at tiny sizes: fixed per-call costs (Python, dispatch, Triton's interpreter for "
                    "kernel methods) dominate, so times say little about GPU speed, and fitted slopes are noisy "
                    "and usually below the claimed exponents. Only a slope *above* its claim is a real warning.")
-        out.append("CPU peak memory counts the storages torch operations allocate during one call (outputs, "
-                   "saved tensors, temporaries; not the inputs); Triton's interpreter's own numpy buffers are "
-                   "not counted.")
+        out.append("CPU peak memory is the allocator's peak during one call (the profiler's memory events): "
+                   "outputs, saved tensors and temporaries, not the inputs; the numpy buffers of Triton's "
+                   "interpreter are not counted.")
     else:
         out.append("Peak memory is torch.cuda.max_memory_allocated during one call minus what was allocated "
                    "before it (the inputs).")
     out.append(f"Times are medians ({'triton.testing.do_bench' if dev['type'] == 'cuda' else 'torch.utils.benchmark'}) "
                f"after a warm-up; per-cell limit {cfg['time_limit']:g} s. Slopes use time and memory per "
                "sequence (divided by B) and are flagged when more than 0.5 away from the claim.")
+    out.append("Anchors run causal (the registry's usual default) on plain q, k, v with H key/value heads; "
+               "'vs fastest anchor' is the fastest exact anchor's time over the method's (above 1: faster), "
+               "whatever the method's own mask.")
     out.append("Errors (rel L2, cosine) are against exact softmax attention on the same random Gaussian inputs, "
                "whose attention is spread over all keys: a worst case for sparse and low-rank approximations.")
+    out.append("Claimed exponents are the registry's, one per method; a form such as a masked-quadratic "
+               "'parallel' form of a recurrence can legitimately exceed them.")
     out.append("FLOPs: softmax-type methods and anchors 4·B·H·T·S·D (halved when causal), fwd+bwd 3.5x fwd; "
                "linear recurrences 4·B·T·(state size), fwd+bwd 3x; other methods report tokens/s only.")
     if not data.get("complete"):
@@ -154,7 +159,7 @@ def markdown_report(data: dict, figures: list[tuple[str, Path]]) -> str:
     for title, h, rows in _sections(data):
         lines += [f"## {title}", "", "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
         lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows] + [""]
-    lines += ["## Figures", ""] + [f"![{cap}]({p.name})" for cap, p in figures] + [""]
+    lines += ["## Figures", ""] + ([f"![{cap}]({p.name})" for cap, p in figures] or [NO_PLOTS]) + [""]
     return "\n".join(lines)
 
 
@@ -177,6 +182,8 @@ def html_report(data: dict, figures: list[tuple[str, Path]]) -> str:
     body = ["<h1>effattn bench report</h1>", "<ul>"] + [f"<li>{e(ln)}</li>" for ln in _header_lines(data)] + ["</ul>"]
     body += [f'<p class="note">{e(c)}</p>' for c in caveats(data)]
     body.append('<p id="plot-status">plots rendered: (script did not run)</p><h2>Figures</h2>')
+    if not figures:
+        body.append(f"<p>{e(NO_PLOTS)}</p>")
     for cap, p in figures:
         uri = "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
         body.append(f'<figure><img class="plot" alt="{e(cap)}" src="{uri}"><figcaption>{e(cap)}</figcaption></figure>')
@@ -188,12 +195,19 @@ def html_report(data: dict, figures: list[tuple[str, Path]]) -> str:
             f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(body) + f"\n{HTML_CHECK}\n</body></html>\n")
 
 
+NO_PLOTS = ("No plots: matplotlib is not installed here (`pip install matplotlib`, then `effattn bench "
+            "--report-only --out DIR` rewrites the reports from results.json).")
+
+
 def write_reports(data: dict, out_dir) -> dict[str, Path]:
     """report.md, report.html, the PNGs and summary.txt (the terminal table) into `out_dir`."""
-    from .plots import make_plots
-
     out = Path(out_dir)
-    figures = make_plots(data, out)
+    try:
+        from .plots import make_plots
+
+        figures = make_plots(data, out)
+    except ImportError:  # a GPU image without matplotlib still gets its tables
+        figures = []
     paths = {"markdown": out / "report.md", "html": out / "report.html", "summary": out / "summary.txt"}
     paths["markdown"].write_text(markdown_report(data, figures))
     paths["html"].write_text(html_report(data, figures))

@@ -11,10 +11,12 @@ together with its LSE, to merge blocks exactly, and (b) a backward that takes th
 Backends, each a `LocalAttention(forward, backward)` pair with the signatures of `torch_forward` and
 `torch_backward`:
 - "torch": plain PyTorch, blockwise over queries, any float dtype and device; what CPU/gloo runs.
+- "flash": the library's Triton FlashAttention-2 kernels (hardware/flash_fwd.py, flash_bwd.py), GQA
+  without repeating K/V; CUDA (or CPU under TRITON_INTERPRET=1).
 - "sdpa": PyTorch's CUDA flash-attention kernel (`aten._scaled_dot_product_flash_attention` and its
   backward, which takes out and LSE), for fp16/bf16 on CUDA. Its causal mask is top-left aligned, so
   causal calls must be square (T == S), which the ring's diagonal steps are.
-"auto" picks "sdpa" where it applies and "torch" otherwise. Nothing here knows about ranks.
+"auto" picks "flash" on CUDA where it applies, then "sdpa", then "torch". Nothing here knows about ranks.
 """
 from __future__ import annotations
 
@@ -134,6 +136,22 @@ def sdpa_backward(do, q, k, v, o, lse, *, causal: bool = False, scale: float):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+_NO_MASK = dict(window=None, softcap=None, cu_seqlens=None, max_seqlen=None, sparse=None)
+
+
+def flash_forward(q, k, v, *, causal: bool = False, scale: float):
+    """The Triton flash forward: o `[B, T, H, Dv]` in q's dtype, lse `[B, H, T]` float32."""
+    from ..hardware.flash_fwd import flash_fwd
+    return flash_fwd(q, k, v, scale=scale, causal=causal, **_NO_MASK)
+
+
+def flash_backward(do, q, k, v, o, lse, *, causal: bool = False, scale: float):
+    """The Triton flash backward from the given (final) o and lse; dq/dk/dv in the inputs' dtypes."""
+    from ..hardware.flash_bwd import flash_bwd
+    # flash_bwd reads lse as a dense [B, H, T] (a slice of the ring's lse along T gives wrong gradients).
+    return flash_bwd(do, None, q, k, v, o.to(q.dtype), lse.contiguous(), scale=scale, causal=causal, **_NO_MASK)
+
+
 @dataclass(frozen=True)
 class LocalAttention:
     """forward(q, k, v, *, causal, scale) -> (o, lse); backward(do, q, k, v, o, lse, *, causal, scale)
@@ -146,6 +164,7 @@ class LocalAttention:
 
 BACKENDS = {
     "torch": LocalAttention("torch", torch_forward, torch_backward),
+    "flash": LocalAttention("flash", flash_forward, flash_backward),
     "sdpa": LocalAttention("sdpa", sdpa_forward, sdpa_backward),
 }
 
@@ -155,11 +174,22 @@ def sdpa_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D == Dv and D % 8 == 0 and D <= 256)
 
 
+def flash_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
+    from .._triton_mode import can_run_triton
+    from ..hardware.flash import DTYPES, HEAD_DIMS
+    return can_run_triton(q) and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS and v.shape[-1] in HEAD_DIMS
+
+
 def local_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> LocalAttention:
-    """The backend named `backend` ("auto", "torch" or "sdpa") for these inputs."""
+    """The backend named `backend` ("auto", "torch", "flash" or "sdpa") for these inputs."""
     check_choice("backend", backend, ("auto", *BACKENDS))
     if backend == "auto":
-        backend = "sdpa" if sdpa_applies(q, v) else "torch"
+        backend = ("flash" if q.is_cuda and flash_applies(q, v) else "sdpa" if sdpa_applies(q, v) else "torch")
+    elif backend == "flash" and not flash_applies(q, v):
+        from ..hardware.flash import DTYPES, HEAD_DIMS
+        raise ValueError(f"backend='flash' needs Triton-capable tensors (CUDA, or CPU under TRITON_INTERPRET=1) "
+                         f"of dtype in {DTYPES} with D and Dv in {HEAD_DIMS}, got q {q.dtype} on {q.device} "
+                         f"with D={q.shape[-1]}, Dv={v.shape[-1]}")
     elif backend == "sdpa" and not sdpa_applies(q, v):
         raise ValueError("backend='sdpa' needs CUDA fp16/bf16 tensors with D == Dv, D % 8 == 0 and D <= 256, "
                          f"got q {q.dtype} on {q.device} with D={q.shape[-1]}, Dv={v.shape[-1]}")

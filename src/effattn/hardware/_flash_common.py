@@ -9,6 +9,7 @@ RIGHT = 0. Block-sparse masks add a per-tile bitmask for the partial tiles (see 
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Sequence
 
 import triton
@@ -17,7 +18,6 @@ import triton.language as tl
 from .._triton_mode import interpreting
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 NO_LIMIT = 1 << 30  # window side without a limit; pos +- NO_LIMIT stays inside int32 for N < 2^30
 
 
@@ -51,7 +51,9 @@ def dot_precision(dtype) -> str | None:
     import torch
 
     if dtype == torch.float32:
-        return "ieee"
+        # Exact fp32 products: "ieee" in the interpreter; on the GPU three tf32 passes reach fp32 accuracy
+        # on the tensor cores, where "ieee" unrolls into FMA code that takes minutes to compile.
+        return "ieee" if interpreting() else "tf32x3"
     return "upcast" if dtype == torch.bfloat16 and interpreting() else None
 
 
@@ -97,6 +99,20 @@ def _visible(pos, kidx, kv_len, LEFT, RIGHT):
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i, MASK: tl.constexpr):
+    """Online-softmax update for a tile of log2 scores s (-inf where masked): (p, alpha, l, m) with
+    p = 2^(s - m_new), alpha = 2^(m_old - m_new) rescaling the running sum and accumulator."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASK:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: exp2 gives 0
+    else:
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
 def _tile_bits(BITS, tile, r, c, BLOCK_Q: tl.constexpr, WORDS: tl.constexpr):
     """Bit (r, c) of partial tile `tile`: rows r and columns c local to the tile, broadcast shapes."""
     w = tl.load(BITS + (tile * BLOCK_Q + r) * WORDS + c // 32)
@@ -135,29 +151,46 @@ def _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M: tl.constexpr, B
 
 # ------------------------------------------------------------------------------------------------- tuner
 class Config(tuple):
-    """(block_m, block_n, num_warps, num_stages) of one launch."""
+    """(block_m, block_n, num_warps, num_stages, tma) of one launch; tma=1 loads through TMA descriptors."""
 
-    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int):
-        return super().__new__(cls, (block_m, block_n, num_warps, num_stages))
+    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0):
+        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma))
 
 
 _BEST: dict = {}
+TIMINGS: dict = {}  # key -> {config: ms}, for the benchmark's report of what the tuner tried
+
+
+def _forced() -> dict:
+    """EFFATTN_FLASH_CONFIGS="fwd=128,64,4,3;dq=..." pins the configuration of a kernel kind (benchmarks
+    use it to compile candidates in parallel processes); EFFATTN_FLASH_TUNE=0 takes the first candidate."""
+    out = {}
+    for item in filter(None, os.environ.get("EFFATTN_FLASH_CONFIGS", "").split(";")):
+        kind, _, cfg = item.partition("=")
+        out[kind.strip()] = Config(*(int(x) for x in cfg.split(",")))
+    return out
 
 
 def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]) -> Config:
-    """The fastest of `configs` for `key`, timed once per key with do_bench and cached; the interpreter
-    (and a single candidate) takes the first. Launches must be idempotent (they overwrite their outputs)."""
-    if interpreting() or len(configs) == 1:
+    """The fastest of `configs` for `key` (key[0] is the kernel kind), timed once per key with do_bench and
+    cached; the interpreter (and a single candidate) takes the first. Launches must be idempotent."""
+    forced = _forced().get(key[0])
+    if forced is not None:
+        return forced
+    if interpreting() or len(configs) == 1 or os.environ.get("EFFATTN_FLASH_TUNE", "1") == "0":
         return configs[0]
     if key not in _BEST:
         best, best_ms = None, math.inf
         for cfg in configs:
             try:
                 ms = triton.testing.do_bench(lambda: launch(cfg), warmup=10, rep=30)
-            except triton.runtime.errors.OutOfResources:
+            except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
                 continue  # e.g. too much shared memory for this tile shape
+            TIMINGS.setdefault(key, {})[cfg] = ms
             if ms < best_ms:
                 best, best_ms = cfg, ms
+        if best is None:
+            raise RuntimeError(f"no flash kernel configuration could run for {key}")
         _BEST[key] = best
     return _BEST[key]
 

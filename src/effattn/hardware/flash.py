@@ -11,8 +11,7 @@ import torch
 
 from .._triton_mode import require_triton
 from ..reference.softmax import softmax_attention
-from ..validate import (check_cu_seqlens, check_qkv, check_scale, check_softcap, check_tensor,
-                        normalize_window)
+from ..validate import check_cu_seqlens, check_qkv, check_scale, check_softcap, normalize_window
 from .flash_bwd import flash_bwd
 from .flash_fwd import flash_fwd
 
@@ -28,6 +27,7 @@ class _FlashAttention(torch.autograd.Function):
         cfg = dict(scale=scale, causal=causal, window=window, softcap=softcap, cu_seqlens=cu_seqlens,
                    max_seqlen=max_seqlen, sparse=sparse)
         o, lse = flash_fwd(q, k, v, **cfg)
+        ctx.set_materialize_grads(False)  # an unused LSE output gets None, not a zero tensor, in backward
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.cfg = cfg
         return o, lse
@@ -35,7 +35,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
+        do = torch.zeros_like(o) if do is None else do if do.stride(-1) == 1 else do.contiguous()
         dlse = None if dlse is None else dlse.float().contiguous()
         dq, dk, dv = flash_bwd(do, dlse, q, k, v, o, lse, **ctx.cfg)
         return dq, dk, dv, None, None, None, None, None, None, None
@@ -139,7 +139,8 @@ def _register() -> None:
     supports = frozenset({"causal", "noncausal", "backward", "gqa", "varlen"})
 
     def window_inputs(shape: Shape, dtype, device, generator, **options):
-        return softmax_inputs(shape, dtype, device, generator, **{"window": max(2, shape.S // 3), "causal": True, **options})
+        options = {"window": max(2, shape.S // 3), "causal": True, **options}
+        return softmax_inputs(shape, dtype, device, generator, **options)
 
     register(Method(
         name="flash", family="hardware", cite="Dao 2023, FlashAttention-2 (survey Sec. 3.1, Table 2)",

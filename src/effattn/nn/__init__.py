@@ -5,8 +5,10 @@ Every token mixer has `forward(x)` (training, causal) and `step(x, cache)` (deco
 from `LAYERS` when there is one, otherwise `Attention` around the registered method of that name.
 """
 import difflib
+from functools import partial
 
 from .attention import Attention, default_method
+from .compact_layers import CompactMixer
 from .common import CachedLayer, RMSNorm, ShortConv, SwiGLU
 from .linear_layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, Mamba2, MultiScaleRetention
 from .rotary import RotaryEmbedding, apply_rotary, rotary_angles
@@ -18,6 +20,9 @@ LAYERS = {
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
     "mamba2": Mamba2,
+    "mla": partial(CompactMixer, "mla"),
+    "mfa": partial(CompactMixer, "mfa"),
+    "tpa": partial(CompactMixer, "tpa"),
 }
 
 
@@ -41,6 +46,6 @@ def mixer_names() -> list[str]:
     return list(LAYERS) + [n for n in REGISTRY.names() if n not in LAYERS]
 
 
-__all__ = ["Attention", "default_method", "CachedLayer", "RMSNorm", "ShortConv", "SwiGLU", "DeltaNet",
+__all__ = ["Attention", "CompactMixer", "default_method", "CachedLayer", "RMSNorm", "ShortConv", "SwiGLU", "DeltaNet",
            "GatedDeltaNet", "GatedLinearAttention", "Mamba2", "MultiScaleRetention", "LAYERS", "make_mixer",
            "mixer_names", "RotaryEmbedding", "apply_rotary", "rotary_angles"]

@@ -16,6 +16,8 @@ in without edits here:
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,10 +36,20 @@ def default_method() -> str:
     return "flash" if "flash" in REGISTRY else "standard"
 
 
-def _probe(record, heads: int, kv_heads: int, head_dim: int) -> dict:
+def _probe(record, heads: int, kv_heads: int | None, head_dim: int) -> dict:
     """What the method's own input factory produces for this layer's head configuration."""
     shape = Shape(batch=1, seq_q=4, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     return record.make_inputs(shape, torch.float32, "cpu", torch.Generator().manual_seed(0))
+
+
+def _required_args(fn) -> set[str]:
+    """Arguments of the method's function beyond q, k, v that have no default (it cannot run without)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.default is inspect.Parameter.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in ("q", "k", "v")}
 
 
 class Attention(CachedLayer):
@@ -56,8 +68,13 @@ class Attention(CachedLayer):
         super().__init__()
         head_dim = layer_dims(dim, heads, head_dim)
         record = REGISTRY.get(default_method() if method is None else method)
+        probe = _probe(record, heads, kv_heads, head_dim)
+        missing = sorted({"q", "k", "v"} - set(probe))
+        if missing:
+            raise ValueError(f"method {record.name!r} does not take q, k, v tensors (no {missing}); the generic "
+                             f"Attention layer cannot drive it: use its own layer (effattn.nn.LAYERS)")
         if kv_heads is None:  # the method's own head configuration (gqa: heads // 2, mqa: 1, ...)
-            kv_heads = _probe(record, heads, heads, head_dim)["k"].shape[2]
+            kv_heads = probe["k"].shape[2] if heads % probe["k"].shape[2] == 0 else heads
         if kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"heads={heads} must be a positive multiple of kv_heads={kv_heads}")
         if kv_heads != heads and "gqa" not in record.supports:
@@ -71,7 +88,6 @@ class Attention(CachedLayer):
         self.cache_keys = ("k", "v", "state", "x")
         self.record, self.dim, self.heads, self.kv_heads, self.head_dim = record, dim, heads, kv_heads, head_dim
         self.stateful = "state" in record.supports
-        probe = _probe(record, heads, kv_heads, head_dim)
         # Options the method's factory sets (e.g. delta_rule=True) define the method; the user's win.
         defaults = {k: v for k, v in probe.items() if not isinstance(v, torch.Tensor)
                     and k in record.options and k not in _LAYER_OWNED + ("scale", "form")}
@@ -80,12 +96,14 @@ class Attention(CachedLayer):
             self.options["causal"] = True
         required = {k: v for k, v in probe.items() if isinstance(v, torch.Tensor)
                     and k not in ("q", "k", "v", "initial_state") and k not in record.options}
-        unknown = sorted(set(required) - {"g", "beta"})
+        unknown = sorted((set(required) | _required_args(record.fn)) - {"g", "beta"})
         if unknown:
             raise ValueError(f"method {record.name!r} needs inputs {unknown} that the generic Attention layer cannot "
                              f"produce; use its own layer (effattn.nn.LAYERS)")
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        # Shared-QK methods (Reformer) read keys from the queries: a key projection would get no gradient.
+        self.shared_qk = bool({**record.options, **self.options}.get("shared_qk", False))
+        self.k_proj = None if self.shared_qk else nn.Linear(dim, kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
         self.g_proj = self.beta_proj = None
@@ -112,7 +130,7 @@ class Attention(CachedLayer):
 
     def _qkv(self, x: torch.Tensor, offset: int):
         q = split_heads(self.q_proj(x), self.heads)
-        k = split_heads(self.k_proj(x), self.kv_heads)
+        k = q if self.shared_qk else split_heads(self.k_proj(x), self.kv_heads)
         v = split_heads(self.v_proj(x), self.kv_heads)
         if self.l2_qk:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)

@@ -8,48 +8,59 @@ import torch
 
 from .harness import PRESETS, TASKS
 
-# Exact softmax attention first (the default method: flash once merged), then the state-carrying layers.
-DEFAULT_METHODS = ("linear_transformer", "retnet", "gla", "deltanet", "gated_deltanet", "mamba2")
+# Exact softmax attention first, then the state-carrying layers. On CPU the exact method is "standard"
+# (plain PyTorch, the same function as flash): Triton kernels run there only through the interpreter,
+# far too slowly to train, and so do registered methods built on them (linear_transformer's feature map).
+LINEAR_LAYERS = ("retnet", "gla", "deltanet", "gated_deltanet", "mamba2")
+GPU_EXTRA = ("linear_transformer",)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quality", help="train small models per method on MQAR / copy / induction / bytes LM")
     p.add_argument("--methods", default=None,
-                   help="comma-separated layer or method names (default: exact attention + linear layers; "
+                   help="comma-separated layer or method names (default: exact attention + linear layers, "
+                        "see LINEAR_LAYERS; "
                         "'all': every name effattn.nn.make_mixer accepts that trains)")
     p.add_argument("--task", choices=TASKS, default="mqar")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="sizes (default: from the device)")
     p.add_argument("--budget-minutes", type=float, default=None,
-                   help="wall-clock budget for the sweep, split evenly over runs (default: 9 on cpu, none on gpu)")
+                   help="wall-clock budget for the sweep, split evenly over runs (default: 8 on cpu, none on gpu)")
     p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     p.add_argument("--widths", default=None, help="comma-separated model widths (override the preset)")
+    p.add_argument("--lr", type=float, default=None, help="override the preset's peak learning rate")
     p.add_argument("--eval-examples", type=int, default=None, help="override the evaluation set size")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU intra-op threads (default 1: tiny models gain nothing from more, and on a shared "
+                        "CPU extra threads stall each other; measured 5x slower with 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="quality_results", help="folder for quality_<task>.json and .png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
-def resolve_methods(spec: str | None) -> list[str]:
+def resolve_methods(spec: str | None, device: torch.device) -> list[str]:
     from ..nn import default_method, make_mixer, mixer_names
 
     if spec is None:
-        return [default_method(), *DEFAULT_METHODS]
+        if device.type == "cuda":
+            return [default_method(), *LINEAR_LAYERS, *GPU_EXTRA]
+        return ["standard", *LINEAR_LAYERS]
     if spec == "all":
         names = []
         for name in mixer_names():
             try:
-                make_mixer(name, 16, 2)
+                layer = make_mixer(name, 32, 2)
             except (ValueError, TypeError):  # needs inputs / options a generic layer cannot give it
                 continue
-            names.append(name)
+            if getattr(layer, "record", None) is None or layer.record.trains:  # decode-only kernels cannot train
+                names.append(name)
         return names
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise ValueError(f"--methods must name at least one method, got {spec!r}")
     for name in names:
-        make_mixer(name, 16, 2)  # unknown names fail here, before any training, with a did-you-mean
+        make_mixer(name, 32, 2)  # unknown names fail here, before any training, with a did-you-mean
     return names
 
 
@@ -57,16 +68,31 @@ def run(args) -> int:
     from .harness import sweep, write
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _sweep(args, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _sweep(args, device) -> int:
+    from .harness import sweep, write
+
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     cfg = replace(PRESETS[preset][args.task], seed=args.seed)
     if args.steps is not None:
         cfg = replace(cfg, recipe=replace(cfg.recipe, steps=args.steps, warmup=min(cfg.recipe.warmup, args.steps)))
+    if args.lr is not None:
+        cfg = replace(cfg, recipe=replace(cfg.recipe, lr=args.lr))
     if args.eval_examples is not None:
         cfg = replace(cfg, eval_examples=args.eval_examples)
     if args.widths is not None:
         cfg = replace(cfg, widths=tuple(int(w) for w in args.widths.split(",")))
-    budget = args.budget_minutes if args.budget_minutes is not None else (9.0 if device.type == "cpu" else None)
-    methods = resolve_methods(args.methods)
+    budget = args.budget_minutes if args.budget_minutes is not None else (8.0 if device.type == "cpu" else None)
+    methods = resolve_methods(args.methods, device)
     command = "effattn " + " ".join(sys.argv[1:])
     result = sweep(cfg, methods, device, budget_minutes=budget, out_dir=args.out, progress=not args.quiet,
                    command=command)

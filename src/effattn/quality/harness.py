@@ -51,7 +51,7 @@ def _kv(pairs):
 PRESETS = {
     "cpu": {
         "mqar": TaskConfig("mqar", 256, _kv([(64, 4), (64, 8)]), _kv([(64, 4), (64, 8), (128, 8), (256, 16)]),
-                           (32, 64), Recipe(steps=500, batch=32, lr=3e-3, warmup=30)),
+                           (64,), Recipe(steps=800, batch=32, lr=1e-2, warmup=40)),
         "copy": TaskConfig("copy", 16, ({"seq_len": 64, "num_tokens": 8},),
                            ({"seq_len": 64, "num_tokens": 8}, {"seq_len": 128, "num_tokens": 8}),
                            (32, 64), Recipe(steps=500, batch=32, lr=3e-3, warmup=30)),
@@ -125,13 +125,12 @@ def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = No
           progress: bool = True, command: str = "") -> dict:
     """Every method x width of cfg with the same recipe; returns (and writes, with `out_dir`) the results.
 
-    A budget gives each run an equal share of the time; a run that hits it stops early and says so
-    (`train.truncated`), so a slow method is never silently compared at fewer steps."""
+    With a budget, `fit_budget` first times each run and lowers the steps of all of them alike; a run
+    that still overruns its time cap stops early and says so (`train.truncated`)."""
     runs_todo = [(m, w) for m in methods for w in cfg.widths]
-    if budget_minutes is not None:
-        share = budget_minutes * 60 / max(1, len(runs_todo))
-        cfg = replace(cfg, recipe=replace(cfg.recipe, time_limit_s=0.85 * share))  # leave room for evaluation
     corpora = tasks.stdlib_bytes() if cfg.task == "lm" else None
+    if budget_minutes is not None:
+        cfg = fit_budget(cfg, runs_todo, device, corpora, budget_minutes * 60, progress)
     result = {"task": cfg.task, "config": _jsonable(asdict(cfg)), "environment": environment(device),
               "command": command, "runs": []}
     overall = Progress(len(runs_todo), f"quality {cfg.task}") if progress else None
@@ -144,6 +143,34 @@ def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = No
         if out_dir is not None:  # after every run, so an interrupted sweep keeps what it measured
             write(result, out_dir, with_plot=False)
     return result
+
+
+def seconds_per_step(cfg: TaskConfig, method: str, width: int, device, corpora=None, steps: int = 2) -> float:
+    """Measured training time per step of one (method, width) model, after one warm-up step."""
+    model = TinyLM(cfg.vocab, width, cfg.layers, method, heads=cfg.heads, **cfg.mixer_options)
+    sample = mixture([sampler(cfg, s, (corpora or (None, None))[0]) for s in cfg.train_settings])
+    probe = replace(cfg.recipe, steps=steps + 1, warmup=1, time_limit_s=None)
+    train(model, sample, replace(probe, steps=1), seed=cfg.seed, device=device, progress=False)
+    return train(model, sample, replace(probe, steps=steps), seed=cfg.seed, device=device,
+                 progress=False)["seconds"] / steps
+
+
+def fit_budget(cfg: TaskConfig, runs, device, corpora, budget_s: float, progress: bool = True) -> TaskConfig:
+    """Scale every run's steps down by one factor so the sweep fits the budget: the recipe stays the same
+    for all methods. Each run also gets a hard time cap (its share of the budget); a run that still hits
+    it stops early and records `truncated`."""
+    per_step = [seconds_per_step(cfg, m, w, device, corpora) for m, w in runs]
+    usable = 0.8 * budget_s  # the rest for evaluation and the probes themselves
+    steps = cfg.recipe.steps
+    if sum(per_step) * steps > usable:
+        steps = max(10, int(usable / sum(per_step)))
+    if progress:
+        print(f"budget {budget_s / 60:.1f} min: {steps} steps per run (preset {cfg.recipe.steps}); measured "
+              + ", ".join(f"{m}/{w} {1000 * t:.0f} ms/step" for (m, w), t in zip(runs, per_step)), flush=True)
+    cap = 1.3 * max(t * steps for t in per_step)
+    recipe = replace(cfg.recipe, steps=steps, warmup=min(cfg.recipe.warmup, max(1, steps // 10)),
+                     time_limit_s=max(cap, budget_s / max(1, len(runs)) * 0.9))
+    return replace(cfg, recipe=recipe)
 
 
 def _jsonable(obj):
@@ -163,19 +190,42 @@ def _setting_label(setting: dict) -> str:
 
 
 def write(result: dict, out_dir, with_plot: bool = True) -> tuple[Path, Path]:
+    """quality_<task>.json always; .md (table) and .png (plot) with `with_plot`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"quality_{result['task']}.json", out / f"quality_{result['task']}.png"
     json_path.write_text(json.dumps(result, indent=1))
     if with_plot:
+        (out / f"quality_{result['task']}.md").write_text(markdown(result))
         plot(result, png_path)
     return json_path, png_path
+
+
+def markdown(result: dict) -> str:
+    """A Markdown table: one row per run, the metric per evaluation setting, state size, steps, time."""
+    runs = result["runs"]
+    key = "bits_per_byte" if result["task"] == "lm" else "accuracy"
+    settings = [_setting_label(e["setting"]) for e in runs[0]["eval"]] if runs else []
+    env, recipe = result["environment"], result["config"]["recipe"]
+    lines = [f"# quality: {result['task']}", "",
+             f"`{result['command']}` on {env.get('gpu', env['device'])}, torch {env['torch']}, {env['date_utc']} UTC; "
+             f"recipe: {recipe['steps']} steps, batch {recipe['batch']}, lr {recipe['lr']}, same seed for all.", "",
+             "| method | width | params | " + " | ".join(f"{key} {s}" for s in settings)
+             + f" | state elements ({settings[-1] if settings else ''}) | steps | seconds |",
+             "|" + "---|" * (len(settings) + 6)]
+    for r in runs:
+        cells = [f"{e[key]:.3f}" for e in r["eval"]]
+        steps = f"{r['train']['steps_done']}" + (" (time cap)" if r["train"]["truncated"] else "")
+        lines.append(f"| {r['method']} | {r['width']} | {r['params']} | " + " | ".join(cells)
+                     + f" | {r['eval'][-1]['state_elements']} | {steps} | {r['train']['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path) -> None:
     """Left: the metric vs evaluation setting (largest width). Right: the metric on the hardest setting vs
     the decoding state size (one point per width)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,6 +244,7 @@ def plot(result: dict, path) -> None:
     left.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
     left.set_title(f"{result['task']}: {key} by setting (width {widest['width']})")
     right.set_xscale("log")
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a log axis
     right.set_xlabel(f"decoding state / KV cache elements per sequence ({labels[-1]})")
     right.set_title(f"{key} vs state size, hardest setting")
     for ax in (left, right):

@@ -182,7 +182,8 @@ def block_mask(mask_fn: MaskFn, B: int, H: int, T: int, S: int, block=(128, 64),
     chunks of query rows.
     """
     if not callable(mask_fn):
-        raise TypeError(f"mask_fn must be a function (b, h, q_idx, kv_idx) -> bool tensor, got {type(mask_fn).__name__}")
+        raise TypeError(f"mask_fn must be a function (b, h, q_idx, kv_idx) -> bool tensor, "
+                        f"got {type(mask_fn).__name__}")
     for name, n in (("B", B), ("H", H), ("T", T), ("S", S)):
         check_positive_int(name, n)
     block = _check_block(block)

@@ -80,10 +80,11 @@ def differential_inputs(shape, dtype, device, generator, **options):
 
     from ..inputs import randn, softmax_inputs
 
-    shape = replace(shape, head_dim=64)  # two halves of 32, a head dim the flash kernel takes
+    if shape.head_dim < 64:
+        shape = replace(shape, head_dim=64)  # two halves of 32, a head dim the flash kernel takes
     out = softmax_inputs(shape, dtype, device, generator, **options)
     for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):  # the paper initialises N(0, 0.1)
-        out[name] = randn((32,), dtype, device, generator, std=0.3)
+        out[name] = randn((shape.head_dim // 2,), dtype, device, generator, std=0.1)
     return out
 
 

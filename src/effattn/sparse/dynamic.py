@@ -266,28 +266,28 @@ def xattention_reference(q, k, v, *, block_size=64, stride=8, threshold=0.9, bud
 def _register() -> None:
     from functools import partial
 
-    from ..inputs import softmax_inputs
     from ..registry import Complexity, Method, StateOrCache, register
+    from ._inputs import sparse_inputs
 
     kv_cache = StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim)
     common = dict(family="sparse", state_or_cache=kv_cache, approximates_softmax=True,
                   supports=frozenset({"causal", "backward", "gqa"}))
     register(Method(
         name="moba", cite="Lu et al. 2025 (survey Table 4, MoBA)", fn=moba, reference=moba_reference,
-        make_inputs=partial(softmax_inputs, block_size=16, top_k=1),
+        make_inputs=partial(sparse_inputs, small={"block_size": 16, "top_k": 1}),
         complexity=Complexity("O(N k b d + N^2 d / b^2)", "O(N)", 1.0, 1.0),
         options={"block_size": 64, "top_k": 3, "scale": None},
         description="mean-pooled key blocks, top-k gate per query block, causal current block", **common))
     register(Method(
         name="quest", cite="Tang et al. 2024 (survey Table 4, Quest)", fn=quest, reference=quest_reference,
-        make_inputs=partial(softmax_inputs, page_size=16, top_k=2),
+        make_inputs=partial(sparse_inputs, small={"page_size": 16, "top_k": 2}),
         complexity=Complexity("O(N S d / p + N k p d)", "O(S d / p)", 1.0, 1.0),
         options={"page_size": 16, "top_k": 4, "scale": None},
         description="per-page min/max key bounds, top-k pages per query (decoding)", **common))
     register(Method(
         name="xattention", cite="Xu et al. 2025 (survey Table 4, XAttention); Lai et al. 2025 (FlexPrefill)",
         fn=xattention, reference=xattention_reference,
-        make_inputs=partial(softmax_inputs, block_size=16, stride=4, threshold=0.6),
+        make_inputs=partial(sparse_inputs, small={"block_size": 16, "stride": 4, "threshold": 0.6}),
         complexity=Complexity("O(N^2 d / s + N rho N d)", "O(N^2 / b^2)", 2.0, 1.0),
         options={"block_size": 64, "stride": 8, "threshold": 0.9, "budget": None, "causal": True, "scale": None},
         description="antidiagonal block scores, cumulative threshold or budget, block-sparse prefill", **common))

@@ -35,9 +35,11 @@ def linformer_reference(q, k, v, E, F, *, scale=None, **_ignored):
     return softmax_attention(q, project(k, E), project(v, F), scale=scale)
 
 
-def linformer_inputs(shape, dtype, device, generator, *, proj=8, **options):
+def linformer_inputs(shape, dtype, device, generator, *, proj=None, **options):
     from ..inputs import randn, softmax_inputs
+    from ._inputs import is_small
 
+    proj = (8 if is_small(shape) else 256) if proj is None else proj  # the paper's k = 256
     out = softmax_inputs(shape, dtype, device, generator, **options)
     for name in ("E", "F"):  # std 1/sqrt(S): projected rows keep the scale of K and V rows
         out[name] = randn((proj, shape.S), dtype, device, generator, std=shape.S ** -0.5)

@@ -145,13 +145,14 @@ def lsh_reference(q, k, v, *, n_hashes=2, n_buckets=8, chunk_size=64, causal=Fal
 
 def _register() -> None:
     from dataclasses import replace
-    from ..inputs import softmax_inputs
     from ..registry import Complexity, Method, StateOrCache, register
 
     def make_inputs(shape, dtype, device, generator, **options):
+        from ._inputs import sparse_inputs
+
         shape = replace(shape, seq_k=None)  # self-attention only
-        return softmax_inputs(shape, dtype, device, generator,
-                              **{"n_hashes": 2, "n_buckets": 4, "chunk_size": 8, "causal": True, **options})
+        return sparse_inputs(shape, dtype, device, generator, small={"n_buckets": 4, "chunk_size": 8, "causal": True},
+                             large={"causal": True}, **options)
 
     register(Method(
         name="reformer_lsh", family="sparse", cite="Kitaev et al. 2020 (Reformer; survey Sec. 3.3)",

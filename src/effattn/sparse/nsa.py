@@ -110,10 +110,13 @@ def nsa_reference(q, k, v, gates, w_k, w_v, *, block_size=64, top_n=4, window=51
     return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
 
 
-def nsa_inputs(shape, dtype, device, generator, *, block_size=8, **options):
+def nsa_inputs(shape, dtype, device, generator, **options):
     from ..inputs import randn, softmax_inputs
+    from ._inputs import sized_options
 
-    out = softmax_inputs(shape, dtype, device, generator, block_size=block_size, **options)
+    options = {**sized_options(shape, {"block_size": 16, "top_n": 1, "window": 6}), **options}
+    block_size = options.setdefault("block_size", 64)
+    out = softmax_inputs(shape, dtype, device, generator, **options)
     B, T, H = shape.batch, shape.seq_q, shape.heads
     out["gates"] = torch.sigmoid(torch.randn((B, T, H, 3), generator=generator)).to(device=device, dtype=dtype)
     for name in ("w_k", "w_v"):
@@ -123,13 +126,11 @@ def nsa_inputs(shape, dtype, device, generator, *, block_size=8, **options):
 
 
 def _register() -> None:
-    from functools import partial
-
     from ..registry import Complexity, Method, StateOrCache, register
 
     register(Method(
         name="nsa", family="sparse", cite="Yuan et al. 2025 (survey Table 4, NSA)", fn=nsa, reference=nsa_reference,
-        make_inputs=partial(nsa_inputs, block_size=16, top_n=1, window=6),
+        make_inputs=nsa_inputs,
         complexity=Complexity("O(N^2 d / l + N n l d + N w d)", "O(N)", 1.0, 1.0),
         state_or_cache=StateOrCache("2 Hkv d (1 + 1/l)", True, lambda s: 2 * s.Hkv * s.head_dim),
         options={"gates": None, "w_k": None, "w_v": None, "block_size": 64, "top_n": 4, "window": 512,

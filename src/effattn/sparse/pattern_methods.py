@@ -146,12 +146,18 @@ FUNCTIONS = {spec.name: _methods(spec) for spec in SPECS}
 def _register() -> None:
     from ..inputs import softmax_inputs
     from ..registry import Complexity, Method, StateOrCache, register
+    from ._inputs import fit_kernel, grid_for, is_small
 
     def make_inputs(spec):
         def make(shape, dtype, device, generator, **options):
-            if spec.grid is not None:
+            sized = dict(spec.test_options) if is_small(shape) else {}
+            if spec.grid is not None and is_small(shape):
                 shape = replace(shape, seq_q=math.prod(spec.grid), seq_k=None)
-            return softmax_inputs(shape, dtype, device, generator, **{**spec.test_options, **options})
+            elif spec.grid is not None:  # a grid of the benchmark's length, the default kernel fitted in
+                shape = replace(shape, seq_k=None)
+                grid = grid_for(shape.seq_q, len(spec.grid))
+                sized = {"grid": grid, "kernel": fit_kernel(spec.options["kernel"], grid)}
+            return softmax_inputs(shape, dtype, device, generator, **{**sized, **options})
         return make
 
     for spec in SPECS:

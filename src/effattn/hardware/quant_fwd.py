@@ -1,0 +1,168 @@
+"""Quantized flash forward in Triton: INT8 or FP8 Q K^T, 16-bit or FP8 P V (SageAttention 1/2, FA-3 FP8).
+
+The flash forward's schedule (one program per query block, masked / full / masked key stages) and its
+online-softmax step (`_softmax_step`) are shared; what changes is the tile's arithmetic:
+    s_ij  = (q_i . k_j)_int32|fp32 * sq_i * sk_j          (scales per token; log2(e) * scale folded in sq)
+    PV16: acc = alpha acc + P_half V                       (P in V's dtype, fp32 accumulation)
+    PV8:  acc = alpha acc + (e4m3(448 P) @ V_e4m3) * sv_c  (per-channel, per-V_BLOCK scale; 1/448 at the end)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._memory import empty_output
+from .._triton_mode import interpreting
+from ._flash_common import (NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _softmax_step, _visible, block_d,
+                            dot_precision, pick_config, seqlen_bucket)
+from .quantize import V_BLOCK
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _to_e4m3(x, GRID_ROUND: tl.constexpr):
+    """x (float32, |x| <= 448) -> float8 e4m3. GRID_ROUND (interpreter): Triton 3.6's interpreter drops the
+    carry when rounding crosses a power of two (31.6 -> 16), so round onto the e4m3 grid (3 mantissa bits,
+    subnormal step 2^-9, ties to even like the hardware's cvt.rn) in float32 first; the cast of a grid
+    value is then exact."""
+    if GRID_ROUND:
+        e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # exact exponent of |x|
+        step = tl.exp2((tl.maximum(e, -6) - 3).to(tl.float32))
+        t = tl.abs(x) / step
+        r = tl.floor(t + 0.5)
+        r = tl.where((r - t == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)  # ties to even
+        x = tl.where(x < 0, -1.0, 1.0) * r * step
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b, n0, pos, seqlen_k, LEFT, RIGHT,
+                offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, PV_FP8: tl.constexpr,
+                DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr):
+    """One online-softmax step over the key block [n0, n0 + BLOCK_N) with quantized operands."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK, PAD_D)
+    if MASK:
+        sk = tl.load(KSb + offs_n, mask=offs_n < seqlen_k, other=0.0)
+    else:
+        sk = tl.load(KSb + offs_n)
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * sq[:, None] * sk[None, :]
+    if MASK:
+        s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT), s, float("-inf"))
+    p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i, MASK)
+    v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
+                   MASK, PAD_DV)
+    if PV_FP8:
+        sv = tl.load(VSb + (n0 // BLOCK_N) * svs_b + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0)
+        pv = tl.dot(_to_e4m3(p * 448.0, GRID_ROUND), v)
+        acc = acc * alpha[:, None] + pv * sv[None, :]
+    else:
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _quant_fwd_kernel(
+        Q, K, V, QS, KS, VS, O,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sv_d, so_b, so_t, so_h,
+        sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, svs_n, T, S, H, GROUP, LEFT, RIGHT,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, REVERSE: tl.constexpr,
+        DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if REVERSE:  # causal: longest rows first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    off = S - T
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    pos = offs_m + off
+    q = _load_tile(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], offs_m, T, offs_d,
+                   HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    sq = tl.load(QS + b * sqs_b + h * sqs_h + offs_m, mask=offs_m < T, other=0.0)
+    Kb = K + b * sk_b + hk * sk_h
+    KSb = KS + b * sks_b + hk * sks_h
+    Vb = V + b * sv_b + hk * sv_h
+    VSb = VS + b * svs_b + hk * svs_h
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    lo, a, c, hi = _kv_stages(m0, T, S, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    for n0 in range(lo, a, BLOCK_N):
+        acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
+                                    LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                    BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND)
+    for n0 in tl.range(a, c, BLOCK_N):
+        acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
+                                    LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                    BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC, GRID_ROUND)
+    for n0 in range(c, hi, BLOCK_N):
+        acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
+                                    LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
+                                    BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND)
+    if PV_FP8:
+        l_i = l_i * 448.0  # P was stored as 448 P
+    empty = l_i == 0.0  # rows that see no key output 0, like the reference
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_dv[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m[:, None] < T) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
+    """Candidate tiles (H100). BLOCK_N is V_BLOCK on the FP8-PV path (one V scale row per tile)."""
+    if pv_fp8:
+        if interpreting():
+            return [Config(32, V_BLOCK, 4, 1)]
+        return [Config(128, V_BLOCK, 4, 3), Config(128, V_BLOCK, 8, 3)]
+    if interpreting():
+        return [Config(32, 32, 4, 1)]
+    if dtype == torch.float32:
+        return [Config(64, 32, 4, 2), Config(64, 64, 4, 2)]
+    return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(128, 64, 8, 3)]
+
+
+def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype) -> torch.Tensor:
+    """Launch the quantized forward.
+
+    q `[B, T, H, D]` and k `[B, S, Hkv, D]` int8 or float8_e4m3fn; q_scale `[B, H, T]` (already times
+    softmax scale * log2 e) and k_scale `[B, Hkv, S]` float32. v: `[B, S, Hkv, Dv]` in 16/32-bit with
+    v_scale None, or float8 `[B, Hkv, Dv, S_pad]` with v_scale `[B, Hkv, ceil(S / V_BLOCK), Dv]`.
+    Returns o `[B, T, H, Dv]` in out_dtype."""
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    pv_fp8 = v_scale is not None
+    if pv_fp8:
+        Dv = v.shape[2]
+        sv = (v.stride(0), v.stride(3), v.stride(1), v.stride(2))  # (b, token, head, channel)
+        vs = v_scale
+        vs_strides = (vs.stride(0), vs.stride(1), vs.stride(2))
+    else:
+        Dv = v.shape[3]
+        sv = (v.stride(0), v.stride(1), v.stride(2), 1)
+        vs = k_scale  # unused
+        vs_strides = (0, 0, 0)
+    o = empty_output((B, T, H, Dv), out_dtype, q.device)
+
+    def launch(cfg: Config) -> None:
+        bm, bn, warps, stages, _tma = cfg  # the quantized loop loads through pointers only
+        _quant_fwd_kernel[(triton.cdiv(T, bm), B * H)](
+            q, k, v, q_scale, k_scale, vs, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            k.stride(2), *sv, o.stride(0), o.stride(1), o.stride(2), q_scale.stride(0), q_scale.stride(1),
+            k_scale.stride(0), k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT,
+            HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
+            PV_FP8=pv_fp8, REVERSE=causal, DOT_PREC=None if pv_fp8 else dot_precision(v.dtype),
+            GRID_ROUND=interpreting(),
+            num_warps=warps, num_stages=stages)
+
+    key = ("quant", D, Dv, q.dtype, v.dtype, causal, seqlen_bucket(T))
+    launch(pick_config(key, quant_configs(max(D, Dv), pv_fp8, v.dtype), launch))
+    return o
+

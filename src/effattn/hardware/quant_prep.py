@@ -1,0 +1,95 @@
+"""Fused Triton quantisers: one read of Q/K/V and one write of the codes, in place of the many passes of
+the PyTorch definitions in quantize.py (which they reproduce bit for bit: same float32 operations).
+
+    _qk_quant_kernel: per group of GROUP tokens of one (batch, head), optional mean subtraction (K smoothing),
+                      amax -> scale -> INT8 (round half away from zero) or FP8 e4m3 codes, per-token scales.
+    _v_fp8_kernel:    per V_BLOCK tokens, per channel amax -> scale -> e4m3 codes stored token-contiguous.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_mode import interpreting
+from ._flash_common import block_d
+from .quant_fwd import _to_e4m3
+from .quantize import FP8, FP8_MAX, INT8_MAX, V_BLOCK
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _qk_quant_kernel(X, MEAN, C, SC, sx_b, sx_t, sx_h, sc_b, sc_t, sc_h, ss_b, ss_h, sm_b, sm_h, N, H, qmax,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+                     SMOOTH: tl.constexpr, TO_FP8: tl.constexpr, GRID_ROUND: tl.constexpr):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    ok = (rows[:, None] < N) & (cols[None, :] < D)
+    x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if SMOOTH:
+        mean = tl.load(MEAN + b * sm_b + h * sm_h + cols, mask=cols < D, other=0.0)
+        x = tl.where(ok, x - mean[None, :], 0.0)
+    row_max = tl.max(tl.abs(x), 1)
+    amax = tl.max(tl.reshape(row_max, (BLOCK_R // GROUP, GROUP)), 1)
+    amax = tl.reshape(tl.broadcast_to(amax[:, None], (BLOCK_R // GROUP, GROUP)), (BLOCK_R,))
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+    y = tl.math.div_rn(x, scale[:, None])  # IEEE division, as torch's
+    if TO_FP8:
+        codes = _to_e4m3(y, GRID_ROUND)
+    else:
+        codes = (tl.where(y < 0, -1.0, 1.0) * tl.floor(tl.abs(y) + 0.5)).to(tl.int8)
+    tl.store(C + b * sc_b + h * sc_h + rows[:, None] * sc_t + cols[None, :], codes, mask=ok)
+    tl.store(SC + b * ss_b + h * ss_h + rows, scale, mask=rows < N)
+
+
+@triton.jit
+def _v_fp8_kernel(V, C, SC, sv_b, sv_t, sv_h, sc_b, sc_h, sc_d, ss_b, ss_h, ss_n, S, H,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GRID_ROUND: tl.constexpr):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    nb = tl.program_id(0)
+    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    ok = (rows[:, None] < S) & (cols[None, :] < D)
+    v = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(v), 0)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+    codes = _to_e4m3(tl.math.div_rn(v, scale[None, :]), GRID_ROUND)
+    tl.store(C + b * sc_b + h * sc_h + cols[None, :] * sc_d + rows[:, None], codes, mask=ok)
+    tl.store(SC + b * ss_b + h * ss_h + nb * ss_n + cols, scale, mask=cols < D)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def quantize_qk(x: torch.Tensor, group: int, *, fp8: bool, smooth: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `quantize_int8` / `quantize_fp8` (of `smooth_k(x)` with smooth) for a token group `group`
+    (a power of 2 up to 128). x `[B, N, H, D]` -> (codes `[B, N, H, D]`, scale float32 `[B, H, N]`)."""
+    B, N, H, D = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    codes = torch.empty(B, N, H, D, dtype=FP8 if fp8 else torch.int8, device=x.device)
+    scale = torch.empty(B, H, N, dtype=torch.float32, device=x.device)
+    mean = x.mean(dim=1, dtype=torch.float32) if smooth else scale  # [B, H, D]
+    rows = max(group, 16 if interpreting() else 64)
+    _qk_quant_kernel[(triton.cdiv(N, rows), B * H)](
+        x, mean, codes, scale, x.stride(0), x.stride(1), x.stride(2), codes.stride(0), codes.stride(1),
+        codes.stride(2), scale.stride(0), scale.stride(1), mean.stride(0), mean.stride(1), N, H,
+        FP8_MAX if fp8 else INT8_MAX, D=D, BLOCK_D=block_d(D), BLOCK_R=rows, GROUP=group, SMOOTH=smooth,
+        TO_FP8=fp8, GRID_ROUND=interpreting(), num_warps=4)
+    return codes, scale
+
+
+def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `quantize_v_fp8` (per channel and V_BLOCK tokens): same outputs, one pass."""
+    B, S, H, D = v.shape
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    nb = triton.cdiv(S, V_BLOCK)
+    codes = torch.empty(B, H, D, triton.cdiv(S, 16) * 16, dtype=FP8, device=v.device)
+    scale = torch.empty(B, H, nb, D, dtype=torch.float32, device=v.device)
+    _v_fp8_kernel[(nb, B * H)](
+        v, codes, scale, v.stride(0), v.stride(1), v.stride(2), codes.stride(0), codes.stride(1),
+        codes.stride(2), scale.stride(0), scale.stride(1), scale.stride(2), S, H, D=D, BLOCK_D=block_d(D),
+        BLOCK_N=V_BLOCK, GRID_ROUND=interpreting(), num_warps=4)
+    return codes, scale
