@@ -62,3 +62,15 @@ def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
 
 def elu_plus_one_reference(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.elu(x) + 1.0
+
+
+def normalized_linear_attn(fq, fk, v, form_fn, *, scale, normalize, eps, initial_state, output_final_state):
+    """o_t = fq_t S_t / (fq_t z_t) on already feature-mapped fq, fk `[B, T, H, M]` with any form of the
+    ungated recurrence (`form_fn`: the engine or a reference). v gets a column of ones so that the same state
+    carries the normaliser z = sum fk (state `[B, H, M, Dv + 1]` when `normalize`); `scale` cancels then."""
+    if normalize:
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+    o, state = form_fn(fq, fk, v, scale=scale, initial_state=initial_state, output_final_state=True)
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + eps)
+    return (o, state) if output_final_state else o

@@ -7,24 +7,17 @@ ones so that the same state carries the normaliser z (state `[B, H, Dk, Dv + 1]`
 """
 from __future__ import annotations
 
-import torch
-
 from ..reference import linear_parallel, linear_recurrent
 from ..validate import check_choice, check_qkv, check_scale
 from .engine import chunk_gated_linear_attn
-from .feature_maps import elu_plus_one, elu_plus_one_reference
+from .feature_maps import elu_plus_one, elu_plus_one_reference, normalized_linear_attn
 
 FORMS = ("chunk", "parallel", "recurrent")
 
 
 def _run(q, k, v, phi, form_fn, *, scale, normalize, eps, initial_state, output_final_state):
-    fq, fk = phi(q), phi(k)
-    if normalize:
-        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-    o, state = form_fn(fq, fk, v, scale=scale, initial_state=initial_state, output_final_state=True)
-    if normalize:
-        o = o[..., :-1] / (o[..., -1:] + eps)
-    return (o, state) if output_final_state else o
+    return normalized_linear_attn(phi(q), phi(k), v, form_fn, scale=scale, normalize=normalize, eps=eps,
+                                  initial_state=initial_state, output_final_state=output_final_state)
 
 
 def linear_transformer(q, k, v, *, scale=None, normalize=True, eps=1e-6, form="chunk",

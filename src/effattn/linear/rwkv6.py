@@ -1,0 +1,125 @@
+"""RWKV6 "Finch" (Peng et al., 2024, "Eagle and Finch"; survey Table 5, forget gate): matrix-valued state,
+data-dependent per-channel decay w_t, bonus u for the current token:
+
+    o_t = r_t (S_{t-1} + diag(u) k_t^T v_t),      S_t = diag(w_t) S_{t-1} + k_t^T v_t     (S `[K, V]`)
+
+w is taken in log space like the engine's gates (FLA's convention: w_t = log of the decay <= 0, e.g.
+-exp(x)). The time-mix projections, token shift and output gate that produce r, k, v, w are the layer's,
+not this operator's.
+
+On the engine (vector gate g = w, no delta rule): E_t = diag(e^{w_t}) E_{t-1} + k_t^T v_t with E_{-1} = S_{-1}
+is exactly S_t. The engine returns q_t E_t, but RWKV6 reads the state *before* the current token:
+    r_t S_{t-1} = r_t E_{t-1}  = (engine output at step t-1 for the query r_t).
+So the engine runs with the queries shifted one step left (q'_j = r_{j+1}, q'_{T-1} = 0, output unused)
+and its output is shifted back; the first token reads the initial state directly, r_0 S_{-1}. The
+current token enters only through the bonus, a per-token diagonal term added outside the kernel:
+    r_t diag(u) k_t^T v_t = (sum_d r_td u_d k_td) v_t.
+(Undoing the decay instead, r_t S_{t-1} = (r_t / e^{w_t}) (E_t - k_t^T v_t), divides by decays that can be
+~0: the shift is exact and stable.)
+Limit inherited from the engine's vector-gate chunk kernels: the log decay summed over one chunk must stay
+above ~-88 (float32 exp range; tested down to per-step decays of e^-36 at chunk 16); "recurrent" has no limit.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference import linear_recurrent
+from ..validate import check_choice, check_qkv, check_scale, check_tensor
+from .engine import chunk_gated_linear_attn
+
+FORMS = ("chunk", "recurrent")
+
+
+def _check(r, k, v, w, u, initial_state):
+    B, T, _, H, Hkv, K, V = check_qkv(r, k, v, same_length=True)
+    if Hkv != H:
+        raise ValueError(f"k and v must have as many heads as r (H={H}), got Hkv={Hkv}")
+    check_tensor("w", w, ndim=4, dtypes=(r.dtype, torch.float32), layout="[B, T, H, K]")
+    if w.shape != r.shape:
+        raise ValueError(f"w must be [B, T, H, K] = {tuple(r.shape)}, got {tuple(w.shape)}")
+    check_tensor("u", u, ndim=2, layout="[H, K]")
+    if u.shape != (H, K):
+        raise ValueError(f"u must be [H, K] = {(H, K)}, got {tuple(u.shape)}")
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, ndim=4, layout="[B, H, K, V]")
+        if initial_state.shape != (B, H, K, V):
+            raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}, got "
+                             f"{tuple(initial_state.shape)}")
+
+
+def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=False, form="chunk", chunk_size=64):
+    """RWKV6 time mixing (the WKV operator).
+
+    r, k: `[B, T, H, K]`, v: `[B, T, H, V]`, w: log decay `[B, T, H, K]` (<= 0), u: bonus `[H, K]`;
+    initial_state `[B, H, K, V]`; scale multiplies the output (default 1, as in the paper). Returns o
+    `[B, T, H, V]` (and the final state `[B, H, K, V]`, float32 from "chunk", with `output_final_state`).
+    `form`: "chunk" (the engine's Triton vector-gate kernels, O(T C K + T K V)) or "recurrent" (the decode
+    step; token by token).
+    """
+    check_choice("form", form, FORMS)
+    check_scale(scale)
+    _check(r, k, v, w, u, initial_state)
+    scale = 1.0 if scale is None else float(scale)
+    q_next = torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], dim=1)  # q'_j = r_{j+1}
+    if form == "chunk":
+        o_next, state = chunk_gated_linear_attn(q_next, k, v, w, scale=scale, initial_state=initial_state,
+                                                output_final_state=True, chunk_size=chunk_size)
+    else:
+        o_next, state = linear_recurrent(q_next, k, v, w.to(r.dtype), scale=scale, initial_state=initial_state,
+                                         output_final_state=True)
+    acc = torch.float64 if r.dtype == torch.float64 else torch.float32
+    if initial_state is None:
+        first = v.new_zeros(v.shape[0], 1, *v.shape[2:], dtype=acc)
+    else:  # r_0 S_{-1}
+        first = (scale * torch.einsum("bhk,bhkv->bhv", r[:, 0].to(acc), initial_state.to(acc))).unsqueeze(1)
+    past = torch.cat([first, o_next[:, :-1].to(acc)], dim=1)  # r_t S_{t-1}
+    bonus = scale * (r.to(acc) * u.to(acc) * k.to(acc)).sum(-1, keepdim=True) * v.to(acc)
+    o = (past + bonus).to(v.dtype)
+    return (o, state) if output_final_state else o
+
+
+def rwkv6_reference(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=False, **_ignored):
+    """The paper's recurrence token by token, in the inputs' dtype (float64 for ground truth)."""
+    B, T, H, K = r.shape
+    scale = 1.0 if scale is None else scale
+    S = r.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(r.dtype)
+    outs = []
+    for t in range(T):
+        kv = k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)  # k_t^T v_t  [B, H, K, V]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", r[:, t], S + u.unsqueeze(-1) * kv))
+        S = torch.exp(w[:, t]).unsqueeze(-1) * S + kv  # diag(w_t) S_{t-1} + k_t^T v_t
+    o = torch.stack(outs, dim=1)
+    return (o, S) if output_final_state else o
+
+
+def rwkv6_inputs(shape, dtype, device, generator, *, initial_state=True, **options):
+    """linear_inputs renamed (q -> r, vector gate g -> w) plus the bonus u `[H, K]`."""
+    from ..inputs import linear_inputs, randn
+
+    out = linear_inputs(shape, dtype, device, generator, gate="vector", initial_state=initial_state, **options)
+    out["r"], out["w"] = out.pop("q"), out.pop("g")
+    out["u"] = randn((shape.heads, shape.head_dim), dtype, device, generator, std=0.5)
+    return out
+
+
+def _register() -> None:
+    from functools import partial
+
+    from ..registry import Complexity, Method, StateOrCache, register
+
+    register(Method(
+        name="rwkv6", family="linear",
+        cite="Peng et al. 2024, Eagle and Finch (RWKV5/6) (survey Table 5, forget gate)",
+        fn=rwkv6, reference=rwkv6_reference,
+        # chunk_size 16: several chunks (and a remainder) even at the registry's short test lengths
+        make_inputs=partial(rwkv6_inputs, output_final_state=True, chunk_size=16),
+        complexity=Complexity("O(N C d + N d^2)", "O(N d + N/C d^2)", 1.0, 1.0),
+        state_or_cache=StateOrCache("H d_k d_v", False, lambda s: s.heads * s.head_dim * s.Dv),
+        forms=FORMS, options={"scale": None, "initial_state": None, "output_final_state": False, "form": "chunk",
+                              "chunk_size": 64},
+        supports=frozenset({"causal", "backward", "decode", "state"}),
+        grad_inputs=("r", "k", "v", "w", "u", "initial_state"),
+        description="data-dependent vector decay w_t on a matrix state, bonus u for the current token"))
+
+
+_register()
