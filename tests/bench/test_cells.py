@@ -19,12 +19,17 @@ def test_nominal_flops_follow_family_and_state():
     g = torch.Generator().manual_seed(0)
     std = effattn.REGISTRY.get("standard")
     inp = std.make_inputs(shape, torch.float32, "cpu", g)
-    assert nominal_flops(std, shape, inp, "fwd", True) == 2 * 2 * 4 * 32 * (16 + 16)
-    assert nominal_flops(std, shape, inp, "fwdbwd", True) == 3.5 * 2 * 2 * 4 * 32 * 32
-    assert nominal_flops(std, shape, dict(inp, window=4), "fwd", True) is None  # visited pairs unknown here
+    tokens = shape.batch * shape.seq_q
+    assert nominal_flops(std, shape, inp, "fwd", True, tokens) == 2 * 2 * 4 * 32 * (16 + 16)
+    assert nominal_flops(std, shape, inp, "fwdbwd", True, tokens) == 3.5 * 2 * 2 * 4 * 32 * 32
+    assert nominal_flops(std, shape, dict(inp, window=4), "fwd", True, tokens) is None  # visited pairs unknown
     lin = effattn.REGISTRY.get("linear_transformer")
     inp = lin.make_inputs(shape, torch.float32, "cpu", g)
-    assert nominal_flops(lin, shape, inp, "fwd", True) == 4 * 2 * 8 * lin.state_or_cache.elements(shape)
+    assert nominal_flops(lin, shape, inp, "fwd", True, tokens) == 4 * 2 * 8 * lin.state_or_cache.elements(shape)
+    mamba2 = effattn.REGISTRY.get("mamba2")  # inputs x, B, C...: FLOPs come from the state size alone
+    inp = mamba2.make_inputs(shape, torch.float32, "cpu", g)
+    assert "q" not in inp
+    assert nominal_flops(mamba2, shape, inp, "fwd", True, tokens) == 4 * tokens * mamba2.state_or_cache.elements(shape)
 
 
 def test_accuracy_metrics():

@@ -80,8 +80,14 @@ def pair_count(t: int, s: int, causal: bool | None) -> float:
     return float(t * s - t * (t - 1) / 2) if t < s else float(s * (s + 1) / 2)
 
 
-def nominal_flops(method: Method, shape: Shape, inputs: dict, mode: str, causal: bool | None) -> float | None:
-    """FLOPs the method's family defines, or None (then only tokens/s is reported)."""
+def nominal_flops(method: Method, shape: Shape, inputs: dict, mode: str, causal: bool | None,
+                  tokens: int) -> float | None:
+    """FLOPs the method's family defines, or None (then only tokens/s is reported). `tokens` = B * T run."""
+    if method.family == "linear" and not method.state_or_cache.per_token:
+        # one state update (k^T v) and one read (q S) per token: 2 multiply-adds per state element each;
+        # defined by the shape alone, whatever the method names its inputs (Mamba2's x, B, C; RWKV's r, w)
+        fwd = 4.0 * tokens * method.state_or_cache.elements(shape)
+        return fwd * FWDBWD_FACTOR["linear"] if mode == "fwdbwd" else fwd
     q, k, v = inputs.get("q"), inputs.get("k"), inputs.get("v")
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return None
@@ -91,10 +97,6 @@ def nominal_flops(method: Method, shape: Shape, inputs: dict, mode: str, causal:
         if any(inputs.get(o) is not None for o in RESTRICTING_OPTIONS):
             return None
         return softmax_flops(B, H, T, S, D, Dv, causal, mode)
-    if method.family == "linear" and not method.state_or_cache.per_token:
-        # one state update (k^T v) and one read (q S) per token: 2 multiply-adds per state element each
-        fwd = 4.0 * B * T * method.state_or_cache.elements(shape)
-        return fwd * FWDBWD_FACTOR["linear"] if mode == "fwdbwd" else fwd
     return None
 
 
@@ -192,7 +194,7 @@ def prepare_method(method: Method, cell: Cell, cfg: BenchConfig, generator: torc
         exact = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"], "causal": bool(causal),
                  "scale": inputs.get("scale")}
     return Prepared(call=timed, batch=B, seq_q=T, seq_k=S, causal=causal,
-                    flops=nominal_flops(method, shape, inputs, cell.mode, causal), bytes_read=bytes_read,
+                    flops=nominal_flops(method, shape, inputs, cell.mode, causal, B * T), bytes_read=bytes_read,
                     tokens=B * T, forward=forward, exact_inputs=exact, notes=notes)
 
 
