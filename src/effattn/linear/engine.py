@@ -115,7 +115,8 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, gc, h, w, do, dht
         Gc = to_chunks(gc, ch) if gc is not None else to_chunks(q.new_zeros(T, H, dtype=torch.float32), ch)
         P = _pair(to_chunks(f32(q), ch), to_chunks(f32(k), ch), _decay(Gc, vector, strict=False), vector)
         dxi = from_chunks(scale * torch.einsum("nhij,nihv->njhv", P, to_chunks(f32(do), ch)), ch, T)
-    dh = torch.empty_like(h)
+    # float32: dh carries the final-state cotangent dht, and rounding it to bf16 costs dg several ulps
+    dh = torch.empty(h.shape, dtype=torch.float32, device=h.device)
     dh0 = empty_output((num_seqs, H, K, V), torch.float32, q.device)
     _tuned("state_bwd", _state_bwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
            _configs(V, "state", K, delta_rule), q, k, w, gc, do, dxi, dh, dht, dh0, ch.cu_seqlens, ch.first, scale,
