@@ -275,6 +275,9 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_s
     """Gradients (dq, dk, dv) of `flash_fwd`'s outputs (dlse, `[B, H, T]` float32, may be None)."""
     B, T, H, D = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    # The kernels index LSE with its batch/head strides and read dLSE with delta's: both must be dense.
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
     varlen = cu_seqlens is not None
     n_seq = cu_seqlens.numel() - 1 if varlen else B
     delta = empty_output((B, H, T), torch.float32, q.device)
