@@ -7,7 +7,7 @@ import torch
 
 import effattn
 from effattn.cli import run_checks
-from effattn.registry import REGISTRY, Method, Registry
+from effattn.registry import REGISTRY, Registry
 from effattn.testing import assert_matches_reference, odd_shapes
 
 CASES = [(m.name, f) for m in REGISTRY for f in m.forms]

@@ -67,6 +67,11 @@ class StateOrCache:
         return f"{self.formula} /token" if self.per_token else f"{self.formula} (fixed)"
 
 
+# Record pieces many methods share.
+KV_CACHE = StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim)  # every token's K and V, all heads
+MATRIX_STATE = StateOrCache("H d_k d_v", False, lambda s: s.heads * s.head_dim * s.Dv)  # one S per head
+CHUNKWISE = Complexity("O(N C d + N d^2)", "O(N d + N/C d^2)", 1.0, 1.0)  # the linear engine's chunk form
+
 InputMaker = Callable[..., dict]
 
 

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 import effattn
-from effattn.compact import (MFA, MLA, TPA, GroupedAttention, LayerCache, build_layer, mfa_attention, mla_attention,
-                             tpa_attention)
+from effattn.compact import (MFA, MLA, TPA, GroupedAttention, LayerCache, build_layer)
 from effattn.compact.formulas import MLADims, TPADims
 from effattn.registry import REGISTRY, Shape
 

@@ -51,7 +51,7 @@ def _register() -> None:
 
     from ..inputs import softmax_inputs
     from ..reference import softmax_attention
-    from ..registry import Complexity, Method, Shape, StateOrCache, register
+    from ..registry import KV_CACHE, Complexity, Method, Shape, register
     from .formulas import PARAMS, gqa_kv_heads, state_or_cache
 
     quadratic = Complexity("O(N^2 d)", "O(N^2)", 2.0, 2.0)
@@ -68,7 +68,7 @@ def _register() -> None:
     register(Method(
         name="standard", family="baseline", cite="Vaswani et al. 2017 (survey Sec. 2, Eq. 1)",
         make_inputs=partial(softmax_inputs, causal=True),
-        state_or_cache=StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim),
+        state_or_cache=KV_CACHE,
         description="plain PyTorch softmax(QK^T)V, N x N scores materialised", **common))
     register(Method(
         name="mha", family="compact", cite="Vaswani et al. 2017 (survey Table 3, MHA)",

@@ -93,7 +93,7 @@ def _register() -> None:
 
     from ..inputs import softmax_inputs
     from ..reference import softmax_attention
-    from ..registry import Complexity, Method, Shape, StateOrCache, register
+    from ..registry import KV_CACHE, Complexity, Method, Shape, register
 
     def make_inputs(shape: Shape, dtype, device, generator, **options):
         # A few new tokens against a longer cache, GQA as the shape says.
@@ -105,7 +105,7 @@ def _register() -> None:
         cite="Dao et al. 2023, Flash-Decoding (survey Table 2, decoding)",
         fn=flash_decoding, reference=softmax_attention, make_inputs=make_inputs,
         complexity=Complexity("O(T S d)", "O(S d)", 1.0, 1.0),
-        state_or_cache=StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim),
+        state_or_cache=KV_CACHE,
         options=OPTIONS, supports=frozenset({"causal", "noncausal", "gqa", "decode"}), grad_inputs=(),
         description="split-KV decoding: partial softmax per KV split + LSE merge, GQA groups in one tile"))
 

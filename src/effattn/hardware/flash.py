@@ -133,9 +133,9 @@ def _register() -> None:
     from functools import partial
 
     from ..inputs import softmax_inputs
-    from ..registry import Complexity, Method, Shape, StateOrCache, register
+    from ..registry import KV_CACHE, Complexity, Method, Shape, register
 
-    kv_cache = StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim)
+    kv_cache = KV_CACHE
     supports = frozenset({"causal", "noncausal", "backward", "gqa", "varlen"})
 
     def window_inputs(shape: Shape, dtype, device, generator, **options):

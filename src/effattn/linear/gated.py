@@ -184,7 +184,7 @@ def _register() -> None:
     from functools import partial
 
     from ..inputs import linear_inputs
-    from ..registry import Complexity, Method, StateOrCache, register
+    from ..registry import CHUNKWISE, MATRIX_STATE, Method, register
 
     for name, (fn, gate, delta, extra, cite) in METHODS.items():
         grads = ("q", "k", "v") + (("g",) if gate else ()) + (("beta",) if delta else ()) + ("initial_state",)
@@ -193,8 +193,8 @@ def _register() -> None:
             # chunk_size 16: several chunks (and a remainder) even at the registry's short test lengths
             make_inputs=partial(linear_inputs, gate=gate, beta=delta, normalize_qk=delta, output_final_state=True,
                                 chunk_size=16, **extra),
-            complexity=Complexity("O(N C d + N d^2)", "O(N d + N/C d^2)", 1.0, 1.0),
-            state_or_cache=StateOrCache("H d_k d_v", False, lambda s: s.heads * s.head_dim * s.Dv),
+            complexity=CHUNKWISE,
+            state_or_cache=MATRIX_STATE,
             forms=FORMS, options={"scale": None, "initial_state": None, "output_final_state": False,
                                   "cu_seqlens": None, "form": "chunk", "chunk_size": 64, **extra},
             supports=frozenset({"causal", "backward", "varlen", "decode", "state"}), grad_inputs=grads,

@@ -25,7 +25,7 @@ def _check(x, dt, A, B, C, D, dt_bias):
     check_tensor("x", x, ndim=4, layout="[B, T, H, P]")
     Bt, T, H, _ = x.shape
     check_tensor("B", B, ndim=4, dtypes=(x.dtype,), layout="[B, T, G, N]")
-    G, N = B.shape[2], B.shape[3]
+    G = B.shape[2]
     if B.shape[:2] != (Bt, T) or H % G:
         raise ValueError(f"B must be [B={Bt}, T={T}, G, N] with G dividing H={H}, got {tuple(B.shape)}")
     check_tensor("C", C, ndim=4, dtypes=(x.dtype,), layout="[B, T, G, N]")
@@ -113,7 +113,7 @@ def mamba2_inputs(shape, dtype, device, generator, *, initial_state=True, **opti
 def _register() -> None:
     from functools import partial
 
-    from ..registry import Complexity, Method, StateOrCache, register
+    from ..registry import CHUNKWISE, Method, StateOrCache, register
 
     register(Method(
         name="mamba2", family="linear",
@@ -121,7 +121,7 @@ def _register() -> None:
         fn=mamba2, reference=mamba2_reference,
         # chunk_size 16: several chunks (and a remainder) even at the registry's short test lengths
         make_inputs=partial(mamba2_inputs, output_final_state=True, chunk_size=16),
-        complexity=Complexity("O(N C d + N d^2)", "O(N d + N/C d^2)", 1.0, 1.0),
+        complexity=CHUNKWISE,
         state_or_cache=StateOrCache("H N P", False, lambda s: s.heads * s.head_dim * s.Dv),
         forms=FORMS, options={"D": None, "dt_bias": None, "initial_state": None, "output_final_state": False,
                               "form": "chunk", "chunk_size": 64},

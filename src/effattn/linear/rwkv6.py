@@ -105,7 +105,7 @@ def rwkv6_inputs(shape, dtype, device, generator, *, initial_state=True, **optio
 def _register() -> None:
     from functools import partial
 
-    from ..registry import Complexity, Method, StateOrCache, register
+    from ..registry import CHUNKWISE, MATRIX_STATE, Method, register
 
     register(Method(
         name="rwkv6", family="linear",
@@ -113,8 +113,8 @@ def _register() -> None:
         fn=rwkv6, reference=rwkv6_reference,
         # chunk_size 16: several chunks (and a remainder) even at the registry's short test lengths
         make_inputs=partial(rwkv6_inputs, output_final_state=True, chunk_size=16),
-        complexity=Complexity("O(N C d + N d^2)", "O(N d + N/C d^2)", 1.0, 1.0),
-        state_or_cache=StateOrCache("H d_k d_v", False, lambda s: s.heads * s.head_dim * s.Dv),
+        complexity=CHUNKWISE,
+        state_or_cache=MATRIX_STATE,
         forms=FORMS, options={"scale": None, "initial_state": None, "output_final_state": False, "form": "chunk",
                               "chunk_size": 64},
         supports=frozenset({"causal", "backward", "decode", "state"}),

@@ -65,7 +65,6 @@ def resolve_methods(spec: str | None, device: torch.device) -> list[str]:
 
 
 def run(args) -> int:
-    from .harness import sweep, write
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads < 1:

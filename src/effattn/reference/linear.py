@@ -61,7 +61,6 @@ def parallel_form(q, k, v, g=None, beta=None, *, scale=None, initial_state=None,
                   delta_rule=False, **_ignored):
     """Masked quadratic form of the same recurrence (see the module docstring). Same signature/returns."""
     B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
     scale = Dk ** -0.5 if scale is None else scale
     Gc = torch.cumsum(_expand_gate(g, q), dim=1)  # [B, T, H, Dk]
     # decay[b, h, i, j, d] = exp(Gc_id - Gc_jd), kept only for j <= i so exp never overflows

@@ -89,13 +89,13 @@ def differential_inputs(shape, dtype, device, generator, **options):
 
 
 def _register() -> None:
-    from ..registry import Complexity, Method, StateOrCache, register
+    from ..registry import KV_CACHE, Complexity, Method, register
 
     register(Method(
         name="differential", family="sparse", cite="Ye et al. 2024 (Diff Transformer; survey Sec. 3.3)",
         fn=differential_attention, reference=differential_reference, make_inputs=differential_inputs,
         complexity=Complexity("O(N^2 d)", "O(N)", 2.0, 1.0),
-        state_or_cache=StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim),
+        state_or_cache=KV_CACHE,
         options={"lambda_q1": None, "lambda_k1": None, "lambda_q2": None, "lambda_k2": None, "layer": 1,
                  "causal": True, "scale": None, "eps": 1e-5},
         supports=frozenset({"causal", "noncausal", "backward", "gqa"}),

@@ -266,10 +266,10 @@ def xattention_reference(q, k, v, *, block_size=64, stride=8, threshold=0.9, bud
 def _register() -> None:
     from functools import partial
 
-    from ..registry import Complexity, Method, StateOrCache, register
+    from ..registry import KV_CACHE, Complexity, Method, register
     from ._inputs import sparse_inputs
 
-    kv_cache = StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim)
+    kv_cache = KV_CACHE
     common = dict(family="sparse", state_or_cache=kv_cache, approximates_softmax=True,
                   supports=frozenset({"causal", "backward", "gqa"}))
     register(Method(

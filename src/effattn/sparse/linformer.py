@@ -47,13 +47,13 @@ def linformer_inputs(shape, dtype, device, generator, *, proj=None, **options):
 
 
 def _register() -> None:
-    from ..registry import Complexity, Method, StateOrCache, register
+    from ..registry import KV_CACHE, Complexity, Method, register
 
     register(Method(
         name="linformer", family="sparse", cite="Wang et al. 2020 (Linformer; survey Sec. 3.3, low rank)",
         fn=linformer, reference=linformer_reference, make_inputs=linformer_inputs,
         complexity=Complexity("O(N k d)", "O(N k)", 1.0, 1.0),
-        state_or_cache=StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim),
+        state_or_cache=KV_CACHE,
         options={"E": None, "F": None, "scale": None}, supports=frozenset({"noncausal", "backward", "gqa"}),
         grad_inputs=("q", "k", "v", "E", "F"), approximates_softmax=True,
         description="keys and values projected N -> k by learned E, F (non-causal)"))

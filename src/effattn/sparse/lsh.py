@@ -145,7 +145,7 @@ def lsh_reference(q, k, v, *, n_hashes=2, n_buckets=8, chunk_size=64, causal=Fal
 
 def _register() -> None:
     from dataclasses import replace
-    from ..registry import Complexity, Method, StateOrCache, register
+    from ..registry import KV_CACHE, Complexity, Method, register
 
     def make_inputs(shape, dtype, device, generator, **options):
         from ._inputs import sparse_inputs
@@ -158,7 +158,7 @@ def _register() -> None:
         name="reformer_lsh", family="sparse", cite="Kitaev et al. 2020 (Reformer; survey Sec. 3.3)",
         fn=lsh_attention, reference=lsh_reference, make_inputs=make_inputs,
         complexity=Complexity("O(n_h N c d)", "O(n_h N c)", 1.0, 1.0),
-        state_or_cache=StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim),
+        state_or_cache=KV_CACHE,
         options={"n_hashes": 2, "n_buckets": 8, "chunk_size": 64, "causal": False, "shared_qk": True,
                  "seed": 0, "scale": None},
         supports=frozenset({"causal", "noncausal", "backward", "gqa"}), approximates_softmax=True,

@@ -145,7 +145,7 @@ FUNCTIONS = {spec.name: _methods(spec) for spec in SPECS}
 
 def _register() -> None:
     from ..inputs import softmax_inputs
-    from ..registry import Complexity, Method, StateOrCache, register
+    from ..registry import KV_CACHE, Complexity, Method, register
     from ._inputs import fit_kernel, grid_for, is_small
 
     def make_inputs(spec):
@@ -166,7 +166,7 @@ def _register() -> None:
         register(Method(
             name=spec.name, family="sparse", cite=spec.cite, fn=fn, reference=reference,
             make_inputs=make_inputs(spec), complexity=Complexity(*spec.complexity, 1.0, 1.0),
-            state_or_cache=StateOrCache("2 Hkv d", True, lambda s: 2 * s.Hkv * s.head_dim),
+            state_or_cache=KV_CACHE,
             options={"scale": None, "block": None, **spec.options},
             supports=frozenset({"causal" if causal else "noncausal", "backward", "gqa"}),
             approximates_softmax=True, description=spec.description))
