@@ -63,6 +63,13 @@ def test_triton_chunk_matches_reference(gate, delta):
     check_all(chunk_gated_linear_attn, make(gate, delta), delta, chunk_size=16)
 
 
+@pytest.mark.parametrize("gate,delta", [("vector", False), ("scalar", True)], ids=["vector", "gated_delta"])
+def test_triton_chunk_default_chunk_size(gate, delta):
+    """The default chunk of 64 rows, 16-row sub-blocks for vector gates: T=80 leaves the second chunk with
+    16 live rows and three dead sub-blocks (whose reference rows once pointed past the tensors)."""
+    check_all(chunk_gated_linear_attn, make(gate, delta, B=2, T=80, H=1, K=16, V=16), delta)
+
+
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
 def test_triton_chunk_head_dim_split(gate):
     """Dk = 80 > 64: the state kernels split the key dimension across programs (rows are independent)."""
