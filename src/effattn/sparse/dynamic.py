@@ -66,7 +66,7 @@ def moba(q, k, v, *, block_size=64, top_k=3, scale=None):
     time O(N (k + 1) b d) plus O(N^2 d / b^2) for the gate."""
     B, T, S, H, _, _, _ = _check(q, k, v, scale, block_size=block_size, top_k=top_k)
     sel = moba_select(q, k, block_size, top_k)
-    bm = block_mask_from_blocks(sel, T, S, (block_size, block_size), mask_fn=causal_fn(T, S))
+    bm = block_mask_from_blocks(sel, T, S, (block_size, block_size), causal=True)
     return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 
@@ -115,11 +115,11 @@ def quest_select(q, k, page_size=16, top_k=4):
     return top_k_of(crit, visible.expand_as(crit), top_k)
 
 
-def _quest_mask_fn(sel_tokens: torch.Tensor, T: int, S: int, page_size: int):
+def _quest_mask_fn(sel_tokens: torch.Tensor, T: int, page_size: int):
     nP = sel_tokens.shape[-1]
 
     def fn(b, h, qi, kv):  # clamped: builders may evaluate padded grids
-        return sel_tokens[b, h, qi.clamp(max=T - 1), (kv // page_size).clamp(max=nP - 1)] & (kv <= qi + (S - T))
+        return sel_tokens[b, h, qi.clamp(max=T - 1), (kv // page_size).clamp(max=nP - 1)]
     return fn
 
 
@@ -132,8 +132,8 @@ def quest(q, k, v, *, page_size=16, top_k=4, scale=None):
     nq = n_blocks(T, QUERY_BLOCK)
     padded = torch.nn.functional.pad(sel, (0, 0, 0, nq * QUERY_BLOCK - T))
     blocks = padded.view(B, H, nq, QUERY_BLOCK, -1).any(3)
-    bm = block_mask_from_blocks(blocks, T, S, (QUERY_BLOCK, page_size),
-                                        mask_fn=_quest_mask_fn(sel, T, S, page_size))
+    bm = block_mask_from_blocks(blocks, T, S, (QUERY_BLOCK, page_size), causal=True,
+                                mask_fn=_quest_mask_fn(sel, T, page_size))
     return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 
@@ -223,8 +223,7 @@ def xattention(q, k, v, *, block_size=64, stride=8, threshold=0.9, budget=None, 
     B, T, S, H, _, _, _ = _check(q, k, v, scale, block_size=block_size, stride=stride)
     _check_xattention(block_size, stride, threshold, budget)
     sel = xattention_select(q, k, block_size, stride, threshold, budget, causal, scale)
-    bm = block_mask_from_blocks(sel, T, S, (block_size, block_size),
-                                        mask_fn=causal_fn(T, S) if causal else None)
+    bm = block_mask_from_blocks(sel, T, S, (block_size, block_size), causal=causal)
     return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 

@@ -83,7 +83,7 @@ def nsa(q, k, v, gates, w_k, w_v, *, block_size=64, top_n=4, window=512, scale=N
                                                    torch.arange(kc.shape[1], device=q.device).view(1, -1))
         importance = torch.softmax(sc.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
         sel = _select(importance, T, S, block_size, top_n, H, Hkv)
-    bm_s = block_mask_from_blocks(sel, T, S, (block_size, block_size), mask_fn=causal_fn(T, S))
+    bm_s = block_mask_from_blocks(sel, T, S, (block_size, block_size), causal=True)
     o_slc = flash_attention(q, k, v, block_mask=bm_s, scale=scale)
     o_win = flash_attention(q, k, v, causal=True, window=(window - 1, 0), scale=scale)
     g = gates.to(q.dtype).unsqueeze(-1)
