@@ -22,7 +22,7 @@ from ..hardware.flash import flash_attention
 from ..reference.softmax import softmax_attention
 from ..validate import check_positive_int, check_qkv, check_scale
 from .block_mask import block_mask_from_blocks
-from ._select import (block_relation, causal_fn, dense_mask, kv_heads_to_q, n_blocks, stat_dtype,
+from ._select import (block_relation, causal_fn, dense_mask, kv_heads_to_q, n_blocks, stat_dtype, token_block_mask,
                       top_k_of)
 
 QUERY_BLOCK = 16  # Quest's query tile: decoding has few queries
@@ -115,25 +115,12 @@ def quest_select(q, k, page_size=16, top_k=4):
     return top_k_of(crit, visible.expand_as(crit), top_k)
 
 
-def _quest_mask_fn(sel_tokens: torch.Tensor, T: int, page_size: int):
-    nP = sel_tokens.shape[-1]
-
-    def fn(b, h, qi, kv):  # clamped: builders may evaluate padded grids
-        return sel_tokens[b, h, qi.clamp(max=T - 1), (kv // page_size).clamp(max=nP - 1)]
-    return fn
-
-
 def quest(q, k, v, *, page_size=16, top_k=4, scale=None):
     """Query-aware page selection for decoding (causal, bottom-right). q `[B, T, H, D]` (T small),
     k `[B, S, Hkv, D]`, v `[B, S, Hkv, Dv]` -> o `[B, T, H, Dv]`; each query reads top_k pages:
     O(S d / page) for the bounds and O(top_k page d) per query for attention."""
     B, T, S, H, _, _, _ = _check(q, k, v, scale, page_size=page_size, top_k=top_k)
-    sel = quest_select(q, k, page_size, top_k)  # [B, H, T, nP]
-    nq = n_blocks(T, QUERY_BLOCK)
-    padded = torch.nn.functional.pad(sel, (0, 0, 0, nq * QUERY_BLOCK - T))
-    blocks = padded.view(B, H, nq, QUERY_BLOCK, -1).any(3)
-    bm = block_mask_from_blocks(blocks, T, S, (QUERY_BLOCK, page_size), causal=True,
-                                mask_fn=_quest_mask_fn(sel, T, page_size))
+    bm = token_block_mask(quest_select(q, k, page_size, top_k), T, S, page_size, QUERY_BLOCK)
     return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 
