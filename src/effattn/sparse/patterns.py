@@ -29,13 +29,16 @@ class Pattern:
     """A named mask function `(b, h, q_idx, kv_idx) -> bool tensor`, combinable with `&`, `|`, `~`.
 
     `per_batch` / `per_head` say whether the mask depends on b / h; block masks of patterns that do not
-    are built once and broadcast (B = 1 / H = 1), which keeps them cheap at long lengths.
+    are built once and broadcast (B = 1 / H = 1), which keeps them cheap at long lengths. `window` =
+    (left, right) when the pattern is exactly the band q - left <= kv <= q + right, which the flash
+    kernel runs natively (no block mask); patterns derived from it by `&`, `|`, `~` do not keep it.
     """
 
-    def __init__(self, fn: Callable, name: str, per_batch: bool = False, per_head: bool = False) -> None:
+    def __init__(self, fn: Callable, name: str, per_batch: bool = False, per_head: bool = False,
+                 window: tuple[int, int] | None = None) -> None:
         self.fn = fn
         self.__name__ = name
-        self.per_batch, self.per_head = per_batch, per_head
+        self.per_batch, self.per_head, self.window = per_batch, per_head, window
 
     def _derived(self, fn: Callable, name: str, *others: "Pattern") -> "Pattern":
         return Pattern(fn, name, any(p.per_batch for p in (self, *others)), any(p.per_head for p in (self, *others)))
@@ -117,7 +120,8 @@ def causal() -> Pattern:
 def sliding_window(left: int, right: int = 0) -> Pattern:
     """Local attention (Beltagy et al. 2020): q - left <= kv <= q + right; right=0 is causal."""
     _int("left", left), _int("right", right)
-    return Pattern(lambda b, h, q, kv: (kv >= q - left) & (kv <= q + right), f"window({left},{right})")
+    return Pattern(lambda b, h, q, kv: (kv >= q - left) & (kv <= q + right), f"window({left},{right})",
+                   window=(left, right))
 
 
 def dilated_window(window: int, dilation: int, causal: bool = True) -> Pattern:
