@@ -12,6 +12,7 @@ from .compact_layers import CompactMixer
 from .common import CachedLayer, RMSNorm, ShortConv, SwiGLU
 from .linear_layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, Mamba2, MultiScaleRetention
 from .rotary import RotaryEmbedding, apply_rotary, rotary_angles
+from .sparse_layers import DifferentialAttention, LinformerAttention, NSAAttention
 
 # Layer names (lower case, the method's usual name) -> classes taking (dim, heads, **options).
 LAYERS = {
@@ -23,6 +24,7 @@ LAYERS = {
     "mla": partial(CompactMixer, "mla"),
     "mfa": partial(CompactMixer, "mfa"),
     "tpa": partial(CompactMixer, "tpa"),
+    "differential": DifferentialAttention,
 }
 
 
@@ -49,3 +51,4 @@ def mixer_names() -> list[str]:
 __all__ = ["Attention", "CompactMixer", "default_method", "CachedLayer", "RMSNorm", "ShortConv", "SwiGLU", "DeltaNet",
            "GatedDeltaNet", "GatedLinearAttention", "Mamba2", "MultiScaleRetention", "LAYERS", "make_mixer",
            "mixer_names", "RotaryEmbedding", "apply_rotary", "rotary_angles"]
+__all__ += ["NSAAttention", "DifferentialAttention", "LinformerAttention"]
