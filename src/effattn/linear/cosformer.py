@@ -62,11 +62,11 @@ def _check(q, k, v, causal, max_len, initial_state, form):
 
 
 def cosformer(q, k, v, *, causal=True, max_len=None, eps=1e-6, form="chunk", initial_state=None,
-              output_final_state=False):
+              output_final_state=False, chunk_size=64):
     """cosFormer attention. q, k: `[B, T, H, D]`, v: `[B, T, H, Dv]`; max_len M (default T); initial_state
     `[B, H, 2D, Dv + 1]` (causal only; see the module docstring). Returns o `[B, T, H, Dv]` (and, causal, the
     final state with `output_final_state`). Time O(T D Dv), state O(D Dv) per head. `form` (causal): "chunk" (the
-    engine's Triton kernels) or "recurrent". Tokens further apart than M get negative weights: keep M >= the
+    engine's Triton kernels, chunk length `chunk_size`) or "recurrent". Tokens further apart than M get negative weights: keep M >= the
     span a query sees."""
     _check(q, k, v, causal, max_len, initial_state, form)
     T, D = q.shape[1], q.shape[-1]
@@ -85,7 +85,7 @@ def cosformer(q, k, v, *, causal=True, max_len=None, eps=1e-6, form="chunk", ini
         return (o[..., :-1] / (o[..., -1:] + eps)).to(q.dtype)
     w = math.pi / (2 * M)
     h0 = None if initial_state is None else _conj(_rotate(initial_state.to(acc), w))
-    form_fn = chunk_gated_linear_attn if form == "chunk" else linear_recurrent
+    form_fn = partial(chunk_gated_linear_attn, chunk_size=chunk_size) if form == "chunk" else linear_recurrent
     o, h = normalized_linear_attn(fq.to(q.dtype), fk.to(q.dtype), v, form_fn, scale=1.0, normalize=True, eps=eps,
                                   initial_state=h0, output_final_state=True)
     if not output_final_state:
@@ -154,7 +154,7 @@ def _register() -> None:
         complexity=Complexity("O(N d^2)", "O(N d)", 1.0, 1.0),
         state_or_cache=StateOrCache("H 2d (d + 1)", False, lambda s: s.heads * 2 * s.head_dim * (s.Dv + 1)),
         forms=FORMS, options={"causal": True, "max_len": None, "eps": 1e-6, "form": "chunk", "initial_state": None,
-                              "output_final_state": False},
+                              "output_final_state": False, "chunk_size": 64},
         supports=frozenset({"causal", "noncausal", "backward", "decode", "state"}),
         grad_inputs=("q", "k", "v", "initial_state"),
         description="ReLU features re-weighted by cos(pi/2 (i-j)/M), split into cos and sin linear attentions"))

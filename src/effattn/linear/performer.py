@@ -74,10 +74,11 @@ def _features(x, w, scale, stabilize: bool):
     return torch.exp(logits) / math.sqrt(w.shape[0])
 
 
-def _projection(q, projection, num_features, seed):
+def _projection(q, projection, num_features, seed, draw=orthogonal_random_features):
+    """The given projection `[M, D]` (checked) or a fresh `draw(num_features or D, D, seed)`."""
     D = q.shape[-1]
     if projection is None:
-        return orthogonal_random_features(D if num_features is None else num_features, D, seed)
+        return draw(D if num_features is None else num_features, D, seed)
     check_tensor("projection", projection, ndim=2, layout="[M, D]")
     if projection.shape[1] != D:
         raise ValueError(f"projection must be [M, D={D}], got {tuple(projection.shape)}")

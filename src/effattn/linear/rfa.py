@@ -30,6 +30,7 @@ from ..reference import linear_recurrent
 from ..validate import check_choice, check_positive_int, check_qkv, check_tensor
 from .engine import chunk_gated_linear_attn
 from .feature_maps import normalized_linear_attn
+from .performer import _projection
 
 FORMS = ("chunk", "recurrent")
 
@@ -39,16 +40,6 @@ def gaussian_random_features(num_features: int, head_dim: int, seed: int = 0) ->
     check_positive_int("num_features", num_features)
     check_positive_int("head_dim", head_dim)
     return torch.randn(num_features, head_dim, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
-
-
-def _projection(q, projection, num_features, seed):
-    D = q.shape[-1]
-    if projection is None:
-        return gaussian_random_features(D if num_features is None else num_features, D, seed)
-    check_tensor("projection", projection, ndim=2, layout="[M, D]")
-    if projection.shape[1] != D:
-        raise ValueError(f"projection must be [M, D={D}], got {tuple(projection.shape)}")
-    return projection
 
 
 def _features(x, w, sigma):
@@ -73,23 +64,23 @@ def _check(q, k, v, g, sigma, form):
 
 
 def rfa(q, k, v, g=None, *, projection=None, num_features=None, seed=0, sigma=1.0, eps=1e-6, form="chunk",
-        initial_state=None, output_final_state=False):
+        initial_state=None, output_final_state=False, chunk_size=64):
     """Causal (gated) random feature attention.
 
     q, k: `[B, T, H, D]`, v: `[B, T, H, Dv]`; g: optional log forget gate `[B, T, H]` (gated RFA); projection
     `[M, D]` (default `gaussian_random_features(num_features or D, D, seed)`); sigma: the kernel width (softmax
     temperature sigma^2 on unit q, k); initial_state `[B, H, 2M, Dv + 1]` (last column: the normaliser). Returns o
     `[B, T, H, Dv]` (and the final state with `output_final_state`). O(T M Dv) time, O(M Dv) state per head.
-    `form`: "chunk" (the engine's Triton kernels) or "recurrent".
+    `form`: "chunk" (the engine's Triton kernels, chunk length `chunk_size`) or "recurrent".
     """
     _check(q, k, v, g, sigma, form)
     if num_features is not None:
         check_positive_int("num_features", num_features)
-    w = _projection(q, projection, num_features, seed)
+    w = _projection(q, projection, num_features, seed, gaussian_random_features)
     fq, fk = _features(q, w, sigma), _features(k, w, sigma)
     if g is not None:
         fk = fk * -torch.expm1(g.to(fk.dtype)).unsqueeze(-1)  # (1 - e^g) phi(k)
-    form_fn = chunk_gated_linear_attn if form == "chunk" else linear_recurrent
+    form_fn = partial(chunk_gated_linear_attn, chunk_size=chunk_size) if form == "chunk" else linear_recurrent
     if g is not None:
         form_fn = partial(form_fn, g=g.to(q.dtype) if form == "recurrent" else g)
     return normalized_linear_attn(fq.to(q.dtype), fk.to(q.dtype), v, form_fn, scale=1.0, normalize=True, eps=eps,
@@ -99,7 +90,7 @@ def rfa(q, k, v, g=None, *, projection=None, num_features=None, seed=0, sigma=1.
 def rfa_reference(q, k, v, g=None, *, projection=None, num_features=None, seed=0, sigma=1.0, eps=1e-6,
                   initial_state=None, output_final_state=False, **_ignored):
     """The paper's recurrence token by token (S and z kept apart), in the inputs' dtype."""
-    w = _projection(q, projection, num_features, seed).to(q.dtype)
+    w = _projection(q, projection, num_features, seed, gaussian_random_features).to(q.dtype)
 
     def phi(x):
         proj = (x / x.norm(dim=-1, keepdim=True)) @ w.T / sigma
@@ -131,8 +122,9 @@ def rfa_inputs(shape, dtype, device, generator, *, gate=True, **options):
     shape = replace(shape, kv_heads=None)  # one key head per query head
     out = linear_inputs(shape, dtype, device, generator, gate="scalar" if gate else None, initial_state=False,
                         **options)
-    B, H, D, Dv = shape.batch, shape.heads, shape.head_dim, shape.Dv
-    state = torch.randn((B, H, 2 * D, Dv + 1), generator=generator) * 0.5
+    B, H, Dv = shape.batch, shape.heads, shape.Dv
+    M = options.get("num_features") or shape.head_dim
+    state = torch.randn((B, H, 2 * M, Dv + 1), generator=generator) * 0.5
     state[..., -1] = state[..., -1].abs() + 0.5
     out["initial_state"] = state.to(device)
     return out
@@ -148,7 +140,7 @@ def _register() -> None:
         complexity=Complexity("O(N M d)", "O(N d + M d)", 1.0, 1.0),
         state_or_cache=StateOrCache("H 2M (d + 1)", False, lambda s: s.heads * 2 * s.head_dim * (s.Dv + 1)),
         forms=FORMS, options={"projection": None, "num_features": None, "seed": 0, "sigma": 1.0, "eps": 1e-6,
-                              "form": "chunk", "initial_state": None, "output_final_state": False},
+                              "form": "chunk", "initial_state": None, "output_final_state": False, "chunk_size": 64},
         supports=frozenset({"causal", "backward", "decode", "state"}),
         grad_inputs=("q", "k", "v", "g", "initial_state"),
         description="random Fourier features [sin, cos](Wx/|x|) of unit q, k; optional forget gate (gated RFA)"))
