@@ -234,9 +234,9 @@ def ttt_mlp(q, k, v, eta, ln_weight, ln_bias, *, initial_state=None, mini_batch_
 
 # ------------------------------------------------------------------------------------------------- reference
 def _ref_f_res(params, x):
-    h = x  # [B, H, d], one token
+    h = x  # [B, H, n, d]: each token with its own weights, params [B, H, n, in + 1, out]
     for i, p in enumerate(params):
-        h = torch.einsum("bhi,bhio->bho", h, p[..., :-1, :]) + p[..., -1, :]
+        h = (h.unsqueeze(-2) @ p[..., :-1, :]).squeeze(-2) + p[..., -1, :]
         if i + 1 < len(params):
             h = F.gelu(h, approximate="tanh")
     return h
@@ -251,29 +251,38 @@ def _ref_f(params, x, w, b):
 
 def _reference(model, q, k, v, eta, ln_weight, ln_bias, *, initial_state=None, mini_batch_size=16, offset=0,
                average=True, output_final_state=False, **_ignored):
-    """The paper's mini-batch gradient descent token by token, the inner gradient grad_W l(W_{t'}; t) from
-    autograd (create_graph, so the outer gradients see through the inner loop), in the inputs' dtype."""
+    """The paper's mini-batch gradient descent in the inputs' dtype. Per mini-batch (or the part of it in this
+    call), every token's gradient G_s = grad_W l(W_{t'}; s) comes from autograd (each token differentiates its
+    own copy of W_{t'}; create_graph, so outer gradients see through the inner loop), then token by token
+    W_t = W_{t'} - c_i sum_{s<=t} eta_s G_s and z_t = f(q_t; W_t)."""
     B, T, H, D = q.shape
     hidden = None if model == "linear" else mlp_hidden(initial_state, D)
     shapes = param_shapes(model, D, hidden)
     state = (q.new_zeros(B, H, 2, state_size(model, D)) if initial_state is None else initial_state.to(q.dtype))
-    anchor, pend = unpack_state(state, shapes)  # W_{t'} and sum_s eta_s grad l(W_{t'}; s)
-    w, b = ln_weight.to(q.dtype), ln_bias.to(q.dtype)
-    outs = []
-    for t in range(T):
-        i = (offset + t) % mini_batch_size
-        c = 1.0 / (i + 1) if average else 1.0
+    anchor, pend = unpack_state(state, shapes)  # W_{t'} and sum_s eta_s G_s so far in this mini-batch
+    w, b = ln_weight.to(q.dtype)[:, None], ln_bias.to(q.dtype)[:, None]
+    qh, kh, vh, eh = (t.transpose(1, 2) for t in (q, k, v, eta))  # [B, H, T, ...]
+    outs, t = [], 0
+    while t < T:
+        i0 = (offset + t) % mini_batch_size
+        n = min(mini_batch_size - i0, T - t)  # tokens of this mini-batch in the call
         with torch.enable_grad():
-            probes = [torch.zeros_like(p, requires_grad=True) for p in anchor]
-            at = [p + z for p, z in zip(anchor, probes)]  # d/d probe = d/d W_{t'}, graph to W_{t'} kept
-            loss = 0.5 * ((_ref_f(at, k[:, t], w, b) - v[:, t]) ** 2).sum()
+            copies = [p.unsqueeze(2).expand(B, H, n, *p.shape[2:]) for p in anchor]
+            probes = [torch.zeros_like(c, requires_grad=True) for c in copies]
+            at = [c + z for c, z in zip(copies, probes)]  # d/d probe_s = grad of token s at W_{t'}
+            loss = 0.5 * ((_ref_f(at, kh[:, :, t:t + n], w, b) - vh[:, :, t:t + n]) ** 2).sum()
             grads = torch.autograd.grad(loss, probes, create_graph=True)
-        pend = [a + eta[:, t, :, None, None] * g for a, g in zip(pend, grads)]
-        w_t = [p - c * a for p, a in zip(anchor, pend)]  # W_t = W_{t'} - c_i sum_s eta_s G_s
-        outs.append(_ref_f(w_t, q[:, t], w, b))
-        if i == mini_batch_size - 1:
-            anchor, pend = w_t, [torch.zeros_like(a) for a in pend]
-    o = torch.stack(outs, dim=1)
+        c = torch.tensor([1.0 / (i + 1) if average else 1.0 for i in range(i0, i0 + n)], dtype=q.dtype,
+                         device=q.device)[:, None, None]
+        steps = [eh[:, :, t:t + n, None, None] * g for g in grads]  # eta_s G_s
+        acc = [a.unsqueeze(2) + torch.cumsum(e, dim=2) for a, e in zip(pend, steps)]  # sum_{s<=t} eta_s G_s
+        w_t = [p.unsqueeze(2) - c * a for p, a in zip(anchor, acc)]  # W_t = W_{t'} - c_i sum_{s<=t} eta_s G_s
+        outs.append(_ref_f(w_t, qh[:, :, t:t + n], w, b))
+        pend = [a[:, :, -1] for a in acc]
+        if i0 + n == mini_batch_size:  # the mini-batch is complete: the next starts from its last W_t
+            anchor, pend = [x[:, :, -1] for x in w_t], [torch.zeros_like(a) for a in pend]
+        t += n
+    o = torch.cat(outs, dim=2).transpose(1, 2)
     return (o, pack_state(anchor, pend)) if output_final_state else o
 
 
