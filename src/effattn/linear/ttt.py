@@ -297,13 +297,12 @@ def ttt_mlp_reference(q, k, v, eta, ln_weight, ln_bias, **kwargs):
 def ttt_inputs(shape, dtype, device, generator, *, model="linear", hidden=None, pending=True, **options):
     """q, k, v `[B, T, H, D]` (q, k at unit RMS / sqrt(D) scale as after the layer's projections), eta =
     sigmoid(N(0, 1)) / D, LN weight ~ 1 and bias ~ 0 with noise, a random initial state (weights std 0.1; with
-    `pending` a pending sum as mid-mini-batch) and mini_batch_size 8 with offset 3, so segments are partial.
-    D is capped at 16 and the MLP's hidden width defaults to D: the reference differentiates through a
-    token-by-token autograd loop, and the registry's tests must stay quick."""
+    `pending` a pending sum as mid-mini-batch), the paper's mini_batch_size 16 and offset 5, so the first and last
+    mini-batches of a call are partial; TTT-MLP's hidden width 4D as in the paper."""
     from ..inputs import randn
 
-    B, T, H, D = shape.batch, shape.seq_q, shape.heads, min(shape.head_dim, 16)
-    hidden = D if hidden is None and model == "mlp" else hidden
+    B, T, H, D = shape.batch, shape.seq_q, shape.heads, shape.head_dim
+    hidden = 4 * D if hidden is None and model == "mlp" else hidden
     P = state_size(model, D, hidden)
     state = randn((B, H, 2, P), torch.float32, device, generator, std=0.1)
     if not pending:
@@ -313,7 +312,7 @@ def ttt_inputs(shape, dtype, device, generator, *, model="linear", hidden=None, 
            "eta": (torch.sigmoid(torch.randn((B, T, H), generator=generator)) / D).to(device=device, dtype=dtype),
            "ln_weight": (1 + 0.1 * torch.randn((H, D), generator=generator)).to(device=device, dtype=dtype),
            "ln_bias": (0.1 * torch.randn((H, D), generator=generator)).to(device=device, dtype=dtype),
-           "initial_state": state, "mini_batch_size": 8, "offset": 3}
+           "initial_state": state, "mini_batch_size": 16, "offset": 5}
     out.update(options)
     return out
 
