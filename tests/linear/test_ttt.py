@@ -4,8 +4,16 @@ every input), decoding token by token == one call, bf16 at T = 4096, the inner l
 import pytest
 import torch
 
-from effattn.linear.ttt import (pack_state, state_size, ttt_inputs, ttt_linear, ttt_linear_reference, ttt_mlp,
-                                ttt_mlp_reference, unpack_state)
+from effattn.linear.ttt import (
+    pack_state,
+    state_size,
+    ttt_inputs,
+    ttt_linear,
+    ttt_linear_reference,
+    ttt_mlp,
+    ttt_mlp_reference,
+    unpack_state,
+)
 from effattn.registry import Shape
 
 OPS = {"linear": (ttt_linear, ttt_linear_reference), "mlp": (ttt_mlp, ttt_mlp_reference)}
@@ -38,7 +46,7 @@ def test_dual_equals_primal_equals_reference_float64(model, b, offset, average):
     static["average"] = average
     want = outputs_and_grads(ref, tensors, static)
     for form in ("dual", "primal"):
-        got = outputs_and_grads(lambda **kw: fn(**kw, form=form), tensors, static)
+        got = outputs_and_grads(fn, tensors, {**static, "form": form})
         for name, g, w in zip(["o", "state", *tensors], got, want):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"{model} {form} {name}")
 
@@ -82,7 +90,7 @@ def test_inner_loop_learns_the_reconstruction():
     time; W_0 random at unit scale: at W = 0 the inner LayerNorm's gradient is 1/sqrt(eps))."""
     gen = torch.Generator().manual_seed(0)
     B, T, H, D = 1, 256, 1, 8
-    f64 = dict(dtype=torch.float64)
+    f64 = {"dtype": torch.float64}
     A = torch.randn(D, D, generator=gen, **f64) / D ** 0.5
     w0 = torch.cat([torch.randn(B, H, D, D, generator=gen, **f64) / D ** 0.5, torch.zeros(B, H, 1, D, **f64)], 2)
     k = torch.randn(B, T + 64, H, D, generator=gen, **f64)

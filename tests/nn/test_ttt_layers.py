@@ -3,7 +3,7 @@ gradients reach every parameter, bf16, errors."""
 import pytest
 import torch
 
-from effattn.nn import LAYERS, TTTLinear, TTTMLP, make_mixer
+from effattn.nn import LAYERS, TTTMLP, TTTLinear, make_mixer
 
 DIM, HEADS = 32, 2
 

@@ -48,7 +48,7 @@ def _conj(state: torch.Tensor) -> torch.Tensor:
 
 
 def _check(q, k, v, causal, max_len, initial_state, form):
-    B, T, _, H, Hkv, D, _ = check_qkv(q, k, v, same_length=True)
+    _, T, _, H, Hkv, _, _ = check_qkv(q, k, v, same_length=True)
     check_choice("form", form, FORMS)
     check_choice("causal", causal, (True, False))
     if Hkv != H:
@@ -66,10 +66,10 @@ def cosformer(q, k, v, *, causal=True, max_len=None, eps=1e-6, form="chunk", ini
     """cosFormer attention. q, k: `[B, T, H, D]`, v: `[B, T, H, Dv]`; max_len M (default T); initial_state
     `[B, H, 2D, Dv + 1]` (causal only; see the module docstring). Returns o `[B, T, H, Dv]` (and, causal, the
     final state with `output_final_state`). Time O(T D Dv), state O(D Dv) per head. `form` (causal): "chunk" (the
-    engine's Triton kernels, chunk length `chunk_size`) or "recurrent". Tokens further apart than M get negative weights: keep M >= the
-    span a query sees."""
+    engine's Triton kernels, chunk length `chunk_size`) or "recurrent". Tokens further apart than M get
+    negative weights: keep M >= the span a query sees."""
     _check(q, k, v, causal, max_len, initial_state, form)
-    T, D = q.shape[1], q.shape[-1]
+    T = q.shape[1]
     M = T if max_len is None else max_len
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     ang = _angles(T, M, torch.empty(0, dtype=acc, device=q.device)).view(1, T, 1, 1)
@@ -97,7 +97,7 @@ def cosformer_reference(q, k, v, *, causal=True, max_len=None, eps=1e-6, initial
                         output_final_state=False, **_ignored):
     """The paper's quadratic form: every pair's weight ReLU(q_i) . ReLU(k_j) cos(pi/2 (i - j) / M), plus, with
     a state R from earlier tokens, ReLU(q_i) Re(e^{i w (i + 1)} R); in the inputs' dtype."""
-    B, T, H, D = q.shape
+    T = q.shape[1]
     M = T if max_len is None else max_len
     w = math.pi / (2 * M)
     pos = torch.arange(T, dtype=q.dtype, device=q.device)

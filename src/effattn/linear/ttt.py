@@ -196,7 +196,7 @@ def _run(model, q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size
          output_final_state):
     hidden = _check(q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, form, model)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # the inner loop runs in float32
-    B, T, H, D = q.shape
+    B, _, H, D = q.shape
     shapes = param_shapes(model, D, hidden)
     state = (torch.zeros(B, H, 2, state_size(model, D), dtype=acc, device=q.device) if initial_state is None
              else initial_state.to(acc))
@@ -322,8 +322,8 @@ def _register() -> None:
 
     from ..registry import Complexity, Method, StateOrCache, register
 
-    common = dict(family="linear", forms=FORMS, supports=frozenset({"causal", "backward", "decode", "state"}),
-                  grad_inputs=("q", "k", "v", "eta", "ln_weight", "ln_bias", "initial_state"))
+    common = {"family": "linear", "forms": FORMS, "supports": frozenset({"causal", "backward", "decode", "state"}),
+              "grad_inputs": ("q", "k", "v", "eta", "ln_weight", "ln_bias", "initial_state")}
     opts = {"initial_state": None, "mini_batch_size": 16, "offset": 0, "average": True, "form": "dual",
             "output_final_state": False}
     cite = ("Sun et al. 2024, Learning to (Learn at Test Time): RNNs with Expressive Hidden States "
