@@ -17,7 +17,7 @@ from effattn.linear.ttt import (
 from effattn.registry import Shape
 
 OPS = {"linear": (ttt_linear, ttt_linear_reference), "mlp": (ttt_mlp, ttt_mlp_reference)}
-TENSORS = ("q", "k", "v", "eta", "ln_weight", "ln_bias", "initial_state")
+TENSORS = ("q", "k", "v", "eta", "ln_weight", "ln_bias", "initial_state", "token_weights")
 TIMED = ("q", "k", "v", "eta")  # [B, T, ...]
 
 
@@ -25,6 +25,8 @@ def case(model, T=21, b=4, offset=3, seed=0, B=2, H=2, D=8, dtype=torch.float64)
     x = ttt_inputs(Shape(batch=B, seq_q=T, heads=H, head_dim=D), dtype, "cpu", torch.Generator().manual_seed(seed),
                    model=model, mini_batch_size=b, offset=offset)
     x["initial_state"] = x["initial_state"].to(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x["token_weights"] = (0.5 + torch.rand(b, generator=gen, dtype=dtype)) / torch.arange(1, b + 1, dtype=dtype)
     return {n: t for n, t in x.items() if n in TENSORS}, {"mini_batch_size": b, "offset": offset}
 
 
@@ -38,12 +40,16 @@ def outputs_and_grads(fn, tensors, static):
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])
-@pytest.mark.parametrize("b,offset,average", [(4, 3, True), (5, 0, False), (32, 7, True)])
-def test_dual_equals_primal_equals_reference_float64(model, b, offset, average):
-    """b = 32 > T: one partial mini-batch; b = 4 from offset 3: a 1-token head segment, full ones, a tail."""
+@pytest.mark.parametrize("b,offset,weights", [(4, 3, "learned"), (5, 0, "sum"), (32, 7, None)])
+def test_dual_equals_primal_equals_reference_float64(model, b, offset, weights):
+    """b = 32 > T: one partial mini-batch; b = 4 from offset 3: a 1-token head segment, full ones, a tail.
+    Token weights c_i: drawn (gradients checked), ones (the plain sum), or the default 1 / (i + 1)."""
     fn, ref = OPS[model]
     tensors, static = case(model, b=b, offset=offset)
-    static["average"] = average
+    if weights is None:
+        del tensors["token_weights"]
+    elif weights == "sum":
+        tensors["token_weights"] = torch.ones(b, dtype=torch.float64)
     want = outputs_and_grads(ref, tensors, static)
     for form in ("dual", "primal"):
         got = outputs_and_grads(fn, tensors, {**static, "form": form})
@@ -131,6 +137,8 @@ def test_errors():
         ttt_linear(**{**x, "ln_bias": x["ln_bias"][:1]})
     with pytest.raises(ValueError, match="mini_batch_size"):
         ttt_linear(**{**x, "mini_batch_size": 0})
+    with pytest.raises(ValueError, match="token_weights must"):
+        ttt_linear(**{**x, "token_weights": x["token_weights"][:2]})
     with pytest.raises(ValueError, match="offset"):
         ttt_linear(**{**x, "offset": -1})
     with pytest.raises(ValueError, match=r"initial_state must be \[B, H, 2, P\]"):

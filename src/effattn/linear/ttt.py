@@ -14,7 +14,8 @@ gradient descent (paper Sec. 2.4): with t' the first token of t's mini-batch of 
 
 and the next mini-batch starts from the last W_t of this one. eta_s `[B, T, H]` is the inner learning rate per
 token and head (the layer makes it data-dependent: base_lr * sigmoid(x theta_lr) / d); c_i = 1/(i+1) averages the
-gradients seen so far in the mini-batch (the authors' `token_idx`), `average=False` gives c_i = 1.
+gradients seen so far in the mini-batch (the authors' `token_idx`); `token_weights` `[b]` replaces it (ones: the plain
+sum; the layer learns an offset to 1/(i+1), as the authors' code does).
 
 The state `[B, H, 2, P]` keeps what decoding needs to continue a mini-batch: [:, :, 0] the inner parameters at the
 last mini-batch boundary W_{t'} and [:, :, 1] the pending sum sum_s eta_s grad l(W_{t'}; s) of the unfinished
@@ -142,15 +143,17 @@ def _segment(map_fn, params, pend, q, k, v, eta, c, w, b):
     return q + _ln(z, w, b)[0], new
 
 
-def _token_coeffs(b: int, average: bool, like: torch.Tensor) -> torch.Tensor:
-    i = torch.arange(b, dtype=like.dtype, device=like.device)
-    return 1.0 / (i + 1) if average else torch.ones_like(i)
+def _token_coeffs(b: int, token_weights, like: torch.Tensor) -> torch.Tensor:
+    """c_i, i < b: 1 / (i + 1) or the given weights."""
+    if token_weights is not None:
+        return token_weights.to(like.dtype)
+    return 1.0 / torch.arange(1, b + 1, dtype=like.dtype, device=like.device)
 
 
-def _scan(segment_fn, params, pend, q, k, v, eta, b, offset, average):
+def _scan(segment_fn, params, pend, q, k, v, eta, b, offset, token_weights):
     """Walk the sequence in segments that end at mini-batch boundaries; q, k, v `[B, H, T, d]`, eta `[B, H, T]`."""
     T, pos, start, outs = q.shape[2], offset % b, 0, []
-    coeff = _token_coeffs(b, average, q)
+    coeff = _token_coeffs(b, token_weights, q)
     while start < T:
         n = min(b - pos, T - start)
         sl = slice(start, start + n)
@@ -164,7 +167,7 @@ def _scan(segment_fn, params, pend, q, k, v, eta, b, offset, average):
 
 
 # ------------------------------------------------------------------------------------------- public functions
-def _check(q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, form, model):
+def _check(q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, token_weights, form, model):
     B, T, _, H, Hkv, D, Dv = check_qkv(q, k, v, same_length=True)
     if Hkv != H or Dv != D:
         raise ValueError(f"TTT needs k, v with the heads and head dim of q ([B, T, H={H}, D={D}]: the inner model "
@@ -177,6 +180,10 @@ def _check(q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, off
         if t.shape != (H, D):
             raise ValueError(f"{name} must be [H, D] = {(H, D)}, got {tuple(t.shape)}")
     check_positive_int("mini_batch_size", mini_batch_size)
+    if token_weights is not None:
+        check_tensor("token_weights", token_weights, ndim=1, layout="[mini_batch_size]")
+        if token_weights.shape[0] != mini_batch_size:
+            raise ValueError(f"token_weights must be [mini_batch_size={mini_batch_size}], got {tuple(token_weights.shape)}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be an int >= 0 (tokens already seen), got {offset!r}")
     check_choice("form", form, FORMS)
@@ -192,9 +199,10 @@ def _check(q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, off
     return hidden
 
 
-def _run(model, q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, average, form,
+def _run(model, q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, token_weights, form,
          output_final_state):
-    hidden = _check(q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, form, model)
+    hidden = _check(q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, token_weights, form,
+                    model)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # the inner loop runs in float32
     B, _, H, D = q.shape
     shapes = param_shapes(model, D, hidden)
@@ -209,27 +217,28 @@ def _run(model, q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size
         return _segment(map_fn, params, pend, q_, k_, v_, eta_, c, w, b)
 
     z, params, pend = _scan(segment, params, pend, qh, kh, vh, eta.to(acc).transpose(1, 2), mini_batch_size,
-                            offset, average)
+                            offset, token_weights)
     o = z.transpose(1, 2).to(q.dtype)
     return (o, pack_state(params, pend)) if output_final_state else o
 
 
-def ttt_linear(q, k, v, eta, ln_weight, ln_bias, *, initial_state=None, mini_batch_size=16, offset=0, average=True,
-               form="dual", output_final_state=False):
+def ttt_linear(q, k, v, eta, ln_weight, ln_bias, *, initial_state=None, mini_batch_size=16, offset=0,
+               token_weights=None, form="dual", output_final_state=False):
     """TTT-Linear: q, k, v `[B, T, H, D]`; eta: inner learning rate `[B, T, H]`; ln_weight, ln_bias: the inner
     model's LayerNorm `[H, D]`; initial_state `[B, H, 2, (D+1) D]` (module docstring; default zeros);
-    mini_batch_size b; offset: tokens of the stream before q (decoding). Returns o `[B, T, H, D]` (and the final
+    mini_batch_size b; offset: tokens of the stream before q (decoding); token_weights: c_i `[b]` (default
+    1 / (i + 1)). Returns o `[B, T, H, D]` (and the final
     state, float32, with `output_final_state`). Time O(T b D + T D^2) ("dual"), state O(D^2) per head."""
-    return _run("linear", q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, average, form,
-                output_final_state)
+    return _run("linear", q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, token_weights,
+                form, output_final_state)
 
 
-def ttt_mlp(q, k, v, eta, ln_weight, ln_bias, *, initial_state=None, mini_batch_size=16, offset=0, average=True,
-            form="dual", output_final_state=False):
+def ttt_mlp(q, k, v, eta, ln_weight, ln_bias, *, initial_state=None, mini_batch_size=16, offset=0,
+            token_weights=None, form="dual", output_final_state=False):
     """TTT-MLP: as `ttt_linear` with the inner model GELU(x W1 + b1) W2 + b2; initial_state `[B, H, 2, P]`,
     P = (D+1) F + (F+1) D (F, the hidden width, read from P; required). Time O(T b F + T D F)."""
-    return _run("mlp", q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, average, form,
-                output_final_state)
+    return _run("mlp", q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, token_weights,
+                form, output_final_state)
 
 
 # ------------------------------------------------------------------------------------------------- reference
@@ -250,7 +259,7 @@ def _ref_f(params, x, w, b):
 
 
 def _reference(model, q, k, v, eta, ln_weight, ln_bias, *, initial_state=None, mini_batch_size=16, offset=0,
-               average=True, output_final_state=False, **_ignored):
+               token_weights=None, output_final_state=False, **_ignored):
     """The paper's mini-batch gradient descent in the inputs' dtype. Per mini-batch (or the part of it in this
     call), every token's gradient G_s = grad_W l(W_{t'}; s) comes from autograd (each token differentiates its
     own copy of W_{t'}; create_graph, so outer gradients see through the inner loop), then token by token
@@ -272,8 +281,8 @@ def _reference(model, q, k, v, eta, ln_weight, ln_bias, *, initial_state=None, m
             at = [c + z for c, z in zip(copies, probes)]  # d/d probe_s = grad of token s at W_{t'}
             loss = 0.5 * ((_ref_f(at, kh[:, :, t:t + n], w, b) - vh[:, :, t:t + n]) ** 2).sum()
             grads = torch.autograd.grad(loss, probes, create_graph=True)
-        c = torch.tensor([1.0 / (i + 1) if average else 1.0 for i in range(i0, i0 + n)], dtype=q.dtype,
-                         device=q.device)[:, None, None]
+        c = (torch.tensor([1.0 / (i + 1) for i in range(i0, i0 + n)], dtype=q.dtype, device=q.device)
+             if token_weights is None else token_weights.to(q.dtype)[i0:i0 + n])[:, None, None]  # c_i
         steps = [eh[:, :, t:t + n, None, None] * g for g in grads]  # eta_s G_s
         acc = [a.unsqueeze(2) + torch.cumsum(e, dim=2) for a, e in zip(pend, steps)]  # sum_{s<=t} eta_s G_s
         w_t = [p.unsqueeze(2) - c * a for p, a in zip(anchor, acc)]  # W_t = W_{t'} - c_i sum_{s<=t} eta_s G_s
@@ -298,7 +307,7 @@ def ttt_inputs(shape, dtype, device, generator, *, model="linear", hidden=None, 
     """q, k, v `[B, T, H, D]` (q, k at unit RMS / sqrt(D) scale as after the layer's projections), eta =
     sigmoid(N(0, 1)) / D, LN weight ~ 1 and bias ~ 0 with noise, a random initial state (weights std 0.1; with
     `pending` a pending sum as mid-mini-batch), the paper's mini_batch_size 16 and offset 5, so the first and last
-    mini-batches of a call are partial; TTT-MLP's hidden width 4D as in the paper."""
+    mini-batches of a call are partial, token weights (0.5 .. 1.5) / (i + 1); TTT-MLP's hidden width 4D."""
     from ..inputs import randn
 
     B, T, H, D = shape.batch, shape.seq_q, shape.heads, shape.head_dim
@@ -312,7 +321,8 @@ def ttt_inputs(shape, dtype, device, generator, *, model="linear", hidden=None, 
            "eta": (torch.sigmoid(torch.randn((B, T, H), generator=generator)) / D).to(device=device, dtype=dtype),
            "ln_weight": (1 + 0.1 * torch.randn((H, D), generator=generator)).to(device=device, dtype=dtype),
            "ln_bias": (0.1 * torch.randn((H, D), generator=generator)).to(device=device, dtype=dtype),
-           "initial_state": state, "mini_batch_size": 16, "offset": 5}
+           "initial_state": state, "mini_batch_size": 16, "offset": 5,
+           "token_weights": (torch.rand(16, generator=generator) + 0.5) / torch.arange(1, 17)}
     out.update(options)
     return out
 
@@ -323,8 +333,8 @@ def _register() -> None:
     from ..registry import Complexity, Method, StateOrCache, register
 
     common = {"family": "linear", "forms": FORMS, "supports": frozenset({"causal", "backward", "decode", "state"}),
-              "grad_inputs": ("q", "k", "v", "eta", "ln_weight", "ln_bias", "initial_state")}
-    opts = {"initial_state": None, "mini_batch_size": 16, "offset": 0, "average": True, "form": "dual",
+              "grad_inputs": ("q", "k", "v", "eta", "ln_weight", "ln_bias", "initial_state", "token_weights")}
+    opts = {"initial_state": None, "mini_batch_size": 16, "offset": 0, "token_weights": None, "form": "dual",
             "output_final_state": False}
     cite = ("Sun et al. 2024, Learning to (Learn at Test Time): RNNs with Expressive Hidden States "
             "(survey Sec. 7.7, Eqs. 92-93, test-time training)")

@@ -9,7 +9,8 @@
 
 The cache keeps the TTT state `[B, H, 2, P]` (inner weights at the last mini-batch boundary and the pending
 gradient sum) and the token offset, so decoding continues a mini-batch exactly where `forward` would.
-(The authors' learnable offset to the 1/(i+1) token weights and their optional short convolutions are left out.)
+The token weights c_i of the mini-batch sums are 1/(i+1) plus a learned offset, clamped at 0 (as in the authors'
+code). (Their optional short convolutions on q, k are left out.)
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class TTTLinear(CachedLayer):
         self.lr_proj = nn.Linear(dim, heads)
         nn.init.normal_(self.lr_proj.weight, std=0.02)
         nn.init.zeros_(self.lr_proj.bias)
+        self.token_offset = nn.Parameter(torch.zeros(self.mini_batch_size))  # c_i = max(0, 1/(i+1) + offset_i)
         self.ttt_norm_weight = nn.Parameter(torch.ones(heads, d))
         self.ttt_norm_bias = nn.Parameter(torch.zeros(heads, d))
         hidden = check_positive_int("mlp_ratio", mlp_ratio) * d if inner == "mlp" else None
@@ -81,9 +83,11 @@ class TTTLinear(CachedLayer):
         else:
             state = cache["state"]
         op = ttt_linear if self.inner == "linear" else ttt_mlp
+        base = 1.0 / torch.arange(1, self.mini_batch_size + 1, device=x.device, dtype=self.token_offset.dtype)
+        weights = torch.clamp_min(base + self.token_offset, 0.0)
         o, state = op(q, k, v, eta, self.ttt_norm_weight.to(x.dtype), self.ttt_norm_bias.to(x.dtype),
-                      initial_state=state, mini_batch_size=self.mini_batch_size, offset=offset, form=self.form,
-                      output_final_state=True)
+                      initial_state=state, mini_batch_size=self.mini_batch_size, offset=offset, token_weights=weights,
+                      form=self.form, output_final_state=True)
         y = self.post_norm(o.flatten(2))
         if self.g_proj is not None:
             y = F.gelu(self.g_proj(x), approximate="tanh") * y
