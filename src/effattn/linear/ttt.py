@@ -2,12 +2,12 @@
 States"; survey Sec. 7.7, Eqs. 92-93, test-time training).
 
 The hidden state is the weights W of an inner model, trained while the sequence is read on the
-self-supervised reconstruction loss of the paper (Eq. 4, with the 1/2 of the authors' code)
+self-supervised multi-view reconstruction loss of the paper (Sec. 2.3; the 1/2 as in the authors' code)
 
     f(x; W) = x + LN(f_res(x; W)),          l(W; t) = 1/2 || f(k_t; W) - v_t ||^2       (k = theta_K x, v = theta_V x)
     f_res:  TTT-Linear  x W + b;            TTT-MLP  GELU(x W1 + b1) W2 + b2            (tanh GELU, hidden F)
 
-LN is a per-head LayerNorm with learnable weight and bias (outer parameters, like eta's projection). Mini-batch
+LN (with the residual, Sec. 2.7) is a per-head LayerNorm with learnable weight and bias: outer parameters. Mini-batch
 gradient descent (paper Sec. 2.4): with t' the first token of t's mini-batch of b tokens and i = t - t',
 
     W_t = W_{t'} - c_i sum_{s=t'}^{t} eta_s grad_W l(W_{t'}; s),     z_t = f(q_t; W_t),
@@ -28,7 +28,7 @@ Forms (plain PyTorch: the layer norm inside the inner loop maps to no linear-eng
 - "dual" (paper Sec. 2.5): per mini-batch with matmuls only, W_t never formed:
       Z_bar = X~q W~_{t'} - c * (X~q A + (tril(X~q X~k^T) * eta) G),    A' = A + X~k^T (eta * G),
   where G = dl/dZ at the mini-batch's keys, X~ = [X, 1]. The same for each layer of the MLP.
-The reference runs the primal loop token by token with the inner gradient from autograd.
+The reference runs the primal mini-batch loop with the inner gradients from autograd, not the analytic ones.
 """
 from __future__ import annotations
 
