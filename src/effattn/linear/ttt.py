@@ -183,7 +183,8 @@ def _check(q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, off
     if token_weights is not None:
         check_tensor("token_weights", token_weights, ndim=1, layout="[mini_batch_size]")
         if token_weights.shape[0] != mini_batch_size:
-            raise ValueError(f"token_weights must be [mini_batch_size={mini_batch_size}], got {tuple(token_weights.shape)}")
+            raise ValueError(f"token_weights must be [mini_batch_size={mini_batch_size}], "
+                             f"got {tuple(token_weights.shape)}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be an int >= 0 (tokens already seen), got {offset!r}")
     check_choice("form", form, FORMS)
