@@ -128,7 +128,8 @@ def cosformer_reference(q, k, v, *, causal=True, max_len=None, eps=1e-6, initial
 
 def cosformer_inputs(shape, dtype, device, generator, *, initial_state=True, **options):
     """q, k, v with one key head per query head; a state from earlier tokens (positive normaliser column, as a
-    real one is a sum of non-negative weights); max_len = 64 >= the tested spans, fixed so decoding agrees."""
+    real one is a sum of non-negative weights); a fixed max_len = 2048, so decoding agrees with one call and
+    layers built from this record (which inherit it) keep non-negative weights over long contexts."""
     from dataclasses import replace
 
     from ..inputs import linear_inputs
@@ -139,7 +140,7 @@ def cosformer_inputs(shape, dtype, device, generator, *, initial_state=True, **o
         B, H, D, Dv = shape.batch, shape.heads, shape.head_dim, shape.Dv
         state = torch.randn((B, H, 2 * D, Dv + 1), generator=generator).abs() * 0.5
         out["initial_state"] = state.to(device)
-    out.setdefault("max_len", 64)
+    out.setdefault("max_len", 2048)
     return out
 
 
