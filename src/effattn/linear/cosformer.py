@@ -1,5 +1,6 @@
-"""cosFormer (Qin et al., 2022, "cosFormer: Rethinking Softmax in Attention"; survey Sec. 7, kernelised linear
-attention with a ReLU feature map).
+"""cosFormer (Qin et al., 2022, "cosFormer: Rethinking Softmax in Attention"). Not a row of the survey's tables;
+it is the survey's kernelised linear attention (Sec. 7.1 and 7.4, Eqs. 58-59) with a ReLU feature map and a
+position re-weighting.
 
     o_i = sum_j ReLU(q_i) . ReLU(k_j) cos(pi/2 (i - j) / M) v_j  /  sum_j ReLU(q_i) . ReLU(k_j) cos(pi/2 (i - j) / M)
 
@@ -149,7 +150,7 @@ def _register() -> None:
 
     register(Method(
         name="cosformer", family="linear",
-        cite="Qin et al. 2022, cosFormer (survey Sec. 7, kernelised linear attention, ReLU feature map)",
+        cite="Qin et al. 2022, cosFormer (survey Sec. 7.1/7.4 feature map phi, Eqs. 58-59; ReLU features)",
         fn=cosformer, reference=cosformer_reference,
         make_inputs=partial(cosformer_inputs, output_final_state=True),
         complexity=Complexity("O(N d^2)", "O(N d)", 1.0, 1.0),

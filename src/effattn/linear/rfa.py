@@ -1,5 +1,6 @@
-"""Random Feature Attention (Peng et al., 2021, "Random Feature Attention"; survey Sec. 7, kernelised linear
-attention: a feature map phi with sim(q, k) = phi(q) . phi(k), Eq. 58-59 with an optional forget gate, Eq. 15).
+"""Random Feature Attention (Peng et al., 2021, "Random Feature Attention"). Not a row of the survey's tables; it is
+the survey's kernelised linear attention (Sec. 7.1 and 7.4: a feature map phi with sim(q, k) = phi(q) . phi(k),
+Eqs. 58-59) with an optional forget gate (Eq. 15).
 
 Random Fourier features (Rahimi & Recht, 2007) of l2-normalised queries and keys:
 
@@ -135,7 +136,7 @@ def _register() -> None:
 
     register(Method(
         name="rfa", family="linear",
-        cite="Peng et al. 2021, Random Feature Attention (survey Sec. 7, kernelised linear attention, Eqs. 15, 58-59)",
+        cite="Peng et al. 2021, Random Feature Attention (survey Sec. 7.1/7.4 feature map phi, Eqs. 15, 58-59)",
         fn=rfa, reference=rfa_reference, make_inputs=partial(rfa_inputs, output_final_state=True),
         complexity=Complexity("O(N M d)", "O(N d + M d)", 1.0, 1.0),
         state_or_cache=StateOrCache("H 2M (d + 1)", False, lambda s: s.heads * 2 * s.head_dim * (s.Dv + 1)),
