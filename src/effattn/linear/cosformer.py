@@ -4,7 +4,7 @@ position re-weighting.
 
     o_i = sum_j ReLU(q_i) . ReLU(k_j) cos(pi/2 (i - j) / M) v_j  /  sum_j ReLU(q_i) . ReLU(k_j) cos(pi/2 (i - j) / M)
 
-over j <= i (causal) or all j (non-causal), M >= the sequence length (paper Eq. 9-11). With
+over j <= i (causal) or all j (non-causal), M >= the sequence length (the paper's re-weighting). With
 cos(a - b) = cos a cos b + sin a sin b the re-weighting splits into two linear attentions, one on the features
 (ReLU(x) cos(w i), ReLU(x) sin(w i)) and one on the sines, w = pi / (2M); concatenating them gives one linear
 attention with 2D features, which the causal form runs on the engine (v with a column of ones carries the

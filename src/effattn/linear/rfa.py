@@ -7,11 +7,11 @@ Random Fourier features (Rahimi & Recht, 2007) of l2-normalised queries and keys
     phi(x) = [sin(W x^), cos(W x^)] / sqrt(M),    x^ = x / |x|,    W `[M, D]` ~ N(0, 1) / sigma
 
 so that E[phi(x) . phi(y)] = exp(-|x^ - y^|^2 / (2 sigma^2)) = exp((x^ . y^ - 1) / sigma^2), the softmax kernel of
-unit vectors at temperature sigma^2 (the constant cancels in the ratio). The causal output (paper Eq. 5)
+unit vectors at temperature sigma^2 (the constant cancels in the ratio). The causal output (the paper's RFA)
 
     o_t = phi(q_t) S_t / (phi(q_t) z_t),   S_t = S_{t-1} + phi(k_t) v_t^T,   z_t = z_{t-1} + phi(k_t)
 
-and gated RFA (paper Sec. 3.1, Eq. 7): with a forget gate g_t (log space, FLA's convention: g <= 0)
+and gated RFA (the paper's recency-bias variant): with a forget gate g_t (log space, FLA's convention: g <= 0)
 
     S_t = e^{g_t} S_{t-1} + (1 - e^{g_t}) phi(k_t) v_t^T,   z_t = e^{g_t} z_{t-1} + (1 - e^{g_t}) phi(k_t).
 
