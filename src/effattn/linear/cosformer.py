@@ -6,7 +6,7 @@ position re-weighting.
 
 over j <= i (causal) or all j (non-causal), M >= the sequence length (the paper's re-weighting). With
 cos(a - b) = cos a cos b + sin a sin b the re-weighting splits into two linear attentions, one on the features
-(ReLU(x) cos(w i), ReLU(x) sin(w i)) and one on the sines, w = pi / (2M); concatenating them gives one linear
+ReLU(x) cos(w i), one on ReLU(x) sin(w i), w = pi / (2M); concatenating them gives one linear
 attention with 2D features, which the causal form runs on the engine (v with a column of ones carries the
 normaliser). `max_len` is M (default: the length of the call, the paper's choice for a whole sequence; pass a
 fixed one for decoding).
