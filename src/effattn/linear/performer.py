@@ -41,19 +41,22 @@ def orthogonal_random_features(num_features: int, head_dim: int, seed: int = 0) 
 
 class FavorProjection:
     """Performer's feature redrawing: call it once per step for the projection to use; a fresh one is drawn
-    (seed + number of draws so far) every `redraw_every` calls, never when `redraw_every` is None."""
+    (seed + number of draws so far) every `redraw_every` calls, never when `redraw_every` is None. `draw`
+    (num_features, head_dim, seed) -> `[M, D]` makes the projections (RFA passes its Gaussian one)."""
 
-    def __init__(self, num_features: int, head_dim: int, seed: int = 0, redraw_every: int | None = None):
+    def __init__(self, num_features: int, head_dim: int, seed: int = 0, redraw_every: int | None = None,
+                 draw=None):
         if redraw_every is not None:
             check_positive_int("redraw_every", redraw_every)
         self.num_features, self.head_dim, self.seed, self.redraw_every = num_features, head_dim, int(seed), redraw_every
+        self.draw = orthogonal_random_features if draw is None else draw
         self.draws, self.calls = 0, 0
-        self.weight = orthogonal_random_features(num_features, head_dim, self.seed)
+        self.weight = self.draw(num_features, head_dim, self.seed)
 
     def __call__(self) -> torch.Tensor:
         if self.redraw_every is not None and self.calls > 0 and self.calls % self.redraw_every == 0:
             self.draws += 1
-            self.weight = orthogonal_random_features(self.num_features, self.head_dim, self.seed + self.draws)
+            self.weight = self.draw(self.num_features, self.head_dim, self.seed + self.draws)
         self.calls += 1
         return self.weight
 
@@ -71,10 +74,11 @@ def _features(x, w, scale, stabilize: bool):
     return torch.exp(logits) / math.sqrt(w.shape[0])
 
 
-def _projection(q, projection, num_features, seed):
+def _projection(q, projection, num_features, seed, draw=orthogonal_random_features):
+    """The given projection `[M, D]` (checked) or a fresh `draw(num_features or D, D, seed)`."""
     D = q.shape[-1]
     if projection is None:
-        return orthogonal_random_features(D if num_features is None else num_features, D, seed)
+        return draw(D if num_features is None else num_features, D, seed)
     check_tensor("projection", projection, ndim=2, layout="[M, D]")
     if projection.shape[1] != D:
         raise ValueError(f"projection must be [M, D={D}], got {tuple(projection.shape)}")

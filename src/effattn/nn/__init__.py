@@ -13,6 +13,7 @@ from .common import CachedLayer, RMSNorm, ShortConv, SwiGLU
 from .linear_layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, Mamba2, MultiScaleRetention
 from .rotary import RotaryEmbedding, apply_rotary, rotary_angles
 from .sparse_layers import DifferentialAttention, LinformerAttention, NSAAttention
+from .ttt_layers import TTTMLP, TTTLinear
 
 # Layer names (lower case, the method's usual name) -> classes taking (dim, heads, **options).
 LAYERS = {
@@ -25,6 +26,8 @@ LAYERS = {
     "mfa": partial(CompactMixer, "mfa"),
     "tpa": partial(CompactMixer, "tpa"),
     "differential": DifferentialAttention,
+    "ttt_linear": TTTLinear,
+    "ttt_mlp": TTTMLP,
 }
 
 
@@ -50,5 +53,5 @@ def mixer_names() -> list[str]:
 
 __all__ = ["Attention", "CompactMixer", "default_method", "CachedLayer", "RMSNorm", "ShortConv", "SwiGLU", "DeltaNet",
            "GatedDeltaNet", "GatedLinearAttention", "Mamba2", "MultiScaleRetention", "LAYERS", "make_mixer",
-           "mixer_names", "RotaryEmbedding", "apply_rotary", "rotary_angles"]
-__all__ += ["NSAAttention", "DifferentialAttention", "LinformerAttention"]
+           "mixer_names", "RotaryEmbedding", "apply_rotary", "rotary_angles", "NSAAttention", "DifferentialAttention",
+           "LinformerAttention", "TTTLinear", "TTTMLP"]

@@ -1,0 +1,149 @@
+"""TTT-Linear / TTT-MLP: dual form == primal form == the autograd-based reference (outputs, final states, grads of
+every input), decoding token by token == one call, bf16 at T = 4096, the inner loop learns, argument errors.
+(tests/test_registry.py checks both forms of both methods against the reference at the registry's shapes.)"""
+import pytest
+import torch
+
+from effattn.linear.ttt import (
+    pack_state,
+    state_size,
+    ttt_inputs,
+    ttt_linear,
+    ttt_linear_reference,
+    ttt_mlp,
+    ttt_mlp_reference,
+    unpack_state,
+)
+from effattn.registry import Shape
+
+OPS = {"linear": (ttt_linear, ttt_linear_reference), "mlp": (ttt_mlp, ttt_mlp_reference)}
+TENSORS = ("q", "k", "v", "eta", "ln_weight", "ln_bias", "initial_state", "token_weights")
+TIMED = ("q", "k", "v", "eta")  # [B, T, ...]
+
+
+def case(model, T=21, b=4, offset=3, seed=0, B=2, H=2, D=8, dtype=torch.float64):
+    x = ttt_inputs(Shape(batch=B, seq_q=T, heads=H, head_dim=D), dtype, "cpu", torch.Generator().manual_seed(seed),
+                   model=model, mini_batch_size=b, offset=offset)
+    x["initial_state"] = x["initial_state"].to(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x["token_weights"] = (0.5 + torch.rand(b, generator=gen, dtype=dtype)) / torch.arange(1, b + 1, dtype=dtype)
+    return {n: t for n, t in x.items() if n in TENSORS}, {"mini_batch_size": b, "offset": offset}
+
+
+def outputs_and_grads(fn, tensors, static):
+    ins = {n: t.detach().clone().requires_grad_() for n, t in tensors.items()}
+    o, state = fn(**ins, **static, output_final_state=True)
+    gen = torch.Generator().manual_seed(1)
+    ((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+     + (state * torch.randn(state.shape, generator=gen, dtype=state.dtype)).sum()).backward()
+    return [o, state] + [ins[n].grad for n in tensors]
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+@pytest.mark.parametrize("b,offset,weights", [(4, 3, "learned"), (5, 0, "sum"), (32, 7, None)])
+def test_dual_equals_primal_equals_reference_float64(model, b, offset, weights):
+    """b = 32 > T: one partial mini-batch; b = 4 from offset 3: a 1-token head segment, full ones, a tail.
+    Token weights c_i: drawn (gradients checked), ones (the plain sum), or the default 1 / (i + 1)."""
+    fn, ref = OPS[model]
+    tensors, static = case(model, b=b, offset=offset)
+    if weights is None:
+        del tensors["token_weights"]
+    elif weights == "sum":
+        tensors["token_weights"] = torch.ones(b, dtype=torch.float64)
+    want = outputs_and_grads(ref, tensors, static)
+    for form in ("dual", "primal"):
+        got = outputs_and_grads(fn, tensors, {**static, "form": form})
+        for name, g, w in zip(["o", "state", *tensors], got, want):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"{model} {form} {name}")
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_decode_token_by_token_equals_one_call(model):
+    fn, _ = OPS[model]
+    tensors, static = case(model, T=11, b=4, offset=2, dtype=torch.float32)
+    o, state = fn(**tensors, **static, output_final_state=True)
+    h, steps = tensors["initial_state"], []
+    for t in range(11):
+        step = {n: (x[:, t:t + 1] if n in TIMED else x) for n, x in tensors.items()}
+        o_t, h = fn(**{**step, "initial_state": h}, mini_batch_size=4, offset=2 + t, form="primal",
+                    output_final_state=True)
+        steps.append(o_t)
+    torch.testing.assert_close(torch.cat(steps, 1), o, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(h, state, atol=2e-5, rtol=2e-4)
+    # the same sequence in two uneven chunks, the second starting mid-mini-batch
+    first = {n: (x[:, :6] if n in TIMED else x) for n, x in tensors.items()}
+    second = {n: (x[:, 6:] if n in TIMED else x) for n, x in tensors.items()}
+    o_a, h_a = fn(**first, **static, output_final_state=True)
+    o_b, h_b = fn(**{**second, "initial_state": h_a}, mini_batch_size=4, offset=8, output_final_state=True)
+    torch.testing.assert_close(torch.cat([o_a, o_b], 1), o, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(h_b, state, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_bf16_long_sequence_is_finite(model):
+    fn, _ = OPS[model]
+    tensors, static = case(model, T=4096, b=16, offset=0, B=1, H=2, D=16, dtype=torch.bfloat16)
+    ins = {n: t.detach().requires_grad_() for n, t in tensors.items()}
+    o, state = fn(**ins, **static, output_final_state=True)
+    (o.float().sum() + state.sum()).backward()
+    assert o.dtype == torch.bfloat16 and torch.isfinite(o).all() and torch.isfinite(state).all()
+    assert all(torch.isfinite(t.grad).all() for t in ins.values())
+
+
+def test_inner_loop_learns_the_reconstruction():
+    """v - k = LN(k A) for a fixed map A (a target the inner model can fit): after one sequence the inner model's
+    reconstruction loss on fresh tokens of the same map is far below W_0's (TTT does gradient descent at test
+    time; W_0 random at unit scale: at W = 0 the inner LayerNorm's gradient is 1/sqrt(eps))."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, D = 1, 256, 1, 8
+    f64 = {"dtype": torch.float64}
+    A = torch.randn(D, D, generator=gen, **f64) / D ** 0.5
+    w0 = torch.cat([torch.randn(B, H, D, D, generator=gen, **f64) / D ** 0.5, torch.zeros(B, H, 1, D, **f64)], 2)
+    k = torch.randn(B, T + 64, H, D, generator=gen, **f64)
+    v = k + torch.nn.functional.layer_norm(k @ A, (D,), eps=1e-6)
+    w, bias = torch.ones(H, D, **f64), torch.zeros(H, D, **f64)
+
+    def loss(state, kk, vv):  # mean 1/2 |f(k) - v|^2 of the inner model in `state` (queries = keys, eta = 0)
+        z = ttt_linear(kk, kk, vv, torch.zeros(B, kk.shape[1], H, **f64), w, bias, initial_state=state,
+                       mini_batch_size=kk.shape[1])
+        return 0.5 * ((z - vv) ** 2).sum(-1).mean()
+
+    eta = torch.full((B, T, H), 0.2, **f64)
+    _, state = ttt_linear(k[:, :T], k[:, :T], v[:, :T], eta, w, bias, initial_state=pack_state([w0]),
+                          mini_batch_size=16, output_final_state=True)
+    assert loss(state, k[:, T:], v[:, T:]) < 0.05 * loss(pack_state([w0]), k[:, T:], v[:, T:])
+
+
+def test_state_packing_round_trips():
+    shapes = [(5, 8), (9, 4)]
+    params = [torch.randn(2, 3, *s) for s in shapes]
+    pend = [torch.randn(2, 3, *s) for s in shapes]
+    state = pack_state(params, pend)
+    assert state.shape == (2, 3, 2, state_size("mlp", 4, 8))
+    back_p, back_a = unpack_state(state, shapes)
+    assert all(torch.equal(a, b) for a, b in zip(back_p + back_a, params + pend))
+
+
+def test_errors():
+    tensors, static = case("linear", T=5, dtype=torch.float32)
+    x = {**tensors, **static}
+    with pytest.raises(ValueError, match="form"):
+        ttt_linear(**x, form="chunk")
+    with pytest.raises(ValueError, match="head dim of q"):
+        ttt_linear(**{**x, "v": x["v"][..., :4]})
+    with pytest.raises(ValueError, match="eta must"):
+        ttt_linear(**{**x, "eta": x["eta"][:, :2]})
+    with pytest.raises(ValueError, match="ln_bias must"):
+        ttt_linear(**{**x, "ln_bias": x["ln_bias"][:1]})
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        ttt_linear(**{**x, "mini_batch_size": 0})
+    with pytest.raises(ValueError, match="token_weights must"):
+        ttt_linear(**{**x, "token_weights": x["token_weights"][:2]})
+    with pytest.raises(ValueError, match="offset"):
+        ttt_linear(**{**x, "offset": -1})
+    with pytest.raises(ValueError, match=r"initial_state must be \[B, H, 2, P\]"):
+        ttt_linear(**{**x, "initial_state": x["initial_state"][..., :-1]})
+    with pytest.raises(ValueError, match="needs initial_state"):
+        ttt_mlp(**{**x, "initial_state": None})
+    with pytest.raises(ValueError, match="no TTT-MLP size"):
+        ttt_mlp(**x)  # a TTT-Linear state
