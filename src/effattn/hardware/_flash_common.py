@@ -99,15 +99,18 @@ def _visible(pos, kidx, kv_len, LEFT, RIGHT):
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i, MASK: tl.constexpr):
-    """Online-softmax update for a tile of log2 scores s (-inf where masked): (p, alpha, l, m) with
-    p = 2^(s - m_new), alpha = 2^(m_old - m_new) rescaling the running sum and accumulator."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _softmax_step(x, c_row, c_tile, shift, m_i, l_i, MASK: tl.constexpr):
+    """Online-softmax update for a tile of raw scores x (-inf where masked) whose log2 scores are x * c with
+    c > 0 (c_row: c per row or a scalar, c_tile: the same broadcastable to x): (p, alpha, l, m) with
+    p = 2^(x c - m_new + shift), alpha = 2^(m_old - m_new). Since c > 0 the row max is max(x) * c, so
+    p costs one FMA and one exp2 per score (no separate scaling pass). shift (log2 of a constant) scales p
+    and l alike, e.g. by 448 for e4m3 P."""
+    m_new = tl.maximum(m_i, tl.max(x, 1) * c_row)
     if MASK:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: exp2 gives 0
     else:
         m_use = m_new
-    p = tl.exp2(s - m_use[:, None])
+    p = tl.exp2(x * c_tile - (m_use - shift)[:, None])
     alpha = tl.exp2(m_i - m_use)
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
 

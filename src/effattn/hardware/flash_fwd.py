@@ -31,14 +31,20 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale,
     else:
         k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK,
                        PAD_D)
-    s, _ = _scores(_dot(q, tl.trans(k), None, DOT_PREC), qk_scale, cap_in, cap_out, SOFTCAP)
+    qk = _dot(q, tl.trans(k), None, DOT_PREC)
+    if SOFTCAP:
+        s, _ = _scores(qk, qk_scale, cap_in, cap_out, SOFTCAP)
+        c = 1.0
+    else:  # the scale is folded into the softmax step's FMA
+        s = qk
+        c = qk_scale
     if MASK:
         keep = _visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT)
         if USE_BITS:
             keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[:, None], tl.arange(0, BLOCK_N)[None, :],
                                BLOCK_M, WORDS)
         s = tl.where(keep, s, float("-inf"))
-    p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i, MASK)
+    p, alpha, l_i, m_new = _softmax_step(s, c, c, 0.0, m_i, l_i, MASK)
     if TMA:
         v = Vb.load([bb, n0, vcol]).reshape([BLOCK_N, HEAD_DIM_V])
     else:

@@ -48,9 +48,9 @@ def _quantise(q, k, v, *, qk_dtype, pv_dtype, smooth, groups, v_per_head=False, 
     return qc, sq, kc, sk, v if v.stride(-1) == 1 else v.contiguous(), None  # the kernel assumes unit stride
 
 
-def _forward(codes, causal, scale, out_dtype):
+def _forward(codes, causal, scale, out_dtype, k_group):
     qc, sq, kc, sk, vc, sv = codes
-    return quant_fwd(qc, kc, vc, sq * (scale * LOG2E), sk, sv, causal=causal, out_dtype=out_dtype)
+    return quant_fwd(qc, kc, vc, sq * (scale * LOG2E), sk, sv, causal=causal, out_dtype=out_dtype, k_group=k_group)
 
 
 def _fp8_pv_attention(q, k, v, *, causal, scale):
@@ -124,7 +124,7 @@ def sage_attention(q, k, v, *, causal=False, qk_dtype="int8", pv_dtype="fp16", s
     require_triton("sage_attention", q)
     with torch.no_grad():
         codes = _sage_codes(q, k, v, qk_dtype, pv_dtype, smooth_k, granularity, fused=True)
-        return _forward(codes, causal, scale, q.dtype)
+        return _forward(codes, causal, scale, q.dtype, GRANULARITY[granularity][1])
 
 
 def sage_reference(q, k, v, *, causal=False, qk_dtype="int8", pv_dtype="fp16", smooth_k=True,
@@ -154,7 +154,8 @@ def flash_fp8(q, k, v, *, causal=False, granularity="head", hadamard=False, seed
     S, D, scale = _check("flash_fp8", q, k, v, causal, scale, DTYPES)
     require_triton("flash_fp8", q)
     with torch.no_grad():
-        return _forward(_fp8_codes(q, k, v, D, granularity, hadamard, seed, fused=True), causal, scale, q.dtype)
+        return _forward(_fp8_codes(q, k, v, D, granularity, hadamard, seed, fused=True), causal, scale, q.dtype,
+                        FP8_GRANULARITY[granularity][1])
 
 
 def flash_fp8_reference(q, k, v, *, causal=False, granularity="head", hadamard=False, seed=0, scale=None,
