@@ -8,6 +8,7 @@ RIGHT = 0. Block-sparse masks add a per-tile bitmask for the partial tiles (see 
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Sequence
@@ -164,14 +165,24 @@ _BEST: dict = {}
 TIMINGS: dict = {}  # key -> {config: ms}, for the benchmark's report of what the tuner tried
 
 
-def _forced() -> dict:
-    """EFFATTN_FLASH_CONFIGS="fwd=128,64,4,3;dq=..." pins the configuration of a kernel kind (benchmarks
-    use it to compile candidates in parallel processes); EFFATTN_FLASH_TUNE=0 takes the first candidate."""
+def tuner_env() -> tuple:
+    """The environment variables that steer `pick_config` (part of every launch-plan cache key)."""
+    return os.environ.get("EFFATTN_FLASH_CONFIGS", ""), os.environ.get("EFFATTN_FLASH_TUNE", "1")
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_forced(spec: str) -> dict:
     out = {}
-    for item in filter(None, os.environ.get("EFFATTN_FLASH_CONFIGS", "").split(";")):
+    for item in filter(None, spec.split(";")):
         kind, _, cfg = item.partition("=")
         out[kind.strip()] = Config(*(int(x) for x in cfg.split(",")))
     return out
+
+
+def _forced() -> dict:
+    """EFFATTN_FLASH_CONFIGS="fwd=128,64,4,3;dq=..." pins the configuration of a kernel kind (benchmarks
+    use it to compile candidates in parallel processes); EFFATTN_FLASH_TUNE=0 takes the first candidate."""
+    return _parse_forced(os.environ.get("EFFATTN_FLASH_CONFIGS", ""))
 
 
 def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]) -> Config:
@@ -198,10 +209,20 @@ def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]
     return _BEST[key]
 
 
+# Host-side arithmetic in plain Python: triton.cdiv / next_power_of_2 are jit-wrapped and cost microseconds
+# per call, which adds up on the launch path of short sequences.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def seqlen_bucket(n: int) -> int:
     """Tuning key for a sequence length: short, medium and long sequences may prefer different tiles."""
-    return min(triton.next_power_of_2(max(n, 1)), 16384)
+    return min(next_pow2(max(n, 1)), 16384)
 
 
 def block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
-                            _tile_bits, _visible, block_d, dot_precision, pick_config, seqlen_bucket)
+                            _tile_bits, _visible, block_d, cdiv, dot_precision, pick_config, seqlen_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -281,7 +281,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_s
     varlen = cu_seqlens is not None
     n_seq = cu_seqlens.numel() - 1 if varlen else B
     delta = empty_output((B, H, T), torch.float32, q.device)
-    _delta_kernel[(triton.cdiv(T, 64), B * H)](
+    _delta_kernel[(cdiv(T, 64), B * H)](
         o, do, dlse if dlse is not None else delta, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0),
         do.stride(1), do.stride(2), delta.stride(0), delta.stride(1), T, H, HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv),
         BLOCK_M=64, HAS_DLSE=dlse is not None)
@@ -309,7 +309,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_s
 
     def launch_dkdv(cfg: Config) -> None:
         bm, bn, warps, stages, _ = cfg
-        grid = (sparse.num_kv_blocks if sparse is not None else triton.cdiv(cols, bn), n_seq * Hkv)
+        grid = (sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn), n_seq * Hkv)
         _dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, cu, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
                            dv.stride(0), dv.stride(1), dv.stride(2), *common, Hkv, H // Hkv, *scal,
                            *(sparse.kernel_args_transposed() if sparse is not None else dummy),
@@ -317,7 +317,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_s
 
     def launch_dq(cfg: Config) -> None:
         bm, bn, warps, stages, _ = cfg
-        grid = (sparse.num_q_blocks if sparse is not None else triton.cdiv(rows, bm), n_seq * H)
+        grid = (sparse.num_q_blocks if sparse is not None else cdiv(rows, bm), n_seq * H)
         _dq_kernel[grid](q, k, v, do, lse, delta, dq, cu, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
                          *common, H, H // Hkv, *scal, *(sparse.kernel_args() if sparse is not None else dummy),
                          BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._memory import empty_output
+
 from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
-                            _visible, block_d, dot_precision, pick_config, seqlen_bucket)
+                            _visible, block_d, cdiv, dot_precision, pick_config, seqlen_bucket, tuner_env)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -162,20 +164,37 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
     return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
 
 
-def _tma_ok(q, k, v, o, varlen: bool, sparse) -> bool:
-    """TMA descriptors cover [B, N, H * D] views: dense problems, unpadded head dims, rows of whole heads."""
+def _tma_ok(q, k, v, varlen: bool, sparse) -> bool:
+    """TMA descriptors cover [B, N, H * D] views: dense problems, unpadded head dims, rows of whole heads
+    (o is allocated that way), 16-byte aligned bases."""
     def rows_of_heads(t):
-        return t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.stride(1) == t.shape[2] * t.shape[3]
+        return (t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.stride(1) == t.shape[2] * t.shape[3]
+                and t.data_ptr() % 16 == 0)
 
     return (not varlen and sparse is None and q.dtype != torch.float32
-            and all(block_d(t.shape[3]) == t.shape[3] and rows_of_heads(t) for t in (q, k, v, o)))
+            and all(block_d(t.shape[3]) == t.shape[3] and rows_of_heads(t) for t in (q, k, v)))
 
 
 def _descriptor(t, block_rows: int):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+    """Host TMA descriptor over the [B, N, H * D] view of t. Built without TensorDescriptor's checks, which
+    cost more than the launch on short sequences: `_tma_ok` has checked alignment and layout."""
     B, N, H, D = t.shape
-    return TensorDescriptor(t, [B, N, H * D], [t.stride(0), t.stride(1), 1], [1, block_rows, D])
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides = t, [B, N, H * D], [t.stride(0), t.stride(1), 1]
+    desc.block_shape, desc.padding = [1, block_rows, D], "zero"
+    return desc
+
+
+# Launch plans of dense problems, keyed by everything but the data: (config, grid, scalar args, constexprs).
+# A repeated call (the common case: the same shapes every step) skips tuning lookups and argument building.
+_PLANS: dict = {}
+
+
+def _launch(plan, q, k, v, o, lse, cu, sp) -> None:
+    (bm, bn, warps, stages, tma), grid, args, meta = plan
+    ts = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, bm)) if tma else (q, k, v, o)
+    _flash_fwd_kernel[grid](*ts, lse, cu, *args, *sp, TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                            num_stages=stages, **meta)
 
 
 def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen, sparse):
@@ -189,37 +208,44 @@ def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     o = empty_output((B, T, H, Dv), q.dtype, q.device)
     lse = empty_output((B, H, T), torch.float32, q.device)
+    varlen = cu_seqlens is not None
+    dense = not varlen and sparse is None
+    tma_ok = _tma_ok(q, k, v, varlen, sparse)
+    sig = None
+    if dense:
+        sig = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, scale, causal,
+               window, softcap, tma_ok, tuner_env())
+        plan = _PLANS.get(sig)
+        if plan is not None:
+            _launch(plan, q, k, v, o, lse, lse, (lse,) * 6 + (0, 0, 1, 1, 1))
+            return o, lse
     left, right = window if window is not None else (NO_LIMIT, NO_LIMIT)
     if causal:
         right = 0
-    varlen = cu_seqlens is not None
     n_bh = (cu_seqlens.numel() - 1 if varlen else B) * H
     rows = max_seqlen if varlen else T
     cap_in = scale / softcap if softcap else 1.0
     cap_out = softcap * LOG2E if softcap else 1.0
-    sp = sparse.kernel_args() if sparse is not None else (q,) * 6 + (0, 0, 1, 1, 1)
+    sp = sparse.kernel_args() if sparse is not None else (lse,) * 6 + (0, 0, 1, 1, 1)
     cu = cu_seqlens if varlen else lse
     arith = causal or window is not None
+    args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+            v.stride(2), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), T, S, H, H // Hkv,
+            scale * LOG2E, cap_in, cap_out, left, right)
+    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), VARLEN=varlen,
+                SPARSE=sparse is not None, ARITH=arith, WORDS=sparse.words if sparse is not None else 1,
+                SOFTCAP=bool(softcap), REVERSE=causal and sparse is None, DOT_PREC=dot_precision(q.dtype))
 
-    tma_ok = _tma_ok(q, k, v, o, varlen, sparse)
-
-    def launch(cfg: Config) -> None:
-        bm, bn, warps, stages, tma = cfg
-        grid = (sparse.num_q_blocks if sparse is not None else triton.cdiv(rows, bm), n_bh)
-        ts = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, bm)) if tma else (q, k, v, o)
-        _flash_fwd_kernel[grid](
-            *ts, lse, cu, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), lse.stride(0),
-            lse.stride(1), T, S, H, H // Hkv, scale * LOG2E, cap_in, cap_out, left, right, *sp,
-            HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
-            VARLEN=varlen, SPARSE=sparse is not None, ARITH=arith,
-            WORDS=sparse.words if sparse is not None else 1, SOFTCAP=bool(softcap),
-            REVERSE=causal and sparse is None, DOT_PREC=dot_precision(q.dtype), TMA=bool(tma),
-            num_warps=warps, num_stages=stages)
+    def plan_of(cfg: Config):
+        cfg = cfg if tma_ok or not cfg[4] else Config(*cfg[:4])  # a pinned TMA config on non-TMA inputs
+        grid = (sparse.num_q_blocks if sparse is not None else cdiv(rows, cfg[0]), n_bh)
+        return cfg, grid, args, meta
 
     fixed = sparse.block if sparse is not None else None
     key = ("fwd", D, Dv, q.dtype, arith, bool(softcap), fixed, varlen, seqlen_bucket(rows))
     configs = [c for c in fwd_configs(max(D, Dv), q.dtype, fixed) if tma_ok or not c[4]]
-    cfg = pick_config(key, configs, launch)
-    launch(cfg if tma_ok or not cfg[4] else Config(*cfg[:4]))  # a pinned TMA config on non-TMA inputs
+    plan = plan_of(pick_config(key, configs, lambda c: _launch(plan_of(c), q, k, v, o, lse, cu, sp)))
+    if dense:
+        _PLANS[sig] = plan
+    _launch(plan, q, k, v, o, lse, cu, sp)
     return o, lse

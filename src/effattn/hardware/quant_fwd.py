@@ -18,7 +18,7 @@ import triton.language as tl
 from .._memory import empty_output
 from .._triton_mode import interpreting
 from ._flash_common import (NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _softmax_step, _visible, block_d,
-                            dot_precision, pick_config, seqlen_bucket)
+                            cdiv, dot_precision, pick_config, seqlen_bucket)
 from .quantize import V_BLOCK
 
 LOG2_P_SCALE: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): P V in FP8 stores 448 P (e4m3 range)
@@ -176,7 +176,7 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_
     def launch(cfg: Config) -> None:
         bm, bn, warps, stages, _tma = cfg  # the quantized loop loads through pointers only
         k_scalar = scalar_ok and (k_group is None or k_group % bn == 0)
-        _quant_fwd_kernel[(triton.cdiv(T, bm), B * H)](
+        _quant_fwd_kernel[(cdiv(T, bm), B * H)](
             q, k, v, q_scale, k_scale, vs, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), *sv, o.stride(0), o.stride(1), o.stride(2), q_scale.stride(0), q_scale.stride(1),
             k_scale.stride(0), k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT,

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._triton_mode import interpreting
-from ._flash_common import block_d
+from ._flash_common import block_d, cdiv
 from .quant_fwd import _to_e4m3
 from .quantize import FP8, FP8_MAX, INT8_MAX, V_BLOCK
 
@@ -73,7 +73,7 @@ def quantize_qk(x: torch.Tensor, group: int, *, fp8: bool, smooth: bool) -> tupl
     scale = torch.empty(B, H, N, dtype=torch.float32, device=x.device)
     mean = x.mean(dim=1, dtype=torch.float32) if smooth else scale  # [B, H, D]
     rows = max(group, 16 if interpreting() else 64)
-    _qk_quant_kernel[(triton.cdiv(N, rows), B * H)](
+    _qk_quant_kernel[(cdiv(N, rows), B * H)](
         x, mean, codes, scale, x.stride(0), x.stride(1), x.stride(2), codes.stride(0), codes.stride(1),
         codes.stride(2), scale.stride(0), scale.stride(1), mean.stride(0), mean.stride(1), N, H,
         FP8_MAX if fp8 else INT8_MAX, D=D, BLOCK_D=block_d(D), BLOCK_R=rows, GROUP=group, SMOOTH=smooth,
@@ -85,8 +85,8 @@ def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `quantize_v_fp8` (per channel and V_BLOCK tokens): same outputs, one pass."""
     B, S, H, D = v.shape
     v = v if v.stride(-1) == 1 else v.contiguous()
-    nb = triton.cdiv(S, V_BLOCK)
-    codes = torch.empty(B, H, D, triton.cdiv(S, 16) * 16, dtype=FP8, device=v.device)
+    nb = cdiv(S, V_BLOCK)
+    codes = torch.empty(B, H, D, cdiv(S, 16) * 16, dtype=FP8, device=v.device)
     scale = torch.empty(B, H, nb, D, dtype=torch.float32, device=v.device)
     _v_fp8_kernel[(nb, B * H)](
         v, codes, scale, v.stride(0), v.stride(1), v.stride(2), codes.stride(0), codes.stride(1),
