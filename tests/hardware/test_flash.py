@@ -96,7 +96,7 @@ def test_cached_launch_plan_and_inference_path(monkeypatch, device):
     """Repeated calls reuse the forward's launch plan (fresh data, same shapes, outputs poisoned each time),
     without autograd when nothing needs a gradient; a misaligned base drops the pinned TMA path."""
     from effattn._memory import poisoned_outputs
-    from effattn.hardware import flash_fwd
+    from effattn.hardware import flash_bwd, flash_fwd
 
     monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "fwd=32,32,4,1,1")
     gen = torch.Generator(device=device).manual_seed(3)
@@ -106,9 +106,19 @@ def test_cached_launch_plan_and_inference_path(monkeypatch, device):
         q, k, v = (b[off:off + 29 * 64].view(1, 29, 2, 32) for b in bufs)
         with poisoned_outputs(), torch.no_grad():
             o = effattn.flash_attention(q, k, v, causal=True)
-        ref = effattn.reference.softmax_attention(*(t.double() for t in (q, k, v)), causal=True)
-        torch.testing.assert_close(o.double(), ref, atol=2e-2, rtol=2e-2)
+        x = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = effattn.reference.softmax_attention(*x, causal=True)
+        torch.testing.assert_close(o.double(), ref.detach(), atol=2e-2, rtol=2e-2)
+        if step < 2:  # the backward's plan, reused on the second step
+            g = torch.randn(ref.shape, device=device, generator=gen, dtype=torch.bfloat16)
+            y = [t.detach().requires_grad_() for t in (q, k, v)]
+            with poisoned_outputs():
+                effattn.flash_attention(*y, causal=True).backward(g)
+            ref.backward(g.double())
+            for a, b in zip(y, x):
+                torch.testing.assert_close(a.grad.double(), b.grad, atol=5e-2, rtol=5e-2)
     assert any(sig[1] == (1, 29, 2, 32) for sig in flash_fwd._PLANS)
+    assert any(sig[0][0] == (1, 29, 2, 32) for sig in flash_bwd._PLANS)
 
 
 def test_gradient_of_lse_alone(device):

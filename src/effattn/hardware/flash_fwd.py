@@ -15,7 +15,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .._memory import empty_output
 
 from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
-                            _visible, block_d, cdiv, dot_precision, pick_config, seqlen_bucket, tuner_env)
+                            _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config, seqlen_bucket,
+                            tuner_env)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -185,16 +186,22 @@ def _descriptor(t, block_rows: int):
     return desc
 
 
-# Launch plans of dense problems, keyed by everything but the data: (config, grid, scalar args, constexprs).
-# A repeated call (the common case: the same shapes every step) skips tuning lookups and argument building.
+# Launch plans of dense problems, keyed by everything but the data (and by what the kernel specialises on:
+# shapes, strides, dtypes, pointer alignment): a repeated call skips tuning lookups, argument building and
+# the JIT's launch path (KernelLaunch).
 _PLANS: dict = {}
 
 
+def _plan(cfg: Config, grid, args, meta):
+    bm, bn, warps, stages, tma = cfg
+    return cfg, args, KernelLaunch(_flash_fwd_kernel, grid, dict(meta, TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn,
+                                                                 num_warps=warps, num_stages=stages))
+
+
 def _launch(plan, q, k, v, o, lse, cu, sp) -> None:
-    (bm, bn, warps, stages, tma), grid, args, meta = plan
+    (bm, bn, _, _, tma), args, launch = plan
     ts = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, bm)) if tma else (q, k, v, o)
-    _flash_fwd_kernel[grid](*ts, lse, cu, *args, *sp, TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                            num_stages=stages, **meta)
+    launch(*ts, lse, cu, *args, *sp)
 
 
 def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen, sparse):
@@ -214,7 +221,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen
     sig = None
     if dense:
         sig = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, scale, causal,
-               window, softcap, tma_ok, tuner_env())
+               window, softcap, tma_ok, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, tuner_env())
         plan = _PLANS.get(sig)
         if plan is not None:
             _launch(plan, q, k, v, o, lse, lse, (lse,) * 6 + (0, 0, 1, 1, 1))
@@ -238,14 +245,15 @@ def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen
 
     def plan_of(cfg: Config):
         cfg = cfg if tma_ok or not cfg[4] else Config(*cfg[:4])  # a pinned TMA config on non-TMA inputs
-        grid = (sparse.num_q_blocks if sparse is not None else cdiv(rows, cfg[0]), n_bh)
-        return cfg, grid, args, meta
+        return _plan(cfg, (sparse.num_q_blocks if sparse is not None else cdiv(rows, cfg[0]), n_bh), args, meta)
 
     fixed = sparse.block if sparse is not None else None
     key = ("fwd", D, Dv, q.dtype, arith, bool(softcap), fixed, varlen, seqlen_bucket(rows))
     configs = [c for c in fwd_configs(max(D, Dv), q.dtype, fixed) if tma_ok or not c[4]]
     plan = plan_of(pick_config(key, configs, lambda c: _launch(plan_of(c), q, k, v, o, lse, cu, sp)))
     if dense:
+        if len(_PLANS) > 256:  # many distinct shapes (e.g. serving): start over rather than grow
+            _PLANS.clear()
         _PLANS[sig] = plan
     _launch(plan, q, k, v, o, lse, cu, sp)
     return o, lse
