@@ -155,10 +155,11 @@ def _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M: tl.constexpr, B
 
 # ------------------------------------------------------------------------------------------------- tuner
 class Config(tuple):
-    """(block_m, block_n, num_warps, num_stages, tma) of one launch; tma=1 loads through TMA descriptors."""
+    """(block_m, block_n, num_warps, num_stages, tma, ws) of one launch; tma=1 loads through TMA descriptors,
+    ws=1 asks Triton to warp-specialise the unmasked key loop (forward kernels only)."""
 
-    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0):
-        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma))
+    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0, ws: int = 0):
+        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma, ws))
 
 
 _BEST: dict = {}

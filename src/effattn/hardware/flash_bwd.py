@@ -331,14 +331,14 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_s
         HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv), BLOCK_M=64, HAS_DLSE=dlse is not None)))
 
     def dkdv_part(cfg: Config):
-        bm, bn, warps, stages, _ = cfg
+        bm, bn, warps, stages = cfg[:4]
         grid = (sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn), n_seq * Hkv)
         return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal),
                 KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                                       num_stages=stages)))
 
     def dq_part(cfg: Config):
-        bm, bn, warps, stages, _ = cfg
+        bm, bn, warps, stages = cfg[:4]
         grid = (sparse.num_q_blocks if sparse is not None else cdiv(rows, bm), n_seq * H)
         return ((*strides, *dq_strides, T, S, H, H // Hkv, *scal),
                 KernelLaunch(_dq_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,

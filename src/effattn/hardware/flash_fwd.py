@@ -66,7 +66,7 @@ def _flash_fwd_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, REVERSE: tl.constexpr,
-        DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+        DOT_PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal: start the longest rows first so the last wave is short
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -120,7 +120,7 @@ def _flash_fwd_kernel(
                                       cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
                                       HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
                                       DOT_PREC, TMA)
-        for n0 in tl.range(a, c, BLOCK_N):  # unmasked
+        for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):  # unmasked
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
                                       cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
                                       HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False, WORDS, SOFTCAP,
@@ -192,13 +192,13 @@ _PLANS: dict = {}
 
 
 def _plan(cfg: Config, grid, args, meta):
-    bm, bn, warps, stages, tma = cfg
-    return cfg, args, KernelLaunch(_flash_fwd_kernel, grid, dict(meta, TMA=bool(tma), BLOCK_M=bm, BLOCK_N=bn,
-                                                                 num_warps=warps, num_stages=stages))
+    bm, bn, warps, stages, tma, ws = cfg
+    return cfg, args, KernelLaunch(_flash_fwd_kernel, grid, dict(meta, TMA=bool(tma), WS=bool(ws), BLOCK_M=bm,
+                                                                 BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
 
 def _launch(plan, q, k, v, o, lse, cu, sp) -> None:
-    (bm, bn, _, _, tma), args, launch = plan
+    (bm, bn, _, _, tma, _), args, launch = plan
     ts = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, bm)) if tma else (q, k, v, o)
     launch(*ts, lse, cu, *args, *sp)
 
@@ -243,7 +243,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen
                 SOFTCAP=bool(softcap), REVERSE=causal and sparse is None, DOT_PREC=dot_precision(q.dtype))
 
     def plan_of(cfg: Config):
-        cfg = cfg if tma_ok or not cfg[4] else Config(*cfg[:4])  # a pinned TMA config on non-TMA inputs
+        cfg = cfg if tma_ok or not cfg[4] else Config(*cfg[:4], 0, cfg[5])  # a pinned TMA config, non-TMA inputs
         return _plan(cfg, (sparse.num_q_blocks if sparse is not None else cdiv(rows, cfg[0]), n_bh), args, meta)
 
     fixed = sparse.block if sparse is not None else None

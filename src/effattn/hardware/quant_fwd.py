@@ -90,7 +90,8 @@ def _quant_fwd_kernel(
         sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, svs_n, T, S, H, GROUP, LEFT, RIGHT,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, REVERSE: tl.constexpr,
-        DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr):
+        DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr,
+        WS: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal: longest rows first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -119,7 +120,7 @@ def _quant_fwd_kernel(
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
                                     BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
-    for n0 in tl.range(a, c, BLOCK_N):
+    for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
                                     BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
@@ -173,7 +174,7 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_
     o = empty_output((B, T, H, Dv), out_dtype, q.device)
 
     def launch(cfg: Config) -> None:
-        bm, bn, warps, stages, _tma = cfg  # the quantized loop loads through pointers only
+        bm, bn, warps, stages, _tma, ws = cfg  # the quantized loop loads through pointers only
         k_scalar = scalar_ok and (k_group is None or k_group % bn == 0)
         _quant_fwd_kernel[(cdiv(T, bm), B * H)](
             q, k, v, q_scale, k_scale, vs, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
@@ -181,7 +182,7 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_
             k_scale.stride(0), k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT,
             HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
             PV_FP8=pv_fp8, REVERSE=causal, DOT_PREC=None if pv_fp8 else dot_precision(v.dtype),
-            GRID_ROUND=interpreting(), K_SCALAR=k_scalar, QK_INT=q.dtype == torch.int8,
+            GRID_ROUND=interpreting(), K_SCALAR=k_scalar, QK_INT=q.dtype == torch.int8, WS=bool(ws),
             num_warps=warps, num_stages=stages)
 
     scalar_ok = os.environ.get("EFFATTN_QUANT_SCALAR", "1") != "0"  # 0: per-token scale path (benchmarks)
