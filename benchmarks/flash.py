@@ -392,7 +392,7 @@ def markdown(result) -> str:
     checks = result.get("checks") or []
     lines += ["", f"GPU correctness checks: {sum(c['ok'] for c in checks)}/{len(checks)} passed "
                   "(fp32 vs SDPA math; 2x rule vs float64 for bf16/fp16 windows, softcap, block mask, varlen)."]
-    lines += ["", "Tuner choices (key -> (BLOCK_M, BLOCK_N, warps, stages, tma)):", ""]
+    lines += ["", "Tuner choices (key -> (BLOCK_M, BLOCK_N, warps, stages, tma[, ws])):", ""]
     lines += [f"- {k}: {v}" for k, v in result.get("chosen", {}).items()]
     return "\n".join(lines) + "\n"
 

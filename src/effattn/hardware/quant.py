@@ -182,7 +182,7 @@ def _register() -> None:
         fn=partial(sage_attention, pv_dtype="fp16"), reference=partial(sage_reference, pv_dtype="fp16"),
         options={**sage_opts, "pv_dtype": "fp16"},
         description="INT8 Q K^T (per-block scales, K smoothing) + 16-bit P V, Triton forward; rel. L1 vs "
-                    "exact 1.1-1.3% (H100, N=16k), tests bound 2% incl. outlier keys" + fp4, **common))
+                    "exact 1.0-1.35% (H100, N=4k-64k), tests bound 2% incl. outlier keys" + fp4, **common))
     register(Method(
         name="sage_int8_fp8pv", cite="Zhang et al. 2025, SageAttention2 (survey Sec. 3, Table 2)",
         fn=partial(sage_attention, pv_dtype="fp8"), reference=partial(sage_reference, pv_dtype="fp8"),
