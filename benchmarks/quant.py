@@ -184,7 +184,8 @@ def main() -> None:
                 for name, fn in fns.items():
                     o = None
                     try:
-                        o = fn(q, k, v, causal)
+                        fn(q, k, v, causal)  # first call: tuning and compilation
+                        o = fn(q, k, v, causal)  # the errors are those of a repeated call (cached launch plans)
                         rel_l1, cos = errors(o[0, rows], ref)
                         ms = timeit(lambda: fn(q, k, v, causal), device)
                         cell["rows"].append({"method": name, "ms": ms, "tflops": flops / ms / 1e9,

@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .._memory import empty_output
 from .._triton_mode import interpreting
-from ._flash_common import (NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _softmax_step, _visible, block_d,
-                            cdiv, dot_precision, pick_config, seqlen_bucket)
+from ._flash_common import (NO_LIMIT, Config, KernelLaunch, _dot, _kv_stages, _load_tile, _softmax_step, _visible,
+                            block_d, cdiv, dot_precision, pick_config, seqlen_bucket, tuner_env)
 from .quantize import V_BLOCK
 
 LOG2_P_SCALE: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): P V in FP8 stores 448 P (e4m3 range)
@@ -149,6 +149,10 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
     return [Config(128, 64, 4, 3), Config(128, 64, 4, 4), Config(128, 64, 8, 3)]  # H100: 4 warps won every int8 cell
 
 
+# Launch plans keyed by shapes, strides, dtypes, alignment and options (see flash_fwd._PLANS).
+_PLANS: dict = {}
+
+
 def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_group: int | None = 1
               ) -> torch.Tensor:
     """Launch the quantized forward.
@@ -172,21 +176,32 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_
         vs = k_scale  # unused
         vs_strides = (0, 0, 0)
     o = empty_output((B, T, H, Dv), out_dtype, q.device)
-
-    def launch(cfg: Config) -> None:
-        bm, bn, warps, stages, _tma, ws = cfg  # the quantized loop loads through pointers only
-        k_scalar = scalar_ok and (k_group is None or k_group % bn == 0)
-        _quant_fwd_kernel[(cdiv(T, bm), B * H)](
-            q, k, v, q_scale, k_scale, vs, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-            k.stride(2), *sv, o.stride(0), o.stride(1), o.stride(2), q_scale.stride(0), q_scale.stride(1),
-            k_scale.stride(0), k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT,
-            HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
-            PV_FP8=pv_fp8, REVERSE=causal, DOT_PREC=None if pv_fp8 else dot_precision(v.dtype),
-            GRID_ROUND=interpreting(), K_SCALAR=k_scalar, QK_INT=q.dtype == torch.int8, WS=bool(ws),
-            num_warps=warps, num_stages=stages)
-
     scalar_ok = os.environ.get("EFFATTN_QUANT_SCALAR", "1") != "0"  # 0: per-token scale path (benchmarks)
-    key = ("quant", D, Dv, q.dtype, v.dtype, causal, k_group, scalar_ok, seqlen_bucket(T))
-    launch(pick_config(key, quant_configs(max(D, Dv), pv_fp8, v.dtype), launch))
+    sig = (tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in (q, k, v, q_scale, k_scale, vs)),
+           q.device, causal, out_dtype, k_group, scalar_ok, tuner_env())
+    plan = _PLANS.get(sig)
+    if plan is None:
+        static = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *sv, o.stride(0),
+                  o.stride(1), o.stride(2), q_scale.stride(0), q_scale.stride(1), k_scale.stride(0),
+                  k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT)
+
+        def plan_of(cfg: Config) -> tuple:
+            bm, bn, warps, stages, _tma, ws = cfg  # the quantized loop loads through pointers only
+            k_scalar = scalar_ok and (k_group is None or k_group % bn == 0)
+            return static, KernelLaunch(_quant_fwd_kernel, (cdiv(T, bm), B * H), dict(
+                HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
+                PV_FP8=pv_fp8, REVERSE=causal, DOT_PREC=None if pv_fp8 else dot_precision(v.dtype),
+                GRID_ROUND=interpreting(), K_SCALAR=k_scalar, QK_INT=q.dtype == torch.int8, WS=bool(ws),
+                num_warps=warps, num_stages=stages))
+
+        def run(p) -> None:
+            p[1](q, k, v, q_scale, k_scale, vs, o, *p[0])
+
+        key = ("quant", D, Dv, q.dtype, v.dtype, causal, k_group, scalar_ok, seqlen_bucket(T))
+        plan = plan_of(pick_config(key, quant_configs(max(D, Dv), pv_fp8, v.dtype), lambda c: run(plan_of(c))))
+        if len(_PLANS) > 256:  # many distinct shapes: start over rather than grow
+            _PLANS.clear()
+        _PLANS[sig] = plan
+    plan[1](q, k, v, q_scale, k_scale, vs, o, *plan[0])
     return o
 
