@@ -92,6 +92,35 @@ def test_tma_descriptor_forward(monkeypatch, device):
                              backward=False)  # padded head dim: falls back to pointer loads
 
 
+def test_cached_launch_plan_and_inference_path(monkeypatch, device):
+    """Repeated calls reuse the forward's launch plan (fresh data, same shapes, outputs poisoned each time),
+    without autograd when nothing needs a gradient; a misaligned base drops the pinned TMA path."""
+    from effattn._memory import poisoned_outputs
+    from effattn.hardware import flash_bwd, flash_fwd
+
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "fwd=32,32,4,1,1")
+    gen = torch.Generator(device=device).manual_seed(3)
+    for step in range(3):
+        bufs = [torch.randn(29 * 64 + 1, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(3)]
+        off = int(step == 2)  # step 2: contiguous rows of heads, but the bases 2 bytes off 16-byte alignment
+        q, k, v = (b[off:off + 29 * 64].view(1, 29, 2, 32) for b in bufs)
+        with poisoned_outputs(), torch.no_grad():
+            o = effattn.flash_attention(q, k, v, causal=True)
+        x = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = effattn.reference.softmax_attention(*x, causal=True)
+        torch.testing.assert_close(o.double(), ref.detach(), atol=2e-2, rtol=2e-2)
+        if step < 2:  # the backward's plan, reused on the second step
+            g = torch.randn(ref.shape, device=device, generator=gen, dtype=torch.bfloat16)
+            y = [t.detach().requires_grad_() for t in (q, k, v)]
+            with poisoned_outputs():
+                effattn.flash_attention(*y, causal=True).backward(g)
+            ref.backward(g.double())
+            for a, b in zip(y, x):
+                torch.testing.assert_close(a.grad.double(), b.grad, atol=5e-2, rtol=5e-2)
+    assert any(sig[1] == (1, 29, 2, 32) for sig in flash_fwd._PLANS)
+    assert any(sig[0][0] == (1, 29, 2, 32) for sig in flash_bwd._PLANS)
+
+
 def test_gradient_of_lse_alone(device):
     """A loss on the LSE only (o unused: its gradient arrives as None) still gives exact gradients."""
     x = [torch.randn(1, 21, 2, 32, device=device, requires_grad=True) for _ in range(3)]

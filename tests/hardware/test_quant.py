@@ -108,6 +108,21 @@ def test_strided_inputs():
         assert (effattn.sage_attention(q, k, v, pv_dtype=pv).double() - want).abs().max() < 1e-5
 
 
+def test_repeated_calls_reuse_launch_plans():
+    """Second and third calls with fresh data go through the cached launch plans (outputs poisoned)."""
+    from effattn._memory import poisoned_outputs
+    from effattn.hardware import quant_fwd, quant_prep
+
+    for seed in (7, 8, 9):
+        q, k, v = (_rand(1, 37, 2, 32, seed=seed + 10 * i, dtype=torch.bfloat16) for i in range(3))
+        with poisoned_outputs():
+            got = effattn.sage_attention(q, k, v, causal=True)
+        want = sage_reference(q.double(), k.double(), v.double(), causal=True)
+        assert (got.double() - want).abs().max() < 2e-2
+    assert any(sig[0][0][0] == (1, 37, 2, 32) for sig in quant_fwd._PLANS)
+    assert any(sig[0] == (1, 37, 2, 32) for sig in quant_prep._QK_PLANS)
+
+
 # ------------------------------------------------------------------------------- error vs exact attention
 # Documented bounds (relative L1 vs exact attention; the registry descriptions quote them). flash_fp8 has no
 # K smoothing (FlashAttention-3 has none), so outlier key channels cost it accuracy.

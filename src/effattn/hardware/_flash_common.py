@@ -8,6 +8,7 @@ RIGHT = 0. Block-sparse masks add a per-tile bitmask for the partial tiles (see 
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Sequence
@@ -99,15 +100,18 @@ def _visible(pos, kidx, kv_len, LEFT, RIGHT):
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i, MASK: tl.constexpr):
-    """Online-softmax update for a tile of log2 scores s (-inf where masked): (p, alpha, l, m) with
-    p = 2^(s - m_new), alpha = 2^(m_old - m_new) rescaling the running sum and accumulator."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _softmax_step(x, c_row, c_tile, shift, m_i, l_i, MASK: tl.constexpr):
+    """Online-softmax update for a tile of raw scores x (-inf where masked) whose log2 scores are x * c with
+    c > 0 (c_row: c per row or a scalar, c_tile: the same broadcastable to x): (p, alpha, l, m) with
+    p = 2^(x c - m_new + shift), alpha = 2^(m_old - m_new). Since c > 0 the row max is max(x) * c, so
+    p costs one FMA and one exp2 per score (no separate scaling pass). shift (log2 of a constant) scales p
+    and l alike, e.g. by 448 for e4m3 P."""
+    m_new = tl.maximum(m_i, tl.max(x, 1) * c_row)
     if MASK:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: exp2 gives 0
     else:
         m_use = m_new
-    p = tl.exp2(s - m_use[:, None])
+    p = tl.exp2(x * c_tile - (m_use - shift)[:, None])
     alpha = tl.exp2(m_i - m_use)
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
 
@@ -151,24 +155,35 @@ def _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M: tl.constexpr, B
 
 # ------------------------------------------------------------------------------------------------- tuner
 class Config(tuple):
-    """(block_m, block_n, num_warps, num_stages, tma) of one launch; tma=1 loads through TMA descriptors."""
+    """(block_m, block_n, num_warps, num_stages, tma, ws) of one launch; tma=1 loads through TMA descriptors,
+    ws=1 asks Triton to warp-specialise the unmasked key loop (forward kernels only)."""
 
-    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0):
-        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma))
+    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0, ws: int = 0):
+        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma, ws))
 
 
 _BEST: dict = {}
 TIMINGS: dict = {}  # key -> {config: ms}, for the benchmark's report of what the tuner tried
 
 
-def _forced() -> dict:
-    """EFFATTN_FLASH_CONFIGS="fwd=128,64,4,3;dq=..." pins the configuration of a kernel kind (benchmarks
-    use it to compile candidates in parallel processes); EFFATTN_FLASH_TUNE=0 takes the first candidate."""
+def tuner_env() -> tuple:
+    """The environment variables that steer `pick_config` (part of every launch-plan cache key)."""
+    return os.environ.get("EFFATTN_FLASH_CONFIGS", ""), os.environ.get("EFFATTN_FLASH_TUNE", "1")
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_forced(spec: str) -> dict:
     out = {}
-    for item in filter(None, os.environ.get("EFFATTN_FLASH_CONFIGS", "").split(";")):
+    for item in filter(None, spec.split(";")):
         kind, _, cfg = item.partition("=")
         out[kind.strip()] = Config(*(int(x) for x in cfg.split(",")))
     return out
+
+
+def _forced() -> dict:
+    """EFFATTN_FLASH_CONFIGS="fwd=128,64,4,3;dq=..." pins the configuration of a kernel kind (benchmarks
+    use it to compile candidates in parallel processes); EFFATTN_FLASH_TUNE=0 takes the first candidate."""
+    return _parse_forced(os.environ.get("EFFATTN_FLASH_CONFIGS", ""))
 
 
 def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]) -> Config:
@@ -195,10 +210,41 @@ def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]
     return _BEST[key]
 
 
+class KernelLaunch:
+    """`fn[grid](*args, **kwargs)` with grid, constexprs and options fixed, replayed on new arguments through
+    the compiled kernel directly: the JIT's per-call argument binding, specialisation and cache lookup are
+    most of a launch's host time, which bounds short sequences. Valid only while every argument the kernel
+    specialises on (integer values, pointer alignment, dtypes) is unchanged: callers key their caches on
+    all of them. The interpreter always goes through the JIT."""
+
+    def __init__(self, fn, grid, kwargs):
+        self.fn, self.grid, self.kwargs = fn, tuple(grid) + (1,) * (3 - len(grid)), kwargs
+        self.runner = None
+
+    def __call__(self, *args) -> None:
+        if self.runner is not None:
+            self.runner(*args, *self.consts)
+            return
+        kernel = self.fn[self.grid](*args, **self.kwargs)
+        if not interpreting() and kernel is not None:
+            self.consts = tuple(self.kwargs[name] for name in self.fn.arg_names[len(args):])
+            self.runner = kernel[self.grid]
+
+
+# Host-side arithmetic in plain Python: triton.cdiv / next_power_of_2 are jit-wrapped and cost microseconds
+# per call, which adds up on the launch path of short sequences.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def seqlen_bucket(n: int) -> int:
     """Tuning key for a sequence length: short, medium and long sequences may prefer different tiles."""
-    return min(triton.next_power_of_2(max(n, 1)), 16384)
+    return min(next_pow2(max(n, 1)), 16384)
 
 
 def block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))

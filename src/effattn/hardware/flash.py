@@ -21,6 +21,9 @@ OPTIONS = {"causal": False, "window": None, "softcap": None, "scale": None, "blo
            "cu_seqlens": None, "return_lse": False}
 
 
+_FWD_OPTIONS = ("scale", "causal", "window", "softcap", "cu_seqlens", "max_seqlen", "sparse")
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, window, softcap, cu_seqlens, max_seqlen, sparse):
@@ -99,9 +102,12 @@ def flash_attention(q, k, v, *, causal=False, window=None, softcap=None, scale=N
     if block_mask is not None:
         _check_block_mask(block_mask, q, k)
     scale = D ** -0.5 if scale is None else float(scale)
-    o, lse = _FlashAttention.apply(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-                                   scale, causal, window, float(softcap) if softcap else None, cu_seqlens,
-                                   max_seqlen, block_mask)
+    args = (_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), scale, causal, window,
+            float(softcap) if softcap else None, cu_seqlens, max_seqlen, block_mask)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        o, lse = _FlashAttention.apply(*args)
+    else:  # inference: no autograd node to build
+        o, lse = flash_fwd(*args[:3], **dict(zip(_FWD_OPTIONS, args[3:])))
     return (o, lse) if return_lse else o
 
 

@@ -15,7 +15,8 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
-                            _tile_bits, _visible, block_d, dot_precision, pick_config, seqlen_bucket)
+                            _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
+                            seqlen_bucket, tuner_env)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -271,6 +272,24 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
     return [Config(128, 64, 8, 2), Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 8, 3)]
 
 
+# Launch plans of dense backwards, keyed like the forward's (flash_fwd._PLANS): the three launches with
+# their static arguments, replayed on new tensors.
+_PLANS: dict = {}
+
+
+def _run(plan, q, k, v, o, do, lse, dlse):
+    (d_static, d_launch), (kv_static, kv_launch), (q_static, q_launch), dummy = plan
+    B, T, H, _ = q.shape
+    delta = empty_output((B, H, T), torch.float32, q.device)
+    dq = empty_output(q.shape, q.dtype, q.device)
+    dk = empty_output(k.shape, k.dtype, k.device)
+    dv = empty_output(v.shape, v.dtype, v.device)
+    d_launch(o, do, dlse if dlse is not None else delta, delta, *d_static)
+    kv_launch(q, k, v, do, lse, delta, dk, dv, delta, *kv_static, *(dummy or (delta,) * 6 + (0, 0, 1, 1, 1)))
+    q_launch(q, k, v, do, lse, delta, dq, delta, *q_static, *(dummy or (delta,) * 6 + (0, 0, 1, 1, 1)))
+    return dq, dk, dv
+
+
 def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_seqlens, max_seqlen, sparse):
     """Gradients (dq, dk, dv) of `flash_fwd`'s outputs (dlse, `[B, H, T]` float32, may be None)."""
     B, T, H, D = q.shape
@@ -279,51 +298,77 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_s
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
     varlen = cu_seqlens is not None
+    dense = not varlen and sparse is None
+    if dense:
+        ts = (q, k, v, o, do)
+        aligned = tuple(t.data_ptr() % 16 for t in ts + (lse,) + (() if dlse is None else (dlse,)))
+        sig = (tuple(t.shape for t in ts), tuple(t.stride() for t in ts), aligned, q.dtype, q.device, scale, causal,
+               window, softcap, dlse is None, tuner_env())
+        plan = _PLANS.get(sig)
+        if plan is not None:
+            return _run(plan, q, k, v, o, do, lse, dlse)
     n_seq = cu_seqlens.numel() - 1 if varlen else B
-    delta = empty_output((B, H, T), torch.float32, q.device)
-    _delta_kernel[(triton.cdiv(T, 64), B * H)](
-        o, do, dlse if dlse is not None else delta, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0),
-        do.stride(1), do.stride(2), delta.stride(0), delta.stride(1), T, H, HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv),
-        BLOCK_M=64, HAS_DLSE=dlse is not None)
-    dq = empty_output(q.shape, q.dtype, q.device)
-    dk = empty_output(k.shape, k.dtype, k.device)
-    dv = empty_output(v.shape, v.dtype, v.device)
     left, right = window if window is not None else (NO_LIMIT, NO_LIMIT)
     if causal:
         right = 0
     cap_in = scale / softcap if softcap else 1.0
     cap_out = softcap * LOG2E if softcap else 1.0
-    dummy = (q,) * 6 + (0, 0, 1, 1, 1)
-    cu = cu_seqlens if varlen else delta
     arith = causal or window is not None
     fixed = sparse.block if sparse is not None else None
     rows = max_seqlen if varlen else T
     cols = max_seqlen if varlen else S
-    common = (T, S)
     scal = (scale * LOG2E, cap_in, cap_out, left, right)
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), VARLEN=varlen,
                 SPARSE=sparse is not None, ARITH=arith, WORDS=sparse.words if sparse is not None else 1,
                 SOFTCAP=bool(softcap), DOT_PREC=dot_precision(q.dtype))
+    # Output and delta strides are those of fresh dense tensors, fixed by the shapes.
+    delta_strides, dq_strides = (H * T, T), (T * H * D, H * D, D)
+    dk_strides, dv_strides = (S * Hkv * D, Hkv * D, D), (S * Hkv * Dv, Hkv * Dv, Dv)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
+    d_static = (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), *delta_strides, T, H)
+    delta_part = (d_static, KernelLaunch(_delta_kernel, (cdiv(T, 64), B * H), dict(
+        HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv), BLOCK_M=64, HAS_DLSE=dlse is not None)))
 
-    def launch_dkdv(cfg: Config) -> None:
-        bm, bn, warps, stages, _ = cfg
-        grid = (sparse.num_kv_blocks if sparse is not None else triton.cdiv(cols, bn), n_seq * Hkv)
-        _dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, cu, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-                           dv.stride(0), dv.stride(1), dv.stride(2), *common, Hkv, H // Hkv, *scal,
-                           *(sparse.kernel_args_transposed() if sparse is not None else dummy),
-                           BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
+    def dkdv_part(cfg: Config):
+        bm, bn, warps, stages = cfg[:4]
+        grid = (sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn), n_seq * Hkv)
+        return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal),
+                KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                      num_stages=stages)))
 
-    def launch_dq(cfg: Config) -> None:
-        bm, bn, warps, stages, _ = cfg
-        grid = (sparse.num_q_blocks if sparse is not None else triton.cdiv(rows, bm), n_seq * H)
-        _dq_kernel[grid](q, k, v, do, lse, delta, dq, cu, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-                         *common, H, H // Hkv, *scal, *(sparse.kernel_args() if sparse is not None else dummy),
-                         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
+    def dq_part(cfg: Config):
+        bm, bn, warps, stages = cfg[:4]
+        grid = (sparse.num_q_blocks if sparse is not None else cdiv(rows, bm), n_seq * H)
+        return ((*strides, *dq_strides, T, S, H, H // Hkv, *scal),
+                KernelLaunch(_dq_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                    num_stages=stages)))
+
+    # The tuner times each candidate on this call's tensors (cu_seqlens and the sparse index lists included).
+    dq = empty_output(q.shape, q.dtype, q.device)
+    dk = empty_output(k.shape, k.dtype, k.device)
+    dv = empty_output(v.shape, v.dtype, v.device)
+    delta = empty_output((B, H, T), torch.float32, q.device)
+    delta_part[1](o, do, dlse if dlse is not None else delta, delta, *d_static)
+    cu = cu_seqlens if varlen else delta
+    sp_kv = sparse.kernel_args_transposed() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
+    sp_q = sparse.kernel_args() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
+
+    def run_dkdv(part):
+        part[1](q, k, v, do, lse, delta, dk, dv, cu, *part[0], *sp_kv)
+
+    def run_dq(part):
+        part[1](q, k, v, do, lse, delta, dq, cu, *part[0], *sp_q)
 
     key = (D, Dv, q.dtype, arith, bool(softcap), fixed, varlen, seqlen_bucket(max(rows, cols)))
     d = max(D, Dv)
-    launch_dkdv(pick_config(("dkdv",) + key, bwd_configs(d, q.dtype, fixed, "dkdv"), launch_dkdv))
-    launch_dq(pick_config(("dq",) + key, bwd_configs(d, q.dtype, fixed, "dq"), launch_dq))
+    kv = dkdv_part(pick_config(("dkdv",) + key, bwd_configs(d, q.dtype, fixed, "dkdv"),
+                               lambda c: run_dkdv(dkdv_part(c))))
+    qp = dq_part(pick_config(("dq",) + key, bwd_configs(d, q.dtype, fixed, "dq"), lambda c: run_dq(dq_part(c))))
+    run_dkdv(kv)
+    run_dq(qp)
+    if dense:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[sig] = (delta_part, kv, qp, None)
     return dq, dk, dv

@@ -4,9 +4,12 @@ The flash forward's schedule (one program per query block, masked / full / maske
 online-softmax step (`_softmax_step`) are shared; what changes is the tile's arithmetic:
     s_ij  = (q_i . k_j)_int32|fp32 * sq_i * sk_j          (scales per token; log2(e) * scale folded in sq)
     PV16: acc = alpha acc + P_half V                       (P in V's dtype, fp32 accumulation)
-    PV8:  acc = alpha acc + (e4m3(448 P) @ V_e4m3) * sv_c  (per-channel, per-V_BLOCK scale; 1/448 at the end)
+    PV8:  acc = alpha acc + (e4m3(448 P) @ V_e4m3) * sv_c  (per-channel, per-V_BLOCK scale; 448 rides in the
+          exponent of P, and l sums 448 P, so o = acc / l)
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -14,9 +17,11 @@ import triton.language as tl
 
 from .._memory import empty_output
 from .._triton_mode import interpreting
-from ._flash_common import (NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _softmax_step, _visible, block_d,
-                            dot_precision, pick_config, seqlen_bucket)
+from ._flash_common import (NO_LIMIT, Config, KernelLaunch, _dot, _kv_stages, _load_tile, _softmax_step, _visible,
+                            block_d, cdiv, dot_precision, pick_config, seqlen_bucket, tuner_env)
 from .quantize import V_BLOCK
+
+LOG2_P_SCALE: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): P V in FP8 stores 448 P (e4m3 range)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -40,23 +45,38 @@ def _to_e4m3(x, GRID_ROUND: tl.constexpr):
 def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b, n0, pos, seqlen_k, LEFT, RIGHT,
                 offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                 PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, PV_FP8: tl.constexpr,
-                DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr):
-    """One online-softmax step over the key block [n0, n0 + BLOCK_N) with quantized operands."""
+                DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr):
+    """One online-softmax step over the key block [n0, n0 + BLOCK_N) with quantized operands.
+
+    K_SCALAR (the tile lies inside one K scale group): the scores are qk * r_i with the row factor
+    r_i = sq_i * sk, so the row max is max(qk) * r_i (r_i > 0) and p = exp2(qk * r_i - m_i) is one FMA per
+    score; the INT32 dot products become float32 through the exponent trick (2^23 + 2^22 + x is exact for
+    |x| < 2^22, which holds for D <= 256 int8 products), an integer add instead of a quarter-rate convert.
+    On the FP8 P V path p carries the factor 448 (the e4m3 range) through the exponent, l as well."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK, PAD_D)
-    if MASK:
-        sk = tl.load(KSb + offs_n, mask=offs_n < seqlen_k, other=0.0)
+    qk = tl.dot(q, tl.trans(k))
+    if K_SCALAR:
+        if QK_INT:
+            qk = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # exact: 12582912 = 2^23 + 2^22
+        r = sq * tl.load(KSb + n0)
+        if MASK:
+            qk = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT), qk, float("-inf"))
+        p, alpha, l_i, m_new = _softmax_step(qk, r, r[:, None], LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
     else:
-        sk = tl.load(KSb + offs_n)
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * sq[:, None] * sk[None, :]
-    if MASK:
-        s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT), s, float("-inf"))
-    p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i, MASK)
+        if MASK:
+            sk = tl.load(KSb + offs_n, mask=offs_n < seqlen_k, other=0.0)
+        else:
+            sk = tl.load(KSb + offs_n)
+        s = qk.to(tl.float32) * sq[:, None] * sk[None, :]
+        if MASK:
+            s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT), s, float("-inf"))
+        p, alpha, l_i, m_new = _softmax_step(s, 1.0, 1.0, LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
     v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
                    MASK, PAD_DV)
     if PV_FP8:
         sv = tl.load(VSb + (n0 // BLOCK_N) * svs_b + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0)
-        pv = tl.dot(_to_e4m3(p * 448.0, GRID_ROUND), v)
+        pv = tl.dot(_to_e4m3(p, GRID_ROUND), v)
         acc = acc * alpha[:, None] + pv * sv[None, :]
     else:
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC)
@@ -70,7 +90,8 @@ def _quant_fwd_kernel(
         sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, svs_n, T, S, H, GROUP, LEFT, RIGHT,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, REVERSE: tl.constexpr,
-        DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr):
+        DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr,
+        WS: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal: longest rows first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -86,7 +107,7 @@ def _quant_fwd_kernel(
     pos = offs_m + off
     q = _load_tile(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], offs_m, T, offs_d,
                    HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    sq = tl.load(QS + b * sqs_b + h * sqs_h + offs_m, mask=offs_m < T, other=0.0)
+    sq = tl.load(QS + b * sqs_b + h * sqs_h + offs_m, mask=offs_m < T, other=1.0)  # > 0: no 0 * inf
     Kb = K + b * sk_b + hk * sk_h
     KSb = KS + b * sks_b + hk * sks_h
     Vb = V + b * sv_b + hk * sv_h
@@ -98,17 +119,15 @@ def _quant_fwd_kernel(
     for n0 in range(lo, a, BLOCK_N):
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
-                                    BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND)
-    for n0 in tl.range(a, c, BLOCK_N):
+                                    BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
+    for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
-                                    BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC, GRID_ROUND)
+                                    BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
     for n0 in range(c, hi, BLOCK_N):
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
-                                    BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND)
-    if PV_FP8:
-        l_i = l_i * 448.0  # P was stored as 448 P
+                                    BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
     empty = l_i == 0.0  # rows that see no key output 0, like the reference
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_dv[None, :]
@@ -126,16 +145,23 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
         return [Config(32, 32, 4, 1)]
     if dtype == torch.float32:
         return [Config(64, 32, 4, 2), Config(64, 64, 4, 2)]
-    return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(128, 64, 8, 3)]
+    # BLOCK_N = 64 keeps a tile inside one K scale block ("block" / "warp" granularity: scalar-scale path)
+    return [Config(128, 64, 4, 3), Config(128, 64, 4, 4), Config(128, 64, 8, 3)]  # H100: 4 warps won every int8 cell
 
 
-def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype) -> torch.Tensor:
+# Launch plans keyed by shapes, strides, dtypes, alignment and options (see flash_fwd._PLANS).
+_PLANS: dict = {}
+
+
+def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_group: int | None = 1
+              ) -> torch.Tensor:
     """Launch the quantized forward.
 
     q `[B, T, H, D]` and k `[B, S, Hkv, D]` int8 or float8_e4m3fn; q_scale `[B, H, T]` (already times
     softmax scale * log2 e) and k_scale `[B, Hkv, S]` float32. v: `[B, S, Hkv, Dv]` in 16/32-bit with
     v_scale None, or float8 `[B, Hkv, Dv, S_pad]` with v_scale `[B, Hkv, ceil(S / V_BLOCK), Dv]`.
-    Returns o `[B, T, H, Dv]` in out_dtype."""
+    k_group: tokens sharing one K scale (None: the whole head); tiles inside one group take the scalar-scale
+    path (`_quant_tile`). Returns o `[B, T, H, Dv]` in out_dtype."""
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     pv_fp8 = v_scale is not None
@@ -150,19 +176,32 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype) ->
         vs = k_scale  # unused
         vs_strides = (0, 0, 0)
     o = empty_output((B, T, H, Dv), out_dtype, q.device)
+    scalar_ok = os.environ.get("EFFATTN_QUANT_SCALAR", "1") != "0"  # 0: per-token scale path (benchmarks)
+    sig = (tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in (q, k, v, q_scale, k_scale, vs)),
+           q.device, causal, out_dtype, k_group, scalar_ok, tuner_env())
+    plan = _PLANS.get(sig)
+    if plan is None:
+        static = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *sv, o.stride(0),
+                  o.stride(1), o.stride(2), q_scale.stride(0), q_scale.stride(1), k_scale.stride(0),
+                  k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT)
 
-    def launch(cfg: Config) -> None:
-        bm, bn, warps, stages, _tma = cfg  # the quantized loop loads through pointers only
-        _quant_fwd_kernel[(triton.cdiv(T, bm), B * H)](
-            q, k, v, q_scale, k_scale, vs, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-            k.stride(2), *sv, o.stride(0), o.stride(1), o.stride(2), q_scale.stride(0), q_scale.stride(1),
-            k_scale.stride(0), k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT,
-            HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
-            PV_FP8=pv_fp8, REVERSE=causal, DOT_PREC=None if pv_fp8 else dot_precision(v.dtype),
-            GRID_ROUND=interpreting(),
-            num_warps=warps, num_stages=stages)
+        def plan_of(cfg: Config) -> tuple:
+            bm, bn, warps, stages, _tma, ws = cfg  # the quantized loop loads through pointers only
+            k_scalar = scalar_ok and (k_group is None or k_group % bn == 0)
+            return static, KernelLaunch(_quant_fwd_kernel, (cdiv(T, bm), B * H), dict(
+                HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
+                PV_FP8=pv_fp8, REVERSE=causal, DOT_PREC=None if pv_fp8 else dot_precision(v.dtype),
+                GRID_ROUND=interpreting(), K_SCALAR=k_scalar, QK_INT=q.dtype == torch.int8, WS=bool(ws),
+                num_warps=warps, num_stages=stages))
 
-    key = ("quant", D, Dv, q.dtype, v.dtype, causal, seqlen_bucket(T))
-    launch(pick_config(key, quant_configs(max(D, Dv), pv_fp8, v.dtype), launch))
+        def run(p) -> None:
+            p[1](q, k, v, q_scale, k_scale, vs, o, *p[0])
+
+        key = ("quant", D, Dv, q.dtype, v.dtype, causal, k_group, scalar_ok, seqlen_bucket(T))
+        plan = plan_of(pick_config(key, quant_configs(max(D, Dv), pv_fp8, v.dtype), lambda c: run(plan_of(c))))
+        if len(_PLANS) > 256:  # many distinct shapes: start over rather than grow
+            _PLANS.clear()
+        _PLANS[sig] = plan
+    plan[1](q, k, v, q_scale, k_scale, vs, o, *plan[0])
     return o
 
