@@ -4,10 +4,12 @@ from .feature_maps import elu_plus_one
 from .fused_recurrent import fused_recurrent_gated_linear_attn
 from .gated import delta_net, gated_delta_net, gated_linear_attn, gla, lightning, retnet, retnet_gamma, simple_gla
 from .linear_transformer import linear_transformer
+from .mamba import mamba
 from .mamba2 import mamba2
 from .performer import FavorProjection, orthogonal_random_features, performer
 from .rwkv6 import rwkv6
 
 __all__ = ["elu_plus_one", "linear_transformer", "chunk_gated_linear_attn", "fused_recurrent_gated_linear_attn",
            "gated_linear_attn", "lightning", "retnet", "retnet_gamma", "simple_gla", "gla", "delta_net",
-           "gated_delta_net", "performer", "orthogonal_random_features", "FavorProjection", "mamba2", "rwkv6"]
+           "gated_delta_net", "performer", "orthogonal_random_features", "FavorProjection", "mamba2", "rwkv6",
+           "mamba"]

@@ -1,0 +1,82 @@
+"""Mamba (S6), mLSTM and sLSTM: every form vs the float64 reference (outputs, final states, gradients of every
+input) at sizes off the block shapes, decode step == chunk/parallel form token by token, bf16 stability at
+T = 4096, argument errors."""
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+from effattn.linear.mamba import mamba, mamba_inputs, mamba_reference
+from effattn.registry import Shape
+
+# the catalogue's shared checks (--import-mode=importlib: sibling test modules are loaded by path)
+_spec = importlib.util.spec_from_file_location("_catalog_checks", pathlib.Path(__file__).with_name("test_catalog.py"))
+_catalog = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_catalog)
+check_against_reference, check_decode = _catalog.check_against_reference, _catalog.check_decode
+
+
+# ------------------------------------------------------------------------------------------------- mamba
+def mamba_case(B=2, T=41, D=20, N=12, seed=0, **kw):
+    """D and N off the block sizes (16), T spanning three chunks and a remainder."""
+    gen = torch.Generator().manual_seed(seed)
+    inp = mamba_inputs(Shape(batch=B, seq_q=T, heads=1, head_dim=4), torch.float64, "cpu", gen, **kw)
+    r = lambda *s, std=1.0: std * torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    inp.update(x=r(B, T, D), dt=r(B, T, D) - 1.0, A=-torch.exp(r(D, N, std=0.5)), B=r(B, T, N), C=r(B, T, N),
+               D=r(D), dt_bias=r(D, std=0.5), z=r(B, T, D))
+    if "initial_state" in inp:
+        inp["initial_state"] = r(B, D, N, std=0.5)
+    return inp
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+@pytest.mark.parametrize("extras", [True, False], ids=["D,z,bias,h0", "bare"])
+def test_mamba_matches_reference(form, extras):
+    inp = mamba_case(initial_state=extras)
+    if not extras:
+        for name in ("D", "z", "dt_bias"):
+            inp.pop(name)
+    check_against_reference(mamba, mamba_reference, inp, {}, form=form)
+
+
+def test_mamba_decode_matches_chunk():
+    inp = mamba_case(T=19, seed=3)
+    static = {n: inp.pop(n) for n in ("A", "D", "dt_bias")}
+    check_decode(mamba, inp, {n: t.float() for n, t in static.items()}, "initial_state")
+
+
+def test_mamba_bf16_long_is_finite(monkeypatch):
+    from effattn.linear import selective_scan
+
+    # chunks of 128 tokens: an eighth of the interpreter's loop trips (the chunking itself is tested above)
+    monkeypatch.setattr(selective_scan, "_configs", lambda N: [(128, 16, 4)])
+    gen = torch.Generator().manual_seed(4)
+    inp = mamba_inputs(Shape(batch=1, seq_q=4096, heads=1, head_dim=16), torch.bfloat16, "cpu", gen)
+    inp["dt"] = inp["dt"] + 2.0  # large steps: strong decays exp(Delta A) -> 0 and large inputs Delta B x
+    for t in (inp["x"], inp["dt"], inp["B"], inp["A"]):
+        t.requires_grad_(True)
+    y, h = mamba(**inp, output_final_state=True)
+    (y.float().sum() + h.sum()).backward()
+    for t in (y, h, inp["x"].grad, inp["dt"].grad, inp["B"].grad, inp["A"].grad):
+        assert torch.isfinite(t.float()).all()
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"x": torch.zeros(2, 5)}, ValueError, "x must have 3 dimensions"),
+    ({"dt": torch.zeros(2, 5, 7)}, ValueError, "dt must be"),
+    ({"A": torch.zeros(7, 4)}, ValueError, "A must be"),
+    ({"B": torch.zeros(2, 5, 3)}, ValueError, "B must be"),
+    ({"C": torch.zeros(2, 4, 4)}, ValueError, "C must be"),
+    ({"D": torch.zeros(3)}, ValueError, "D must be"),
+    ({"z": torch.zeros(2, 5, 3)}, ValueError, "z must be"),
+    ({"initial_state": torch.zeros(2, 8, 5)}, ValueError, "initial_state must be"),
+    ({"form": "parallel"}, ValueError, "form"),
+    ({"x": "x"}, TypeError, "x must be a torch.Tensor"),
+])
+def test_mamba_errors(change, error, match):
+    inp = dict(x=torch.zeros(2, 5, 8), dt=torch.zeros(2, 5, 8), A=-torch.ones(8, 4), B=torch.zeros(2, 5, 4),
+               C=torch.zeros(2, 5, 4))
+    inp.update(change)
+    with pytest.raises(error, match=match):
+        mamba(**inp)
