@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from effattn.linear.mamba import mamba, mamba_inputs, mamba_reference
+from effattn.linear.mlstm import mlstm, mlstm_reference
 from effattn.registry import Shape
 
 # the catalogue's shared checks (--import-mode=importlib: sibling test modules are loaded by path)
@@ -80,3 +81,62 @@ def test_mamba_errors(change, error, match):
     inp.update(change)
     with pytest.raises(error, match=match):
         mamba(**inp)
+
+
+# ------------------------------------------------------------------------------------------------- mlstm
+def mlstm_case(B=2, T=23, H=2, K=12, V=10, seed=0, spread=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s, std=1.0: std * torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    h0 = r(B, H, K, V + 2, std=0.5)
+    h0[..., -2] = h0[..., -2].abs() + 0.5
+    h0[..., -1] = h0[..., :1, -1]
+    return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), i=r(B, T, H, std=spread),
+                f=r(B, T, H) + 2.0, initial_state=h0)
+
+
+@pytest.mark.parametrize("form", ["chunk", "parallel"])
+@pytest.mark.parametrize("forget", ["sigmoid", "exp"])
+def test_mlstm_matches_reference(form, forget):
+    inp = mlstm_case()
+    if forget == "exp":
+        inp["f"] = -torch.nn.functional.softplus(-inp["f"])  # log f <= 0 keeps the exponential gate a decay
+    check_against_reference(mlstm, mlstm_reference, inp, {"forget": forget}, form=form, chunk_size=8)
+
+
+def test_mlstm_wide_input_gates_stay_exact():
+    """Input gates spanning 200 nats (exp(i) overflows float32): the carried stabiliser keeps every form exact."""
+    inp = mlstm_case(seed=5, spread=60.0)
+    inp.pop("initial_state")
+    check_against_reference(mlstm, mlstm_reference, inp, {}, form="chunk", chunk_size=8)
+
+
+def test_mlstm_decode_matches_chunk():
+    inp = mlstm_case(T=13, seed=6)
+    check_decode(mlstm, inp, {"chunk_size": 4}, "initial_state")
+
+
+def test_mlstm_bf16_long_is_finite():
+    gen = torch.Generator().manual_seed(7)
+    r = lambda *s, std=1.0: (std * torch.randn(*s, generator=gen)).bfloat16().requires_grad_()  # noqa: E731
+    inp = dict(q=r(1, 4096, 2, 16), k=r(1, 4096, 2, 16), v=r(1, 4096, 2, 16), i=r(1, 4096, 2, std=10.0),
+               f=r(1, 4096, 2, std=3.0))
+    h, state = mlstm(**inp, output_final_state=True)
+    (h.float().sum() + state.sum()).backward()
+    for t in (h, state, *(x.grad for x in inp.values())):
+        assert torch.isfinite(t.float()).all()
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"i": torch.zeros(2, 5)}, ValueError, "i must have 3 dimensions"),
+    ({"f": torch.zeros(2, 5, 3)}, ValueError, "f must be"),
+    ({"k": torch.zeros(2, 5, 1, 4), "v": torch.zeros(2, 5, 1, 4)}, ValueError, "as many heads"),
+    ({"initial_state": torch.zeros(2, 2, 4, 4)}, ValueError, r"Dv \+ 2"),
+    ({"forget": "tanh"}, ValueError, "forget"),
+    ({"form": "fused"}, ValueError, "form"),
+])
+def test_mlstm_errors(change, error, match):
+    inp = dict(q=torch.zeros(2, 5, 2, 4), k=torch.zeros(2, 5, 2, 4), v=torch.zeros(2, 5, 2, 4), i=torch.zeros(2, 5, 2),
+               f=torch.zeros(2, 5, 2))
+    inp.update(change)
+    with pytest.raises(error, match=match):
+        mlstm(**inp)
