@@ -9,6 +9,7 @@ import torch
 
 from effattn.linear.mamba import mamba, mamba_inputs, mamba_reference
 from effattn.linear.mlstm import mlstm, mlstm_reference
+from effattn.linear.slstm import slstm, slstm_inputs, slstm_reference
 from effattn.registry import Shape
 
 # the catalogue's shared checks (--import-mode=importlib: sibling test modules are loaded by path)
@@ -140,3 +141,68 @@ def test_mlstm_errors(change, error, match):
     inp.update(change)
     with pytest.raises(error, match=match):
         mlstm(**inp)
+
+
+# ------------------------------------------------------------------------------------------------- slstm
+def slstm_case(B=2, T=11, H=2, d=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    inp = slstm_inputs(Shape(batch=B, seq_q=T, heads=H, head_dim=d), torch.float64, "cpu", gen)
+    inp["initial_state"] = inp["initial_state"].double()
+    return inp
+
+
+@pytest.mark.parametrize("forget", ["sigmoid", "exp"])
+def test_slstm_matches_reference(forget):
+    inp = slstm_case()
+    if forget == "exp":
+        inp["x"][:, :, 1] = -torch.nn.functional.softplus(-inp["x"][:, :, 1])
+    check_against_reference(slstm, slstm_reference, inp, {"forget": forget})
+
+
+def test_slstm_matches_hand_computed_lstm_step():
+    """One token from zero state: m = i~, so i' = 1, f' = 0, c = tanh(z~), n = 1, h = sigmoid(o~) tanh(z~)."""
+    inp = slstm_case(B=1, T=1)
+    h = slstm(inp["x"], inp["R"])
+    x = inp["x"][:, 0]
+    torch.testing.assert_close(h[:, 0], torch.sigmoid(x[:, 3]) * torch.tanh(x[:, 2]))
+
+
+def test_slstm_decode_matches_sequence():
+    inp = slstm_case(T=9, seed=2)
+    o, state = slstm(**inp, output_final_state=True)
+    s, steps = inp["initial_state"], []
+    for t in range(9):
+        o_t, s = slstm(inp["x"][:, t:t + 1], inp["R"], initial_state=s, output_final_state=True)
+        steps.append(o_t)
+    torch.testing.assert_close(torch.cat(steps, 1), o)
+    torch.testing.assert_close(s, state)
+
+
+def test_slstm_bf16_long_is_finite():
+    """Forward over 4096 tokens; the backward (a 4096-step Python autograd graph costs ~40 s here) over 256."""
+    gen = torch.Generator().manual_seed(3)
+    inp = slstm_inputs(Shape(batch=1, seq_q=4096, heads=2, head_dim=4), torch.bfloat16, "cpu", gen,
+                       initial_state=False)
+    inp["x"] = (inp["x"].float() * 4).bfloat16()  # large pre-activations: exponential gates up to e^16
+    with torch.no_grad():
+        h, state = slstm(**inp, output_final_state=True)
+    assert torch.isfinite(h.float()).all() and torch.isfinite(state).all()
+    x, R = inp["x"][:, :256].clone().requires_grad_(), inp["R"].clone().requires_grad_()
+    h, state = slstm(x, R, output_final_state=True)
+    (h.float().sum() + state[:, :3].sum()).backward()
+    for t in (h, state, x.grad, R.grad):
+        assert torch.isfinite(t.float()).all()
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"x": torch.zeros(2, 5, 3, 2, 4)}, ValueError, "gates i, f, z, o"),
+    ({"R": torch.zeros(4, 2, 4, 3)}, ValueError, "R must be"),
+    ({"initial_state": torch.zeros(2, 4, 2, 3)}, ValueError, "initial_state must be"),
+    ({"forget": "relu"}, ValueError, "forget"),
+    ({"form": "chunk"}, ValueError, "form"),
+])
+def test_slstm_errors(change, error, match):
+    inp = dict(x=torch.zeros(2, 5, 4, 2, 4), R=torch.zeros(4, 2, 4, 4))
+    inp.update(change)
+    with pytest.raises(error, match=match):
+        slstm(**inp)
