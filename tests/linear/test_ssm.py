@@ -52,7 +52,7 @@ def test_mamba_bf16_long_is_finite(monkeypatch):
     from effattn.linear import selective_scan
 
     # chunks of 128 tokens: an eighth of the interpreter's loop trips (the chunking itself is tested above)
-    monkeypatch.setattr(selective_scan, "_configs", lambda N: [(128, 16, 4)])
+    monkeypatch.setattr(selective_scan, "_configs", lambda N: [(128, 16, 4, 0)])
     gen = torch.Generator().manual_seed(4)
     inp = mamba_inputs(Shape(batch=1, seq_q=4096, heads=1, head_dim=16), torch.bfloat16, "cpu", gen)
     inp["dt"] = inp["dt"] + 2.0  # large steps: strong decays exp(Delta A) -> 0 and large inputs Delta B x
@@ -206,3 +206,13 @@ def test_slstm_errors(change, error, match):
     inp.update(change)
     with pytest.raises(error, match=match):
         slstm(**inp)
+
+
+def test_mamba_token_by_token_kernel_variant(monkeypatch):
+    """The kernels' SEQ=1 variant (each chunk's tokens walked one by one, h_t of the chunk in scratch for the
+    backward): the configuration the GPU tuning may pick instead of the in-chunk associative scan."""
+    from effattn.linear import selective_scan
+
+    monkeypatch.setattr(selective_scan, "_configs", lambda N: [(16, 16, 4, 1)])
+    monkeypatch.setattr(selective_scan, "_bwd_configs", lambda N: [(16, 4, 1)])
+    check_against_reference(mamba, mamba_reference, mamba_case(initial_state=True), {}, form="chunk")

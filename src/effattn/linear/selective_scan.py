@@ -60,9 +60,39 @@ def _load_bc(M, b, t0, T, N, on, mn, BT: tl.constexpr):
 
 
 @triton.jit
+def _load_token(x, dt, bias, Bm, Cm, b, t, T, D, N, od, md, on, mn):
+    """Token t: x_t, delta_t, raw dt_t `[BD]`; B_t, C_t `[BN]`; the channel mask (all off past the end)."""
+    mt = md & (t < T)
+    row = b * T + t
+    raw = tl.load(dt + row * D + od, mask=mt, other=0.0).to(tl.float32) + bias
+    delta = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))
+    xt = tl.load(x + row * D + od, mask=mt, other=0.0).to(tl.float32)
+    Bt = tl.load(Bm + row * N + on, mask=mn & (t < T), other=0.0).to(tl.float32)
+    Ct = tl.load(Cm + row * N + on, mask=mn & (t < T), other=0.0).to(tl.float32)
+    return xt, tl.where(mt, delta, 0.0), raw, Bt, Ct, mt
+
+
+@triton.jit
+def _chunk_fwd(x, dt, dt_bias, Bm, Cm, A_, h, y, b, t0, T, D, N, od, md, on, mn, BT: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+    """One chunk by the associative scan; returns the state after it."""
+    delta, _, m2, offs = _load_delta(dt, dt_bias, b, t0, T, D, od, md, BT, HAS_BIAS)
+    xt = tl.load(x + offs, mask=m2, other=0.0).to(tl.float32)
+    Bt, _, _ = _load_bc(Bm, b, t0, T, N, on, mn, BT)
+    Ct, _, _ = _load_bc(Cm, b, t0, T, N, on, mn, BT)
+    a = tl.exp(delta[:, :, None] * A_[None, :, :])
+    u = (delta * xt)[:, :, None] * Bt[:, None, :]
+    ac, uc = tl.associative_scan((a, u), axis=0, combine_fn=_combine)
+    hh = ac * h[None, :, :] + uc
+    tl.store(y + offs, tl.sum(hh * Ct[:, None, :], axis=2).to(y.dtype.element_ty), mask=m2)
+    last = (tl.arange(0, BT) == BT - 1)[:, None, None]
+    return tl.sum(tl.where(last, hh, 0.0), axis=0)  # padded rows are identity steps: the last row is h_end
+
+
+@triton.jit
 def _scan_fwd(x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, NC, BT: tl.constexpr, BD: tl.constexpr,
               BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_H0: tl.constexpr, SAVE: tl.constexpr,
-              STORE_HT: tl.constexpr):
+              STORE_HT: tl.constexpr, SEQ: tl.constexpr):
     pid_d, b = tl.program_id(0), tl.program_id(1)
     od = pid_d * BD + tl.arange(0, BD)
     on = tl.arange(0, BN)
@@ -74,28 +104,57 @@ def _scan_fwd(x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, NC, BT: tl.cons
         h = tl.load(h0 + b * D * N + odn, mask=mdn, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BD, BN], dtype=tl.float32)
-    last = (tl.arange(0, BT) == BT - 1)[:, None, None]
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(dt_bias + od, mask=md, other=0.0)
     for c in range(0, NC):
         if SAVE:
             tl.store(hs + (b * NC + c) * D * N + odn, h, mask=mdn)
-        delta, _, m2, offs = _load_delta(dt, dt_bias, b, c * BT, T, D, od, md, BT, HAS_BIAS)
-        xt = tl.load(x + offs, mask=m2, other=0.0).to(tl.float32)
-        Bt, _, _ = _load_bc(Bm, b, c * BT, T, N, on, mn, BT)
-        Ct, _, _ = _load_bc(Cm, b, c * BT, T, N, on, mn, BT)
-        a = tl.exp(delta[:, :, None] * A_[None, :, :])
-        u = (delta * xt)[:, :, None] * Bt[:, None, :]
-        ac, uc = tl.associative_scan((a, u), axis=0, combine_fn=_combine)
-        hh = ac * h[None, :, :] + uc
-        tl.store(y + offs, tl.sum(hh * Ct[:, None, :], axis=2).to(y.dtype.element_ty), mask=m2)
-        h = tl.sum(tl.where(last, hh, 0.0), axis=0)  # padded rows are identity steps: the last row is h_end
+        if SEQ:  # token by token, the state [BD, BN] in registers: no cross-thread scan, loads hoisted
+            for j in tl.static_range(BT):
+                xt, delta, _, Bt, Ct, mt = _load_token(x, dt, bias, Bm, Cm, b, c * BT + j, T, D, N, od, md, on, mn)
+                h = tl.exp(delta[:, None] * A_) * h + (delta * xt)[:, None] * Bt[None, :]
+                tl.store(y + (b * T + c * BT + j) * D + od, tl.sum(h * Ct[None, :], axis=1).to(y.dtype.element_ty),
+                         mask=mt)
+        else:
+            h = _chunk_fwd(x, dt, dt_bias, Bm, Cm, A_, h, y, b, c * BT, T, D, N, od, md, on, mn, BT, HAS_BIAS)
     if STORE_HT:
         tl.store(ht + b * D * N + odn, h, mask=mdn)
 
 
 @triton.jit
-def _scan_bwd(x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, B, T, D, N, NC, BT: tl.constexpr,
-              BD: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DHT: tl.constexpr,
-              STORE_DH0: tl.constexpr):
+def _chunk_bwd(x, dt, dt_bias, Bm, Cm, A_, h_start, Gs, dy, dx, ddt, dB, dC, b, t0, T, D, N, od, md, on, mn,
+               BT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One chunk's gradients by two associative scans; returns (the carry a_{t0} g_{t0}, its dA part)."""
+    delta, raw, m2, offs = _load_delta(dt, dt_bias, b, t0, T, D, od, md, BT, HAS_BIAS)
+    delta_next, _, _, _ = _load_delta(dt, dt_bias, b, t0 + 1, T, D, od, md, BT, HAS_BIAS)
+    xt = tl.load(x + offs, mask=m2, other=0.0).to(tl.float32)
+    dyt = tl.load(dy + offs, mask=m2, other=0.0).to(tl.float32)
+    Bt, mbn, obn = _load_bc(Bm, b, t0, T, N, on, mn, BT)
+    Ct, _, _ = _load_bc(Cm, b, t0, T, N, on, mn, BT)
+    a = tl.exp(delta[:, :, None] * A_[None, :, :])
+    u = (delta * xt)[:, :, None] * Bt[:, None, :]
+    ac, uc = tl.associative_scan((a, u), axis=0, combine_fn=_combine)
+    hh = ac * h_start[None, :, :] + uc
+    # g_t = a_{t+1} g_{t+1} + C_t dy_t inside the chunk; the last row takes the carry a_{t0+BT} g_{t0+BT} as is
+    rows = tl.arange(0, BT)[:, None, None]
+    a_next = tl.where(rows == BT - 1, 1.0, tl.exp(delta_next[:, :, None] * A_[None, :, :]))
+    gc, gu = tl.associative_scan((a_next, dyt[:, :, None] * Ct[:, None, :]), axis=0, combine_fn=_combine,
+                                 reverse=True)
+    g = gc * Gs[None, :, :] + gu
+    gB = tl.sum(g * Bt[:, None, :], axis=2)
+    w = g * (hh - u)  # g_t a_t h_{t-1}
+    tl.store(dx + offs, (delta * gB).to(dx.dtype.element_ty), mask=m2)
+    tl.store(ddt + offs, (xt * gB + tl.sum(w * A_[None, :, :], axis=2)) * tl.sigmoid(raw), mask=m2)
+    tl.store(dB + obn, tl.sum(g * (delta * xt)[:, :, None], axis=1), mask=mbn)
+    tl.store(dC + obn, tl.sum(dyt[:, :, None] * hh, axis=1), mask=mbn)
+    return tl.sum(tl.where(rows == 0, a * g, 0.0), axis=0), tl.sum(w * delta[:, :, None], axis=0)
+
+
+@triton.jit
+def _scan_bwd(x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, scratch, B, T, D, N, NC,
+              BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DHT: tl.constexpr,
+              STORE_DH0: tl.constexpr, SEQ: tl.constexpr):
     pid_d, b = tl.program_id(0), tl.program_id(1)
     od = pid_d * BD + tl.arange(0, BD)
     on = tl.arange(0, BN)
@@ -103,52 +162,63 @@ def _scan_bwd(x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, 
     mdn = md[:, None] & mn[None, :]
     odn = od[:, None] * N + on[None, :]
     A_ = tl.load(A + odn, mask=mdn, other=0.0)
-    if USE_DHT:  # G: the adjoint of the state after the chunk (g_{t0 + BT})
-        G = tl.load(dht + b * D * N + odn, mask=mdn, other=0.0).to(tl.float32)
+    # Gs = a_{t+1} g_{t+1}: what the state after step t receives from the future (dht after the last token)
+    if USE_DHT:
+        Gs = tl.load(dht + b * D * N + odn, mask=mdn, other=0.0).to(tl.float32)
     else:
-        G = tl.zeros([BD, BN], dtype=tl.float32)
-    first = (tl.arange(0, BT) == 0)[:, None, None]
+        Gs = tl.zeros([BD, BN], dtype=tl.float32)
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(dt_bias + od, mask=md, other=0.0)
     dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
-    g0 = tl.zeros([BD, BN], dtype=tl.float32)
-    part = pid_d * B * T * N  # this block's slice of the dB / dC partial sums `[NDB, B, T, N]`
+    dB += pid_d * B * T * N  # this block's slice of the dB / dC partial sums `[NDB, B, T, N]`
+    dC += pid_d * B * T * N
+    tile = tl.arange(0, BD)[:, None] * BN + on[None, :]
+    scratch += (pid_d * B + b) * BT * BD * BN  # this program's h_t of one chunk (L2-resident)
     for i in range(0, NC):
         t0 = (NC - 1 - i) * BT
-        delta, raw, m2, offs = _load_delta(dt, dt_bias, b, t0, T, D, od, md, BT, HAS_BIAS)
-        delta_next, _, _, _ = _load_delta(dt, dt_bias, b, t0 + 1, T, D, od, md, BT, HAS_BIAS)
-        xt = tl.load(x + offs, mask=m2, other=0.0).to(tl.float32)
-        dyt = tl.load(dy + offs, mask=m2, other=0.0).to(tl.float32)
-        Bt, mbn, obn = _load_bc(Bm, b, t0, T, N, on, mn, BT)
-        Ct, _, _ = _load_bc(Cm, b, t0, T, N, on, mn, BT)
-        a = tl.exp(delta[:, :, None] * A_[None, :, :])
-        u = (delta * xt)[:, :, None] * Bt[:, None, :]
-        h_start = tl.load(hs + (b * NC + t0 // BT) * D * N + odn, mask=mdn, other=0.0)
-        ac, uc = tl.associative_scan((a, u), axis=0, combine_fn=_combine)
-        hh = ac * h_start[None, :, :] + uc
-        # g_t = a_{t+1} g_{t+1} + C_t dy_t; past the sequence end a_{t+1} = 1 and dy = 0, so G = dht flows in
-        a_next = tl.exp(delta_next[:, :, None] * A_[None, :, :])
-        gc, gu = tl.associative_scan((a_next, dyt[:, :, None] * Ct[:, None, :]), axis=0, combine_fn=_combine,
-                                     reverse=True)
-        g = gc * G[None, :, :] + gu
-        gB = tl.sum(g * Bt[:, None, :], axis=2)
-        w = g * (hh - u)  # g_t a_t h_{t-1}
-        dd = xt * gB + tl.sum(w * A_[None, :, :], axis=2)
-        tl.store(dx + offs, (delta * gB).to(dx.dtype.element_ty), mask=m2)
-        tl.store(ddt + offs, dd * tl.sigmoid(raw), mask=m2)
-        tl.store(dB + part + obn, tl.sum(g * (delta * xt)[:, :, None], axis=1), mask=mbn)
-        tl.store(dC + part + obn, tl.sum(dyt[:, :, None] * hh, axis=1), mask=mbn)
-        dA_acc += tl.sum(w * delta[:, :, None], axis=0)
-        G = tl.sum(tl.where(first, g, 0.0), axis=0)
-        if STORE_DH0:
-            g0 = tl.sum(tl.where(first, a * g, 0.0), axis=0)  # dL/dh_{-1} = a_0 g_0 once the first chunk ran
+        h = tl.load(hs + (b * NC + t0 // BT) * D * N + odn, mask=mdn, other=0.0)
+        if SEQ:
+            for j in tl.static_range(BT):  # recompute h_t of the chunk
+                xt, delta, _, Bt, _, _ = _load_token(x, dt, bias, Bm, Cm, b, t0 + j, T, D, N, od, md, on, mn)
+                h = tl.exp(delta[:, None] * A_) * h + (delta * xt)[:, None] * Bt[None, :]
+                tl.store(scratch + j * BD * BN + tile, h)
+            tl.debug_barrier()
+            for jj in tl.static_range(BT):  # and walk it backwards
+                t = t0 + BT - 1 - jj
+                xt, delta, raw, Bt, Ct, mt = _load_token(x, dt, bias, Bm, Cm, b, t, T, D, N, od, md, on, mn)
+                dyt = tl.load(dy + (b * T + t) * D + od, mask=mt, other=0.0).to(tl.float32)
+                ht = tl.load(scratch + (BT - 1 - jj) * BD * BN + tile)
+                a = tl.exp(delta[:, None] * A_)
+                g = Gs + dyt[:, None] * Ct[None, :]
+                gB = tl.sum(g * Bt[None, :], axis=1)
+                w = g * (ht - (delta * xt)[:, None] * Bt[None, :])  # g_t a_t h_{t-1}
+                tl.store(dx + (b * T + t) * D + od, (delta * gB).to(dx.dtype.element_ty), mask=mt)
+                tl.store(ddt + (b * T + t) * D + od, (xt * gB + tl.sum(w * A_, axis=1)) * tl.sigmoid(raw), mask=mt)
+                tl.store(dB + (b * T + t) * N + on, tl.sum(g * (delta * xt)[:, None], axis=0), mask=mn & (t < T))
+                tl.store(dC + (b * T + t) * N + on, tl.sum(dyt[:, None] * ht, axis=0), mask=mn & (t < T))
+                dA_acc += w * delta[:, None]
+                Gs = a * g
+            tl.debug_barrier()
+        else:
+            Gs, dA_part = _chunk_bwd(x, dt, dt_bias, Bm, Cm, A_, h, Gs, dy, dx, ddt, dB, dC, b, t0, T, D, N, od, md,
+                                     on, mn, BT, HAS_BIAS)
+            dA_acc += dA_part
     tl.store(dA + b * D * N + odn, dA_acc, mask=mdn)
     if STORE_DH0:
-        tl.store(dh0 + b * D * N + odn, g0, mask=mdn)
+        tl.store(dh0 + b * D * N + odn, Gs, mask=mdn)  # dL/dh_{-1} = a_0 g_0
 
 
 def _configs(N: int):
-    """(BT, BD, num_warps): the state block [BD, N] and a chunk's [BT, BD, N] working set live in registers."""
-    big = N > 32
-    return [(16, 8 if big else 16, 4), (16, 16, 8), (32, 8, 4), (8, 32, 4), (16, 32, 8), (32, 16, 8)]
+    """Forward candidates (BT, BD, num_warps, SEQ): SEQ=0 scans each chunk's [BT, BD, N] block at once,
+    SEQ=1 walks its tokens one by one on the [BD, N] state. The first one is the interpreter's."""
+    bd = 8 if N > 32 else 16
+    return [(16, bd, 4, 0), (32, 8, 4, 0), (16, 8, 4, 1), (32, 8, 4, 1), (16, 16, 4, 1), (32, 16, 4, 1)]
+
+
+def _bwd_configs(N: int):
+    """Backward candidates (BD, num_warps, SEQ); the chunk length BT is the forward's (its saved states)."""
+    return [(8 if N > 32 else 16, 4, 0), (8, 4, 0), (8, 4, 1), (16, 4, 1), (8, 2, 1)]
 
 
 def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool, bt: int | None = None):
@@ -167,12 +237,12 @@ def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool, bt: int |
         return hs
 
     def launch(cfg):
-        BT, BD, warps = cfg
+        BT, BD, warps, seq = cfg
         hs = run(BT)
         _scan_fwd[(triton.cdiv(D, BD), Bsz)](x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, triton.cdiv(T, BT),
-                                             BT=BT, BD=BD, BN=max(16, triton.next_power_of_2(N)),
+                                             BT=BT, BD=BD, BN=triton.next_power_of_2(N),
                                              HAS_BIAS=dt_bias is not None, USE_H0=h0 is not None, SAVE=save,
-                                             STORE_HT=want_ht, num_warps=warps)
+                                             STORE_HT=want_ht, SEQ=bool(seq), num_warps=warps)
     cfg = pick_config(("mamba_fwd", *key), _configs(N), launch)
     launch(cfg)
     return y, ht, holder["hs"], cfg[0]
@@ -189,16 +259,16 @@ def _backward(x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, want_dh0: bool):
     parts = {}
 
     def launch(cfg):
-        BD, warps = cfg
-        NDB = triton.cdiv(D, BD)
+        BD, warps, seq = cfg
+        NDB, BN = triton.cdiv(D, BD), triton.next_power_of_2(N)
         parts["dB"] = empty_output((NDB, Bsz, T, N), torch.float32, x.device)
         parts["dC"] = empty_output((NDB, Bsz, T, N), torch.float32, x.device)
+        scratch = torch.empty(NDB * Bsz * BT * BD * BN if seq else 1, dtype=torch.float32, device=x.device)
         _scan_bwd[(NDB, Bsz)](x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, parts["dB"], parts["dC"], dh0,
-                              Bsz, T, D, N, triton.cdiv(T, BT), BT=BT, BD=BD, BN=max(16, triton.next_power_of_2(N)),
+                              scratch, Bsz, T, D, N, triton.cdiv(T, BT), BT=BT, BD=BD, BN=BN,
                               HAS_BIAS=dt_bias is not None, USE_DHT=dht is not None, STORE_DH0=want_dh0,
-                              num_warps=warps)
-    configs = [(bd, w) for bt, bd, w in _configs(N) if bt == BT] + [(8, 4), (16, 4)]
-    cfg = pick_config(("mamba_bwd", *key), list(dict.fromkeys(configs)), launch)
+                              SEQ=bool(seq), num_warps=warps)
+    cfg = pick_config(("mamba_bwd", *key), _bwd_configs(N), launch)
     launch(cfg)
     return dx, ddt, dA.sum(0), parts["dB"].sum(0), parts["dC"].sum(0), dh0
 
