@@ -28,7 +28,7 @@ FORGET = ("sigmoid", "exp")
 def slstm_step(x_t, R, state, forget="sigmoid"):
     """One token: x_t `[B, 4, H, d]`, R `[4, H, d, d]`, state (h, c, n, m) each `[B, H, d]`. Returns the new state."""
     h, c, n, m = state
-    pre = x_t + torch.einsum("bhi,ghij->bghj", h, R)  # W x + b + R h_{t-1}
+    pre = x_t + (h[:, None, :, None, :] @ R).squeeze(-2)  # W x + b + h_{t-1} R, per gate and head
     i_, f_, z_, o_ = pre.unbind(1)
     log_f = F.logsigmoid(f_) if forget == "sigmoid" else f_
     m_new = torch.maximum(log_f + m, i_)
