@@ -79,7 +79,8 @@ def mamba(x, dt, A, B, C, D=None, z=None, *, dt_bias=None, initial_state=None, o
     `[B, D, N]`. Returns out `[B, T, D]` in x's dtype (and the final state `[B, D, N]`, float32 (float64 for
     float64 input), with `output_final_state`). Time O(T D N), state O(D N).
     `form`: "chunk" (the Triton chunked scan of selective_scan.py, fwd + bwd) or "recurrent" (`mamba_step`
-    token by token in PyTorch: the decode step).
+    token by token in PyTorch: the decode step). float64 input always runs "recurrent" (the kernels
+    accumulate in float32).
     """
     check_choice("form", form, FORMS)
     check_choice("output_final_state", output_final_state, (True, False))

@@ -18,6 +18,11 @@ the same associative pair run with `reverse=True` (a_{t+1} loaded one row ahead)
     ddelta_t = x_t sum_n g_t B_t + sum_n g_t a_t h_{t-1} A,   dA = sum_t g_t a_t h_{t-1} delta_t
 where a_t h_{t-1} = h_t - u_t (no division by a small a_t). dB and dC sum over channels of other programs:
 each program writes its block's partial sum and the launcher adds them (deterministic, no atomics).
+Between chunks the backward carries a_{t0} g_{t0}, what the state before the chunk receives.
+
+Two variants of each kernel, picked by tuning (constexpr SEQ): the in-chunk associative scan above, and a
+token-by-token walk over the chunk on the [BD, N] register state (no cross-thread scan; its backward
+recomputes the chunk's h_t into a per-program scratch that stays in L2 and walks it back).
 """
 from __future__ import annotations
 
@@ -222,24 +227,19 @@ def _bwd_configs(N: int):
     return [(8 if N > 32 else 16, 4, 0), (8, 4, 0), (8, 4, 1)]
 
 
-def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool, bt: int | None = None):
+def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool):
     Bsz, T, D = x.shape
     N = A.shape[1]
     y = empty_output((Bsz, T, D), x.dtype, x.device)
     ht = empty_output((Bsz, D, N), torch.float32, x.device) if want_ht else None
     key = (D, N, x.dtype, Bsz, seqlen_bucket(T))
-    # the chunk states' size depends on BT: pick the config first (timing without saving), then save
     holder = {}
-
-    def run(BT):
-        NC = triton.cdiv(T, BT)
-        hs = torch.empty((Bsz, NC, D, N), dtype=torch.float32, device=x.device) if save else None
-        holder["hs"] = hs
-        return hs
 
     def launch(cfg):
         BT, BD, warps, seq = cfg
-        hs = run(BT)
+        # the chunk-start states saved for the backward: their number depends on the candidate's BT
+        holder["hs"] = hs = (torch.empty((Bsz, triton.cdiv(T, BT), D, N), dtype=torch.float32, device=x.device)
+                             if save else None)
         _scan_fwd[(triton.cdiv(D, BD), Bsz)](x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, triton.cdiv(T, BT),
                                              BT=BT, BD=BD, BN=triton.next_power_of_2(N),
                                              HAS_BIAS=dt_bias is not None, USE_H0=h0 is not None, SAVE=save,
