@@ -151,12 +151,13 @@ def slstm_case(B=2, T=11, H=2, d=6, seed=0):
     return inp
 
 
+@pytest.mark.parametrize("form", ["recurrent", "fused"])
 @pytest.mark.parametrize("forget", ["sigmoid", "exp"])
-def test_slstm_matches_reference(forget):
-    inp = slstm_case()
+def test_slstm_matches_reference(form, forget):
+    inp = slstm_case(d=5)  # d = 5: the fused kernel's lanes 5..7 are masked
     if forget == "exp":
         inp["x"][:, :, 1] = -torch.nn.functional.softplus(-inp["x"][:, :, 1])
-    check_against_reference(slstm, slstm_reference, inp, {"forget": forget})
+    check_against_reference(slstm, slstm_reference, inp, {"forget": forget}, form=form)
 
 
 def test_slstm_matches_hand_computed_lstm_step():
@@ -179,7 +180,8 @@ def test_slstm_decode_matches_sequence():
 
 
 def test_slstm_bf16_long_is_finite():
-    """Forward over 4096 tokens; the backward (a 4096-step Python autograd graph costs ~40 s here) over 256."""
+    """Forward over 4096 tokens; the backward (a 4096-step Python autograd graph costs ~40 s here) over 256.
+    The recurrent form: the fused kernel would take minutes in Triton's interpreter at this length."""
     gen = torch.Generator().manual_seed(3)
     inp = slstm_inputs(Shape(batch=1, seq_q=4096, heads=2, head_dim=4), torch.bfloat16, "cpu", gen,
                        initial_state=False)
@@ -200,6 +202,7 @@ def test_slstm_bf16_long_is_finite():
     ({"initial_state": torch.zeros(2, 4, 2, 3)}, ValueError, "initial_state must be"),
     ({"forget": "relu"}, ValueError, "forget"),
     ({"form": "chunk"}, ValueError, "form"),
+    ({"form": "fused", "x": torch.zeros(2, 5, 4, 2, 4, dtype=torch.float64)}, TypeError, "float64"),
 ])
 def test_slstm_errors(change, error, match):
     inp = dict(x=torch.zeros(2, 5, 4, 2, 4), R=torch.zeros(4, 2, 4, 4))

@@ -8,9 +8,11 @@ projections W x_t + b given as `x` `[B, T, 4, H, d]` (gates in the order i, f, z
     c_t = f'_t c_{t-1} + i'_t tanh(z~_t),   n_t = f'_t n_{t-1} + i'_t,   h_t = sigmoid(o~_t) c_t / n_t
 
 The recurrence through h_{t-1} R makes every gate depend nonlinearly on the previous output, so there is no
-parallel or chunkwise form (the paper: "not parallelizable"); the one form is the recurrence. There is no
-fused Triton kernel here: the registered fast path is the same recurrence run in float32 (float64 for
-float64 input) token by token in PyTorch, a reference-grade form, and is described as such.
+parallel or chunkwise form (the paper: "not parallelizable"); both forms are the recurrence:
+- "recurrent" (the default): token by token in PyTorch, float32 accumulation (float64 for float64 input), a
+  reference-grade form: one small op per gate and step, slow on long sequences.
+- "fused": one Triton kernel per direction (slstm_fused.py), state and R in registers. Tested with Triton's
+  interpreter only so far (not yet run on a GPU), hence not the default.
 
 State `[B, 4, H, d]` = (h, c, n, m); without one, h = c = n = 0 and m = -inf.
 """
@@ -19,9 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._triton_mode import require_triton
 from ..validate import check_choice, check_tensor
+from .slstm_fused import fused_slstm
 
-FORMS = ("recurrent",)
+FORMS = ("recurrent", "fused")
 FORGET = ("sigmoid", "exp")
 
 
@@ -76,11 +80,17 @@ def slstm(x, R, *, forget="sigmoid", initial_state=None, output_final_state=Fals
     x: input pre-activations W x + b `[B, T, 4, H, d]` (i, f, z, o); R: recurrent block-diagonal weights
     `[4, H, d, d]`; initial_state `[B, 4, H, d]` = (h, c, n, m). Returns h `[B, T, H, d]` in x's dtype (and the
     final state `[B, 4, H, d]`, float32 or float64, with `output_final_state`). Time O(T H d^2), sequential in T.
-    `form`: "recurrent" only (PyTorch, float32 accumulation; see the module docstring).
+    `form`: "recurrent" (PyTorch, float32 accumulation) or "fused" (Triton; float16/bfloat16/float32 input).
     """
     check_choice("form", form, FORMS)
     check_choice("output_final_state", output_final_state, (True, False))
     _check(x, R, forget, initial_state)
+    if form == "fused":
+        require_triton("slstm(form='fused')", x)
+        if x.dtype == torch.float64:
+            raise TypeError("slstm(form='fused') takes float16, bfloat16 or float32 x, got float64")
+        h, state = fused_slstm(x, R.float(), initial_state, exp_forget=forget == "exp")
+        return (h, state) if output_final_state else h
     h, state = _run(x, R, forget, initial_state, torch.float64 if x.dtype == torch.float64 else torch.float32)
     h = h.to(x.dtype)
     return (h, state) if output_final_state else h
@@ -93,10 +103,11 @@ def slstm_reference(x, R, *, forget="sigmoid", initial_state=None, output_final_
 
 
 def slstm_inputs(shape, dtype, device, generator, *, initial_state=True, **options):
-    """x `[B, T, 4, H, d = head_dim]` (forget pre-activations shifted by +3), R ~ N(0, 1/d), a state with n > 0."""
+    """x `[B, T, 4, H', d]` (forget pre-activations shifted by +3), R ~ N(0, 1/d), a state with n > 0, with
+    H' = H / 4 heads of d = head_dim / 4: narrow, since Triton's interpreter runs the fused form's tests."""
     from ..inputs import randn
 
-    B, T, H, d = shape.batch, shape.seq_q, shape.heads, shape.head_dim
+    B, T, H, d = shape.batch, shape.seq_q, max(1, shape.heads // 4), max(2, shape.head_dim // 4)
     x = torch.randn((B, T, 4, H, d), generator=generator)
     x[:, :, 1] += 3.0
     out = {"x": x.to(device=device, dtype=dtype), "R": randn((4, H, d, d), dtype, device, generator, std=d ** -0.5)}
@@ -119,13 +130,14 @@ def _register() -> None:
         fn=slstm, reference=slstm_reference,
         make_inputs=partial(slstm_inputs, output_final_state=True),
         complexity=Complexity("O(N H d^2) sequential", "O(N H d)", 1.0, 1.0),
-        state_or_cache=StateOrCache("4 H d", False, lambda s: 4 * s.heads * s.head_dim),
+        state_or_cache=StateOrCache("4 H d (as drawn: H / 4 heads of d / 4)", False,
+                                    lambda s: 4 * max(1, s.heads // 4) * max(2, s.head_dim // 4)),
         forms=FORMS, options={"forget": "sigmoid", "initial_state": None, "output_final_state": False,
                               "form": "recurrent"},
         supports=frozenset({"causal", "backward", "decode", "state"}),
         grad_inputs=("x", "R", "initial_state"),
         description="scalar memory, exponential gating with stabiliser, block-diagonal recurrent weights; "
-                    "recurrent only, PyTorch (no fused kernel)"))
+                    "recurrent only (PyTorch, or a fused Triton kernel not yet run on a GPU)"))
 
 
 _register()
