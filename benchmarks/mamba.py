@@ -26,8 +26,12 @@ from effattn.registry import REGISTRY
 from effattn.testing import check_method, odd_shapes
 
 D_INNER, N, H, DK, DV = 2048, 16, 16, 16, 128
-# a few candidates only: compile time is most of a short device lease
-selective_scan._configs = lambda n: [(16, 16, 4), (16, 16, 8), (32, 8, 4), (16, 8, 4)]
+# a few candidates only: compile time is most of a short device lease (run 1 tuned the scan variant to
+# forward (32, 8, 4) and backward BD 8, 4 warps)
+FWD = [(32, 8, 4, 0), (16, 8, 4, 1), (32, 8, 4, 1), (16, 16, 4, 1)]
+BWD = [(8, 4, 0), (8, 4, 1), (16, 4, 1)]
+selective_scan._configs = lambda n: FWD
+selective_scan._bwd_configs = lambda n: BWD
 
 
 def bench(fn):
@@ -87,9 +91,12 @@ def main():
     save = lambda: json.dump(res, open(path, "w"), indent=1)  # noqa: E731
     m = REGISTRY.get("mamba")
     for dtype in (torch.float32, torch.bfloat16):
-        r = check_method(m, form="chunk", shape=odd_shapes()[0], dtype=dtype, device="cuda")
-        res["checks"][f"reference_{dtype}"] = {c.name: [c.error, c.allowed, c.ok] for c in r}
-        print(dtype, all(c.ok for c in r), flush=True)
+        for variant, fwd, bwd in (("scan", FWD[:1], BWD[:1]), ("seq", FWD[1:2], BWD[1:2])):
+            selective_scan._configs, selective_scan._bwd_configs = (lambda n, c=fwd: c), (lambda n, c=bwd: c)
+            r = check_method(m, form="chunk", shape=odd_shapes()[0], dtype=dtype, device="cuda")
+            res["checks"][f"reference_{dtype}_{variant}"] = {c.name: [c.error, c.allowed, c.ok] for c in r}
+            print(dtype, variant, all(c.ok for c in r), flush=True)
+    selective_scan._configs, selective_scan._bwd_configs = (lambda n: FWD), (lambda n: BWD)
     gen = torch.Generator(device="cuda").manual_seed(1)
     big = dict(x=torch.randn(1, 2048, 256, device="cuda", generator=gen),
                dt=torch.randn(1, 2048, 256, device="cuda", generator=gen) - 2,
@@ -113,9 +120,11 @@ def main():
             row[f"ratio_{k}"] = row["mamba_scan"][k] / row["engine_scalar_gate"][k]
         res["speed"].append(row)
         save()
-    res["tuned"] = {str(k): str(v) for k, v in __import__("effattn.hardware._flash_common",
-                                                          fromlist=["_BEST"])._BEST.items() if "mamba" in str(k)}
-    save()
+        tune = __import__("effattn.hardware._flash_common", fromlist=["_BEST"])
+        res["tuned"] = {str(k): str(v) for k, v in tune._BEST.items() if "mamba" in str(k)}
+        res["timings"] = {str(k): {str(c): ms for c, ms in v.items()} for k, v in tune.TIMINGS.items()
+                          if "mamba" in str(k)}
+        save()
 
 
 if __name__ == "__main__":

@@ -30,14 +30,21 @@ def _gates(pi, pf, pz, po, m_prev, EXP_F: tl.constexpr):
 
 
 @triton.jit
-def _slstm_fwd(x, R, s0, out, pre, hist, sT, T, H, d, BD: tl.constexpr, EXP_F: tl.constexpr,
-               USE_S0: tl.constexpr):
-    b, hd = tl.program_id(0), tl.program_id(1)
+def _head(R, hd, H, d, BD: tl.constexpr):
+    """Lane offsets and mask of one head's vectors `[BD]` and blocks `[BD, BD]`, and its four R_g."""
     oi = tl.arange(0, BD)
     md = oi < d
     rr = oi[:, None] * d + oi[None, :]
     mr = md[:, None] & md[None, :]
     R_i, R_f, R_z, R_o = _load4(R + hd * d * d + rr, H * d * d, mr, 0.0)
+    return oi, md, rr, mr, R_i, R_f, R_z, R_o
+
+
+@triton.jit
+def _slstm_fwd(x, R, s0, out, pre, hist, sT, T, H, d, BD: tl.constexpr, EXP_F: tl.constexpr,
+               USE_S0: tl.constexpr):
+    b, hd = tl.program_id(0), tl.program_id(1)
+    oi, md, rr, mr, R_i, R_f, R_z, R_o = _head(R, hd, H, d, BD)
     sb = (b * 4 * H + hd) * d + oi  # state [B, 4, H, d]: h, c, n, m
     if USE_S0:
         h, c, n, m = _load4(s0 + sb, H * d, md, 0.0)
@@ -82,11 +89,7 @@ def _load4(ptr, stride, mask, other):
 def _slstm_bwd(R, s0, pre, hist, dout, dsT, dx, dR, ds0, T, H, d, BD: tl.constexpr, EXP_F: tl.constexpr,
                USE_S0: tl.constexpr, USE_DST: tl.constexpr):
     b, hd = tl.program_id(0), tl.program_id(1)
-    oi = tl.arange(0, BD)
-    md = oi < d
-    rr = oi[:, None] * d + oi[None, :]
-    mr = md[:, None] & md[None, :]
-    R_i, R_f, R_z, R_o = _load4(R + hd * d * d + rr, H * d * d, mr, 0.0)
+    oi, md, rr, mr, R_i, R_f, R_z, R_o = _head(R, hd, H, d, BD)
     dR_i, dR_f = tl.zeros([BD, BD], tl.float32), tl.zeros([BD, BD], tl.float32)
     dR_z, dR_o = tl.zeros([BD, BD], tl.float32), tl.zeros([BD, BD], tl.float32)
     sb = (b * 4 * H + hd) * d + oi
