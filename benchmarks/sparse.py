@@ -42,6 +42,8 @@ class Config:
     n_quality: int
     block: tuple
     pattern_options: dict
+    pattern_sizes: tuple = ()  # (N, D) pairs of the pattern sweep, most wanted first
+    pattern_blocks: tuple = ()  # BlockMask tiles tried for each pattern (the kernel runs the mask's tiles)
 
 
 def full_config(device):
@@ -51,7 +53,8 @@ def full_config(device):
         "sparse_transformer": {"stride": 128, "variant": "fixed", "summary": 16},
         "streaming_llm": {"sinks": 64, "window": 1024},
         "neighborhood_2d": {"grid": (128, 128), "kernel": (13, 13)},
-        "neighborhood_3d": {"grid": (16, 32, 32), "kernel": (5, 9, 9)}})
+        "neighborhood_3d": {"grid": (16, 32, 32), "kernel": (5, 9, 9)}},
+        ((16384, 128), (32768, 128), (8192, 128), (32768, 64), (16384, 64), (8192, 64)), ((128, 64), (128, 128)))
 
 
 def quick_config(device):
@@ -59,14 +62,14 @@ def quick_config(device):
         "sliding_window": {"window": 32}, "longformer": {"window": 16, "global_tokens": (0, 1)},
         "bigbird": {"block_size": 16, "random_blocks": 1}, "sparse_transformer": {"stride": 16},
         "streaming_llm": {"sinks": 4, "window": 32}, "neighborhood_2d": {"grid": (8, 16), "kernel": (3, 5)},
-        "neighborhood_3d": {"grid": (2, 8, 8), "kernel": (1, 3, 3)}})
+        "neighborhood_3d": {"grid": (2, 8, 8), "kernel": (1, 3, 3)}}, ((128, 16),), ((16, 16), (16, 32)))
 
 
 def bench(fn, device) -> float:
     """Median milliseconds."""
     if device == "cuda":
         import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=50, rep=200))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
     fn()  # CPU (interpreter): a smoke test, one timed call
     t0 = time.perf_counter()
     fn()
@@ -126,39 +129,88 @@ def flex_fn(cfg):
     return torch.compile(flex_attention)
 
 
-def pattern_vs_flex(cfg):
+def _sized_options(name, opts, N):
+    """The pattern's options at length N (token grids reshaped to hold N tokens)."""
+    if "grid" in opts and math.prod(opts["grid"]) == N:
+        return opts
+    if name == "neighborhood_2d":
+        return {**opts, "grid": (N // 128, 128)}
+    if name == "neighborhood_3d":
+        return {**opts, "grid": (N // 1024, 32, 32)}
+    return opts
+
+
+def pattern_vs_flex(cfg, names=None, deadline=math.inf, on_row=lambda rows: None):
+    """Each pattern at each (N, D) of cfg.pattern_sizes vs compiled FlexAttention with the same mask;
+    stops starting new sizes once `deadline` (time.time()) has passed."""
     from torch.nn.attention.flex_attention import create_block_mask
     flex = flex_fn(cfg)
     rows = []
-    for spec in SPECS:
-        N = cfg.n_pattern
-        opts = cfg.pattern_options[spec.name]
-        pattern = spec.build(N, N, cfg.H, **opts)
-        q, k, v = rand(cfg, N)
-        flex_grad = cfg.device == "cuda"  # FlexAttention has no CPU backward
-        qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_(flex_grad) for t in (q, k, v))
+    for N, D in cfg.pattern_sizes:
+        for spec in SPECS:
+            if names and spec.name not in names:
+                continue
+            if time.time() > deadline:
+                print(f"time budget spent: skipping {spec.name} at N={N}, D={D}", flush=True)
+                continue
+            try:
+                rows.append(_pattern_row(cfg, flex, create_block_mask, spec, N, D))
+            except Exception as exc:  # e.g. a mask FlexAttention cannot compile: keep timing the others
+                print(f"{spec.name} N={N} D={D} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
+                continue
+            on_row(rows)  # saved as it goes: a run cut off by the device's time limit keeps its rows
+    return rows
+
+
+def _pattern_row(cfg, flex, create_block_mask, spec, N, D):
+    opts = _sized_options(spec.name, cfg.pattern_options[spec.name], N)
+    pattern = spec.build(N, N, cfg.H, **opts)
+    sub = Config(**{**cfg.__dict__, "D": D})
+    q, k, v = rand(sub, N)
+    flex_grad = cfg.device == "cuda"  # FlexAttention has no CPU backward
+    qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_(flex_grad) for t in (q, k, v))
+    sync = torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    fbm = create_block_mask(pattern, None, cfg.H if pattern.per_head else None, N, N, device=cfg.device)
+    sync()
+    flex_build_s = time.perf_counter() - t0
+
+    def theirs():
+        return flex(qf, kf, vf, block_mask=fbm)
+    r = {"method": spec.name, "options": {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in opts.items()},
+         "N": N, "D": D, "flex_build_s": flex_build_s, "flex_fwd_ms": bench(theirs, cfg.device),
+         "flex_fwd_bwd_ms": bench(fwd_bwd(theirs, qf, kf, vf), cfg.device) if flex_grad else math.nan, "by_block": {}}
+    for block in cfg.pattern_blocks:
         t0 = time.perf_counter()
-        bm = pattern.block_mask(1, cfg.H, N, N, block=cfg.block, device=cfg.device)
+        bm = pattern.block_mask(1, cfg.H, N, N, block=block, device=cfg.device)
+        sync()
         build_s = time.perf_counter() - t0
-        fbm = create_block_mask(pattern, None, cfg.H if pattern.per_head else None, N, N, device=cfg.device)
 
         def ours():
             return effattn.flash_attention(q, k, v, block_mask=bm)
-
-        def theirs():
-            return flex(qf, kf, vf, block_mask=fbm)
-        err = float((ours().float() - theirs().transpose(1, 2).float()).abs().max())
-        r = {"method": spec.name, "options": {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in opts.items()},
-             "N": N, "density": bm.density(), "build_s": build_s, "max_abs_diff_vs_flex": err,
-             "fwd_ms": bench(ours, cfg.device), "flex_fwd_ms": bench(theirs, cfg.device),
-             "fwd_bwd_ms": bench(fwd_bwd(ours, q, k, v), cfg.device),
-             "flex_fwd_bwd_ms": bench(fwd_bwd(theirs, qf, kf, vf), cfg.device) if flex_grad else math.nan}
-        r["ratio_fwd"] = r["flex_fwd_ms"] / r["fwd_ms"]
-        r["ratio_fwd_bwd"] = r["flex_fwd_bwd_ms"] / r["fwd_bwd_ms"]
-        rows.append(r)
-        print(f"{spec.name}: density {r['density']:.3f}, fwd {r['fwd_ms']:.3f} ms vs flex {r['flex_fwd_ms']:.3f} "
-              f"({r['ratio_fwd']:.2f}x), fwd+bwd {r['ratio_fwd_bwd']:.2f}x, |diff| {err:.2e}", flush=True)
-    return rows
+        err = float((ours().detach().float() - theirs().detach().transpose(1, 2).float()).abs().max())
+        row = r["by_block"][f"{block[0]}x{block[1]}"] = {
+            "density": bm.density(), "build_s": build_s, "max_abs_diff_vs_flex": err,
+            "fwd_ms": bench(ours, cfg.device), "fwd_bwd_ms": math.inf}
+        try:
+            row["fwd_bwd_ms"] = bench(fwd_bwd(ours, q, k, v), cfg.device)
+        except RuntimeError as exc:  # e.g. a backward tile that does not fit shared memory at this D
+            row["fwd_bwd_error"] = str(exc)
+            print(f"{spec.name} N={N} D={D} tile {block}: backward failed: {exc}", flush=True)
+    # Reported: each metric at the tile that is best for it (the caller picks the tile when building the mask).
+    for metric in ("fwd_ms", "fwd_bwd_ms"):
+        tile, best = min(r["by_block"].items(), key=lambda kv: kv[1][metric])
+        r[metric], r[metric.replace("_ms", "_block")] = best[metric], tile
+    first = next(iter(r["by_block"].values()))
+    r.update(density=first["density"], build_s=first["build_s"],
+             max_abs_diff_vs_flex=max(b["max_abs_diff_vs_flex"] for b in r["by_block"].values()))
+    err = r["max_abs_diff_vs_flex"]
+    r["ratio_fwd"] = r["flex_fwd_ms"] / r["fwd_ms"]
+    r["ratio_fwd_bwd"] = r["flex_fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    print(f"{spec.name} N={N} D={D}: density {r['density']:.3f}, fwd {r['fwd_ms']:.3f} ms ({r['fwd_block']}) vs flex "
+          f"{r['flex_fwd_ms']:.3f} ({r['ratio_fwd']:.2f}x), fwd+bwd {r['fwd_bwd_ms']:.3f} vs "
+          f"{r['flex_fwd_bwd_ms']:.3f} ({r['ratio_fwd_bwd']:.2f}x), |diff| {err:.2e}", flush=True)
+    return r
 
 
 # ---------------------------------------------------------------- 3. quality of dynamic methods
@@ -213,10 +265,11 @@ def quality(cfg):
     gates = torch.zeros(1, N, cfg.H, 3, device=cfg.device, dtype=cfg.dtype)
     gates[..., 1] = 1.0  # the selection branch alone: the part of NSA that approximates attention
     w = torch.full((b,), 1.0 / b, device=cfg.device, dtype=cfg.dtype)
-    for top_n in (2, 4, 8):
-        if top_n < nb:
-            add("nsa (selected branch)", f"top_n={top_n}", sp.nsa(q, k, v, gates, w, w, block_size=b, top_n=top_n),
-                float("nan"))
+    for selection in ("token", "block"):
+        for top_n in (2, 4, 8):
+            if top_n < nb:
+                add(f"nsa (selected branch, {selection} selection)", f"top_n={top_n}",
+                    sp.nsa(q, k, v, gates, w, w, block_size=b, top_n=top_n, selection=selection), float("nan"))
     return rows
 
 
@@ -232,12 +285,13 @@ def markdown(meta, dens, pats, qual):
     lines += [f"| {r['density']:.2f} | {r['measured_density']:.3f} | {r['fwd_ms']:.3f} | {r['dense_fwd_ms']:.3f} | "
               f"{r['speedup_fwd']:.2f}x | {r['fwd_bwd_ms']:.3f} | {r['dense_fwd_bwd_ms']:.3f} | {r['speedup_fwd_bwd']:.2f}x |"
               for r in dens]
-    lines += ["", f"## Pattern methods vs FlexAttention (same mask, N={meta['n_pattern']}; ratio = Flex time / ours)",
-              "", "| method | density | fwd ms | Flex fwd ms | ratio | fwd+bwd ms | Flex fwd+bwd ms | ratio | mask build s |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['density']:.3f} | {r['fwd_ms']:.3f} | {r['flex_fwd_ms']:.3f} | {r['ratio_fwd']:.2f}x | "
-              f"{r['fwd_bwd_ms']:.3f} | {r['flex_fwd_bwd_ms']:.3f} | {r['ratio_fwd_bwd']:.2f}x | {r['build_s']:.2f} |"
-              for r in pats]
+    lines += ["", "## Pattern methods vs compiled FlexAttention (same mask; ratio = Flex time / ours, > 1: we are faster)",
+              "", "| method | N | D | density | fwd ms (tile) | Flex fwd ms | ratio | fwd+bwd ms (tile) | Flex fwd+bwd ms | ratio | "
+              "mask build s (ours / Flex) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['N']} | {r['D']} | {r['density']:.3f} | {r['fwd_ms']:.3f} ({r['fwd_block']}) | "
+              f"{r['flex_fwd_ms']:.3f} | {r['ratio_fwd']:.2f}x | {r['fwd_bwd_ms']:.3f} ({r['fwd_bwd_block']}) | "
+              f"{r['flex_fwd_bwd_ms']:.3f} | {r['ratio_fwd_bwd']:.2f}x | "
+              f"{r['build_s']:.2f} / {r['flex_build_s']:.2f} |" for r in pats]
     lines += ["", f"## Dynamic methods: relative L2 error vs full causal attention (N={meta['n_quality']}, "
               "locality-structured q/k)", "", "| method | budget | density (tiles) | rel. error |", "|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['budget']} | {'-' if math.isnan(r['density']) else format(r['density'], '.3f')} | "
@@ -250,6 +304,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", choices=("density", "patterns", "quality"), action="append")
+    ap.add_argument("--patterns", nargs="*", help="pattern methods to time (default: all)")
+    ap.add_argument("--budget-s", type=float, default=math.inf,
+                    help="start no new pattern size after this many seconds (the device call's limit)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = quick_config(device) if args.quick else full_config(device)
@@ -259,17 +316,23 @@ def main(argv=None):
             "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "triton": triton.__version__, "dtype": str(cfg.dtype).replace("torch.", ""),
             "H": cfg.H, "D": cfg.D, "block": list(cfg.block), "n_density": cfg.n_density,
-            "n_pattern": cfg.n_pattern, "n_quality": cfg.n_quality}
-    dens = density_sweep(cfg) if "density" in parts else []
-    pats = pattern_vs_flex(cfg) if "patterns" in parts else []
-    with torch.no_grad():
-        qual = quality(cfg) if "quality" in parts else []
+            "n_pattern": cfg.n_pattern, "n_quality": cfg.n_quality, "pattern_sizes": [list(x) for x in cfg.pattern_sizes]}
+    deadline = time.time() + args.budget_s
     os.makedirs(args.out, exist_ok=True)
     stem = "sparse" + ("_" + "_".join(args.only) if args.only else "")  # --only runs do not overwrite others
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({"meta": meta, "density": dens, "patterns": pats, "quality": qual}, f, indent=1)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(markdown(meta, dens, pats, qual))
+
+    def save(dens, pats, qual):
+        with open(os.path.join(args.out, stem + ".json"), "w") as f:
+            json.dump({"meta": meta, "density": dens, "patterns": pats, "quality": qual}, f, indent=1)
+        with open(os.path.join(args.out, stem + ".md"), "w") as f:
+            f.write(markdown(meta, dens, pats, qual))
+
+    dens = density_sweep(cfg) if "density" in parts else []
+    with torch.no_grad():  # before the patterns: cheap, and the time budget cuts the pattern sweep
+        qual = quality(cfg) if "quality" in parts else []
+    save(dens, [], qual)
+    pats = pattern_vs_flex(cfg, args.patterns, deadline, lambda rows: save(dens, rows, qual)) if "patterns" in parts else []
+    save(dens, pats, qual)
     print(markdown(meta, dens, pats, qual))
 
 

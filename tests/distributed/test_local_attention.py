@@ -124,18 +124,40 @@ class _CpuFlash:
             do, q, k, v, o, lse, dropout_p, is_causal, scale=scale)
 
 
+class _CpuCudnn:
+    """The CUDA cuDNN ops' signatures (LSE with a trailing 1, attn_bias, philox tensors), served on CPU."""
+
+    @staticmethod
+    def _scaled_dot_product_cudnn_attention(q, k, v, bias, compute_lse, dropout_p, is_causal, debug, *, scale=None):
+        assert bias is None and compute_lse and dropout_p == 0.0 and not debug
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)
+        empty = torch.empty(0)
+        return o, lse.unsqueeze(-1), empty, empty, q.shape[2], k.shape[2], empty, empty, empty
+
+    @staticmethod
+    def _scaled_dot_product_cudnn_attention_backward(do, q, k, v, o, lse, seed, offset, bias, cum_q, cum_k, max_q,
+                                                     max_k, dropout_p, is_causal, *, scale=None):
+        assert bias is None and lse.shape == q.shape[:3] + (1,) and (max_q, max_k) == (q.shape[2], k.shape[2])
+        assert cum_q is None and cum_k is None  # defined offsets, even empty ones, mean nested tensors to cuDNN
+        assert do.stride() == o.stride()  # cuDNN wants dO laid out like O
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, o, lse.squeeze(-1), dropout_p, is_causal, scale=scale)
+
+
+@pytest.mark.parametrize("backend,aten", [("sdpa", _CpuFlash), ("cudnn", _CpuCudnn)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_sdpa_backend_layouts_against_torch_backend(monkeypatch, causal):
-    monkeypatch.setattr(local, "_aten", _CpuFlash)
+def test_sdpa_backend_layouts_against_torch_backend(monkeypatch, causal, backend, aten):
+    monkeypatch.setattr(local, "_aten", aten)
+    fwd, bwd = local.BACKENDS[backend].forward, local.BACKENDS[backend].backward
     q, k, v = _qkv(11, 11, 4, 2, Dv=8, dtype=torch.float32, seed=3)
     # A strided slice of the shard, as ring steps pass them; causal blocks are square in the ring (the
     # CUDA kernel aligns causal masks top-left, which equals bottom-right only then).
     rows = slice(0, 11) if causal else slice(3, 11)
-    o, lse = local.sdpa_forward(q[:, rows], k, v, causal=causal, scale=0.4)
+    o, lse = fwd(q[:, rows], k, v, causal=causal, scale=0.4)
     o_ref, lse_ref = local.torch_forward(q[:, rows], k, v, causal=causal, scale=0.4)
     assert (o - o_ref).abs().max() < 1e-5 and (lse - lse_ref).abs().max() < 1e-5
     do = torch.randn_like(o_ref)
-    got = local.sdpa_backward(do, q[:, rows], k, v, o, lse, causal=causal, scale=0.4)
+    got = bwd(do, q[:, rows], k, v, o, lse, causal=causal, scale=0.4)
     want = local.torch_backward(do, q[:, rows], k, v, o_ref, lse_ref, causal=causal, scale=0.4)
     for g, w in zip(got, want):
         assert g.shape == w.shape and (g - w).abs().max() < 1e-5

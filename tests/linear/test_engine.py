@@ -63,6 +63,13 @@ def test_triton_chunk_matches_reference(gate, delta):
     check_all(chunk_gated_linear_attn, make(gate, delta), delta, chunk_size=16)
 
 
+@pytest.mark.parametrize("gate,delta", [("vector", False), ("scalar", True)], ids=["vector", "gated_delta"])
+def test_triton_chunk_default_chunk_size(gate, delta):
+    """The default chunk of 64 rows, 16-row sub-blocks for vector gates: T=80 leaves the second chunk with
+    16 live rows and three dead sub-blocks (whose reference rows once pointed past the tensors)."""
+    check_all(chunk_gated_linear_attn, make(gate, delta, B=2, T=80, H=1, K=16, V=16), delta)
+
+
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
 def test_triton_chunk_head_dim_split(gate):
     """Dk = 80 > 64: the state kernels split the key dimension across programs (rows are independent)."""
@@ -185,3 +192,17 @@ def test_errors_name_the_argument():
         lightning(q, k, v, decay=1.5)
     with pytest.raises(ValueError, match="no backward"):
         fused_recurrent_gated_linear_attn(q.requires_grad_(), k, v, g)
+
+
+def test_chunk_kernel_takes_expanded_cotangents():
+    """o.sum() + ht.sum() hands the backward stride-0 views; the kernels must read them as dense (on the GPU
+    an expanded dht once read out of bounds)."""
+    x = {n: t if t is None else t.float() for n, t in make("scalar", True, B=1, T=21, V=16, seed=3).items()}
+    grads = []
+    for fn in (chunk_gated_linear_attn, linear_recurrent):
+        ins = {n: t.detach().requires_grad_() for n, t in x.items()}
+        o, ht = fn(**ins, output_final_state=True, delta_rule=True)
+        (o.sum() + ht.sum()).backward()
+        grads.append([t.grad for t in ins.values()])
+    for mine, ref in zip(*grads):
+        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-3)

@@ -8,6 +8,7 @@ from effattn.reference import softmax_attention
 from effattn.registry import REGISTRY
 from effattn.sparse import dynamic as dyn
 from effattn.sparse import lsh
+from effattn.sparse.nsa import nsa_reference
 from effattn.testing import assert_matches_reference, odd_shapes
 
 
@@ -100,8 +101,8 @@ def test_errors():
         sp.nsa(q, k, v, gates[..., :2], w, w, block_size=16)
     with pytest.raises(ValueError, match="w_k"):
         sp.nsa(q, k, v, gates, w[:8], w, block_size=16)
-    with pytest.raises(ValueError, match="complete block"):
-        sp.nsa(q[:, :8], k[:, :8], v[:, :8], gates[:, :8], torch.ones(64), torch.ones(64), block_size=64)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        sp.nsa(q, k, v, gates, w, w, block_size=16, selection="query")
     E = torch.randn(4, 31)
     with pytest.raises(ValueError, match=r"\[k, S\]"):
         sp.linformer(q, k, v, E, E)
@@ -123,3 +124,17 @@ def test_through_the_public_api(device):
     torch.testing.assert_close(effattn.attention(q, k, v, method="linformer", E=E, F=E), sp.linformer(q, k, v, E, E))
     with pytest.raises(TypeError, match="gates"):
         effattn.attention(q, k, v, method="nsa")
+
+
+@pytest.mark.parametrize("selection,T,S", [("token", 37, 37), ("block", 37, 37), ("token", 5, 45), ("token", 9, 9)],
+                         ids=["token", "block", "decode_chunk", "before_first_block"])
+def test_nsa_selections_match_reference(selection, T, S):
+    """Per-token (default) and per-block selection; a chunk continuing a sequence; S < block_size (no
+    compressed token yet: o_cmp = 0)."""
+    q, k, v = qkv(T=T, S=S, seed=4)
+    g = torch.Generator().manual_seed(5)
+    gates, w = torch.rand(1, T, 4, 3, generator=g), 1 / 16 + 0.1 * torch.randn(16, generator=g)
+    opts = dict(block_size=16, top_n=1, window=6, selection=selection)
+    o = sp.nsa(q, k, v, gates, w, w, **opts)
+    ref = nsa_reference(*(t.double() for t in (q, k, v, gates, w, w)), **opts)
+    torch.testing.assert_close(o.double(), ref, rtol=1e-4, atol=1e-4)

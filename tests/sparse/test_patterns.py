@@ -173,3 +173,20 @@ def test_errors():
         P.neighborhood((4, 4), (5, 3))
     with pytest.raises(ValueError, match="window_tiles"):
         P.sliding_tile((4, 4), (2, 2), (3, 1))
+
+
+@pytest.mark.parametrize("left,right,T,S", [(5, 0, 37, 37), (4, 3, 37, 37), (6, 0, 9, 40)],
+                         ids=["causal", "two_sided", "bottom_right"])
+def test_window_pattern_runs_the_kernel_window_path(left, right, T, S):
+    """A plain sliding window skips the block mask (pattern.window): same output as the block-mask path
+    and the float64 reference; a derived pattern does not keep the window."""
+    from effattn.sparse.pattern_methods import pattern_attention, pattern_reference
+
+    p = P.sliding_window(left, right)
+    assert p.window == (left, right) and (p & P.causal()).window is None and p.shifted(2).window is None
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 2, 16, generator=g) for n in (T, S, S))
+    fast = pattern_attention(q, k, v, p)
+    torch.testing.assert_close(fast, pattern_attention(q, k, v, p, block=(16, 16)), rtol=1e-5, atol=1e-5)
+    ref = pattern_reference(*(t.double() for t in (q, k, v)), p)
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,8 @@ Backends, each a `LocalAttention(forward, backward)` pair with the signatures of
 - "torch": plain PyTorch, blockwise over queries, any float dtype and device; what CPU/gloo runs.
 - "flash": the library's Triton FlashAttention-2 kernels (hardware/flash_fwd.py, flash_bwd.py), GQA
   without repeating K/V; CUDA (or CPU under TRITON_INTERPRET=1).
+- "cudnn": PyTorch's cuDNN attention (`aten._scaled_dot_product_cudnn_attention` and its backward), the
+  fastest exact kernel on the H100/H200 for fwd+bwd; same conditions and causal alignment as "sdpa".
 - "sdpa": PyTorch's CUDA flash-attention kernel (`aten._scaled_dot_product_flash_attention` and its
   backward, which takes out and LSE), for fp16/bf16 on CUDA. Its causal mask is top-left aligned, so
   causal calls must be square (T == S), which the ring's diagonal steps are.
@@ -136,6 +138,33 @@ def sdpa_backward(do, q, k, v, o, lse, *, causal: bool = False, scale: float):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def cudnn_forward(q, k, v, *, causal: bool = False, scale: float):
+    """PyTorch's cuDNN attention (the fastest SDPA backend on Hopper): o `[B, T, H, Dv]`, lse `[B, H, T]`."""
+    group = q.shape[2] // k.shape[2]
+    out = _aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), _expand_heads(k, group), _expand_heads(v, group), None, True, 0.0, causal, False,
+        scale=scale)
+    B, T, H = q.shape[:3]
+    return out[0].transpose(1, 2), out[1].reshape(B, H, T)  # cuDNN keeps a trailing 1 on the LSE
+
+
+def cudnn_backward(do, q, k, v, o, lse, *, causal: bool = False, scale: float):
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    group = H // Hkv
+    empty = q.new_empty(0)  # the philox state, read only with dropout
+    dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
+        do.contiguous().transpose(1, 2), q.transpose(1, 2), _expand_heads(k, group), _expand_heads(v, group),
+        # cuDNN wants dO laid out like O: both dense [B, T, H, Dv]. No bias; undefined sequence offsets, since
+        # defined ones (even empty) select cuDNN's nested-tensor path.
+        o.to(q.dtype).contiguous().transpose(1, 2), lse.float().contiguous().unsqueeze(-1), empty, empty, None,
+        None, None,
+        T, S, 0.0, causal, scale=scale)
+    if group > 1:
+        dk, dv = dk.unflatten(1, (Hkv, group)).sum(2), dv.unflatten(1, (Hkv, group)).sum(2)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 _NO_MASK = dict(window=None, softcap=None, cu_seqlens=None, max_seqlen=None, sparse=None)
 
 
@@ -166,6 +195,7 @@ BACKENDS = {
     "torch": LocalAttention("torch", torch_forward, torch_backward),
     "flash": LocalAttention("flash", flash_forward, flash_backward),
     "sdpa": LocalAttention("sdpa", sdpa_forward, sdpa_backward),
+    "cudnn": LocalAttention("cudnn", cudnn_forward, cudnn_backward),
 }
 
 
@@ -181,7 +211,7 @@ def flash_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def local_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> LocalAttention:
-    """The backend named `backend` ("auto", "torch", "flash" or "sdpa") for these inputs."""
+    """The backend named `backend` ("auto", "torch", "flash", "sdpa" or "cudnn") for these inputs."""
     check_choice("backend", backend, ("auto", *BACKENDS))
     if backend == "auto":
         backend = ("flash" if q.is_cuda and flash_applies(q, v) else "sdpa" if sdpa_applies(q, v) else "torch")
@@ -190,8 +220,8 @@ def local_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> LocalAttent
         raise ValueError(f"backend='flash' needs Triton-capable tensors (CUDA, or CPU under TRITON_INTERPRET=1) "
                          f"of dtype in {DTYPES} with D and Dv in {HEAD_DIMS}, got q {q.dtype} on {q.device} "
                          f"with D={q.shape[-1]}, Dv={v.shape[-1]}")
-    elif backend == "sdpa" and not sdpa_applies(q, v):
-        raise ValueError("backend='sdpa' needs CUDA fp16/bf16 tensors with D == Dv, D % 8 == 0 and D <= 256, "
+    elif backend in ("sdpa", "cudnn") and not sdpa_applies(q, v):
+        raise ValueError(f"backend={backend!r} needs CUDA fp16/bf16 tensors with D == Dv, D % 8 == 0 and D <= 256, "
                          f"got q {q.dtype} on {q.device} with D={q.shape[-1]}, Dv={v.shape[-1]}")
     return BACKENDS[backend]
 

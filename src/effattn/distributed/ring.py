@@ -50,6 +50,7 @@ def _ring_forward(q, k, v, scale, causal, zigzag, group, rank, world, local: Loc
             rows, cols, blk_causal = plan
             o_i, lse_i = local.forward(q[:, rows], kv[0][:, cols], kv[1][:, cols], causal=blk_causal, scale=scale)
             merge_into(o[:, rows], lse[:, :, rows], o_i, lse_i)
+            del o_i, lse_i  # not alive during the next step's local call: the peak holds one block's output
         if exchange is not None:
             kv = exchange.wait()
     return o, lse
@@ -77,6 +78,7 @@ def _ring_backward(do, q, k, v, o, lse, scale, causal, zigzag, group, rank, worl
         if plan is not None:
             dkv[0][:, cols] += dk_i
             dkv[1][:, cols] += dv_i
+            del dq_i, dk_i, dv_i  # likewise: one block's gradients alive at a time
         if world > 1:  # after the last step this hop brings each accumulator home
             dkv_exchange = RingExchange(dkv, group, rank, world, _DKV_TAG)
         if kv_exchange is not None:

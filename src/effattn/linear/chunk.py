@@ -238,7 +238,9 @@ def _chunk_output(q, k, x, gc, h, o, start, end, scale, H: tl.constexpr, K: tl.c
         b_x = tl.load(x + (rk[:, None] * H + i_h) * V + ov[None, :], mask=lk[:, None] & (ov[None, :] < V), other=0.0)
         if GATE == 2:
             # decays relative to a reference row: the last key row for earlier blocks, the first row on the diagonal
-            ref = _gate_last(gc, tl.where(j < i_q, t0 + j * BQ + BQ - 1, t0 + i_q * BQ), i_h, ok, H, K, GATE)
+            # (clamped to the chunk: a sub-block past a short last chunk has no live row to refer to)
+            ref_row = tl.minimum(tl.where(j < i_q, t0 + j * BQ + BQ - 1, t0 + i_q * BQ), t1 - 1)
+            ref = _gate_last(gc, ref_row, i_h, ok, H, K, GATE)
             b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
             qa = b_q.to(tl.float32) * tl.exp(tl.where(lq[:, None], b_gq - ref[None, :], 0.0))
             ka = b_k.to(tl.float32) * tl.exp(tl.where(lk[:, None], ref[None, :] - b_gk, 0.0))

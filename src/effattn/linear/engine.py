@@ -156,6 +156,8 @@ class _ChunkGatedLinearAttn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, beta, gc, h, w = ctx.saved_tensors
+        # the kernels index dense tensors: autograd may hand in views (ht.sum() gives an expanded dht)
+        do, dht = do.contiguous(), None if dht is None else dht.contiguous()
         dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, g, beta, ctx.scale, ctx.delta_rule, ctx.ch, gc, h, w,
                                                do, dht, ctx.has_h0)
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None

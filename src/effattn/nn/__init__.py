@@ -12,6 +12,7 @@ from .compact_layers import CompactMixer
 from .common import CachedLayer, RMSNorm, ShortConv, SwiGLU
 from .linear_layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, Mamba2, MultiScaleRetention
 from .rotary import RotaryEmbedding, apply_rotary, rotary_angles
+from .sparse_layers import DifferentialAttention, LinformerAttention, NSAAttention
 from .ssm_layers import Mamba, MLSTMBlock
 
 # Layer names (lower case, the method's usual name) -> classes taking (dim, heads, **options).
@@ -26,6 +27,7 @@ LAYERS = {
     "mla": partial(CompactMixer, "mla"),
     "mfa": partial(CompactMixer, "mfa"),
     "tpa": partial(CompactMixer, "tpa"),
+    "differential": DifferentialAttention,
 }
 
 
@@ -51,4 +53,6 @@ def mixer_names() -> list[str]:
 
 __all__ = ["Attention", "CompactMixer", "default_method", "CachedLayer", "RMSNorm", "ShortConv", "SwiGLU", "DeltaNet",
            "GatedDeltaNet", "GatedLinearAttention", "Mamba2", "MultiScaleRetention", "LAYERS", "make_mixer",
-           "mixer_names", "RotaryEmbedding", "apply_rotary", "rotary_angles", "Mamba", "MLSTMBlock"]
+           "mixer_names", "RotaryEmbedding", "apply_rotary", "rotary_angles"]
+__all__ += ["NSAAttention", "DifferentialAttention", "LinformerAttention"]
+__all__ += ["Mamba", "MLSTMBlock"]

@@ -59,6 +59,27 @@ def dense_mask(selected: torch.Tensor, T: int, S: int, bq: int, bk: int, mask_fn
     return m
 
 
+def token_block_fn(sel_tokens: torch.Tensor, T: int, block: int):
+    """Elementwise mask of a per-query block selection `[B, H, T, nK]`: key kv is kept for query q when
+    its block kv // block is selected for q (indices clamped: builders may evaluate padded grids)."""
+    nk = sel_tokens.shape[-1]
+    return lambda b, h, qi, kv: sel_tokens[b, h, qi.clamp(max=T - 1), (kv // block).clamp(max=nk - 1)]
+
+
+def token_block_mask(sel_tokens: torch.Tensor, T: int, S: int, block: int, query_block: int = 16):
+    """Causal BlockMask of a per-query block selection `[B, H, T, ceil(S / block)]` (Quest pages, NSA
+    per-token blocks): tiles of `query_block` queries visit the union of their queries' blocks, and the
+    selection is applied elementwise inside them."""
+    from .block_mask import block_mask_from_blocks
+
+    B, H = sel_tokens.shape[:2]
+    nq = n_blocks(T, query_block)
+    padded = torch.nn.functional.pad(sel_tokens, (0, 0, 0, nq * query_block - T))
+    tiles = padded.view(B, H, nq, query_block, -1).any(3)
+    return block_mask_from_blocks(tiles, T, S, (query_block, block), causal=True,
+                                  mask_fn=token_block_fn(sel_tokens, T, block))
+
+
 def density(selected_dense: torch.Tensor) -> float:
     return float(selected_dense.float().mean())
 

@@ -22,7 +22,7 @@ from ..hardware.flash import flash_attention
 from ..reference.softmax import softmax_attention
 from ..validate import check_positive_int, check_qkv, check_scale
 from .block_mask import block_mask_from_blocks
-from ._select import (block_relation, causal_fn, dense_mask, kv_heads_to_q, n_blocks, stat_dtype,
+from ._select import (block_relation, causal_fn, dense_mask, kv_heads_to_q, n_blocks, stat_dtype, token_block_mask,
                       top_k_of)
 
 QUERY_BLOCK = 16  # Quest's query tile: decoding has few queries
@@ -66,7 +66,7 @@ def moba(q, k, v, *, block_size=64, top_k=3, scale=None):
     time O(N (k + 1) b d) plus O(N^2 d / b^2) for the gate."""
     B, T, S, H, _, _, _ = _check(q, k, v, scale, block_size=block_size, top_k=top_k)
     sel = moba_select(q, k, block_size, top_k)
-    bm = block_mask_from_blocks(sel, T, S, (block_size, block_size), mask_fn=causal_fn(T, S))
+    bm = block_mask_from_blocks(sel, T, S, (block_size, block_size), causal=True)
     return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 
@@ -115,25 +115,12 @@ def quest_select(q, k, page_size=16, top_k=4):
     return top_k_of(crit, visible.expand_as(crit), top_k)
 
 
-def _quest_mask_fn(sel_tokens: torch.Tensor, T: int, S: int, page_size: int):
-    nP = sel_tokens.shape[-1]
-
-    def fn(b, h, qi, kv):  # clamped: builders may evaluate padded grids
-        return sel_tokens[b, h, qi.clamp(max=T - 1), (kv // page_size).clamp(max=nP - 1)] & (kv <= qi + (S - T))
-    return fn
-
-
 def quest(q, k, v, *, page_size=16, top_k=4, scale=None):
     """Query-aware page selection for decoding (causal, bottom-right). q `[B, T, H, D]` (T small),
     k `[B, S, Hkv, D]`, v `[B, S, Hkv, Dv]` -> o `[B, T, H, Dv]`; each query reads top_k pages:
     O(S d / page) for the bounds and O(top_k page d) per query for attention."""
     B, T, S, H, _, _, _ = _check(q, k, v, scale, page_size=page_size, top_k=top_k)
-    sel = quest_select(q, k, page_size, top_k)  # [B, H, T, nP]
-    nq = n_blocks(T, QUERY_BLOCK)
-    padded = torch.nn.functional.pad(sel, (0, 0, 0, nq * QUERY_BLOCK - T))
-    blocks = padded.view(B, H, nq, QUERY_BLOCK, -1).any(3)
-    bm = block_mask_from_blocks(blocks, T, S, (QUERY_BLOCK, page_size),
-                                        mask_fn=_quest_mask_fn(sel, T, S, page_size))
+    bm = token_block_mask(quest_select(q, k, page_size, top_k), T, S, page_size, QUERY_BLOCK)
     return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 
@@ -223,8 +210,7 @@ def xattention(q, k, v, *, block_size=64, stride=8, threshold=0.9, budget=None, 
     B, T, S, H, _, _, _ = _check(q, k, v, scale, block_size=block_size, stride=stride)
     _check_xattention(block_size, stride, threshold, budget)
     sel = xattention_select(q, k, block_size, stride, threshold, budget, causal, scale)
-    bm = block_mask_from_blocks(sel, T, S, (block_size, block_size),
-                                        mask_fn=causal_fn(T, S) if causal else None)
+    bm = block_mask_from_blocks(sel, T, S, (block_size, block_size), causal=causal)
     return flash_attention(q, k, v, block_mask=bm, scale=scale)
 
 

@@ -5,10 +5,13 @@ mixed by learned gates, o_t = g_cmp o_cmp + g_slc o_slc + g_win o_win.
   learned map phi; here phi is linear over the positions of the block, k~_i = sum_j w_k[j] k_{i l + j}
   (the paper's phi is an MLP with an intra-block position encoding; the linear map is its first layer).
   Query t sees compressed block i when the whole block is in its past (i l + l - 1 <= t).
-- selection: block importance = the compression branch's attention probabilities, summed over the
-  queries of a query block and over the query heads of a GQA group (Eq. 9-10 with l' = l = d); each
-  query block keeps its current block(s) and the top_n past blocks, then attends causally to their
-  original tokens.
+- selection: block importance = the compression branch's attention probabilities summed over the
+  query heads of a GQA group (Eq. 9-10 with l' = l = d). With `selection="token"` (the paper's, and the
+  default) each query keeps the block holding its own position and its top_n earlier blocks; with
+  `selection="block"` the importance is also summed over the queries of a query block of l, which then
+  share one choice (coarser tiles, no elementwise mask inside them, but a query's choice then depends
+  on the later queries of its block: not causal token by token, so layers use "token"). Then attention
+  to the chosen blocks' original tokens, causal.
 - sliding window: the last `window` tokens.
 All three run through `effattn.flash_attention`; the selection is not differentiated, everything else
 (q, k, v, gates, w_k, w_v) is trained end to end.
@@ -21,7 +24,10 @@ from ..hardware.flash import flash_attention
 from ..reference.softmax import softmax_attention
 from ..validate import check_positive_int, check_qkv, check_scale, check_tensor
 from .block_mask import block_mask, block_mask_from_blocks
-from ._select import block_relation, causal_fn, dense_mask, n_blocks, stat_dtype, top_k_of
+from ._select import (block_relation, causal_fn, dense_mask, n_blocks, stat_dtype, token_block_mask,
+                      top_k_of)
+
+SELECTIONS = ("token", "block")
 
 
 def compress(x: torch.Tensor, w: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -35,21 +41,35 @@ def _compressed_visible(T, S, block_size):
     return lambda b, h, q, kv: kv * block_size + block_size - 1 <= q + (S - T)
 
 
-def _select(importance, T, S, block_size, top_n, H, Hkv):
-    """importance `[B, H, T, nC]` (probabilities over complete compressed blocks) -> `[B, Hkv-shared H, nQ, nK]`."""
+def _select(importance, T, S, block_size, top_n, H, Hkv, selection):
+    """importance `[B, H, T, nC]` (probabilities over complete compressed blocks) -> bool, the same for the
+    query heads of a GQA group: `[B, H, T, nK]` per query ("token") or `[B, H, nQ, nK]` per query block."""
     B, _, _, nC = importance.shape
-    nq, nk = n_blocks(T, block_size), n_blocks(S, block_size)
-    imp = importance.view(B, Hkv, H // Hkv, T, nC).sum(2)  # shared by the query heads of a group
-    imp = torch.nn.functional.pad(imp, (0, nk - nC, 0, nq * block_size - T))
-    imp = imp.view(B, Hkv, nq, block_size, nk).sum(3)
-    past, current = block_relation(T, S, block_size, block_size, imp.device)
+    nk = n_blocks(S, block_size)
+    imp = importance.view(B, Hkv, H // Hkv, T, nC).sum(2)
+    imp = torch.nn.functional.pad(imp, (0, nk - nC))
+    if selection == "token":
+        own = (torch.arange(T, device=imp.device).view(T, 1) + (S - T)).div(block_size, rounding_mode="floor")
+        j = torch.arange(nk, device=imp.device).view(1, nk)
+        past, current = j < own, j == own
+    else:
+        nq = n_blocks(T, block_size)
+        imp = torch.nn.functional.pad(imp, (0, 0, 0, nq * block_size - T)).view(B, Hkv, nq, block_size, nk).sum(3)
+        past, current = block_relation(T, S, block_size, block_size, imp.device)
     sel = top_k_of(imp, past.expand_as(imp), top_n) | current
     return sel.repeat_interleave(H // Hkv, dim=1)
 
 
-def _check(q, k, v, gates, w_k, w_v, block_size, top_n, window, scale):
+def _selected_mask(sel, T, S, block_size, selection):
+    """The selected branch's elementwise mask `[B, H, T, S]` (references)."""
+    return dense_mask(sel, T, S, 1 if selection == "token" else block_size, block_size, causal_fn(T, S))
+
+
+def _check(q, k, v, gates, w_k, w_v, block_size, top_n, window, scale, selection):
     B, T, S, H, Hkv, D, Dv = check_qkv(q, k, v)
     check_scale(scale)
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     check_positive_int("block_size", block_size, power_of_two=True)
     check_positive_int("top_n", top_n, minimum=0)
     check_positive_int("window", window)
@@ -60,20 +80,22 @@ def _check(q, k, v, gates, w_k, w_v, block_size, top_n, window, scale):
         check_tensor(name, w, ndim=1, layout="[block_size]")
         if w.shape[0] != block_size:
             raise ValueError(f"{name} must have shape [block_size] = [{block_size}], got {tuple(w.shape)}")
-    if S < block_size:
-        raise ValueError(f"NSA needs at least one complete block: S={S} < block_size={block_size}")
     return B, T, S, H, Hkv
 
 
-def nsa(q, k, v, gates, w_k, w_v, *, block_size=64, top_n=4, window=512, scale=None):
+def nsa(q, k, v, gates, w_k, w_v, *, block_size=64, top_n=4, window=512, selection="token", scale=None):
     """Native sparse attention (causal, bottom-right). q `[B, T, H, D]`, k `[B, S, Hkv, D]`,
     v `[B, S, Hkv, Dv]`, gates `[B, T, H, 3]` (sigmoid outputs for the compressed, selected and window
-    branches), w_k, w_v `[block_size]` (compression maps). Returns o `[B, T, H, Dv]`.
+    branches), w_k, w_v `[block_size]` (compression maps), selection "token" | "block" (see the module).
+    Returns o `[B, T, H, Dv]`; before the first complete block (S < block_size) o_cmp is 0.
     Time O(N^2 d / l + N (top_n + 1) l d + N w d)."""
-    B, T, S, H, Hkv = _check(q, k, v, gates, w_k, w_v, block_size, top_n, window, scale)
+    B, T, S, H, Hkv = _check(q, k, v, gates, w_k, w_v, block_size, top_n, window, scale, selection)
     kc, vc = compress(k, w_k, block_size), compress(v, w_v, block_size)
-    bm_c = block_mask(_compressed_visible(T, S, block_size), 1, 1, T, kc.shape[1], device=q.device)
-    o_cmp = flash_attention(q, kc, vc, block_mask=bm_c, scale=scale)
+    if kc.shape[1]:
+        bm_c = block_mask(_compressed_visible(T, S, block_size), 1, 1, T, kc.shape[1], device=q.device)
+        o_cmp = flash_attention(q, kc, vc, block_mask=bm_c, scale=scale)
+    else:  # no complete block yet: nothing to attend to
+        o_cmp = q.new_zeros(B, T, H, v.shape[-1])
     with torch.no_grad():  # the compressed probabilities rank the blocks; the ranking has no gradient
         acc = stat_dtype(q)
         D = q.shape[-1]
@@ -82,29 +104,35 @@ def nsa(q, k, v, gates, w_k, w_v, *, block_size=64, top_n=4, window=512, scale=N
         vis = _compressed_visible(T, S, block_size)(0, 0, torch.arange(T, device=q.device).view(T, 1),
                                                    torch.arange(kc.shape[1], device=q.device).view(1, -1))
         importance = torch.softmax(sc.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
-        sel = _select(importance, T, S, block_size, top_n, H, Hkv)
-    bm_s = block_mask_from_blocks(sel, T, S, (block_size, block_size), mask_fn=causal_fn(T, S))
+        sel = _select(importance, T, S, block_size, top_n, H, Hkv, selection)
+    if selection == "token":
+        bm_s = token_block_mask(sel, T, S, block_size)
+    else:
+        bm_s = block_mask_from_blocks(sel, T, S, (block_size, block_size), causal=True)
     o_slc = flash_attention(q, k, v, block_mask=bm_s, scale=scale)
     o_win = flash_attention(q, k, v, causal=True, window=(window - 1, 0), scale=scale)
     g = gates.to(q.dtype).unsqueeze(-1)
     return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
 
 
-def nsa_reference(q, k, v, gates, w_k, w_v, *, block_size=64, top_n=4, window=512, scale=None, **_ignored):
+def nsa_reference(q, k, v, gates, w_k, w_v, *, block_size=64, top_n=4, window=512, selection="token", scale=None,
+                  **_ignored):
     """The three branches with dense masks (softmax_attention), the selection from the compressed
     branch's probabilities recomputed from its LSE."""
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     kc, vc = compress(k, w_k, block_size), compress(v, w_v, block_size)
-    o_cmp, lse = softmax_attention(q, kc, vc, mask=_compressed_visible(T, S, block_size), scale=scale,
-                                   return_lse=True)
+    if kc.shape[1] == 0:
+        o_cmp, lse = q.new_zeros(B, T, H, v.shape[-1]), q.new_zeros(B, H, T)
+    else:
+        o_cmp, lse = softmax_attention(q, kc, vc, mask=_compressed_visible(T, S, block_size), scale=scale,
+                                       return_lse=True)
     scale_ = D ** -0.5 if scale is None else scale
     sc = torch.einsum("bthd,bshd->bhts", q.detach(), kc.detach().repeat_interleave(H // Hkv, dim=2)) * scale_
     vis = torch.arange(kc.shape[1]).view(1, -1) * block_size + block_size - 1 <= torch.arange(T).view(-1, 1) + S - T
     p = torch.exp(sc - lse.detach().unsqueeze(-1)).masked_fill(~vis.to(q.device), 0.0).nan_to_num(0.0)
-    sel = _select(p, T, S, block_size, top_n, H, Hkv)
-    o_slc = softmax_attention(q, k, v, mask=dense_mask(sel, T, S, block_size, block_size, causal_fn(T, S)),
-                              scale=scale)
+    sel = _select(p, T, S, block_size, top_n, H, Hkv, selection)
+    o_slc = softmax_attention(q, k, v, mask=_selected_mask(sel, T, S, block_size, selection), scale=scale)
     o_win = softmax_attention(q, k, v, causal=True, window=(window - 1, 0), scale=scale)
     g = gates.unsqueeze(-1)
     return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
@@ -134,7 +162,7 @@ def _register() -> None:
         complexity=Complexity("O(N^2 d / l + N n l d + N w d)", "O(N)", 1.0, 1.0),
         state_or_cache=StateOrCache("2 Hkv d (1 + 1/l)", True, lambda s: 2 * s.Hkv * s.head_dim),
         options={"gates": None, "w_k": None, "w_v": None, "block_size": 64, "top_n": 4, "window": 512,
-                 "scale": None},
+                 "selection": "token", "scale": None},
         supports=frozenset({"causal", "backward", "gqa"}), grad_inputs=("q", "k", "v", "gates", "w_k", "w_v"),
         approximates_softmax=True,
         description="compressed + top-n selected blocks + sliding window, learned gates (trainable)"))

@@ -29,13 +29,16 @@ class Pattern:
     """A named mask function `(b, h, q_idx, kv_idx) -> bool tensor`, combinable with `&`, `|`, `~`.
 
     `per_batch` / `per_head` say whether the mask depends on b / h; block masks of patterns that do not
-    are built once and broadcast (B = 1 / H = 1), which keeps them cheap at long lengths.
+    are built once and broadcast (B = 1 / H = 1), which keeps them cheap at long lengths. `window` =
+    (left, right) when the pattern is exactly the band q - left <= kv <= q + right, which the flash
+    kernel runs natively (no block mask); patterns derived from it by `&`, `|`, `~` do not keep it.
     """
 
-    def __init__(self, fn: Callable, name: str, per_batch: bool = False, per_head: bool = False) -> None:
+    def __init__(self, fn: Callable, name: str, per_batch: bool = False, per_head: bool = False,
+                 window: tuple[int, int] | None = None) -> None:
         self.fn = fn
         self.__name__ = name
-        self.per_batch, self.per_head = per_batch, per_head
+        self.per_batch, self.per_head, self.window = per_batch, per_head, window
 
     def _derived(self, fn: Callable, name: str, *others: "Pattern") -> "Pattern":
         return Pattern(fn, name, any(p.per_batch for p in (self, *others)), any(p.per_head for p in (self, *others)))
@@ -95,13 +98,23 @@ def _positions(name, values) -> torch.Tensor:
     return t
 
 
-def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.to(like.device)
+class _Const:
+    """A tensor a mask function reads, with one copy per device, made on first use. Eager evaluations
+    (block-mask builders, FlexAttention's create_block_mask) make the copy, so compiled FlexAttention finds
+    it on its device and never has to lower a device move inside the mask, which Inductor cannot."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t, self.copies = t, {t.device: t}
+
+    def on(self, like: torch.Tensor) -> torch.Tensor:
+        if like.device not in self.copies:
+            self.copies[like.device] = self.t.to(like.device)
+        return self.copies[like.device]
 
 
-def _member(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _member(x: torch.Tensor, values: _Const) -> torch.Tensor:
     """x in values, elementwise; written with == and any (not torch.isin) so FlexAttention can trace it."""
-    return (x.unsqueeze(-1) == _on(values, x)).any(-1)
+    return (x.unsqueeze(-1) == values.on(x)).any(-1)
 
 
 # ---------------------------------------------------------------- 1D patterns (language)
@@ -117,7 +130,8 @@ def causal() -> Pattern:
 def sliding_window(left: int, right: int = 0) -> Pattern:
     """Local attention (Beltagy et al. 2020): q - left <= kv <= q + right; right=0 is causal."""
     _int("left", left), _int("right", right)
-    return Pattern(lambda b, h, q, kv: (kv >= q - left) & (kv <= q + right), f"window({left},{right})")
+    return Pattern(lambda b, h, q, kv: (kv >= q - left) & (kv <= q + right), f"window({left},{right})",
+                   window=(left, right))
 
 
 def dilated_window(window: int, dilation: int, causal: bool = True) -> Pattern:
@@ -130,10 +144,32 @@ def dilated_window(window: int, dilation: int, causal: bool = True) -> Pattern:
     return Pattern(fn, f"dilated({window},d={dilation}{',causal' if causal else ''})")
 
 
+def _runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted distinct positions as half-open runs [a, b) of consecutive integers."""
+    runs: list[tuple[int, int]] = []
+    for p in sorted(set(positions.tolist())):
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+def _in_runs(x: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """x in the union of the runs, with comparisons against Python ints only: no tensor is captured, so
+    FlexAttention's compiler never has to move one to the GPU inside the mask (it cannot lower that)."""
+    out = x < 0  # all False: positions are non-negative
+    for a, b in runs:
+        out = out | ((x >= a) & (x < b))
+    return out
+
+
 def global_tokens(positions: Sequence[int]) -> Pattern:
-    """Longformer global attention: the chosen positions attend to all keys and are attended by all."""
+    """Longformer global attention: the chosen positions attend to all keys and are attended by all.
+    Cost per element: two comparisons per run of consecutive positions (typically a prefix: one run)."""
     g = _positions("positions", positions)
-    return Pattern(lambda b, h, q, kv: _member(q, g) | _member(kv, g),
+    runs = _runs(g)
+    return Pattern(lambda b, h, q, kv: _in_runs(q, runs) | _in_runs(kv, runs),
                    f"global({g.tolist()})")
 
 
@@ -146,9 +182,10 @@ def random_blocks(T: int, S: int, block: int, n_random: int, seed: int = 0, head
     scores = torch.rand(heads, nq, nk, generator=gen)
     table = torch.zeros(heads, nq, nk, dtype=torch.bool)
     table.scatter_(-1, scores.topk(min(n_random, nk), dim=-1).indices, True)
+    table = _Const(table)
 
     def fn(b, h, q, kv):
-        t = _on(table, q)
+        t = table.on(q)
         return t[h % heads, (q // block).clamp(max=nq - 1), (kv // block).clamp(max=nk - 1)]
     return Pattern(fn, f"random_blocks({n_random}x{block},seed={seed})", per_head=heads > 1)
 
@@ -199,15 +236,16 @@ def a_shape(sinks: int, window: int) -> Pattern:
 def vertical_slash(vertical: Sequence[int], slash: Sequence[int]) -> Pattern:
     """MInference vertical-slash: causal, key columns `vertical` plus diagonals q - kv in `slash`."""
     vt, st = _positions("vertical", vertical), _positions("slash", slash)
-    return Pattern(lambda b, h, q, kv: (kv <= q) & (_member(kv, vt) | _member(q - kv, st)),
-                   f"vertical_slash(v={len(vt)},s={len(st)})")
+    name = f"vertical_slash(v={len(vt)},s={len(st)})"
+    vt, st = _Const(vt), _Const(st)
+    return Pattern(lambda b, h, q, kv: (kv <= q) & (_member(kv, vt) | _member(q - kv, st)), name)
 
 
 def prefix_lm(prefix) -> Pattern:
     """Prefix-LM: bidirectional over the first `prefix` keys, causal after; `prefix` an int or `[B]`."""
     if isinstance(prefix, torch.Tensor):
-        p = prefix.long().flatten()
-        return Pattern(lambda b, h, q, kv: (kv < _on(p, kv)[b]) | (kv <= q), "prefix_lm(per-batch)", per_batch=True)
+        p = _Const(prefix.long().flatten())
+        return Pattern(lambda b, h, q, kv: (kv < p.on(kv)[b]) | (kv <= q), "prefix_lm(per-batch)", per_batch=True)
     _int("prefix", prefix)
     return Pattern(lambda b, h, q, kv: (kv < prefix) | (kv <= q), f"prefix_lm({prefix})")
 
@@ -218,9 +256,10 @@ def document(doc_ids: torch.Tensor) -> Pattern:
         raise TypeError(f"doc_ids must be a 1-D tensor [S] of document ids, got {doc_ids!r}")
     d = doc_ids.long()
     n = d.numel()
+    name = f"document({int(d.max()) + 1 if n else 0} docs)"
+    d = _Const(d)
     # Clamped lookups: block-mask builders may evaluate padded index grids past the sequence end.
-    return Pattern(lambda b, h, q, kv: _on(d, q)[q.clamp(0, n - 1)] == _on(d, kv)[kv.clamp(0, n - 1)],
-                   f"document({int(d.max()) + 1 if n else 0} docs)")
+    return Pattern(lambda b, h, q, kv: d.on(q)[q.clamp(0, n - 1)] == d.on(kv)[kv.clamp(0, n - 1)], name)
 
 
 def document_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
