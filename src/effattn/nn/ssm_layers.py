@@ -19,7 +19,7 @@ from torch import nn
 from .._triton_mode import interpreting
 from ..linear.mamba import mamba
 from ..linear.mlstm import mlstm
-from ..validate import check_positive_int
+from ..validate import check_choice, check_positive_int
 from .common import CachedLayer, RMSNorm, ShortConv, layer_dims, split_heads
 
 
@@ -31,14 +31,17 @@ def _dt_bias(channels: int) -> torch.Tensor:
 
 class Mamba(CachedLayer):
     """A Mamba (S6) block. d_inner = expand * dim channels, each with a diagonal state of `d_state`;
-    `heads` is accepted for `make_mixer(name, dim, heads)` and unused (S6 has no heads). The scan runs the
-    Triton chunked kernel on CUDA and the recurrent form elsewhere (the interpreter would be slower)."""
+    `heads` is accepted for `make_mixer(name, dim, heads)` and unused (S6 has no heads). `form` None runs the
+    Triton chunked kernel on CUDA and the recurrent form elsewhere (the interpreter would be slower);
+    "chunk" or "recurrent" forces one."""
 
     cache_keys = ("state", "conv")
 
     def __init__(self, dim: int, heads: int | None = None, *, d_state: int = 16, expand: int = 2,
-                 conv_size: int = 4, dt_rank: int | None = None) -> None:
+                 conv_size: int = 4, dt_rank: int | None = None, form: str | None = None) -> None:
         super().__init__()
+        check_choice("form", form, (None, "chunk", "recurrent"))
+        self.form = form
         self.dim = check_positive_int("dim", dim)
         self.d_state = check_positive_int("d_state", d_state)
         self.d_inner = check_positive_int("expand", expand) * dim
@@ -57,7 +60,7 @@ class Mamba(CachedLayer):
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x, conv = self.conv(x, None if cache is None else cache["conv"])
         dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        form = "chunk" if x.is_cuda and not interpreting() else "recurrent"
+        form = self.form or ("chunk" if x.is_cuda and not interpreting() else "recurrent")
         y, state = mamba(x, self.dt_proj(dt), -torch.exp(self.A_log.float()), Bm, Cm, self.D, z,
                          dt_bias=self.dt_bias, initial_state=None if cache is None else cache["state"],
                          output_final_state=True, form=form)
