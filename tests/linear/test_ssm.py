@@ -119,8 +119,8 @@ def test_mlstm_decode_matches_chunk():
 def test_mlstm_bf16_long_is_finite():
     gen = torch.Generator().manual_seed(7)
     r = lambda *s, std=1.0: (std * torch.randn(*s, generator=gen)).bfloat16().requires_grad_()  # noqa: E731
-    inp = dict(q=r(1, 4096, 2, 16), k=r(1, 4096, 2, 16), v=r(1, 4096, 2, 16), i=r(1, 4096, 2, std=10.0),
-               f=r(1, 4096, 2, std=3.0))
+    inp = dict(q=r(1, 4096, 1, 16), k=r(1, 4096, 1, 16), v=r(1, 4096, 1, 16), i=r(1, 4096, 1, std=10.0),
+               f=r(1, 4096, 1, std=3.0))
     h, state = mlstm(**inp, output_final_state=True, chunk_size=256)
     (h.float().sum() + state.sum()).backward()
     for t in (h, state, *(x.grad for x in inp.values())):
@@ -183,7 +183,7 @@ def test_slstm_bf16_long_is_finite():
     """Forward over 4096 tokens; the backward (a 4096-step Python autograd graph costs ~40 s here) over 256.
     The recurrent form: the fused kernel would take minutes in Triton's interpreter at this length."""
     gen = torch.Generator().manual_seed(3)
-    inp = slstm_inputs(Shape(batch=1, seq_q=4096, heads=2, head_dim=4), torch.bfloat16, "cpu", gen,
+    inp = slstm_inputs(Shape(batch=1, seq_q=4096, heads=4, head_dim=8), torch.bfloat16, "cpu", gen,
                        initial_state=False)
     inp["x"] = (inp["x"].float() * 4).bfloat16()  # large pre-activations: exponential gates up to e^16
     with torch.no_grad():
