@@ -4,15 +4,17 @@ from .feature_maps import elu_plus_one
 from .fused_recurrent import fused_recurrent_gated_linear_attn
 from .gated import delta_net, gated_delta_net, gated_linear_attn, gla, lightning, retnet, retnet_gamma, simple_gla
 from .linear_transformer import linear_transformer
+from .mamba import mamba
 from .mamba2 import mamba2
+from .mlstm import mlstm
 from .performer import FavorProjection, orthogonal_random_features, performer
 from .rwkv6 import rwkv6
 from .cosformer import cosformer
 from .rfa import gaussian_random_features, rfa
 from .ttt import ttt_linear, ttt_mlp
+from .slstm import slstm
 
 __all__ = ["elu_plus_one", "linear_transformer", "chunk_gated_linear_attn", "fused_recurrent_gated_linear_attn",
            "gated_linear_attn", "lightning", "retnet", "retnet_gamma", "simple_gla", "gla", "delta_net",
            "gated_delta_net", "performer", "orthogonal_random_features", "FavorProjection", "mamba2", "rwkv6",
-           "ttt_linear", "ttt_mlp", "rfa", "gaussian_random_features",
-           "cosformer"]
+           "ttt_linear", "ttt_mlp", "rfa", "gaussian_random_features", "cosformer", "mamba", "mlstm", "slstm"]

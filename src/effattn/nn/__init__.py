@@ -14,6 +14,7 @@ from .linear_layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, Mamba2
 from .rotary import RotaryEmbedding, apply_rotary, rotary_angles
 from .sparse_layers import DifferentialAttention, LinformerAttention, NSAAttention
 from .ttt_layers import TTTMLP, TTTLinear
+from .ssm_layers import Mamba, MLSTMBlock
 
 # Layer names (lower case, the method's usual name) -> classes taking (dim, heads, **options).
 LAYERS = {
@@ -22,6 +23,8 @@ LAYERS = {
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
     "mamba2": Mamba2,
+    "mamba": Mamba,
+    "mlstm": MLSTMBlock,
     "mla": partial(CompactMixer, "mla"),
     "mfa": partial(CompactMixer, "mfa"),
     "tpa": partial(CompactMixer, "tpa"),
@@ -54,4 +57,4 @@ def mixer_names() -> list[str]:
 __all__ = ["Attention", "CompactMixer", "default_method", "CachedLayer", "RMSNorm", "ShortConv", "SwiGLU", "DeltaNet",
            "GatedDeltaNet", "GatedLinearAttention", "Mamba2", "MultiScaleRetention", "LAYERS", "make_mixer",
            "mixer_names", "RotaryEmbedding", "apply_rotary", "rotary_angles", "NSAAttention", "DifferentialAttention",
-           "LinformerAttention", "TTTLinear", "TTTMLP"]
+           "LinformerAttention", "TTTLinear", "TTTMLP", "Mamba", "MLSTMBlock"]

@@ -1,0 +1,303 @@
+"""Triton chunked selective scan (Mamba-1's S6), forward and backward.
+
+Per batch b, channel d and state index n the recurrence is independent:
+
+    h_t[d, n] = a_t[d, n] h_{t-1}[d, n] + u_t[d, n],   a_t = exp(delta_t[d] A[d, n]),  u_t = delta_t[d] B_t[n] x_t[d]
+    y_t[d]    = sum_n C_t[n] h_t[d, n]
+
+with delta = softplus(dt + dt_bias). A program owns one (batch, block of BD channels) and the whole state
+`[BD, N]` in registers; it walks the sequence in chunks of BT tokens. Inside a chunk the pairs (a_t, u_t)
+compose associatively ((a1, u1) then (a2, u2) = (a1 a2, a2 u1 + u2)), so `tl.associative_scan` gives every
+h_t of the chunk at once from the state carried in from the previous chunk: a parallel scan in registers,
+a sequential pass over chunks. The forward saves the state at each chunk start (float32) for the backward.
+
+Backward: the adjoint g_t = dL/dh_t obeys the reverse recurrence g_t = a_{t+1} g_{t+1} + C_t[n] dy_t[d],
+the same associative pair run with `reverse=True` (a_{t+1} loaded one row ahead). Given g_t and h_t
+(recomputed from the saved chunk state):
+    dx_t = delta_t sum_n g_t B_t,      dB_t = sum_d g_t delta_t x_t,        dC_t = sum_d dy_t h_t
+    ddelta_t = x_t sum_n g_t B_t + sum_n g_t a_t h_{t-1} A,   dA = sum_t g_t a_t h_{t-1} delta_t
+where a_t h_{t-1} = h_t - u_t (no division by a small a_t). dB and dC sum over channels of other programs:
+each program writes its block's partial sum and the launcher adds them (deterministic, no atomics).
+Between chunks the backward carries a_{t0} g_{t0}, what the state before the chunk receives.
+
+Two variants of each kernel, picked by tuning (constexpr SEQ): the in-chunk associative scan above, and a
+token-by-token walk over the chunk on the [BD, N] register state (no cross-thread scan; its backward
+recomputes the chunk's h_t into a per-program scratch that stays in L2 and walks it back).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._memory import empty_output
+from ..hardware._flash_common import pick_config, seqlen_bucket
+from . import _interpret_scan
+
+_interpret_scan.enable()
+
+
+@triton.jit
+def _combine(a1, u1, a2, u2):
+    # (a1, u1) then (a2, u2): h -> a2 (a1 h + u1) + u2
+    return a1 * a2, a2 * u1 + u2
+
+
+@triton.jit
+def _load_delta(dt, dt_bias, b, t0, T, D, od, md, BT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """delta = softplus(dt + dt_bias) `[BT, BD]` (0 outside the sequence: an identity step), the raw value."""
+    ot = t0 + tl.arange(0, BT)
+    m2 = (ot < T)[:, None] & md[None, :]
+    offs = (b * T + ot)[:, None] * D + od[None, :]
+    raw = tl.load(dt + offs, mask=m2, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(dt_bias + od, mask=md, other=0.0)[None, :]
+    delta = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))  # torch's softplus threshold
+    return tl.where(m2, delta, 0.0), raw, m2, offs
+
+
+@triton.jit
+def _load_bc(M, b, t0, T, N, on, mn, BT: tl.constexpr):
+    ot = t0 + tl.arange(0, BT)
+    m = (ot < T)[:, None] & mn[None, :]
+    offs = (b * T + ot)[:, None] * N + on[None, :]
+    return tl.load(M + offs, mask=m, other=0.0).to(tl.float32), m, offs
+
+
+@triton.jit
+def _load_token(x, dt, bias, Bm, Cm, b, t, T, D, N, od, md, on, mn):
+    """Token t: x_t, delta_t, raw dt_t `[BD]`; B_t, C_t `[BN]`; the channel mask (all off past the end)."""
+    mt = md & (t < T)
+    row = b * T + t
+    raw = tl.load(dt + row * D + od, mask=mt, other=0.0).to(tl.float32) + bias
+    delta = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))
+    xt = tl.load(x + row * D + od, mask=mt, other=0.0).to(tl.float32)
+    Bt = tl.load(Bm + row * N + on, mask=mn & (t < T), other=0.0).to(tl.float32)
+    Ct = tl.load(Cm + row * N + on, mask=mn & (t < T), other=0.0).to(tl.float32)
+    return xt, tl.where(mt, delta, 0.0), raw, Bt, Ct, mt
+
+
+@triton.jit
+def _chunk_fwd(x, dt, dt_bias, Bm, Cm, A_, h, y, b, t0, T, D, N, od, md, on, mn, BT: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+    """One chunk by the associative scan; returns the state after it."""
+    delta, _, m2, offs = _load_delta(dt, dt_bias, b, t0, T, D, od, md, BT, HAS_BIAS)
+    xt = tl.load(x + offs, mask=m2, other=0.0).to(tl.float32)
+    Bt, _, _ = _load_bc(Bm, b, t0, T, N, on, mn, BT)
+    Ct, _, _ = _load_bc(Cm, b, t0, T, N, on, mn, BT)
+    a = tl.exp(delta[:, :, None] * A_[None, :, :])
+    u = (delta * xt)[:, :, None] * Bt[:, None, :]
+    ac, uc = tl.associative_scan((a, u), axis=0, combine_fn=_combine)
+    hh = ac * h[None, :, :] + uc
+    tl.store(y + offs, tl.sum(hh * Ct[:, None, :], axis=2).to(y.dtype.element_ty), mask=m2)
+    last = (tl.arange(0, BT) == BT - 1)[:, None, None]
+    return tl.sum(tl.where(last, hh, 0.0), axis=0)  # padded rows are identity steps: the last row is h_end
+
+
+@triton.jit
+def _scan_fwd(x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, NC, BT: tl.constexpr, BD: tl.constexpr,
+              BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_H0: tl.constexpr, SAVE: tl.constexpr,
+              STORE_HT: tl.constexpr, SEQ: tl.constexpr):
+    pid_d, b = tl.program_id(0), tl.program_id(1)
+    od = pid_d * BD + tl.arange(0, BD)
+    on = tl.arange(0, BN)
+    md, mn = od < D, on < N
+    mdn = md[:, None] & mn[None, :]
+    odn = od[:, None] * N + on[None, :]
+    A_ = tl.load(A + odn, mask=mdn, other=0.0)
+    if USE_H0:
+        h = tl.load(h0 + b * D * N + odn, mask=mdn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BD, BN], dtype=tl.float32)
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(dt_bias + od, mask=md, other=0.0)
+    for c in range(0, NC):
+        if SAVE:
+            tl.store(hs + (b * NC + c) * D * N + odn, h, mask=mdn)
+        if SEQ:  # token by token, the state [BD, BN] in registers: no cross-thread scan, loads hoisted
+            for j in tl.static_range(BT):
+                xt, delta, _, Bt, Ct, mt = _load_token(x, dt, bias, Bm, Cm, b, c * BT + j, T, D, N, od, md, on, mn)
+                h = tl.exp(delta[:, None] * A_) * h + (delta * xt)[:, None] * Bt[None, :]
+                tl.store(y + (b * T + c * BT + j) * D + od, tl.sum(h * Ct[None, :], axis=1).to(y.dtype.element_ty),
+                         mask=mt)
+        else:
+            h = _chunk_fwd(x, dt, dt_bias, Bm, Cm, A_, h, y, b, c * BT, T, D, N, od, md, on, mn, BT, HAS_BIAS)
+    if STORE_HT:
+        tl.store(ht + b * D * N + odn, h, mask=mdn)
+
+
+@triton.jit
+def _chunk_bwd(x, dt, dt_bias, Bm, Cm, A_, h_start, Gs, dy, dx, ddt, dB, dC, b, t0, T, D, N, od, md, on, mn,
+               BT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One chunk's gradients by two associative scans; returns (the carry a_{t0} g_{t0}, its dA part)."""
+    delta, raw, m2, offs = _load_delta(dt, dt_bias, b, t0, T, D, od, md, BT, HAS_BIAS)
+    delta_next, _, _, _ = _load_delta(dt, dt_bias, b, t0 + 1, T, D, od, md, BT, HAS_BIAS)
+    xt = tl.load(x + offs, mask=m2, other=0.0).to(tl.float32)
+    dyt = tl.load(dy + offs, mask=m2, other=0.0).to(tl.float32)
+    Bt, mbn, obn = _load_bc(Bm, b, t0, T, N, on, mn, BT)
+    Ct, _, _ = _load_bc(Cm, b, t0, T, N, on, mn, BT)
+    a = tl.exp(delta[:, :, None] * A_[None, :, :])
+    u = (delta * xt)[:, :, None] * Bt[:, None, :]
+    ac, uc = tl.associative_scan((a, u), axis=0, combine_fn=_combine)
+    hh = ac * h_start[None, :, :] + uc
+    # g_t = a_{t+1} g_{t+1} + C_t dy_t inside the chunk; the last row takes the carry a_{t0+BT} g_{t0+BT} as is
+    rows = tl.arange(0, BT)[:, None, None]
+    a_next = tl.where(rows == BT - 1, 1.0, tl.exp(delta_next[:, :, None] * A_[None, :, :]))
+    gc, gu = tl.associative_scan((a_next, dyt[:, :, None] * Ct[:, None, :]), axis=0, combine_fn=_combine,
+                                 reverse=True)
+    g = gc * Gs[None, :, :] + gu
+    gB = tl.sum(g * Bt[:, None, :], axis=2)
+    w = g * (hh - u)  # g_t a_t h_{t-1}
+    tl.store(dx + offs, (delta * gB).to(dx.dtype.element_ty), mask=m2)
+    tl.store(ddt + offs, (xt * gB + tl.sum(w * A_[None, :, :], axis=2)) * tl.sigmoid(raw), mask=m2)
+    tl.store(dB + obn, tl.sum(g * (delta * xt)[:, :, None], axis=1), mask=mbn)
+    tl.store(dC + obn, tl.sum(dyt[:, :, None] * hh, axis=1), mask=mbn)
+    return tl.sum(tl.where(rows == 0, a * g, 0.0), axis=0), tl.sum(w * delta[:, :, None], axis=0)
+
+
+@triton.jit
+def _scan_bwd(x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, scratch, B, T, D, N, NC,
+              BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DHT: tl.constexpr,
+              STORE_DH0: tl.constexpr, SEQ: tl.constexpr):
+    pid_d, b = tl.program_id(0), tl.program_id(1)
+    od = pid_d * BD + tl.arange(0, BD)
+    on = tl.arange(0, BN)
+    md, mn = od < D, on < N
+    mdn = md[:, None] & mn[None, :]
+    odn = od[:, None] * N + on[None, :]
+    A_ = tl.load(A + odn, mask=mdn, other=0.0)
+    # Gs = a_{t+1} g_{t+1}: what the state after step t receives from the future (dht after the last token)
+    if USE_DHT:
+        Gs = tl.load(dht + b * D * N + odn, mask=mdn, other=0.0).to(tl.float32)
+    else:
+        Gs = tl.zeros([BD, BN], dtype=tl.float32)
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(dt_bias + od, mask=md, other=0.0)
+    dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
+    dB += pid_d * B * T * N  # this block's slice of the dB / dC partial sums `[NDB, B, T, N]`
+    dC += pid_d * B * T * N
+    tile = tl.arange(0, BD)[:, None] * BN + on[None, :]
+    scratch += (pid_d * B + b) * BT * BD * BN  # this program's h_t of one chunk (L2-resident)
+    for i in range(0, NC):
+        t0 = (NC - 1 - i) * BT
+        h = tl.load(hs + (b * NC + t0 // BT) * D * N + odn, mask=mdn, other=0.0)
+        if SEQ:
+            for j in tl.static_range(BT):  # recompute h_t of the chunk
+                xt, delta, _, Bt, _, _ = _load_token(x, dt, bias, Bm, Cm, b, t0 + j, T, D, N, od, md, on, mn)
+                h = tl.exp(delta[:, None] * A_) * h + (delta * xt)[:, None] * Bt[None, :]
+                tl.store(scratch + j * BD * BN + tile, h)
+            tl.debug_barrier()
+            for jj in tl.static_range(BT):  # and walk it backwards
+                t = t0 + BT - 1 - jj
+                xt, delta, raw, Bt, Ct, mt = _load_token(x, dt, bias, Bm, Cm, b, t, T, D, N, od, md, on, mn)
+                dyt = tl.load(dy + (b * T + t) * D + od, mask=mt, other=0.0).to(tl.float32)
+                ht = tl.load(scratch + (BT - 1 - jj) * BD * BN + tile)
+                a = tl.exp(delta[:, None] * A_)
+                g = Gs + dyt[:, None] * Ct[None, :]
+                gB = tl.sum(g * Bt[None, :], axis=1)
+                w = g * (ht - (delta * xt)[:, None] * Bt[None, :])  # g_t a_t h_{t-1}
+                tl.store(dx + (b * T + t) * D + od, (delta * gB).to(dx.dtype.element_ty), mask=mt)
+                tl.store(ddt + (b * T + t) * D + od, (xt * gB + tl.sum(w * A_, axis=1)) * tl.sigmoid(raw), mask=mt)
+                tl.store(dB + (b * T + t) * N + on, tl.sum(g * (delta * xt)[:, None], axis=0), mask=mn & (t < T))
+                tl.store(dC + (b * T + t) * N + on, tl.sum(dyt[:, None] * ht, axis=0), mask=mn & (t < T))
+                dA_acc += w * delta[:, None]
+                Gs = a * g
+            tl.debug_barrier()
+        else:
+            Gs, dA_part = _chunk_bwd(x, dt, dt_bias, Bm, Cm, A_, h, Gs, dy, dx, ddt, dB, dC, b, t0, T, D, N, od, md,
+                                     on, mn, BT, HAS_BIAS)
+            dA_acc += dA_part
+    tl.store(dA + b * D * N + odn, dA_acc, mask=mdn)
+    if STORE_DH0:
+        tl.store(dh0 + b * D * N + odn, Gs, mask=mdn)  # dL/dh_{-1} = a_0 g_0
+
+
+def _configs(N: int):
+    """Forward candidates (BT, BD, num_warps, SEQ): SEQ=0 scans each chunk's [BT, BD, N] block at once,
+    SEQ=1 walks its tokens one by one on the [BD, N] state. The first one is the interpreter's. Few on purpose:
+    every candidate compiles on first use, and SEQ's unrolled chunk loops compile slowly. On the H100 the scan
+    variant tuned to (32, 8, 4) (benchmarks/results/mamba.md); both variants pass the reference checks there."""
+    return [(16, 8 if N > 32 else 16, 4, 0), (32, 8, 4, 0), (32, 8, 4, 1)]
+
+
+def _bwd_configs(N: int):
+    """Backward candidates (BD, num_warps, SEQ); the chunk length BT is the forward's (its saved states)."""
+    return [(8 if N > 32 else 16, 4, 0), (8, 4, 0), (8, 4, 1)]
+
+
+def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool):
+    Bsz, T, D = x.shape
+    N = A.shape[1]
+    y = empty_output((Bsz, T, D), x.dtype, x.device)
+    ht = empty_output((Bsz, D, N), torch.float32, x.device) if want_ht else None
+    key = (D, N, x.dtype, Bsz, seqlen_bucket(T))
+    holder = {}
+
+    def launch(cfg):
+        BT, BD, warps, seq = cfg
+        # the chunk-start states saved for the backward: their number depends on the candidate's BT
+        holder["hs"] = hs = (torch.empty((Bsz, triton.cdiv(T, BT), D, N), dtype=torch.float32, device=x.device)
+                             if save else None)
+        _scan_fwd[(triton.cdiv(D, BD), Bsz)](x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, triton.cdiv(T, BT),
+                                             BT=BT, BD=BD, BN=triton.next_power_of_2(N),
+                                             HAS_BIAS=dt_bias is not None, USE_H0=h0 is not None, SAVE=save,
+                                             STORE_HT=want_ht, SEQ=bool(seq), num_warps=warps)
+    cfg = pick_config(("mamba_fwd", *key), _configs(N), launch)
+    launch(cfg)
+    return y, ht, holder["hs"], cfg[0]
+
+
+def _backward(x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, want_dh0: bool):
+    Bsz, T, D = x.shape
+    N = A.shape[1]
+    key = (D, N, x.dtype, Bsz, seqlen_bucket(T), BT)
+    dx = empty_output((Bsz, T, D), x.dtype, x.device)
+    ddt = empty_output((Bsz, T, D), torch.float32, x.device)
+    dA = empty_output((Bsz, D, N), torch.float32, x.device)
+    dh0 = empty_output((Bsz, D, N), torch.float32, x.device) if want_dh0 else None
+    parts = {}
+
+    def launch(cfg):
+        BD, warps, seq = cfg
+        NDB, BN = triton.cdiv(D, BD), triton.next_power_of_2(N)
+        parts["dB"] = empty_output((NDB, Bsz, T, N), torch.float32, x.device)
+        parts["dC"] = empty_output((NDB, Bsz, T, N), torch.float32, x.device)
+        scratch = torch.empty(NDB * Bsz * BT * BD * BN if seq else 1, dtype=torch.float32, device=x.device)
+        _scan_bwd[(NDB, Bsz)](x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, parts["dB"], parts["dC"], dh0,
+                              scratch, Bsz, T, D, N, triton.cdiv(T, BT), BT=BT, BD=BD, BN=BN,
+                              HAS_BIAS=dt_bias is not None, USE_DHT=dht is not None, STORE_DH0=want_dh0,
+                              SEQ=bool(seq), num_warps=warps)
+    cfg = pick_config(("mamba_bwd", *key), _bwd_configs(N), launch)
+    launch(cfg)
+    return dx, ddt, dA.sum(0), parts["dB"].sum(0), parts["dC"].sum(0), dh0
+
+
+class SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, Bm, Cm, dt_bias, h0, want_ht):
+        save = any(ctx.needs_input_grad)
+        y, ht, hs, BT = _forward(x, dt, dt_bias, A, Bm, Cm, h0, save, want_ht)
+        ctx.save_for_backward(x, dt, A, Bm, Cm, dt_bias, hs)
+        ctx.BT, ctx.has_h0 = BT, h0 is not None
+        return y, ht
+
+    @staticmethod
+    def backward(ctx, dy, dht):
+        x, dt, A, Bm, Cm, dt_bias, hs = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dh0 = _backward(x, dt, dt_bias, A, Bm, Cm, hs, ctx.BT, dy.contiguous(),
+                                             None if dht is None else dht.contiguous(), ctx.has_h0)
+        dbias = None if dt_bias is None else ddt.sum((0, 1))
+        return dx, ddt.to(dt.dtype), dA, dB.to(Bm.dtype), dC.to(Cm.dtype), dbias, dh0, None
+
+
+def selective_scan(x, dt, A, B, C, dt_bias=None, initial_state=None, output_final_state=True):
+    """The S6 scan without D skip or gate (validated by the caller, `effattn.linear.mamba.mamba`).
+
+    x, dt: `[B, T, D]`, A: `[D, N]` float32, B, C: `[B, T, N]`, dt_bias: `[D]` float32 or None,
+    initial_state `[B, D, N]` float32. Returns y `[B, T, D]` (x's dtype) and the final state (float32) or None.
+    """
+    contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return SelectiveScan.apply(contig(x), contig(dt), contig(A), contig(B), contig(C), contig(dt_bias),
+                               contig(initial_state), output_final_state)

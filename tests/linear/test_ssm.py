@@ -1,0 +1,221 @@
+"""Mamba (S6), mLSTM and sLSTM: every form vs the float64 reference (outputs, final states, gradients of every
+input) at sizes off the block shapes, decode step == chunk/parallel form token by token, bf16 stability at
+T = 4096, argument errors."""
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+from effattn.linear.mamba import mamba, mamba_inputs, mamba_reference
+from effattn.linear.mlstm import mlstm, mlstm_reference
+from effattn.linear.slstm import slstm, slstm_inputs, slstm_reference
+from effattn.registry import Shape
+
+# the catalogue's shared checks (--import-mode=importlib: sibling test modules are loaded by path)
+_spec = importlib.util.spec_from_file_location("_catalog_checks", pathlib.Path(__file__).with_name("test_catalog.py"))
+_catalog = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_catalog)
+check_against_reference, check_decode = _catalog.check_against_reference, _catalog.check_decode
+
+
+# ------------------------------------------------------------------------------------------------- mamba
+def mamba_case(B=2, T=41, D=20, N=12, seed=0, **kw):
+    """D and N off the block sizes (16), T spanning three chunks and a remainder."""
+    gen = torch.Generator().manual_seed(seed)
+    inp = mamba_inputs(Shape(batch=B, seq_q=T, heads=1, head_dim=4), torch.float64, "cpu", gen, **kw)
+    r = lambda *s, std=1.0: std * torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    inp.update(x=r(B, T, D), dt=r(B, T, D) - 1.0, A=-torch.exp(r(D, N, std=0.5)), B=r(B, T, N), C=r(B, T, N),
+               D=r(D), dt_bias=r(D, std=0.5), z=r(B, T, D))
+    if "initial_state" in inp:
+        inp["initial_state"] = r(B, D, N, std=0.5)
+    return inp
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+@pytest.mark.parametrize("extras", [True, False], ids=["D,z,bias,h0", "bare"])
+def test_mamba_matches_reference(form, extras):
+    inp = mamba_case(initial_state=extras)
+    if not extras:
+        for name in ("D", "z", "dt_bias"):
+            inp.pop(name)
+    check_against_reference(mamba, mamba_reference, inp, {}, form=form)
+
+
+def test_mamba_decode_matches_chunk():
+    inp = mamba_case(T=19, seed=3)
+    static = {n: inp.pop(n) for n in ("A", "D", "dt_bias")}
+    check_decode(mamba, inp, {n: t.float() for n, t in static.items()}, "initial_state")
+
+
+def test_mamba_bf16_long_is_finite(monkeypatch):
+    from effattn.linear import selective_scan
+
+    # chunks of 128 tokens: an eighth of the interpreter's loop trips (the chunking itself is tested above)
+    monkeypatch.setattr(selective_scan, "_configs", lambda N: [(128, 16, 4, 0)])
+    gen = torch.Generator().manual_seed(4)
+    inp = mamba_inputs(Shape(batch=1, seq_q=4096, heads=1, head_dim=16), torch.bfloat16, "cpu", gen)
+    inp["dt"] = inp["dt"] + 2.0  # large steps: strong decays exp(Delta A) -> 0 and large inputs Delta B x
+    for t in (inp["x"], inp["dt"], inp["B"], inp["A"]):
+        t.requires_grad_(True)
+    y, h = mamba(**inp, output_final_state=True)
+    (y.float().sum() + h.sum()).backward()
+    for t in (y, h, inp["x"].grad, inp["dt"].grad, inp["B"].grad, inp["A"].grad):
+        assert torch.isfinite(t.float()).all()
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"x": torch.zeros(2, 5)}, ValueError, "x must have 3 dimensions"),
+    ({"dt": torch.zeros(2, 5, 7)}, ValueError, "dt must be"),
+    ({"A": torch.zeros(7, 4)}, ValueError, "A must be"),
+    ({"B": torch.zeros(2, 5, 3)}, ValueError, "B must be"),
+    ({"C": torch.zeros(2, 4, 4)}, ValueError, "C must be"),
+    ({"D": torch.zeros(3)}, ValueError, "D must be"),
+    ({"z": torch.zeros(2, 5, 3)}, ValueError, "z must be"),
+    ({"initial_state": torch.zeros(2, 8, 5)}, ValueError, "initial_state must be"),
+    ({"form": "parallel"}, ValueError, "form"),
+    ({"x": "x"}, TypeError, "x must be a torch.Tensor"),
+])
+def test_mamba_errors(change, error, match):
+    inp = dict(x=torch.zeros(2, 5, 8), dt=torch.zeros(2, 5, 8), A=-torch.ones(8, 4), B=torch.zeros(2, 5, 4),
+               C=torch.zeros(2, 5, 4))
+    inp.update(change)
+    with pytest.raises(error, match=match):
+        mamba(**inp)
+
+
+# ------------------------------------------------------------------------------------------------- mlstm
+def mlstm_case(B=2, T=23, H=2, K=12, V=10, seed=0, spread=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s, std=1.0: std * torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    h0 = r(B, H, K, V + 2, std=0.5)
+    h0[..., -2] = h0[..., -2].abs() + 0.5
+    h0[..., -1] = h0[..., :1, -1]
+    return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), i=r(B, T, H, std=spread),
+                f=r(B, T, H) + 2.0, initial_state=h0)
+
+
+@pytest.mark.parametrize("form", ["chunk", "parallel"])
+@pytest.mark.parametrize("forget", ["sigmoid", "exp"])
+def test_mlstm_matches_reference(form, forget):
+    inp = mlstm_case()
+    if forget == "exp":
+        inp["f"] = -torch.nn.functional.softplus(-inp["f"])  # log f <= 0 keeps the exponential gate a decay
+    check_against_reference(mlstm, mlstm_reference, inp, {"forget": forget}, form=form, chunk_size=8)
+
+
+def test_mlstm_wide_input_gates_stay_exact():
+    """Input gates spanning 200 nats (exp(i) overflows float32): the carried stabiliser keeps every form exact."""
+    inp = mlstm_case(seed=5, spread=60.0)
+    inp.pop("initial_state")
+    check_against_reference(mlstm, mlstm_reference, inp, {}, form="chunk", chunk_size=8)
+
+
+def test_mlstm_decode_matches_chunk():
+    inp = mlstm_case(T=13, seed=6)
+    check_decode(mlstm, inp, {"chunk_size": 4}, "initial_state")
+
+
+def test_mlstm_bf16_long_is_finite():
+    gen = torch.Generator().manual_seed(7)
+    r = lambda *s, std=1.0: (std * torch.randn(*s, generator=gen)).bfloat16().requires_grad_()  # noqa: E731
+    inp = dict(q=r(1, 4096, 1, 16), k=r(1, 4096, 1, 16), v=r(1, 4096, 1, 16), i=r(1, 4096, 1, std=10.0),
+               f=r(1, 4096, 1, std=3.0))
+    h, state = mlstm(**inp, output_final_state=True, chunk_size=256)
+    (h.float().sum() + state.sum()).backward()
+    for t in (h, state, *(x.grad for x in inp.values())):
+        assert torch.isfinite(t.float()).all()
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"i": torch.zeros(2, 5)}, ValueError, "i must have 3 dimensions"),
+    ({"f": torch.zeros(2, 5, 3)}, ValueError, "f must be"),
+    ({"k": torch.zeros(2, 5, 1, 4), "v": torch.zeros(2, 5, 1, 4)}, ValueError, "as many heads"),
+    ({"initial_state": torch.zeros(2, 2, 4, 4)}, ValueError, r"Dv \+ 2"),
+    ({"forget": "tanh"}, ValueError, "forget"),
+    ({"form": "fused"}, ValueError, "form"),
+])
+def test_mlstm_errors(change, error, match):
+    inp = dict(q=torch.zeros(2, 5, 2, 4), k=torch.zeros(2, 5, 2, 4), v=torch.zeros(2, 5, 2, 4), i=torch.zeros(2, 5, 2),
+               f=torch.zeros(2, 5, 2))
+    inp.update(change)
+    with pytest.raises(error, match=match):
+        mlstm(**inp)
+
+
+# ------------------------------------------------------------------------------------------------- slstm
+def slstm_case(B=2, T=11, H=2, d=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    inp = slstm_inputs(Shape(batch=B, seq_q=T, heads=H, head_dim=d), torch.float64, "cpu", gen)
+    inp["initial_state"] = inp["initial_state"].double()
+    return inp
+
+
+@pytest.mark.parametrize("form", ["recurrent", "fused"])
+@pytest.mark.parametrize("forget", ["sigmoid", "exp"])
+def test_slstm_matches_reference(form, forget):
+    inp = slstm_case(d=5)  # d = 5: the fused kernel's lanes 5..7 are masked
+    if forget == "exp":
+        inp["x"][:, :, 1] = -torch.nn.functional.softplus(-inp["x"][:, :, 1])
+    check_against_reference(slstm, slstm_reference, inp, {"forget": forget}, form=form)
+
+
+def test_slstm_matches_hand_computed_lstm_step():
+    """One token from zero state: m = i~, so i' = 1, f' = 0, c = tanh(z~), n = 1, h = sigmoid(o~) tanh(z~)."""
+    inp = slstm_case(B=1, T=1)
+    h = slstm(inp["x"], inp["R"])
+    x = inp["x"][:, 0]
+    torch.testing.assert_close(h[:, 0], torch.sigmoid(x[:, 3]) * torch.tanh(x[:, 2]))
+
+
+def test_slstm_decode_matches_sequence():
+    inp = slstm_case(T=9, seed=2)
+    o, state = slstm(**inp, output_final_state=True)
+    s, steps = inp["initial_state"], []
+    for t in range(9):
+        o_t, s = slstm(inp["x"][:, t:t + 1], inp["R"], initial_state=s, output_final_state=True)
+        steps.append(o_t)
+    torch.testing.assert_close(torch.cat(steps, 1), o)
+    torch.testing.assert_close(s, state)
+
+
+def test_slstm_bf16_long_is_finite():
+    """Forward over 4096 tokens; the backward (a 4096-step Python autograd graph costs ~40 s here) over 256.
+    The recurrent form: the fused kernel would take minutes in Triton's interpreter at this length."""
+    gen = torch.Generator().manual_seed(3)
+    inp = slstm_inputs(Shape(batch=1, seq_q=4096, heads=4, head_dim=8), torch.bfloat16, "cpu", gen,
+                       initial_state=False)
+    inp["x"] = (inp["x"].float() * 4).bfloat16()  # large pre-activations: exponential gates up to e^16
+    with torch.no_grad():
+        h, state = slstm(**inp, output_final_state=True)
+    assert torch.isfinite(h.float()).all() and torch.isfinite(state).all()
+    x, R = inp["x"][:, :256].clone().requires_grad_(), inp["R"].clone().requires_grad_()
+    h, state = slstm(x, R, output_final_state=True)
+    (h.float().sum() + state[:, :3].sum()).backward()
+    for t in (h, state, x.grad, R.grad):
+        assert torch.isfinite(t.float()).all()
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"x": torch.zeros(2, 5, 3, 2, 4)}, ValueError, "gates i, f, z, o"),
+    ({"R": torch.zeros(4, 2, 4, 3)}, ValueError, "R must be"),
+    ({"initial_state": torch.zeros(2, 4, 2, 3)}, ValueError, "initial_state must be"),
+    ({"forget": "relu"}, ValueError, "forget"),
+    ({"form": "chunk"}, ValueError, "form"),
+    ({"form": "fused", "x": torch.zeros(2, 5, 4, 2, 4, dtype=torch.float64)}, TypeError, "float64"),
+])
+def test_slstm_errors(change, error, match):
+    inp = dict(x=torch.zeros(2, 5, 4, 2, 4), R=torch.zeros(4, 2, 4, 4))
+    inp.update(change)
+    with pytest.raises(error, match=match):
+        slstm(**inp)
+
+
+def test_mamba_token_by_token_kernel_variant(monkeypatch):
+    """The kernels' SEQ=1 variant (each chunk's tokens walked one by one, h_t of the chunk in scratch for the
+    backward): the configuration the GPU tuning may pick instead of the in-chunk associative scan."""
+    from effattn.linear import selective_scan
+
+    monkeypatch.setattr(selective_scan, "_configs", lambda N: [(16, 16, 4, 1)])
+    monkeypatch.setattr(selective_scan, "_bwd_configs", lambda N: [(16, 4, 1)])
+    check_against_reference(mamba, mamba_reference, mamba_case(initial_state=True), {}, form="chunk")
