@@ -9,8 +9,8 @@ channel) and DELTA (delta rule, WY representation):
   x = u, or x = U - W h_c (delta); stores every h_c (and x for delta rules).
 - `_chunk_output`: o = scale [(q e^{Gc}) h_c + tril(q k^T * D) x]; vector gates go in sub-blocks of 16 rows
   whose decays are taken relative to a row inside the pair of blocks, so no exponent is positive across
-  blocks; diagonal blocks go one key column at a time with exponents Gc_i - Gc_j <= 0 (`_diag_scores`), so
-  no decay, however strong, overflows. With STORE_A it keeps the scores tril(q k^T * D) for the backward.
+  blocks; diagonal blocks relative to their first row while their decay is mild (`_mild`, < e^{40}), else one
+  key column at a time with exponents Gc_i - Gc_j <= 0 (`_diag_scores`): no decay, however strong, overflows. With STORE_A it keeps the scores tril(q k^T * D) for the backward.
 The backward kernels are in chunk_bwd.py.
 Every kernel indexes packed tokens `[T, H, D]` through chunk tables (varlen is the only layout).
 """
@@ -73,6 +73,15 @@ def _put(p, val, rows, live, i_h, oc, H: tl.constexpr, D: tl.constexpr):
 def _row(p, r, t1, i_h, ok, H: tl.constexpr, K: tl.constexpr):
     """Row r `[BK]` of packed `[T, H, K]` in float32, 0 past the chunk's end t1."""
     return tl.load(p + (r * H + i_h) * K + ok, mask=(ok < K) & (r < t1), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mild(gc, r0, t1, i_h, ok, H: tl.constexpr, K: tl.constexpr, BQ: tl.constexpr):
+    """Whether a vector gate decays by less than e^{40} in every channel over the block of rows r0..r0+BQ-1:
+    then factors e^{+-(Gc - Gc_r0)} through its first row stay far from float32 (and bf16) overflow."""
+    g0 = _row(gc, r0, t1, i_h, ok, H, K)
+    g1 = _row(gc, tl.minimum(r0 + BQ, t1) - 1, t1, i_h, ok, H, K)
+    return tl.max(g0 - g1, 0) < 40.0
 
 
 @triton.jit
@@ -229,8 +238,10 @@ def _chunk_output(q, k, x, gc, h, o, a, start, end, scale, H: tl.constexpr, K: t
         b_k = _tile(k, rk, lk, i_h, ok, H, K)
         b_x = _tile(x, rk, lk, i_h, ov, H, V)
         if GATE == 2:
-            if j < i_q:  # decays relative to the key block's last row: both factors <= 1
-                ref = _gate_last(gc, t0 + j * BQ + BQ - 1, i_h, ok, H, K, GATE)
+            # off the diagonal, decays relative to the key block's last row: both factors <= 1; on it, relative
+            # to its first row while the block's decay is mild, else exactly, one key column at a time
+            if (j < i_q) | _mild(gc, t0 + j * BQ, t1, i_h, ok, H, K, BQ):
+                ref = _gate_last(gc, tl.where(j < i_q, t0 + j * BQ + BQ - 1, t0 + j * BQ), i_h, ok, H, K, GATE)
                 b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
                 qa = b_q.to(tl.float32) * tl.exp(tl.where(lq[:, None], b_gq - ref[None, :], 0.0))
                 ka = b_k.to(tl.float32) * tl.exp(tl.where(lk[:, None], ref[None, :] - b_gk, 0.0))

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..hardware._flash_common import _dot
-from .chunk import _decay_state, _gate_last, _gate_rows, _put, _row, _tile, _to_end
+from .chunk import _decay_state, _gate_last, _gate_rows, _mild, _put, _row, _tile, _to_end
 
 
 @triton.jit
@@ -194,8 +194,15 @@ def _bwd_dqk(q, k, x, gc, h, dh, do, dx, da, dq, dk, dw, dgc, dgl, start, end, s
             b_dki += _dot(tl.trans(_tile(da, ri, li, i_h, b * BQ + cb, H, BT)), b_qi, None, PREC)
         b_dk += b_dki * tl.exp(tl.where(lb[:, None], ref[None, :] - b_g, 0.0))
         b_dab = _tile(da, rb, lb, i_h, b * BQ + cb, H, BT)
-        b_dq += _diag_acc(b_dab, b_g, lb, k, gc, t0 + b * BQ, t1, i_h, ok, H, K, BQ, True)
-        b_dk += _diag_acc(b_dab, b_g, lb, q, gc, t0 + b * BQ, t1, i_h, ok, H, K, BQ, False)
+        if _mild(gc, t0 + b * BQ, t1, i_h, ok, H, K, BQ):  # as the forward: through the block's first row
+            ref = _gate_last(gc, t0 + b * BQ, i_h, ok, H, K, GATE)
+            b_up = tl.exp(tl.where(lb[:, None], b_g - ref[None, :], 0.0))  # <= 1
+            b_down = tl.exp(tl.where(lb[:, None], ref[None, :] - b_g, 0.0))  # < e^{40}
+            b_dq += b_up * _dot(b_dab, b_k.to(tl.float32) * b_down, None, PREC)
+            b_dk += b_down * _dot(tl.trans(b_dab), b_q.to(tl.float32) * b_up, None, PREC)
+        else:
+            b_dq += _diag_acc(b_dab, b_g, lb, k, gc, t0 + b * BQ, t1, i_h, ok, H, K, BQ, True)
+            b_dk += _diag_acc(b_dab, b_g, lb, q, gc, t0 + b * BQ, t1, i_h, ok, H, K, BQ, False)
     _put(dq, b_dq, rb, lb, i_h, ok, H, K)
     _put(dk, b_dk, rb, lb, i_h, ok, H, K)
     if DELTA:
