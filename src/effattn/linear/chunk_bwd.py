@@ -77,13 +77,13 @@ def _state_bwd(q, k, w, gc, do, dxi, dx, dh, dht, dh0, cu, first, scale, H: tl.c
             b_w = _tile(w, rows, live, i_h, ok, H, K)
             if GATE != 0:
                 b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_w.dtype)
-            b_dx = _tile(dxi, rows, live, i_h, ov, H, V) + _dot(b_k.to(tl.float32), b_dh, None, PREC)
+            b_dx = _tile(dxi, rows, live, i_h, ov, H, V) + _dot(b_k, b_dh.to(b_k.dtype), None, PREC)
             _put(dx, b_dx, rows, live, i_h, ov, H, V)  # the full dx = dU, for _bwd_dqk and _wy_bwd
         if GATE != 0:
             b_dh = _decay_state(b_dh, g_last, GATE)
         b_dh += _dot(tl.trans((b_q * scale).to(b_do.dtype)), b_do, None, PREC)
         if DELTA:
-            b_dh -= _dot(tl.trans(b_w.to(tl.float32)), b_dx, None, PREC)
+            b_dh -= _dot(tl.trans(b_w), b_dx.to(b_w.dtype), None, PREC)
     tl.store(dh0 + i_s * H * K * V + p_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)
 
 
@@ -197,7 +197,7 @@ def _bwd_dqk(q, k, x, gc, h, dh, do, dx, da, dq, dk, dw, dgc, dgl, start, end, s
         if _mild(gc, t0 + b * BQ, t1, i_h, ok, H, K, BQ):  # as the forward: through the block's first row
             ref = _gate_last(gc, t0 + b * BQ, i_h, ok, H, K, GATE)
             b_up = tl.exp(tl.where(lb[:, None], b_g - ref[None, :], 0.0))  # <= 1
-            b_down = tl.exp(tl.where(lb[:, None], ref[None, :] - b_g, 0.0))  # < e^{40}
+            b_down = tl.exp(tl.where(lb[:, None], ref[None, :] - b_g, 0.0))  # < e^{60}
             b_dq += b_up * _dot(b_dab, b_k.to(tl.float32) * b_down, None, PREC)
             b_dk += b_down * _dot(tl.trans(b_dab), b_q.to(tl.float32) * b_up, None, PREC)
         else:
