@@ -63,6 +63,13 @@ def test_triton_chunk_matches_reference(gate, delta):
     check_all(chunk_gated_linear_attn, make(gate, delta), delta, chunk_size=16)
 
 
+def test_triton_chunk_beta_without_delta_rule():
+    """beta scales the values (x = beta v) without the delta rule: dbeta = sum(dx v) in `_bwd_dx`."""
+    x = make("scalar", False, B=1, T=21, H=1)
+    x["beta"] = torch.sigmoid(torch.randn(1, 21, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    check_all(chunk_gated_linear_attn, x, False, chunk_size=16)
+
+
 def test_triton_vector_gate_strong_decay_matches_reference():
     """Log gates down to ~-60 per step: a 16-row block decays far past e^{-88}, where exp(Gc_i) exp(-Gc_j)
     would overflow float32; the kernels' exponents stay <= 0 (fwd and every gradient vs float64)."""

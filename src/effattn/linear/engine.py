@@ -142,7 +142,7 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
     dq = empty_output(q.shape, q.dtype, q.device)
     dk = torch.empty(k.shape, **f32) if delta_rule else empty_output(k.shape, k.dtype, k.device)
     dw = torch.empty(k.shape, **f32) if delta_rule else None
-    dgc = torch.empty((T, H, KG)[:2 + (gate == 2)], **f32) if gate else None
+    dgc = torch.empty(g.shape, **f32) if gate else None  # per row: dL/dGc, before the reversed cumsum
     dgl = torch.empty((N, BT // BQ, H, KG), **f32) if gate else None
     _tuned("bwd_dqk", _bwd_dqk, lambda bv: (N * (BT // BQ), H), key, _configs(V, "output"), q, k, x, gc, h, dh, do,
            dx, da, dq, dk, dw, dgc, dgl, ch.start, ch.end, scale, BQ=BQ, BK=BK, **consts)
