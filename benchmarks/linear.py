@@ -120,6 +120,7 @@ def main():
     ap.add_argument("--fla", default="simple_gla,gla,gated_delta")
     ap.add_argument("--sizes", default="4096,16384,65536")
     ap.add_argument("--cross", default="512,1024,2048,4096,8192")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="which of ours to time")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--passes", default="fwd,fwd+bwd")
     ap.add_argument("--budget", type=float, default=280.0, help="seconds; later measurements are skipped after it")
@@ -131,12 +132,13 @@ def main():
         correctness(rep)
     fla_kinds = [k for k in a.fla.split(",") if k]
     left = lambda: time.time() - t_start < a.budget  # noqa: E731
-    for kind in KINDS:  # ours first (cheap to compile), then FLA (60-110 s of autotuning per op)
+    kinds = [k for k in a.kinds.split(",") if k]
+    for kind in kinds:  # ours first (cheap to compile), then FLA (60-110 s of autotuning per op)
         for T in sizes:
             x = inputs(kind, max(1, 16384 // T), T)
             timed(rep, "effattn", kind, T, lambda: ours(kind, x), False)
     if "fwd+bwd" in a.passes:
-        for kind in KINDS:
+        for kind in kinds:
             for T in sizes:
                 if left():
                     xg = inputs(kind, max(1, 16384 // T), T, requires_grad=True)
@@ -175,15 +177,20 @@ def main():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
         timed(rep, "sdpa_cudnn", "causal_softmax", T, sdpa, False)
-    for kind in KINDS:  # where the forward's time goes, per kernel (T = 16384, B = 1)
-        x = inputs(kind, 1, 16384)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                ours(kind, x)
-            torch.cuda.synchronize()
-        for ev in prof.key_averages():
-            if ev.device_time_total > 0:
-                rep.add("profile", {"kind": kind, "kernel": ev.key[:60], "us_per_call": ev.device_time_total / 5})
+    for kind in kinds:  # where the time goes, per kernel (T = 16384, B = 1), forward then forward + backward
+        for backward in (False, True):
+            x = inputs(kind, 1, 16384, requires_grad=backward)
+            do = torch.randn(1, 16384, H, D, device="cuda", dtype=torch.bfloat16)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    o = ours(kind, x)
+                    if backward:
+                        o.backward(do)
+                torch.cuda.synchronize()
+            for ev in prof.key_averages():
+                if ev.device_time_total > 0:
+                    rep.add("profile", {"kind": kind, "pass": "fwd+bwd" if backward else "fwd", "kernel": ev.key[:60],
+                                        "us_per_call": ev.device_time_total / 5})
     print("total", time.time() - t_start, "s", flush=True)
 
 

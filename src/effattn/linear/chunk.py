@@ -3,14 +3,15 @@
 One set of kernels for all gates, selected by constexpr GATE (0 none, 1 scalar per head, 2 vector per key
 channel) and DELTA (delta rule, WY representation):
 - `_chunk_cumsum`: chunk-local cumulative log gates in float32 (forward) / reversed (their gradient).
-- `_wy_fwd`: delta rules only, W = A (beta k e^{Gc}) and U = A (beta v) per chunk, A by forward substitution.
+- `_wy_fwd`: delta rules only, W = A (beta k e^{Gc}) and U = A (beta v) per chunk, A by forward substitution
+  (A is kept for the backward).
 - `_state_fwd`: the one sequential kernel, h_{c+1} = e^{Gc_last} h_c + (k e^{Gc_last - Gc})^T x with
   x = u, or x = U - W h_c (delta); stores every h_c (and x for delta rules).
-- `_state_bwd`: the same scan reversed for dh: dh_c = e^{Gc_last} dh_{c+1} + scale (q e^{Gc})^T do
-  [- W^T (dx_intra + (k e^{Gc_last - Gc}) dh_{c+1}) for delta rules].
 - `_chunk_output`: o = scale [(q e^{Gc}) h_c + tril(q k^T * D) x]; vector gates go in sub-blocks of 16 rows
   whose decays are taken relative to a row inside the pair of blocks, so no exponent is positive across
-  blocks (within a diagonal 16-row block the bound is e^{-(sum of 15 log gates)}, as in FLA's GLA).
+  blocks; diagonal blocks relative to their first row while their decay is mild (`_mild`, < e^{60}), else one
+  key column at a time with exponents Gc_i - Gc_j <= 0 (`_diag_scores`): no decay, however strong, overflows. With STORE_A it keeps the scores tril(q k^T * D) for the backward.
+The backward kernels are in chunk_bwd.py.
 Every kernel indexes packed tokens `[T, H, D]` through chunk tables (varlen is the only layout).
 """
 from __future__ import annotations
@@ -56,22 +57,67 @@ def _decay_state(b_h, g_last, GATE: tl.constexpr):
     else:
         return b_h * tl.exp(g_last)[:, None]
 
+@triton.jit
+def _tile(p, rows, live, i_h, oc, H: tl.constexpr, D: tl.constexpr):
+    """Rows of packed `[T, H, D]` at head i_h, columns oc (0 outside)."""
+    return tl.load(p + (rows[:, None] * H + i_h) * D + oc[None, :], mask=live[:, None] & (oc[None, :] < D), other=0.0)
+
 
 @triton.jit
-def _chunk_cumsum(g, out, start, end, H: tl.constexpr, KG: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr,
-                  REVERSE: tl.constexpr):
+def _put(p, val, rows, live, i_h, oc, H: tl.constexpr, D: tl.constexpr):
+    tl.store(p + (rows[:, None] * H + i_h) * D + oc[None, :], val.to(p.dtype.element_ty),
+             mask=live[:, None] & (oc[None, :] < D))
+
+
+@triton.jit
+def _row(p, r, t1, i_h, ok, H: tl.constexpr, K: tl.constexpr):
+    """Row r `[BK]` of packed `[T, H, K]` in float32, 0 past the chunk's end t1."""
+    return tl.load(p + (r * H + i_h) * K + ok, mask=(ok < K) & (r < t1), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mild(gc, r0, t1, i_h, ok, H: tl.constexpr, K: tl.constexpr, BQ: tl.constexpr):
+    """Whether a vector gate decays by less than e^{60} in every channel over the block of rows r0..r0+BQ-1:
+    then factors e^{+-(Gc - Gc_r0)} through its first row stay far from float32 (and bf16) overflow."""
+    g0 = _row(gc, r0, t1, i_h, ok, H, K)
+    g1 = _row(gc, tl.minimum(r0 + BQ, t1) - 1, t1, i_h, ok, H, K)
+    return tl.max(g0 - g1, 0) < 60.0
+
+
+@triton.jit
+def _diag_scores(b_q, b_gq, lq, k, gc, r0, t1, i_h, ok, H: tl.constexpr, K: tl.constexpr, BQ: tl.constexpr):
+    """sum_d q_id k_jd e^{Gc_id - Gc_jd} (j <= i) on a diagonal block of a vector gate, one key column at a
+    time: every exponent is <= 0, whatever the decay (factorised through a reference row it would overflow
+    float32 once a block's log decay passes -88)."""
+    ci = tl.arange(0, BQ)
+    b_a = tl.zeros([BQ, BQ], dtype=tl.float32)
+    for jj in range(0, BQ):
+        b_kj, b_gj = _row(k, r0 + jj, t1, i_h, ok, H, K), _row(gc, r0 + jj, t1, i_h, ok, H, K)
+        e = tl.exp(tl.where((lq & (ci >= jj))[:, None], b_gq - b_gj[None, :], -float("inf")))
+        b_a = tl.where(ci[None, :] == jj, tl.sum(b_q * b_kj[None, :] * e, 1)[:, None], b_a)
+    return b_a
+
+
+@triton.jit
+def _chunk_cumsum(g, out, bias, start, end, H: tl.constexpr, KG: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr,
+                  REVERSE: tl.constexpr, NB: tl.constexpr):
+    """out = chunk-local (reverse) cumsum of g, plus the sum of NB per-chunk parts of `bias` `[N, NB, H, KG]`
+    (the backward's gradient of the chunk's last cumulative gate, which reaches every row of the chunk)."""
     n, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + n), tl.load(end + n)
     rows = t0 + tl.arange(0, BT)
     cols = tl.arange(0, BG)
     live = (rows[:, None] < t1) & (cols[None, :] < KG)
     ptr = (rows[:, None] * H + i_h) * KG + cols[None, :]
-    b_g = tl.load(g + ptr, mask=live, other=0.0).to(tl.float32)
-    tl.store(out + ptr, tl.cumsum(b_g, axis=0, reverse=REVERSE), mask=live)
+    b_c = tl.cumsum(tl.load(g + ptr, mask=live, other=0.0).to(tl.float32), axis=0, reverse=REVERSE)
+    if NB > 0:
+        for i in range(0, NB):
+            b_c += tl.load(bias + ((n * NB + i) * H + i_h) * KG + cols, mask=cols < KG, other=0.0)[None, :]
+    tl.store(out + ptr, b_c.to(out.dtype.element_ty), mask=live)
 
 
 @triton.jit
-def _wy_fwd(k, v, beta, gc, w, u, scratch, start, end, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _wy_fwd(k, v, beta, gc, w, u, aw, scratch, start, end, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr):
     n, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + n), tl.load(end + n)
@@ -115,6 +161,7 @@ def _wy_fwd(k, v, beta, gc, w, u, scratch, start, end, H: tl.constexpr, K: tl.co
     else:
         b_A = b_Ad
     b_A = b_A.to(b_k.dtype)
+    _put(aw, b_A, rows, live, i_h, r, H, BT)  # for the backward
     tl.store(w + (rows[:, None] * H + i_h) * K + ok[None, :],
              _dot(b_A, b_kb.to(b_k.dtype), None, PREC).to(w.dtype.element_ty),
              mask=live[:, None] & (ok[None, :] < K))
@@ -164,55 +211,9 @@ def _state_fwd(k, u, w, gc, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.cons
 
 
 @triton.jit
-def _state_bwd(q, k, w, gc, do, dxi, dh, dht, dh0, cu, first, scale, H: tl.constexpr, K: tl.constexpr,
-               V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
-               DELTA: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr):
-    """dh[n] = gradient of the state after chunk n; dh0 = gradient of the initial state."""
-    i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    # without the delta rule the rows of the state are independent: programs may split Dk too (BK < K)
-    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
-    bos, eos, n0 = tl.load(cu + i_s), tl.load(cu + i_s + 1), tl.load(first + i_s)
-    ok = i_k * BK + tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    m_kv = (ok[:, None] < K) & (ov[None, :] < V)
-    p_kv = (i_h * K + ok[:, None]) * V + ov[None, :]
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_s * H * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i in range(tl.cdiv(eos - bos, BT) - 1, -1, -1):
-        rows = bos + i * BT + tl.arange(0, BT)
-        live = rows < eos
-        tl.store(dh + (n0 + i).to(tl.int64) * H * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
-        m_k = live[:, None] & (ok[None, :] < K)
-        m_v = live[:, None] & (ov[None, :] < V)
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0).to(tl.float32)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m_v, other=0.0)
-        if GATE != 0:
-            b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
-            g_last = _gate_last(gc, tl.minimum(bos + i * BT + BT, eos) - 1, i_h, ok, H, K, GATE)
-            if GATE == 1:
-                b_q = b_q * tl.exp(b_g)[:, None]
-            else:
-                b_q = b_q * tl.exp(b_g)
-        if DELTA:
-            b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
-            b_w = tl.load(w + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
-            if GATE != 0:
-                b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_w.dtype)
-            b_dx = tl.load(dxi + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m_v, other=0.0).to(tl.float32)
-            b_dx += _dot(b_k, b_dh.to(b_k.dtype), None, PREC)
-        if GATE != 0:
-            b_dh = _decay_state(b_dh, g_last, GATE)
-        b_dh += _dot(tl.trans((b_q * scale).to(b_do.dtype)), b_do, None, PREC)
-        if DELTA:
-            b_dh -= _dot(tl.trans(b_w), b_dx.to(b_w.dtype), None, PREC)
-    tl.store(dh0 + i_s * H * K * V + p_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)
-
-
-@triton.jit
-def _chunk_output(q, k, x, gc, h, o, start, end, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _chunk_output(q, k, x, gc, h, o, a, start, end, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
-                  PREC: tl.constexpr):
+                  STORE_A: tl.constexpr, PREC: tl.constexpr):
     i_v, i_nq, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_q = i_nq // (BT // BQ), i_nq % (BT // BQ)
     t0, t1 = tl.load(start + n), tl.load(end + n)
@@ -220,7 +221,7 @@ def _chunk_output(q, k, x, gc, h, o, start, end, scale, H: tl.constexpr, K: tl.c
     ov = i_v * BV + tl.arange(0, BV)
     rq = t0 + i_q * BQ + tl.arange(0, BQ)
     lq = rq < t1
-    b_q = tl.load(q + (rq[:, None] * H + i_h) * K + ok[None, :], mask=lq[:, None] & (ok[None, :] < K), other=0.0)
+    b_q = _tile(q, rq, lq, i_h, ok, H, K)
     b_h = tl.load(h + n.to(tl.int64) * H * K * V + (i_h * K + ok[:, None]) * V + ov[None, :],
                   mask=(ok[:, None] < K) & (ov[None, :] < V), other=0.0)
     b_qg = b_q
@@ -234,23 +235,29 @@ def _chunk_output(q, k, x, gc, h, o, start, end, scale, H: tl.constexpr, K: tl.c
     for j in range(0, i_q + 1):
         rk = t0 + j * BQ + tl.arange(0, BQ)
         lk = rk < t1
-        b_k = tl.load(k + (rk[:, None] * H + i_h) * K + ok[None, :], mask=lk[:, None] & (ok[None, :] < K), other=0.0)
-        b_x = tl.load(x + (rk[:, None] * H + i_h) * V + ov[None, :], mask=lk[:, None] & (ov[None, :] < V), other=0.0)
+        b_k = _tile(k, rk, lk, i_h, ok, H, K)
+        b_x = _tile(x, rk, lk, i_h, ov, H, V)
         if GATE == 2:
-            # decays relative to a reference row: the last key row for earlier blocks, the first row on the diagonal
-            # (clamped to the chunk: a sub-block past a short last chunk has no live row to refer to)
-            ref_row = tl.minimum(tl.where(j < i_q, t0 + j * BQ + BQ - 1, t0 + i_q * BQ), t1 - 1)
-            ref = _gate_last(gc, ref_row, i_h, ok, H, K, GATE)
-            b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
-            qa = b_q.to(tl.float32) * tl.exp(tl.where(lq[:, None], b_gq - ref[None, :], 0.0))
-            ka = b_k.to(tl.float32) * tl.exp(tl.where(lk[:, None], ref[None, :] - b_gk, 0.0))
-            b_a = _dot(qa.to(b_q.dtype), tl.trans(ka.to(b_k.dtype)), None, PREC)
+            # off the diagonal, decays relative to the key block's last row: both factors <= 1; on it, relative
+            # to its first row while the block's decay is mild, else exactly, one key column at a time
+            if (j < i_q) | _mild(gc, t0 + j * BQ, t1, i_h, ok, H, K, BQ):
+                # (clamped to the chunk: a dead sub-block past a short last chunk has no live row to refer to)
+                ref_row = tl.minimum(tl.where(j < i_q, t0 + j * BQ + BQ - 1, t0 + j * BQ), t1 - 1)
+                ref = _gate_last(gc, ref_row, i_h, ok, H, K, GATE)
+                b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
+                qa = b_q.to(tl.float32) * tl.exp(tl.where(lq[:, None], b_gq - ref[None, :], 0.0))
+                ka = b_k.to(tl.float32) * tl.exp(tl.where(lk[:, None], ref[None, :] - b_gk, 0.0))
+                b_a = _dot(qa.to(b_q.dtype), tl.trans(ka.to(b_k.dtype)), None, PREC)
+            else:
+                b_a = _diag_scores(b_q.to(tl.float32), b_gq, lq, k, gc, t0 + j * BQ, t1, i_h, ok, H, K, BQ)
         else:
             b_a = _dot(b_q, tl.trans(b_k), None, PREC)
             if GATE == 1:
                 b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
                 b_a *= tl.exp(tl.where(rq[:, None] >= rk[None, :], b_gq[:, None] - b_gk[None, :], -float("inf")))
-        b_a = tl.where((rq[:, None] >= rk[None, :]) & lk[None, :], b_a, 0.0)
-        b_o += _dot(b_a.to(b_x.dtype), b_x, None, PREC)
-    tl.store(o + (rq[:, None] * H + i_h) * V + ov[None, :], (b_o * scale).to(o.dtype.element_ty),
-             mask=lq[:, None] & (ov[None, :] < V))
+        b_a = tl.where((rq[:, None] >= rk[None, :]) & lk[None, :], b_a, 0.0).to(b_x.dtype)
+        if STORE_A:  # the scores A_ij for the backward (dx = scale A^T do), once per chunk
+            if i_v == 0:
+                _put(a, b_a, rq, lq, i_h, j * BQ + tl.arange(0, BQ), H, BT)
+        b_o += _dot(b_a, b_x, None, PREC)
+    _put(o, b_o * scale, rq, lq, i_h, ov, H, V)

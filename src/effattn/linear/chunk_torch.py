@@ -10,7 +10,7 @@ h_c at the start of chunk c and the chunk-local cumulative log gates Gc (float32
     h_{c+1} = e^{Gc_last} h_c + (k e^{Gc_last - Gc})^T x
 
 Intra-chunk work runs for all chunks at once on a padded `[N, C, H, *]` layout; only the h_c scan is
-sequential. `chunk_local` (everything but the scan) is also what the Triton backward differentiates.
+sequential; the Triton kernels (chunk.py, chunk_bwd.py) follow the same decomposition.
 Vector gates take their decays relative to reference rows in blocks of 16 (`_pair_vector`), like the kernel.
 """
 from __future__ import annotations

@@ -2,10 +2,9 @@
 
     S_t = G_t * S_{t-1} + beta_t k_t^T v_t   (or the (gated) delta rule),   o_t = scale * q_t S_t
 
-`chunk_gated_linear_attn` runs the Triton chunkwise kernels of chunk.py. Backward: the reverse scan over
-chunk states (`_state_bwd`, Triton) gives dh at every chunk boundary; given h_c and dh_{c+1} every chunk is
-independent, so the remaining gradients are the vector-Jacobian product of `chunk_torch.chunk_local`
-over all chunks at once (batched PyTorch; the log-gate gradient comes out through the chunk-local cumsum).
+`chunk_gated_linear_attn` runs the Triton chunkwise kernels of chunk.py (forward) and chunk_bwd.py
+(backward: the reverse scan over chunk states gives dh at every chunk boundary; given h_c and dh_{c+1}
+every chunk is independent, and fused kernels give dq, dk, dv, dbeta and the log-gate gradient).
 """
 from __future__ import annotations
 
@@ -17,10 +16,9 @@ import triton
 from .._memory import empty_output
 from ..hardware._flash_common import dot_precision, pick_config, seqlen_bucket
 from ..validate import check_choice, check_cu_seqlens, check_positive_int, check_qkv, check_scale, check_tensor
-from .chunk import _chunk_cumsum, _chunk_output, _state_bwd, _state_fwd, _wy_fwd
-from .chunk_torch import Chunks, chunk_local, from_chunks, make_chunks, to_chunks, _decay, _pair
-
-_VJP_GROUP = 64  # chunks per batched backward step: bounds the O(group C^2 Dk) memory of vector gates
+from .chunk import _chunk_cumsum, _chunk_output, _state_fwd, _wy_fwd
+from .chunk_bwd import _bwd_dqk, _bwd_dx, _state_bwd, _wy_bwd
+from .chunk_torch import Chunks, make_chunks
 
 
 def _prec(t: torch.Tensor):
@@ -61,29 +59,30 @@ def _gate_code(g) -> int:
     return 0 if g is None else (1 if g.dim() == 2 else 2)
 
 
-def _cumsum(g: torch.Tensor, ch: Chunks, reverse: bool = False) -> torch.Tensor:
+def _cumsum(g: torch.Tensor, ch: Chunks) -> torch.Tensor:
     """Chunk-local cumulative sum of packed log gates `[T, H(, K)]`, float32."""
     H = g.shape[1]
     KG = g.shape[2] if g.dim() == 3 else 1
     out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    _chunk_cumsum[(ch.start.numel(), H)](g, out, ch.start, ch.end, H=H, KG=KG, BT=ch.size,
-                                         BG=max(16, triton.next_power_of_2(KG)), REVERSE=reverse)
+    _chunk_cumsum[(ch.start.numel(), H)](g, out, None, ch.start, ch.end, H=H, KG=KG, BT=ch.size,
+                                         BG=max(16, triton.next_power_of_2(KG)), REVERSE=False, NB=0)
     return out
 
 
-def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool):
-    """Packed q, k `[T, H, K]`, v `[T, H, V]`; returns o, ht, and what backward needs (gc, h, w)."""
+def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool, want_grad: bool):
+    """Packed q, k `[T, H, K]`, v `[T, H, V]`; returns o, ht, and what backward needs."""
     T, H, K = q.shape
     V = v.shape[-1]
     num_seqs, N = ch.cu_seqlens.numel() - 1, ch.start.numel()
     BK, gate = _bk(K), _gate_code(g)
     key = (gate, delta_rule, K, V, ch.size, q.dtype, num_seqs * H, seqlen_bucket(T))
     gc = _cumsum(g, ch) if gate else None
-    w = None
+    w = aw = None
     if delta_rule:
         w, u = empty_output((T, H, K), k.dtype, k.device), empty_output((T, H, V), v.dtype, v.device)
+        aw = torch.empty((T, H, ch.size), dtype=k.dtype, device=k.device)
         scratch = torch.empty(N * H * ch.size * ch.size, dtype=torch.float32, device=q.device)
-        _tuned("wy", _wy_fwd, lambda bv: (N, H), key, _configs(V, "wy"), k, v, beta, gc, w, u, scratch, ch.start,
+        _tuned("wy", _wy_fwd, lambda bv: (N, H), key, _configs(V, "wy"), k, v, beta, gc, w, u, aw, scratch, ch.start,
                ch.end, H=H, K=K, V=V, BT=ch.size, BK=BK, GATE=gate, PREC=_prec(k))
         x = empty_output((T, H, V), v.dtype, v.device)
     else:
@@ -95,71 +94,85 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool)
            _configs(V, "state", K, delta_rule), k, u, w, gc, h, x, h0, ht, ch.cu_seqlens, ch.first, H=H, K=K, V=V,
            BT=ch.size, GATE=gate, DELTA=delta_rule, USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
     o = empty_output((T, H, V), q.dtype, q.device)
+    a = torch.empty((T, H, ch.size), dtype=q.dtype, device=q.device) if want_grad else None
     BQ = 16 if gate == 2 else ch.size
     _tuned("output", _chunk_output, lambda bv: (triton.cdiv(V, bv), N * (ch.size // BQ), H), key,
-           _configs(V, "output"), q, k, x, gc, h, o, ch.start, ch.end, scale, H=H, K=K, V=V, BT=ch.size, BQ=BQ,
-           BK=BK, GATE=gate, PREC=_prec(q))
-    return o, ht, gc, h, w
+           _configs(V, "output"), q, k, x, gc, h, o, a, ch.start, ch.end, scale, H=H, K=K, V=V, BT=ch.size, BQ=BQ,
+           BK=BK, GATE=gate, STORE_A=want_grad, PREC=_prec(q))
+    return o, ht, (gc, h, w, x, a, aw)
 
 
-def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, gc, h, w, do, dht, want_dh0: bool):
+def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, want_dh0: bool):
+    gc, h, w, x, a, aw = saved
     T, H, K = q.shape
     V = v.shape[-1]
-    num_seqs, vector = ch.cu_seqlens.numel() - 1, g is not None and g.dim() == 3
-    gate = _gate_code(g)
-    key = (gate, delta_rule, K, V, ch.size, q.dtype, num_seqs * H, seqlen_bucket(T))
+    num_seqs, N = ch.cu_seqlens.numel() - 1, ch.start.numel()
+    BK, gate, BT = _bk(K), _gate_code(g), ch.size
+    BQ = 16 if gate == 2 else BT
+    key = (gate, delta_rule, K, V, BT, q.dtype, num_seqs * H, seqlen_bucket(T))
     do = do.contiguous()
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    dxi = None
-    if delta_rule:  # dx_intra = tril(q k^T * D)^T do: the part of dx (x = U - W h) not flowing through the state
-        Gc = to_chunks(gc, ch) if gc is not None else to_chunks(q.new_zeros(T, H, dtype=torch.float32), ch)
-        P = _pair(to_chunks(f32(q), ch), to_chunks(f32(k), ch), _decay(Gc, vector, strict=False), vector)
-        dxi = from_chunks(scale * torch.einsum("nhij,nihv->njhv", P, to_chunks(f32(do), ch)), ch, T)
+    dht = None if dht is None else dht.contiguous()  # autograd may hand in an expanded (stride 0) tensor
+    f32 = dict(dtype=torch.float32, device=q.device)
+    consts = dict(H=H, K=K, V=V, BT=BT, GATE=gate, DELTA=delta_rule, PREC=_prec(q))
     # float32: dh carries the final-state cotangent dht, and rounding it to bf16 costs dg several ulps
-    dh = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+    dh = torch.empty(h.shape, **f32)
     dh0 = empty_output((num_seqs, H, K, V), torch.float32, q.device)
-    _tuned("state_bwd", _state_bwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
-           _configs(V, "state", K, delta_rule), q, k, w, gc, do, dxi, dh, dht, dh0, ch.cu_seqlens, ch.first, scale,
-           H=H, K=K, V=V, BT=ch.size, GATE=gate, DELTA=delta_rule, USE_DHT=dht is not None, PREC=_prec(q))
-    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (q, k, v, g, beta)]
-    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if t is not None else None for t in leaves]
-    with torch.enable_grad():
-        for n0 in range(0, ch.start.numel(), _VJP_GROUP):
-            sub = Chunks(ch.index[n0:n0 + _VJP_GROUP], ch.start, ch.end, ch.first, ch.cu_seqlens, ch.size)
-            qc, kc, vc = (to_chunks(f32(t), sub) for t in leaves[:3])
-            gp = leaves[3] if leaves[3] is not None else q.new_zeros(T, H)
-            Gc = to_chunks(gp.float(), sub).cumsum(1)
-            bc = None if leaves[4] is None else to_chunks(f32(leaves[4]), sub)
-            o, h_next, _ = chunk_local(qc, kc, vc, Gc, bc, h[n0:n0 + _VJP_GROUP].float(), scale=scale,
-                                       delta_rule=delta_rule, vector=vector)
-            live = [t for t in leaves if t is not None]
-            parts = torch.autograd.grad([o, h_next], live, [to_chunks(f32(do), sub), dh[n0:n0 + _VJP_GROUP].float()],
-                                        allow_unused=True)
-            it = iter(parts)
-            for i, t in enumerate(leaves):
-                if t is not None:
-                    p = next(it)
-                    if p is not None:
-                        grads[i] += p
-    grads = [None if gr is None else gr.to(t.dtype) for gr, t in zip(grads, (q, k, v, g, beta))]
-    return (*grads, dh0 if want_dh0 else None)
+    da = torch.empty((T, H, BT), **f32)
+    dbeta = None if beta is None else empty_output(beta.shape, beta.dtype, beta.device)
+    dxi = dx = torch.empty((T, H, V), **f32) if delta_rule else None
+
+    def state_bwd():
+        _tuned("state_bwd", _state_bwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
+               _configs(V, "state", K, delta_rule), q, k, w, gc, do, dxi, dx, dh, dht, dh0, ch.cu_seqlens, ch.first,
+               scale, USE_DHT=dht is not None, **consts)
+
+    def bwd_dx(out):
+        _tuned("bwd_dx", _bwd_dx, lambda bv: (N, H), key, _configs(V, "output"), a, k, v, x, beta, gc, do, dh, out,
+               da, dbeta, ch.start, ch.end, scale, BK=BK, USE_BETA=beta is not None and not delta_rule, **consts)
+
+    if delta_rule:  # the intra part of dx first: the reverse scan needs the whole dx = dU for dh
+        bwd_dx(dxi)
+        dx = torch.empty((T, H, V), **f32)
+        state_bwd()
+    else:
+        state_bwd()
+        dv = empty_output(v.shape, v.dtype, v.device)
+        bwd_dx(dv)
+    KG = K if gate == 2 else 1
+    dq = empty_output(q.shape, q.dtype, q.device)
+    dk = torch.empty(k.shape, **f32) if delta_rule else empty_output(k.shape, k.dtype, k.device)
+    dw = torch.empty(k.shape, **f32) if delta_rule else None
+    dgc = torch.empty(g.shape, **f32) if gate else None  # per row: dL/dGc, before the reversed cumsum
+    dgl = torch.empty((N, BT // BQ, H, KG), **f32) if gate else None
+    _tuned("bwd_dqk", _bwd_dqk, lambda bv: (N * (BT // BQ), H), key, _configs(V, "output"), q, k, x, gc, h, dh, do,
+           dx, da, dq, dk, dw, dgc, dgl, ch.start, ch.end, scale, BQ=BQ, BK=BK, **consts)
+    if delta_rule:
+        dk32, dgc_in = dk, dgc
+        dk, dv = empty_output(k.shape, k.dtype, k.device), empty_output(v.shape, v.dtype, v.device)
+        dgc = torch.empty_like(dgc_in) if gate else None
+        _tuned("wy_bwd", _wy_bwd, lambda bv: (N, H), key, _configs(V, "output"), k, v, beta, gc, aw, dw, dx, dk32,
+               dgc_in, dk, dv, dbeta, dgc, ch.start, ch.end, H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, PREC=_prec(q))
+    dg = None
+    if gate:
+        dg = empty_output(g.shape, g.dtype, g.device)
+        _chunk_cumsum[(N, H)](dgc, dg, dgl, ch.start, ch.end, H=H, KG=KG, BT=BT, BG=max(16, triton.next_power_of_2(KG)),
+                              REVERSE=True, NB=BT // BQ)
+    return dq, dk, dv, dg, dbeta, dh0 if want_dh0 else None
 
 
 class _ChunkGatedLinearAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, delta_rule, ch, want_ht):
-        o, ht, gc, h, w = _forward(q, k, v, g, beta, scale, h0, delta_rule, ch, want_ht)
-        ctx.save_for_backward(q, k, v, g, beta, gc, h, w)
+        o, ht, saved = _forward(q, k, v, g, beta, scale, h0, delta_rule, ch, want_ht, any(ctx.needs_input_grad[:6]))
+        ctx.save_for_backward(q, k, v, g, beta, *saved)
         ctx.scale, ctx.delta_rule, ctx.ch, ctx.has_h0 = scale, delta_rule, ch, h0 is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, gc, h, w = ctx.saved_tensors
-        # the kernels index dense tensors: autograd may hand in views (ht.sum() gives an expanded dht)
-        do, dht = do.contiguous(), None if dht is None else dht.contiguous()
-        dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, g, beta, ctx.scale, ctx.delta_rule, ctx.ch, gc, h, w,
-                                               do, dht, ctx.has_h0)
+        q, k, v, g, beta, *saved = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, g, beta, ctx.scale, ctx.delta_rule, ctx.ch, saved, do, dht,
+                                               ctx.has_h0)
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
 
 
