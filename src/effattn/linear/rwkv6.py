@@ -60,13 +60,22 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
     check_scale(scale)
     _check(r, k, v, w, u, initial_state)
     scale = 1.0 if scale is None else float(scale)
-    q_next = torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], dim=1)  # q'_j = r_{j+1}
     if form == "chunk":
-        o_next, state = chunk_gated_linear_attn(q_next, k, v, w, scale=scale, initial_state=initial_state,
+        run = lambda q: chunk_gated_linear_attn(q, k, v, w, scale=scale, initial_state=initial_state,  # noqa: E731
                                                 output_final_state=True, chunk_size=chunk_size)
     else:
-        o_next, state = linear_recurrent(q_next, k, v, w.to(r.dtype), scale=scale, initial_state=initial_state,
-                                         output_final_state=True)
+        run = lambda q: linear_recurrent(q, k, v, w.to(r.dtype), scale=scale,  # noqa: E731
+                                         initial_state=initial_state, output_final_state=True)
+    o, state = read_before_write(run, r, k, v, u, scale=scale, initial_state=initial_state)
+    return (o, state) if output_final_state else o
+
+
+def read_before_write(run, r, k, v, u, *, scale, initial_state):
+    """RWKV's o_t = r_t (S_{t-1} + diag(u) k_t^T v_t) from a gated recurrence that reads the state after the
+    write: `run(q) -> (o, final state)` runs S_t = diag(e^{w_t}) S_{t-1} + k_t^T v_t from initial_state with
+    queries q (any engine form, or a layer's dispatcher). Queries go in shifted one step left (module
+    docstring); returns (o `[B, T, H, V]` in v's dtype, final state)."""
+    o_next, state = run(torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], dim=1))  # q'_j = r_{j+1}
     acc = torch.float64 if r.dtype == torch.float64 else torch.float32
     if initial_state is None:
         first = v.new_zeros(v.shape[0], 1, *v.shape[2:], dtype=acc)
@@ -74,8 +83,7 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
         first = (scale * torch.einsum("bhk,bhkv->bhv", r[:, 0].to(acc), initial_state.to(acc))).unsqueeze(1)
     past = torch.cat([first, o_next[:, :-1].to(acc)], dim=1)  # r_t S_{t-1}
     bonus = scale * (r.to(acc) * u.to(acc) * k.to(acc)).sum(-1, keepdim=True) * v.to(acc)
-    o = (past + bonus).to(v.dtype)
-    return (o, state) if output_final_state else o
+    return (past + bonus).to(v.dtype), state
 
 
 def rwkv6_reference(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=False, **_ignored):

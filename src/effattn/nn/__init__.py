@@ -12,6 +12,7 @@ from .compact_layers import CompactMixer
 from .common import CachedLayer, RMSNorm, ShortConv, SwiGLU
 from .linear_layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, Mamba2, MultiScaleRetention
 from .rotary import RotaryEmbedding, apply_rotary, rotary_angles
+from .rwkv_layers import RWKV6TimeMix, RWKV7TimeMix
 
 # Layer names (lower case, the method's usual name) -> classes taking (dim, heads, **options).
 LAYERS = {
@@ -20,6 +21,8 @@ LAYERS = {
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
     "mamba2": Mamba2,
+    "rwkv6": RWKV6TimeMix,
+    "rwkv7": RWKV7TimeMix,
     "mla": partial(CompactMixer, "mla"),
     "mfa": partial(CompactMixer, "mfa"),
     "tpa": partial(CompactMixer, "tpa"),
@@ -49,3 +52,4 @@ def mixer_names() -> list[str]:
 __all__ = ["Attention", "CompactMixer", "default_method", "CachedLayer", "RMSNorm", "ShortConv", "SwiGLU", "DeltaNet",
            "GatedDeltaNet", "GatedLinearAttention", "Mamba2", "MultiScaleRetention", "LAYERS", "make_mixer",
            "mixer_names", "RotaryEmbedding", "apply_rotary", "rotary_angles"]
+__all__ += ["RWKV6TimeMix", "RWKV7TimeMix"]
