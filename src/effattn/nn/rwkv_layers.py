@@ -34,6 +34,11 @@ def _shift(x: torch.Tensor, cache: dict | None) -> torch.Tensor:
     return torch.cat([last, x[:, :-1]], dim=1) - x
 
 
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """The decay's dtype: at least float32 (its exp of an exp loses bf16's few bits), float64 kept."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _lowrank(dim_in: int, rank: int, dim_out: int, std: float = 0.1) -> tuple[nn.Parameter, nn.Parameter]:
     """Small random factors (not zero, so both receive gradients from the first step)."""
     return (nn.Parameter(torch.randn(dim_in, rank) * std * dim_in ** -0.5),
@@ -86,7 +91,7 @@ class RWKV6TimeMix(_TimeMix):
         xw, xk, xv, xr, xg = (x + xx * m[:, :, i] for i in range(5))
         r, k, v = (split_heads(p(z), self.heads) for p, z in ((self.r_proj, xr), (self.k_proj, xk),
                                                                (self.v_proj, xv)))
-        w = -torch.exp((self.w0 + torch.tanh(xw @ self.decay_w1) @ self.decay_w2).float())  # log decay < 0
+        w = -torch.exp((self.w0 + torch.tanh(xw @ self.decay_w1) @ self.decay_w2).to(_acc(x)))  # log decay < 0
         w = split_heads(w.to(x.dtype), self.heads)
         h0 = None if cache is None else cache["state"]
         run = lambda q: gated_recurrence(q, k, v, w, op="gla", scale=1.0, initial_state=h0)  # noqa: E731
@@ -116,7 +121,7 @@ class RWKV7TimeMix(_TimeMix):
         xx = _shift(x, cache)
         xr, xw, xk, xv, xa, xg = (x + xx * self.mu[i] for i in range(6))
         r, k, v = self.r_proj(xr), self.k_proj(xk), self.v_proj(xv)
-        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float()) - 0.5
+        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2).to(_acc(x))) - 0.5
         w = -torch.exp(w)  # log decay in (-e^{-1/2}, 0)
         alpha = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
         g = torch.sigmoid(xg @ self.g1) @ self.g2
