@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from effattn.linear.gsa import gsa, gsa_reference
 from effattn.linear.rwkv7 import rwkv7, rwkv7_reference
 
 from .test_catalog import check_against_reference, check_decode, rand
@@ -62,3 +63,70 @@ def test_rwkv7_errors():
         rwkv7(**x, chunk_size=0)
     with pytest.raises(TypeError):
         rwkv7(**{**x, "a": x["a"].to(torch.int32)})
+
+
+# ---------------------------------------------------------------------------------------------------- gsa
+def gsa_case(B=2, T=21, H=2, K=16, V=12, M=20, seed=0, strong=False, state=True):
+    gen = torch.Generator().manual_seed(seed)
+    g = F.logsigmoid(rand(gen, B, T, H, M) + (-2.0 if strong else 2.0))  # strong: alpha mostly < 0.2
+    x = dict(q=rand(gen, B, T, H, K), k=rand(gen, B, T, H, K), v=rand(gen, B, T, H, V),
+             s=torch.sigmoid(rand(gen, B, T, H, M)), g=g)
+    if state:
+        x.update(initial_state_k=rand(gen, B, H, K, M, std=0.5), initial_state_v=rand(gen, B, H, M, V, std=0.5))
+    return x
+
+
+def _gsa_pair(**kw):  # returns (o, (hk, hv)) flattened as check_against_reference expects [o, state, ...]
+    o, hk, hv = gsa(**kw)
+    return o, torch.cat([hk.flatten(2), hv.flatten(2)], -1)
+
+
+def _gsa_ref_pair(**kw):
+    o, hk, hv = gsa_reference(**kw)
+    return o, torch.cat([hk.flatten(2), hv.flatten(2)], -1)
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+@pytest.mark.parametrize("strong,state", [(False, True), (True, False)])
+def test_gsa_matches_reference(form, strong, state):
+    check_against_reference(_gsa_pair, _gsa_ref_pair, gsa_case(strong=strong, state=state), {"scale": 0.3},
+                            form=form, chunk_size=16)
+
+
+def test_gsa_decode_equals_chunk():
+    x = {n: t.float() for n, t in gsa_case(T=9, seed=1).items()}
+    o, hk, hv = gsa(**x, output_final_state=True, chunk_size=16)
+    steps = []
+    for t in range(9):
+        step = {n: x[n][:, t:t + 1] for n in ("q", "k", "v", "s", "g")}
+        o_t, x["initial_state_k"], x["initial_state_v"] = gsa(**step, initial_state_k=x["initial_state_k"],
+                                                              initial_state_v=x["initial_state_v"],
+                                                              output_final_state=True, form="recurrent")
+        steps.append(o_t)
+    torch.testing.assert_close(torch.cat(steps, 1), o, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(x["initial_state_k"], hk, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(x["initial_state_v"], hv, atol=2e-5, rtol=2e-4)
+
+
+def test_gsa_bf16_long_sequence_is_finite():
+    x = {n: t.to(torch.bfloat16) for n, t in gsa_case(B=1, T=4096, H=1, K=16, V=16, M=16, seed=2,
+                                                       state=False).items()}
+    x["g"] = x["g"] * 0.01  # slots barely forget: the states sum nearly the whole sequence
+    o, hk, hv = gsa(**x, output_final_state=True, chunk_size=64)
+    assert _finite(o, hk, hv) and o.dtype == torch.bfloat16
+
+
+def test_gsa_errors():
+    x = {n: t.float() for n, t in gsa_case(T=5).items()}
+    with pytest.raises(ValueError, match="form"):
+        gsa(**x, form="parallel")
+    with pytest.raises(ValueError, match="g must"):
+        gsa(**{**x, "g": x["g"][..., :3]})
+    with pytest.raises(ValueError, match="s must"):
+        gsa(**{**x, "s": x["s"][:, :2]})
+    with pytest.raises(ValueError, match="initial_state_k must"):
+        gsa(**{**x, "initial_state_k": x["initial_state_k"][..., :3]})
+    with pytest.raises(ValueError, match="initial_state_v must"):
+        gsa(**{**x, "initial_state_v": x["initial_state_v"][:1]})
+    with pytest.raises(ValueError, match="chunk_size"):
+        gsa(**x, chunk_size=24)
