@@ -63,8 +63,9 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
     if form == "chunk":
         run = lambda q: chunk_gated_linear_attn(q, k, v, w, scale=scale, initial_state=initial_state,  # noqa: E731
                                                 output_final_state=True, chunk_size=chunk_size)
-    else:
-        run = lambda q: linear_recurrent(q, k, v, w.to(r.dtype), scale=scale,  # noqa: E731
+    else:  # accumulate in float32 (float64 kept): the state sums the whole sequence
+        acc = torch.promote_types(r.dtype, torch.float32)
+        run = lambda q: linear_recurrent(q.to(acc), k.to(acc), v.to(acc), w.to(acc), scale=scale,  # noqa: E731
                                          initial_state=initial_state, output_final_state=True)
     o, state = read_before_write(run, r, k, v, u, scale=scale, initial_state=initial_state)
     return (o, state) if output_final_state else o
@@ -100,6 +101,51 @@ def rwkv6_reference(r, k, v, w, u, *, scale=None, initial_state=None, output_fin
     return (o, S) if output_final_state else o
 
 
+def rwkv5(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=False, form="chunk", chunk_size=64):
+    """RWKV5 "Eagle" (Peng et al., 2024): RWKV6's operator with a fixed, data-independent decay.
+
+    w: log decay `[H, K]` (<= 0), the same at every token; everything else as `rwkv6` (r, k `[B, T, H, K]`,
+    v `[B, T, H, V]`, u `[H, K]`, initial_state `[B, H, K, V]`). The decay is broadcast over (B, T) onto the
+    engine's vector gate, so "chunk" runs the same Triton kernels; its gradient sums over (B, T).
+    """
+    check_tensor("w", w, ndim=2, dtypes=(r.dtype, torch.float32), layout="[H, K]")
+    if r.dim() == 4 and w.shape != r.shape[2:]:
+        raise ValueError(f"w must be [H, K] = {tuple(r.shape[2:])}, got {tuple(w.shape)}")
+    return rwkv6(r, k, v, w.expand(r.shape), u, scale=scale, initial_state=initial_state,
+                 output_final_state=output_final_state, form=form, chunk_size=chunk_size)
+
+
+def rwkv5_reference(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=False, **_ignored):
+    """The paper's sum form: wkv_t = diag(u) k_t^T v_t + sum_{i<t} diag(w)^{t-1-i} k_i^T v_i (+ diag(w)^t S_0),
+    o_t = r_t wkv_t, all pairs at once (quadratic in T), in the inputs' dtype."""
+    B, T, H, K = r.shape
+    scale = 1.0 if scale is None else scale
+    t = torch.arange(T, dtype=r.dtype, device=r.device)
+    lag = (t.view(T, 1) - 1 - t.view(1, T))  # t - 1 - i
+    past = (lag >= 0).to(r.dtype)
+    decay = torch.exp(lag.clamp(min=0).view(T, T, 1, 1) * w) * past.view(T, T, 1, 1)  # [T(t), T(i), H, K]
+    att = torch.einsum("bthk,bihk,tihk->bhti", r, k, decay)
+    att = att + torch.diag_embed(torch.einsum("bthk,hk,bthk->bht", r, u, k))  # the bonus on the diagonal
+    o = torch.einsum("bhti,bihv->bthv", att, v)
+    if initial_state is not None:
+        o = o + torch.einsum("bthk,thk,bhkv->bthv", r, torch.exp(t.view(T, 1, 1) * w), initial_state.to(r.dtype))
+    o = scale * o
+    if not output_final_state:
+        return o
+    S = torch.einsum("ihk,bihk,bihv->bhkv", torch.exp((T - 1 - t).view(T, 1, 1) * w), k, v)
+    if initial_state is not None:
+        S = S + torch.exp(T * w).unsqueeze(-1) * initial_state.to(r.dtype)
+    return o, S
+
+
+def rwkv5_inputs(shape, dtype, device, generator, **options):
+    """rwkv6_inputs with one decay per (head, channel): w `[H, K]` = -exp(x), x ~ N(-1, 1)."""
+    out = rwkv6_inputs(shape, dtype, device, generator, **options)
+    x = torch.randn((shape.heads, shape.head_dim), generator=generator) - 1.0
+    out["w"] = (-torch.exp(x)).to(device=device, dtype=dtype)
+    return out
+
+
 def rwkv6_inputs(shape, dtype, device, generator, *, initial_state=True, **options):
     """linear_inputs renamed (q -> r, vector gate g -> w) plus the bonus u `[H, K]`."""
     from ..inputs import linear_inputs, randn
@@ -129,5 +175,17 @@ def _register() -> None:
         grad_inputs=("r", "k", "v", "w", "u", "initial_state"),
         description="data-dependent vector decay w_t on a matrix state, bonus u for the current token"))
 
+    register(Method(
+        name="rwkv5", family="linear",
+        cite="Peng et al. 2024, Eagle and Finch (RWKV5/6) (survey Table 6, forget gate)",
+        fn=rwkv5, reference=rwkv5_reference,
+        make_inputs=partial(rwkv5_inputs, output_final_state=True, chunk_size=16),
+        complexity=CHUNKWISE,
+        state_or_cache=MATRIX_STATE,
+        forms=FORMS, options={"scale": None, "initial_state": None, "output_final_state": False, "form": "chunk",
+                              "chunk_size": 64},
+        supports=frozenset({"causal", "backward", "decode", "state"}),
+        grad_inputs=("r", "k", "v", "w", "u", "initial_state"),
+        description="fixed per-channel decay w on a matrix state, bonus u for the current token"))
 
 _register()
