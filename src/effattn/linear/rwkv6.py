@@ -139,10 +139,11 @@ def rwkv5_reference(r, k, v, w, u, *, scale=None, initial_state=None, output_fin
 
 
 def rwkv5_inputs(shape, dtype, device, generator, **options):
-    """rwkv6_inputs with one decay per (head, channel): w `[H, K]` = -exp(x), x ~ N(-1, 1)."""
+    """rwkv6_inputs with one decay per (head, channel): w `[H, K]` a log gate (mostly mild, some strong)."""
+    from ..inputs import log_gate
+
     out = rwkv6_inputs(shape, dtype, device, generator, **options)
-    x = torch.randn((shape.heads, shape.head_dim), generator=generator) - 1.0
-    out["w"] = (-torch.exp(x)).to(device=device, dtype=dtype)
+    out["w"] = log_gate((shape.heads, shape.head_dim), dtype, device, generator)
     return out
 
 
