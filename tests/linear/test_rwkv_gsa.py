@@ -11,7 +11,7 @@ from effattn.linear.chunk_torch import chunk_form
 from effattn.linear.gsa import gsa, gsa_reference
 from effattn.linear.rwkv4 import rwkv4, rwkv4_reference
 from effattn.linear.rwkv6 import rwkv5, rwkv5_reference
-from effattn.linear.rwkv7 import rwkv7, rwkv7_reference
+from effattn.linear.rwkv7 import fused_recurrent_rwkv7, rwkv7, rwkv7_reference
 
 from .test_catalog import check_against_reference, check_decode, rand
 
@@ -212,3 +212,18 @@ def test_rwkv4_errors():
         rwkv4(**{**x, "initial_state": x["initial_state"][:, :, :1]})
     with pytest.raises(TypeError):
         rwkv4(**{**x, "v": x["v"].double()})
+
+
+def test_rwkv7_fused_recurrent_decodes_like_the_reference():
+    x = {n: t.float() for n, t in rwkv7_case(T=11, K=20, V=24, seed=3).items()}  # K, V off the block sizes
+    ref_o, ref_h = rwkv7_reference(**{n: t.double() for n, t in x.items()}, scale=0.5, output_final_state=True)
+    o, h = fused_recurrent_rwkv7(**x, scale=0.5, output_final_state=True)
+    torch.testing.assert_close(o.double(), ref_o, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h.double(), ref_h, atol=1e-5, rtol=1e-4)
+    h = x["initial_state"]
+    for t in range(3):  # token by token, the state carried
+        step = {n: x[n][:, t:t + 1] for n in ("r", "w", "k", "v", "a", "b")}
+        o_t, h = fused_recurrent_rwkv7(**step, scale=0.5, initial_state=h, output_final_state=True)
+        torch.testing.assert_close(o_t.double(), ref_o[:, t:t + 1], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="no backward"):
+        fused_recurrent_rwkv7(**{**x, "v": x["v"].requires_grad_()})

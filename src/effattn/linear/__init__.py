@@ -7,10 +7,10 @@ from .linear_transformer import linear_transformer
 from .mamba2 import mamba2
 from .performer import FavorProjection, orthogonal_random_features, performer
 from .rwkv6 import rwkv5, rwkv6
-from .rwkv7 import rwkv7
+from .rwkv7 import fused_recurrent_rwkv7, rwkv7
 from .gsa import gsa
 from .rwkv4 import rwkv4
 
 __all__ = ["elu_plus_one", "linear_transformer", "chunk_gated_linear_attn", "fused_recurrent_gated_linear_attn",
            "gated_linear_attn", "lightning", "retnet", "retnet_gamma", "simple_gla", "gla", "delta_net",
-           "gated_delta_net", "performer", "orthogonal_random_features", "FavorProjection", "mamba2", "rwkv4", "rwkv5", "rwkv6", "rwkv7", "gsa"]
+           "gated_delta_net", "performer", "orthogonal_random_features", "FavorProjection", "mamba2", "rwkv4", "rwkv5", "rwkv6", "rwkv7", "fused_recurrent_rwkv7", "gsa"]

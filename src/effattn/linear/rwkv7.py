@@ -24,12 +24,16 @@ h -> h' = (diag(e^{Gc_C}) + (b e^{Gc_C - Gc})^T W) h + (b e^{Gc_C - Gc})^T U + (
 o = scale [(r e^{Gc} + P_rb W) h + P_rb U + P_rk v] with P_xy[i, j] = sum_d x_id y_jd e^{Gc_id - Gc_jd},
 j <= i. Decays are taken pairwise (never e^{-Gc} alone), so any w <= 0 is safe. Everything but the scan
 over chunks (a [K, K] x [K, V] product per chunk) runs for all chunks at once; autograd gives the backward.
+`fused_recurrent_rwkv7` is the decoding kernel (Triton, state in registers, no backward).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from .._memory import empty_output
 from ..validate import check_choice, check_positive_int, check_qkv, check_scale, check_tensor
 
 FORMS = ("chunk", "recurrent")
@@ -109,6 +113,62 @@ def _recurrent(r, w, k, v, a, b, scale, h0):
              + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
         outs.append(scale * torch.einsum("bhk,bhkv->bhv", r[:, t], S))
     return torch.stack(outs, 1), S
+
+
+@triton.jit
+def _fused_recurrent_rwkv7(r, w, k, v, a, b, o, h0, ht, T, scale, H: tl.constexpr, K: tl.constexpr,
+                           V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr,
+                           STORE_HT: tl.constexpr):
+    """One program per (value block, sequence, head): its `[K, BV]` slice of S stays in registers for all T
+    tokens; the rank-one term needs a_t^T S_{t-1} over all K rows, which the slice holds (V is split, K not)."""
+    i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ok = tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk, mv = ok < K, ov < V
+    p_kv = ((i_b * H + i_h) * K + ok[:, None]) * V + ov[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + p_kv, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    for t in range(T):
+        base = (i_b * T + t) * H + i_h
+        b_r = tl.load(r + base * K + ok, mask=mk, other=0.0).to(tl.float32)
+        b_w = tl.load(w + base * K + ok, mask=mk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + base * K + ok, mask=mk, other=0.0).to(tl.float32)
+        b_a = tl.load(a + base * K + ok, mask=mk, other=0.0).to(tl.float32)
+        b_b = tl.load(b + base * K + ok, mask=mk, other=0.0).to(tl.float32)
+        b_v = tl.load(v + base * V + ov, mask=mv, other=0.0).to(tl.float32)
+        b_sa = tl.sum(b_a[:, None] * b_h, 0)  # a_t^T S_{t-1}, before the decay
+        b_h = b_h * tl.exp(b_w)[:, None] + b_b[:, None] * b_sa[None, :] + b_k[:, None] * b_v[None, :]
+        tl.store(o + base * V + ov, (tl.sum(b_r[:, None] * b_h, 0) * scale).to(o.dtype.element_ty), mask=mv)
+    if STORE_HT:
+        tl.store(ht + p_kv, b_h.to(ht.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+
+
+def fused_recurrent_rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, output_final_state=False):
+    """The RWKV-7 recurrence token by token in one Triton kernel, for decoding (inference: no autograd).
+
+    Same arguments and returns as `rwkv7` (r, w, k, a, b `[B, T, H, K]`, v `[B, T, H, V]`, initial_state
+    `[B, H, K, V]`; the final state is float32). Time O(T K V), state O(K V) per head, read and written once.
+    """
+    check_scale(scale)
+    check_choice("output_final_state", output_final_state, (True, False))
+    _check(r, w, k, v, a, b, initial_state)
+    if r.dtype == torch.float64:
+        raise TypeError("fused_recurrent_rwkv7 computes in float32: pass float16/bfloat16/float32 tensors")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (r, w, k, v, a, b, initial_state)):
+        raise ValueError("fused_recurrent_rwkv7 is for decoding and has no backward; inputs require grad: use "
+                         "rwkv7 for training (or call under torch.no_grad())")
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    o = empty_output((B, T, H, V), v.dtype, v.device)
+    ht = empty_output((B, H, K, V), torch.float32, v.device) if output_final_state else None
+    BV = min(32, max(16, triton.next_power_of_2(V)))
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    _fused_recurrent_rwkv7[(triton.cdiv(V, BV), B, H)](
+        c(r), c(w), c(k), c(v), c(a), c(b), o, c(initial_state), ht, T, 1.0 if scale is None else float(scale),
+        H=H, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV, USE_H0=initial_state is not None,
+        STORE_HT=output_final_state)
+    return (o, ht) if output_final_state else o
 
 
 def rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, output_final_state=False, form="chunk",
