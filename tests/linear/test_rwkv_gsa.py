@@ -11,7 +11,7 @@ from effattn.linear.chunk_torch import chunk_form
 from effattn.linear.gsa import gsa, gsa_reference
 from effattn.linear.rwkv4 import rwkv4, rwkv4_reference
 from effattn.linear.rwkv6 import rwkv5, rwkv5_reference
-from effattn.linear.rwkv7 import fused_recurrent_rwkv7, rwkv7, rwkv7_reference
+from effattn.linear.rwkv7 import affine_scan, fused_recurrent_rwkv7, rwkv7, rwkv7_reference
 
 from .test_catalog import check_against_reference, check_decode, rand
 
@@ -226,3 +226,16 @@ def test_rwkv7_fused_recurrent_decodes_like_the_reference():
         torch.testing.assert_close(o_t.double(), ref_o[:, t:t + 1], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="no backward"):
         fused_recurrent_rwkv7(**{**x, "v": x["v"].requires_grad_()})
+
+
+@pytest.mark.parametrize("matrix", [True, False])
+def test_affine_scan_equals_the_loop(matrix):
+    gen = torch.Generator().manual_seed(4)
+    N, K, V = 11, 5, 3  # 11 chunks: four doubling steps, the last one partial
+    M = rand(gen, 2, N, K, K if matrix else 1, std=0.5)
+    R, h = rand(gen, 2, N, K, V), rand(gen, 2, K, V)
+    hs, last = affine_scan(M, R, h, matrix=matrix)
+    for n in range(N):
+        torch.testing.assert_close(hs[:, n], h)
+        h = (M[:, n] @ h if matrix else M[:, n] * h) + R[:, n]
+    torch.testing.assert_close(last, h)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..reference import linear_recurrent
 from ..validate import check_choice, check_positive_int, check_qkv, check_scale, check_tensor
 from .engine import chunk_gated_linear_attn
+from .rwkv7 import affine_scan
 
 FORMS = ("chunk", "recurrent")
 
@@ -79,12 +80,8 @@ def _pass1_chunk(q, k, s, g, scale, hk0, C):
     Gc = g.cumsum(-2)
     last = Gc[..., -1, :]  # [B, H, N, M]
     R = k.transpose(-1, -2) @ (s * torch.exp(last.unsqueeze(-2) - Gc))  # [B, H, N, K, M]
-    h = q.new_zeros(B, H, K, M) if hk0 is None else hk0.to(acc)
-    starts = []
-    for n in range(N):  # elementwise decay plus one add per chunk
-        starts.append(h)
-        h = h * torch.exp(last[:, :, n]).unsqueeze(-2) + R[:, :, n]
-    hs = torch.stack(starts, 2)
+    hs, h = affine_scan(torch.exp(last).unsqueeze(-2), R, q.new_zeros(B, H, K, M) if hk0 is None else hk0.to(acc),
+                        matrix=False)  # hk_{c+1} = hk_c * e^{Gc_C} + R_c
     keep = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     decay = torch.exp((Gc.unsqueeze(-2) - Gc.unsqueeze(-3)).masked_fill(~keep.unsqueeze(-1), -float("inf")))
     qk = (q @ k.transpose(-1, -2)).masked_fill(~keep, 0)
