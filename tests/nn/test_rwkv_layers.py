@@ -59,3 +59,17 @@ def test_errors(cls):
     _, cache = layer.step(torch.randn(2, 16))
     with pytest.raises(ValueError, match="batch"):
         layer.step(torch.randn(3, 16), cache)
+
+
+def test_rwkv7_decodes_with_the_fused_kernel_under_no_grad():
+    torch.manual_seed(3)
+    layer = RWKV7TimeMix(40, 2, head_dim=20, decay_rank=4)  # head_dim 20: off the kernel's block sizes
+    x = torch.randn(2, 5, 40)
+    with torch.no_grad():
+        y = layer(x)
+        cache, steps = None, []
+        for t in range(5):
+            y_t, cache = layer.step(x[:, t], cache)
+            steps.append(y_t)
+    assert cache["state"].dtype == torch.float32
+    torch.testing.assert_close(torch.stack(steps, 1), y, rtol=1e-4, atol=1e-5)

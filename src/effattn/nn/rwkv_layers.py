@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linear.rwkv6 import read_before_write
-from ..linear.rwkv7 import rwkv7
+from ..linear.rwkv7 import fused_recurrent_rwkv7, rwkv7
 from ..validate import check_positive_int
 from .common import CachedLayer, layer_dims, split_heads
 from .recurrence import gated_recurrence
@@ -128,7 +128,10 @@ class RWKV7TimeMix(_TimeMix):
         kappa = F.normalize(split_heads(k * self.k_k, self.heads), dim=-1)
         k = k * (1 + (alpha - 1) * self.k_a)
         r, k, v, alpha = (split_heads(t, self.heads) for t in (r, k, v, alpha))
-        o, state = rwkv7(r, split_heads(w.to(x.dtype), self.heads), k, v, -kappa, kappa * alpha, scale=1.0,
-                         initial_state=None if cache is None else cache["state"], output_final_state=True)
+        # decoding one token without autograd: the fused recurrent kernel (state read and written once)
+        op = fused_recurrent_rwkv7 if x.shape[1] == 1 and not torch.is_grad_enabled() and x.dtype != torch.float64 \
+            else rwkv7
+        o, state = op(r, split_heads(w.to(x.dtype), self.heads), k, v, -kappa, kappa * alpha, scale=1.0,
+                      initial_state=None if cache is None else cache["state"], output_final_state=True)
         y = self._norm(o.flatten(2)) + ((r * k * self.r_k).sum(-1, keepdim=True) * v).flatten(2)
         return self.o_proj(y * g), {"state": state, "shift": x[:, -1]}
