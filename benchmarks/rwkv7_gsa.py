@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -59,8 +60,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", default="4096,16384")
+    ap.add_argument("--methods", default="rwkv7,gsa")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    methods = args.methods.split(",")
+    start = time.time()
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "H": H, "B": 1, "dtype": "bf16", "command": " ".join(sys.argv), "rows": []}
     path = os.path.join(args.out, "rwkv7_gsa.json")
@@ -71,16 +75,18 @@ def main() -> None:
 
     run = runners()
     make = {"rwkv7": rwkv7_inputs, "gsa": gsa_inputs}
-    for method in ("rwkv7", "gsa"):
+    for method in methods:
         x = make[method](sizes[0])
         with torch.no_grad():
             a, b = run[(method, "ours")](x).float(), run[(method, "fla")](x).float()
         res[f"{method}_maxdiff_vs_fla"] = (a - b).abs().max().item()
         res[f"{method}_fla_absmax"] = b.abs().max().item()
-        print(method, "max |ours - fla|", res[f"{method}_maxdiff_vs_fla"], "of", res[f"{method}_fla_absmax"], flush=True)
+        res[f"{method}_check_done_s"] = time.time() - start  # first calls: Triton compiles and autotunes
+        print(method, "max |ours - fla|", res[f"{method}_maxdiff_vs_fla"], "of", res[f"{method}_fla_absmax"],
+              f"({res[f'{method}_check_done_s']:.0f} s)", flush=True)
         save()
     for T in sizes:
-        for method in ("rwkv7", "gsa"):
+        for method in methods:
             x = make[method](T)
             do = torch.randn(1, T, H, 64, device="cuda", dtype=torch.bfloat16)
             for impl in ("ours", "fla"):
