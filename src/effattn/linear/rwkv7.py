@@ -53,13 +53,14 @@ def _check(r, w, k, v, a, b, initial_state):
             raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}, got {tuple(initial_state.shape)}")
 
 
-def pair_decay(x, y, Gx, Gy, strict: bool):
-    """sum_d x_id y_jd e^{Gx_id - Gy_jd} for j <= i (j < i if strict), 0 above: x, y, G `[..., C, K]` ->
-    `[..., C, C]`. The exponent is masked before exp, so no term overflows whatever the decays."""
+def pair_decay(x, ys, Gx, Gy, strict: bool):
+    """sum_d x_id y_jd e^{Gx_id - Gy_jd} for j <= i (j < i if strict), 0 above, for each y of `ys`: x, y, G
+    `[..., C, K]` -> `[..., C, C]` each. The exponent is masked before exp, so no term overflows whatever the
+    decays; the `[..., C, C, K]` decay is built once for all ys."""
     C = x.shape[-2]
     keep = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
-    diff = (Gx.unsqueeze(-2) - Gy.unsqueeze(-3)).masked_fill(~keep.unsqueeze(-1), -float("inf"))
-    return torch.einsum("...id,...jd,...ijd->...ij", x, y, torch.exp(diff))
+    decay = torch.exp((Gx.unsqueeze(-2) - Gy.unsqueeze(-3)).masked_fill(~keep.unsqueeze(-1), -float("inf")))
+    return [torch.einsum("...id,...jd,...ijd->...ij", x, y, decay) for y in ys]
 
 
 def affine_scan(M, R, h0, *, matrix: bool):
@@ -92,8 +93,7 @@ def _chunk(r, w, k, v, a, b, scale, h0, C):
     r, w, k, v, a, b = (blocks(x) for x in (r, w, k, v, a, b))
     Gc = w.cumsum(-2)
     Gp = Gc - w
-    A_ab = pair_decay(a, b, Gp, Gc, strict=True)
-    A_ak = pair_decay(a, k, Gp, Gc, strict=True)
+    A_ab, A_ak = pair_decay(a, (b, k), Gp, Gc, strict=True)
     eye = torch.eye(C, dtype=acc, device=r.device)
     Wu = torch.linalg.solve_triangular(eye - A_ab, torch.cat([a * torch.exp(Gp), A_ak @ v], -1), upper=False,
                                        unitriangular=True)
@@ -103,8 +103,7 @@ def _chunk(r, w, k, v, a, b, scale, h0, C):
     M = torch.diag_embed(torch.exp(last.squeeze(-2))) + bd.transpose(-1, -2) @ W  # [B, H, N, K, K]
     R = bd.transpose(-1, -2) @ U + kd.transpose(-1, -2) @ v  # [B, H, N, K, V]
     hs, h = affine_scan(M, R, r.new_zeros(B, H, K, V) if h0 is None else h0.to(acc), matrix=True)
-    P_rb = pair_decay(r, b, Gc, Gc, strict=False)
-    P_rk = pair_decay(r, k, Gc, Gc, strict=False)
+    P_rb, P_rk = pair_decay(r, (b, k), Gc, Gc, strict=False)
     o = scale * ((r * torch.exp(Gc) + P_rb @ W) @ hs + P_rb @ U + P_rk @ v)
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
     return o, h
