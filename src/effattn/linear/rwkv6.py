@@ -118,7 +118,7 @@ def rwkv5(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
 def rwkv5_reference(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=False, **_ignored):
     """The paper's sum form: wkv_t = diag(u) k_t^T v_t + sum_{i<t} diag(w)^{t-1-i} k_i^T v_i (+ diag(w)^t S_0),
     o_t = r_t wkv_t, all pairs at once (quadratic in T), in the inputs' dtype."""
-    B, T, H, K = r.shape
+    T = r.shape[1]
     scale = 1.0 if scale is None else scale
     t = torch.arange(T, dtype=r.dtype, device=r.device)
     lag = (t.view(T, 1) - 1 - t.view(1, T))  # t - 1 - i

@@ -40,7 +40,7 @@ FORMS = ("chunk", "recurrent")
 
 
 def _check(r, w, k, v, a, b, initial_state):
-    B, T, _, H, Hkv, K, V = check_qkv(r, k, v, same_length=True)
+    B, _, _, H, Hkv, K, V = check_qkv(r, k, v, same_length=True)
     if Hkv != H:
         raise ValueError(f"k and v must have as many heads as r (H={H}), got Hkv={Hkv}")
     for name, t in (("w", w), ("a", a), ("b", b)):
