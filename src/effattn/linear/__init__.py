@@ -8,7 +8,10 @@ from .mamba import mamba
 from .mamba2 import mamba2
 from .mlstm import mlstm
 from .performer import FavorProjection, orthogonal_random_features, performer
-from .rwkv6 import rwkv6
+from .rwkv4 import rwkv4
+from .rwkv6 import rwkv5, rwkv6
+from .rwkv7 import fused_recurrent_rwkv7, rwkv7
+from .gsa import gsa
 from .cosformer import cosformer
 from .rfa import gaussian_random_features, rfa
 from .ttt import ttt_linear, ttt_mlp
@@ -16,5 +19,6 @@ from .slstm import slstm
 
 __all__ = ["elu_plus_one", "linear_transformer", "chunk_gated_linear_attn", "fused_recurrent_gated_linear_attn",
            "gated_linear_attn", "lightning", "retnet", "retnet_gamma", "simple_gla", "gla", "delta_net",
-           "gated_delta_net", "performer", "orthogonal_random_features", "FavorProjection", "mamba2", "rwkv6",
-           "ttt_linear", "ttt_mlp", "rfa", "gaussian_random_features", "cosformer", "mamba", "mlstm", "slstm"]
+           "gated_delta_net", "performer", "orthogonal_random_features", "FavorProjection", "mamba2", "rwkv4", "rwkv5",
+           "rwkv6", "rwkv7", "fused_recurrent_rwkv7", "gsa", "ttt_linear", "ttt_mlp", "rfa", "gaussian_random_features",
+           "cosformer", "mamba", "mlstm", "slstm"]

@@ -60,13 +60,23 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
     check_scale(scale)
     _check(r, k, v, w, u, initial_state)
     scale = 1.0 if scale is None else float(scale)
-    q_next = torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], dim=1)  # q'_j = r_{j+1}
     if form == "chunk":
-        o_next, state = chunk_gated_linear_attn(q_next, k, v, w, scale=scale, initial_state=initial_state,
+        run = lambda q: chunk_gated_linear_attn(q, k, v, w, scale=scale, initial_state=initial_state,  # noqa: E731
                                                 output_final_state=True, chunk_size=chunk_size)
-    else:
-        o_next, state = linear_recurrent(q_next, k, v, w.to(r.dtype), scale=scale, initial_state=initial_state,
-                                         output_final_state=True)
+    else:  # accumulate in float32 (float64 kept): the state sums the whole sequence
+        acc = torch.promote_types(r.dtype, torch.float32)
+        run = lambda q: linear_recurrent(q.to(acc), k.to(acc), v.to(acc), w.to(acc), scale=scale,  # noqa: E731
+                                         initial_state=initial_state, output_final_state=True)
+    o, state = read_before_write(run, r, k, v, u, scale=scale, initial_state=initial_state)
+    return (o, state) if output_final_state else o
+
+
+def read_before_write(run, r, k, v, u, *, scale, initial_state):
+    """RWKV's o_t = r_t (S_{t-1} + diag(u) k_t^T v_t) from a gated recurrence that reads the state after the
+    write: `run(q) -> (o, final state)` runs S_t = diag(e^{w_t}) S_{t-1} + k_t^T v_t from initial_state with
+    queries q (any engine form, or a layer's dispatcher). Queries go in shifted one step left (module
+    docstring); returns (o `[B, T, H, V]` in v's dtype, final state)."""
+    o_next, state = run(torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], dim=1))  # q'_j = r_{j+1}
     acc = torch.float64 if r.dtype == torch.float64 else torch.float32
     if initial_state is None:
         first = v.new_zeros(v.shape[0], 1, *v.shape[2:], dtype=acc)
@@ -74,8 +84,7 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
         first = (scale * torch.einsum("bhk,bhkv->bhv", r[:, 0].to(acc), initial_state.to(acc))).unsqueeze(1)
     past = torch.cat([first, o_next[:, :-1].to(acc)], dim=1)  # r_t S_{t-1}
     bonus = scale * (r.to(acc) * u.to(acc) * k.to(acc)).sum(-1, keepdim=True) * v.to(acc)
-    o = (past + bonus).to(v.dtype)
-    return (o, state) if output_final_state else o
+    return (past + bonus).to(v.dtype), state
 
 
 def rwkv6_reference(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=False, **_ignored):
@@ -90,6 +99,52 @@ def rwkv6_reference(r, k, v, w, u, *, scale=None, initial_state=None, output_fin
         S = torch.exp(w[:, t]).unsqueeze(-1) * S + kv  # diag(w_t) S_{t-1} + k_t^T v_t
     o = torch.stack(outs, dim=1)
     return (o, S) if output_final_state else o
+
+
+def rwkv5(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=False, form="chunk", chunk_size=64):
+    """RWKV5 "Eagle" (Peng et al., 2024): RWKV6's operator with a fixed, data-independent decay.
+
+    w: log decay `[H, K]` (<= 0), the same at every token; everything else as `rwkv6` (r, k `[B, T, H, K]`,
+    v `[B, T, H, V]`, u `[H, K]`, initial_state `[B, H, K, V]`). The decay is broadcast over (B, T) onto the
+    engine's vector gate, so "chunk" runs the same Triton kernels; its gradient sums over (B, T).
+    """
+    check_tensor("w", w, ndim=2, dtypes=(r.dtype, torch.float32), layout="[H, K]")
+    if r.dim() == 4 and w.shape != r.shape[2:]:
+        raise ValueError(f"w must be [H, K] = {tuple(r.shape[2:])}, got {tuple(w.shape)}")
+    return rwkv6(r, k, v, w.expand(r.shape), u, scale=scale, initial_state=initial_state,
+                 output_final_state=output_final_state, form=form, chunk_size=chunk_size)
+
+
+def rwkv5_reference(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=False, **_ignored):
+    """The paper's sum form: wkv_t = diag(u) k_t^T v_t + sum_{i<t} diag(w)^{t-1-i} k_i^T v_i (+ diag(w)^t S_0),
+    o_t = r_t wkv_t, all pairs at once (quadratic in T), in the inputs' dtype."""
+    T = r.shape[1]
+    scale = 1.0 if scale is None else scale
+    t = torch.arange(T, dtype=r.dtype, device=r.device)
+    lag = (t.view(T, 1) - 1 - t.view(1, T))  # t - 1 - i
+    past = (lag >= 0).to(r.dtype)
+    decay = torch.exp(lag.clamp(min=0).view(T, T, 1, 1) * w) * past.view(T, T, 1, 1)  # [T(t), T(i), H, K]
+    att = torch.einsum("bthk,bihk,tihk->bhti", r, k, decay)
+    att = att + torch.diag_embed(torch.einsum("bthk,hk,bthk->bht", r, u, k))  # the bonus on the diagonal
+    o = torch.einsum("bhti,bihv->bthv", att, v)
+    if initial_state is not None:
+        o = o + torch.einsum("bthk,thk,bhkv->bthv", r, torch.exp(t.view(T, 1, 1) * w), initial_state.to(r.dtype))
+    o = scale * o
+    if not output_final_state:
+        return o
+    S = torch.einsum("ihk,bihk,bihv->bhkv", torch.exp((T - 1 - t).view(T, 1, 1) * w), k, v)
+    if initial_state is not None:
+        S = S + torch.exp(T * w).unsqueeze(-1) * initial_state.to(r.dtype)
+    return o, S
+
+
+def rwkv5_inputs(shape, dtype, device, generator, **options):
+    """rwkv6_inputs with one decay per (head, channel): w `[H, K]` a log gate (mostly mild, some strong)."""
+    from ..inputs import log_gate
+
+    out = rwkv6_inputs(shape, dtype, device, generator, **options)
+    out["w"] = log_gate((shape.heads, shape.head_dim), dtype, device, generator)
+    return out
 
 
 def rwkv6_inputs(shape, dtype, device, generator, *, initial_state=True, **options):
@@ -121,5 +176,17 @@ def _register() -> None:
         grad_inputs=("r", "k", "v", "w", "u", "initial_state"),
         description="data-dependent vector decay w_t on a matrix state, bonus u for the current token"))
 
+    register(Method(
+        name="rwkv5", family="linear",
+        cite="Peng et al. 2024, Eagle and Finch (RWKV5/6) (survey Table 6, forget gate)",
+        fn=rwkv5, reference=rwkv5_reference,
+        make_inputs=partial(rwkv5_inputs, output_final_state=True, chunk_size=16),
+        complexity=CHUNKWISE,
+        state_or_cache=MATRIX_STATE,
+        forms=FORMS, options={"scale": None, "initial_state": None, "output_final_state": False, "form": "chunk",
+                              "chunk_size": 64},
+        supports=frozenset({"causal", "backward", "decode", "state"}),
+        grad_inputs=("r", "k", "v", "w", "u", "initial_state"),
+        description="fixed per-channel decay w on a matrix state, bonus u for the current token"))
 
 _register()

@@ -12,9 +12,10 @@ from .compact_layers import CompactMixer
 from .common import CachedLayer, RMSNorm, ShortConv, SwiGLU
 from .linear_layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, Mamba2, MultiScaleRetention
 from .rotary import RotaryEmbedding, apply_rotary, rotary_angles
+from .rwkv_layers import RWKV6TimeMix, RWKV7TimeMix
 from .sparse_layers import DifferentialAttention, LinformerAttention, NSAAttention
-from .ttt_layers import TTTMLP, TTTLinear
 from .ssm_layers import Mamba, MLSTMBlock
+from .ttt_layers import TTTMLP, TTTLinear
 
 # Layer names (lower case, the method's usual name) -> classes taking (dim, heads, **options).
 LAYERS = {
@@ -25,6 +26,8 @@ LAYERS = {
     "mamba2": Mamba2,
     "mamba": Mamba,
     "mlstm": MLSTMBlock,
+    "rwkv6": RWKV6TimeMix,
+    "rwkv7": RWKV7TimeMix,
     "mla": partial(CompactMixer, "mla"),
     "mfa": partial(CompactMixer, "mfa"),
     "tpa": partial(CompactMixer, "tpa"),
@@ -57,4 +60,4 @@ def mixer_names() -> list[str]:
 __all__ = ["Attention", "CompactMixer", "default_method", "CachedLayer", "RMSNorm", "ShortConv", "SwiGLU", "DeltaNet",
            "GatedDeltaNet", "GatedLinearAttention", "Mamba2", "MultiScaleRetention", "LAYERS", "make_mixer",
            "mixer_names", "RotaryEmbedding", "apply_rotary", "rotary_angles", "NSAAttention", "DifferentialAttention",
-           "LinformerAttention", "TTTLinear", "TTTMLP", "Mamba", "MLSTMBlock"]
+           "LinformerAttention", "TTTLinear", "TTTMLP", "Mamba", "MLSTMBlock", "RWKV6TimeMix", "RWKV7TimeMix"]

@@ -1,0 +1,110 @@
+"""GPU timing of rwkv7 and gsa beside FLA 0.6.0's chunk_rwkv7 / chunk_gsa (bf16, [B, T, H, D], B = 1, H = 16).
+
+    PYTHONPATH=src python3 benchmarks/rwkv7_gsa.py --out DIR [--sizes 4096,16384]
+
+rwkv7: K = V = 64 (RWKV-7's head size); gsa: K = V = 64, M = 64 slots (FLA's default). First the max
+difference of our output vs FLA's at the first size (same inputs), then fwd and fwd+bwd medians
+(triton.testing.do_bench, after warm-up). Results go to DIR/rwkv7_gsa.json after every measurement, so a
+run cut short still returns what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import effattn  # noqa: F401
+from effattn.linear import gsa, rwkv7
+
+H = 16
+
+
+def rwkv7_inputs(T, K=64):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    kappa = F.normalize(r(1, T, H, K), dim=-1)
+    alpha = torch.sigmoid(r(1, T, H, K))
+    x = dict(r=r(1, T, H, K), w=-0.6065 * torch.sigmoid(r(1, T, H, K)), k=r(1, T, H, K) * K ** -0.5, v=r(1, T, H, K),
+             a=-kappa, b=kappa * alpha)
+    return {n: t.bfloat16().requires_grad_() for n, t in x.items()}
+
+
+def gsa_inputs(T, K=64, M=64):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    f = F.logsigmoid(r(1, T, H, M)) / 8
+    x = dict(q=r(1, T, H, K), k=r(1, T, H, K), v=r(1, T, H, K), s=1 - f.exp(), g=f)
+    return {n: t.bfloat16().requires_grad_() for n, t in x.items()}
+
+
+def runners():
+    from fla.ops.gsa import chunk_gsa
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    return {
+        ("rwkv7", "ours"): lambda x: rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], scale=1.0),
+        ("rwkv7", "fla"): lambda x: chunk_rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], scale=1.0)[0],
+        ("gsa", "ours"): lambda x: gsa(x["q"], x["k"], x["v"], x["s"], x["g"]),
+        ("gsa", "fla"): lambda x: chunk_gsa(x["q"], x["k"], x["v"], x["s"], x["g"])[0],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sizes", default="4096,16384")
+    ap.add_argument("--methods", default="rwkv7,gsa")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    methods = args.methods.split(",")
+    start = time.time()
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "H": H, "B": 1, "dtype": "bf16", "command": " ".join(sys.argv), "rows": []}
+    path = os.path.join(args.out, "rwkv7_gsa.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+    run = runners()
+    make = {"rwkv7": rwkv7_inputs, "gsa": gsa_inputs}
+    for method in methods:
+        x = make[method](sizes[0])
+        with torch.no_grad():
+            a, b = run[(method, "ours")](x).float(), run[(method, "fla")](x).float()
+        res[f"{method}_maxdiff_vs_fla"] = (a - b).abs().max().item()
+        res[f"{method}_fla_absmax"] = b.abs().max().item()
+        res[f"{method}_check_done_s"] = time.time() - start  # first calls: Triton compiles and autotunes
+        print(method, "max |ours - fla|", res[f"{method}_maxdiff_vs_fla"], "of", res[f"{method}_fla_absmax"],
+              f"({res[f'{method}_check_done_s']:.0f} s)", flush=True)
+        save()
+    for T in sizes:
+        for method in methods:
+            x = make[method](T)
+            do = torch.randn(1, T, H, 64, device="cuda", dtype=torch.bfloat16)
+            for impl in ("ours", "fla"):
+                fn = run[(method, impl)]
+                row = {"method": method, "impl": impl, "T": T}
+                try:
+                    with torch.no_grad():
+                        row["fwd_ms"] = triton.testing.do_bench(lambda: fn(x), warmup=5, rep=20)
+                    row["fwdbwd_ms"] = triton.testing.do_bench(lambda: fn(x).backward(do), warmup=5, rep=20,
+                                                               grad_to_none=list(x.values()))
+                    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                except Exception:  # an OOM or a kernel failure is a result too
+                    row["error"] = traceback.format_exc(limit=2)[-400:]
+                torch.cuda.reset_peak_memory_stats()
+                res["rows"].append(row)
+                print(row, flush=True)
+                save()
+
+
+if __name__ == "__main__":
+    main()
