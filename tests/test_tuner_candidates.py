@@ -1,0 +1,91 @@
+"""Every tuner candidate of every kernel, not only the first: on the GPU `pick_config` launches them all while
+timing, but under the interpreter it takes the first, so a candidate that reads or writes out of bounds (a
+smaller BV, a split BK, another scan variant) would first show up as an illegal address on the GPU. Here each
+launch goes through every candidate, under the suite's bounds checker, and the result must still match."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effattn
+from effattn import _triton_mode
+from effattn.hardware import flash_bwd, flash_fwd
+from effattn.linear import engine, mamba, selective_scan
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter-only sweep")
+
+
+@pytest.fixture
+def every_candidate(monkeypatch):
+    tried = {}
+
+    def pick(key, configs, launch):
+        for cfg in configs:
+            launch(cfg)
+        tried[key[0]] = len(configs)
+        return configs[0]
+
+    for module in (engine, selective_scan, flash_fwd, flash_bwd):
+        monkeypatch.setattr(module, "pick_config", pick)
+    for module in (flash_fwd, flash_bwd):  # no launch plan cached by an earlier test may skip the tuner
+        monkeypatch.setattr(module, "_PLANS", {})
+    # the flash launchers list small tiles for the interpreter: give them the GPU's candidate lists instead
+    for module, name in ((flash_fwd, "fwd_configs"), (flash_bwd, "bwd_configs")):
+        monkeypatch.setattr(module, name, _as_on_gpu(getattr(module, name)))
+    return tried
+
+
+def _as_on_gpu(configs_fn):
+    def gpu_list(*args, **kwargs):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(_triton_mode, "interpreting", lambda: False)
+            return configs_fn(*args, **kwargs)
+    return gpu_list
+
+
+@pytest.mark.parametrize("gate,delta", [(None, True), ("scalar", True), ("vector", False)],
+                         ids=["delta", "gated_delta", "vector"])
+def test_linear_engine_candidates(every_candidate, gate, delta):
+    """K = 80 > 64 (the state kernels' split-K candidates), V = 128 (every BV), T = 70 (a short last chunk)."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, K, V = 1, 70, 1, 80, 128
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = None if gate is None else F.logsigmoid(torch.randn(B, T, H, *((K,) if gate == "vector" else ()), generator=gen))
+    beta = torch.rand(B, T, H, generator=gen) if delta else None
+    leaves = [t.requires_grad_() for t in (q, k, v, g, beta) if t is not None]
+    o, ht = engine.chunk_gated_linear_attn(q, k, v, g, beta, output_final_state=True, delta_rule=delta)
+    (o.square().sum() + ht.sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    assert every_candidate["state_fwd"] > 1 and every_candidate["state_bwd"] > 1
+
+
+def test_selective_scan_candidates(every_candidate):
+    from effattn.registry import REGISTRY, Shape
+
+    x = REGISTRY.get("mamba").make_inputs(Shape(batch=1, seq_q=37, heads=2, head_dim=16), torch.float32, "cpu",
+                                          torch.Generator().manual_seed(0))
+    leaves = {n: t.requires_grad_() for n, t in x.items() if torch.is_tensor(t) and t.is_floating_point()}
+    out = mamba(**x, form="chunk")
+    o = out[0] if isinstance(out, tuple) else out
+    o.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves.values() if t.grad is not None)
+    assert every_candidate["mamba_fwd"] > 1 and every_candidate["mamba_bwd"] > 1
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, (7, 0))], ids=["dense", "causal_window"])
+def test_flash_candidates(every_candidate, causal, window):
+    """T=29 != S=41, GQA 4/2, D=64, bf16: every forward and dK/dV, dQ candidate the H100 tunes over (tiles of
+    up to 128 x 128, TMA descriptors), in the interpreter."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 29, 4, 64, generator=gen).bfloat16().requires_grad_()
+    k, v = (torch.randn(1, 41, 2, 64, generator=gen).bfloat16().requires_grad_() for _ in range(2))
+    o = effattn.flash_attention(q, k, v, causal=causal, window=window)
+    o.square().sum().backward()
+    ref = effattn.reference.softmax_attention(q.detach().double(), k.detach().double(), v.detach().double(),
+                                              causal=causal, window=window)
+    torch.testing.assert_close(o.detach().double(), ref, atol=2e-2, rtol=2e-2)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert max(every_candidate.values()) > 1
