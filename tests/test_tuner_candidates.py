@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import effattn
 from effattn import _triton_mode
-from effattn.hardware import flash_bwd, flash_fwd
+from effattn.hardware import flash_bwd, flash_fwd, quant_fwd
 from effattn.linear import engine, mamba, selective_scan
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter-only sweep")
@@ -26,20 +26,22 @@ def every_candidate(monkeypatch):
         tried[key[0]] = len(configs)
         return configs[0]
 
-    for module in (engine, selective_scan, flash_fwd, flash_bwd):
+    for module in (engine, selective_scan, flash_fwd, flash_bwd, quant_fwd):
         monkeypatch.setattr(module, "pick_config", pick)
-    for module in (flash_fwd, flash_bwd):  # no launch plan cached by an earlier test may skip the tuner
+    for module in (flash_fwd, flash_bwd, quant_fwd):  # no launch plan cached by an earlier test may skip the tuner
         monkeypatch.setattr(module, "_PLANS", {})
-    # the flash launchers list small tiles for the interpreter: give them the GPU's candidate lists instead
-    for module, name in ((flash_fwd, "fwd_configs"), (flash_bwd, "bwd_configs")):
-        monkeypatch.setattr(module, name, _as_on_gpu(getattr(module, name)))
+    # the attention launchers list small tiles for the interpreter: give them the GPU's candidate lists instead
+    for module, name in ((flash_fwd, "fwd_configs"), (flash_bwd, "bwd_configs"), (quant_fwd, "quant_configs")):
+        monkeypatch.setattr(module, name, _as_on_gpu(module, getattr(module, name)))
     return tried
 
 
-def _as_on_gpu(configs_fn):
+def _as_on_gpu(module, configs_fn):
     def gpu_list(*args, **kwargs):
         with pytest.MonkeyPatch.context() as m:
             m.setattr(_triton_mode, "interpreting", lambda: False)
+            if hasattr(module, "interpreting"):
+                m.setattr(module, "interpreting", lambda: False)
             return configs_fn(*args, **kwargs)
     return gpu_list
 
@@ -88,4 +90,16 @@ def test_flash_candidates(every_candidate, causal, window):
                                               causal=causal, window=window)
     torch.testing.assert_close(o.detach().double(), ref, atol=2e-2, rtol=2e-2)
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert max(every_candidate.values()) > 1
+
+
+@pytest.mark.parametrize("pv_dtype", ["fp16", "fp8"])
+def test_quantized_candidates(every_candidate, pv_dtype):
+    """sage_attention's INT8 QK^T kernel with fp16 or FP8 PV, every H100 candidate tile, T=29, S=41, D=64."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 29, 4, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 41, 4, 64, generator=gen).bfloat16() for _ in range(2))
+    o = effattn.sage_attention(q, k, v, pv_dtype=pv_dtype)
+    ref = effattn.reference.softmax_attention(q.double(), k.double(), v.double())
+    assert ((o.double() - ref).abs().mean() / ref.abs().mean()).item() < 0.06
     assert max(every_candidate.values()) > 1
