@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import effattn
 from effattn.hardware import _flash_common
+from flash import graph_ms  # benchmarks/flash.py: kernel-only time through a CUDA graph
 
 QUANT_CFGS = ["128,64,4,3", "128,64,8,3", "128,64,4,4", "128,64,8,4", "128,128,8,3"]
 
@@ -117,19 +118,6 @@ def host_overhead(res):
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
     log(s.getvalue()[-3500:])
     res["host_us"] = out
-
-
-def graph_ms(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
 
 
 def short_cells(res):

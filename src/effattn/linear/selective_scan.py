@@ -95,23 +95,31 @@ def _chunk_fwd(x, dt, dt_bias, Bm, Cm, A_, h, y, b, t0, T, D, N, od, md, on, mn,
 
 
 @triton.jit
-def _scan_fwd(x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, NC, BT: tl.constexpr, BD: tl.constexpr,
-              BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_H0: tl.constexpr, SAVE: tl.constexpr,
-              STORE_HT: tl.constexpr, SEQ: tl.constexpr):
-    pid_d, b = tl.program_id(0), tl.program_id(1)
+def _program_tile(A, dt_bias, start, b, pid_d, D, N, BD: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  USE_START: tl.constexpr):
+    """This program's [BD, BN] block of channels x states: offsets, masks, A, the dt bias, and the state it
+    starts the walk from (`start[b]`, or zeros): h0 in the forward, dht in the backward."""
     od = pid_d * BD + tl.arange(0, BD)
     on = tl.arange(0, BN)
     md, mn = od < D, on < N
     mdn = md[:, None] & mn[None, :]
     odn = od[:, None] * N + on[None, :]
     A_ = tl.load(A + odn, mask=mdn, other=0.0)
-    if USE_H0:
-        h = tl.load(h0 + b * D * N + odn, mask=mdn, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BD, BN], dtype=tl.float32)
     bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
         bias += tl.load(dt_bias + od, mask=md, other=0.0)
+    state = tl.zeros([BD, BN], dtype=tl.float32)
+    if USE_START:
+        state += tl.load(start + b * D * N + odn, mask=mdn, other=0.0).to(tl.float32)
+    return od, on, md, mn, mdn, odn, A_, bias, state
+
+
+@triton.jit
+def _scan_fwd(x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, NC, BT: tl.constexpr, BD: tl.constexpr,
+              BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_H0: tl.constexpr, SAVE: tl.constexpr,
+              STORE_HT: tl.constexpr, SEQ: tl.constexpr):
+    pid_d, b = tl.program_id(0), tl.program_id(1)
+    od, on, md, mn, mdn, odn, A_, bias, h = _program_tile(A, dt_bias, h0, b, pid_d, D, N, BD, BN, HAS_BIAS, USE_H0)
     for c in range(0, NC):
         if SAVE:
             tl.store(hs + (b * NC + c) * D * N + odn, h, mask=mdn)
@@ -161,20 +169,9 @@ def _scan_bwd(x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, 
               BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DHT: tl.constexpr,
               STORE_DH0: tl.constexpr, SEQ: tl.constexpr):
     pid_d, b = tl.program_id(0), tl.program_id(1)
-    od = pid_d * BD + tl.arange(0, BD)
-    on = tl.arange(0, BN)
-    md, mn = od < D, on < N
-    mdn = md[:, None] & mn[None, :]
-    odn = od[:, None] * N + on[None, :]
-    A_ = tl.load(A + odn, mask=mdn, other=0.0)
     # Gs = a_{t+1} g_{t+1}: what the state after step t receives from the future (dht after the last token)
-    if USE_DHT:
-        Gs = tl.load(dht + b * D * N + odn, mask=mdn, other=0.0).to(tl.float32)
-    else:
-        Gs = tl.zeros([BD, BN], dtype=tl.float32)
-    bias = tl.zeros([BD], dtype=tl.float32)
-    if HAS_BIAS:
-        bias += tl.load(dt_bias + od, mask=md, other=0.0)
+    od, on, md, mn, mdn, odn, A_, bias, Gs = _program_tile(A, dt_bias, dht, b, pid_d, D, N, BD, BN, HAS_BIAS,
+                                                            USE_DHT)
     dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
     dB += pid_d * B * T * N  # this block's slice of the dB / dC partial sums `[NDB, B, T, N]`
     dC += pid_d * B * T * N
