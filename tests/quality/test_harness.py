@@ -57,3 +57,25 @@ def test_cli_quality_writes_json_and_plot(tmp_path, capsys):
 def test_cli_quality_rejects_unknown_method(capsys):
     assert main(["quality", "--methods", "standard,deltanett", "--steps", "1"]) == 2
     assert "did you mean 'deltanet'" in capsys.readouterr().err
+
+
+def test_sweep_records_a_failing_method_and_goes_on(tmp_path, monkeypatch):
+    """A layer that raises (in the budget probe or in training) is listed under `failed` with its error;
+    the other methods still train and the report names the failure."""
+    from effattn.quality import harness
+
+    real = harness.seconds_per_step
+
+    def probe(cfg, method, width, *a, **k):
+        if method == "gla":
+            raise RuntimeError("illegal memory access (simulated)")
+        return real(cfg, method, width, *a, **k)
+
+    monkeypatch.setattr(harness, "seconds_per_step", probe)
+    rc = main(["quality", "--task", "lm", "--methods", "standard,gla", "--steps", "12", "--widths", "16",
+               "--eval-examples", "4", "--out", str(tmp_path), "--budget-minutes", "0.05", "--quiet"])
+    assert rc == 0
+    result = json.loads((tmp_path / "quality_lm.json").read_text())
+    assert [r["method"] for r in result["runs"]] == ["standard"]
+    assert result["failed"] == [{"method": "gla", "width": 16, "error": "RuntimeError: illegal memory access (simulated)"}]
+    assert "gla width 16: `RuntimeError: illegal memory access (simulated)`" in (tmp_path / "quality_lm.md").read_text()

@@ -129,16 +129,24 @@ def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = No
     that still overruns its time cap stops early and says so (`train.truncated`)."""
     runs_todo = [(m, w) for m in methods for w in cfg.widths]
     corpora = tasks.stdlib_bytes() if cfg.task == "lm" else None
+    failed = []  # a method that raises is recorded with its error and the sweep goes on without it
     if budget_minutes is not None:
-        cfg = fit_budget(cfg, runs_todo, device, corpora, budget_minutes * 60, progress)
+        cfg, runs_todo, failed = fit_budget(cfg, runs_todo, device, corpora, budget_minutes * 60, progress)
     result = {"task": cfg.task, "config": _jsonable(asdict(cfg)), "environment": environment(device),
-              "command": command, "runs": []}
+              "command": command, "runs": [], "failed": failed}
     overall = Progress(len(runs_todo), f"quality {cfg.task}") if progress else None
     for i, (method, width) in enumerate(runs_todo):
-        run = run_one(cfg, method, width, device, corpora, progress)
-        result["runs"].append(run)
+        try:
+            run = run_one(cfg, method, width, device, corpora, progress)
+        except Exception as e:  # noqa: BLE001  (one broken method must not cost the others' results)
+            failed.append(_failure(method, width, e))
+            if progress:
+                print(f"{method:>16} d={width:<4} FAILED: {failed[-1]['error']}", flush=True)
+        else:
+            result["runs"].append(run)
+            if progress:
+                print(summary_line(run), flush=True)
         if progress:
-            print(summary_line(run), flush=True)
             overall.update(i + 1, force=True)
         if out_dir is not None:  # after every run, so an interrupted sweep keeps what it measured
             write(result, out_dir, with_plot=False)
@@ -158,8 +166,16 @@ def seconds_per_step(cfg: TaskConfig, method: str, width: int, device, corpora=N
 def fit_budget(cfg: TaskConfig, runs, device, corpora, budget_s: float, progress: bool = True) -> TaskConfig:
     """Scale every run's steps down by one factor so the sweep fits the budget: the recipe stays the same
     for all methods. Each run also gets a hard time cap (its share of the budget); a run that still hits
-    it stops early and records `truncated`."""
-    per_step = [seconds_per_step(cfg, m, w, device, corpora) for m, w in runs]
+    it stops early and records `truncated`. Returns the scaled config, the runs that could be timed and
+    the failures of those that raised."""
+    timed, per_step, failed = [], [], []
+    for m, w in runs:
+        try:
+            per_step.append(seconds_per_step(cfg, m, w, device, corpora))
+            timed.append((m, w))
+        except Exception as e:  # noqa: BLE001
+            failed.append(_failure(m, w, e))
+    runs = timed
     usable = 0.8 * budget_s  # the rest for evaluation and the probes themselves
     steps = cfg.recipe.steps
     if sum(per_step) * steps > usable:
@@ -167,10 +183,14 @@ def fit_budget(cfg: TaskConfig, runs, device, corpora, budget_s: float, progress
     if progress:
         print(f"budget {budget_s / 60:.1f} min: {steps} steps per run (preset {cfg.recipe.steps}); measured "
               + ", ".join(f"{m}/{w} {1000 * t:.0f} ms/step" for (m, w), t in zip(runs, per_step)), flush=True)
-    cap = 1.3 * max(t * steps for t in per_step)
+    cap = 1.3 * max((t * steps for t in per_step), default=0.0)
     recipe = replace(cfg.recipe, steps=steps, warmup=min(cfg.recipe.warmup, max(1, steps // 10)),
                      time_limit_s=max(cap, budget_s / max(1, len(runs)) * 0.9))
-    return replace(cfg, recipe=recipe)
+    return replace(cfg, recipe=recipe), runs, failed
+
+
+def _failure(method: str, width: int, error: Exception) -> dict:
+    return {"method": method, "width": width, "error": f"{type(error).__name__}: {str(error)[:400]}"}
 
 
 def _jsonable(obj):
@@ -218,6 +238,10 @@ def markdown(result: dict) -> str:
         steps = f"{r['train']['steps_done']}" + (" (time cap)" if r["train"]["truncated"] else "")
         lines.append(f"| {r['method']} | {r['width']} | {r['params']} | " + " | ".join(cells)
                      + f" | {r['eval'][-1]['state_elements']} | {steps} | {r['train']['seconds']:.0f} |")
+    failed = result.get("failed", [])
+    if failed:
+        lines += ["", "Runs that raised (not trained):", ""]
+        lines += [f"- {f['method']} width {f['width']}: `{f['error']}`" for f in failed]
     return "\n".join(lines) + "\n"
 
 
