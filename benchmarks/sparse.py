@@ -197,6 +197,15 @@ def _pattern_row(cfg, flex, create_block_mask, spec, N, D):
         except RuntimeError as exc:  # e.g. a backward tile that does not fit shared memory at this D
             row["fwd_bwd_error"] = str(exc)
             print(f"{spec.name} N={N} D={D} tile {block}: backward failed: {exc}", flush=True)
+    if pattern.window is not None:  # what the registered method runs for a plain band: the kernel's window path
+        from effattn.sparse.pattern_methods import pattern_attention
+
+        def native():
+            return pattern_attention(q, k, v, pattern)
+        r["by_block"]["native window"] = {
+            "density": r["by_block"][next(iter(r["by_block"]))]["density"], "build_s": 0.0,
+            "max_abs_diff_vs_flex": float((native().detach().float() - theirs().detach().transpose(1, 2).float()).abs().max()),
+            "fwd_ms": bench(native, cfg.device), "fwd_bwd_ms": bench(fwd_bwd(native, q, k, v), cfg.device)}
     # Reported: each metric at the tile that is best for it (the caller picks the tile when building the mask).
     for metric in ("fwd_ms", "fwd_bwd_ms"):
         tile, best = min(r["by_block"].items(), key=lambda kv: kv[1][metric])

@@ -103,3 +103,26 @@ def test_quantized_candidates(every_candidate, pv_dtype):
     ref = effattn.reference.softmax_attention(q.double(), k.double(), v.double())
     assert ((o.double() - ref).abs().mean() / ref.abs().mean()).item() < 0.06
     assert max(every_candidate.values()) > 1
+
+
+def test_block_sparse_flash_candidates(every_candidate):
+    """The block-sparse forward's candidates (4 and 8 warps, pointer and TMA loads of listed KV blocks) and
+    its backward's, on a mask with full, partial (bitmask) and skipped tiles; T=45 != S=70, 32 x 32 blocks."""
+    from effattn.sparse import block_mask
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 45, 2, 64, generator=gen).bfloat16().requires_grad_()
+    k, v = (torch.randn(1, 70, 2, 64, generator=gen).bfloat16().requires_grad_() for _ in range(2))
+
+    def mask(b, h, i, j):  # a causal window of 20 keys, plus key 3 for every query (bottom-right: i + 25)
+        return ((j <= i + 25) & (j > i + 5)) | (j == 3)
+
+    bm = block_mask(mask, 1, 1, 45, 70, block=(32, 32))
+    assert 0 < bm.density() < 1 and int(bm.kv_num.sum()) > 0
+    o = effattn.flash_attention(q, k, v, block_mask=bm)
+    o.square().sum().backward()
+    ref = effattn.reference.softmax_attention(q.detach().double(), k.detach().double(), v.detach().double(),
+                                              mask=mask)
+    torch.testing.assert_close(o.detach().double(), ref, atol=2e-2, rtol=2e-2)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert every_candidate["fwd"] == 4

@@ -79,3 +79,18 @@ def test_sweep_records_a_failing_method_and_goes_on(tmp_path, monkeypatch):
     assert [r["method"] for r in result["runs"]] == ["standard"]
     assert result["failed"] == [{"method": "gla", "width": 16, "error": "RuntimeError: illegal memory access (simulated)"}]
     assert "gla width 16: `RuntimeError: illegal memory access (simulated)`" in (tmp_path / "quality_lm.md").read_text()
+
+
+def test_sweep_where_every_method_fails_still_writes_its_report(tmp_path, monkeypatch):
+    from effattn.quality import harness
+
+    def probe(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(harness, "seconds_per_step", probe)
+    assert main(["quality", "--task", "lm", "--methods", "standard", "--steps", "5", "--widths", "16", "--out",
+                 str(tmp_path), "--budget-minutes", "0.05", "--quiet"]) == 0
+    result = json.loads((tmp_path / "quality_lm.json").read_text())
+    assert result["runs"] == [] and [f["method"] for f in result["failed"]] == ["standard"]
+    assert "Runs that raised" in (tmp_path / "quality_lm.md").read_text()
+    assert not (tmp_path / "quality_lm.png").exists()

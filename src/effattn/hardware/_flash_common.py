@@ -118,9 +118,16 @@ def _softmax_step(x, c_row, c_tile, shift, m_i, l_i, MASK: tl.constexpr):
 
 @triton.jit
 def _tile_bits(BITS, tile, r, c, BLOCK_Q: tl.constexpr, WORDS: tl.constexpr):
-    """Bit (r, c) of partial tile `tile`: rows r and columns c local to the tile, broadcast shapes."""
-    w = tl.load(BITS + (tile * BLOCK_Q + r) * WORDS + c // 32)
-    return ((w >> (c % 32)) & 1) != 0
+    """Bit (r, c) of partial tile `tile`: rows r and columns c local to the tile, one of them [n, 1] and
+    the other [1, m]. Each row's WORDS words are loaded once (a load per row, not per element: an
+    element-wise gather costs a load instruction per score) and expanded by shifts, word j serving the
+    columns 32 j .. 32 j + 31."""
+    row = BITS + (tile * BLOCK_Q + r) * WORDS
+    shift = c % 32
+    bits = ((tl.load(row) >> shift) & 1) != 0
+    for j in tl.static_range(1, WORDS):
+        bits = tl.where(c // 32 == j, ((tl.load(row + j) >> shift) & 1) != 0, bits)
+    return bits
 
 
 @triton.jit

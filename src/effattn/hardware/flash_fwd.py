@@ -150,7 +150,7 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
 
     if fixed is not None:  # block-sparse: the tiles are the BlockMask's blocks
         bm, bn = fixed
-        cands = [Config(bm, bn, 4, 3), Config(bm, bn, 8, 3)]
+        cands = [Config(bm, bn, 4, 3), Config(bm, bn, 8, 3), Config(bm, bn, 8, 3, 1), Config(bm, bn, 4, 3, 1)]
         return cands[:1] if interpreting() else cands
     if interpreting():
         return [Config(32, 32, 4, 1)]
@@ -164,14 +164,15 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
     return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
 
 
-def _tma_ok(q, k, v, varlen: bool, sparse) -> bool:
-    """TMA descriptors cover [B, N, H * D] views: dense problems, unpadded head dims, rows of whole heads
-    (o is allocated that way), 16-byte aligned bases."""
+def _tma_ok(q, k, v, varlen: bool) -> bool:
+    """TMA descriptors cover [B, N, H * D] views: fixed-length batches, unpadded head dims, rows of whole
+    heads (o is allocated that way), 16-byte aligned bases. Block-sparse problems qualify too: a KV block
+    from the index list is a descriptor load at its row offset, like a dense one."""
     def rows_of_heads(t):
         return (t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.stride(1) == t.shape[2] * t.shape[3]
                 and t.data_ptr() % 16 == 0)
 
-    return (not varlen and sparse is None and q.dtype != torch.float32
+    return (not varlen and q.dtype != torch.float32
             and all(block_d(t.shape[3]) == t.shape[3] and rows_of_heads(t) for t in (q, k, v)))
 
 
@@ -216,7 +217,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen
     lse = empty_output((B, H, T), torch.float32, q.device)
     varlen = cu_seqlens is not None
     dense = not varlen and sparse is None
-    tma_ok = _tma_ok(q, k, v, varlen, sparse)
+    tma_ok = _tma_ok(q, k, v, varlen)
     sig = None
     if dense:
         sig = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, scale, causal,

@@ -97,5 +97,5 @@ def _sweep(args, device) -> int:
     result = sweep(cfg, methods, device, budget_minutes=budget, out_dir=args.out, progress=not args.quiet,
                    command=command)
     json_path, png_path = write(result, args.out)
-    print(f"wrote {json_path} and {png_path}")
+    print(f"wrote {json_path}" + (f" and {png_path}" if png_path.exists() else " (no run finished: no plot)"))
     return 0

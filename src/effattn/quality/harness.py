@@ -217,7 +217,8 @@ def write(result: dict, out_dir, with_plot: bool = True) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(result, indent=1))
     if with_plot:
         (out / f"quality_{result['task']}.md").write_text(markdown(result))
-        plot(result, png_path)
+        if result["runs"]:  # nothing to draw when every run raised
+            plot(result, png_path)
     return json_path, png_path
 
 

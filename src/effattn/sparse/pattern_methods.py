@@ -24,8 +24,8 @@ def pattern_attention(q, k, v, pattern, *, scale=None, block=None):
     absolute positions (query i at key position i + S - T). `block=(BQ, BK)` the kernel's tile (None: the
     kernel's default). Returns o `[B, T, H, Dv]`; rows that see no key are 0. Time O(visited blocks * BQ * BK * d).
     A plain sliding window (`pattern.window` set) runs the kernel's window path instead of a block mask
-    unless `block` is given: the same mask without partial-tile bitmasks (on the H100 the window path ran
-    at 1.07-1.10x compiled Flex fwd, the block-mask path at 0.49x; benchmarks/results).
+    unless `block` is given: the same mask without partial-tile bitmasks (on the H200 at N = 16k the window
+    path ran at 1.10x compiled Flex fwd, the block-mask path at 0.87-0.98x; benchmarks/results/sparse_2026-12-02_h200.md).
     """
     B, T, S, H, _, _, _ = check_qkv(q, k, v)
     check_scale(scale)
