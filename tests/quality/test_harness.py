@@ -94,3 +94,25 @@ def test_sweep_where_every_method_fails_still_writes_its_report(tmp_path, monkey
     assert result["runs"] == [] and [f["method"] for f in result["failed"]] == ["standard"]
     assert "Runs that raised" in (tmp_path / "quality_lm.md").read_text()
     assert not (tmp_path / "quality_lm.png").exists()
+
+
+def test_isolated_sweep_trains_each_method_in_a_fresh_process(tmp_path):
+    rc = main(["quality", "--task", "lm", "--methods", "standard,gla", "--steps", "3", "--widths", "16",
+               "--eval-examples", "4", "--out", str(tmp_path), "--isolate", "--quiet"])
+    assert rc == 0
+    result = json.loads((tmp_path / "quality_lm.json").read_text())
+    assert [r["method"] for r in result["runs"]] == ["standard", "gla"] and result["failed"] == []
+    assert all(r["train"]["steps_done"] == 3 for r in result["runs"])
+
+
+def _die(cfg, method, widths, *rest):
+    import os
+    os._exit(3)  # what a hard fault looks like from the parent: the process is gone, no exception
+
+
+def test_a_process_that_dies_is_recorded_as_failed_runs():
+    from effattn.quality import harness
+
+    failures = harness._in_fresh_process(_die, None, "mamba", [64, 256], "cpu")
+    assert [(f["method"], f["width"]) for f in failures] == [("mamba", 64), ("mamba", 256)]
+    assert all(f["error"].startswith("BrokenProcessPool") for f in failures)

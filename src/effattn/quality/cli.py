@@ -1,6 +1,8 @@
 """`effattn quality`: the argument parser and the command (cli.py only registers it)."""
 from __future__ import annotations
 
+import argparse
+
 import sys
 from dataclasses import replace
 
@@ -35,6 +37,9 @@ def add_parser(sub) -> None:
                    help="CPU intra-op threads (default 1: tiny models gain nothing from more, and on a shared "
                         "CPU extra threads stall each other; measured 5x slower with 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="train each method in a fresh process, so that a CUDA fault costs only that method "
+                        "(default: on for CUDA, off for CPU)")
     p.add_argument("--out", default="quality_results", help="folder for quality_<task>.json and .png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -94,8 +99,9 @@ def _sweep(args, device) -> int:
     budget = args.budget_minutes if args.budget_minutes is not None else (8.0 if device.type == "cpu" else None)
     methods = resolve_methods(args.methods, device)
     command = "effattn " + " ".join(sys.argv[1:])
+    isolate = device.type == "cuda" if args.isolate is None else args.isolate
     result = sweep(cfg, methods, device, budget_minutes=budget, out_dir=args.out, progress=not args.quiet,
-                   command=command)
+                   command=command, isolate=isolate)
     json_path, png_path = write(result, args.out)
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path.exists() else " (no run finished: no plot)"))
     return 0

@@ -122,35 +122,83 @@ def environment(device) -> dict:
 
 
 def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = None, out_dir=None,
-          progress: bool = True, command: str = "") -> dict:
+          progress: bool = True, command: str = "", isolate: bool = False) -> dict:
     """Every method x width of cfg with the same recipe; returns (and writes, with `out_dir`) the results.
 
     With a budget, `fit_budget` first times each run and lowers the steps of all of them alike; a run
-    that still overruns its time cap stops early and says so (`train.truncated`)."""
+    that still overruns its time cap stops early and says so (`train.truncated`). A run that raises is
+    listed under `failed` with its error and the sweep goes on. With `isolate`, each method's probes and
+    runs happen in a fresh process: a CUDA fault leaves the whole process's context unusable, so in one
+    process the first faulting method would fail every method after it."""
+    call = _in_fresh_process if isolate else _in_this_process
     runs_todo = [(m, w) for m in methods for w in cfg.widths]
-    corpora = tasks.stdlib_bytes() if cfg.task == "lm" else None
-    failed = []  # a method that raises is recorded with its error and the sweep goes on without it
+    failed = []
     if budget_minutes is not None:
-        cfg, runs_todo, failed = fit_budget(cfg, runs_todo, device, corpora, budget_minutes * 60, progress)
+        cfg, runs_todo, failed = fit_budget(cfg, runs_todo, device, budget_minutes * 60, progress, call)
     result = {"task": cfg.task, "config": _jsonable(asdict(cfg)), "environment": environment(device),
               "command": command, "runs": [], "failed": failed}
     overall = Progress(len(runs_todo), f"quality {cfg.task}") if progress else None
-    for i, (method, width) in enumerate(runs_todo):
-        try:
-            run = run_one(cfg, method, width, device, corpora, progress)
-        except Exception as e:  # noqa: BLE001  (one broken method must not cost the others' results)
-            failed.append(_failure(method, width, e))
+    done = 0
+    for method in dict.fromkeys(m for m, _ in runs_todo):
+        widths = [w for m, w in runs_todo if m == method]
+        for width, item in zip(widths, call(_train_method, cfg, method, widths, device, progress)):
+            if "error" in item:
+                failed.append(item)
+                line = f"{method:>16} d={width:<4} FAILED: {item['error']}"
+            else:
+                result["runs"].append(item)
+                line = summary_line(item)
             if progress:
-                print(f"{method:>16} d={width:<4} FAILED: {failed[-1]['error']}", flush=True)
-        else:
-            result["runs"].append(run)
-            if progress:
-                print(summary_line(run), flush=True)
+                print(line, flush=True)
+        done += len(widths)
         if progress:
-            overall.update(i + 1, force=True)
-        if out_dir is not None:  # after every run, so an interrupted sweep keeps what it measured
+            overall.update(done, force=True)
+        if out_dir is not None:  # after every method, so an interrupted sweep keeps what it measured
             write(result, out_dir, with_plot=False)
     return result
+
+
+def _corpora(cfg: TaskConfig):
+    return tasks.stdlib_bytes() if cfg.task == "lm" else None
+
+
+def _train_method(cfg: TaskConfig, method: str, widths, device, progress: bool) -> list[dict]:
+    """`run_one` at each width; a width that raises gives its failure record instead."""
+    corpora, out = _corpora(cfg), []
+    for width in widths:
+        try:
+            out.append(run_one(cfg, method, width, device, corpora, progress))
+        except Exception as e:  # noqa: BLE001  (one broken method must not cost the others' results)
+            out.append(_failure(method, width, e))
+    return out
+
+
+def _probe_method(cfg: TaskConfig, method: str, widths, device) -> list:
+    """`seconds_per_step` at each width, or the failure record of a width that raises."""
+    corpora, out = _corpora(cfg), []
+    for width in widths:
+        try:
+            out.append(seconds_per_step(cfg, method, width, device, corpora))
+        except Exception as e:  # noqa: BLE001
+            out.append(_failure(method, width, e))
+    return out
+
+
+def _in_this_process(fn, *args):
+    return fn(*args)
+
+
+def _in_fresh_process(fn, *args):
+    """fn(*args) in a newly spawned Python process (its own CUDA context); its result comes back pickled."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except concurrent.futures.process.BrokenProcessPool as e:  # the process died (e.g. a segfault)
+            method, widths = args[1], args[2]
+            return [_failure(method, w, e) for w in widths]
 
 
 def seconds_per_step(cfg: TaskConfig, method: str, width: int, device, corpora=None, steps: int = 2) -> float:
@@ -163,18 +211,20 @@ def seconds_per_step(cfg: TaskConfig, method: str, width: int, device, corpora=N
                  progress=False)["seconds"] / steps
 
 
-def fit_budget(cfg: TaskConfig, runs, device, corpora, budget_s: float, progress: bool = True) -> TaskConfig:
+def fit_budget(cfg: TaskConfig, runs, device, budget_s: float, progress: bool = True, call=_in_this_process):
     """Scale every run's steps down by one factor so the sweep fits the budget: the recipe stays the same
     for all methods. Each run also gets a hard time cap (its share of the budget); a run that still hits
     it stops early and records `truncated`. Returns the scaled config, the runs that could be timed and
-    the failures of those that raised."""
+    the failures of those that raised. `call` runs each method's probes (`sweep`'s isolation)."""
     timed, per_step, failed = [], [], []
-    for m, w in runs:
-        try:
-            per_step.append(seconds_per_step(cfg, m, w, device, corpora))
-            timed.append((m, w))
-        except Exception as e:  # noqa: BLE001
-            failed.append(_failure(m, w, e))
+    for method in dict.fromkeys(m for m, _ in runs):
+        widths = [w for m, w in runs if m == method]
+        for width, t in zip(widths, call(_probe_method, cfg, method, widths, device)):
+            if isinstance(t, dict):
+                failed.append(t)
+            else:
+                timed.append((method, width))
+                per_step.append(t)
     runs = timed
     usable = 0.8 * budget_s  # the rest for evaluation and the probes themselves
     steps = cfg.recipe.steps
