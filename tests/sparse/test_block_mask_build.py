@@ -53,3 +53,14 @@ def test_from_blocks_broadcast_and_errors():
         block_mask_from_blocks(sel, 40, 60, block=(16, 32), causal=1)
     with pytest.raises(TypeError, match="mask_fn must be a function"):
         block_mask_from_blocks(sel, 40, 60, block=(16, 32), mask_fn="causal")
+
+
+def test_tuning_class_separates_masks_by_partial_tiles_per_row():
+    """The tuner's key for block-sparse launches: a band has a few partial tiles per query block, global
+    rows make every tile of their block partial; computed from shapes, so no device sync."""
+    from effattn.sparse import block_mask
+
+    band = block_mask(lambda b, h, i, j: (j <= i) & (j > i - 20), 1, 2, 1024, 1024, block=(64, 32))
+    glob = block_mask(lambda b, h, i, j: ((j <= i) & (j > i - 20)) | (i < 3), 1, 2, 1024, 1024, block=(64, 32))
+    # 47 partial tiles per head over 16 query blocks (ceil 3 -> 4); the 3 global rows add 31 more (5 -> 8)
+    assert band.tuning_class == ((64, 32), 4) and glob.tuning_class == ((64, 32), 8)

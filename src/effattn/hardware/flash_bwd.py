@@ -360,7 +360,8 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_s
     def run_dq(part):
         part[1](q, k, v, do, lse, delta, dq, cu, *part[0], *sp_q)
 
-    key = (D, Dv, q.dtype, arith, bool(softcap), fixed, varlen, seqlen_bucket(max(rows, cols)))
+    key = (D, Dv, q.dtype, arith, bool(softcap), sparse.tuning_class if sparse is not None else None, varlen,
+           seqlen_bucket(max(rows, cols)))
     d = max(D, Dv)
     kv = dkdv_part(pick_config(("dkdv",) + key, bwd_configs(d, q.dtype, fixed, "dkdv"),
                                lambda c: run_dkdv(dkdv_part(c))))

@@ -248,7 +248,8 @@ def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen
         return _plan(cfg, (sparse.num_q_blocks if sparse is not None else cdiv(rows, cfg[0]), n_bh), args, meta)
 
     fixed = sparse.block if sparse is not None else None
-    key = ("fwd", D, Dv, q.dtype, arith, bool(softcap), fixed, varlen, seqlen_bucket(rows))
+    key = ("fwd", D, Dv, q.dtype, arith, bool(softcap), sparse.tuning_class if sparse is not None else None, varlen,
+           seqlen_bucket(rows))
     configs = [c for c in fwd_configs(max(D, Dv), q.dtype, fixed) if tma_ok or not c[4]]
     plan = plan_of(pick_config(key, configs, lambda c: _launch(plan_of(c), q, k, v, o, lse, cu, sp)))
     if dense:

@@ -67,6 +67,16 @@ class BlockMask:
     def device(self) -> torch.device:
         return self.state.device
 
+    @property
+    def tuning_class(self) -> tuple[int, int]:
+        """(tile, partial tiles per query-block row rounded up to a power of two): what the kernels' tuner
+        keys block-sparse launches on, besides the problem's shape. From shapes only (no device sync):
+        masks with many partial tiles (Longformer's global rows) prefer other launch configurations than
+        plain bands (measured on the H200: 8 warps against 4)."""
+        rows = max(1, self.kv_num.numel())
+        per_row = -(-self.tile_bits.shape[0] // rows)
+        return self.block, 1 << max(per_row - 1, 0).bit_length()
+
     def density(self) -> float:
         """Fraction of the (query block, KV block) tiles that the kernel visits."""
         return float((self.state != SKIP).float().mean())
