@@ -187,3 +187,77 @@ def test_rwkv6_errors():
         rwkv6(**{**x, "k": x["k"][:, :, :1], "v": x["v"][:, :, :1]})
     with pytest.raises(ValueError, match="scale"):
         rwkv6(**x, scale=-1.0)
+
+
+# ------------------------------------------------------------------------------------------------- metala
+def metala_case(B=2, T=21, H=2, K=16, V=12, seed=0, state=True):
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    x = dict(q=rand(gen, B, T, H, K), v=rand(gen, B, T, H, V), g=F.logsigmoid(rand(gen, B, T, H, K)) / 4,
+             aug_weight=rand(gen, H, K, std=0.5))
+    if state:
+        x["initial_state"] = rand(gen, B, H, K, V, std=0.5)
+    return x
+
+
+@pytest.mark.parametrize("form", ["chunk", "parallel", "recurrent"])
+def test_metala_matches_reference(form):
+    from effattn.linear import metala
+    from effattn.linear.metala import metala_reference
+
+    check_against_reference(metala, metala_reference, metala_case(), {"scale": 0.3}, form=form, chunk_size=16)
+
+
+def test_metala_decode_equals_chunk():
+    from effattn.linear import metala
+
+    check_decode(metala, metala_case(T=9, seed=1), {"chunk_size": 16}, "initial_state", split=("aug_weight",))
+
+
+def test_metala_is_gla_with_the_key_tied_to_the_gate_plus_self_augmentation():
+    """With w_aug = 0 the augmentation is sigmoid(0) = 1/2 everywhere: MetaLA = GLA(k = 1 - e^g) + 1/2."""
+    from effattn.linear import gla, metala
+
+    x = {n: t.float() for n, t in metala_case(seed=2).items()}
+    zero = torch.zeros_like(x["aug_weight"])
+    o = metala(x["q"], x["v"], x["g"], zero, initial_state=x["initial_state"], form="recurrent")
+    ref = gla(x["q"], 1 - torch.exp(x["g"]), x["v"], x["g"], initial_state=x["initial_state"], form="recurrent")
+    torch.testing.assert_close(o, ref + 0.5, atol=1e-6, rtol=1e-6)
+
+
+def test_metala_varlen_equals_separate_sequences():
+    from effattn.linear import metala
+
+    x = {n: t.float() for n, t in metala_case(B=1, T=23, seed=3, state=False).items()}
+    cu = torch.tensor([0, 9, 23], dtype=torch.int32)
+    h0 = torch.randn(2, 2, 16, 12, generator=torch.Generator().manual_seed(4))
+    o, h = metala(**x, initial_state=h0, cu_seqlens=cu, output_final_state=True, form="parallel")
+    for n, (t0, t1) in enumerate([(0, 9), (9, 23)]):
+        part = {k_: (t[:, t0:t1] if k_ != "aug_weight" else t) for k_, t in x.items()}
+        o_n, h_n = metala(**part, initial_state=h0[n:n + 1], output_final_state=True, form="recurrent")
+        torch.testing.assert_close(o[:, t0:t1], o_n, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h[n:n + 1], h_n, atol=1e-5, rtol=1e-5)
+
+
+def test_metala_bf16_long_sequence_is_finite():
+    from effattn.linear import metala
+
+    x = {n: t.to(torch.bfloat16) for n, t in metala_case(B=1, T=4096, H=1, K=16, V=16, seed=5, state=False).items()}
+    x["g"] = x["g"] * 0.01  # slow forgetting: the state sums most of the sequence
+    o, h = metala(**x, output_final_state=True, form="parallel")
+    assert torch.isfinite(o.float()).all() and torch.isfinite(h).all() and o.dtype == torch.bfloat16
+
+
+def test_metala_errors():
+    from effattn.linear import metala
+
+    x = {n: t.float() for n, t in metala_case(T=5).items()}
+    with pytest.raises(ValueError, match="g \\(log forget gate\\) must"):
+        metala(**{**x, "g": x["g"][..., :3]})
+    with pytest.raises(ValueError, match="aug_weight must be \\[H, K\\]"):
+        metala(**{**x, "aug_weight": x["aug_weight"][:1]})
+    with pytest.raises(ValueError, match="v must be"):
+        metala(**{**x, "v": x["v"][:, :3]})
+    with pytest.raises(ValueError, match="form"):
+        metala(**x, form="sideways")

@@ -12,6 +12,7 @@ from .rwkv4 import rwkv4
 from .rwkv6 import rwkv5, rwkv6
 from .rwkv7 import fused_recurrent_rwkv7, rwkv7
 from .gsa import gsa
+from .metala import metala
 from .cosformer import cosformer
 from .rfa import gaussian_random_features, rfa
 from .ttt import ttt_linear, ttt_mlp
@@ -21,4 +22,4 @@ __all__ = ["elu_plus_one", "linear_transformer", "chunk_gated_linear_attn", "fus
            "gated_linear_attn", "lightning", "retnet", "retnet_gamma", "simple_gla", "gla", "delta_net",
            "gated_delta_net", "performer", "orthogonal_random_features", "FavorProjection", "mamba2", "rwkv4", "rwkv5",
            "rwkv6", "rwkv7", "fused_recurrent_rwkv7", "gsa", "ttt_linear", "ttt_mlp", "rfa", "gaussian_random_features",
-           "cosformer", "mamba", "mlstm", "slstm"]
+           "cosformer", "mamba", "mlstm", "slstm", "metala"]
