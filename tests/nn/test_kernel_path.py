@@ -7,7 +7,7 @@ import torch
 
 from effattn.nn import make_mixer, recurrence
 
-KERNEL_LAYERS = ["retnet", "gla", "deltanet", "gated_deltanet", "mamba2"]
+KERNEL_LAYERS = ["retnet", "gla", "deltanet", "gated_deltanet", "mamba2", "metala"]
 
 
 def _run(name, x, kernel_path, monkeypatch):

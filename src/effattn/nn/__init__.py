@@ -10,7 +10,7 @@ from functools import partial
 from .attention import Attention, default_method
 from .compact_layers import CompactMixer
 from .common import CachedLayer, RMSNorm, ShortConv, SwiGLU
-from .linear_layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, Mamba2, MultiScaleRetention
+from .linear_layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, Mamba2, MetaLA, MultiScaleRetention
 from .rotary import RotaryEmbedding, apply_rotary, rotary_angles
 from .rwkv_layers import RWKV6TimeMix, RWKV7TimeMix
 from .sparse_layers import DifferentialAttention, LinformerAttention, NSAAttention
@@ -26,6 +26,7 @@ LAYERS = {
     "mamba2": Mamba2,
     "mamba": Mamba,
     "mlstm": MLSTMBlock,
+    "metala": MetaLA,
     "rwkv6": RWKV6TimeMix,
     "rwkv7": RWKV7TimeMix,
     "mla": partial(CompactMixer, "mla"),
@@ -58,6 +59,6 @@ def mixer_names() -> list[str]:
 
 
 __all__ = ["Attention", "CompactMixer", "default_method", "CachedLayer", "RMSNorm", "ShortConv", "SwiGLU", "DeltaNet",
-           "GatedDeltaNet", "GatedLinearAttention", "Mamba2", "MultiScaleRetention", "LAYERS", "make_mixer",
+           "GatedDeltaNet", "GatedLinearAttention", "Mamba2", "MetaLA", "MultiScaleRetention", "LAYERS", "make_mixer",
            "mixer_names", "RotaryEmbedding", "apply_rotary", "rotary_angles", "NSAAttention", "DifferentialAttention",
            "LinformerAttention", "TTTLinear", "TTTMLP", "Mamba", "MLSTMBlock", "RWKV6TimeMix", "RWKV7TimeMix"]

@@ -101,6 +101,43 @@ class GatedLinearAttention(CachedLayer):
         return self.o_proj(y), {"state": state}
 
 
+class MetaLA(CachedLayer):
+    """MetaLA (Chou et al., 2024; survey Table 6, Eq. 76): a short causal conv + SiLU on x, then q and the
+    log forget gate g = logsigmoid(h W_a) / tau from it and no key projection (k = 1 - e^g), GLA's
+    vector-gated state, the self-augmentation sigmoid((q . (w_aug * k)) v) with w_aug `[H, K]` (zero at
+    init, as the authors'), a per-head LayerNorm without affine, a SiLU output gate, then W_O. Keys are
+    `head_dim` wide (default half the values: the authors' q and gate projections are dim / 2 wide)."""
+
+    cache_keys = ("state", "conv")
+
+    def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, head_dim_v: int | None = None,
+                 gate_tau: float = 16.0, conv_size: int = 4) -> None:
+        super().__init__()
+        self.dim, self.heads, self.gate_tau = dim, heads, gate_tau
+        self.head_dim_v = layer_dims(dim, heads, head_dim_v)
+        self.head_dim = check_positive_int("head_dim", max(1, self.head_dim_v // 2) if head_dim is None else head_dim)
+        self.conv = ShortConv(dim, conv_size)
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.a_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, heads * self.head_dim_v, bias=False)
+        self.gate_proj = nn.Linear(dim, heads * self.head_dim_v, bias=True)
+        self.aug_weight = nn.Parameter(torch.zeros(heads, self.head_dim))
+        self.o_norm = nn.LayerNorm(self.head_dim_v, elementwise_affine=False)
+        self.o_proj = nn.Linear(heads * self.head_dim_v, dim, bias=False)
+
+    def _run(self, x, cache):
+        from ..linear.metala import _self_augmentation
+
+        h, conv = _conv(self.conv, x, cache)
+        q, v = split_heads(self.q_proj(h), self.heads), split_heads(self.v_proj(h), self.heads)
+        g = split_heads(F.logsigmoid(self.a_proj(h).float()).to(x.dtype) / self.gate_tau, self.heads)
+        k = -torch.expm1(g)  # 1 - alpha, the key MetaLA ties to the gate
+        o, state = gated_recurrence(q, k, v, g, op="gla", initial_state=_state(cache))
+        o = o + _self_augmentation(q, v, k, self.aug_weight).to(o.dtype)
+        y = self.o_norm(o).flatten(2) * F.silu(self.gate_proj(h))
+        return self.o_proj(y), {"state": state, "conv": conv}
+
+
 class DeltaNet(CachedLayer):
     """DeltaNet (Schlag et al., 2021; Yang et al., 2024b; survey Table 5): the delta rule
     S_t = S_{t-1} + beta_t k_t^T (v_t - k_t S_{t-1}) with q, k, v from a short causal conv + SiLU,

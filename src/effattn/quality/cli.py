@@ -15,7 +15,7 @@ from .harness import PRESETS, TASKS
 # far too slowly to train, and so do registered methods built on them (linear_transformer's feature map).
 LINEAR_LAYERS = ("retnet", "gla", "deltanet", "gated_deltanet", "mamba2")
 # On a GPU the catalogue's own layers join (their fast paths need it to train in reasonable time).
-GPU_EXTRA = ("linear_transformer", "mamba", "mlstm", "rwkv6", "rwkv7", "ttt_linear")
+GPU_EXTRA = ("linear_transformer", "mamba", "mlstm", "rwkv6", "rwkv7", "ttt_linear", "metala")
 
 
 def add_parser(sub) -> None:
