@@ -217,6 +217,7 @@ def fit_budget(cfg: TaskConfig, runs, device, budget_s: float, progress: bool = 
     it stops early and records `truncated`. Returns the scaled config, the runs that could be timed and
     the failures of those that raised. `call` runs each method's probes (`sweep`'s isolation)."""
     timed, per_step, failed = [], [], []
+    start = time.perf_counter()
     for method in dict.fromkeys(m for m, _ in runs):
         widths = [w for m, w in runs if m == method]
         for width, t in zip(widths, call(_probe_method, cfg, method, widths, device)):
@@ -226,12 +227,16 @@ def fit_budget(cfg: TaskConfig, runs, device, budget_s: float, progress: bool = 
                 timed.append((method, width))
                 per_step.append(t)
     runs = timed
-    usable = 0.8 * budget_s  # the rest for evaluation and the probes themselves
+    # The rest of the budget: evaluation, the probes themselves, and as much again for each method's start
+    # (a fresh process compiles its kernels again, from Triton's disk cache when isolated).
+    probe_s = time.perf_counter() - start
+    usable = max(0.1 * budget_s, 0.8 * budget_s - 2 * probe_s)
     steps = cfg.recipe.steps
     if sum(per_step) * steps > usable:
         steps = max(10, int(usable / sum(per_step)))
     if progress:
-        print(f"budget {budget_s / 60:.1f} min: {steps} steps per run (preset {cfg.recipe.steps}); measured "
+        print(f"budget {budget_s / 60:.1f} min ({probe_s:.0f} s of probes): {steps} steps per run (preset "
+              f"{cfg.recipe.steps}); measured "
               + ", ".join(f"{m}/{w} {1000 * t:.0f} ms/step" for (m, w), t in zip(runs, per_step)), flush=True)
     cap = 1.3 * max((t * steps for t in per_step), default=0.0)
     recipe = replace(cfg.recipe, steps=steps, warmup=min(cfg.recipe.warmup, max(1, steps // 10)),
