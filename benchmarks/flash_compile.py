@@ -1,68 +1,141 @@
-"""Compile the flash kernels for sm_90 on a machine without a GPU (Triton ships ptxas) and print each
-variant's registers, spills and shared memory: catches compile errors and spills before device time.
+"""Compile the flash kernels for Hopper (sm_90a) on a machine without a GPU and report what ptxas says.
 
-    TRITON_INTERPRET=0 PYTHONPATH=src python benchmarks/flash_compile.py
+    python benchmarks/flash_compile.py --kernel fwd --tile 128,64 --warps 8 --stages 3 --sparse   # one config
+    python benchmarks/flash_compile.py --candidates --head-dim 64 128     # every pointer-load tuner candidate
+
+Triton's wheel carries ptxas and cuobjdump, so a kernel configuration's registers, spills, shared memory
+and instruction mix can be read here, for free, before spending device time on it (2026-12-02: the
+block-sparse forward's per-score bitmask gather showed up as 102 asynchronous copies and 131 KB of shared
+memory, against 46 and 99 KB with one load per row). It times nothing and cannot catch faults that only
+the GPU shows.
 """
-import os
-import sys
+from __future__ import annotations
 
-os.environ["TRITON_INTERPRET"] = "0"
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile, never interpret (effattn turns the interpreter on without a GPU)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from effattn.hardware import flash_bwd, flash_fwd  # noqa: E402
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_SCALARS = {"T", "S", "H", "HKV", "GROUP", "LEFT", "RIGHT", "MB_B", "MB_H", "HM", "NQB", "NKB"}
+_INT_TABLES = {"CU", "KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX", "FULL_NUM", "FULL_IDX", "TILE_MAP", "BITS"}
+_FP32 = {"LSE", "DELTA", "DLSE"}
 
-FLOATS = {"qk_scale", "cap_in", "cap_out"}
-INT_PTRS = {"CU", "KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM", "Q_IDX", "TILE_MAP", "BITS"}
-F32_PTRS = {"LSE", "DELTA", "DLSE"}
 
-
-def compile_one(fn, dtype: str, warps: int, stages: int, descs=None, **const):
+def _signature(fn, constexprs: dict, descriptors: dict | None = None) -> dict:
+    """Triton types of a flash kernel's arguments: upper-case names are tensors (int32 tables, float32
+    statistics, bf16 data, or TMA descriptors where `descriptors` names a type), the rest 32-bit integers
+    except the float scales."""
     sig = {}
-    for n in fn.arg_names:
-        if descs and n in descs:
-            sig[n] = descs[n]
-        elif n in const:
-            sig[n] = "constexpr"
-        elif n in FLOATS:
-            sig[n] = "fp32"
-        elif n in INT_PTRS:
-            sig[n] = "*i32"
-        elif n in F32_PTRS:
-            sig[n] = "*fp32"
-        elif n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            sig[n] = "*" + dtype
+    for name in fn.arg_names:
+        if descriptors and name in descriptors:
+            sig[name] = descriptors[name]
+        elif name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _INT_TABLES:
+            sig[name] = "*i32"
+        elif name in _FP32:
+            sig[name] = "*fp32"
+        elif name.isupper() and name not in _SCALARS:
+            sig[name] = "*bf16"
+        elif name in ("qk_scale", "cap_in", "cap_out"):
+            sig[name] = "fp32"
         else:
-            sig[n] = "i32"
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    ptx = k.asm["ptx"]
-    return dict(shared=k.metadata.shared, n_regs=getattr(k, "n_regs", None), spills=getattr(k, "n_spills", None),
-                wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx)
+            sig[name] = "i32"
+    return sig
+
+
+def compile_sm90(fn, constexprs: dict, warps: int, stages: int, descriptors: dict | None = None):
+    sig = _signature(fn, constexprs, descriptors)
+    # As the launcher specialises them on the GPU: pointers 16-byte aligned, strides multiples of 16 (without
+    # these hints the compiler cannot prove the alignment that asynchronous copies need, and does not pipeline)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if sig[name].startswith("*") or (sig[name] == "i32" and name.startswith("s"))}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def report(kernel) -> dict:
+    """Registers and spill bytes (ptxas -v), shared memory, and counts of a few SASS instruction kinds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        open(ptx, "w").write(kernel.asm["ptx"])
+        open(cubin, "wb").write(kernel.asm["cubin"])
+        info = subprocess.run([os.path.join(_BIN, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+                              capture_output=True, text=True).stderr
+        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    ops = collections.Counter(m.group(2) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", sass))
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spill.group(1)) if spill else None,
+            "spill_load_bytes": int(spill.group(2)) if spill else None,
+            "shared_bytes": kernel.metadata.shared, "instructions": sum(ops.values()),
+            **{op: ops[op] for op in ("LDG", "LDGSTS", "UTMALDG", "HGMMA", "MUFU", "BAR")}}
+
+
+def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool) -> dict:
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn, VARLEN=False,
+                  SPARSE=sparse, ARITH=not sparse, WORDS=max(1, bn // 32), SOFTCAP=False, DOT_PREC=None)
+    return dict(common, REVERSE=False, TMA=tma, WS=False) if kernel == "fwd" else common
+
+
+def _kernel_fn(kernel: str):
+    from effattn.hardware import flash_bwd, flash_fwd
+    return {"fwd": flash_fwd._flash_fwd_kernel, "dkdv": flash_bwd._dkdv_kernel, "dq": flash_bwd._dq_kernel}[kernel]
+
+
+def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False) -> dict:
+    """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched."""
+    if tma and kernel != "fwd":
+        raise ValueError("only the forward has a TMA variant")
+    descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
+    compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma), warps, stages, descs)
+    return {"kernel": kernel, "tile": (bm, bn), "warps": warps, "stages": stages, "head_dim": d, "sparse": sparse,
+            "tma": tma, **report(compiled)}
+
+
+def candidates(dims):
+    """Every candidate of the bf16 tuner lists (dense; block-sparse at the forward's 128 x 64 tile)."""
+    import torch
+
+    from effattn.hardware import flash_bwd, flash_fwd
+    for d in dims:
+        for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, None):
+            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, False, bool(cfg[4])), flush=True)
+        for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, (128, 64)):
+            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, True, bool(cfg[4])), flush=True)
+        for kind in ("dkdv", "dq"):
+            for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, None, kind):
+                print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False), flush=True)
 
 
 def main():
-    base = dict(VARLEN=False, SPARSE=False, ARITH=False, WORDS=1, SOFTCAP=False, DOT_PREC=None)
-    dims = [int(a) for a in sys.argv[1:]] or [128]
-    only = os.environ.get("ONLY")
-    for D in dims:
-        d = dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                 BLOCK_DV=max(16, triton.next_power_of_2(D)))
-        for cfg in flash_fwd.fwd_configs(D, None, None):
-            bm, bn, warps, stages, tma = cfg
-            descs = None
-            if tma:
-                descs = {n: f"tensordesc<bf16[1,{b},{D}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))}
-            for extra in (dict(), dict(ARITH=True, REVERSE=True)) + ((dict(SPARSE=True, ARITH=True),) if not tma else ()):
-                c = {**base, "REVERSE": False, "TMA": bool(tma), **d, **extra}
-                r = compile_one(flash_fwd._flash_fwd_kernel, "bf16", warps, stages, descs, BLOCK_M=bm, BLOCK_N=bn, **c)
-                print("fwd", D, cfg, extra, r, flush=True)
-        for kind, fn in (("dkdv", flash_bwd._dkdv_kernel), ("dq", flash_bwd._dq_kernel)):
-            for cfg in flash_bwd.bwd_configs(D, None, None, kind):
-                r = compile_one(fn, "bf16", cfg[2], cfg[3], BLOCK_M=cfg[0], BLOCK_N=cfg[1], **base, **d)
-                print(kind, D, cfg, r, flush=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernel", choices=("fwd", "dkdv", "dq"), default="fwd")
+    ap.add_argument("--tile", default="128,64", help="BLOCK_M,BLOCK_N")
+    ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--head-dim", type=int, nargs="+", default=[128])
+    ap.add_argument("--sparse", action="store_true", help="the block-sparse variant (index lists, bitmasks)")
+    ap.add_argument("--tma", action="store_true", help="forward only: TMA descriptor loads")
+    ap.add_argument("--candidates", action="store_true", help="every tuner candidate instead of one config")
+    a = ap.parse_args()
+    if a.candidates:
+        candidates(a.head_dim)
+        return
+    bm, bn = (int(x) for x in a.tile.split(","))
+    print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""benchmarks/sm90_offline.py compiles a flash kernel for sm_90a without a GPU (Triton's own ptxas)."""
+"""benchmarks/flash_compile.py compiles a flash kernel for sm_90a without a GPU (Triton's own ptxas)."""
 import ast
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sm90_offline.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "flash_compile.py"
 
 
 def test_offline_hopper_compile_reports_registers_and_shared_memory():
