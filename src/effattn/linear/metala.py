@@ -36,7 +36,7 @@ def _check(q, v, g, aug_weight):
         raise ValueError(f"aug_weight must be [H, K] = {(H, K)}, got {tuple(aug_weight.shape)}")
 
 
-def _self_augmentation(q, v, key, aug_weight):
+def self_augmentation(q, v, key, aug_weight):
     """sigmoid((q_t . (w_aug * key_t)) v_t) `[B, T, H, V]`, in float32 (float64 for float64 inputs)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     w = (q.to(acc) * key.to(acc) * aug_weight.to(acc)).sum(-1, keepdim=True)  # [B, T, H, 1]
@@ -60,7 +60,7 @@ def metala(q, v, g, aug_weight, *, scale=None, initial_state=None, output_final_
                             chunk_size=chunk_size)
     o, state = out if output_final_state else (out, None)
     o = (o.to(torch.float64 if o.dtype == torch.float64 else torch.float32)
-         + _self_augmentation(q, v, key, aug_weight)).to(v.dtype)
+         + self_augmentation(q, v, key, aug_weight)).to(v.dtype)
     return (o, state) if output_final_state else o
 
 

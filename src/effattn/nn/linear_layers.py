@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..linear.metala import self_augmentation
 from ..validate import check_positive_int
 from .common import CachedLayer, RMSNorm, ShortConv, layer_dims, split_heads
 from .recurrence import gated_recurrence
@@ -126,14 +127,12 @@ class MetaLA(CachedLayer):
         self.o_proj = nn.Linear(heads * self.head_dim_v, dim, bias=False)
 
     def _run(self, x, cache):
-        from ..linear.metala import _self_augmentation
-
         h, conv = _conv(self.conv, x, cache)
         q, v = split_heads(self.q_proj(h), self.heads), split_heads(self.v_proj(h), self.heads)
         g = split_heads(F.logsigmoid(self.a_proj(h).float()).to(x.dtype) / self.gate_tau, self.heads)
         k = -torch.expm1(g)  # 1 - alpha, the key MetaLA ties to the gate
         o, state = gated_recurrence(q, k, v, g, op="gla", initial_state=_state(cache))
-        o = o + _self_augmentation(q, v, k, self.aug_weight).to(o.dtype)
+        o = o + self_augmentation(q, v, k, self.aug_weight).to(o.dtype)
         y = self.o_norm(o).flatten(2) * F.silu(self.gate_proj(h))
         return self.o_proj(y), {"state": state, "conv": conv}
 

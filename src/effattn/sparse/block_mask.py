@@ -68,7 +68,7 @@ class BlockMask:
         return self.state.device
 
     @property
-    def tuning_class(self) -> tuple[int, int]:
+    def tuning_class(self) -> tuple[tuple[int, int], int]:
         """(tile, partial tiles per query-block row rounded up to a power of two): what the kernels' tuner
         keys block-sparse launches on, besides the problem's shape. From shapes only (no device sync):
         masks with many partial tiles (Longformer's global rows) prefer other launch configurations than
