@@ -105,14 +105,14 @@ def test_isolated_sweep_trains_each_method_in_a_fresh_process(tmp_path):
     assert all(r["train"]["steps_done"] == 3 for r in result["runs"])
 
 
-def _die(cfg, method, widths, *rest):
+def _die(cfg, method, width, device, corpora):
     import os
     os._exit(3)  # what a hard fault looks like from the parent: the process is gone, no exception
 
 
 def test_a_process_that_dies_is_recorded_as_failed_runs():
-    from effattn.quality import harness
+    from effattn.quality import PRESETS, harness
 
-    failures = harness._in_fresh_process(_die, None, "mamba", [64, 256], "cpu")
+    failures = harness._in_fresh_process(_die, PRESETS["cpu"]["mqar"], "mamba", [64, 256], "cpu")
     assert [(f["method"], f["width"]) for f in failures] == [("mamba", 64), ("mamba", 256)]
     assert all(f["error"].startswith("BrokenProcessPool") for f in failures)

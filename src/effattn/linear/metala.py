@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..validate import check_tensor
-from .gated import FORMS, gated_linear_attn
+from .gated import FORMS, _per_sequence, gated_linear_attn
 
 
 def _check(q, v, g, aug_weight):
@@ -66,18 +66,14 @@ def metala(q, v, g, aug_weight, *, scale=None, initial_state=None, output_final_
 
 def metala_reference(q, v, g, aug_weight, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, **_ignored):
-    """Eq. 76 token by token in the inputs' dtype (float64 in the checks)."""
-    if cu_seqlens is not None:  # packed sequences: each one from its own initial state
-        bounds = cu_seqlens.tolist()
-        outs, states = [], []
-        for n, (t0, t1) in enumerate(zip(bounds[:-1], bounds[1:])):
-            h0 = None if initial_state is None else initial_state[n:n + 1]
-            o, h = metala_reference(q[:, t0:t1], v[:, t0:t1], g[:, t0:t1], aug_weight, scale=scale,
-                                    initial_state=h0, output_final_state=True)
-            outs.append(o)
-            states.append(h)
-        o = torch.cat(outs, 1)
-        return (o, torch.cat(states, 0)) if output_final_state else o
+    """Eq. 76 token by token in the inputs' dtype (float64 in the checks); packed sequences each from
+    their own initial state."""
+    # _per_sequence cuts five token-major tensors: (q, v, g) and two unused slots; aug_weight passes whole
+    return _per_sequence(_recurrence, q, v, g, None, None, cu_seqlens=cu_seqlens, initial_state=initial_state,
+                         output_final_state=output_final_state, aug_weight=aug_weight, scale=scale)
+
+
+def _recurrence(q, v, g, _unused_k, _unused_beta, *, aug_weight, scale, initial_state, output_final_state):
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
     S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)

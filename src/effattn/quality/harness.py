@@ -141,7 +141,7 @@ def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = No
     done = 0
     for method in dict.fromkeys(m for m, _ in runs_todo):
         widths = [w for m, w in runs_todo if m == method]
-        for width, item in zip(widths, call(_train_method, cfg, method, widths, device, progress)):
+        for width, item in zip(widths, call(run_one, cfg, method, widths, device, progress)):
             if "error" in item:
                 failed.append(item)
                 line = f"{method:>16} d={width:<4} FAILED: {item['error']}"
@@ -162,42 +162,31 @@ def _corpora(cfg: TaskConfig):
     return tasks.stdlib_bytes() if cfg.task == "lm" else None
 
 
-def _train_method(cfg: TaskConfig, method: str, widths, device, progress: bool) -> list[dict]:
-    """`run_one` at each width; a width that raises gives its failure record instead."""
+def _each_width(work, cfg: TaskConfig, method: str, widths, device, *extra) -> list:
+    """`work(cfg, method, width, device, corpora, *extra)` (`run_one` or `seconds_per_step`) at each width;
+    a width that raises gives its failure record instead."""
     corpora, out = _corpora(cfg), []
     for width in widths:
         try:
-            out.append(run_one(cfg, method, width, device, corpora, progress))
+            out.append(work(cfg, method, width, device, corpora, *extra))
         except Exception as e:  # noqa: BLE001  (one broken method must not cost the others' results)
             out.append(_failure(method, width, e))
     return out
 
 
-def _probe_method(cfg: TaskConfig, method: str, widths, device) -> list:
-    """`seconds_per_step` at each width, or the failure record of a width that raises."""
-    corpora, out = _corpora(cfg), []
-    for width in widths:
-        try:
-            out.append(seconds_per_step(cfg, method, width, device, corpora))
-        except Exception as e:  # noqa: BLE001
-            out.append(_failure(method, width, e))
-    return out
+def _in_this_process(work, cfg, method, widths, device, *extra):
+    return _each_width(work, cfg, method, widths, device, *extra)
 
 
-def _in_this_process(fn, *args):
-    return fn(*args)
-
-
-def _in_fresh_process(fn, *args):
-    """fn(*args) in a newly spawned Python process (its own CUDA context); its result comes back pickled."""
+def _in_fresh_process(work, cfg, method, widths, device, *extra):
+    """`_each_width` in a newly spawned Python process (its own CUDA context); results come back pickled."""
     import concurrent.futures
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(fn, *args).result()
+            return pool.submit(_each_width, work, cfg, method, widths, device, *extra).result()
         except concurrent.futures.process.BrokenProcessPool as e:  # the process died (e.g. a segfault)
-            method, widths = args[1], args[2]
             return [_failure(method, w, e) for w in widths]
 
 
@@ -220,7 +209,7 @@ def fit_budget(cfg: TaskConfig, runs, device, budget_s: float, progress: bool = 
     start = time.perf_counter()
     for method in dict.fromkeys(m for m, _ in runs):
         widths = [w for m, w in runs if m == method]
-        for width, t in zip(widths, call(_probe_method, cfg, method, widths, device)):
+        for width, t in zip(widths, call(seconds_per_step, cfg, method, widths, device)):
             if isinstance(t, dict):
                 failed.append(t)
             else:
