@@ -126,3 +126,27 @@ def test_block_sparse_flash_candidates(every_candidate):
     torch.testing.assert_close(o.detach().double(), ref, atol=2e-2, rtol=2e-2)
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     assert every_candidate["fwd"] == 4
+
+
+def test_untuned_pick_takes_the_first_candidate_that_fits(monkeypatch):
+    """EFFATTN_FLASH_TUNE=0 (the quality harness's default) skips timing but not the resource check: with
+    float32 inputs at Dk = Dv = 128 the engine's first dq/dk candidates need more shared memory than Hopper has."""
+    import triton
+
+    from effattn.hardware import _flash_common
+
+    monkeypatch.setattr(_flash_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_flash_common, "_BEST", {})
+    monkeypatch.setenv("EFFATTN_FLASH_TUNE", "0")
+    tried = []
+
+    def launch(cfg):
+        tried.append(cfg)
+        if cfg == "wide":
+            raise triton.runtime.errors.OutOfResources(245760, 232448, "shared memory")
+
+    pick = _flash_common.pick_config
+    assert pick(("kind", 1), ["wide", "narrow", "other"], launch) == "narrow" and tried == ["wide", "narrow"]
+    assert pick(("kind", 1), ["wide", "narrow", "other"], launch) == "narrow" and len(tried) == 2  # cached
+    with pytest.raises(RuntimeError, match=r"no kernel configuration could run for \('kind', 2\)"):
+        pick(("kind", 2), ["wide", "wide"], launch)

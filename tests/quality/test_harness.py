@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -96,13 +97,25 @@ def test_sweep_where_every_method_fails_still_writes_its_report(tmp_path, monkey
     assert not (tmp_path / "quality_lm.png").exists()
 
 
-def test_isolated_sweep_trains_each_method_in_a_fresh_process(tmp_path):
-    rc = main(["quality", "--task", "lm", "--methods", "standard,gla", "--steps", "3", "--widths", "16",
-               "--eval-examples", "4", "--out", str(tmp_path), "--isolate", "--quiet"])
-    assert rc == 0
-    result = json.loads((tmp_path / "quality_lm.json").read_text())
-    assert [r["method"] for r in result["runs"]] == ["standard", "gla"] and result["failed"] == []
-    assert all(r["train"]["steps_done"] == 3 for r in result["runs"])
+def test_isolated_sweep_trains_each_method_in_a_fresh_process(tmp_path, monkeypatch):
+    monkeypatch.delenv("EFFATTN_FLASH_TUNE", raising=False)
+    args = ["quality", "--task", "lm", "--methods", "standard,gla", "--steps", "3", "--widths", "16",
+            "--eval-examples", "4", "--isolate", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    # two methods at once, each in its own process: the same runs, in the same order, with the same results
+    assert main(args + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "quality_lm.json").read_text())["runs"] for d in ("one", "two"))
+    assert [r["method"] for r in one] == [r["method"] for r in two] == ["standard", "gla"]
+    assert all(r["train"]["steps_done"] == 3 for r in one + two)
+    assert [r["eval"][0]["loss"] for r in one] == pytest.approx([r["eval"][0]["loss"] for r in two], rel=1e-5)
+    assert "EFFATTN_FLASH_TUNE" not in os.environ  # set to 0 (no autotuning) only while the command runs
+
+
+def test_concurrent_jobs_need_isolation():
+    from effattn.quality import PRESETS, harness
+
+    with pytest.raises(ValueError, match="jobs=2, isolate=False"):
+        harness.sweep(PRESETS["cpu"]["mqar"], ["standard"], "cpu", isolate=False, jobs=2, progress=False)
 
 
 def _die(cfg, method, width, device, corpora):

@@ -195,12 +195,19 @@ def _forced() -> dict:
 
 def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]) -> Config:
     """The fastest of `configs` for `key` (key[0] is the kernel kind), timed once per key with do_bench and
-    cached; the interpreter (and a single candidate) takes the first. Launches must be idempotent."""
+    cached; the interpreter (and a single candidate) takes the first. With EFFATTN_FLASH_TUNE=0, the first
+    that compiles and fits in the GPU's resources (one compile instead of one per candidate). Launches must
+    be idempotent."""
     forced = _forced().get(key[0])
     if forced is not None:
         return forced
-    if interpreting() or len(configs) == 1 or os.environ.get("EFFATTN_FLASH_TUNE", "1") == "0":
+    if interpreting() or len(configs) == 1:
         return configs[0]
+    if os.environ.get("EFFATTN_FLASH_TUNE", "1") == "0":
+        first = ("first", *key)  # apart from the tuned picks: the variable may change within a process
+        if first not in _BEST:
+            _BEST[first] = _first_that_runs(key, configs, launch)
+        return _BEST[first]
     if key not in _BEST:
         best, best_ms = None, math.inf
         for cfg in configs:
@@ -212,9 +219,19 @@ def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]
             if ms < best_ms:
                 best, best_ms = cfg, ms
         if best is None:
-            raise RuntimeError(f"no flash kernel configuration could run for {key}")
+            raise RuntimeError(f"no kernel configuration could run for {key} (every candidate ran out of resources)")
         _BEST[key] = best
     return _BEST[key]
+
+
+def _first_that_runs(key, configs: Sequence[Config], launch: Callable[[Config], None]) -> Config:
+    for cfg in configs:
+        try:
+            launch(cfg)
+        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
+            continue
+        return cfg
+    raise RuntimeError(f"no kernel configuration could run for {key} (every candidate ran out of resources)")
 
 
 class KernelLaunch:

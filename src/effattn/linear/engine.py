@@ -39,11 +39,16 @@ def _configs(V: int, kernel: str, K: int = 0, delta_rule: bool = True):
         return [(b, w, st, bk) for bk in bks for b in reversed(bv[:3]) for w, st in ((4, 2), (4, 3), (8, 2))]
     # No 8-warp candidates: on the H200 (Triton 3.6), _bwd_dx with 8 warps read shared memory out of bounds
     # inside a dot (compute-sanitizer, fp32 inputs with K = 16..32, V = 32: the quality harness's layers).
-    return [(b, w, st) for b in reversed(bv[-2:]) for w, st in ((4, 2), (4, 3))]
+    # The unpipelined narrow tiles last: with fp32 inputs at K = V = 128, _bwd_dqk needs 240-360 KB of
+    # shared memory with the others (compiled for sm_90a; Hopper has 227 KB) and 96-128 KB with these.
+    return [(b, w, st) for b in reversed(bv[-2:]) for w, st in ((4, 2), (4, 3))] + [(b, 4, 1) for b in bv[-3:-1]]
 
 
 def _tuned(name, kernel, grid, key, configs, *args, **meta):
-    """Launch `kernel` with the fastest of `configs` for `key` (BV, num_warps, num_stages)."""
+    """Launch `kernel` with the fastest of `configs` for `key` (BV, num_warps, num_stages). With float32
+    inputs (tf32 dots) only 4-warp configurations: see `_configs` for the 8-warp fault they avoid."""
+    if args[0].dtype == torch.float32:
+        configs = [c for c in configs if c[1] <= 4]
     def launch(cfg):
         extra = {} if len(cfg) < 4 else {"BK": cfg[3]}
         kernel[grid(*cfg[:1], *cfg[3:])](*args, **meta, **extra, BV=cfg[0], num_warps=cfg[1], num_stages=cfg[2])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-
+import os
 import sys
 from dataclasses import replace
 
@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="wall-clock budget for the sweep, split evenly over runs (default: 8 on cpu, none on gpu)")
     p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
+    p.add_argument("--run-minutes", type=float, default=None,
+                   help="cap on each run's training time; a run that reaches it stops early and says so")
     p.add_argument("--widths", default=None, help="comma-separated model widths (override the preset)")
     p.add_argument("--lr", type=float, default=None, help="override the preset's peak learning rate")
     p.add_argument("--eval-examples", type=int, default=None, help="override the evaluation set size")
@@ -40,6 +42,12 @@ def add_parser(sub) -> None:
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="train each method in a fresh process, so that a CUDA fault costs only that method "
                         "(default: on for CUDA, off for CPU)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="with --isolate: train this many runs (method, width) at once, each in its own process "
+                        "(tiny models are launch-bound, so on a GPU several share it well; results do not change)")
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=False,
+                   help="autotune the kernels (off by default: a run's speed does not change what it learns, and "
+                        "every candidate configuration costs a compile, minutes per method on a GPU)")
     p.add_argument("--out", default="quality_results", help="folder for quality_<task>.json and .png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -75,12 +83,18 @@ def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    threads_before = torch.get_num_threads()
+    threads_before, tune_before = torch.get_num_threads(), os.environ.get("EFFATTN_FLASH_TUNE")
     torch.set_num_threads(args.threads)
+    if not args.tune:  # the first configuration that fits; spawned processes inherit the variable
+        os.environ["EFFATTN_FLASH_TUNE"] = "0"
     try:
         return _sweep(args, device)
     finally:
         torch.set_num_threads(threads_before)
+        if tune_before is None:
+            os.environ.pop("EFFATTN_FLASH_TUNE", None)
+        else:
+            os.environ["EFFATTN_FLASH_TUNE"] = tune_before
 
 
 def _sweep(args, device) -> int:
@@ -90,6 +104,10 @@ def _sweep(args, device) -> int:
     cfg = replace(PRESETS[preset][args.task], seed=args.seed)
     if args.steps is not None:
         cfg = replace(cfg, recipe=replace(cfg.recipe, steps=args.steps, warmup=min(cfg.recipe.warmup, args.steps)))
+    if args.run_minutes is not None:
+        if args.run_minutes <= 0:
+            raise ValueError(f"--run-minutes must be > 0, got {args.run_minutes}")
+        cfg = replace(cfg, recipe=replace(cfg.recipe, time_limit_s=60 * args.run_minutes))
     if args.lr is not None:
         cfg = replace(cfg, recipe=replace(cfg.recipe, lr=args.lr))
     if args.eval_examples is not None:
@@ -101,7 +119,7 @@ def _sweep(args, device) -> int:
     command = "effattn " + " ".join(sys.argv[1:])
     isolate = device.type == "cuda" if args.isolate is None else args.isolate
     result = sweep(cfg, methods, device, budget_minutes=budget, out_dir=args.out, progress=not args.quiet,
-                   command=command, isolate=isolate)
+                   command=command, isolate=isolate, jobs=args.jobs)
     json_path, png_path = write(result, args.out)
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path.exists() else " (no run finished: no plot)"))
     return 0

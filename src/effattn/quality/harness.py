@@ -122,26 +122,31 @@ def environment(device) -> dict:
 
 
 def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = None, out_dir=None,
-          progress: bool = True, command: str = "", isolate: bool = False) -> dict:
+          progress: bool = True, command: str = "", isolate: bool = False, jobs: int = 1) -> dict:
     """Every method x width of cfg with the same recipe; returns (and writes, with `out_dir`) the results.
 
     With a budget, `fit_budget` first times each run and lowers the steps of all of them alike; a run
     that still overruns its time cap stops early and says so (`train.truncated`). A run that raises is
     listed under `failed` with its error and the sweep goes on. With `isolate`, each method's probes and
     runs happen in a fresh process: a CUDA fault leaves the whole process's context unusable, so in one
-    process the first faulting method would fail every method after it."""
+    process the first faulting method would fail every method after it. `jobs` > 1 (isolated only) trains
+    that many runs at once, each in its own process: tiny models leave a GPU mostly idle and their time
+    goes to launches and compiles, which run on separate CPU cores. Results do not depend on it (a
+    run is a fixed number of seeded steps); per-run progress bars are off then, summaries still print."""
+    if jobs < 1 or (jobs > 1 and not isolate):
+        raise ValueError(f"jobs must be 1, or > 1 with isolate=True (one process per method), got jobs={jobs}, "
+                         f"isolate={isolate}")
     call = _in_fresh_process if isolate else _in_this_process
     runs_todo = [(m, w) for m in methods for w in cfg.widths]
     failed = []
     if budget_minutes is not None:
-        cfg, runs_todo, failed = fit_budget(cfg, runs_todo, device, budget_minutes * 60, progress, call)
+        cfg, runs_todo, failed = fit_budget(cfg, runs_todo, device, budget_minutes * 60, progress, call, jobs)
     result = {"task": cfg.task, "config": _jsonable(asdict(cfg)), "environment": environment(device),
               "command": command, "runs": [], "failed": failed}
     overall = Progress(len(runs_todo), f"quality {cfg.task}") if progress else None
     done = 0
-    for method in dict.fromkeys(m for m, _ in runs_todo):
-        widths = [w for m, w in runs_todo if m == method]
-        for width, item in zip(widths, call(run_one, cfg, method, widths, device, progress)):
+    for method, widths, items in _per_method(call, run_one, cfg, runs_todo, device, jobs, progress and jobs == 1):
+        for width, item in zip(widths, items):
             if "error" in item:
                 failed.append(item)
                 line = f"{method:>16} d={width:<4} FAILED: {item['error']}"
@@ -174,6 +179,22 @@ def _each_width(work, cfg: TaskConfig, method: str, widths, device, *extra) -> l
     return out
 
 
+def _per_method(call, work, cfg: TaskConfig, runs, device, jobs: int, *extra):
+    """(method, widths, `call(work, cfg, method, widths, device, *extra)`) for each method of `runs` (all
+    its widths in one call), in order; with `jobs` > 1, one call per run, `jobs` of them at once (each
+    `call` waits on its own process)."""
+    import concurrent.futures
+
+    if jobs > 1:
+        groups = [(m, [w]) for m, w in runs]
+    else:
+        groups = [(m, [w for n, w in runs if n == m]) for m in dict.fromkeys(m for m, _ in runs)]
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        results = pool.map(lambda group: call(work, cfg, *group, device, *extra), groups)
+        for (method, widths), items in zip(groups, results):
+            yield method, widths, items
+
+
 def _in_this_process(work, cfg, method, widths, device, *extra):
     return _each_width(work, cfg, method, widths, device, *extra)
 
@@ -190,26 +211,33 @@ def _in_fresh_process(work, cfg, method, widths, device, *extra):
             return [_failure(method, w, e) for w in widths]
 
 
-def seconds_per_step(cfg: TaskConfig, method: str, width: int, device, corpora=None, steps: int = 2) -> float:
-    """Measured training time per step of one (method, width) model, after one warm-up step."""
+def seconds_per_step(cfg: TaskConfig, method: str, width: int, device, corpora=None) -> float:
+    """Measured training time per step of one (method, width) model: the mean over the training settings
+    of one step each, after a warm-up step at each. Every setting is its own shape, and a kernel compiles
+    and tunes once per shape: timing the first step of a shape measures that, not training (on an H200,
+    700-1500 ms against tens of ms)."""
     model = TinyLM(cfg.vocab, width, cfg.layers, method, heads=cfg.heads, **cfg.mixer_options)
-    sample = mixture([sampler(cfg, s, (corpora or (None, None))[0]) for s in cfg.train_settings])
-    probe = replace(cfg.recipe, steps=steps + 1, warmup=1, time_limit_s=None)
-    train(model, sample, replace(probe, steps=1), seed=cfg.seed, device=device, progress=False)
-    return train(model, sample, replace(probe, steps=steps), seed=cfg.seed, device=device,
-                 progress=False)["seconds"] / steps
+    samplers = [sampler(cfg, s, (corpora or (None, None))[0]) for s in cfg.train_settings]
+    one_step = replace(cfg.recipe, steps=1, warmup=1, time_limit_s=None)
+    seconds = 0.0
+    for timed in (False, True):
+        for sample in samplers:
+            log = train(model, sample, one_step, seed=cfg.seed, device=device, progress=False)
+            seconds += log["seconds"] if timed else 0.0
+    return seconds / len(samplers)
 
 
-def fit_budget(cfg: TaskConfig, runs, device, budget_s: float, progress: bool = True, call=_in_this_process):
+def fit_budget(cfg: TaskConfig, runs, device, budget_s: float, progress: bool = True, call=_in_this_process,
+               jobs: int = 1):
     """Scale every run's steps down by one factor so the sweep fits the budget: the recipe stays the same
     for all methods. Each run also gets a hard time cap (its share of the budget); a run that still hits
     it stops early and records `truncated`. Returns the scaled config, the runs that could be timed and
-    the failures of those that raised. `call` runs each method's probes (`sweep`'s isolation)."""
+    the failures of those that raised. `call` runs each method's probes (`sweep`'s isolation), `jobs` of
+    them at once; step times are then measured under the same concurrency as the training."""
     timed, per_step, failed = [], [], []
     start = time.perf_counter()
-    for method in dict.fromkeys(m for m, _ in runs):
-        widths = [w for m, w in runs if m == method]
-        for width, t in zip(widths, call(seconds_per_step, cfg, method, widths, device)):
+    for method, widths, items in _per_method(call, seconds_per_step, cfg, runs, device, jobs):
+        for width, t in zip(widths, items):
             if isinstance(t, dict):
                 failed.append(t)
             else:
@@ -220,16 +248,19 @@ def fit_budget(cfg: TaskConfig, runs, device, budget_s: float, progress: bool = 
     # (a fresh process compiles its kernels again, from Triton's disk cache when isolated).
     probe_s = time.perf_counter() - start
     usable = max(0.1 * budget_s, 0.8 * budget_s - 2 * probe_s)
+    # seconds per step of the whole sweep: the work shared over `jobs` processes, but no less than the
+    # slowest run; in one process, every run one after another
+    sweep_step = max(sum(per_step) / jobs, max(per_step, default=0.0))
     steps = cfg.recipe.steps
-    if sum(per_step) * steps > usable:
-        steps = max(10, int(usable / sum(per_step)))
+    if sweep_step * steps > usable:
+        steps = max(10, int(usable / sweep_step))
     if progress:
         print(f"budget {budget_s / 60:.1f} min ({probe_s:.0f} s of probes): {steps} steps per run (preset "
               f"{cfg.recipe.steps}); measured "
               + ", ".join(f"{m}/{w} {1000 * t:.0f} ms/step" for (m, w), t in zip(runs, per_step)), flush=True)
     cap = 1.3 * max((t * steps for t in per_step), default=0.0)
     recipe = replace(cfg.recipe, steps=steps, warmup=min(cfg.recipe.warmup, max(1, steps // 10)),
-                     time_limit_s=max(cap, budget_s / max(1, len(runs)) * 0.9))
+                     time_limit_s=max(cap, budget_s * min(jobs, len(runs)) / max(1, len(runs)) * 0.9))
     return replace(cfg, recipe=recipe), runs, failed
 
 

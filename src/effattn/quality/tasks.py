@@ -38,7 +38,9 @@ def mqar(n: int, seq_len: int, num_kv_pairs: int, vocab: int, generator: torch.G
     if slots < num_kv_pairs or half - 1 < num_kv_pairs:
         raise ValueError(f"mqar needs seq_len >= 4 * num_kv_pairs and vocab > 2 * (num_kv_pairs + 1); got "
                          f"seq_len={seq_len}, num_kv_pairs={num_kv_pairs}, vocab={vocab}")
-    keys = torch.rand(n, half - 1, generator=generator).argsort(-1)[:, :num_kv_pairs] + 1  # distinct per row
+    # distinct per row: the positions of the smallest of half - 1 uniform draws (what argsort()[:, :pairs]
+    # gives, in the same order, but 25x faster at Zoology's vocabulary: 1.2 against 30 ms per batch of 128)
+    keys = torch.rand(n, half - 1, generator=generator).topk(num_kv_pairs, largest=False).indices + 1
     values = torch.randint(half, vocab, (n, num_kv_pairs), generator=generator)
     inputs = torch.randint(0, vocab, (n, seq_len), generator=generator)
     targets = torch.full((n, seq_len), IGNORE, dtype=torch.long)
