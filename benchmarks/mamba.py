@@ -28,7 +28,7 @@ from effattn.testing import check_method, odd_shapes
 D_INNER, N, H, DK, DV = 2048, 16, 16, 16, 128
 # a few candidates only: compile time is most of a short device lease (run 1 tuned the scan variant to
 # forward (32, 8, 4) and backward BD 8, 4 warps)
-FWD = [(32, 8, 4, 0), (16, 8, 4, 1), (32, 8, 4, 1), (16, 16, 4, 1)]
+FWD = [(32, 8, 4, 0), (16, 8, 4, 1), (32, 8, 4, 1), (16, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)]
 BWD = [(8, 4, 0), (8, 4, 1), (16, 4, 1)]
 selective_scan._configs = lambda n: FWD
 selective_scan._bwd_configs = lambda n: BWD

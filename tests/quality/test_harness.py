@@ -129,3 +129,20 @@ def test_a_process_that_dies_is_recorded_as_failed_runs():
     failures = harness._in_fresh_process(_die, PRESETS["cpu"]["mqar"], "mamba", [64, 256], "cpu")
     assert [(f["method"], f["width"]) for f in failures] == [("mamba", 64), ("mamba", 256)]
     assert all(f["error"].startswith("BrokenProcessPool") for f in failures)
+
+
+def test_merge_combines_sweeps_of_the_same_recipe(tmp_path, capsys):
+    common = ["quality", "--task", "lm", "--steps", "2", "--widths", "16", "--eval-examples", "4", "--quiet"]
+    assert main(common + ["--methods", "standard", "--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--methods", "gla", "--out", str(tmp_path / "b")]) == 0
+    merge = ["quality", "--task", "lm", "--out", str(tmp_path / "ab"), "--merge"]
+    assert main(merge + [str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    merged = json.loads((tmp_path / "ab" / "quality_lm.json").read_text())
+    assert [r["method"] for r in merged["runs"]] == ["standard", "gla"] and " ; " in merged["command"]
+    assert (tmp_path / "ab" / "quality_lm.md").exists() and (tmp_path / "ab" / "quality_lm.png").exists()
+    assert main(common + ["--methods", "gla", "--lr", "1e-4", "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    for dirs, error in ((["a", "a"], "appears in more than one result"), (["a", "c"], "recipe must match"),
+                        (["nowhere"], "found no lm results")):
+        assert main(merge + [str(tmp_path / d) for d in dirs]) == 2
+        assert error in capsys.readouterr().err

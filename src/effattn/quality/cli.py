@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=False,
                    help="autotune the kernels (off by default: a run's speed does not change what it learns, and "
                         "every candidate configuration costs a compile, minutes per method on a GPU)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="train nothing: combine the quality_<task>.json of these folders (sweeps of the same task "
+                        "and recipe, e.g. methods split over several sessions) into one report in --out")
     p.add_argument("--out", default="quality_results", help="folder for quality_<task>.json and .png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -97,8 +100,26 @@ def run(args) -> int:
             os.environ["EFFATTN_FLASH_TUNE"] = tune_before
 
 
+def _merge(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .harness import merge, write
+
+    paths = [Path(d) / f"quality_{args.task}.json" for d in args.merge]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ValueError(f"--merge found no {args.task} results at {missing} (see --task)")
+    json_path, png_path = write(merge([json.loads(p.read_text()) for p in paths]), args.out)
+    print(f"wrote {json_path}" + (f" and {png_path}" if png_path.exists() else " (no run finished: no plot)"))
+    return 0
+
+
 def _sweep(args, device) -> int:
     from .harness import sweep, write
+
+    if args.merge:
+        return _merge(args)
 
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     cfg = replace(PRESETS[preset][args.task], seed=args.seed)

@@ -284,6 +284,34 @@ def _setting_label(setting: dict) -> str:
     return " ".join(f"{short.get(k, k)}={v}" for k, v in setting.items())
 
 
+def merge(results: list[dict]) -> dict:
+    """One result from sweeps of the same task and recipe run apart (e.g. methods split over several device
+    sessions): their runs and failures together, their commands joined. Raises ValueError for sweeps that
+    are not comparable: another task, data, model shape or recipe (the steps and the time cap may differ,
+    and each run records its own)."""
+    if not results:
+        raise ValueError("merge needs at least one result")
+    first = results[0]
+
+    def comparable(r):
+        cfg = dict(r["config"], widths=None, recipe=dict(r["config"]["recipe"], steps=None, time_limit_s=None,
+                                                        warmup=None))
+        return r["task"], cfg
+
+    for r in results[1:]:
+        if comparable(r) != comparable(first):
+            raise ValueError(f"cannot merge a {r['task']} sweep with config {r['config']} into a {first['task']} "
+                             f"sweep with config {first['config']}: task, data, model and recipe must match")
+    runs = [run for r in results for run in r["runs"]]
+    seen = [(run["method"], run["width"]) for run in runs]
+    if len(seen) != len(set(seen)):
+        raise ValueError(f"the same (method, width) run appears in more than one result: {sorted(seen)}")
+    widths = sorted({w for r in results for w in r["config"]["widths"]})
+    return dict(first, config=dict(first["config"], widths=widths), runs=runs,
+                failed=[f for r in results for f in r.get("failed", [])],
+                command=" ; ".join(r["command"] for r in results))
+
+
 def write(result: dict, out_dir, with_plot: bool = True) -> tuple[Path, Path]:
     """quality_<task>.json always; .md (table) and .png (plot) with `with_plot`."""
     out = Path(out_dir)
