@@ -130,3 +130,28 @@ def test_gradient_of_lse_alone(device):
     for a, b in zip(x[:2], y[:2]):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
     assert y[2].grad is None and torch.equal(x[2].grad, torch.zeros_like(x[2]))  # LSE does not depend on v
+
+
+@pytest.mark.parametrize("options", [
+    dict(window=(9, 0), causal=True, sink_tokens=4),
+    dict(window=(6, 5), sink_tokens=37),  # sinks over two 32-key tiles, a right edge
+    dict(window=(40, 0), causal=True, sink_tokens=50),  # sinks reaching into the window
+    dict(window=(3, 0), causal=True, sink_tokens=1, softcap=4.0),
+], ids=str)
+def test_attention_sinks(options, device):
+    """StreamingLLM's sinks + window on the kernel's window path: extra key tiles left of the window in the
+    forward and dQ, extra query tiles below it in dK/dV; T != S, so rows are offset from the keys."""
+    shape = Shape(batch=1, seq_q=90, seq_k=103, heads=4, kv_heads=2, head_dim=32)
+    assert_matches_reference(FLASH, shape=shape, device=device, return_lse=True, **options)
+
+
+def test_attention_sinks_varlen_and_errors(device):
+    cu = torch.tensor([0, 70, 75, 150], dtype=torch.int32, device=device)
+    shape = Shape(batch=1, seq_q=150, heads=2, kv_heads=1, head_dim=32)
+    assert_matches_reference(FLASH, shape=shape, device=device, cu_seqlens=cu, causal=True, window=(7, 0),
+                             sink_tokens=3)
+    q = torch.randn(1, 8, 2, 32, device=device)
+    with pytest.raises(ValueError, match="sink_tokens=2 needs a window"):
+        effattn.flash_attention(q, q, q, causal=True, sink_tokens=2)
+    with pytest.raises(ValueError, match="sink_tokens must be an int >= 0, got -1"):
+        effattn.flash_attention(q, q, q, window=4, sink_tokens=-1)

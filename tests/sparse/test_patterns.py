@@ -190,3 +190,23 @@ def test_window_pattern_runs_the_kernel_window_path(left, right, T, S):
     torch.testing.assert_close(fast, pattern_attention(q, k, v, p, block=(16, 16)), rtol=1e-5, atol=1e-5)
     ref = pattern_reference(*(t.double() for t in (q, k, v)), p)
     torch.testing.assert_close(fast.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", [P.sinks_recent(3, 6), P.a_shape(40, 5)], ids=lambda p: p.__name__)
+def test_sinks_pattern_runs_the_kernel_window_path(pattern, monkeypatch):
+    """StreamingLLM's sinks + recent window also skips the block mask (pattern.sinks): the same output as the
+    block-mask path and the float64 reference, at T != S (bottom-right aligned)."""
+    from effattn.sparse import pattern_methods
+    from effattn.sparse.pattern_methods import pattern_attention, pattern_reference
+
+    assert pattern.sinks > 0 and pattern.window[1] == 0 and (pattern | P.causal()).sinks == 0
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, n, 2, 16, generator=g) for n in (70, 81, 81))
+    calls = []
+    real = pattern_methods.flash_attention
+    monkeypatch.setattr(pattern_methods, "flash_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    fast = pattern_attention(q, k, v, pattern)
+    assert calls[0]["sink_tokens"] == pattern.sinks and calls[0].get("block_mask") is None
+    torch.testing.assert_close(fast, pattern_attention(q, k, v, pattern, block=(16, 16)), rtol=1e-5, atol=1e-5)
+    ref = pattern_reference(*(t.double() for t in (q, k, v)), pattern)
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-4, atol=1e-4)

@@ -165,7 +165,7 @@ def cudnn_backward(do, q, k, v, o, lse, *, causal: bool = False, scale: float):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-_NO_MASK = dict(window=None, softcap=None, cu_seqlens=None, max_seqlen=None, sparse=None)
+_NO_MASK = dict(window=None, sinks=0, softcap=None, cu_seqlens=None, max_seqlen=None, sparse=None)
 
 
 def flash_forward(q, k, v, *, causal: bool = False, scale: float):

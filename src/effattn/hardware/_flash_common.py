@@ -94,9 +94,10 @@ def _scores(qk, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _visible(pos, kidx, kv_len, LEFT, RIGHT):
-    """Window / causal visibility of key kidx for the query at key position pos (broadcast shapes)."""
-    return (kidx < kv_len) & (kidx >= pos - LEFT) & (kidx <= pos + RIGHT)
+def _visible(pos, kidx, kv_len, LEFT, RIGHT, SINKS):
+    """Window / causal visibility of key kidx for the query at key position pos (broadcast shapes): the
+    first SINKS keys (attention sinks) are visible whatever the left edge of the window."""
+    return (kidx < kv_len) & ((kidx >= pos - LEFT) | (kidx < SINKS)) & (kidx <= pos + RIGHT)
 
 
 @triton.jit

@@ -17,17 +17,17 @@ from .flash_fwd import flash_fwd
 
 HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-OPTIONS = {"causal": False, "window": None, "softcap": None, "scale": None, "block_mask": None,
+OPTIONS = {"causal": False, "window": None, "sink_tokens": 0, "softcap": None, "scale": None, "block_mask": None,
            "cu_seqlens": None, "return_lse": False}
 
 
-_FWD_OPTIONS = ("scale", "causal", "window", "softcap", "cu_seqlens", "max_seqlen", "sparse")
+_FWD_OPTIONS = ("scale", "causal", "window", "sinks", "softcap", "cu_seqlens", "max_seqlen", "sparse")
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, window, softcap, cu_seqlens, max_seqlen, sparse):
-        cfg = dict(scale=scale, causal=causal, window=window, softcap=softcap, cu_seqlens=cu_seqlens,
+    def forward(ctx, q, k, v, scale, causal, window, sinks, softcap, cu_seqlens, max_seqlen, sparse):
+        cfg = dict(scale=scale, causal=causal, window=window, sinks=sinks, softcap=softcap, cu_seqlens=cu_seqlens,
                    max_seqlen=max_seqlen, sparse=sparse)
         o, lse = flash_fwd(q, k, v, **cfg)
         ctx.set_materialize_grads(False)  # an unused LSE output gets None, not a zero tensor, in backward
@@ -41,7 +41,7 @@ class _FlashAttention(torch.autograd.Function):
         do = torch.zeros_like(o) if do is None else do if do.stride(-1) == 1 else do.contiguous()
         dlse = None if dlse is None else dlse.float().contiguous()
         dq, dk, dv = flash_bwd(do, dlse, q, k, v, o, lse, **ctx.cfg)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -63,14 +63,16 @@ def _check_block_mask(block_mask, q, k) -> None:
         raise ValueError(f"block_mask must be on q's device {q.device}, got {block_mask.device}")
 
 
-def flash_attention(q, k, v, *, causal=False, window=None, softcap=None, scale=None, block_mask=None,
+def flash_attention(q, k, v, *, causal=False, window=None, sink_tokens=0, softcap=None, scale=None, block_mask=None,
                     cu_seqlens=None, return_lse=False):
     """Exact softmax attention with the FlashAttention-2 algorithm (Triton forward and backward).
 
     q: `[B, T, H, D]`, k: `[B, S, Hkv, D]`, v: `[B, S, Hkv, Dv]`, H % Hkv == 0 (GQA/MQA without repeating
     K/V), D and Dv in 16/32/64/96/128/256, fp16/bf16/fp32 on CUDA (or CPU under TRITON_INTERPRET=1).
     causal: bottom-right aligned when T != S. window: int w or (left, right); query i (at key position
-    i + S - T) sees keys in [pos - left, pos + right]. softcap: scores -> softcap * tanh(scores / softcap).
+    i + S - T) sees keys in [pos - left, pos + right]. sink_tokens (with a window): the first sink_tokens
+    keys of each sequence stay visible whatever the window's left edge (StreamingLLM's attention sinks;
+    still clipped by causal / right); computed as extra key tiles, no block mask. softcap: scores -> softcap * tanh(scores / softcap).
     block_mask: an `effattn.sparse.BlockMask` for `[B|1, H|1, T, S]`; only its visited blocks are computed
     (combined with causal/window if given). cu_seqlens: int32 `[num_seqs + 1]` offsets of packed
     sequences (B == 1, self-attention: q and k packed the same way).
@@ -83,6 +85,7 @@ def flash_attention(q, k, v, *, causal=False, window=None, softcap=None, scale=N
     check_scale(scale)
     check_softcap(softcap)
     window = normalize_window(window, causal)
+    sink_tokens = _check_sinks(sink_tokens, window)
     for name, d in (("q/k head dim D", D), ("v head dim Dv", Dv)):
         if d not in HEAD_DIMS:
             raise ValueError(f"flash_attention: unsupported {name}={d}; supported: {HEAD_DIMS}")
@@ -103,7 +106,7 @@ def flash_attention(q, k, v, *, causal=False, window=None, softcap=None, scale=N
         _check_block_mask(block_mask, q, k)
     scale = D ** -0.5 if scale is None else float(scale)
     args = (_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), scale, causal, window,
-            float(softcap) if softcap else None, cu_seqlens, max_seqlen, block_mask)
+            sink_tokens, float(softcap) if softcap else None, cu_seqlens, max_seqlen, block_mask)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o, lse = _FlashAttention.apply(*args)
     else:  # inference: no autograd node to build
@@ -119,17 +122,45 @@ def sliding_window_attention(q, k, v, *, window=1024, causal=True, softcap=None,
                            cu_seqlens=cu_seqlens, return_lse=return_lse)
 
 
-def flash_reference(q, k, v, *, causal=False, window=None, softcap=None, scale=None, block_mask=None,
-                    cu_seqlens=None, return_lse=False, **_ignored):
+def _check_sinks(sink_tokens, window) -> int:
+    if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+    if sink_tokens and window is None:
+        raise ValueError(f"sink_tokens={sink_tokens} needs a window: without one every key is visible already")
+    return sink_tokens
+
+
+def _window_sink_mask(T: int, S: int, window, sinks: int, device) -> torch.Tensor:
+    """`[T, S]` bool: query i (at key position i + S - T) sees keys in [pos - left, pos + right], and the
+    first `sinks` keys up to pos + right."""
+    left, right = window
+    pos = torch.arange(T, device=device)[:, None] + (S - T)
+    j = torch.arange(S, device=device)[None, :]
+    return ((j >= pos - left) | (j < sinks)) & (j <= pos + right)
+
+
+def flash_reference(q, k, v, *, causal=False, window=None, sink_tokens=0, softcap=None, scale=None,
+                    block_mask=None, cu_seqlens=None, return_lse=False, **_ignored):
     """Float64-able reference with flash_attention's signature: softmax_attention per packed sequence, with
-    the block mask expanded to its elementwise mask."""
+    the block mask expanded to its elementwise mask (and attention sinks as an elementwise mask too)."""
     mask = None if block_mask is None else block_mask.to_dense().to(q.device)
-    cfg = dict(causal=causal, window=normalize_window(window, causal), softcap=softcap, scale=scale)
+    window = normalize_window(window, causal)
+    cfg = dict(causal=causal, window=window, softcap=softcap, scale=scale)
+    if _check_sinks(sink_tokens, window):
+        cfg.update(causal=False, window=None)
+
+        def with_sinks(T, S, mask):
+            sink_mask = _window_sink_mask(T, S, window, sink_tokens, q.device)
+            return sink_mask if mask is None else mask & sink_mask
+    else:
+        def with_sinks(T, S, mask):
+            return mask
     if cu_seqlens is None:
-        return softmax_attention(q, k, v, mask=mask, return_lse=return_lse, **cfg)
+        return softmax_attention(q, k, v, mask=with_sinks(q.shape[1], k.shape[1], mask), return_lse=return_lse,
+                                 **cfg)
     bounds = cu_seqlens.tolist()
-    outs = [softmax_attention(q[:, a:b], k[:, a:b], v[:, a:b], return_lse=True, **cfg)
-            for a, b in zip(bounds[:-1], bounds[1:])]
+    outs = [softmax_attention(q[:, a:b], k[:, a:b], v[:, a:b], mask=with_sinks(b - a, b - a, None),
+                              return_lse=True, **cfg) for a, b in zip(bounds[:-1], bounds[1:])]
     o = torch.cat([x[0] for x in outs], dim=1)
     return (o, torch.cat([x[1] for x in outs], dim=2)) if return_lse else o
 

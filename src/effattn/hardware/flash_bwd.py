@@ -52,7 +52,7 @@ def _lse2(LSEb, offs, n, CHECK: tl.constexpr):
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q, seqlen_k,
-               qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, tile, offs_d, offs_dv,
+               qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, offs_d, offs_dv,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr,
                WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -64,7 +64,7 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off
     lse = _lse2(LSEb, offs_m, seqlen_q, MASK)
     sT, tT = _scores(_dot(k, tl.trans(q), None, DOT_PREC), qk_scale, cap_in, cap_out, SOFTCAP)
     if MASK:
-        keep = _visible(offs_m[None, :] + off, offs_n[:, None], seqlen_k, LEFT, RIGHT) & (offs_m[None, :] < seqlen_q)
+        keep = _visible(offs_m[None, :] + off, offs_n[:, None], seqlen_k, LEFT, RIGHT, SINKS) & (offs_m[None, :] < seqlen_q)
         if USE_BITS:
             keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[None, :], tl.arange(0, BLOCK_N)[:, None],
                                BLOCK_M, WORDS)
@@ -87,7 +87,7 @@ def _dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, CU,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, slse_b, slse_h,
         sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
-        T, S, HKV, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT,
+        T, S, HKV, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
         Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
@@ -122,31 +122,41 @@ def _dkdv_kernel(
             for i in range(tl.load(FULL_NUM + row)):
                 m0 = tl.load(FULL_IDX + row * NQB + i) * BLOCK_M
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
-                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv,
                                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False, WORDS,
                                     SOFTCAP, DOT_PREC)
             for i in range(tl.load(Q_NUM + row)):
                 qb = tl.load(Q_IDX + row * NQB + i)
                 tile = tl.load(TILE_MAP + (((b * MB_B) * HM + h * MB_H) * NQB + qb) * NKB + pid_n)
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, qb * BLOCK_M, offs_n, off,
-                                    seqlen_q, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, tile,
+                                    seqlen_q, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile,
                                     offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True,
                                     True, WORDS, SOFTCAP, DOT_PREC)
         else:
             lo, a, c, hi = _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
             for m0 in range(lo, a, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
-                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv,
                                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS,
                                     SOFTCAP, DOT_PREC)
             for m0 in tl.range(a, c, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
-                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv,
                                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False, WORDS,
                                     SOFTCAP, DOT_PREC)
             for m0 in range(c, hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
-                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv,
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv,
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS,
+                                    SOFTCAP, DOT_PREC)
+            # a block holding sinks is seen by every later query too: the rows past those the loops above
+            # covered (each loop steps whole blocks from its start, so it may run past its stage's end)
+            done = tl.maximum(tl.maximum(lo + tl.cdiv(tl.maximum(a - lo, 0), BLOCK_M) * BLOCK_M,
+                                         a + tl.cdiv(tl.maximum(c - a, 0), BLOCK_M) * BLOCK_M),
+                              tl.maximum(c + tl.cdiv(tl.maximum(hi - c, 0), BLOCK_M) * BLOCK_M, lo))
+            for m0 in range(done, tl.where(n0 < SINKS, seqlen_q, done), BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv,
                                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS,
                                     SOFTCAP, DOT_PREC)
     dk = dk * (qk_scale * 0.6931471805599453)  # d(raw score) = scale * dS; qk_scale carries log2(e)
@@ -159,7 +169,7 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT,
-             RIGHT, BITS, tile, offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+             RIGHT, SINKS, BITS, tile, offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
              MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
              DOT_PREC: tl.constexpr):
@@ -170,7 +180,7 @@ def _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_sc
                    MASK, PAD_DV)
     s, t = _scores(_dot(q, tl.trans(k), None, DOT_PREC), qk_scale, cap_in, cap_out, SOFTCAP)
     if MASK:
-        keep = _visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT)
+        keep = _visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, SINKS)
         if USE_BITS:
             keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[:, None], tl.arange(0, BLOCK_N)[None, :],
                                BLOCK_M, WORDS)
@@ -187,7 +197,7 @@ def _dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, CU,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, slse_b, slse_h,
         sdq_b, sdq_t, sdq_h,
-        T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT,
+        T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
         KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
@@ -220,27 +230,31 @@ def _dq_kernel(
         for i in range(tl.load(FULL_NUM + row)):
             n0 = tl.load(FULL_IDX + row * NKB + i) * BLOCK_N
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
                           PAD_DV, ARITH, False, WORDS, SOFTCAP, DOT_PREC)
         for i in range(tl.load(KV_NUM + row)):
             kb = tl.load(KV_IDX + row * NKB + i)
             tile = tl.load(TILE_MAP + row * NKB + kb)
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, kb * BLOCK_N, pos, seqlen_k, qk_scale, cap_in,
-                          cap_out, LEFT, RIGHT, BITS, tile, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                          cap_out, LEFT, RIGHT, SINKS, BITS, tile, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
                           BLOCK_N, PAD_D, PAD_DV, True, True, WORDS, SOFTCAP, DOT_PREC)
     else:
         lo, a, c, hi = _kv_stages(m0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+        for n0 in range(0, tl.minimum(tl.cdiv(SINKS, BLOCK_N) * BLOCK_N, lo), BLOCK_N):  # sinks left of the window
+            dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
+                          LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
         for n0 in range(lo, a, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
                           PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
         for n0 in tl.range(a, c, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
                           PAD_DV, False, False, WORDS, SOFTCAP, DOT_PREC)
         for n0 in range(c, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
                           PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
     dq = dq * (qk_scale * 0.6931471805599453)
     dq_ptrs = DQ + bb * sdq_b + q0 * sdq_t + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :]
@@ -290,7 +304,7 @@ def _run(plan, q, k, v, o, do, lse, dlse):
     return dq, dk, dv
 
 
-def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_seqlens, max_seqlen, sparse):
+def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softcap, cu_seqlens, max_seqlen, sparse):
     """Gradients (dq, dk, dv) of `flash_fwd`'s outputs (dlse, `[B, H, T]` float32, may be None)."""
     B, T, H, D = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -303,7 +317,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_s
         ts = (q, k, v, o, do)
         aligned = tuple(t.data_ptr() % 16 for t in ts + (lse,) + (() if dlse is None else (dlse,)))
         sig = (tuple(t.shape for t in ts), tuple(t.stride() for t in ts), aligned, q.dtype, q.device, scale, causal,
-               window, softcap, dlse is None, tuner_env())
+               window, sinks, softcap, dlse is None, tuner_env())
         plan = _PLANS.get(sig)
         if plan is not None:
             return _run(plan, q, k, v, o, do, lse, dlse)
@@ -317,7 +331,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, softcap, cu_s
     fixed = sparse.block if sparse is not None else None
     rows = max_seqlen if varlen else T
     cols = max_seqlen if varlen else S
-    scal = (scale * LOG2E, cap_in, cap_out, left, right)
+    scal = (scale * LOG2E, cap_in, cap_out, left, right, sinks)
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), VARLEN=varlen,
                 SPARSE=sparse is not None, ARITH=arith, WORDS=sparse.words if sparse is not None else 1,
                 SOFTCAP=bool(softcap), DOT_PREC=dot_precision(q.dtype))

@@ -21,7 +21,7 @@ from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequ
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT,
+def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
               BITS, tile, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
               MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -42,7 +42,7 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale,
         s = qk
         c = qk_scale
     if MASK:
-        keep = _visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT)
+        keep = _visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, SINKS)
         if USE_BITS:
             keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[:, None], tl.arange(0, BLOCK_N)[None, :],
                                BLOCK_M, WORDS)
@@ -61,7 +61,7 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale,
 def _flash_fwd_kernel(
         Q, K, V, O, LSE, CU,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, slse_b, slse_h,
-        T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT,
+        T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
         KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
@@ -103,31 +103,36 @@ def _flash_fwd_kernel(
         for i in range(tl.load(FULL_NUM + row)):
             n0 = tl.load(FULL_IDX + row * NKB + i) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                      cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
+                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
                                       HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False, WORDS, SOFTCAP,
                                       DOT_PREC, TMA)
         for i in range(tl.load(KV_NUM + row)):
             kb = tl.load(KV_IDX + row * NKB + i)
             tile = tl.load(TILE_MAP + row * NKB + kb)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, kb * BLOCK_N, pos, seqlen_k, qk_scale,
-                                      cap_in, cap_out, LEFT, RIGHT, BITS, tile, offs_d, offs_dv, bb, kcol, vcol,
+                                      cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, offs_d, offs_dv, bb, kcol, vcol,
                                       HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, True, WORDS,
                                       SOFTCAP, DOT_PREC, TMA)
     else:
         lo, a, c, hi = _kv_stages(m0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+        for n0 in range(0, tl.minimum(tl.cdiv(SINKS, BLOCK_N) * BLOCK_N, lo), BLOCK_N):  # masked: sinks left of it
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
+                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
+                                      HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
+                                      DOT_PREC, TMA)
         for n0 in range(lo, a, BLOCK_N):  # masked: left window edge
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                      cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
+                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
                                       HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
                                       DOT_PREC, TMA)
         for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):  # unmasked
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                      cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
+                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
                                       HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False, WORDS, SOFTCAP,
                                       DOT_PREC, TMA)
         for n0 in range(c, hi, BLOCK_N):  # masked: diagonal / right window edge / end of the keys
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                      cap_out, LEFT, RIGHT, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
+                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
                                       HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
                                       DOT_PREC, TMA)
     # Rows that see no key at all output 0 and LSE -inf, like the reference.
@@ -204,10 +209,11 @@ def _launch(plan, q, k, v, o, lse, cu, sp) -> None:
     launch(*ts, lse, cu, *args, *sp)
 
 
-def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen, sparse):
+def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max_seqlen, sparse):
     """Launch the forward. q `[B, T, H, D]`, k `[B, S, Hkv, D]`, v `[B, S, Hkv, Dv]` -> (o, lse `[B, H, T]`).
 
-    `window` is a normalized (left, right) pair or None; `sparse` is a BlockMask (on q's device) or None;
+    `window` is a normalized (left, right) pair or None, `sinks` the number of attention-sink keys (0 for
+    none; with a window only); `sparse` is a BlockMask (on q's device) or None;
     `max_seqlen` the longest packed sequence when `cu_seqlens` is given."""
     from ._flash_common import LOG2E, NO_LIMIT
 
@@ -221,7 +227,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen
     sig = None
     if dense:
         sig = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, scale, causal,
-               window, softcap, tma_ok, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, tuner_env())
+               window, sinks, softcap, tma_ok, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, tuner_env())
         plan = _PLANS.get(sig)
         if plan is not None:
             _launch(plan, q, k, v, o, lse, lse, (lse,) * 6 + (0, 0, 1, 1, 1))
@@ -238,7 +244,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, softcap, cu_seqlens, max_seqlen
     arith = causal or window is not None
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
             v.stride(2), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), T, S, H, H // Hkv,
-            scale * LOG2E, cap_in, cap_out, left, right)
+            scale * LOG2E, cap_in, cap_out, left, right, sinks)
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), VARLEN=varlen,
                 SPARSE=sparse is not None, ARITH=arith, WORDS=sparse.words if sparse is not None else 1,
                 SOFTCAP=bool(softcap), REVERSE=causal and sparse is None, DOT_PREC=dot_precision(q.dtype))

@@ -61,7 +61,7 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b,
             qk = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # exact: 12582912 = 2^23 + 2^22
         r = sq * tl.load(KSb + n0)
         if MASK:
-            qk = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT), qk, float("-inf"))
+            qk = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, 0), qk, float("-inf"))
         p, alpha, l_i, m_new = _softmax_step(qk, r, r[:, None], LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
     else:
         if MASK:
@@ -70,7 +70,7 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b,
             sk = tl.load(KSb + offs_n)
         s = qk.to(tl.float32) * sq[:, None] * sk[None, :]
         if MASK:
-            s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT), s, float("-inf"))
+            s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, 0), s, float("-inf"))
         p, alpha, l_i, m_new = _softmax_step(s, 1.0, 1.0, LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
     v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
                    MASK, PAD_DV)

@@ -23,16 +23,17 @@ def pattern_attention(q, k, v, pattern, *, scale=None, block=None):
     q: `[B, T, H, D]`, k: `[B, S, Hkv, D]`, v: `[B, S, Hkv, Dv]`; `pattern(b, h, q_idx, kv_idx)` in
     absolute positions (query i at key position i + S - T). `block=(BQ, BK)` the kernel's tile (None: the
     kernel's default). Returns o `[B, T, H, Dv]`; rows that see no key are 0. Time O(visited blocks * BQ * BK * d).
-    A plain sliding window (`pattern.window` set) runs the kernel's window path instead of a block mask
-    unless `block` is given: the same mask without partial-tile bitmasks (on the H200 at N = 16k the window
-    path ran at 1.10x compiled Flex fwd, the block-mask path at 0.87-0.98x; benchmarks/results/sparse_2026-12-02_h200.md).
+    A plain sliding window (`pattern.window` set, with or without `pattern.sinks`) runs the kernel's window
+    path instead of a block mask unless `block` is given: the same mask without partial-tile bitmasks (on
+    the H200 at N = 16k the window path ran at 1.10x compiled Flex fwd, the block-mask path at 0.87-0.98x;
+    benchmarks/results/sparse_2026-12-02_h200.md; with sinks not yet timed).
     """
     B, T, S, H, _, _, _ = check_qkv(q, k, v)
     check_scale(scale)
     p = P.as_pattern(pattern)
     if p.window is not None and block is None:  # a plain band: the kernel's own window, no per-tile bitmasks
         left, right = p.window
-        return flash_attention(q, k, v, causal=right == 0, window=(left, right), scale=scale)
+        return flash_attention(q, k, v, causal=right == 0, window=(left, right), sink_tokens=p.sinks, scale=scale)
     p = p.shifted(S - T)
     bm = p.block_mask(B, H, T, S, block=block, device=q.device)
     return flash_attention(q, k, v, block_mask=bm, scale=scale)

@@ -30,15 +30,16 @@ class Pattern:
 
     `per_batch` / `per_head` say whether the mask depends on b / h; block masks of patterns that do not
     are built once and broadcast (B = 1 / H = 1), which keeps them cheap at long lengths. `window` =
-    (left, right) when the pattern is exactly the band q - left <= kv <= q + right, which the flash
-    kernel runs natively (no block mask); patterns derived from it by `&`, `|`, `~` do not keep it.
+    (left, right) when the pattern is exactly the band q - left <= kv <= q + right, or with `sinks` = s > 0
+    that band plus the keys kv < s up to q + right (StreamingLLM): the flash kernel runs both natively (no
+    block mask); patterns derived from it by `&`, `|`, `~` keep neither.
     """
 
     def __init__(self, fn: Callable, name: str, per_batch: bool = False, per_head: bool = False,
-                 window: tuple[int, int] | None = None) -> None:
+                 window: tuple[int, int] | None = None, sinks: int = 0) -> None:
         self.fn = fn
         self.__name__ = name
-        self.per_batch, self.per_head, self.window = per_batch, per_head, window
+        self.per_batch, self.per_head, self.window, self.sinks = per_batch, per_head, window, sinks
 
     def _derived(self, fn: Callable, name: str, *others: "Pattern") -> "Pattern":
         return Pattern(fn, name, any(p.per_batch for p in (self, *others)), any(p.per_head for p in (self, *others)))
@@ -225,12 +226,13 @@ def sinks_recent(sinks: int, window: int) -> Pattern:
     """StreamingLLM: causal, the first `sinks` keys plus the `window` most recent (current included)."""
     _int("sinks", sinks), _int("window", window, 1)
     return Pattern(lambda b, h, q, kv: (kv <= q) & ((kv < sinks) | (q - kv < window)),
-                   f"sinks_recent({sinks},{window})")
+                   f"sinks_recent({sinks},{window})", window=(window - 1, 0), sinks=sinks)
 
 
 def a_shape(sinks: int, window: int) -> Pattern:
     """MInference's A-shape head: the same set as `sinks_recent`, under MInference's name."""
-    return Pattern(sinks_recent(sinks, window).fn, f"a_shape({sinks},{window})")
+    p = sinks_recent(sinks, window)
+    return Pattern(p.fn, f"a_shape({sinks},{window})", window=p.window, sinks=p.sinks)
 
 
 def vertical_slash(vertical: Sequence[int], slash: Sequence[int]) -> Pattern:
