@@ -61,8 +61,10 @@ class TinyLM(nn.Module):
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64, torch.int32), layout="[B, T]")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab):
-            raise ValueError(f"tokens must lie in [0, {self.vocab}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+        if tokens.numel():
+            low, high = (int(x) for x in torch.aminmax(tokens))  # one read-back from the device, not two
+            if low < 0 or high >= self.vocab:
+                raise ValueError(f"tokens must lie in [0, {self.vocab}), got range [{low}, {high}]")
         return tokens
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -39,11 +39,14 @@ class Progress:
         self.stream = sys.stderr if stream is None else stream
         self.start, self.last = time.perf_counter(), -1.0
 
-    def update(self, done: int, note: str = "", force: bool = False) -> None:
+    def update(self, done: int, note="", force: bool = False) -> None:
+        """Redraw (at most twice a second unless forced or done); `note` a string or a function giving one,
+        called only when the bar is drawn."""
         now = time.perf_counter()
         if not force and now - self.last < 0.5 and done < self.total:
             return
         self.last = now
+        note = note() if callable(note) else note
         fill = int(self.width * done / self.total)
         bar = "#" * fill + "." * (self.width - fill)
         end = "\n" if done >= self.total else ""
@@ -51,14 +54,16 @@ class Progress:
         self.stream.flush()
 
 
-def supervised_loss(model: TinyLM, inputs: torch.Tensor, targets: torch.Tensor):
-    """(mean cross-entropy, number correct, number asked) over positions with a target."""
+def supervised_loss(model: TinyLM, inputs: torch.Tensor, targets: torch.Tensor, asked: torch.Tensor | None = None):
+    """(mean cross-entropy, logits `[n, vocab]`, their targets `[n]`) over positions with a target;
+    `asked`: those positions' flat indices into `[B * T]` (given on the device, indexing waits for nothing;
+    found from `targets` otherwise, which waits for the device)."""
     h = model.hidden(inputs)
-    asked = targets != IGNORE
-    logits = model.logits(h[asked]).float()
-    wanted = targets[asked]
-    loss = F.cross_entropy(logits, wanted)
-    return loss, int((logits.argmax(-1) == wanted).sum()), int(wanted.numel())
+    if asked is None:
+        asked = (targets != IGNORE).flatten().nonzero().squeeze(1)
+    logits = model.logits(h.flatten(0, 1)[asked]).float()
+    wanted = targets.flatten()[asked]
+    return F.cross_entropy(logits, wanted), logits, wanted
 
 
 @torch.no_grad()
@@ -68,8 +73,9 @@ def evaluate(model: TinyLM, inputs: torch.Tensor, targets: torch.Tensor, batch: 
     total_loss, correct, asked = 0.0, 0, 0
     for s in range(0, inputs.shape[0], batch):
         x, y = inputs[s:s + batch].to(device), targets[s:s + batch].to(device)
-        loss, c, a = supervised_loss(model, x, y)
-        total_loss, correct, asked = total_loss + loss.item() * a, correct + c, asked + a
+        loss, logits, wanted = supervised_loss(model, x, y)
+        a = wanted.numel()
+        total_loss, correct, asked = total_loss + loss.item() * a, correct + int((logits.argmax(-1) == wanted).sum()), asked + a
     model.train()
     return {"accuracy": correct / max(asked, 1), "loss": total_loss / max(asked, 1)}
 
@@ -98,17 +104,22 @@ def train(model: TinyLM, sample: Sampler, recipe: Recipe, *, seed: int, device, 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
         x, y = sample(recipe.batch, gen)
-        loss, _, _ = supervised_loss(model, x.to(device), y.to(device))
+        # the supervised positions found on the host: on a GPU the step then never waits for the device
+        # (a loss read back per step would serialise the host's launches with the device's work)
+        asked = (y != IGNORE).flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+        loss, _, _ = supervised_loss(model, x.to(device), y.to(device), asked)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())
         if bar:
-            bar.update(step + 1, f"loss {losses[-1]:.3f}")
+            bar.update(step + 1, lambda: f"loss {losses[-1].item():.3f}")  # read back only when drawn
     else:
         step = recipe.steps
     if bar and step < recipe.steps:  # a finished run has drawn its full bar already
         bar.update(bar.total, f"stopped at step {step} (time limit)", force=True)
+    if torch.device(device).type == "cuda":  # the host ran ahead: the time is the device's
+        torch.cuda.synchronize(device)
     return {"steps_done": step, "truncated": step < recipe.steps, "seconds": time.perf_counter() - start,
-            "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "recipe": asdict(recipe)}
+            "final_loss": float(torch.stack(losses[-10:]).mean()) if losses else 0.0, "recipe": asdict(recipe)}
