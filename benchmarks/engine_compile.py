@@ -6,10 +6,10 @@ registers of every tuner candidate, as the engine launches them.
 
 One forward and backward runs first under Triton's interpreter at the chosen Dk = Dv, and every kernel
 launch is recorded with its real argument dtypes and constexprs; each candidate configuration of each kernel
-is then compiled for sm_90a, up to the first that fits (`--all`: every one). A kernel none of whose candidates fits in Hopper's 227 KB of shared memory per
-block cannot run there at all (on 2026-12-04 `_bwd_dqk` with float32 inputs at Dk = Dv = 128 needed
-240-360 KB in every candidate, and the quality harness's Gated DeltaNet at width 256 stopped on it). It times
-nothing and cannot catch faults that only the GPU shows.
+is then compiled for sm_90a, up to the first that fits (`--all`: every one). A kernel none of whose candidates
+fits in Hopper's 227 KB of shared memory per block cannot run there at all (on 2026-12-04 `_bwd_dqk` with
+float32 inputs at Dk = Dv = 128 needed 240-360 KB in every candidate, and the quality harness's Gated DeltaNet
+at width 256 stopped on it). It times nothing and cannot catch faults that only the GPU shows.
 """
 from __future__ import annotations
 

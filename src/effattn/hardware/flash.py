@@ -17,8 +17,8 @@ from .flash_fwd import flash_fwd
 
 HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-OPTIONS = {"causal": False, "window": None, "sink_tokens": 0, "softcap": None, "scale": None, "block_mask": None,
-           "cu_seqlens": None, "return_lse": False}
+OPTIONS = {"causal": False, "window": None, "sink_tokens": 0, "softcap": None, "scale": None,
+           "block_mask": None, "cu_seqlens": None, "return_lse": False}
 
 
 _FWD_OPTIONS = ("scale", "causal", "window", "sinks", "softcap", "cu_seqlens", "max_seqlen", "sparse")
@@ -27,8 +27,8 @@ _FWD_OPTIONS = ("scale", "causal", "window", "sinks", "softcap", "cu_seqlens", "
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, window, sinks, softcap, cu_seqlens, max_seqlen, sparse):
-        cfg = dict(scale=scale, causal=causal, window=window, sinks=sinks, softcap=softcap, cu_seqlens=cu_seqlens,
-                   max_seqlen=max_seqlen, sparse=sparse)
+        cfg = dict(scale=scale, causal=causal, window=window, sinks=sinks, softcap=softcap,
+                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, sparse=sparse)
         o, lse = flash_fwd(q, k, v, **cfg)
         ctx.set_materialize_grads(False)  # an unused LSE output gets None, not a zero tensor, in backward
         ctx.save_for_backward(q, k, v, o, lse)
@@ -63,8 +63,8 @@ def _check_block_mask(block_mask, q, k) -> None:
         raise ValueError(f"block_mask must be on q's device {q.device}, got {block_mask.device}")
 
 
-def flash_attention(q, k, v, *, causal=False, window=None, sink_tokens=0, softcap=None, scale=None, block_mask=None,
-                    cu_seqlens=None, return_lse=False):
+def flash_attention(q, k, v, *, causal=False, window=None, sink_tokens=0, softcap=None, scale=None,
+                    block_mask=None, cu_seqlens=None, return_lse=False):
     """Exact softmax attention with the FlashAttention-2 algorithm (Triton forward and backward).
 
     q: `[B, T, H, D]`, k: `[B, S, Hkv, D]`, v: `[B, S, Hkv, Dv]`, H % Hkv == 0 (GQA/MQA without repeating
@@ -72,7 +72,8 @@ def flash_attention(q, k, v, *, causal=False, window=None, sink_tokens=0, softca
     causal: bottom-right aligned when T != S. window: int w or (left, right); query i (at key position
     i + S - T) sees keys in [pos - left, pos + right]. sink_tokens (with a window): the first sink_tokens
     keys of each sequence stay visible whatever the window's left edge (StreamingLLM's attention sinks;
-    still clipped by causal / right); computed as extra key tiles, no block mask. softcap: scores -> softcap * tanh(scores / softcap).
+    still clipped by causal / right), computed as extra key tiles, no block mask.
+    softcap: scores -> softcap * tanh(scores / softcap).
     block_mask: an `effattn.sparse.BlockMask` for `[B|1, H|1, T, S]`; only its visited blocks are computed
     (combined with causal/window if given). cu_seqlens: int32 `[num_seqs + 1]` offsets of packed
     sequences (B == 1, self-attention: q and k packed the same way).
@@ -146,15 +147,16 @@ def flash_reference(q, k, v, *, causal=False, window=None, sink_tokens=0, softca
     mask = None if block_mask is None else block_mask.to_dense().to(q.device)
     window = normalize_window(window, causal)
     cfg = dict(causal=causal, window=window, softcap=softcap, scale=scale)
-    if _check_sinks(sink_tokens, window):
+    sinks = _check_sinks(sink_tokens, window)
+    if sinks:  # causal and the window go into the elementwise mask, with the sinks
         cfg.update(causal=False, window=None)
 
-        def with_sinks(T, S, mask):
-            sink_mask = _window_sink_mask(T, S, window, sink_tokens, q.device)
-            return sink_mask if mask is None else mask & sink_mask
-    else:
-        def with_sinks(T, S, mask):
+    def with_sinks(T, S, mask):
+        if not sinks:
             return mask
+        sink_mask = _window_sink_mask(T, S, window, sinks, q.device)
+        return sink_mask if mask is None else mask & sink_mask
+
     if cu_seqlens is None:
         return softmax_attention(q, k, v, mask=with_sinks(q.shape[1], k.shape[1], mask), return_lse=return_lse,
                                  **cfg)

@@ -64,7 +64,8 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off
     lse = _lse2(LSEb, offs_m, seqlen_q, MASK)
     sT, tT = _scores(_dot(k, tl.trans(q), None, DOT_PREC), qk_scale, cap_in, cap_out, SOFTCAP)
     if MASK:
-        keep = _visible(offs_m[None, :] + off, offs_n[:, None], seqlen_k, LEFT, RIGHT, SINKS) & (offs_m[None, :] < seqlen_q)
+        keep = (_visible(offs_m[None, :] + off, offs_n[:, None], seqlen_k, LEFT, RIGHT, SINKS)
+                & (offs_m[None, :] < seqlen_q))
         if USE_BITS:
             keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[None, :], tl.arange(0, BLOCK_N)[:, None],
                                BLOCK_M, WORDS)

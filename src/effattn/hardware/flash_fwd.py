@@ -21,8 +21,8 @@ from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequ
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
-              BITS, tile, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT,
+              SINKS, BITS, tile, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
               MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
               DOT_PREC: tl.constexpr, TMA: tl.constexpr):

@@ -41,7 +41,8 @@ def _configs(V: int, kernel: str, K: int = 0, delta_rule: bool = True):
     # inside a dot (compute-sanitizer, fp32 inputs with K = 16..32, V = 32: the quality harness's layers).
     # The unpipelined narrow tiles last: with fp32 inputs at K = V = 128, _bwd_dqk needs 240-360 KB of
     # shared memory with the others (compiled for sm_90a; Hopper has 227 KB) and 96-128 KB with these.
-    return [(b, w, st) for b in reversed(bv[-2:]) for w, st in ((4, 2), (4, 3))] + [(b, 4, 1) for b in reversed(bv[-3:-1])]
+    pipelined = [(b, w, st) for b in reversed(bv[-2:]) for w, st in ((4, 2), (4, 3))]
+    return pipelined + [(b, 4, 1) for b in reversed(bv[-3:-1])]
 
 
 def _tuned(name, kernel, grid, key, configs, *args, **meta):

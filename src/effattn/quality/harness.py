@@ -134,7 +134,7 @@ def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = No
     goes to launches and compiles, which run on separate CPU cores. Results do not depend on it (a
     run is a fixed number of seeded steps); per-run progress bars are off then, summaries still print."""
     if jobs < 1 or (jobs > 1 and not isolate):
-        raise ValueError(f"jobs must be 1, or > 1 with isolate=True (one process per method), got jobs={jobs}, "
+        raise ValueError(f"jobs must be 1, or > 1 with isolate=True (one process per run), got jobs={jobs}, "
                          f"isolate={isolate}")
     call = _in_fresh_process if isolate else _in_this_process
     runs_todo = [(m, w) for m in methods for w in cfg.widths]
@@ -145,7 +145,7 @@ def sweep(cfg: TaskConfig, methods, device, *, budget_minutes: float | None = No
               "command": command, "runs": [], "failed": failed}
     overall = Progress(len(runs_todo), f"quality {cfg.task}") if progress else None
     done = 0
-    for method, widths, items in _per_method(call, run_one, cfg, runs_todo, device, jobs, progress and jobs == 1):
+    for method, widths, items in _each_group(call, run_one, cfg, runs_todo, device, jobs, progress and jobs == 1):
         for width, item in zip(widths, items):
             if "error" in item:
                 failed.append(item)
@@ -179,10 +179,10 @@ def _each_width(work, cfg: TaskConfig, method: str, widths, device, *extra) -> l
     return out
 
 
-def _per_method(call, work, cfg: TaskConfig, runs, device, jobs: int, *extra):
-    """(method, widths, `call(work, cfg, method, widths, device, *extra)`) for each method of `runs` (all
-    its widths in one call), in order; with `jobs` > 1, one call per run, `jobs` of them at once (each
-    `call` waits on its own process)."""
+def _each_group(call, work, cfg: TaskConfig, runs, device, jobs: int, *extra):
+    """(method, widths, `call(work, cfg, method, widths, device, *extra)`) for each group of `runs`, in
+    order: one group per method (all its widths in one call), or with `jobs` > 1 one per run, `jobs`
+    calls at once (each `call` waits on its own process)."""
     import concurrent.futures
 
     if jobs > 1:
@@ -236,7 +236,7 @@ def fit_budget(cfg: TaskConfig, runs, device, budget_s: float, progress: bool = 
     them at once; step times are then measured under the same concurrency as the training."""
     timed, per_step, failed = [], [], []
     start = time.perf_counter()
-    for method, widths, items in _per_method(call, seconds_per_step, cfg, runs, device, jobs):
+    for method, widths, items in _each_group(call, seconds_per_step, cfg, runs, device, jobs):
         for width, t in zip(widths, items):
             if isinstance(t, dict):
                 failed.append(t)

@@ -75,7 +75,8 @@ def evaluate(model: TinyLM, inputs: torch.Tensor, targets: torch.Tensor, batch: 
         x, y = inputs[s:s + batch].to(device), targets[s:s + batch].to(device)
         loss, logits, wanted = supervised_loss(model, x, y)
         a = wanted.numel()
-        total_loss, correct, asked = total_loss + loss.item() * a, correct + int((logits.argmax(-1) == wanted).sum()), asked + a
+        total_loss, asked = total_loss + loss.item() * a, asked + a
+        correct += int((logits.argmax(-1) == wanted).sum())
     model.train()
     return {"accuracy": correct / max(asked, 1), "loss": total_loss / max(asked, 1)}
 
