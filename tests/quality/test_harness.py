@@ -146,3 +146,36 @@ def test_merge_combines_sweeps_of_the_same_recipe(tmp_path, capsys):
                         (["nowhere"], "found no lm results")):
         assert main(merge + [str(tmp_path / d) for d in dirs]) == 2
         assert error in capsys.readouterr().err
+
+
+def test_fit_budget_shares_the_work_over_jobs():
+    """One process trains the runs one after another; with jobs, the sweep takes as long as its slowest run
+    (or its total work over the jobs, if longer)."""
+    from dataclasses import replace
+
+    from effattn.quality import PRESETS, harness
+
+    cfg = PRESETS["cpu"]["mqar"]
+    cfg = replace(cfg, recipe=replace(cfg.recipe, steps=1000))
+    per_step = {("a", 64): 0.01, ("b", 64): 0.01, ("c", 64): 0.01, ("d", 64): 0.04}
+
+    def probe(work, cfg, method, widths, device, *extra):
+        return [per_step[(method, w)] for w in widths]
+
+    def steps(jobs):
+        fitted, runs, failed = harness.fit_budget(cfg, list(per_step), "cpu", 10.0, False, probe, jobs)
+        assert runs == list(per_step) and failed == []
+        return fitted.recipe.steps
+
+    assert 110 <= steps(1) <= 114  # ~8 s usable / 0.07 s per step of all four runs
+    assert 195 <= steps(4) <= 200  # ~8 s / 0.04 s, the slowest run
+
+
+def test_run_minutes_caps_each_run(tmp_path, capsys):
+    common = ["quality", "--task", "lm", "--methods", "standard", "--widths", "16", "--eval-examples", "4",
+              "--quiet", "--out", str(tmp_path)]
+    assert main(common + ["--steps", "100000", "--run-minutes", "0.002"]) == 0
+    run = json.loads((tmp_path / "quality_lm.json").read_text())["runs"][0]
+    assert run["train"]["truncated"] and run["train"]["steps_done"] < 100000
+    assert main(common + ["--run-minutes", "0"]) == 2
+    assert "--run-minutes must be > 0, got 0.0" in capsys.readouterr().err

@@ -258,9 +258,11 @@ def fit_budget(cfg: TaskConfig, runs, device, budget_s: float, progress: bool = 
         print(f"budget {budget_s / 60:.1f} min ({probe_s:.0f} s of probes): {steps} steps per run (preset "
               f"{cfg.recipe.steps}); measured "
               + ", ".join(f"{m}/{w} {1000 * t:.0f} ms/step" for (m, w), t in zip(runs, per_step)), flush=True)
-    cap = 1.3 * max((t * steps for t in per_step), default=0.0)
-    recipe = replace(cfg.recipe, steps=steps, warmup=min(cfg.recipe.warmup, max(1, steps // 10)),
-                     time_limit_s=max(cap, budget_s * min(jobs, len(runs)) / max(1, len(runs)) * 0.9))
+    cap = max(1.3 * max((t * steps for t in per_step), default=0.0),
+              budget_s * min(jobs, len(runs)) / max(1, len(runs)) * 0.9)
+    if cfg.recipe.time_limit_s is not None:  # a cap the caller set (--run-minutes) still holds if shorter
+        cap = min(cap, cfg.recipe.time_limit_s)
+    recipe = replace(cfg.recipe, steps=steps, warmup=min(cfg.recipe.warmup, max(1, steps // 10)), time_limit_s=cap)
     return replace(cfg, recipe=recipe), runs, failed
 
 
