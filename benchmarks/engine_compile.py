@@ -1,5 +1,5 @@
-"""Compile the linear engine's kernels for Hopper (sm_90a) on a machine without a GPU: shared memory and
-registers of every tuner candidate, as the engine launches them.
+"""Compile the linear engine's kernels for Hopper (sm_90a) on a machine without a GPU: the shared memory of
+every tuner candidate, as the engine launches them (benchmarks/flash_compile.py reads registers and SASS).
 
     python benchmarks/engine_compile.py --dtype fp32 bf16 --dim 128 --gate scalar --delta-rule
     python benchmarks/engine_compile.py --dtype fp32 --dim 64 128 --gate vector --all

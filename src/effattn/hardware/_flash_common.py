@@ -204,35 +204,25 @@ def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]
         return forced
     if interpreting() or len(configs) == 1:
         return configs[0]
-    if os.environ.get("EFFATTN_FLASH_TUNE", "1") == "0":
-        first = ("first", *key)  # apart from the tuned picks: the variable may change within a process
-        if first not in _BEST:
-            _BEST[first] = _first_that_runs(key, configs, launch)
-        return _BEST[first]
-    if key not in _BEST:
+    tune = os.environ.get("EFFATTN_FLASH_TUNE", "1") != "0"
+    cache_key = key if tune else ("first", *key)  # apart: the variable may change within a process
+    if cache_key not in _BEST:
         best, best_ms = None, math.inf
         for cfg in configs:
             try:
-                ms = triton.testing.do_bench(lambda: launch(cfg), warmup=10, rep=30)
+                ms = triton.testing.do_bench(lambda: launch(cfg), warmup=10, rep=30) if tune else launch(cfg)
             except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
                 continue  # e.g. too much shared memory for this tile shape
+            if not tune:
+                best = cfg
+                break
             TIMINGS.setdefault(key, {})[cfg] = ms
             if ms < best_ms:
                 best, best_ms = cfg, ms
         if best is None:
             raise RuntimeError(f"no kernel configuration could run for {key} (every candidate ran out of resources)")
-        _BEST[key] = best
-    return _BEST[key]
-
-
-def _first_that_runs(key, configs: Sequence[Config], launch: Callable[[Config], None]) -> Config:
-    for cfg in configs:
-        try:
-            launch(cfg)
-        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
-            continue
-        return cfg
-    raise RuntimeError(f"no kernel configuration could run for {key} (every candidate ran out of resources)")
+        _BEST[cache_key] = best
+    return _BEST[cache_key]
 
 
 class KernelLaunch:

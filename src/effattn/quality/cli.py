@@ -82,6 +82,8 @@ def resolve_methods(spec: str | None, device: torch.device) -> list[str]:
 
 
 def run(args) -> int:
+    if args.merge:
+        return _merge(args)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads < 1:
@@ -117,9 +119,6 @@ def _merge(args) -> int:
 
 def _sweep(args, device) -> int:
     from .harness import sweep, write
-
-    if args.merge:
-        return _merge(args)
 
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     cfg = replace(PRESETS[preset][args.task], seed=args.seed)
