@@ -78,8 +78,9 @@ def test_sweep_records_a_failing_method_and_goes_on(tmp_path, monkeypatch):
     assert rc == 0
     result = json.loads((tmp_path / "quality_lm.json").read_text())
     assert [r["method"] for r in result["runs"]] == ["standard"]
-    assert result["failed"] == [{"method": "gla", "width": 16, "error": "RuntimeError: illegal memory access (simulated)"}]
-    assert "gla width 16: `RuntimeError: illegal memory access (simulated)`" in (tmp_path / "quality_lm.md").read_text()
+    assert result["failed"] == [{"method": "gla", "width": 16, "lr": 3e-3,
+                                 "error": "RuntimeError: illegal memory access (simulated)"}]
+    assert "gla width 16 lr 0.003: `RuntimeError: illegal memory access (simulated)`" in (tmp_path / "quality_lm.md").read_text()
 
 
 def test_sweep_where_every_method_fails_still_writes_its_report(tmp_path, monkeypatch):
@@ -126,8 +127,8 @@ def _die(cfg, method, width, device, corpora):
 def test_a_process_that_dies_is_recorded_as_failed_runs():
     from effattn.quality import PRESETS, harness
 
-    failures = harness._in_fresh_process(_die, PRESETS["cpu"]["mqar"], "mamba", [64, 256], "cpu")
-    assert [(f["method"], f["width"]) for f in failures] == [("mamba", 64), ("mamba", 256)]
+    failures = harness._in_fresh_process(_die, PRESETS["cpu"]["mqar"], "mamba", [(64, 1e-2), (256, 1e-3)], "cpu")
+    assert [(f["method"], f["width"], f["lr"]) for f in failures] == [("mamba", 64, 1e-2), ("mamba", 256, 1e-3)]
     assert all(f["error"].startswith("BrokenProcessPool") for f in failures)
 
 
@@ -140,12 +141,18 @@ def test_merge_combines_sweeps_of_the_same_recipe(tmp_path, capsys):
     merged = json.loads((tmp_path / "ab" / "quality_lm.json").read_text())
     assert [r["method"] for r in merged["runs"]] == ["standard", "gla"] and " ; " in merged["command"]
     assert (tmp_path / "ab" / "quality_lm.md").exists() and (tmp_path / "ab" / "quality_lm.png").exists()
-    assert main(common + ["--methods", "gla", "--lr", "1e-4", "--out", str(tmp_path / "c")]) == 0
+    assert main(common + ["--methods", "gla", "--eval-examples", "8", "--out", str(tmp_path / "c")]) == 0
     capsys.readouterr()
     for dirs, error in ((["a", "a"], "appears in more than one result"), (["a", "c"], "recipe must match"),
                         (["nowhere"], "found no lm results")):
         assert main(merge + [str(tmp_path / d) for d in dirs]) == 2
         assert error in capsys.readouterr().err
+    # the same runs at another learning rate merge into a sweep: each (method, width) shown at its best
+    assert main(common + ["--methods", "standard", "--lr", "1e-2", "--out", str(tmp_path / "d")]) == 0
+    assert main(merge + [str(tmp_path / "a"), str(tmp_path / "d")]) == 0
+    merged = json.loads((tmp_path / "ab" / "quality_lm.json").read_text())
+    assert [r["lr"] for r in merged["runs"]] == [3e-3, 1e-2] and merged["config"]["lrs"] == [3e-3, 1e-2]
+    assert "Every learning rate" in (tmp_path / "ab" / "quality_lm.md").read_text()
 
 
 def test_fit_budget_shares_the_work_over_jobs():
@@ -159,12 +166,13 @@ def test_fit_budget_shares_the_work_over_jobs():
     cfg = replace(cfg, recipe=replace(cfg.recipe, steps=1000))
     per_step = {("a", 64): 0.01, ("b", 64): 0.01, ("c", 64): 0.01, ("d", 64): 0.04}
 
-    def probe(work, cfg, method, widths, device, *extra):
-        return [per_step[(method, w)] for w in widths]
+    def probe(work, cfg, method, points, device, *extra):
+        return [per_step[(method, w)] for w, _ in points]
 
     def steps(jobs):
-        fitted, runs, failed = harness.fit_budget(cfg, list(per_step), "cpu", 10.0, False, probe, jobs)
-        assert runs == list(per_step) and failed == []
+        runs = [(m, w, cfg.recipe.lr) for m, w in per_step]
+        fitted, timed, failed = harness.fit_budget(cfg, runs, "cpu", 10.0, False, probe, jobs)
+        assert timed == runs and failed == []
         return fitted.recipe.steps
 
     assert 110 <= steps(1) <= 114  # ~8 s usable / 0.07 s per step of all four runs
@@ -179,3 +187,34 @@ def test_run_minutes_caps_each_run(tmp_path, capsys):
     assert run["train"]["truncated"] and run["train"]["steps_done"] < 100000
     assert main(common + ["--run-minutes", "0"]) == 2
     assert "--run-minutes must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_learning_rate_sweep_reports_each_run_at_its_best_rate(tmp_path, capsys):
+    common = ["quality", "--task", "lm", "--methods", "standard", "--widths", "16", "--steps", "3",
+              "--eval-examples", "4", "--quiet", "--out", str(tmp_path)]
+    assert main(common + ["--lr", "1e-5,3e-2"]) == 0
+    result = json.loads((tmp_path / "quality_lm.json").read_text())
+    assert [(r["method"], r["lr"]) for r in result["runs"]] == [("standard", 1e-5), ("standard", 3e-2)]
+    assert [r["train"]["recipe"]["lr"] for r in result["runs"]] == [1e-5, 3e-2]
+    assert result["config"]["lrs"] == [1e-5, 3e-2]
+    bpb = [sum(e["bits_per_byte"] for e in r["eval"]) for r in result["runs"]]
+    best = result["runs"][bpb.index(min(bpb))]  # lower is better for bits per byte
+    table = (tmp_path / "quality_lm.md").read_text()
+    head, every = table.split("Every learning rate")
+    assert head.count("| standard | 16 |") == 1 and f"| standard | 16 | {best['lr']:g} |" in head
+    assert every.count("| standard | 16 |") == 2
+    for bad in ("0", "1e-3,1e-3", "fast"):
+        assert main(common + ["--lr", bad]) == 2
+        assert "--lr must be one or more distinct positive numbers" in capsys.readouterr().err
+
+
+def test_best_runs_picks_by_the_mean_over_settings():
+    from effattn.quality.harness import best_runs
+
+    def run(method, lr, values, key="accuracy"):
+        return {"method": method, "width": 64, "lr": lr, "eval": [{key: v} for v in values]}
+
+    runs = [run("a", 1e-3, [0.9, 0.1]), run("a", 1e-2, [0.6, 0.5]), run("b", 1e-3, [0.2, 0.2])]
+    assert [(r["method"], r["lr"]) for r in best_runs(runs)] == [("a", 1e-2), ("b", 1e-3)]
+    lm = [run("a", 1e-3, [2.0, 2.2], "bits_per_byte"), run("a", 1e-2, [1.9, 2.5], "bits_per_byte")]
+    assert best_runs(lm)[0]["lr"] == 1e-3

@@ -33,7 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--run-minutes", type=float, default=None,
                    help="cap on each run's training time; a run that reaches it stops early and says so")
     p.add_argument("--widths", default=None, help="comma-separated model widths (override the preset)")
-    p.add_argument("--lr", type=float, default=None, help="override the preset's peak learning rate")
+    p.add_argument("--lr", default=None,
+                   help="override the preset's peak learning rate; several, comma-separated (e.g. 1e-3,3e-3,1e-2), "
+                        "train every (method, width) at each and report each at its best, as Zoology does")
     p.add_argument("--eval-examples", type=int, default=None, help="override the evaluation set size")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU intra-op threads (default 1: tiny models gain nothing from more, and on a shared "
@@ -117,6 +119,16 @@ def _merge(args) -> int:
     return 0
 
 
+def _learning_rates(spec: str) -> tuple[float, ...]:
+    try:
+        lrs = tuple(float(x) for x in spec.split(","))
+    except ValueError:
+        lrs = ()
+    if not lrs or any(not lr > 0 for lr in lrs) or len(set(lrs)) < len(lrs):
+        raise ValueError(f"--lr must be one or more distinct positive numbers, comma-separated, got {spec!r}")
+    return lrs
+
+
 def _sweep(args, device) -> int:
     from .harness import sweep, write
 
@@ -129,7 +141,8 @@ def _sweep(args, device) -> int:
             raise ValueError(f"--run-minutes must be > 0, got {args.run_minutes}")
         cfg = replace(cfg, recipe=replace(cfg.recipe, time_limit_s=60 * args.run_minutes))
     if args.lr is not None:
-        cfg = replace(cfg, recipe=replace(cfg.recipe, lr=args.lr))
+        lrs = _learning_rates(args.lr)
+        cfg = replace(cfg, recipe=replace(cfg.recipe, lr=lrs[0]), lrs=lrs if len(lrs) > 1 else ())
     if args.eval_examples is not None:
         cfg = replace(cfg, eval_examples=args.eval_examples)
     if args.widths is not None:
