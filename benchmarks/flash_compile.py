@@ -84,10 +84,12 @@ def report(kernel) -> dict:
             **{op: ops[op] for op in ("LDG", "LDGSTS", "UTMALDG", "HGMMA", "MUFU", "BAR")}}
 
 
-def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool) -> dict:
+def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, mask_m: int) -> dict:
     common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn, VARLEN=False,
                   SPARSE=sparse, ARITH=not sparse, WORDS=max(1, bn // 32), SOFTCAP=False, DOT_PREC=None)
-    return dict(common, REVERSE=False, TMA=tma, WS=False) if kernel == "fwd" else common
+    if kernel == "fwd":
+        return dict(common, REVERSE=False, TMA=tma, WS=False)
+    return dict(common, MASK_M=mask_m) if kernel == "dkdv" else common
 
 
 def _kernel_fn(kernel: str):
@@ -95,18 +97,22 @@ def _kernel_fn(kernel: str):
     return {"fwd": flash_fwd._flash_fwd_kernel, "dkdv": flash_bwd._dkdv_kernel, "dq": flash_bwd._dq_kernel}[kernel]
 
 
-def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False) -> dict:
-    """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched."""
+def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
+        mask_m: int | None = None) -> dict:
+    """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
+    `mask_m` (block-sparse dK/dV): the block mask's query rows, walked bm at a time (default bm)."""
     if tma and kernel != "fwd":
         raise ValueError("only the forward has a TMA variant")
+    mask_m = bm if mask_m is None else mask_m
     descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
-    compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma), warps, stages, descs)
-    return {"kernel": kernel, "tile": (bm, bn), "warps": warps, "stages": stages, "head_dim": d, "sparse": sparse,
-            "tma": tma, **report(compiled)}
+    compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m), warps, stages,
+                            descs)
+    return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel == "dkdv" else None, "warps": warps,
+            "stages": stages, "head_dim": d, "sparse": sparse, "tma": tma, **report(compiled)}
 
 
 def candidates(dims):
-    """Every candidate of the bf16 tuner lists (dense; block-sparse at the forward's 128 x 64 tile)."""
+    """Every candidate of the bf16 tuner lists (dense; block-sparse at a 128 x 64 block mask)."""
     import torch
 
     from effattn.hardware import flash_bwd, flash_fwd
@@ -118,6 +124,8 @@ def candidates(dims):
         for kind in ("dkdv", "dq"):
             for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, None, kind):
                 print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False), flush=True)
+            for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, (128, 64), kind):
+                print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, True, mask_m=128), flush=True)
 
 
 def main():
@@ -129,13 +137,15 @@ def main():
     ap.add_argument("--head-dim", type=int, nargs="+", default=[128])
     ap.add_argument("--sparse", action="store_true", help="the block-sparse variant (index lists, bitmasks)")
     ap.add_argument("--tma", action="store_true", help="forward only: TMA descriptor loads")
+    ap.add_argument("--mask-rows", type=int, default=None,
+                    help="block-sparse dkdv: the block mask's query rows, walked BLOCK_M at a time (default BLOCK_M)")
     ap.add_argument("--candidates", action="store_true", help="every tuner candidate instead of one config")
     a = ap.parse_args()
     if a.candidates:
         candidates(a.head_dim)
         return
     bm, bn = (int(x) for x in a.tile.split(","))
-    print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma))
+    print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma, a.mask_rows))
 
 
 if __name__ == "__main__":

@@ -52,11 +52,12 @@ def _lse2(LSEb, offs, n, CHECK: tl.constexpr):
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q, seqlen_k,
-               qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, offs_d, offs_dv,
+               qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, r0, offs_d, offs_dv,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr,
-               WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate the query block [m0, m0 + BLOCK_M) into dK, dV of the key block, transposed: [keys, rows]."""
+               MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate the query block [m0, m0 + BLOCK_M) into dK, dV of the key block, transposed: [keys, rows].
+    With USE_BITS its rows are rows r0.. of partial tile `tile` of the block mask (MASK_M rows a tile)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q = _load_tile(Qb + offs_m[:, None] * sq_t + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, MASK, PAD_D)
     do = _load_tile(DOb + offs_m[:, None] * sdo_t + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DIM_V,
@@ -67,8 +68,8 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off
         keep = (_visible(offs_m[None, :] + off, offs_n[:, None], seqlen_k, LEFT, RIGHT, SINKS)
                 & (offs_m[None, :] < seqlen_q))
         if USE_BITS:
-            keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[None, :], tl.arange(0, BLOCK_N)[:, None],
-                               BLOCK_M, WORDS)
+            keep &= _tile_bits(BITS, tile, r0 + tl.arange(0, BLOCK_M)[None, :], tl.arange(0, BLOCK_N)[:, None],
+                               MASK_M, WORDS)
         sT = tl.where(keep, sT, float("-inf"))
     pT = tl.exp2(sT - lse[None, :])
     dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC)
@@ -92,7 +93,11 @@ def _dkdv_kernel(
         Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
-        ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+        ARITH: tl.constexpr, MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    """dK, dV of one key block. Block-sparse, each listed query block (MASK_M rows, the block mask's) is
+    walked BLOCK_M rows at a time: a 64-row step at 8 warps compiles for sm_90a without register spills at
+    D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1) // HKV
     hk = tl.program_id(1) % HKV
@@ -120,46 +125,44 @@ def _dkdv_kernel(
         DELTAb = DELTA + bb * slse_b + h * slse_h + q0
         if SPARSE:
             row = ((b * MB_B) * HM + h * MB_H) * NKB + pid_n
-            for i in range(tl.load(FULL_NUM + row)):
-                m0 = tl.load(FULL_IDX + row * NQB + i) * BLOCK_M
+            # one loop over (listed block, row step): a single body the compiler pipelines (a static inner
+            # loop would unroll it: more live registers, 135 barriers instead of 9)
+            SUB: tl.constexpr = MASK_M // BLOCK_M
+            for j in range(tl.load(FULL_NUM + row) * SUB):
+                m0 = tl.load(FULL_IDX + row * NQB + j // SUB) * MASK_M + (j % SUB) * BLOCK_M
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
-                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv,
-                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False, WORDS,
-                                    SOFTCAP, DOT_PREC)
-            for i in range(tl.load(Q_NUM + row)):
-                qb = tl.load(Q_IDX + row * NQB + i)
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
+                                    offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False,
+                                    MASK_M, WORDS, SOFTCAP, DOT_PREC)
+            for j in range(tl.load(Q_NUM + row) * SUB):
+                qb, r0 = tl.load(Q_IDX + row * NQB + j // SUB), (j % SUB) * BLOCK_M
                 tile = tl.load(TILE_MAP + (((b * MB_B) * HM + h * MB_H) * NQB + qb) * NKB + pid_n)
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, qb * BLOCK_M, offs_n, off,
-                                    seqlen_q, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile,
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, qb * MASK_M + r0, offs_n, off,
+                                    seqlen_q, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, r0,
                                     offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True,
-                                    True, WORDS, SOFTCAP, DOT_PREC)
+                                    True, MASK_M, WORDS, SOFTCAP, DOT_PREC)
         else:
             lo, a, c, hi = _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
-            for m0 in range(lo, a, BLOCK_M):
+            # the masked query blocks (both edges of the band, then the rows below a sink block that the band
+            # leaves out) in one loop, the unmasked ones in another: two copies of the tile's code, not four
+            # (at D = 128 the kernel then spills less; benchmarks/flash_compile.py)
+            n1 = tl.cdiv(tl.maximum(a - lo, 0), BLOCK_M)
+            n2 = tl.cdiv(tl.maximum(hi - c, 0), BLOCK_M)
+            done = tl.maximum(tl.maximum(lo + n1 * BLOCK_M, a + tl.cdiv(tl.maximum(c - a, 0), BLOCK_M) * BLOCK_M),
+                              tl.maximum(c + n2 * BLOCK_M, lo))
+            n3 = tl.where(n0 < SINKS, tl.cdiv(tl.maximum(seqlen_q - done, 0), BLOCK_M), 0)
+            for j in range(n1 + n2 + n3):
+                m0 = tl.where(j < n1, lo + j * BLOCK_M,
+                              tl.where(j < n1 + n2, c + (j - n1) * BLOCK_M, done + (j - n1 - n2) * BLOCK_M))
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
-                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv,
-                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS,
-                                    SOFTCAP, DOT_PREC)
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
+                                    offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False,
+                                    MASK_M, WORDS, SOFTCAP, DOT_PREC)
             for m0 in tl.range(a, c, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
-                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv,
-                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False, WORDS,
-                                    SOFTCAP, DOT_PREC)
-            for m0 in range(c, hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
-                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv,
-                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS,
-                                    SOFTCAP, DOT_PREC)
-            # a block holding sinks is seen by every later query too: the rows past those the loops above
-            # covered (each loop steps whole blocks from its start, so it may run past its stage's end)
-            done = tl.maximum(tl.maximum(lo + tl.cdiv(tl.maximum(a - lo, 0), BLOCK_M) * BLOCK_M,
-                                         a + tl.cdiv(tl.maximum(c - a, 0), BLOCK_M) * BLOCK_M),
-                              tl.maximum(c + tl.cdiv(tl.maximum(hi - c, 0), BLOCK_M) * BLOCK_M, lo))
-            for m0 in range(done, tl.where(n0 < SINKS, seqlen_q, done), BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
-                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv,
-                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS,
-                                    SOFTCAP, DOT_PREC)
+                                    seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
+                                    offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False,
+                                    MASK_M, WORDS, SOFTCAP, DOT_PREC)
     dk = dk * (qk_scale * 0.6931471805599453)  # d(raw score) = scale * dS; qk_scale carries log2(e)
     row_ok = offs_n < seqlen_k
     dk_ptrs = DK + bb * sdk_b + q0 * sdk_t + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :]
@@ -267,9 +270,11 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
     """Candidate (BLOCK_M, BLOCK_N, warps, stages); dK/dV prefers tall key blocks, dQ tall query blocks."""
     from .._triton_mode import interpreting
 
-    if fixed is not None:
+    if fixed is not None:  # the block mask's tiles; dK/dV may walk its query blocks in halves
         bm, bn = fixed
         cands = [Config(bm, bn, 4, 2), Config(bm, bn, 8, 2)]
+        if kind == "dkdv" and bm >= 32 and dtype != torch.float32:  # spill-free at D = 128 (see _dkdv_kernel)
+            cands += [Config(bm // 2, bn, 8, 2), Config(bm // 2, bn, 4, 2)]
         return cands[:1] if interpreting() else cands
     if interpreting():
         return [Config(32, 32, 4, 1)]
@@ -347,10 +352,13 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
 
     def dkdv_part(cfg: Config):
         bm, bn, warps, stages = cfg[:4]
+        if sparse is not None and (bn != fixed[1] or fixed[0] % bm):
+            raise ValueError(f"a block-sparse dK/dV configuration must keep the block mask's key block and split "
+                             f"its query block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
         grid = (sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn), n_seq * Hkv)
         return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal),
-                KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                                      num_stages=stages)))
+                KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_M=fixed[0] if fixed else bm,
+                                                      num_warps=warps, num_stages=stages)))
 
     def dq_part(cfg: Config):
         bm, bn, warps, stages = cfg[:4]
