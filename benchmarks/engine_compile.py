@@ -114,14 +114,20 @@ def recorded(dtype: str, dim: int, gate: str, delta_rule: bool) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def survey(dtype: str, dim: int, gate: str, delta_rule: bool, all_candidates: bool = False):
+def survey(dtype: str, dim: int, gate: str, delta_rule: bool, all_candidates: bool = False, ptxas: bool = False):
     """Shared memory of each launched kernel's candidates, up to the first that fits (or all of them), one
-    row at a time: float32 kernels at Dk = 128 take ptxas up to a minute each."""
+    row at a time: float32 kernels at Dk = 128 take ptxas up to a minute each. With `ptxas`, also registers,
+    spill bytes and SASS counts (flash_compile.report)."""
     for record in recorded(dtype, dim, gate, delta_rule):
         for config in record["configs"]:
-            shared = compile_sm90(record, config, dtype).metadata.shared
-            yield {"kernel": record["name"], "config": tuple(config), "shared_bytes": shared,
+            compiled = compile_sm90(record, config, dtype)
+            shared = compiled.metadata.shared
+            row = {"kernel": record["name"], "config": tuple(config), "shared_bytes": shared,
                    "fits": shared <= HOPPER_SHARED_BYTES}
+            if ptxas:
+                from flash_compile import report
+                row.update({k: v for k, v in report(compiled).items() if k != "shared_bytes"})
+            yield row
             if shared <= HOPPER_SHARED_BYTES and not all_candidates:
                 break
 
@@ -133,6 +139,7 @@ def main() -> None:
     p.add_argument("--gate", nargs="+", choices=("none", "scalar", "vector"), default=["scalar"])
     p.add_argument("--delta-rule", action="store_true")
     p.add_argument("--all", action="store_true", help="every candidate, not only up to the first that fits")
+    p.add_argument("--ptxas", action="store_true", help="also registers, spill bytes and SASS instruction counts")
     p.add_argument("--record", action="store_true", help=argparse.SUPPRESS)  # the child pass: print the launches
     args = p.parse_args()
     if args.record:
@@ -142,7 +149,7 @@ def main() -> None:
         for dim in args.dim:
             for gate in args.gate:
                 print(f"# {dt}, Dk = Dv = {dim}, gate {gate}, delta rule {args.delta_rule}", flush=True)
-                for row in survey(dt, dim, gate, args.delta_rule, args.all):
+                for row in survey(dt, dim, gate, args.delta_rule, args.all, args.ptxas):
                     print(row, flush=True)
 
 
