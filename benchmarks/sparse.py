@@ -197,7 +197,7 @@ def _pattern_row(cfg, flex, create_block_mask, spec, N, D):
         except RuntimeError as exc:  # e.g. a backward tile that does not fit shared memory at this D
             row["fwd_bwd_error"] = str(exc)
             print(f"{spec.name} N={N} D={D} tile {block}: backward failed: {exc}", flush=True)
-    if pattern.window is not None:  # what the registered method runs for a band (+ sinks): the kernel's window path
+    if pattern.window is not None:  # what the registered method runs for a band (+ sinks, + Longformer global rows)
         from effattn.sparse.pattern_methods import pattern_attention
 
         def native():

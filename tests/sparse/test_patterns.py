@@ -210,3 +210,44 @@ def test_sinks_pattern_runs_the_kernel_window_path(pattern, monkeypatch):
     torch.testing.assert_close(fast, pattern_attention(q, k, v, pattern, block=(16, 16)), rtol=1e-5, atol=1e-5)
     ref = pattern_reference(*(t.double() for t in (q, k, v)), pattern)
     torch.testing.assert_close(fast.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal,T,S", [(False, 45, 45), (True, 45, 45), (False, 30, 45)],
+                         ids=["two_sided", "causal", "cross_blockmask"])
+def test_longformer_prefix_globals_run_natively(causal, T, S, monkeypatch):
+    """Longformer with global tokens at a prefix runs as window + sinks (+ the global rows over every key,
+    split-KV, non-causal): no block mask; output and gradients equal the float64 reference. At T != S it
+    keeps the block mask."""
+    from effattn.sparse import pattern_methods
+    from effattn.sparse.pattern_methods import longformer_pattern, pattern_attention, pattern_reference
+
+    p = longformer_pattern(T, S, 2, window=4, global_tokens=(2, 0, 1), causal=causal)
+    assert p.window == (4, 0 if causal else 4) and p.sinks == 3 and p.global_rows == (0 if causal else 3)
+    assert longformer_pattern(T, S, 2, window=4, global_tokens=(0, 2)).window is None  # not a prefix
+    calls, real, every = [], pattern_methods.flash_attention, pattern_methods._every_key
+    monkeypatch.setattr(pattern_methods, "flash_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(pattern_methods, "_every_key", lambda *a: every(*a, part_keys=8))  # 45 keys: 5 parts
+    g = torch.Generator().manual_seed(2)
+    x = [torch.randn(2, n, 4, 16, generator=g, requires_grad=True) for n in (T, S, S)]
+    fast = pattern_attention(x[0], x[1][:, :, :2], x[2][:, :, :2], p)  # GQA 4:2
+    assert all(c.get("block_mask") is None for c in calls) == (T == S)
+    if T == S and not causal:
+        assert [c.get("return_lse", False) for c in calls] == [False, True]  # the band, the split-KV rows
+    dout = torch.randn(fast.shape, generator=g)
+    grads = torch.autograd.grad(fast, x, dout)
+    x64 = [t.detach().double().requires_grad_() for t in x]
+    ref = pattern_reference(x64[0], x64[1][:, :, :2], x64[2][:, :, :2], p)
+    torch.testing.assert_close(fast.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, torch.autograd.grad(ref, x64, dout.double())):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_every_key_covers_all_rows_global_and_rejects_causal_global_rows():
+    from effattn.sparse.pattern_methods import longformer_pattern, pattern_attention, pattern_reference
+
+    p = longformer_pattern(6, 6, 1, window=1, global_tokens=range(8))  # more globals than rows: dense
+    q, k, v = (torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(3)) for _ in range(3))
+    torch.testing.assert_close(pattern_attention(q, k, v, p).double(),
+                               pattern_reference(q.double(), k.double(), v.double(), p), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"global_rows needs a non-causal window \(right > 0\), got window=\(3, 0\)"):
+        P.Pattern(lambda b, h, q, kv: kv <= q, "x", window=(3, 0), global_rows=2)

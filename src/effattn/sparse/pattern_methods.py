@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
+import torch
+
 from ..hardware.flash import flash_attention
 from ..reference.softmax import softmax_attention
 from ..validate import check_qkv, check_scale
@@ -25,18 +27,42 @@ def pattern_attention(q, k, v, pattern, *, scale=None, block=None):
     kernel's default). Returns o `[B, T, H, Dv]`; rows that see no key are 0. Time O(visited blocks * BQ * BK * d).
     A plain sliding window (`pattern.window` set, with or without `pattern.sinks`) runs the kernel's window
     path instead of a block mask unless `block` is given: the same mask without partial-tile bitmasks (on
-    the H200 at N = 16k the window path ran at 1.10x compiled Flex fwd, the block-mask path at 0.87-0.98x;
-    benchmarks/results/sparse_2026-12-02_h200.md; with sinks not yet timed).
+    the H200 at N = 16k the window path ran at 1.05-1.10x compiled Flex fwd, the block-mask path at
+    1.00x; benchmarks/results/sparse_patterns_2026-12-04_h200.md). With `pattern.global_rows` = g (and
+    T = S) the rows q >= g take that path and the g global rows a dense one (`_every_key`).
     """
     B, T, S, H, _, _, _ = check_qkv(q, k, v)
     check_scale(scale)
     p = P.as_pattern(pattern)
-    if p.window is not None and block is None:  # a plain band: the kernel's own window, no per-tile bitmasks
+    if p.window is not None and block is None and (not p.global_rows or T == S):  # the kernel's own band
         left, right = p.window
-        return flash_attention(q, k, v, causal=right == 0, window=(left, right), sink_tokens=p.sinks, scale=scale)
+        g = min(p.global_rows, T)
+        if g == T:
+            return _every_key(q, k, v, scale)
+        # rows past the global ones: T - g queries bottom-right aligned to the keys, i.e. at positions g..T-1
+        o = flash_attention(q[:, g:], k, v, causal=right == 0, window=(left, right), sink_tokens=p.sinks,
+                            scale=scale)
+        return torch.cat([_every_key(q[:, :g], k, v, scale), o], dim=1) if g else o
     p = p.shifted(S - T)
     bm = p.block_mask(B, H, T, S, block=block, device=q.device)
     return flash_attention(q, k, v, block_mask=bm, scale=scale)
+
+
+def _every_key(q, k, v, scale, part_keys: int = 2048):
+    """Dense attention of a few rows q `[B, g, H, D]` over all S keys, split-KV (FlashDecoding): the keys cut
+    into P equal parts folded into the batch, so B * P * H programs share the work instead of B * H each
+    walking all S keys; the parts' outputs combine by their LSEs (differentiable: the kernel's backward
+    takes the LSE's gradient). P = the most parts of at least `part_keys` keys that divide S (1: one call)."""
+    B, g, H, _ = q.shape
+    S = k.shape[1]
+    parts = max((p for p in range(1, S // part_keys + 1) if S % p == 0), default=1)
+    if parts == 1:
+        return flash_attention(q, k, v, scale=scale)
+    fold = lambda t: t.reshape(B * parts, S // parts, *t.shape[2:])  # noqa: E731  (part-major keys)
+    qp = q.unsqueeze(1).expand(B, parts, g, H, q.shape[3]).reshape(B * parts, g, H, q.shape[3])
+    o, lse = flash_attention(qp, fold(k), fold(v), scale=scale, return_lse=True)  # [B*P, g, H, Dv], [B*P, H, g]
+    w = torch.softmax(lse.view(B, parts, H, g), dim=1)  # each part's share of the row's softmax mass
+    return (o.view(B, parts, g, H, -1).float() * w.permute(0, 1, 3, 2).unsqueeze(-1)).sum(1).to(q.dtype)
 
 
 def pattern_reference(q, k, v, pattern, *, scale=None, **_ignored):
@@ -53,9 +79,16 @@ def sliding_window_pattern(T, S, H, *, window=256, causal=True):
 
 
 def longformer_pattern(T, S, H, *, window=256, global_tokens=(0,), causal=False):
-    """Longformer (Beltagy et al. 2020): sliding window | global tokens (attend to / attended by all)."""
+    """Longformer (Beltagy et al. 2020): sliding window | global tokens (attend to / attended by all).
+    Global tokens at a prefix 0..g-1 (the usual layout: [CLS], a question) run natively: the band with g
+    sinks, and non-causally the g global rows over every key."""
     p = sliding_window_pattern(T, S, H, window=window, causal=causal) | P.global_tokens(global_tokens)
-    return p & P.causal() if causal else p
+    p = p & P.causal() if causal else p
+    g = len(set(global_tokens))
+    if g and set(global_tokens) == set(range(g)):  # a prefix: the same mask, as window + sinks (+ global rows)
+        return P.Pattern(p.fn, p.__name__, window=(window, 0 if causal else window), sinks=g,
+                         global_rows=0 if causal else g)
+    return p
 
 
 def bigbird_pattern(T, S, H, *, block_size=64, window_blocks=1, global_blocks=1, random_blocks=2, seed=0):

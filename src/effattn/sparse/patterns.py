@@ -31,15 +31,20 @@ class Pattern:
     `per_batch` / `per_head` say whether the mask depends on b / h; block masks of patterns that do not
     are built once and broadcast (B = 1 / H = 1), which keeps them cheap at long lengths. `window` =
     (left, right) when the pattern is exactly the band q - left <= kv <= q + right, or with `sinks` = s > 0
-    that band plus the keys kv < s up to q + right (StreamingLLM): the flash kernel runs both natively (no
-    block mask); patterns derived from it by `&`, `|`, `~` keep neither.
+    that band plus the keys kv < s up to q + right (StreamingLLM), and with `global_rows` = g > 0 (a
+    non-causal band only) also every key for the queries q < g (Longformer's global tokens at a prefix,
+    with sinks = g): `pattern_attention` runs these natively (no block mask); patterns derived from one by
+    `&`, `|`, `~` keep none of them.
     """
 
     def __init__(self, fn: Callable, name: str, per_batch: bool = False, per_head: bool = False,
-                 window: tuple[int, int] | None = None, sinks: int = 0) -> None:
+                 window: tuple[int, int] | None = None, sinks: int = 0, global_rows: int = 0) -> None:
+        if global_rows and (window is None or window[1] == 0):
+            raise ValueError(f"global_rows needs a non-causal window (right > 0), got window={window}")
         self.fn = fn
         self.__name__ = name
         self.per_batch, self.per_head, self.window, self.sinks = per_batch, per_head, window, sinks
+        self.global_rows = global_rows
 
     def _derived(self, fn: Callable, name: str, *others: "Pattern") -> "Pattern":
         return Pattern(fn, name, any(p.per_batch for p in (self, *others)), any(p.per_head for p in (self, *others)))
