@@ -81,10 +81,13 @@ def test_triton_vector_gate_strong_decay_matches_reference():
     check_all(chunk_gated_linear_attn, make("vector", False, B=1, T=37, H=1, strength=40.0), False, chunk_size=32)
 
 
-@pytest.mark.parametrize("gate", ["scalar", "vector"])
-def test_triton_chunk_head_dim_split(gate):
-    """Dk = 80 > 64: the state kernels split the key dimension across programs (rows are independent)."""
-    check_all(chunk_gated_linear_attn, make(gate, False, B=1, T=20, H=1, K=80, V=16), False, chunk_size=16)
+@pytest.mark.parametrize("gate,delta", [("scalar", False), ("vector", False), ("scalar", True)],
+                         ids=["scalar", "vector", "gated_delta"])
+def test_triton_chunk_head_dim_split(gate, delta):
+    """Dk = 80 > 64: the key dimension split across programs, 64 + 16 channels: the state kernels' rows
+    without the delta rule, and the backward's dq / dk / dW (with the scalar gate's sums over channels in
+    parts) for every gate."""
+    check_all(chunk_gated_linear_attn, make(gate, delta, B=1, T=20, H=1, K=80, V=16), delta, chunk_size=16)
 
 
 @pytest.mark.parametrize("gate,delta", CASES, ids=IDS)

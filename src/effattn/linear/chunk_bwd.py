@@ -133,10 +133,13 @@ def _bwd_dx(a, k, v, x, beta, gc, do, dh, dx, da, dbeta, start, end, scale, H: t
 def _bwd_dqk(q, k, x, gc, h, dh, do, dx, da, dq, dk, dw, dgc, dgl, start, end, scale, H: tl.constexpr,
              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
              BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, PREC: tl.constexpr):
-    i_nb, i_h = tl.program_id(0), tl.program_id(1)
+    # every output is per key channel: programs split Dk (axis 2, BK channels each); the scalar gate's sums
+    # over channels are left in NK parts (dgc [T, H, NK], dgl's parts) and added by the caller
+    i_nb, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NK = tl.num_programs(2)
     n, b = i_nb // (BT // BQ), i_nb % (BT // BQ)
     t0, t1 = tl.load(start + n), tl.load(end + n)
-    ok = tl.arange(0, BK)
+    ok = i_k * BK + tl.arange(0, BK)
     rb = t0 + b * BQ + tl.arange(0, BQ)
     lb = rb < t1
     b_q = _tile(q, rb, lb, i_h, ok, H, K)
@@ -210,13 +213,12 @@ def _bwd_dqk(q, k, x, gc, h, dh, do, dx, da, dq, dk, dw, dgc, dgl, start, end, s
         _put(dw, b_dw, rb, lb, i_h, ok, H, K)
     if GATE != 0:
         b_dg = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
-        c_off = (n * (BT // BQ) + b) * H + i_h
         if GATE == 1:
-            tl.store(dgc + rb * H + i_h, tl.sum(b_dg, 1), mask=lb)
-            tl.store(dgl + c_off, tl.sum(b_c, 0))
+            tl.store(dgc + (rb * H + i_h) * NK + i_k, tl.sum(b_dg, 1), mask=lb)
+            tl.store(dgl + ((n * (BT // BQ) + b) * NK + i_k) * H + i_h, tl.sum(b_c, 0))
         else:
             _put(dgc, b_dg, rb, lb, i_h, ok, H, K)
-            tl.store(dgl + c_off * K + ok, b_c, mask=ok < K)
+            tl.store(dgl + ((n * (BT // BQ) + b) * H + i_h) * K + ok, b_c, mask=ok < K)
 
 
 @triton.jit

@@ -147,13 +147,21 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
         dv = empty_output(v.shape, v.dtype, v.device)
         bwd_dx(dv)
     KG = K if gate == 2 else 1
+    # dq, dk, dw per key channel: Dk > 64 split over programs of 64 channels, as FLA does (at Dk = 128 in bf16,
+    # one program of 128 spilled 0.8-4.2 KB of registers in every candidate: engine_compile --ptxas)
+    BKq = min(BK, 64)
+    NK = triton.cdiv(K, BKq)
+    parts = NK if gate == 1 else 1  # the scalar gate's sums over channels, one part per program
     dq = empty_output(q.shape, q.dtype, q.device)
     dk = torch.empty(k.shape, **f32) if delta_rule else empty_output(k.shape, k.dtype, k.device)
     dw = torch.empty(k.shape, **f32) if delta_rule else None
-    dgc = torch.empty(g.shape, **f32) if gate else None  # per row: dL/dGc, before the reversed cumsum
-    dgl = torch.empty((N, BT // BQ, H, KG), **f32) if gate else None
-    _tuned("bwd_dqk", _bwd_dqk, lambda bv: (N * (BT // BQ), H), key, _configs(V, "output"), q, k, x, gc, h, dh, do,
-           dx, da, dq, dk, dw, dgc, dgl, ch.start, ch.end, scale, BQ=BQ, BK=BK, **consts)
+    # per row: dL/dGc, before the reversed cumsum
+    dgc = torch.empty((*g.shape, parts) if gate == 1 else g.shape, **f32) if gate else None
+    dgl = torch.empty((N, BT // BQ * parts, H, KG), **f32) if gate else None
+    _tuned("bwd_dqk", _bwd_dqk, lambda bv: (N * (BT // BQ), H, NK), key, _configs(V, "output"), q, k, x, gc, h, dh,
+           do, dx, da, dq, dk, dw, dgc, dgl, ch.start, ch.end, scale, BQ=BQ, BK=BKq, **consts)
+    if gate == 1:
+        dgc = dgc[..., 0] if parts == 1 else dgc.sum(-1)
     if delta_rule:
         dk32, dgc_in = dk, dgc
         dk, dv = empty_output(k.shape, k.dtype, k.device), empty_output(v.shape, v.dtype, v.device)
@@ -164,7 +172,7 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
     if gate:
         dg = empty_output(g.shape, g.dtype, g.device)
         _chunk_cumsum[(N, H)](dgc, dg, dgl, ch.start, ch.end, H=H, KG=KG, BT=BT, BG=max(16, triton.next_power_of_2(KG)),
-                              REVERSE=True, NB=BT // BQ)
+                              REVERSE=True, NB=BT // BQ * parts)
     return dq, dk, dv, dg, dbeta, dh0 if want_dh0 else None
 
 
