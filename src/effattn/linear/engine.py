@@ -39,8 +39,8 @@ def _configs(V: int, kernel: str, K: int = 0, delta_rule: bool = True):
         return [(b, w, st, bk) for bk in bks for b in reversed(bv[:3]) for w, st in ((4, 2), (4, 3), (8, 2))]
     # No 8-warp candidates: on the H200 (Triton 3.6), _bwd_dx with 8 warps read shared memory out of bounds
     # inside a dot (compute-sanitizer, fp32 inputs with K = 16..32, V = 32: the quality harness's layers).
-    # The unpipelined narrow tiles last: with fp32 inputs at K = V = 128, _bwd_dqk needs 240-360 KB of
-    # shared memory with the others (compiled for sm_90a; Hopper has 227 KB) and 96-128 KB with these.
+    # The unpipelined narrow tiles last, a fallback for large float32 tiles: before _bwd_dqk split Dk, it needed
+    # 240-360 KB of shared memory with the others at K = V = 128 (sm_90a; Hopper has 227 KB), 96-128 KB with these.
     pipelined = [(b, w, st) for b in reversed(bv[-2:]) for w, st in ((4, 2), (4, 3))]
     return pipelined + [(b, 4, 1) for b in reversed(bv[-3:-1])]
 
