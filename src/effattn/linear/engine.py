@@ -149,8 +149,8 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
     KG = K if gate == 2 else 1
     # dq, dk, dw per key channel: Dk > 64 split over programs of 64 channels, as FLA does (at Dk = 128 in bf16,
     # one program of 128 spilled 0.8-4.2 KB of registers in every candidate: engine_compile --ptxas)
-    BKq = min(BK, 64)
-    NK = triton.cdiv(K, BKq)
+    BK_CHANNELS = min(BK, 64)
+    NK = triton.cdiv(K, BK_CHANNELS)
     parts = NK if gate == 1 else 1  # the scalar gate's sums over channels, one part per program
     dq = empty_output(q.shape, q.dtype, q.device)
     dk = torch.empty(k.shape, **f32) if delta_rule else empty_output(k.shape, k.dtype, k.device)
@@ -159,7 +159,7 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
     dgc = torch.empty((*g.shape, parts) if gate == 1 else g.shape, **f32) if gate else None
     dgl = torch.empty((N, BT // BQ * parts, H, KG), **f32) if gate else None
     _tuned("bwd_dqk", _bwd_dqk, lambda bv: (N * (BT // BQ), H, NK), key, _configs(V, "output"), q, k, x, gc, h, dh,
-           do, dx, da, dq, dk, dw, dgc, dgl, ch.start, ch.end, scale, BQ=BQ, BK=BKq, **consts)
+           do, dx, da, dq, dk, dw, dgc, dgl, ch.start, ch.end, scale, BQ=BQ, BK=BK_CHANNELS, **consts)
     if gate == 1:
         dgc = dgc[..., 0] if parts == 1 else dgc.sum(-1)
     if delta_rule:
