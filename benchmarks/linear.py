@@ -114,6 +114,30 @@ def timed(rep, label, kind, T, fn, backward):
         torch.cuda.empty_cache()
 
 
+def profile(rep, label, kind, fn, backward):
+    """CUDA time per call of every kernel of fn (and of its backward), after a warm-up call."""
+    do = torch.randn(1, 16384, H, D, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        o = fn()
+        if backward:
+            o.backward(do)
+    try:
+        step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+    except Exception as e:
+        rep.add("errors", {"impl": label, "kind": kind, "error": f"profile: {type(e).__name__}: {str(e)[:300]}"})
+        return
+    for ev in prof.key_averages():
+        if ev.device_time_total > 0:
+            rep.add("profile", {"impl": label, "kind": kind, "pass": "fwd+bwd" if backward else "fwd",
+                                "kernel": ev.key[:60], "us_per_call": ev.device_time_total / 5})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -177,23 +201,14 @@ def main():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
         timed(rep, "sdpa_cudnn", "causal_softmax", T, sdpa, False)
-    for kind in kinds:  # where the time goes, per kernel (T = 16384, B = 1), forward then forward + backward
-        for backward in (False, True):
-            if not left():  # profiling a first backward also tunes it: minutes at this size
-                rep.add("errors", {"impl": "effattn", "kind": kind, "error": "profile skipped: time budget spent"})
-                continue
-            x = inputs(kind, 1, 16384, requires_grad=backward)
-            do = torch.randn(1, 16384, H, D, device="cuda", dtype=torch.bfloat16)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    o = ours(kind, x)
-                    if backward:
-                        o.backward(do)
-                torch.cuda.synchronize()
-            for ev in prof.key_averages():
-                if ev.device_time_total > 0:
-                    rep.add("profile", {"kind": kind, "pass": "fwd+bwd" if backward else "fwd", "kernel": ev.key[:60],
-                                        "us_per_call": ev.device_time_total / 5})
+    # where the time goes, per kernel (T = 16384, B = 1): ours forward and forward + backward, FLA's forward
+    for label, kind, backward in ([("effattn", k, b) for k in kinds for b in (False, True)]
+                                  + [("fla", k, False) for k in fla_kinds]):
+        if not left():  # profiling a first backward also tunes it: minutes at this size
+            rep.add("errors", {"impl": label, "kind": kind, "error": "profile skipped: time budget spent"})
+            continue
+        x = inputs(kind, 1, 16384, requires_grad=backward)
+        profile(rep, label, kind, lambda: (ours if label == "effattn" else fla)(kind, x), backward)
     print("total", time.time() - t_start, "s", flush=True)
 
 
