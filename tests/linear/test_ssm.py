@@ -51,8 +51,8 @@ def test_mamba_decode_matches_chunk():
 def test_mamba_bf16_long_is_finite(monkeypatch):
     from effattn.linear import selective_scan
 
-    # chunks of 128 tokens: an eighth of the interpreter's loop trips (the chunking itself is tested above)
-    monkeypatch.setattr(selective_scan, "_configs", lambda N: [(128, 16, 4, 0)])
+    # the walk in two time chunks (pass 1 and the state passing under strong decays), states saved every 128 tokens
+    monkeypatch.setattr(selective_scan, "_configs", lambda *shape: [selective_scan.FwdConfig("walk", 128, 16, 4, 2048)])
     gen = torch.Generator().manual_seed(4)
     inp = mamba_inputs(Shape(batch=1, seq_q=4096, heads=1, head_dim=16), torch.bfloat16, "cpu", gen)
     inp["dt"] = inp["dt"] + 2.0  # large steps: strong decays exp(Delta A) -> 0 and large inputs Delta B x
@@ -211,11 +211,15 @@ def test_slstm_errors(change, error, match):
         slstm(**inp)
 
 
-def test_mamba_token_by_token_kernel_variant(monkeypatch):
-    """The kernels' SEQ=1 variant (each chunk's tokens walked one by one, h_t of the chunk in scratch for the
-    backward): the configuration the GPU tuning may pick instead of the in-chunk associative scan."""
+@pytest.mark.parametrize("fwd,bwd", [(("walk", 8, 16, 4, 16), (16, 4, 0)), (("scan", 16, 16, 4), (16, 4, 1))],
+                         ids=["walk_in_time_chunks", "scan_fwd,token_by_token_bwd"])
+def test_mamba_kernel_variants(monkeypatch, fwd, bwd):
+    """The variants the GPU tuning may pick. walk: T = 41 in chunks of 16 tokens (pass 1's end states, the
+    state passing, then each chunk from its true start), two blocks of 16 channels, states saved every 8 tokens
+    for the backward; scan: the in-chunk associative scan forward. Backward: the in-chunk scans, or each chunk's
+    tokens walked one by one (h_t of the chunk in scratch)."""
     from effattn.linear import selective_scan
 
-    monkeypatch.setattr(selective_scan, "_configs", lambda N: [(16, 16, 4, 1)])
-    monkeypatch.setattr(selective_scan, "_bwd_configs", lambda N: [(16, 4, 1)])
+    monkeypatch.setattr(selective_scan, "_configs", lambda *shape: [selective_scan.FwdConfig(*fwd)])
+    monkeypatch.setattr(selective_scan, "_bwd_configs", lambda N: [bwd])
     check_against_reference(mamba, mamba_reference, mamba_case(initial_state=True), {}, form="chunk")

@@ -11,7 +11,8 @@ simplification (Sec. 3.5.2; the official kernels use it too):
 
 Unlike Mamba2 the decay is per (channel, state index), not a scalar per head, so it is not the engine's
 scalar gate; as a vector gate it would need a `[N, 1]` state per channel, where the engine's matmul tiles
-waste all but one column. It has its own Triton kernel instead: selective_scan.py (a chunked scan).
+waste all but one column. It has its own Triton kernels instead: selective_scan.py (a token-by-token walk over time chunks, and a
+chunked associative scan).
 """
 from __future__ import annotations
 

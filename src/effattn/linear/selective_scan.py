@@ -5,11 +5,17 @@ Per batch b, channel d and state index n the recurrence is independent:
     h_t[d, n] = a_t[d, n] h_{t-1}[d, n] + u_t[d, n],   a_t = exp(delta_t[d] A[d, n]),  u_t = delta_t[d] B_t[n] x_t[d]
     y_t[d]    = sum_n C_t[n] h_t[d, n]
 
-with delta = softplus(dt + dt_bias). A program owns one (batch, block of BD channels) and the whole state
-`[BD, N]` in registers; it walks the sequence in chunks of BT tokens. Inside a chunk the pairs (a_t, u_t)
-compose associatively ((a1, u1) then (a2, u2) = (a1 a2, a2 u1 + u2)), so `tl.associative_scan` gives every
-h_t of the chunk at once from the state carried in from the previous chunk: a parallel scan in registers,
-a sequential pass over chunks. The forward saves the state at each chunk start (float32) for the backward.
+with delta = softplus(dt + dt_bias). Two forward kernels, picked by tuning (see `_configs`):
+
+- the walk (`_walk_fwd`): a program owns BD channels (one per thread, its N states in registers) and one
+  chunk of TC tokens, and walks it token by token: one exp per state element and token, no cross-thread
+  work. With B D / BD programs alone the GPU is mostly idle at small batches, so the sequence is also cut
+  into chunks: pass 1 walks each chunk from a zero state to its end state and its sum of delta,
+  `_pass_states` chains them (h <- exp(A sum delta) h + end, a scan over chunks), and pass 2 walks every
+  chunk again from its true start, writing y and the states the backward needs every BT tokens.
+- the scan (`_scan_fwd`): a program owns `[BD, N]` channels x states for the whole sequence and walks it in
+  chunks of BT tokens. Inside a chunk the pairs (a_t, u_t) compose associatively ((a1, u1) then (a2, u2) =
+  (a1 a2, a2 u1 + u2)), so `tl.associative_scan` gives every h_t of the chunk at once from the carried state.
 
 Backward: the adjoint g_t = dL/dh_t obeys the reverse recurrence g_t = a_{t+1} g_{t+1} + C_t[n] dy_t[d],
 the same associative pair run with `reverse=True` (a_{t+1} loaded one row ahead). Given g_t and h_t
@@ -20,18 +26,20 @@ where a_t h_{t-1} = h_t - u_t (no division by a small a_t). dB and dC sum over c
 each program writes its block's partial sum and the launcher adds them (deterministic, no atomics).
 Between chunks the backward carries a_{t0} g_{t0}, what the state before the chunk receives.
 
-Two variants of each kernel, picked by tuning (constexpr SEQ): the in-chunk associative scan above, and a
-token-by-token walk over the chunk on the [BD, N] register state (no cross-thread scan; its backward
-recomputes the chunk's h_t into a per-program scratch that stays in L2 and walks it back).
+Two variants of the backward kernel, picked by tuning (constexpr SEQ): the in-chunk associative scans above,
+and a token-by-token walk of each chunk on the [BD, N] register state (it recomputes the chunk's h_t into a
+per-program scratch that stays in L2 and walks it back).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ..hardware._flash_common import pick_config, seqlen_bucket
+from ..hardware._flash_common import cdiv, next_pow2, pick_config, seqlen_bucket
 from . import _interpret_scan
 
 _interpret_scan.enable()
@@ -117,22 +125,91 @@ def _program_tile(A, dt_bias, start, b, pid_d, D, N, BD: tl.constexpr, BN: tl.co
 @triton.jit
 def _scan_fwd(x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, NC, BT: tl.constexpr, BD: tl.constexpr,
               BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_H0: tl.constexpr, SAVE: tl.constexpr,
-              STORE_HT: tl.constexpr, SEQ: tl.constexpr):
+              STORE_HT: tl.constexpr):
     pid_d, b = tl.program_id(0), tl.program_id(1)
     od, on, md, mn, mdn, odn, A_, bias, h = _program_tile(A, dt_bias, h0, b, pid_d, D, N, BD, BN, HAS_BIAS, USE_H0)
     for c in range(0, NC):
         if SAVE:
             tl.store(hs + (b * NC + c) * D * N + odn, h, mask=mdn)
-        if SEQ:  # token by token, the state [BD, BN] in registers: no cross-thread scan, loads hoisted
-            for j in tl.static_range(BT):
-                xt, delta, _, Bt, Ct, mt = _load_token(x, dt, bias, Bm, Cm, b, c * BT + j, T, D, N, od, md, on, mn)
-                h = tl.exp(delta[:, None] * A_) * h + (delta * xt)[:, None] * Bt[None, :]
-                tl.store(y + (b * T + c * BT + j) * D + od, tl.sum(h * Ct[None, :], axis=1).to(y.dtype.element_ty),
-                         mask=mt)
-        else:
-            h = _chunk_fwd(x, dt, dt_bias, Bm, Cm, A_, h, y, b, c * BT, T, D, N, od, md, on, mn, BT, HAS_BIAS)
+        h = _chunk_fwd(x, dt, dt_bias, Bm, Cm, A_, h, y, b, c * BT, T, D, N, od, md, on, mn, BT, HAS_BIAS)
     if STORE_HT:
         tl.store(ht + b * D * N + odn, h, mask=mdn)
+
+
+@triton.jit
+def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N, TC, TP, BT: tl.constexpr,
+              BD: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
+              USE_START: tl.constexpr, EMIT: tl.constexpr, SAVE: tl.constexpr, STORE_HT: tl.constexpr):
+    """Program (channel block, time chunk c of TC tokens, batch b) walks its chunk token by token on the state
+    held as `[BN, BD]`: each thread owns whole channels (all N states), so C_t . h_t is a sum inside the thread
+    and B_t, C_t are broadcast loads: from Bp, Cp `[B, TP, BN]` float32, padded with zeros to TP = a multiple
+    of BT tokens and BN states, so that they need no mask or conversion (B and C are 1/D of x's size). For the
+    compiler to choose that layout, every state it reads or writes in the walk is channel-contiguous `[N, D]`:
+    A_t = A^T, start, ends, ht. EMIT=False (pass 1): from a zero
+    state, the chunk's end state and its sum of delta into ends `[B, NC, N, D]`, sums `[B, NC, D]`. EMIT=True
+    (pass 2): from the true state before the chunk (start `[B, NC, N, D]`, NC = the grid's chunk count, or h0
+    when there is one chunk), y, ht after the last chunk, and every BT tokens the state for the backward
+    (hs `[B, cdiv(T, BT), D, N]`, its kernels' layout; TC is a multiple of BT)."""
+    pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NC = tl.num_programs(1)
+    od = pid_d * BD + tl.arange(0, BD)
+    on = tl.arange(0, BN)
+    md, mn = od < D, on < N
+    mnd = mn[:, None] & md[None, :]
+    tile = on[:, None] * D + od[None, :]  # in an [N, D] state
+    A2 = tl.load(A_t + tile, mask=mnd, other=0.0) * 1.4426950408889634  # exp(delta A) = exp2(delta A log2(e))
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(dt_bias + od, mask=md, other=0.0)
+    h = tl.zeros([BN, BD], dtype=tl.float32)
+    if USE_START:
+        h += tl.load(start + (b * NC + c) * D * N + tile, mask=mnd, other=0.0)
+    delta_sum = tl.zeros([BD], dtype=tl.float32)
+    t_begin = c * TC
+    t_end = tl.minimum(T, t_begin + TC)
+    for s in range(t_begin, t_end, BT):
+        if SAVE:
+            tl.store(hs + (b * tl.cdiv(T, BT) + s // BT) * D * N + od[None, :] * N + on[:, None], h, mask=mnd)
+        for t0 in range(s, s + BT, UNROLL):
+            for j in tl.static_range(UNROLL):  # unrolled: the loads of UNROLL tokens issue together
+                t = t0 + j
+                mt = md & (t < t_end)  # past the chunk: delta = 0, an identity step
+                row = b * T + t
+                raw = tl.load(dt + row * D + od, mask=mt, other=0.0).to(tl.float32) + bias
+                delta = tl.where(mt, tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0)))), 0.0)
+                xt = tl.load(x + row * D + od, mask=mt, other=0.0).to(tl.float32)
+                Bt = tl.load(Bp + (b * TP + t) * BN + on)
+                h = tl.exp2(delta[None, :] * A2) * h + Bt[:, None] * (delta * xt)[None, :]
+                if EMIT:
+                    Ct = tl.load(Cp + (b * TP + t) * BN + on)
+                    tl.store(y + row * D + od, tl.sum(h * Ct[:, None], axis=0).to(y.dtype.element_ty), mask=mt)
+                else:
+                    delta_sum += delta
+    if EMIT:
+        if STORE_HT:
+            if c == NC - 1:
+                tl.store(ht + b * D * N + tile, h, mask=mnd)
+    else:
+        tl.store(ends + (b * NC + c) * D * N + tile, h, mask=mnd)
+        tl.store(sums + (b * NC + c) * D + od, delta_sum, mask=md)
+
+
+@triton.jit
+def _pass_states(A_t, ends, sums, h0, start, D, N, NC, BLOCK: tl.constexpr, USE_H0: tl.constexpr):
+    """The state before each of NC chunks (start `[B, NC, N, D]`) from h0 and the chunks' own end states
+    (ends `[B, NC - 1, N, D]`, from zero; sums of delta `[B, NC - 1, D]`): h <- exp(A * sum of delta) h + end."""
+    pid, b = tl.program_id(0), tl.program_id(1)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)  # flat (n, d)
+    m = idx < D * N
+    A2 = tl.load(A_t + idx, mask=m, other=0.0) * 1.4426950408889634
+    h = tl.zeros([BLOCK], dtype=tl.float32)
+    if USE_H0:
+        h += tl.load(h0 + b * D * N + idx, mask=m, other=0.0)
+    for c in range(0, NC - 1):
+        tl.store(start + (b * NC + c) * D * N + idx, h, mask=m)
+        total = tl.load(sums + (b * (NC - 1) + c) * D + idx % D, mask=m, other=0.0)
+        h = tl.exp2(A2 * total) * h + tl.load(ends + (b * (NC - 1) + c) * D * N + idx, mask=m, other=0.0)
+    tl.store(start + (b * NC + NC - 1) * D * N + idx, h, mask=m)
 
 
 @triton.jit
@@ -211,12 +288,35 @@ def _scan_bwd(x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, 
         tl.store(dh0 + b * D * N + odn, Gs, mask=mdn)  # dL/dh_{-1} = a_0 g_0
 
 
-def _configs(N: int):
-    """Forward candidates (BT, BD, num_warps, SEQ): SEQ=0 scans each chunk's [BT, BD, N] block at once,
-    SEQ=1 walks its tokens one by one on the [BD, N] state. The first one is the interpreter's. Few on purpose:
-    every candidate compiles on first use, and SEQ's unrolled chunk loops compile slowly. On the H100 the scan
-    variant tuned to (32, 8, 4) (benchmarks/results/mamba.md); both variants pass the reference checks there."""
-    return [(16, 8 if N > 32 else 16, 4, 0), (32, 8, 4, 0), (32, 8, 4, 1)]
+class FwdConfig(NamedTuple):
+    """A forward candidate. kernel "walk": `_walk_fwd` over time chunks of TC tokens (TC >= T: one chunk, no
+    pass 1), BD channels per program (one per thread), tokens unrolled by UNROLL; "scan": `_scan_fwd`'s
+    in-chunk associative scan over the whole sequence, BD channels x N states per program. BT: the interval
+    of the states saved for the backward (the scan's chunk)."""
+    kernel: str
+    BT: int
+    BD: int
+    warps: int
+    TC: int = 0
+    UNROLL: int = 4
+
+
+def _configs(B: int, T: int, D: int, N: int) -> list[FwdConfig]:
+    """Forward candidates; the first is the interpreter's (and, with tuning off, the GPU's).
+
+    One program walks one chunk of one channel block sequentially, so the grid must be wide in time as well:
+    at B = 1, D = 2048 there are only 16 blocks of 128 channels, 16 warps for a 132-SM GPU whose exp units
+    (16 per SM, one exp per state element and token) stay idle. Chunks of TC tokens make cdiv(T, TC) times
+    more programs, for a second walk (pass 1: each chunk's own end state) that doubles the exps; TC >= T
+    drops pass 1 where B and D alone fill the GPU. The scan candidate is the kernel measured on the H100
+    (benchmarks/results/mamba.md: (32, 8, 4), 4.1-4.8x the engine's scalar-gate forward)."""
+    walk = []
+    for BD, warps in ((128, 4), (64, 2)):
+        chunks = max(1, 2048 // (B * cdiv(D, BD) * warps))  # for ~2048 warps in all (16 per SM)
+        split = 256 * max(1, cdiv(T, 256 * chunks))  # chunks of a multiple of 256 tokens
+        for TC in (split, 4 * split, T):  # then 4x fewer chunks, then none
+            walk.append(FwdConfig("walk", 32, BD, warps, 32 * cdiv(min(TC, T), 32)))
+    return [*dict.fromkeys(walk), FwdConfig("scan", 32, 8, 4)]
 
 
 def _bwd_configs(N: int):
@@ -227,23 +327,48 @@ def _bwd_configs(N: int):
 def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool):
     Bsz, T, D = x.shape
     N = A.shape[1]
+    BN = next_pow2(N)
     y = empty_output((Bsz, T, D), x.dtype, x.device)
     ht = empty_output((Bsz, D, N), torch.float32, x.device) if want_ht else None
     key = (D, N, x.dtype, Bsz, seqlen_bucket(T))
     holder = {}
 
-    def launch(cfg):
-        BT, BD, warps, seq = cfg
-        # the chunk-start states saved for the backward: their number depends on the candidate's BT
-        holder["hs"] = hs = (torch.empty((Bsz, triton.cdiv(T, BT), D, N), dtype=torch.float32, device=x.device)
+    def launch(cfg: FwdConfig):
+        # the states saved for the backward: their number depends on the candidate's BT
+        holder["hs"] = hs = (torch.empty((Bsz, cdiv(T, cfg.BT), D, N), dtype=torch.float32, device=x.device)
                              if save else None)
-        _scan_fwd[(triton.cdiv(D, BD), Bsz)](x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, triton.cdiv(T, BT),
-                                             BT=BT, BD=BD, BN=triton.next_power_of_2(N),
-                                             HAS_BIAS=dt_bias is not None, USE_H0=h0 is not None, SAVE=save,
-                                             STORE_HT=want_ht, SEQ=bool(seq), num_warps=warps)
-    cfg = pick_config(("mamba_fwd", *key), _configs(N), launch)
+        if cfg.kernel == "scan":
+            _scan_fwd[(cdiv(D, cfg.BD), Bsz)](x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, cdiv(T, cfg.BT),
+                                              BT=cfg.BT, BD=cfg.BD, BN=BN, HAS_BIAS=dt_bias is not None,
+                                              USE_H0=h0 is not None, SAVE=save, STORE_HT=want_ht, num_warps=cfg.warps)
+            return
+        if cfg.TC % cfg.BT or cfg.BT % cfg.UNROLL:
+            raise ValueError(f"mamba forward config {cfg}: TC must be a multiple of BT, and BT of UNROLL")
+        NC, blocks = cdiv(T, cfg.TC), cdiv(D, cfg.BD)
+        tiles = dict(BT=cfg.BT, BD=cfg.BD, BN=BN, UNROLL=cfg.UNROLL, HAS_BIAS=dt_bias is not None,
+                     num_warps=cfg.warps)
+        A_t = A.t().contiguous()  # the walk's states are [N, D] (see _walk_fwd); these copies are O(D N)
+        TP = cfg.BT * cdiv(T, cfg.BT)
+        Bp, Cp = (torch.zeros((Bsz, TP, BN), dtype=torch.float32, device=x.device) for _ in range(2))
+        Bp[:, :T, :N], Cp[:, :T, :N] = Bm, Cm
+        start = None if h0 is None else h0.transpose(1, 2).contiguous()
+        if NC > 1:  # pass 1: each chunk but the last from zero; then the states between chunks
+            ends = torch.empty((Bsz, NC - 1, N, D), dtype=torch.float32, device=x.device)
+            sums = torch.empty((Bsz, NC - 1, D), dtype=torch.float32, device=x.device)
+            _walk_fwd[(blocks, NC - 1, Bsz)](x, dt, dt_bias, A_t, Bp, None, None, None, None, ends, sums, None, T, D,
+                                             N, cfg.TC, TP, USE_START=False, EMIT=False, SAVE=False, STORE_HT=False,
+                                             **tiles)
+            h0_t, start = start, torch.empty((Bsz, NC, N, D), dtype=torch.float32, device=x.device)
+            _pass_states[(cdiv(D * N, 1024), Bsz)](A_t, ends, sums, h0_t, start, D, N, NC, BLOCK=1024,
+                                                   USE_H0=h0_t is not None)
+        ht_t = torch.empty((Bsz, N, D), dtype=torch.float32, device=x.device) if want_ht else None
+        _walk_fwd[(blocks, NC, Bsz)](x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, None, None, ht_t, T, D, N, cfg.TC,
+                                     TP, USE_START=start is not None, EMIT=True, SAVE=save, STORE_HT=want_ht, **tiles)
+        if want_ht:
+            ht.copy_(ht_t.transpose(1, 2))
+    cfg = pick_config(("mamba_fwd", *key), _configs(Bsz, T, D, N), launch)
     launch(cfg)
-    return y, ht, holder["hs"], cfg[0]
+    return y, ht, holder["hs"], cfg.BT
 
 
 def _backward(x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, want_dh0: bool):
