@@ -65,6 +65,17 @@ def compile_sm90(fn, constexprs: dict, warps: int, stages: int, descriptors: dic
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+def compile_typed(fn, types: dict, constexprs: dict, warps: int, stages: int = 1):
+    """Compile any kernel for sm_90a: `types` gives the Triton type of each non-constexpr argument (default
+    i32); pointers, and integers named s* (strides), are 16-byte aligned / multiples of 16 as on the GPU.
+    Integer arguments equal to 1, which the launcher specialises, belong in `constexprs`."""
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+               if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("s"))}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
 def report(kernel) -> dict:
     """Registers and spill bytes (ptxas -v), shared memory, and counts of a few SASS instruction kinds."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +92,7 @@ def report(kernel) -> dict:
             "spill_store_bytes": int(spill.group(1)) if spill else None,
             "spill_load_bytes": int(spill.group(2)) if spill else None,
             "shared_bytes": kernel.metadata.shared, "instructions": sum(ops.values()),
-            **{op: ops[op] for op in ("LDG", "LDGSTS", "UTMALDG", "HGMMA", "MUFU", "BAR")}}
+            **{op: ops[op] for op in ("LDG", "LDGSTS", "UTMALDG", "HGMMA", "IGMMA", "QGMMA", "MUFU", "BAR")}}
 
 
 def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, mask_m: int) -> dict:

@@ -22,17 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import flash_compile  # noqa: E402  (sets TRITON_INTERPRET=0 and src on the path first)
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from effattn.linear import selective_scan  # noqa: E402
-
-
-def compile_sm90(fn, types: dict, constexprs: dict, warps: int):
-    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
 
 
 def walk_rows(n: int, dtype: str) -> list[dict]:
@@ -45,12 +36,14 @@ def walk_rows(n: int, dtype: str) -> list[dict]:
             for unroll in (4, 8):
                 consts = dict(BT=32, BD=bd, BN=triton.next_power_of_2(n), UNROLL=unroll, HAS_BIAS=True,
                               USE_START=emit, EMIT=emit, SAVE=emit, STORE_HT=emit)
-                built[unroll] = flash_compile.report(compile_sm90(selective_scan._walk_fwd, types, consts, warps))
+                kernel = flash_compile.compile_typed(selective_scan._walk_fwd, types, consts, warps)
+                built[unroll] = flash_compile.report(kernel)
             per_thread = bd // (32 * warps)  # channels per thread
             per_token = lambda k: (built[8][k] - built[4][k]) / 4 / per_thread  # noqa: E731
             instr, mufu = per_token("instructions"), per_token("MUFU")
             rows.append({"kernel": "walk pass 2 (y)" if emit else "walk pass 1 (end states)", "BD": bd,
-                         "warps": warps, "registers": built[4]["registers"], "spill_bytes": built[4]["spill_store_bytes"],
+                         "warps": warps, "registers": built[4]["registers"],
+                         "spill_bytes": built[4]["spill_store_bytes"],
                          "instr_per_state": instr / n, "mufu_per_state": mufu / n,
                          "bound": "exp" if 8 * mufu >= instr else "issue"})
     return rows
@@ -61,7 +54,7 @@ def scan_row(n: int, dtype: str) -> dict:
                  A="*fp32", h0="*fp32", hs="*fp32", ht="*fp32")
     bt, bd, warps = 32, 8, 4  # the H100's tuned scan (benchmarks/results/mamba.md)
     consts = dict(BT=bt, BD=bd, BN=triton.next_power_of_2(n), HAS_BIAS=True, USE_H0=True, SAVE=True, STORE_HT=True)
-    r = flash_compile.report(compile_sm90(selective_scan._scan_fwd, types, consts, warps))
+    r = flash_compile.report(flash_compile.compile_typed(selective_scan._scan_fwd, types, consts, warps))
     states = bt * bd * n / (32 * warps)  # state elements per thread per chunk
     return {"kernel": "scan (one chunk per loop trip)", "BD": bd, "warps": warps, "registers": r["registers"],
             "spill_bytes": r["spill_store_bytes"], "instr_per_state": r["instructions"] / states,
@@ -75,7 +68,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     rows = walk_rows(args.n, args.dtype) + [scan_row(args.n, args.dtype)]
-    print("| kernel | BD | warps | registers | spill bytes | instructions / state element | exps / state element | bound |")
+    print("| kernel | BD | warps | registers | spill bytes | instructions / state element | exps / state element "
+          "| bound |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kernel']} | {r['BD']} | {r['warps']} | {r['registers']} | {r['spill_bytes']} | "

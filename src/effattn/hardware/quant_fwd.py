@@ -53,7 +53,10 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b,
     score; the INT32 dot products become float32 through the exponent trick (2^23 + 2^22 + x is exact for
     |x| < 2^22, which holds for D <= 256 int8 products), an integer add instead of a quarter-rate convert.
     On the FP8 P V path p carries the factor 448 (the e4m3 range) through the exponent, l as well."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    # every key block starts on a multiple of BLOCK_N (_kv_stages): said, V^T's token rows load as 16-byte vectors
+    offs_n = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_N), BLOCK_N), BLOCK_N)
+    if PV_FP8:  # the tile's V scales, first: the load is outside the software pipeline, Q K^T hides its latency
+        sv = tl.load(VSb + (n0 // BLOCK_N) * svs_b + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0)
     k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK, PAD_D)
     qk = tl.dot(q, tl.trans(k))
     if K_SCALAR:
@@ -72,13 +75,18 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b,
         if MASK:
             s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, 0), s, float("-inf"))
         p, alpha, l_i, m_new = _softmax_step(s, 1.0, 1.0, LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
-    v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
-                   MASK, PAD_DV)
     if PV_FP8:
-        sv = tl.load(VSb + (n0 // BLOCK_N) * svs_b + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0)
-        pv = tl.dot(_to_e4m3(p, GRID_ROUND), v)
+        # V^T `[Dv, S_pad]` loaded as stored (token rows contiguous) and transposed in shared memory, as K is:
+        # FP8 wgmma wants V K-major. No mask on tokens: S_pad is a multiple of BLOCK_N = V_BLOCK, zero past S
+        # (p is 0 there). A mask varying along the rows, or a [BLOCK_N, Dv] load, left the tile to 1-byte
+        # synchronous loads outside the software pipeline on sm_90a (benchmarks/quant_compile.py).
+        vt = _load_tile(Vb + offs_dv[:, None] * sv_d + offs_n[None, :] * sv_t, offs_dv, HEAD_DIM_V, offs_n, seqlen_k,
+                        PAD_DV, False)
+        pv = tl.dot(_to_e4m3(p, GRID_ROUND), tl.trans(vt))
         acc = acc * alpha[:, None] + pv * sv[None, :]
     else:
+        v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
+                       MASK, PAD_DV)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC)
     return acc, l_i, m_new
 
@@ -159,7 +167,8 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_
 
     q `[B, T, H, D]` and k `[B, S, Hkv, D]` int8 or float8_e4m3fn; q_scale `[B, H, T]` (already times
     softmax scale * log2 e) and k_scale `[B, Hkv, S]` float32. v: `[B, S, Hkv, Dv]` in 16/32-bit with
-    v_scale None, or float8 `[B, Hkv, Dv, S_pad]` with v_scale `[B, Hkv, ceil(S / V_BLOCK), Dv]`.
+    v_scale None, or float8 `[B, Hkv, Dv, S_pad]` (S_pad a multiple of V_BLOCK, zeros past S) with
+    v_scale `[B, Hkv, ceil(S / V_BLOCK), Dv]`.
     k_group: tokens sharing one K scale (None: the whole head); tiles inside one group take the scalar-scale
     path (`_quant_tile`). Returns o `[B, T, H, Dv]` in out_dtype."""
     B, T, H, D = q.shape

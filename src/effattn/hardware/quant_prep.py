@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._memory import empty_output
 from .._triton_mode import interpreting
 from ._flash_common import KernelLaunch, block_d, cdiv
 from .quant_fwd import _to_e4m3
@@ -59,7 +60,8 @@ def _v_fp8_kernel(V, C, SC, sv_b, sv_t, sv_h, sc_b, sc_h, sc_d, ss_b, ss_h, ss_n
     amax = tl.max(tl.abs(v), 0)
     scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
     codes = _to_e4m3(tl.math.div_rn(v, scale[None, :]), GRID_ROUND)
-    tl.store(C + b * sc_b + h * sc_h + cols[None, :] * sc_d + rows[:, None], codes, mask=ok)
+    # every row: the codes are padded to whole blocks, with zeros past S (the attention loads them unmasked)
+    tl.store(C + b * sc_b + h * sc_h + cols[None, :] * sc_d + rows[:, None], codes, mask=cols[None, :] < D)
     tl.store(SC + b * ss_b + h * ss_h + nb * ss_n + cols, scale, mask=cols < D)
 
 
@@ -94,8 +96,8 @@ def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, S, H, D = v.shape
     v = v if v.stride(-1) == 1 else v.contiguous()
     nb = cdiv(S, V_BLOCK)
-    codes = torch.empty(B, H, D, cdiv(S, 16) * 16, dtype=FP8, device=v.device)
-    scale = torch.empty(B, H, nb, D, dtype=torch.float32, device=v.device)
+    codes = empty_output((B, H, D, nb * V_BLOCK), FP8, v.device)
+    scale = empty_output((B, H, nb, D), torch.float32, v.device)
     _v_fp8_kernel[(nb, B * H)](
         v, codes, scale, v.stride(0), v.stride(1), v.stride(2), codes.stride(0), codes.stride(1),
         codes.stride(2), scale.stride(0), scale.stride(1), scale.stride(2), S, H, D=D, BLOCK_D=block_d(D),

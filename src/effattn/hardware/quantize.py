@@ -61,7 +61,8 @@ def quantize_v_fp8(v: torch.Tensor, per_head: bool = False) -> tuple[torch.Tenso
     """FP8 V with one scale per channel and block of V_BLOCK tokens (per_head: one scale per head).
 
     v `[B, S, H, Dv]` -> (codes float8_e4m3fn `[B, H, Dv, S_pad]` token-contiguous, as the PV product's
-    B operand wants, with S_pad = S rounded up to 16; scale float32 `[B, H, ceil(S / V_BLOCK), Dv]`)."""
+    B operand wants, with S_pad = S rounded up to V_BLOCK and zeros past S; scale float32
+    `[B, H, ceil(S / V_BLOCK), Dv]`)."""
     B, S, H, Dv = v.shape
     vg, _ = _groups(v, None if per_head else V_BLOCK)  # [B, H, G, g, Dv]
     amax = vg.abs().amax(dim=(3, 4) if per_head else 3, keepdim=True)
@@ -69,7 +70,7 @@ def quantize_v_fp8(v: torch.Tensor, per_head: bool = False) -> tuple[torch.Tenso
     codes = (vg / scale).reshape(B, H, -1, Dv)[:, :, :S]
     nb = -(-S // V_BLOCK)
     scale = scale[:, :, :, 0].repeat_interleave(nb if per_head else 1, dim=2).contiguous()
-    out = torch.zeros(B, H, Dv, -(-S // 16) * 16, dtype=FP8, device=v.device)
+    out = torch.zeros(B, H, Dv, nb * V_BLOCK, dtype=FP8, device=v.device)
     out[..., :S] = codes.transpose(2, 3).to(FP8)
     return out, scale
 
