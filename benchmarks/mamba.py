@@ -26,12 +26,12 @@ from effattn.registry import REGISTRY
 from effattn.testing import check_method, odd_shapes
 
 D_INNER, N, H, DK, DV = 2048, 16, 16, 16, 128
-Fwd = selective_scan.FwdConfig
-# the checks run each forward kernel with each backward variant; the walk in chunks of 32 tokens (2 at T = 37,
-# 64 at T = 2048) so that pass 1 and the state passing run too. The timing tunes over
-# the library's own candidates.
-VARIANTS = {"walk,scan_bwd": ([Fwd("walk", 32, 128, 4, 32)], [(16, 4, 0)]),
-            "scan,seq_bwd": ([Fwd("scan", 32, 8, 4)], [(8, 4, 1)])}
+Fwd, Bwd = selective_scan.FwdConfig, selective_scan.BwdConfig
+# the checks run each forward kernel with each backward kernel; the walks in chunks of 32 tokens (2 at T = 37, 64
+# at T = 2048) so that the passes between chunks run too. The timing tunes over the library's own candidates.
+VARIANTS = {"walk,walk_bwd": ([Fwd("walk", 32, 128, 4, 32)], [Bwd("walk", 32, 1, 32)]),
+            "walk,scan_bwd": ([Fwd("walk", 32, 128, 4, 32)], [Bwd("scan", 16, 4)]),
+            "scan,seq_bwd": ([Fwd("scan", 32, 8, 4)], [Bwd("seq", 8, 4)])}
 
 
 def bench(fn):
@@ -93,7 +93,7 @@ def main():
     library_configs = selective_scan._configs, selective_scan._bwd_configs
     for dtype in (torch.float32, torch.bfloat16):
         for variant, (fwd, bwd) in VARIANTS.items():
-            selective_scan._configs, selective_scan._bwd_configs = (lambda *s, c=fwd: c), (lambda n, c=bwd: c)
+            selective_scan._configs, selective_scan._bwd_configs = (lambda *s, c=fwd: c), (lambda *s, c=bwd: c)
             r = check_method(m, form="chunk", shape=odd_shapes()[0], dtype=dtype, device="cuda")
             res["checks"][f"reference_{dtype}_{variant}"] = {c.name: [c.error, c.allowed, c.ok] for c in r}
             print(dtype, variant, all(c.ok for c in r), flush=True)

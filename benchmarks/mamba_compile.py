@@ -1,15 +1,17 @@
-"""Compile Mamba's forward kernels (selective_scan.py) for Hopper (sm_90a) on a machine without a GPU: registers,
-spills, and the instructions each thread issues per state element, the measure that bounds a scan whose every
-state element costs one exp.
+"""Compile Mamba's kernels (selective_walk.py, selective_scan.py) for Hopper (sm_90a) on a machine without a GPU:
+registers, spills, barriers, and the instructions each thread issues per state element, the measure that bounds a
+scan whose every state element costs an exp.
 
-    python benchmarks/mamba_compile.py [--n 16] [--dtype bf16]
+    python benchmarks/mamba_compile.py [--n 16] [--dtype bf16] [--json FILE]
 
-Per (channel, token) the walk updates N state elements with one exp each. Hopper's exp units (MUFU, 16 per SM,
-4 per sub-partition) take 8 cycles per warp instruction, and a sub-partition issues one warp instruction per
-cycle, so a warp's (channel, token) costs at least max(8 * MUFU, instructions) cycles: the walk is exp-bound
-when it issues fewer than 8 instructions per exp. The walk's loop body is the difference between UNROLL = 8 and
-UNROLL = 4 builds, per token; the scan's is its whole kernel per state element of a chunk (an upper bound).
-It times nothing: the device confirms.
+Integer arguments are compiled as the launcher specialises them at the benchmark's shapes (multiples of 16),
+except those a kernel marks `do_not_specialize`. Hopper's exp units (MUFU, 16 per SM, 4 per sub-partition)
+take 8 cycles per warp instruction and a sub-partition issues one warp instruction per cycle, so a warp spends
+at least max(instructions, 8 x exps) cycles per state element: "exp"-bound or "issue"-bound below. Per element:
+- walk forward passes and the backward's carry pass: the difference between UNROLL = 8 and 4 builds, per token;
+- the walk backward: the whole kernel over its two loop bodies (4 tokens each), an upper bound;
+- the scan kernels: the whole kernel over one chunk, an upper bound.
+BAR counts barriers in the whole kernel (a layout change through shared memory costs one). It times nothing.
 """
 from __future__ import annotations
 
@@ -23,42 +25,62 @@ import flash_compile  # noqa: E402  (sets TRITON_INTERPRET=0 and src on the path
 
 import triton  # noqa: E402
 
-from effattn.linear import selective_scan  # noqa: E402
+from effattn.linear import selective_scan, selective_walk  # noqa: E402
+
+INTS = ("T", "D", "N", "TC", "TP", "NC")  # multiples of 16 at the benchmark's shapes
+
+
+def _build(fn, types, consts, warps) -> dict:
+    return flash_compile.report(flash_compile.compile_typed(fn, types, consts, warps, multiples_of_16=INTS))
+
+
+def _row(kernel, bd, warps, r, instr, mufu, n) -> dict:
+    return {"kernel": kernel, "BD": bd, "warps": warps, "registers": r["registers"],
+            "spill_bytes": r["spill_store_bytes"], "BAR": r["BAR"], "instr_per_state": instr / n,
+            "mufu_per_state": mufu / n, "bound": "exp" if 8 * mufu >= instr else "issue"}
 
 
 def walk_rows(n: int, dtype: str) -> list[dict]:
-    types = dict(x=f"*{dtype}", dt=f"*{dtype}", y=f"*{dtype}", dt_bias="*fp32", A_t="*fp32", Bp="*fp32", Cp="*fp32",
-                 start="*fp32", hs="*fp32", ends="*fp32", sums="*fp32", ht="*fp32")
+    bn = triton.next_power_of_2(n)
+    types = dict(x=f"*{dtype}", dt=f"*{dtype}", y=f"*{dtype}", dy=f"*{dtype}", dx=f"*{dtype}")
+    types.update({name: "*fp32" for name in ("dt_bias", "A_t", "Bp", "Cp", "start", "hs", "ends", "sums", "ht", "carry",
+                                             "ddt", "dA", "dB", "dC", "dh0", "ckpt")})
     rows = []
-    for emit in (False, True):
-        for bd, warps in ((128, 4), (64, 2), (256, 8), (256, 4)):
-            built = {}
-            for unroll in (4, 8):
-                consts = dict(BT=32, BD=bd, BN=triton.next_power_of_2(n), UNROLL=unroll, HAS_BIAS=True,
-                              USE_START=emit, EMIT=emit, SAVE=emit, STORE_HT=emit)
-                kernel = flash_compile.compile_typed(selective_scan._walk_fwd, types, consts, warps)
-                built[unroll] = flash_compile.report(kernel)
-            per_thread = bd // (32 * warps)  # channels per thread
-            per_token = lambda k: (built[8][k] - built[4][k]) / 4 / per_thread  # noqa: E731
-            instr, mufu = per_token("instructions"), per_token("MUFU")
-            rows.append({"kernel": "walk pass 2 (y)" if emit else "walk pass 1 (end states)", "BD": bd,
-                         "warps": warps, "registers": built[4]["registers"],
-                         "spill_bytes": built[4]["spill_store_bytes"],
-                         "instr_per_state": instr / n, "mufu_per_state": mufu / n,
-                         "bound": "exp" if 8 * mufu >= instr else "issue"})
+    for bd, warps in ((128, 4), (64, 2), (32, 1)):
+        per_thread = bd // (32 * warps)  # channels per thread
+        kernels = [("walk fwd pass 1 (end states)", selective_walk._walk_fwd,
+                    dict(BT=32, BD=bd, BN=bn, HAS_BIAS=True, USE_START=False, EMIT=False, SAVE=False, STORE_HT=False)),
+                   ("walk fwd pass 2 (y)", selective_walk._walk_fwd,
+                    dict(BT=32, BD=bd, BN=bn, HAS_BIAS=True, USE_START=True, EMIT=True, SAVE=True, STORE_HT=True)),
+                   ("walk bwd carries", selective_walk._walk_carry, dict(BD=bd, BN=bn, HAS_BIAS=True))]
+        for name, fn, consts in kernels:
+            built = {u: _build(fn, types, dict(consts, UNROLL=u), warps) for u in (4, 8)}
+            diff = lambda k: (built[8][k] - built[4][k]) / 4 / per_thread  # noqa: E731  (per channel and token)
+            rows.append(_row(name, bd, warps, built[4], diff("instructions"), diff("MUFU"), n))
+        r = _build(selective_walk._walk_bwd, types, dict(BT=32, BD=bd, BN=bn, HAS_BIAS=True, USE_CARRY=True,
+                                                         STORE_DH0=False), warps)
+        steps = 4 * per_thread  # (channel, token) pairs a thread handles per trip of each loop body
+        rows.append(_row("walk bwd (bound: whole kernel)", bd, warps, r, r["instructions"] / steps,
+                         r["MUFU"] / steps, n))
     return rows
 
 
-def scan_row(n: int, dtype: str) -> dict:
-    types = dict(x=f"*{dtype}", dt=f"*{dtype}", y=f"*{dtype}", Bm=f"*{dtype}", Cm=f"*{dtype}", dt_bias="*fp32",
-                 A="*fp32", h0="*fp32", hs="*fp32", ht="*fp32")
+def scan_rows(n: int, dtype: str) -> list[dict]:
+    bn = triton.next_power_of_2(n)
+    types = dict(x=f"*{dtype}", dt=f"*{dtype}", y=f"*{dtype}", Bm=f"*{dtype}", Cm=f"*{dtype}", dy=f"*{dtype}",
+                 dx=f"*{dtype}")
+    types.update({name: "*fp32" for name in ("dt_bias", "A", "h0", "hs", "ht", "dht", "ddt", "dA", "dB", "dC", "dh0",
+                                             "scratch")})
     bt, bd, warps = 32, 8, 4  # the H100's tuned scan (benchmarks/results/mamba.md)
-    consts = dict(BT=bt, BD=bd, BN=triton.next_power_of_2(n), HAS_BIAS=True, USE_H0=True, SAVE=True, STORE_HT=True)
-    r = flash_compile.report(flash_compile.compile_typed(selective_scan._scan_fwd, types, consts, warps))
-    states = bt * bd * n / (32 * warps)  # state elements per thread per chunk
-    return {"kernel": "scan (one chunk per loop trip)", "BD": bd, "warps": warps, "registers": r["registers"],
-            "spill_bytes": r["spill_store_bytes"], "instr_per_state": r["instructions"] / states,
-            "mufu_per_state": r["MUFU"] / states, "bound": "exp" if 8 * r["MUFU"] >= r["instructions"] else "issue"}
+    states = bt * bd * n / (32 * warps) / n  # (channel, token) pairs per thread per chunk
+    fwd = _build(selective_scan._scan_fwd, types, dict(BT=bt, BD=bd, BN=bn, HAS_BIAS=True, USE_H0=True, SAVE=True,
+                                                       STORE_HT=True), warps)
+    bwd = _build(selective_scan._scan_bwd, types, dict(BT=bt, BD=bd, BN=bn, HAS_BIAS=True, USE_DHT=False,
+                                                       STORE_DH0=False, SEQ=False), warps)
+    return [_row("scan fwd (bound: whole kernel)", bd, warps, fwd, fwd["instructions"] / states, fwd["MUFU"] / states,
+                 n),
+            _row("scan bwd (bound: whole kernel)", bd, warps, bwd, bwd["instructions"] / states, bwd["MUFU"] / states,
+                 n)]
 
 
 def main() -> None:
@@ -67,12 +89,12 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    rows = walk_rows(args.n, args.dtype) + [scan_row(args.n, args.dtype)]
-    print("| kernel | BD | warps | registers | spill bytes | instructions / state element | exps / state element "
+    rows = walk_rows(args.n, args.dtype) + scan_rows(args.n, args.dtype)
+    print("| kernel | BD | warps | registers | spill bytes | BAR | instructions / state element | exps / state element "
           "| bound |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kernel']} | {r['BD']} | {r['warps']} | {r['registers']} | {r['spill_bytes']} | "
+        print(f"| {r['kernel']} | {r['BD']} | {r['warps']} | {r['registers']} | {r['spill_bytes']} | {r['BAR']} | "
               f"{r['instr_per_state']:.2f} | {r['mufu_per_state']:.2f} | {r['bound']} |")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)

@@ -48,13 +48,9 @@ def test_mamba_decode_matches_chunk():
     check_decode(mamba, inp, {n: t.float() for n, t in static.items()}, "initial_state")
 
 
-def test_mamba_bf16_long_is_finite(monkeypatch):
-    from effattn.linear import selective_scan
-
-    # the walk in two time chunks (pass 1 and the state passing under strong decays), states saved every 128 tokens
-    monkeypatch.setattr(selective_scan, "_configs", lambda *shape: [selective_scan.FwdConfig("walk", 128, 16, 4, 2048)])
+def _mamba_bf16_strong_decays(T: int):
     gen = torch.Generator().manual_seed(4)
-    inp = mamba_inputs(Shape(batch=1, seq_q=4096, heads=1, head_dim=16), torch.bfloat16, "cpu", gen)
+    inp = mamba_inputs(Shape(batch=1, seq_q=T, heads=1, head_dim=16), torch.bfloat16, "cpu", gen)
     inp["dt"] = inp["dt"] + 2.0  # large steps: strong decays exp(Delta A) -> 0 and large inputs Delta B x
     for t in (inp["x"], inp["dt"], inp["B"], inp["A"]):
         t.requires_grad_(True)
@@ -62,6 +58,25 @@ def test_mamba_bf16_long_is_finite(monkeypatch):
     (y.float().sum() + h.sum()).backward()
     for t in (y, h, inp["x"].grad, inp["dt"].grad, inp["B"].grad, inp["A"].grad):
         assert torch.isfinite(t.float()).all()
+
+
+def test_mamba_bf16_long_is_finite(monkeypatch):
+    from effattn.linear import selective_scan
+
+    # T = 4096: the walk forward in two time chunks (pass 1 and the state passing under strong decays), states
+    # saved every 128 tokens; the in-chunk-scan backward (the walk backward, 3 walks per token, is slow in the
+    # interpreter: it runs at T = 512 below)
+    monkeypatch.setattr(selective_scan, "_configs", lambda *shape: [selective_scan.FwdConfig("walk", 128, 16, 4, 2048)])
+    monkeypatch.setattr(selective_scan, "_bwd_configs", lambda *shape: [selective_scan.BwdConfig("scan", 16, 4)])
+    _mamba_bf16_strong_decays(4096)
+
+
+def test_mamba_walk_backward_bf16_is_finite(monkeypatch):
+    from effattn.linear import selective_scan
+
+    monkeypatch.setattr(selective_scan, "_configs", lambda *shape: [selective_scan.FwdConfig("walk", 32, 16, 4, 512)])
+    monkeypatch.setattr(selective_scan, "_bwd_configs", lambda *shape: [selective_scan.BwdConfig("walk", 16, 1, 128)])
+    _mamba_bf16_strong_decays(512)
 
 
 @pytest.mark.parametrize("change,error,match", [
@@ -211,15 +226,19 @@ def test_slstm_errors(change, error, match):
         slstm(**inp)
 
 
-@pytest.mark.parametrize("fwd,bwd", [(("walk", 8, 16, 4, 16), (16, 4, 0)), (("scan", 16, 16, 4), (16, 4, 1))],
-                         ids=["walk_in_time_chunks", "scan_fwd,token_by_token_bwd"])
+@pytest.mark.parametrize("fwd,bwd", [(("walk", 8, 16, 4, 16), ("walk", 16, 1, 16)),
+                                     (("walk", 8, 16, 4, 48), ("walk", 32, 1, 8)),
+                                     (("walk", 8, 16, 4, 16), ("scan", 16, 4)),
+                                     (("scan", 16, 16, 4), ("seq", 16, 4))],
+                         ids=["walk_3_chunks", "walk_1_chunk,bwd_6_chunks", "walk,scan_bwd", "scan,seq_bwd"])
 def test_mamba_kernel_variants(monkeypatch, fwd, bwd):
-    """The variants the GPU tuning may pick. walk: T = 41 in chunks of 16 tokens (pass 1's end states, the
-    state passing, then each chunk from its true start), two blocks of 16 channels, states saved every 8 tokens
-    for the backward; scan: the in-chunk associative scan forward. Backward: the in-chunk scans, or each chunk's
-    tokens walked one by one (h_t of the chunk in scratch)."""
+    """The variants the GPU tuning may pick, at T = 41, D = 20, N = 12 (two blocks of 16 channels, or one of 32).
+    Walk forward in chunks of 16 tokens (pass 1's end states, the state passing, each chunk from its true start)
+    or one chunk; walk backward in chunks of 16 or 8 tokens (the carries walked back from zero and chained from
+    dht, each chunk walked back from its carry, its states recomputed from the forward's, saved every 8 tokens);
+    the scan forward; the in-chunk-scan and token-by-token (h_t in scratch) backward."""
     from effattn.linear import selective_scan
 
     monkeypatch.setattr(selective_scan, "_configs", lambda *shape: [selective_scan.FwdConfig(*fwd)])
-    monkeypatch.setattr(selective_scan, "_bwd_configs", lambda N: [bwd])
+    monkeypatch.setattr(selective_scan, "_bwd_configs", lambda *shape: [selective_scan.BwdConfig(*bwd)])
     check_against_reference(mamba, mamba_reference, mamba_case(initial_state=True), {}, form="chunk")

@@ -5,30 +5,27 @@ Per batch b, channel d and state index n the recurrence is independent:
     h_t[d, n] = a_t[d, n] h_{t-1}[d, n] + u_t[d, n],   a_t = exp(delta_t[d] A[d, n]),  u_t = delta_t[d] B_t[n] x_t[d]
     y_t[d]    = sum_n C_t[n] h_t[d, n]
 
-with delta = softplus(dt + dt_bias). Two forward kernels, picked by tuning (see `_configs`):
+with delta = softplus(dt + dt_bias). Two kernel families, picked by tuning (`_configs`, `_bwd_configs`):
 
-- the walk (`_walk_fwd`): a program owns BD channels (one per thread, its N states in registers) and one
-  chunk of TC tokens, and walks it token by token: one exp per state element and token, no cross-thread
-  work. With B D / BD programs alone the GPU is mostly idle at small batches, so the sequence is also cut
-  into chunks: pass 1 walks each chunk from a zero state to its end state and its sum of delta,
-  `_pass_states` chains them (h <- exp(A sum delta) h + end, a scan over chunks), and pass 2 walks every
-  chunk again from its true start, writing y and the states the backward needs every BT tokens.
-- the scan (`_scan_fwd`): a program owns `[BD, N]` channels x states for the whole sequence and walks it in
-  chunks of BT tokens. Inside a chunk the pairs (a_t, u_t) compose associatively ((a1, u1) then (a2, u2) =
+- the walk (selective_walk.py): a program owns BD channels, one per thread with its N states, and one chunk of
+  TC tokens, walked token by token; chunks are chained by a scan over chunks (forward: end states; backward:
+  carries). One exp per state element and token in each walk, nothing across threads but the backward's sums
+  over channels.
+- the scan (this file): a program owns `[BD, N]` channels x states for the whole sequence and walks it in chunks
+  of BT tokens. Inside a chunk the pairs (a_t, u_t) compose associatively ((a1, u1) then (a2, u2) =
   (a1 a2, a2 u1 + u2)), so `tl.associative_scan` gives every h_t of the chunk at once from the carried state.
+  Its forward saves the state at each chunk start.
 
 Backward: the adjoint g_t = dL/dh_t obeys the reverse recurrence g_t = a_{t+1} g_{t+1} + C_t[n] dy_t[d],
 the same associative pair run with `reverse=True` (a_{t+1} loaded one row ahead). Given g_t and h_t
-(recomputed from the saved chunk state):
+(recomputed from the saved states):
     dx_t = delta_t sum_n g_t B_t,      dB_t = sum_d g_t delta_t x_t,        dC_t = sum_d dy_t h_t
     ddelta_t = x_t sum_n g_t B_t + sum_n g_t a_t h_{t-1} A,   dA = sum_t g_t a_t h_{t-1} delta_t
 where a_t h_{t-1} = h_t - u_t (no division by a small a_t). dB and dC sum over channels of other programs:
 each program writes its block's partial sum and the launcher adds them (deterministic, no atomics).
-Between chunks the backward carries a_{t0} g_{t0}, what the state before the chunk receives.
-
-Two variants of the backward kernel, picked by tuning (constexpr SEQ): the in-chunk associative scans above,
-and a token-by-token walk of each chunk on the [BD, N] register state (it recomputes the chunk's h_t into a
-per-program scratch that stays in L2 and walks it back).
+Between chunks the backward carries a_{t0} g_{t0}, what the state before the chunk receives. The scan
+backward has two variants (constexpr SEQ): the in-chunk associative scans above, and a token-by-token walk of
+each chunk on the [BD, N] register state (it recomputes the chunk's h_t into a per-program scratch).
 """
 from __future__ import annotations
 
@@ -40,6 +37,7 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ..hardware._flash_common import cdiv, next_pow2, pick_config, seqlen_bucket
+from .selective_walk import _pass_states, _walk_bwd, _walk_carry, _walk_fwd
 from . import _interpret_scan
 
 _interpret_scan.enable()
@@ -137,82 +135,6 @@ def _scan_fwd(x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, NC, BT: tl.cons
 
 
 @triton.jit
-def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N, TC, TP, BT: tl.constexpr,
-              BD: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
-              USE_START: tl.constexpr, EMIT: tl.constexpr, SAVE: tl.constexpr, STORE_HT: tl.constexpr):
-    """Program (channel block, time chunk c of TC tokens, batch b) walks its chunk token by token on the state
-    held as `[BN, BD]`: each thread owns whole channels (all N states), so C_t . h_t is a sum inside the thread
-    and B_t, C_t are broadcast loads: from Bp, Cp `[B, TP, BN]` float32, padded with zeros to TP = a multiple
-    of BT tokens and BN states, so that they need no mask or conversion (B and C are 1/D of x's size). For the
-    compiler to choose that layout, every state it reads or writes in the walk is channel-contiguous `[N, D]`:
-    A_t = A^T, start, ends, ht. EMIT=False (pass 1): from a zero
-    state, the chunk's end state and its sum of delta into ends `[B, NC, N, D]`, sums `[B, NC, D]`. EMIT=True
-    (pass 2): from the true state before the chunk (start `[B, NC, N, D]`, NC = the grid's chunk count, or h0
-    when there is one chunk), y, ht after the last chunk, and every BT tokens the state for the backward
-    (hs `[B, cdiv(T, BT), D, N]`, its kernels' layout; TC is a multiple of BT)."""
-    pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NC = tl.num_programs(1)
-    od = pid_d * BD + tl.arange(0, BD)
-    on = tl.arange(0, BN)
-    md, mn = od < D, on < N
-    mnd = mn[:, None] & md[None, :]
-    tile = on[:, None] * D + od[None, :]  # in an [N, D] state
-    A2 = tl.load(A_t + tile, mask=mnd, other=0.0) * 1.4426950408889634  # exp(delta A) = exp2(delta A log2(e))
-    bias = tl.zeros([BD], dtype=tl.float32)
-    if HAS_BIAS:
-        bias += tl.load(dt_bias + od, mask=md, other=0.0)
-    h = tl.zeros([BN, BD], dtype=tl.float32)
-    if USE_START:
-        h += tl.load(start + (b * NC + c) * D * N + tile, mask=mnd, other=0.0)
-    delta_sum = tl.zeros([BD], dtype=tl.float32)
-    t_begin = c * TC
-    t_end = tl.minimum(T, t_begin + TC)
-    for s in range(t_begin, t_end, BT):
-        if SAVE:
-            tl.store(hs + (b * tl.cdiv(T, BT) + s // BT) * D * N + od[None, :] * N + on[:, None], h, mask=mnd)
-        for t0 in range(s, s + BT, UNROLL):
-            for j in tl.static_range(UNROLL):  # unrolled: the loads of UNROLL tokens issue together
-                t = t0 + j
-                mt = md & (t < t_end)  # past the chunk: delta = 0, an identity step
-                row = b * T + t
-                raw = tl.load(dt + row * D + od, mask=mt, other=0.0).to(tl.float32) + bias
-                delta = tl.where(mt, tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0)))), 0.0)
-                xt = tl.load(x + row * D + od, mask=mt, other=0.0).to(tl.float32)
-                Bt = tl.load(Bp + (b * TP + t) * BN + on)
-                h = tl.exp2(delta[None, :] * A2) * h + Bt[:, None] * (delta * xt)[None, :]
-                if EMIT:
-                    Ct = tl.load(Cp + (b * TP + t) * BN + on)
-                    tl.store(y + row * D + od, tl.sum(h * Ct[:, None], axis=0).to(y.dtype.element_ty), mask=mt)
-                else:
-                    delta_sum += delta
-    if EMIT:
-        if STORE_HT:
-            if c == NC - 1:
-                tl.store(ht + b * D * N + tile, h, mask=mnd)
-    else:
-        tl.store(ends + (b * NC + c) * D * N + tile, h, mask=mnd)
-        tl.store(sums + (b * NC + c) * D + od, delta_sum, mask=md)
-
-
-@triton.jit
-def _pass_states(A_t, ends, sums, h0, start, D, N, NC, BLOCK: tl.constexpr, USE_H0: tl.constexpr):
-    """The state before each of NC chunks (start `[B, NC, N, D]`) from h0 and the chunks' own end states
-    (ends `[B, NC - 1, N, D]`, from zero; sums of delta `[B, NC - 1, D]`): h <- exp(A * sum of delta) h + end."""
-    pid, b = tl.program_id(0), tl.program_id(1)
-    idx = pid * BLOCK + tl.arange(0, BLOCK)  # flat (n, d)
-    m = idx < D * N
-    A2 = tl.load(A_t + idx, mask=m, other=0.0) * 1.4426950408889634
-    h = tl.zeros([BLOCK], dtype=tl.float32)
-    if USE_H0:
-        h += tl.load(h0 + b * D * N + idx, mask=m, other=0.0)
-    for c in range(0, NC - 1):
-        tl.store(start + (b * NC + c) * D * N + idx, h, mask=m)
-        total = tl.load(sums + (b * (NC - 1) + c) * D + idx % D, mask=m, other=0.0)
-        h = tl.exp2(A2 * total) * h + tl.load(ends + (b * (NC - 1) + c) * D * N + idx, mask=m, other=0.0)
-    tl.store(start + (b * NC + NC - 1) * D * N + idx, h, mask=m)
-
-
-@triton.jit
 def _chunk_bwd(x, dt, dt_bias, Bm, Cm, A_, h_start, Gs, dy, dx, ddt, dB, dC, b, t0, T, D, N, od, md, on, mn,
                BT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """One chunk's gradients by two associative scans; returns (the carry a_{t0} g_{t0}, its dA part)."""
@@ -301,6 +223,14 @@ class FwdConfig(NamedTuple):
     UNROLL: int = 4
 
 
+def _time_chunks(B: int, T: int, D: int, BD: int, warps: int, multiple: int) -> list[int]:
+    """Chunk lengths (multiples of `multiple`) for a walk kernel's candidates: the fewest chunks that give
+    ~2048 warps (16 per SM) with B cdiv(D, BD) programs per chunk, then 4x fewer chunks, then one chunk."""
+    chunks = max(1, 2048 // (B * cdiv(D, BD) * warps))
+    split = multiple * max(1, cdiv(T, multiple * chunks))
+    return list(dict.fromkeys(multiple * cdiv(min(tc, T), multiple) for tc in (split, 4 * split, T)))
+
+
 def _configs(B: int, T: int, D: int, N: int) -> list[FwdConfig]:
     """Forward candidates; the first is the interpreter's (and, with tuning off, the GPU's).
 
@@ -310,18 +240,36 @@ def _configs(B: int, T: int, D: int, N: int) -> list[FwdConfig]:
     more programs, for a second walk (pass 1: each chunk's own end state) that doubles the exps; TC >= T
     drops pass 1 where B and D alone fill the GPU. The scan candidate is the kernel measured on the H100
     (benchmarks/results/mamba.md: (32, 8, 4), 4.1-4.8x the engine's scalar-gate forward)."""
-    walk = []
-    for BD, warps in ((128, 4), (64, 2)):
-        chunks = max(1, 2048 // (B * cdiv(D, BD) * warps))  # for ~2048 warps in all (16 per SM)
-        split = 256 * max(1, cdiv(T, 256 * chunks))  # chunks of a multiple of 256 tokens
-        for TC in (split, 4 * split, T):  # then 4x fewer chunks, then none
-            walk.append(FwdConfig("walk", 32, BD, warps, 32 * cdiv(min(TC, T), 32)))
-    return [*dict.fromkeys(walk), FwdConfig("scan", 32, 8, 4)]
+    walk = [FwdConfig("walk", 32, BD, warps, TC) for BD, warps in ((128, 4), (64, 2))
+            for TC in _time_chunks(B, T, D, BD, warps, 256)]
+    return [*walk, FwdConfig("scan", 32, 8, 4)]
 
 
-def _bwd_configs(N: int):
-    """Backward candidates (BD, num_warps, SEQ); the chunk length BT is the forward's (its saved states)."""
-    return [(8 if N > 32 else 16, 4, 0), (8, 4, 0), (8, 4, 1)]
+class BwdConfig(NamedTuple):
+    """A backward candidate. kernel "walk": `_walk_bwd` over time chunks of TC tokens (a multiple of the
+    forward's BT), BD channels per program, one per thread (one warp: the sums over channels stay in it);
+    "scan" / "seq": `_scan_bwd` over the whole sequence with BD channels x N states per program, by in-chunk
+    associative scans or token by token."""
+    kernel: str
+    BD: int
+    warps: int
+    TC: int = 0
+
+
+def _bwd_configs(B: int, T: int, D: int, N: int, BT: int) -> list[BwdConfig]:
+    """Backward candidates; the first is the interpreter's. The scan variants are those measured on the H100
+    (benchmarks/results/mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at B T = 16k."""
+    walk = [BwdConfig("walk", BD, warps, TC) for BD, warps in ((32, 1), (64, 2))
+            for TC in _time_chunks(B, T, D, BD, warps, BT)]
+    return [*walk, BwdConfig("scan", 8 if N > 32 else 16, 4), BwdConfig("scan", 8, 4), BwdConfig("seq", 8, 4)]
+
+
+def _padded_bc(Bm, Cm, TP: int, BN: int):
+    """B and C as the walk kernels read them: float32 `[B, TP, BN]`, zero past T tokens and N states."""
+    Bsz, T, N = Bm.shape
+    Bp, Cp = (torch.zeros((Bsz, TP, BN), dtype=torch.float32, device=Bm.device) for _ in range(2))
+    Bp[:, :T, :N], Cp[:, :T, :N] = Bm, Cm
+    return Bp, Cp
 
 
 def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool):
@@ -347,10 +295,9 @@ def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool):
         NC, blocks = cdiv(T, cfg.TC), cdiv(D, cfg.BD)
         tiles = dict(BT=cfg.BT, BD=cfg.BD, BN=BN, UNROLL=cfg.UNROLL, HAS_BIAS=dt_bias is not None,
                      num_warps=cfg.warps)
-        A_t = A.t().contiguous()  # the walk's states are [N, D] (see _walk_fwd); these copies are O(D N)
+        A_t = A.t().contiguous()  # the walk's states are [N, D] (selective_walk.py); these copies are O(D N)
         TP = cfg.BT * cdiv(T, cfg.BT)
-        Bp, Cp = (torch.zeros((Bsz, TP, BN), dtype=torch.float32, device=x.device) for _ in range(2))
-        Bp[:, :T, :N], Cp[:, :T, :N] = Bm, Cm
+        Bp, Cp = _padded_bc(Bm, Cm, TP, BN)
         start = None if h0 is None else h0.transpose(1, 2).contiguous()
         if NC > 1:  # pass 1: each chunk but the last from zero; then the states between chunks
             ends = torch.empty((Bsz, NC - 1, N, D), dtype=torch.float32, device=x.device)
@@ -371,29 +318,62 @@ def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool):
     return y, ht, holder["hs"], cfg.BT
 
 
+def _walk_backward(cfg: BwdConfig, x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, dx, ddt, want_dh0: bool) -> dict:
+    """`_walk_bwd` over chunks of cfg.TC tokens, their carries from `_walk_carry` and `_pass_states`."""
+    Bsz, T, D = x.shape
+    N = A.shape[1]
+    BN, TC = next_pow2(N), cfg.TC
+    if TC % BT or BT % 4:
+        raise ValueError(f"mamba backward config {cfg}: TC must be a multiple of the forward's BT = {BT} (and it of 4)")
+    NC, blocks = cdiv(T, TC), cdiv(D, cfg.BD)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    A_t = A.t().contiguous()
+    TP = BT * cdiv(T, BT)
+    Bp, Cp = _padded_bc(Bm, Cm, TP, BN)
+    carry = None if dht is None else dht.transpose(1, 2).contiguous()
+    if NC > 1:  # each chunk but the first from a zero carry, then the carries between chunks, from the last
+        ends, sums = torch.empty((Bsz, NC - 1, N, D), **f32), torch.empty((Bsz, NC - 1, D), **f32)
+        _walk_carry[(blocks, NC - 1, Bsz)](dt, dt_bias, A_t, Cp, dy, ends, sums, T, D, N, TC, TP, BD=cfg.BD, BN=BN,
+                                           UNROLL=4, HAS_BIAS=dt_bias is not None, num_warps=cfg.warps)
+        dht_t, carry = carry, torch.empty((Bsz, NC, N, D), **f32)
+        _pass_states[(cdiv(D * N, 1024), Bsz)](A_t, ends, sums, dht_t, carry, D, N, NC, BLOCK=1024,
+                                               USE_H0=dht_t is not None)
+    dA = empty_output((Bsz, NC, N, D), torch.float32, x.device)
+    dB, dC = (empty_output((blocks, Bsz, T, N), torch.float32, x.device) for _ in range(2))
+    dh0 = empty_output((Bsz, N, D), torch.float32, x.device) if want_dh0 else None
+    ckpt = torch.empty((Bsz, NC, BT // 4, N, D), **f32)
+    _walk_bwd[(blocks, NC, Bsz)](x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, dh0, ckpt, T, D, N,
+                                 TC, TP, BT=BT, BD=cfg.BD, BN=BN, HAS_BIAS=dt_bias is not None,
+                                 USE_CARRY=carry is not None, STORE_DH0=want_dh0, num_warps=cfg.warps)
+    return {"dA": dA.sum((0, 1)).t(), "dB": dB.sum(0), "dC": dC.sum(0),
+            "dh0": None if dh0 is None else dh0.transpose(1, 2)}
+
+
 def _backward(x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, want_dh0: bool):
     Bsz, T, D = x.shape
     N = A.shape[1]
     key = (D, N, x.dtype, Bsz, seqlen_bucket(T), BT)
     dx = empty_output((Bsz, T, D), x.dtype, x.device)
     ddt = empty_output((Bsz, T, D), torch.float32, x.device)
-    dA = empty_output((Bsz, D, N), torch.float32, x.device)
-    dh0 = empty_output((Bsz, D, N), torch.float32, x.device) if want_dh0 else None
-    parts = {}
+    out = {}
 
-    def launch(cfg):
-        BD, warps, seq = cfg
-        NDB, BN = triton.cdiv(D, BD), triton.next_power_of_2(N)
-        parts["dB"] = empty_output((NDB, Bsz, T, N), torch.float32, x.device)
-        parts["dC"] = empty_output((NDB, Bsz, T, N), torch.float32, x.device)
-        scratch = torch.empty(NDB * Bsz * BT * BD * BN if seq else 1, dtype=torch.float32, device=x.device)
-        _scan_bwd[(NDB, Bsz)](x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, parts["dB"], parts["dC"], dh0,
-                              scratch, Bsz, T, D, N, triton.cdiv(T, BT), BT=BT, BD=BD, BN=BN,
-                              HAS_BIAS=dt_bias is not None, USE_DHT=dht is not None, STORE_DH0=want_dh0,
-                              SEQ=bool(seq), num_warps=warps)
-    cfg = pick_config(("mamba_bwd", *key), _bwd_configs(N), launch)
+    def launch(cfg: BwdConfig):
+        if cfg.kernel == "walk":
+            out.update(_walk_backward(cfg, x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, dx, ddt, want_dh0))
+            return
+        NDB, BN = cdiv(D, cfg.BD), next_pow2(N)
+        dA = empty_output((Bsz, D, N), torch.float32, x.device)
+        dB, dC = (empty_output((NDB, Bsz, T, N), torch.float32, x.device) for _ in range(2))
+        dh0 = empty_output((Bsz, D, N), torch.float32, x.device) if want_dh0 else None
+        seq = cfg.kernel == "seq"
+        scratch = torch.empty(NDB * Bsz * BT * cfg.BD * BN if seq else 1, dtype=torch.float32, device=x.device)
+        _scan_bwd[(NDB, Bsz)](x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, scratch, Bsz, T, D,
+                              N, cdiv(T, BT), BT=BT, BD=cfg.BD, BN=BN, HAS_BIAS=dt_bias is not None,
+                              USE_DHT=dht is not None, STORE_DH0=want_dh0, SEQ=seq, num_warps=cfg.warps)
+        out.update(dA=dA.sum(0), dB=dB.sum(0), dC=dC.sum(0), dh0=dh0)
+    cfg = pick_config(("mamba_bwd", *key), _bwd_configs(Bsz, T, D, N, BT), launch)
     launch(cfg)
-    return dx, ddt, dA.sum(0), parts["dB"].sum(0), parts["dC"].sum(0), dh0
+    return dx, ddt, out["dA"], out["dB"], out["dC"], out["dh0"]
 
 
 class SelectiveScan(torch.autograd.Function):

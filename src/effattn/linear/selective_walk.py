@@ -1,0 +1,233 @@
+"""Mamba's selective scan as a token-by-token walk over time chunks (Triton): the forward and the backward.
+
+A program owns BD channels, one per thread with its N states in registers, and one chunk of TC tokens. For the
+compiler to keep that layout of the `[BN, BD]` tiles, every state the kernels read or write is stored `[N, D]`
+(channel-contiguous) and D is not specialised: were D known to be a multiple of 16, the tiles' loads would be
+vectorised 4 channels per thread, which moves the warps onto the state axis and puts every C_t . h_t across
+warps, through shared memory (benchmarks/results/mamba_compile_2026-12-05.md). Nothing crosses threads in the
+forward, and B_t, C_t are broadcast loads from float32 copies padded to whole blocks (`Bp`, `Cp` `[B, TP, BN]`),
+needing no mask or conversion. Chunks make the grid wide in time as well as in channels: at B = 1 the channels
+alone leave the GPU's exp units idle.
+
+Forward: pass 1 (`_walk_fwd`, EMIT=False) walks each chunk from zero to its end state and its sum of delta;
+`_pass_states` chains the chunks (h <- exp(A sum delta) h + end); pass 2 (EMIT=True) walks each chunk again from
+its true start, writing y, and the states every BT tokens that the backward starts from.
+
+Backward (see selective_scan.py for the adjoint): the carry into each chunk's last token comes the same way,
+reversed: `_walk_carry` walks each chunk back from zero (g_t = G + C_t dy_t, G <- a_t g_t) and `_pass_states`
+chains them from dht. `_walk_bwd` then walks each chunk back from its carry. It needs h_t in reverse order: per
+BT block it recomputes the states forward from the saved one, keeping the state before every SUB tokens in a
+per-program scratch (it stays in cache), then per SUB tokens recomputes their SUB states in registers and walks
+them back. dB and dC sum over channels: each program reduces its BD channels (one warp: shuffles, no barrier)
+and writes a partial sum per channel block; dA sums over time: a partial per chunk. The launcher adds them.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+SUB: tl.constexpr = tl.constexpr(4)  # the backward's tokens per register-held run of states (h0..h4 below)
+
+
+@triton.jit
+def _tile(A_t, dt_bias, pid_d, D, N, BD: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """This program's channels and states: offsets, masks, the `[N, D]` tile offsets, A log2(e), dt bias."""
+    od = pid_d * BD + tl.arange(0, BD)
+    on = tl.arange(0, BN)
+    md, mn = od < D, on < N
+    mnd = mn[:, None] & md[None, :]
+    tile = on[:, None] * D + od[None, :]
+    A2 = tl.load(A_t + tile, mask=mnd, other=0.0) * LOG2E  # exp(delta A) = exp2(delta A log2(e))
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(dt_bias + od, mask=md, other=0.0)
+    return od, on, md, mnd, tile, A2, bias
+
+
+@triton.jit
+def _delta(dt, bias, b, t, t_end, T, D, od, md):
+    """delta_t = softplus(dt_t + bias) `[BD]` (0 at and past t_end: an identity step), raw dt_t + bias, the mask."""
+    mt = md & (t < t_end)
+    raw = tl.load(dt + (b * T + t) * D + od, mask=mt, other=0.0).to(tl.float32) + bias
+    delta = tl.where(mt, tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0)))), 0.0)  # torch's
+    return delta, raw, mt
+
+
+@triton.jit
+def _token(x, dt, bias, Bp, b, t, t_end, T, TP, D, od, md, on, BN: tl.constexpr):
+    """Token t: delta, x_t, raw dt_t `[BD]`, B_t `[BN]`, the channel mask."""
+    delta, raw, mt = _delta(dt, bias, b, t, t_end, T, D, od, md)
+    xt = tl.load(x + (b * T + t) * D + od, mask=mt, other=0.0).to(tl.float32)
+    Bt = tl.load(Bp + (b * TP + t) * BN + on)
+    return delta, xt, raw, Bt, mt
+
+
+@triton.jit(do_not_specialize=["D"])  # see the module docstring
+def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N, TC, TP, BT: tl.constexpr,
+              BD: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
+              USE_START: tl.constexpr, EMIT: tl.constexpr, SAVE: tl.constexpr, STORE_HT: tl.constexpr):
+    """Program (channel block, time chunk c of TC tokens, batch b) walks its chunk token by token (the module
+    docstring has the layout). Bp, Cp: B, C in float32 `[B, TP, BN]`, zero-padded to TP = a multiple of BT
+    tokens and BN states. EMIT=False (pass 1): from a zero
+    state, the chunk's end state and its sum of delta into ends `[B, NC, N, D]`, sums `[B, NC, D]`. EMIT=True
+    (pass 2): from the true state before the chunk (start `[B, NC, N, D]`, NC = the grid's chunk count, or h0
+    when there is one chunk), y, ht after the last chunk, and every BT tokens the state for the backward
+    (hs `[B, cdiv(T, BT), D, N]`, its kernels' layout; TC is a multiple of BT)."""
+    pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NC = tl.num_programs(1)
+    od, on, md, mnd, tile, A2, bias = _tile(A_t, dt_bias, pid_d, D, N, BD, BN, HAS_BIAS)
+    h = tl.zeros([BN, BD], dtype=tl.float32)
+    if USE_START:
+        h += tl.load(start + (b * NC + c) * D * N + tile, mask=mnd, other=0.0)
+    delta_sum = tl.zeros([BD], dtype=tl.float32)
+    t_begin = c * TC
+    t_end = tl.minimum(T, t_begin + TC)
+    for s in range(t_begin, t_end, BT):
+        if SAVE:
+            tl.store(hs + (b * tl.cdiv(T, BT) + s // BT) * D * N + od[None, :] * N + on[:, None], h, mask=mnd)
+        for t0 in range(s, s + BT, UNROLL):
+            for j in tl.static_range(UNROLL):  # unrolled: the loads of UNROLL tokens issue together
+                t = t0 + j
+                delta, xt, _, Bt, mt = _token(x, dt, bias, Bp, b, t, t_end, T, TP, D, od, md, on, BN)
+                h = tl.exp2(delta[None, :] * A2) * h + Bt[:, None] * (delta * xt)[None, :]
+                if EMIT:
+                    Ct = tl.load(Cp + (b * TP + t) * BN + on)
+                    tl.store(y + (b * T + t) * D + od, tl.sum(h * Ct[:, None], axis=0).to(y.dtype.element_ty),
+                             mask=mt)
+                else:
+                    delta_sum += delta
+    if EMIT:
+        if STORE_HT:
+            if c == NC - 1:
+                tl.store(ht + b * D * N + tile, h, mask=mnd)
+    else:
+        tl.store(ends + (b * NC + c) * D * N + tile, h, mask=mnd)
+        tl.store(sums + (b * NC + c) * D + od, delta_sum, mask=md)
+
+
+@triton.jit
+def _pass_states(A_t, ends, sums, h0, start, D, N, NC, BLOCK: tl.constexpr, USE_H0: tl.constexpr):
+    """The state before each of NC chunks (start `[B, NC, N, D]`) from h0 and the chunks' own end states
+    (ends `[B, NC - 1, N, D]`, from zero; sums of delta `[B, NC - 1, D]`): h <- exp(A * sum of delta) h + end."""
+    pid, b = tl.program_id(0), tl.program_id(1)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)  # flat (n, d)
+    m = idx < D * N
+    A2 = tl.load(A_t + idx, mask=m, other=0.0) * LOG2E
+    h = tl.zeros([BLOCK], dtype=tl.float32)
+    if USE_H0:
+        h += tl.load(h0 + b * D * N + idx, mask=m, other=0.0)
+    for c in range(0, NC - 1):
+        tl.store(start + (b * NC + c) * D * N + idx, h, mask=m)
+        total = tl.load(sums + (b * (NC - 1) + c) * D + idx % D, mask=m, other=0.0)
+        h = tl.exp2(A2 * total) * h + tl.load(ends + (b * (NC - 1) + c) * D * N + idx, mask=m, other=0.0)
+    tl.store(start + (b * NC + NC - 1) * D * N + idx, h, mask=m)
+
+
+
+
+@triton.jit(do_not_specialize=["D"])  # see the module docstring
+def _walk_carry(dt, dt_bias, A_t, Cp, dy, ends, sums, T, D, N, TC, TP, BD: tl.constexpr, BN: tl.constexpr,
+                UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Chunk c = 1 + program_id(1) walked back from a zero carry: what it passes to the state before it,
+    a_{t0} g_{t0}, and its sum of delta, into ends `[B, NC - 1, N, D]` and sums `[B, NC - 1, D]` at index
+    NC - 1 - c (reversed, so that `_pass_states` chains them from the last chunk)."""
+    pid_d, c, b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2)
+    NC = tl.num_programs(1) + 1
+    od, on, md, mnd, tile, A2, bias = _tile(A_t, dt_bias, pid_d, D, N, BD, BN, HAS_BIAS)
+    G = tl.zeros([BN, BD], dtype=tl.float32)
+    delta_sum = tl.zeros([BD], dtype=tl.float32)
+    t_begin = c * TC
+    t_end = tl.minimum(T, t_begin + TC)
+    for i in range(0, tl.cdiv(t_end - t_begin, UNROLL)):
+        t0 = t_begin + (tl.cdiv(t_end - t_begin, UNROLL) - 1 - i) * UNROLL
+        for jj in tl.static_range(UNROLL):
+            t = t0 + UNROLL - 1 - jj
+            delta, _, mt = _delta(dt, bias, b, t, t_end, T, D, od, md)
+            Ct = tl.load(Cp + (b * TP + t) * BN + on)
+            dyt = tl.load(dy + (b * T + t) * D + od, mask=mt, other=0.0).to(tl.float32)
+            G = tl.exp2(delta[None, :] * A2) * (G + Ct[:, None] * dyt[None, :])
+            delta_sum += delta
+    k = NC - 1 - c
+    tl.store(ends + (b * (NC - 1) + k) * D * N + tile, G, mask=mnd)
+    tl.store(sums + (b * (NC - 1) + k) * D + od, delta_sum, mask=md)
+
+
+@triton.jit
+def _forward_step(x, dt, bias, Bp, A2, h, b, t, t_end, T, TP, D, od, md, on, BN: tl.constexpr):
+    delta, xt, _, Bt, _ = _token(x, dt, bias, Bp, b, t, t_end, T, TP, D, od, md, on, BN)
+    return tl.exp2(delta[None, :] * A2) * h + Bt[:, None] * (delta * xt)[None, :]
+
+
+@triton.jit
+def _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h_t, h_prev, b, t, t_end, T, TP, D,
+                   N, od, md, on, mn, BN: tl.constexpr):
+    """Token t of the adjoint walk, given h_t and h_{t-1}: stores dx_t, ddt_t and this block's dB_t, dC_t
+    partial sums; returns the carry a_t g_t for token t - 1 and dA's running sum."""
+    delta, xt, raw, Bt, mt = _token(x, dt, bias, Bp, b, t, t_end, T, TP, D, od, md, on, BN)
+    Ct = tl.load(Cp + (b * TP + t) * BN + on)
+    dyt = tl.load(dy + (b * T + t) * D + od, mask=mt, other=0.0).to(tl.float32)
+    a = tl.exp2(delta[None, :] * A2)
+    g = G + Ct[:, None] * dyt[None, :]
+    gB = tl.sum(g * Bt[:, None], axis=0)
+    w = g * (a * h_prev)  # g_t a_t h_{t-1}
+    row = b * T + t
+    tl.store(dx + row * D + od, (delta * gB).to(dx.dtype.element_ty), mask=mt)
+    # sum_n w A = (sum_n w A2) ln 2
+    tl.store(ddt + row * D + od, (xt * gB + tl.sum(w * A2, axis=0) * 0.6931471805599453) * tl.sigmoid(raw), mask=mt)
+    live = mn & (t < t_end)
+    tl.store(dB + row * N + on, tl.sum(g * (delta * xt)[None, :], axis=1), mask=live)
+    tl.store(dC + row * N + on, tl.sum(h_t * dyt[None, :], axis=1), mask=live)
+    return a * g, dA_acc + w * delta[None, :]
+
+
+@triton.jit(do_not_specialize=["D"])  # see the module docstring
+def _walk_bwd(x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, dh0, ckpt, T, D, N, TC, TP,
+              BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_CARRY: tl.constexpr,
+              STORE_DH0: tl.constexpr):
+    """Gradients of chunk c, walking back from the carry into its last token (carry `[B, NC, N, D]` in reversed
+    chunk order, from `_pass_states`; dht itself when there is one chunk). Writes dx, ddt `[B, T, D]`, this
+    channel block's dB, dC partials `[B, T, N]` (dB, dC point at its slice), dA's partial of this chunk
+    `[B, NC, N, D]` and, from chunk 0, dh0 `[B, N, D]`. hs: the forward's states every BT tokens `[B, cdiv(T, BT),
+    D, N]`; ckpt: scratch `[B, NC, BT / SUB, N, D]` for the states before every SUB tokens of a block."""
+    pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NC = tl.num_programs(1)
+    od, on, md, mnd, tile, A2, bias = _tile(A_t, dt_bias, pid_d, D, N, BD, BN, HAS_BIAS)
+    mn = on < N
+    G = tl.zeros([BN, BD], dtype=tl.float32)
+    if USE_CARRY:
+        G += tl.load(carry + (b * NC + NC - 1 - c) * D * N + tile, mask=mnd, other=0.0)
+    dA_acc = tl.zeros([BN, BD], dtype=tl.float32)
+    dB += pid_d * tl.num_programs(2) * T * N  # this channel block's slice of the partial sums
+    dC += pid_d * tl.num_programs(2) * T * N
+    ckpt += (b * NC + c) * (BT // SUB) * D * N  # this chunk's BT / SUB states `[N, D]`
+    t_begin = c * TC
+    t_end = tl.minimum(T, t_begin + TC)
+    n_blocks = tl.cdiv(t_end - t_begin, BT)
+    for i in range(0, n_blocks):
+        s = t_begin + (n_blocks - 1 - i) * BT
+        h = tl.load(hs + (b * tl.cdiv(T, BT) + s // BT) * D * N + od[None, :] * N + on[:, None], mask=mnd, other=0.0)
+        for k in range(0, BT // SUB):  # the states before every SUB tokens of the block
+            tl.store(ckpt + k * D * N + tile, h, mask=mnd)
+            for j in tl.static_range(SUB):
+                h = _forward_step(x, dt, bias, Bp, A2, h, b, s + k * SUB + j, t_end, T, TP, D, od, md, on, BN)
+        tl.debug_barrier()  # the scratch written, before any thread reads it back
+        for kk in range(0, BT // SUB):  # SUB tokens at a time, from the block's last
+            t0 = s + (BT // SUB - 1 - kk) * SUB
+            h0 = tl.load(ckpt + (BT // SUB - 1 - kk) * D * N + tile, mask=mnd, other=0.0)
+            h1 = _forward_step(x, dt, bias, Bp, A2, h0, b, t0, t_end, T, TP, D, od, md, on, BN)
+            h2 = _forward_step(x, dt, bias, Bp, A2, h1, b, t0 + 1, t_end, T, TP, D, od, md, on, BN)
+            h3 = _forward_step(x, dt, bias, Bp, A2, h2, b, t0 + 2, t_end, T, TP, D, od, md, on, BN)
+            h4 = _forward_step(x, dt, bias, Bp, A2, h3, b, t0 + 3, t_end, T, TP, D, od, md, on, BN)
+            G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h4, h3, b, t0 + 3,
+                                       t_end, T, TP, D, N, od, md, on, mn, BN)
+            G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h3, h2, b, t0 + 2,
+                                       t_end, T, TP, D, N, od, md, on, mn, BN)
+            G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h2, h1, b, t0 + 1,
+                                       t_end, T, TP, D, N, od, md, on, mn, BN)
+            G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h1, h0, b, t0,
+                                       t_end, T, TP, D, N, od, md, on, mn, BN)
+    tl.store(dA + (b * NC + c) * D * N + tile, dA_acc, mask=mnd)
+    if STORE_DH0:
+        if c == 0:
+            tl.store(dh0 + b * D * N + tile, G, mask=mnd)  # dL/dh_{-1} = a_0 g_0
