@@ -53,7 +53,7 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b,
     score; the INT32 dot products become float32 through the exponent trick (2^23 + 2^22 + x is exact for
     |x| < 2^22, which holds for D <= 256 int8 products), an integer add instead of a quarter-rate convert.
     On the FP8 P V path p carries the factor 448 (the e4m3 range) through the exponent, l as well."""
-    # every key block starts on a multiple of BLOCK_N (_kv_stages): said, V^T's token rows load as 16-byte vectors
+    # every key block starts on a multiple of BLOCK_N (_kv_stages); told so, the compiler loads V^T in 16-byte vectors
     offs_n = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_N), BLOCK_N), BLOCK_N)
     if PV_FP8:  # the tile's V scales, first: the load is outside the software pipeline, Q K^T hides its latency
         sv = tl.load(VSb + (n0 // BLOCK_N) * svs_b + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0)

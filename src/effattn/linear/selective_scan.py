@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ..hardware._flash_common import cdiv, next_pow2, pick_config, seqlen_bucket
-from .selective_walk import _pass_states, _walk_bwd, _walk_carry, _walk_fwd
+from .selective_walk import _delta, _pass_states, _softplus, _walk_bwd, _walk_carry, _walk_fwd
 from . import _interpret_scan
 
 _interpret_scan.enable()
@@ -58,8 +58,7 @@ def _load_delta(dt, dt_bias, b, t0, T, D, od, md, BT: tl.constexpr, HAS_BIAS: tl
     raw = tl.load(dt + offs, mask=m2, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw += tl.load(dt_bias + od, mask=md, other=0.0)[None, :]
-    delta = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))  # torch's softplus threshold
-    return tl.where(m2, delta, 0.0), raw, m2, offs
+    return tl.where(m2, _softplus(raw), 0.0), raw, m2, offs
 
 
 @triton.jit
@@ -73,14 +72,12 @@ def _load_bc(M, b, t0, T, N, on, mn, BT: tl.constexpr):
 @triton.jit
 def _load_token(x, dt, bias, Bm, Cm, b, t, T, D, N, od, md, on, mn):
     """Token t: x_t, delta_t, raw dt_t `[BD]`; B_t, C_t `[BN]`; the channel mask (all off past the end)."""
-    mt = md & (t < T)
+    delta, raw, mt = _delta(dt, bias, b, t, T, T, D, od, md)
     row = b * T + t
-    raw = tl.load(dt + row * D + od, mask=mt, other=0.0).to(tl.float32) + bias
-    delta = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))
     xt = tl.load(x + row * D + od, mask=mt, other=0.0).to(tl.float32)
     Bt = tl.load(Bm + row * N + on, mask=mn & (t < T), other=0.0).to(tl.float32)
     Ct = tl.load(Cm + row * N + on, mask=mn & (t < T), other=0.0).to(tl.float32)
-    return xt, tl.where(mt, delta, 0.0), raw, Bt, Ct, mt
+    return xt, delta, raw, Bt, Ct, mt
 
 
 @triton.jit

@@ -46,12 +46,17 @@ def _tile(A_t, dt_bias, pid_d, D, N, BD: tl.constexpr, BN: tl.constexpr, HAS_BIA
 
 
 @triton.jit
+def _softplus(raw):
+    """log(1 + e^raw), with torch's threshold: raw itself above 20."""
+    return tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))
+
+
+@triton.jit
 def _delta(dt, bias, b, t, t_end, T, D, od, md):
     """delta_t = softplus(dt_t + bias) `[BD]` (0 at and past t_end: an identity step), raw dt_t + bias, the mask."""
     mt = md & (t < t_end)
     raw = tl.load(dt + (b * T + t) * D + od, mask=mt, other=0.0).to(tl.float32) + bias
-    delta = tl.where(mt, tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0)))), 0.0)  # torch's
-    return delta, raw, mt
+    return tl.where(mt, _softplus(raw), 0.0), raw, mt
 
 
 @triton.jit
