@@ -31,7 +31,7 @@ Fwd, Bwd = selective_scan.FwdConfig, selective_scan.BwdConfig
 # at T = 2048) so that the passes between chunks run too. The timing tunes over the library's own candidates.
 VARIANTS = {"walk,walk_bwd": ([Fwd("walk", 32, 128, 4, 32)], [Bwd("walk", 32, 1, 32)]),
             "walk,scan_bwd": ([Fwd("walk", 32, 128, 4, 32)], [Bwd("scan", 16, 4)]),
-            "scan,seq_bwd": ([Fwd("scan", 32, 8, 4)], [Bwd("seq", 8, 4)])}
+            "scan,scan_bwd": ([Fwd("scan", 32, 8, 4)], [Bwd("scan", 8, 4)])}
 
 
 def bench(fn):

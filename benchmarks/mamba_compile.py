@@ -69,14 +69,13 @@ def scan_rows(n: int, dtype: str) -> list[dict]:
     bn = triton.next_power_of_2(n)
     types = dict(x=f"*{dtype}", dt=f"*{dtype}", y=f"*{dtype}", Bm=f"*{dtype}", Cm=f"*{dtype}", dy=f"*{dtype}",
                  dx=f"*{dtype}")
-    types.update({name: "*fp32" for name in ("dt_bias", "A", "h0", "hs", "ht", "dht", "ddt", "dA", "dB", "dC", "dh0",
-                                             "scratch")})
+    types.update({name: "*fp32" for name in ("dt_bias", "A", "h0", "hs", "ht", "dht", "ddt", "dA", "dB", "dC", "dh0")})
     bt, bd, warps = 32, 8, 4  # the H100's tuned scan (benchmarks/results/mamba.md)
     states = bt * bd * n / (32 * warps) / n  # (channel, token) pairs per thread per chunk
     fwd = _build(selective_scan._scan_fwd, types, dict(BT=bt, BD=bd, BN=bn, HAS_BIAS=True, USE_H0=True, SAVE=True,
                                                        STORE_HT=True), warps)
     bwd = _build(selective_scan._scan_bwd, types, dict(BT=bt, BD=bd, BN=bn, HAS_BIAS=True, USE_DHT=False,
-                                                       STORE_DH0=False, SEQ=False), warps)
+                                                       STORE_DH0=False), warps)
     return [_row("scan fwd (bound: whole kernel)", bd, warps, fwd, fwd["instructions"] / states, fwd["MUFU"] / states,
                  n),
             _row("scan bwd (bound: whole kernel)", bd, warps, bwd, bwd["instructions"] / states, bwd["MUFU"] / states,

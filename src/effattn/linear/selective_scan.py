@@ -23,9 +23,7 @@ the same associative pair run with `reverse=True` (a_{t+1} loaded one row ahead)
     ddelta_t = x_t sum_n g_t B_t + sum_n g_t a_t h_{t-1} A,   dA = sum_t g_t a_t h_{t-1} delta_t
 where a_t h_{t-1} = h_t - u_t (no division by a small a_t). dB and dC sum over channels of other programs:
 each program writes its block's partial sum and the launcher adds them (deterministic, no atomics).
-Between chunks the backward carries a_{t0} g_{t0}, what the state before the chunk receives. The scan
-backward has two variants (constexpr SEQ): the in-chunk associative scans above, and a token-by-token walk of
-each chunk on the [BD, N] register state (it recomputes the chunk's h_t into a per-program scratch).
+Between chunks the backward carries a_{t0} g_{t0}, what the state before the chunk receives.
 """
 from __future__ import annotations
 
@@ -37,7 +35,7 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ..hardware._flash_common import cdiv, next_pow2, pick_config, seqlen_bucket
-from .selective_walk import _delta, _pass_states, _softplus, _walk_bwd, _walk_carry, _walk_fwd
+from .selective_walk import _pass_states, _softplus, _walk_bwd, _walk_carry, _walk_fwd
 from . import _interpret_scan
 
 _interpret_scan.enable()
@@ -67,17 +65,6 @@ def _load_bc(M, b, t0, T, N, on, mn, BT: tl.constexpr):
     m = (ot < T)[:, None] & mn[None, :]
     offs = (b * T + ot)[:, None] * N + on[None, :]
     return tl.load(M + offs, mask=m, other=0.0).to(tl.float32), m, offs
-
-
-@triton.jit
-def _load_token(x, dt, bias, Bm, Cm, b, t, T, D, N, od, md, on, mn):
-    """Token t: x_t, delta_t, raw dt_t `[BD]`; B_t, C_t `[BN]`; the channel mask (all off past the end)."""
-    delta, raw, mt = _delta(dt, bias, b, t, T, T, D, od, md)
-    row = b * T + t
-    xt = tl.load(x + row * D + od, mask=mt, other=0.0).to(tl.float32)
-    Bt = tl.load(Bm + row * N + on, mask=mn & (t < T), other=0.0).to(tl.float32)
-    Ct = tl.load(Cm + row * N + on, mask=mn & (t < T), other=0.0).to(tl.float32)
-    return xt, delta, raw, Bt, Ct, mt
 
 
 @triton.jit
@@ -161,9 +148,9 @@ def _chunk_bwd(x, dt, dt_bias, Bm, Cm, A_, h_start, Gs, dy, dx, ddt, dB, dC, b, 
 
 
 @triton.jit
-def _scan_bwd(x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, scratch, B, T, D, N, NC,
+def _scan_bwd(x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, B, T, D, N, NC,
               BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DHT: tl.constexpr,
-              STORE_DH0: tl.constexpr, SEQ: tl.constexpr):
+              STORE_DH0: tl.constexpr):
     pid_d, b = tl.program_id(0), tl.program_id(1)
     # Gs = a_{t+1} g_{t+1}: what the state after step t receives from the future (dht after the last token)
     od, on, md, mn, mdn, odn, A_, bias, Gs = _program_tile(A, dt_bias, dht, b, pid_d, D, N, BD, BN, HAS_BIAS,
@@ -171,37 +158,12 @@ def _scan_bwd(x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, 
     dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
     dB += pid_d * B * T * N  # this block's slice of the dB / dC partial sums `[NDB, B, T, N]`
     dC += pid_d * B * T * N
-    tile = tl.arange(0, BD)[:, None] * BN + on[None, :]
-    scratch += (pid_d * B + b) * BT * BD * BN  # this program's h_t of one chunk (L2-resident)
     for i in range(0, NC):
         t0 = (NC - 1 - i) * BT
         h = tl.load(hs + (b * NC + t0 // BT) * D * N + odn, mask=mdn, other=0.0)
-        if SEQ:
-            for j in tl.static_range(BT):  # recompute h_t of the chunk
-                xt, delta, _, Bt, _, _ = _load_token(x, dt, bias, Bm, Cm, b, t0 + j, T, D, N, od, md, on, mn)
-                h = tl.exp(delta[:, None] * A_) * h + (delta * xt)[:, None] * Bt[None, :]
-                tl.store(scratch + j * BD * BN + tile, h)
-            tl.debug_barrier()
-            for jj in tl.static_range(BT):  # and walk it backwards
-                t = t0 + BT - 1 - jj
-                xt, delta, raw, Bt, Ct, mt = _load_token(x, dt, bias, Bm, Cm, b, t, T, D, N, od, md, on, mn)
-                dyt = tl.load(dy + (b * T + t) * D + od, mask=mt, other=0.0).to(tl.float32)
-                ht = tl.load(scratch + (BT - 1 - jj) * BD * BN + tile)
-                a = tl.exp(delta[:, None] * A_)
-                g = Gs + dyt[:, None] * Ct[None, :]
-                gB = tl.sum(g * Bt[None, :], axis=1)
-                w = g * (ht - (delta * xt)[:, None] * Bt[None, :])  # g_t a_t h_{t-1}
-                tl.store(dx + (b * T + t) * D + od, (delta * gB).to(dx.dtype.element_ty), mask=mt)
-                tl.store(ddt + (b * T + t) * D + od, (xt * gB + tl.sum(w * A_, axis=1)) * tl.sigmoid(raw), mask=mt)
-                tl.store(dB + (b * T + t) * N + on, tl.sum(g * (delta * xt)[:, None], axis=0), mask=mn & (t < T))
-                tl.store(dC + (b * T + t) * N + on, tl.sum(dyt[:, None] * ht, axis=0), mask=mn & (t < T))
-                dA_acc += w * delta[:, None]
-                Gs = a * g
-            tl.debug_barrier()
-        else:
-            Gs, dA_part = _chunk_bwd(x, dt, dt_bias, Bm, Cm, A_, h, Gs, dy, dx, ddt, dB, dC, b, t0, T, D, N, od, md,
-                                     on, mn, BT, HAS_BIAS)
-            dA_acc += dA_part
+        Gs, dA_part = _chunk_bwd(x, dt, dt_bias, Bm, Cm, A_, h, Gs, dy, dx, ddt, dB, dC, b, t0, T, D, N, od, md, on,
+                                 mn, BT, HAS_BIAS)
+        dA_acc += dA_part
     tl.store(dA + b * D * N + odn, dA_acc, mask=mdn)
     if STORE_DH0:
         tl.store(dh0 + b * D * N + odn, Gs, mask=mdn)  # dL/dh_{-1} = a_0 g_0
@@ -245,8 +207,8 @@ def _configs(B: int, T: int, D: int, N: int) -> list[FwdConfig]:
 class BwdConfig(NamedTuple):
     """A backward candidate. kernel "walk": `_walk_bwd` over time chunks of TC tokens (a multiple of the
     forward's BT), BD channels per program, one per thread (one warp: the sums over channels stay in it);
-    "scan" / "seq": `_scan_bwd` over the whole sequence with BD channels x N states per program, by in-chunk
-    associative scans or token by token."""
+    "scan": `_scan_bwd`'s in-chunk associative scans over the whole sequence, BD channels x N states per
+    program."""
     kernel: str
     BD: int
     warps: int
@@ -258,7 +220,7 @@ def _bwd_configs(B: int, T: int, D: int, N: int, BT: int) -> list[BwdConfig]:
     (benchmarks/results/mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at B T = 16k."""
     walk = [BwdConfig("walk", BD, warps, TC) for BD, warps in ((32, 1), (64, 2))
             for TC in _time_chunks(B, T, D, BD, warps, BT)]
-    return [*walk, BwdConfig("scan", 8 if N > 32 else 16, 4), BwdConfig("scan", 8, 4), BwdConfig("seq", 8, 4)]
+    return [*walk, *dict.fromkeys((BwdConfig("scan", 8 if N > 32 else 16, 4), BwdConfig("scan", 8, 4)))]
 
 
 def _padded_bc(Bm, Cm, TP: int, BN: int):
@@ -362,11 +324,9 @@ def _backward(x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, want_dh0: bool):
         dA = empty_output((Bsz, D, N), torch.float32, x.device)
         dB, dC = (empty_output((NDB, Bsz, T, N), torch.float32, x.device) for _ in range(2))
         dh0 = empty_output((Bsz, D, N), torch.float32, x.device) if want_dh0 else None
-        seq = cfg.kernel == "seq"
-        scratch = torch.empty(NDB * Bsz * BT * cfg.BD * BN if seq else 1, dtype=torch.float32, device=x.device)
-        _scan_bwd[(NDB, Bsz)](x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, scratch, Bsz, T, D,
-                              N, cdiv(T, BT), BT=BT, BD=cfg.BD, BN=BN, HAS_BIAS=dt_bias is not None,
-                              USE_DHT=dht is not None, STORE_DH0=want_dh0, SEQ=seq, num_warps=cfg.warps)
+        _scan_bwd[(NDB, Bsz)](x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, Bsz, T, D, N,
+                              cdiv(T, BT), BT=BT, BD=cfg.BD, BN=BN, HAS_BIAS=dt_bias is not None,
+                              USE_DHT=dht is not None, STORE_DH0=want_dh0, num_warps=cfg.warps)
         out.update(dA=dA.sum(0), dB=dB.sum(0), dC=dC.sum(0), dh0=dh0)
     cfg = pick_config(("mamba_bwd", *key), _bwd_configs(Bsz, T, D, N, BT), launch)
     launch(cfg)
