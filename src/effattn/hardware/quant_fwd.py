@@ -153,8 +153,10 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
         return [Config(32, 32, 4, 1)]
     if dtype == torch.float32:
         return [Config(64, 32, 4, 2), Config(64, 64, 4, 2)]
-    # BLOCK_N = 64 keeps a tile inside one K scale block ("block" / "warp" granularity: scalar-scale path)
-    return [Config(128, 64, 4, 3), Config(128, 64, 4, 4), Config(128, 64, 8, 3)]  # H100: 4 warps won every int8 cell
+    # BLOCK_N = 64 keeps a tile inside one K scale block ("block" / "warp" granularity: scalar-scale path;
+    # H100, 2026-11-23: 4 warps won every int8 cell). 128 x 128 takes the per-token path at 64-token K blocks
+    # but issues 16% fewer instructions per key on sm_90a at D = 128 (benchmarks/quant_compile.py); untimed.
+    return [Config(128, 64, 4, 3), Config(128, 64, 4, 4), Config(128, 64, 8, 3), Config(128, 128, 8, 3)]
 
 
 # Launch plans keyed by shapes, strides, dtypes, alignment and options (see flash_fwd._PLANS).
