@@ -242,3 +242,23 @@ def test_mamba_kernel_variants(monkeypatch, fwd, bwd):
     monkeypatch.setattr(selective_scan, "_configs", lambda *shape: [selective_scan.FwdConfig(*fwd)])
     monkeypatch.setattr(selective_scan, "_bwd_configs", lambda *shape: [selective_scan.BwdConfig(*bwd)])
     check_against_reference(mamba, mamba_reference, mamba_case(initial_state=True), {}, form="chunk")
+
+
+def test_mamba_kernels_pinned_by_environment(monkeypatch):
+    """EFFATTN_FLASH_CONFIGS pins the Mamba kernels as it pins the attention kernels (their configurations are
+    NamedTuples with a kernel name): here the walks in time chunks, which the default candidates at T = 41 are
+    not, so the chunk-chaining kernel must run."""
+    from effattn.linear import selective_scan
+
+    launches = []
+
+    class CountedLaunches:  # kernel[grid](...) as before, counting the launches
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    real = selective_scan._pass_states
+    monkeypatch.setattr(selective_scan, "_pass_states", CountedLaunches())
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "mamba_fwd=walk,8,16,4,16;mamba_bwd=walk,16,1,16")
+    check_against_reference(mamba, mamba_reference, mamba_case(initial_state=True), {}, form="chunk")
+    assert len(launches) >= 2  # the forward's end states and the backward's carries

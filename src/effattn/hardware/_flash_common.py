@@ -181,16 +181,18 @@ def tuner_env() -> tuple:
 
 @functools.lru_cache(maxsize=16)
 def _parse_forced(spec: str) -> dict:
+    """kind -> the pinned configuration's fields, integers where they read as such ("walk,32,128,4,512")."""
     out = {}
     for item in filter(None, spec.split(";")):
         kind, _, cfg = item.partition("=")
-        out[kind.strip()] = Config(*(int(x) for x in cfg.split(",")))
+        out[kind.strip()] = tuple(int(x) if x.strip().lstrip("-").isdigit() else x.strip() for x in cfg.split(","))
     return out
 
 
 def _forced() -> dict:
-    """EFFATTN_FLASH_CONFIGS="fwd=128,64,4,3;dq=..." pins the configuration of a kernel kind (benchmarks
-    use it to compile candidates in parallel processes); EFFATTN_FLASH_TUNE=0 takes the first candidate."""
+    """EFFATTN_FLASH_CONFIGS="fwd=128,64,4,3;mamba_fwd=walk,32,128,4,512;..." pins the configuration of a
+    kernel kind, built as the kind's candidates are (benchmarks use it to compile candidates in parallel
+    processes); EFFATTN_FLASH_TUNE=0 takes the first candidate."""
     return _parse_forced(os.environ.get("EFFATTN_FLASH_CONFIGS", ""))
 
 
@@ -200,8 +202,8 @@ def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]
     that compiles and fits in the GPU's resources (one compile instead of one per candidate). Launches must
     be idempotent."""
     forced = _forced().get(key[0])
-    if forced is not None:
-        return forced
+    if forced is not None:  # the candidates' own type (a NamedTuple such as Config, or a plain tuple)
+        return forced if type(configs[0]) is tuple else type(configs[0])(*forced)
     if interpreting() or len(configs) == 1:
         return configs[0]
     tune = os.environ.get("EFFATTN_FLASH_TUNE", "1") != "0"
