@@ -17,9 +17,10 @@ Backward (see selective_scan.py for the adjoint): the carry into each chunk's la
 reversed: `_walk_carry` walks each chunk back from zero (g_t = G + C_t dy_t, G <- a_t g_t) and `_pass_states`
 chains them from dht. `_walk_bwd` then walks each chunk back from its carry. It needs h_t in reverse order: per
 BT block it recomputes the states forward from the saved one, keeping the state before every SUB tokens in a
-per-program scratch (it stays in cache), then per SUB tokens recomputes their SUB states in registers and walks
-them back. dB and dC sum over channels: each program reduces its BD channels (one warp: shuffles, no barrier)
-and writes a partial sum per channel block; dA sums over time: a partial per chunk. The launcher adds them.
+scratch (small enough to stay in cache), then per SUB tokens recomputes their SUB states in registers and walks
+them back. dB and dC sum over channels: each program reduces its BD channels (one warp per program: shuffles
+only) and writes a partial sum per channel block; dA sums over time: a partial per chunk. The launcher adds
+them.
 """
 from __future__ import annotations
 
@@ -74,11 +75,11 @@ def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N
               USE_START: tl.constexpr, EMIT: tl.constexpr, SAVE: tl.constexpr, STORE_HT: tl.constexpr):
     """Program (channel block, time chunk c of TC tokens, batch b) walks its chunk token by token (the module
     docstring has the layout). Bp, Cp: B, C in float32 `[B, TP, BN]`, zero-padded to TP = a multiple of BT
-    tokens and BN states. EMIT=False (pass 1): from a zero
-    state, the chunk's end state and its sum of delta into ends `[B, NC, N, D]`, sums `[B, NC, D]`. EMIT=True
-    (pass 2): from the true state before the chunk (start `[B, NC, N, D]`, NC = the grid's chunk count, or h0
-    when there is one chunk), y, ht after the last chunk, and every BT tokens the state for the backward
-    (hs `[B, cdiv(T, BT), D, N]`, its kernels' layout; TC is a multiple of BT)."""
+    tokens and BN states. EMIT=False (pass 1): from a zero state, the chunk's end state and its sum of delta
+    into ends `[B, NC, N, D]`, sums `[B, NC, D]`. EMIT=True (pass 2): from the true state before the chunk
+    (start `[B, NC, N, D]`, NC = the grid's chunk count, or h0 when there is one chunk), y, ht after the last
+    chunk, and every BT tokens the state for the backward (hs `[B, cdiv(T, BT), D, N]`; TC is a multiple of
+    BT)."""
     pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC = tl.num_programs(1)
     od, on, md, mnd, tile, A2, bias = _tile(A_t, dt_bias, pid_d, D, N, BD, BN, HAS_BIAS)
@@ -114,7 +115,8 @@ def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N
 @triton.jit
 def _pass_states(A_t, ends, sums, h0, start, D, N, NC, BLOCK: tl.constexpr, USE_H0: tl.constexpr):
     """The state before each of NC chunks (start `[B, NC, N, D]`) from h0 and the chunks' own end states
-    (ends `[B, NC - 1, N, D]`, from zero; sums of delta `[B, NC - 1, D]`): h <- exp(A * sum of delta) h + end."""
+    (ends `[B, NC - 1, N, D]`, from zero; sums of delta `[B, NC - 1, D]`): h <- exp(A * sum of delta) h + end.
+    The backward chains its carries with it too, from dht, its chunks in reverse order."""
     pid, b = tl.program_id(0), tl.program_id(1)
     idx = pid * BLOCK + tl.arange(0, BLOCK)  # flat (n, d)
     m = idx < D * N
@@ -127,8 +129,6 @@ def _pass_states(A_t, ends, sums, h0, start, D, N, NC, BLOCK: tl.constexpr, USE_
         total = tl.load(sums + (b * (NC - 1) + c) * D + idx % D, mask=m, other=0.0)
         h = tl.exp2(A2 * total) * h + tl.load(ends + (b * (NC - 1) + c) * D * N + idx, mask=m, other=0.0)
     tl.store(start + (b * NC + NC - 1) * D * N + idx, h, mask=m)
-
-
 
 
 @triton.jit(do_not_specialize=["D"])  # see the module docstring
