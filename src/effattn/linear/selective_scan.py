@@ -108,7 +108,7 @@ def _program_tile(A, dt_bias, start, b, pid_d, D, N, BD: tl.constexpr, BN: tl.co
 def _scan_fwd(x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, NC, BT: tl.constexpr, BD: tl.constexpr,
               BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_H0: tl.constexpr, SAVE: tl.constexpr,
               STORE_HT: tl.constexpr):
-    pid_d, b = tl.program_id(0), tl.program_id(1)
+    pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # B T D may pass 2^31
     od, on, md, mn, mdn, odn, A_, bias, h = _program_tile(A, dt_bias, h0, b, pid_d, D, N, BD, BN, HAS_BIAS, USE_H0)
     for c in range(0, NC):
         if SAVE:
@@ -151,13 +151,13 @@ def _chunk_bwd(x, dt, dt_bias, Bm, Cm, A_, h_start, Gs, dy, dx, ddt, dB, dC, b, 
 def _scan_bwd(x, dt, dt_bias, A, Bm, Cm, hs, dy, dht, dx, ddt, dA, dB, dC, dh0, B, T, D, N, NC,
               BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DHT: tl.constexpr,
               STORE_DH0: tl.constexpr):
-    pid_d, b = tl.program_id(0), tl.program_id(1)
+    pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # B T D may pass 2^31
     # Gs = a_{t+1} g_{t+1}: what the state after step t receives from the future (dht after the last token)
     od, on, md, mn, mdn, odn, A_, bias, Gs = _program_tile(A, dt_bias, dht, b, pid_d, D, N, BD, BN, HAS_BIAS,
                                                             USE_DHT)
     dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
-    dB += pid_d * B * T * N  # this block's slice of the dB / dC partial sums `[NDB, B, T, N]`
-    dC += pid_d * B * T * N
+    dB += pid_d.to(tl.int64) * B * T * N  # this block's slice of the dB / dC partial sums `[NDB, B, T, N]`
+    dC += pid_d.to(tl.int64) * B * T * N
     for i in range(0, NC):
         t0 = (NC - 1 - i) * BT
         h = tl.load(hs + (b * NC + t0 // BT) * D * N + odn, mask=mdn, other=0.0)

@@ -80,7 +80,7 @@ def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N
     (start `[B, NC, N, D]`, NC = the grid's chunk count, or h0 when there is one chunk), y, ht after the last
     chunk, and every BT tokens the state for the backward (hs `[B, cdiv(T, BT), D, N]`; TC is a multiple of
     BT)."""
-    pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B T D may pass 2^31
     NC = tl.num_programs(1)
     od, on, md, mnd, tile, A2, bias = _tile(A_t, dt_bias, pid_d, D, N, BD, BN, HAS_BIAS)
     h = tl.zeros([BN, BD], dtype=tl.float32)
@@ -117,7 +117,7 @@ def _pass_states(A_t, ends, sums, h0, start, D, N, NC, BLOCK: tl.constexpr, USE_
     """The state before each of NC chunks (start `[B, NC, N, D]`) from h0 and the chunks' own end states
     (ends `[B, NC - 1, N, D]`, from zero; sums of delta `[B, NC - 1, D]`): h <- exp(A * sum of delta) h + end.
     The backward chains its carries with it too, from dht, its chunks in reverse order."""
-    pid, b = tl.program_id(0), tl.program_id(1)
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)  # flat (n, d)
     m = idx < D * N
     A2 = tl.load(A_t + idx, mask=m, other=0.0) * LOG2E
@@ -137,7 +137,7 @@ def _walk_carry(dt, dt_bias, A_t, Cp, dy, ends, sums, T, D, N, TC, TP, BD: tl.co
     """Chunk c = 1 + program_id(1) walked back from a zero carry: what it passes to the state before it,
     a_{t0} g_{t0}, and its sum of delta, into ends `[B, NC - 1, N, D]` and sums `[B, NC - 1, D]` at index
     NC - 1 - c (reversed, so that `_pass_states` chains them from the last chunk)."""
-    pid_d, c, b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2)
+    pid_d, c, b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2).to(tl.int64)
     NC = tl.num_programs(1) + 1
     od, on, md, mnd, tile, A2, bias = _tile(A_t, dt_bias, pid_d, D, N, BD, BN, HAS_BIAS)
     G = tl.zeros([BN, BD], dtype=tl.float32)
@@ -195,7 +195,7 @@ def _walk_bwd(x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, d
     channel block's dB, dC partials `[B, T, N]` (dB, dC point at its slice), dA's partial of this chunk
     `[B, NC, N, D]` and, from chunk 0, dh0 `[B, N, D]`. hs: the forward's states every BT tokens `[B, cdiv(T, BT),
     D, N]`; ckpt: scratch `[B, NC, BT / SUB, N, D]` for the states before every SUB tokens of a block."""
-    pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B T D may pass 2^31
     NC = tl.num_programs(1)
     od, on, md, mnd, tile, A2, bias = _tile(A_t, dt_bias, pid_d, D, N, BD, BN, HAS_BIAS)
     mn = on < N
@@ -203,8 +203,8 @@ def _walk_bwd(x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, d
     if USE_CARRY:
         G += tl.load(carry + (b * NC + NC - 1 - c) * D * N + tile, mask=mnd, other=0.0)
     dA_acc = tl.zeros([BN, BD], dtype=tl.float32)
-    dB += pid_d * tl.num_programs(2) * T * N  # this channel block's slice of the partial sums
-    dC += pid_d * tl.num_programs(2) * T * N
+    dB += pid_d.to(tl.int64) * tl.num_programs(2) * T * N  # this channel block's slice of the partial sums
+    dC += pid_d.to(tl.int64) * tl.num_programs(2) * T * N
     ckpt += (b * NC + c) * (BT // SUB) * D * N  # this chunk's BT / SUB states `[N, D]`
     t_begin = c * TC
     t_end = tl.minimum(T, t_begin + TC)
