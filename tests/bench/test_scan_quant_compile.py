@@ -1,0 +1,43 @@
+"""Compiled for sm_90a without a GPU, two kernels keep the code shape that the 2026-12-05 work gave them
+(benchmarks/results/mamba_compile_2026-12-05.md, quant_compile_2026-12-05.md); each check fails on the defect
+it guards against:
+- Mamba's walk forward keeps one channel per thread with all its states: no barrier in pass 1, no spills, and
+  exp-bound. Specialising D moved the warps onto the state axis: 16 barriers per 4 tokens in pass 1.
+- The FP8-PV attention copies its V tiles asynchronously (LDGSTS), stages ahead. A token mask or an unaligned
+  start left them to per-byte loads (LDG 150 and LDGSTS 27 at D = 128 with 8 warps)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _rows(script: str, *args: str, tmp_path) -> list[dict]:
+    out_json = tmp_path / f"{script}.json"
+    out = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(out_json)], capture_output=True,
+                         text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out_json.read_text())
+
+
+def test_mamba_walk_forward_keeps_states_in_thread(tmp_path):
+    rows = _rows("mamba_compile.py", tmp_path=tmp_path)
+    pass1 = [r for r in rows if r["kernel"].startswith("walk fwd pass 1")]
+    pass2 = [r for r in rows if r["kernel"].startswith("walk fwd pass 2")]
+    assert pass1 and pass2
+    for r in pass1:
+        assert r["BAR"] == 0 and r["spill_bytes"] == 0 and r["bound"] == "exp", r
+    for r in pass2:
+        assert r["BAR"] <= 8 and r["spill_bytes"] == 0 and r["instr_per_state"] <= 12, r
+    walk_bwd = [r for r in rows if r["kernel"].startswith("walk bwd (") and r["warps"] == 1]
+    assert walk_bwd and all(r["BAR"] <= 20 for r in walk_bwd), walk_bwd  # sums over channels stay in the warp
+
+
+def test_fp8_pv_attention_pipelines_its_v_tiles(tmp_path):
+    rows = _rows("quant_compile.py", "--head-dim", "128", tmp_path=tmp_path)
+    fp8 = [r for r in rows if r["path"] in ("sage_int8_fp8pv", "flash_fp8") and r["warps"] == 8]
+    assert len(fp8) == 2
+    for r in fp8:
+        assert r["LDGSTS"] >= 45 and r["LDG"] < 100 and r["QGMMA"] > 0, r
