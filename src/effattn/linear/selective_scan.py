@@ -184,10 +184,13 @@ class FwdConfig(NamedTuple):
 
 def _time_chunks(B: int, T: int, D: int, BD: int, warps: int, multiple: int) -> list[int]:
     """Chunk lengths (multiples of `multiple`) for a walk kernel's candidates: the fewest chunks that give
-    ~2048 warps (16 per SM) with B cdiv(D, BD) programs per chunk, then 4x fewer chunks, then one chunk."""
+    ~2048 warps (16 per SM) with B cdiv(D, BD) programs per chunk, 4x as many chunks, and one chunk. The walks
+    are latency-bound per token (H200, 2026-12-05: 0.90 / 3.3 / 16 ms forward at chunks of 512 / 2048 / 16384
+    tokens, B = 1, D = 2048), so more, shorter chunks can pay for their extra pass."""
     chunks = max(1, 2048 // (B * cdiv(D, BD) * warps))
     split = multiple * max(1, cdiv(T, multiple * chunks))
-    return list(dict.fromkeys(multiple * cdiv(min(tc, T), multiple) for tc in (split, 4 * split, T)))
+    shorter = multiple * max(1, cdiv(split, 4 * multiple))
+    return list(dict.fromkeys(multiple * cdiv(min(tc, T), multiple) for tc in (shorter, split, T)))
 
 
 def _configs(B: int, T: int, D: int, N: int) -> list[FwdConfig]:
@@ -200,7 +203,7 @@ def _configs(B: int, T: int, D: int, N: int) -> list[FwdConfig]:
     drops pass 1 where B and D alone fill the GPU. The scan candidate is the kernel measured on the H100
     (benchmarks/results/mamba.md: (32, 8, 4), 4.1-4.8x the engine's scalar-gate forward)."""
     walk = [FwdConfig("walk", 32, BD, warps, TC) for BD, warps in ((128, 4), (64, 2))
-            for TC in _time_chunks(B, T, D, BD, warps, 256)]
+            for TC in _time_chunks(B, T, D, BD, warps, 32)]
     return [*walk, FwdConfig("scan", 32, 8, 4)]
 
 
