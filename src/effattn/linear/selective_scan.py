@@ -196,11 +196,11 @@ def _time_chunks(B: int, T: int, D: int, BD: int, warps: int, multiple: int) -> 
 def _configs(B: int, T: int, D: int, N: int) -> list[FwdConfig]:
     """Forward candidates; the first is the interpreter's (and, with tuning off, the GPU's).
 
-    One program walks one chunk of one channel block sequentially, so the grid must be wide in time as well:
-    at B = 1, D = 2048 there are only 16 blocks of 128 channels, 16 warps for a 132-SM GPU whose exp units
-    (16 per SM, one exp per state element and token) stay idle. Chunks of TC tokens make cdiv(T, TC) times
-    more programs, for a second walk (pass 1: each chunk's own end state) that doubles the exps; TC >= T
-    drops pass 1 where B and D alone fill the GPU. The scan candidate is the kernel measured on the H100
+    One program walks one chunk of one channel block sequentially, each token waiting on its loads, so the
+    grid must be wide in time as well: at B = 1, D = 2048 there are only 16 blocks of 128 channels (on the
+    H200 a single chunk took 16 ms, chunks of 512 tokens 0.90 ms). Chunks of TC tokens make cdiv(T, TC) times
+    more programs, for a second walk (pass 1: each chunk's own end state); TC >= T drops pass 1 where B and D
+    alone fill the GPU. The scan candidate is the kernel measured on the H100
     (benchmarks/results/mamba.md: (32, 8, 4), 4.1-4.8x the engine's scalar-gate forward)."""
     walk = [FwdConfig("walk", 32, BD, warps, TC) for BD, warps in ((128, 4), (64, 2))
             for TC in _time_chunks(B, T, D, BD, warps, 32)]
