@@ -69,6 +69,26 @@ def _token(x, dt, bias, Bp, b, t, t_end, T, TP, D, od, md, on, BN: tl.constexpr)
     return delta, xt, raw, Bt, mt
 
 
+@triton.jit
+def _stream(x, dt, bias, b, t, t_end, T, D, od, md):
+    """Token t's raw dt_t + bias and x_t `[BD]` in float32 (x: x or dy `[B, T, D]`; 0 at and past t_end): the
+    loads a walk issues ahead of their use."""
+    mt = md & (t < t_end)
+    row = (b * T + t) * D + od
+    raw = tl.load(dt + row, mask=mt, other=0.0).to(tl.float32) + bias
+    return raw, tl.load(x + row, mask=mt, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row(P, b, t, t_end, TP, on, BN: tl.constexpr, BD: tl.constexpr):
+    """Row t of a padded float32 `[B, TP, BN]` copy (B or C), broadcast over the channels `[BN, BD]` (the
+    registers it takes are those of a `[BN]` row: each thread holds all BN values either way); zeros at and
+    past t_end. The broadcast lets a row be carried through the walk's loop: a carried `[BN]` row would be
+    loaded in another layout and converted through shared memory, with a barrier, at every use."""
+    row = tl.load(P + (b * TP + t) * BN + on, mask=(on < BN) & (t < t_end), other=0.0)
+    return tl.broadcast_to(row[:, None], (BN, BD))
+
+
 @triton.jit(do_not_specialize=["D"])  # see the module docstring
 def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N, TC, TP, BT: tl.constexpr,
               BD: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -79,7 +99,12 @@ def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N
     into ends `[B, NC, N, D]`, sums `[B, NC, D]`. EMIT=True (pass 2): from the true state before the chunk
     (start `[B, NC, N, D]`, NC = the grid's chunk count, or h0 when there is one chunk), y, ht after the last
     chunk, and every BT tokens the state for the backward (hs `[B, cdiv(T, BT), D, N]`; TC is a multiple of
-    BT)."""
+    BT).
+
+    Each token waits on nothing it loads: dt and x (streamed from memory) are loaded two tokens ahead of their
+    use and B, C (shared by every channel block, so cached) one token ahead, in registers carried through the
+    loop. Without that, the compiler issues each token's loads just before their use (after the previous
+    token's y store, which it cannot move them past), and every token pays a memory latency."""
     pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B T D may pass 2^31
     NC = tl.num_programs(1)
     od, on, md, mnd, tile, A2, bias = _tile(A_t, dt_bias, pid_d, D, N, BD, BN, HAS_BIAS)
@@ -89,17 +114,29 @@ def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N
     delta_sum = tl.zeros([BD], dtype=tl.float32)
     t_begin = c * TC
     t_end = tl.minimum(T, t_begin + TC)
+    raw1, x1 = _stream(x, dt, bias, b, t_begin, t_end, T, D, od, md)  # token t + 1's, then t + 2's
+    raw2, x2 = _stream(x, dt, bias, b, t_begin + 1, t_end, T, D, od, md)
+    B1 = _row(Bp, b, t_begin, t_end, TP, on, BN, BD)
+    C1 = B1
+    if EMIT:
+        C1 = _row(Cp, b, t_begin, t_end, TP, on, BN, BD)
     for s in range(t_begin, t_end, BT):
         if SAVE:
             tl.store(hs + (b * tl.cdiv(T, BT) + s // BT) * D * N + od[None, :] * N + on[:, None], h, mask=mnd)
         for t0 in range(s, s + BT, UNROLL):
-            for j in tl.static_range(UNROLL):  # unrolled: the loads of UNROLL tokens issue together
+            for j in tl.static_range(UNROLL):  # unrolled, so that one token's exps overlap the next one's
                 t = t0 + j
-                delta, xt, _, Bt, mt = _token(x, dt, bias, Bp, b, t, t_end, T, TP, D, od, md, on, BN)
-                h = tl.exp2(delta[None, :] * A2) * h + Bt[:, None] * (delta * xt)[None, :]
+                raw, xt, Bt, Ct = raw1, x1, B1, C1
+                raw1, x1 = raw2, x2
+                raw2, x2 = _stream(x, dt, bias, b, t + 2, t_end, T, D, od, md)
+                B1 = _row(Bp, b, t + 1, t_end, TP, on, BN, BD)
                 if EMIT:
-                    Ct = tl.load(Cp + (b * TP + t) * BN + on)
-                    tl.store(y + (b * T + t) * D + od, tl.sum(h * Ct[:, None], axis=0).to(y.dtype.element_ty),
+                    C1 = _row(Cp, b, t + 1, t_end, TP, on, BN, BD)
+                mt = md & (t < t_end)
+                delta = tl.where(mt, _softplus(raw), 0.0)
+                h = tl.exp2(delta[None, :] * A2) * h + Bt * (delta * xt)[None, :]
+                if EMIT:
+                    tl.store(y + (b * T + t) * D + od, tl.sum(h * Ct, axis=0).to(y.dtype.element_ty),
                              mask=mt)
                 else:
                     delta_sum += delta
@@ -136,7 +173,8 @@ def _walk_carry(dt, dt_bias, A_t, Cp, dy, ends, sums, T, D, N, TC, TP, BD: tl.co
                 UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Chunk c = 1 + program_id(1) walked back from a zero carry: what it passes to the state before it,
     a_{t0} g_{t0}, and its sum of delta, into ends `[B, NC - 1, N, D]` and sums `[B, NC - 1, D]` at index
-    NC - 1 - c (reversed, so that `_pass_states` chains them from the last chunk)."""
+    NC - 1 - c (reversed, so that `_pass_states` chains them from the last chunk). Loads run ahead of their
+    use as in `_walk_fwd`: dt and dy two tokens, C one token."""
     pid_d, c, b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2).to(tl.int64)
     NC = tl.num_programs(1) + 1
     od, on, md, mnd, tile, A2, bias = _tile(A_t, dt_bias, pid_d, D, N, BD, BN, HAS_BIAS)
@@ -144,14 +182,20 @@ def _walk_carry(dt, dt_bias, A_t, Cp, dy, ends, sums, T, D, N, TC, TP, BD: tl.co
     delta_sum = tl.zeros([BD], dtype=tl.float32)
     t_begin = c * TC
     t_end = tl.minimum(T, t_begin + TC)
-    for i in range(0, tl.cdiv(t_end - t_begin, UNROLL)):
-        t0 = t_begin + (tl.cdiv(t_end - t_begin, UNROLL) - 1 - i) * UNROLL
+    steps = tl.cdiv(t_end - t_begin, UNROLL) * UNROLL  # tokens walked, from t_begin + steps - 1 down
+    t_last = t_begin + steps - 1
+    raw1, dy1 = _stream(dy, dt, bias, b, t_last, t_end, T, D, od, md)  # token t - 1's, then t - 2's
+    raw2, dy2 = _stream(dy, dt, bias, b, t_last - 1, t_end, T, D, od, md)
+    C1 = _row(Cp, b, t_last, t_end, TP, on, BN, BD)
+    for i in range(0, steps // UNROLL):
         for jj in tl.static_range(UNROLL):
-            t = t0 + UNROLL - 1 - jj
-            delta, _, mt = _delta(dt, bias, b, t, t_end, T, D, od, md)
-            Ct = tl.load(Cp + (b * TP + t) * BN + on)
-            dyt = tl.load(dy + (b * T + t) * D + od, mask=mt, other=0.0).to(tl.float32)
-            G = tl.exp2(delta[None, :] * A2) * (G + Ct[:, None] * dyt[None, :])
+            t = t_last - i * UNROLL - jj
+            raw, dyt, Ct = raw1, dy1, C1
+            raw1, dy1 = raw2, dy2
+            raw2, dy2 = _stream(dy, dt, bias, b, t - 2, t_end, T, D, od, md)  # t - 2 >= t_begin - 2 >= 0 here
+            C1 = _row(Cp, b, t - 1, t_end, TP, on, BN, BD)
+            delta = tl.where(md & (t < t_end), _softplus(raw), 0.0)
+            G = tl.exp2(delta[None, :] * A2) * (G + Ct * dyt[None, :])
             delta_sum += delta
     k = NC - 1 - c
     tl.store(ends + (b * (NC - 1) + k) * D * N + tile, G, mask=mnd)
