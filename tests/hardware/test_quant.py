@@ -57,14 +57,18 @@ def test_fp8_quantisers_definition():
     assert torch.equal(scale[0, 1, 0], x[0, :64, 1].abs().max() / 448)
     assert float(codes[0, 64:, 0].float().abs().max()) == 448.0
     assert torch.equal(codes.float(), (x / scale.transpose(1, 2)[..., None]).to(Q.FP8).float())
+    x = _rand(1, 150, 2, 16, seed=1) * 5
     vc, vs = Q.quantize_v_fp8(x)
-    assert vc.shape == (1, 2, 16, 128) and vs.shape == (1, 2, 2, 16)  # S padded to 2 blocks of 64 tokens
-    assert not vc[..., 70:].float().any()  # zeros past S
-    assert torch.equal(vs[0, 0, 1], x[0, 64:, 0].abs().amax(0) / 448)  # per channel and block
-    back = Q.dequantize_v_fp8(vc, vs, 70, torch.float32)
-    assert bool(((back - x).abs() <= x.abs() / 16 + 1e-6).all())  # e4m3: 3 mantissa bits
+    assert vc.shape == (1, 2, 16, 256) and vs.shape == (1, 2, 16)  # S padded to 2 blocks of V_PAD = 128 tokens
+    assert not vc[..., 150:].float().any()  # zeros past S
+    assert torch.equal(vs[0, 0], x[0, :, 0].abs().amax(0) / 448)  # per channel, over all tokens
+    assert torch.equal(vc[0, 1, 3, :150].float(), (x[0, :, 1, 3] / vs[0, 1, 3]).to(Q.FP8).float())
+    back = Q.dequantize_v_fp8(vc, vs, 150, torch.float32)
+    assert back.shape == x.shape
+    # e4m3: 3 mantissa bits; below 2^-6 of the scale, subnormal steps of 2^-9 times the scale
+    assert bool(((back - x).abs() <= x.abs() / 16 + vs[:, None] * 2 ** -10 + 1e-6).all())
     _, vs_head = Q.quantize_v_fp8(x, per_head=True)
-    assert torch.equal(vs_head[0, 1, 0], vs_head[0, 1, 1]) and torch.equal(vs_head[0, 1, 0, 0], x[0, :, 1].abs().max() / 448)
+    assert vs_head.shape == (1, 2, 16) and bool((vs_head[0, 1] == x[0, :, 1].abs().max() / 448).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -78,7 +82,11 @@ def test_fused_quantisers_are_bit_identical(dtype):
     with poisoned_outputs():  # the padding past S must be written (zeros): the attention loads it unmasked
         vc, vs = quantize_v(x)
     ref_vc, ref_vs = Q.quantize_v_fp8(x)
-    assert vc.shape[-1] == Q.V_BLOCK and not ref_vc[..., 37:].float().any()
+    assert vc.shape[-1] == Q.V_PAD and not ref_vc[..., 37:].float().any()
+    assert torch.equal(vc.float(), ref_vc.float()) and torch.equal(vs, ref_vs)
+    with poisoned_outputs():
+        vc, vs = quantize_v(x, per_head=True)
+    ref_vc, ref_vs = Q.quantize_v_fp8(x, per_head=True)
     assert torch.equal(vc.float(), ref_vc.float()) and torch.equal(vs, ref_vs)
 
 
@@ -102,6 +110,23 @@ def test_k_smoothing_and_hadamard_leave_exact_attention_unchanged():
 def test_kernel_options_match_quantised_reference(name, options):
     shape = Shape(batch=1, seq_q=70, seq_k=83, heads=4, kv_heads=2, head_dim=32, head_dim_v=16)
     assert_matches_reference(REGISTRY.get(name), shape=shape, seed=5, **options)
+
+
+@pytest.mark.parametrize("name", ["sage_int8_fp8pv", "flash_fp8"])
+def test_fp8_pv_128_key_tiles(name, monkeypatch):
+    """The GPU tuner's 128-key FP8 tile (the interpreter's default is 64): V^T padded to V_PAD = 128 loads
+    unmasked, and P's e4m3 rounding follows the kernel's tile, as the reference's p_tile says."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "quant=32,128,4,1")
+    q, k, v = (_rand(1, n, 2, 32, seed=s) for s, n in ((11, 45), (12, 290), (13, 290)))
+    fn, ref = (effattn.sage_attention, sage_reference) if name == "sage_int8_fp8pv" else (effattn.flash_fp8, flash_fp8_reference)
+    opts = {"pv_dtype": "fp8"} if name == "sage_int8_fp8pv" else {"granularity": "block"}
+    with poisoned_outputs():
+        got = fn(q, k, v, causal=True, **opts).double()
+    want = ref(q.double(), k.double(), v.double(), causal=True, p_tile=128, **opts)
+    other = ref(q.double(), k.double(), v.double(), causal=True, p_tile=64, **opts)
+    err = (got - want).abs().max()
+    assert err < 1e-5, err
+    assert (other - want).abs().max() > 10 * err  # the test can tell the tiles apart
 
 
 def test_strided_inputs():

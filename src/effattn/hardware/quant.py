@@ -18,7 +18,7 @@ from ..validate import check_choice, check_qkv, check_scale
 from ._flash_common import LOG2E
 from .quant_fwd import quant_fwd
 from .quant_prep import quantize_qk, quantize_v
-from .quantize import (FP8, FP8_MAX, V_BLOCK, dequantize, dequantize_v_fp8, hadamard, quantize_fp8,
+from .quantize import (FP8, FP8_MAX, P_TILE, dequantize, dequantize_v_fp8, hadamard, quantize_fp8,
                        quantize_int8, quantize_v_fp8, smooth_k as smooth_keys)
 
 # (query tokens, key tokens) per scale. SageAttention2's per-thread groups follow the MMA register layout,
@@ -43,7 +43,7 @@ def _quantise(q, k, v, *, qk_dtype, pv_dtype, smooth, groups, v_per_head=False, 
         qc, sq = quant(q, groups[0])
         kc, sk = quant(smooth_keys(k) if smooth else k, groups[1])
     if pv_dtype == "fp8":
-        vc, sv = quantize_v(v) if fused and not v_per_head else quantize_v_fp8(v, per_head=v_per_head)
+        vc, sv = quantize_v(v, v_per_head) if fused else quantize_v_fp8(v, per_head=v_per_head)
         return qc, sq, kc, sk, vc, sv
     return qc, sq, kc, sk, v if v.stride(-1) == 1 else v.contiguous(), None  # the kernel assumes unit stride
 
@@ -53,9 +53,11 @@ def _forward(codes, causal, scale, out_dtype, k_group):
     return quant_fwd(qc, kc, vc, sq * (scale * LOG2E), sk, sv, causal=causal, out_dtype=out_dtype, k_group=k_group)
 
 
-def _fp8_pv_attention(q, k, v, *, causal, scale):
-    """Softmax attention with P V as the FP8 kernel computes it, in q's dtype: blocks of V_BLOCK keys, running
-    row max m, and P stored as e4m3(448 * exp(s - m)) in the P V product (the row sum uses exact P)."""
+def _fp8_pv_attention(q, k, v, *, causal, scale, p_tile=P_TILE):
+    """Softmax attention with P V as the FP8 kernel computes it, in q's dtype: tiles of p_tile keys, running
+    row max m, and P stored as e4m3(448 * exp(s - m)) in the P V product (the row sum uses exact P). The
+    rounding of P depends on the kernel's key tile through m: the interpreter's is P_TILE, the GPU tuner may
+    take 128, whose result differs from this one by that rounding only."""
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     k = k.repeat_interleave(H // Hkv, dim=2)
@@ -65,26 +67,27 @@ def _fp8_pv_attention(q, k, v, *, causal, scale):
     m = torch.full((B, H, T, 1), float("-inf"), dtype=q.dtype, device=q.device)
     l = torch.zeros_like(m)
     acc = torch.zeros(B, H, T, v.shape[3], dtype=q.dtype, device=q.device)
-    for j in range(0, S, V_BLOCK):
-        sb = s[..., j:j + V_BLOCK]
+    for j in range(0, S, p_tile):
+        sb = s[..., j:j + p_tile]
         m_new = torch.maximum(m, sb.amax(-1, keepdim=True))
         m_use = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
         p = torch.exp(sb - m_use)
         alpha = torch.exp(m - m_use)
         l = l * alpha + p.sum(-1, keepdim=True)
         p8 = (p * FP8_MAX).to(FP8).to(q.dtype)
-        acc = acc * alpha + torch.einsum("bhts,bshd->bhtd", p8, v[:, j:j + V_BLOCK])
+        acc = acc * alpha + torch.einsum("bhts,bshd->bhtd", p8, v[:, j:j + p_tile])
         m = m_new
     o = torch.where(l > 0, acc / (FP8_MAX * torch.where(l > 0, l, torch.ones_like(l))), torch.zeros_like(acc))
     return o.transpose(1, 2)
 
 
-def _attend_dequantised(codes, q, causal, scale, S):
+def _attend_dequantised(codes, q, causal, scale, S, p_tile):
     qc, sq, kc, sk, vc, sv = codes
     q_hat, k_hat = dequantize(qc, sq, q.dtype), dequantize(kc, sk, q.dtype)
     if sv is None:
         return softmax_attention(q_hat, k_hat, vc.to(q.dtype), causal=causal, scale=scale)
-    return _fp8_pv_attention(q_hat, k_hat, dequantize_v_fp8(vc, sv, S, q.dtype), causal=causal, scale=scale)
+    return _fp8_pv_attention(q_hat, k_hat, dequantize_v_fp8(vc, sv, S, q.dtype), causal=causal, scale=scale,
+                             p_tile=p_tile)
 
 
 def _check(name, q, k, v, causal, scale, dtypes):
@@ -116,8 +119,8 @@ def sage_attention(q, k, v, *, causal=False, qk_dtype="int8", pv_dtype="fp16", s
     CPU under TRITON_INTERPRET=1), D and Dv in 16/32/64/128. granularity: one Q/K scale per 128/64 tokens
     ("block", SageAttention), per 16 query tokens ("warp", SageAttention2) or per token ("thread").
     smooth_k subtracts the per-channel mean of K over tokens (softmax-invariant). pv_dtype "fp16": P in V's
-    dtype (fp32 inputs stay fp32), fp32 accumulation; "fp8": P and V in e4m3, V scaled per channel and per
-    64-token block. causal is bottom-right aligned. Returns o `[B, T, H, Dv]` in q's dtype. Forward only;
+    dtype (fp32 inputs stay fp32), fp32 accumulation; "fp8": P and V in e4m3, V scaled per channel
+    (SageAttention2). causal is bottom-right aligned. Returns o `[B, T, H, Dv]` in q's dtype. Forward only;
     time O(N^2 d), memory O(N d).
     """
     S, D, scale = _check("sage_attention", q, k, v, causal, scale, DTYPES)
@@ -128,11 +131,12 @@ def sage_attention(q, k, v, *, causal=False, qk_dtype="int8", pv_dtype="fp16", s
 
 
 def sage_reference(q, k, v, *, causal=False, qk_dtype="int8", pv_dtype="fp16", smooth_k=True,
-                   granularity="block", scale=None, **_ignored):
-    """Exactly sage_attention's quantised algorithm in plain PyTorch, in q's dtype (float64: ground truth)."""
+                   granularity="block", scale=None, p_tile=P_TILE, **_ignored):
+    """Exactly sage_attention's quantised algorithm in plain PyTorch, in q's dtype (float64: ground truth).
+    p_tile: the kernel's key tile, on which FP8 P's rounding depends (`_fp8_pv_attention`)."""
     S, D, scale = _check("sage_reference", q, k, v, causal, scale, DTYPES + (torch.float64,))
     codes = _sage_codes(q, k, v, qk_dtype, pv_dtype, smooth_k, granularity)
-    return _attend_dequantised(codes, q, causal, scale, S)
+    return _attend_dequantised(codes, q, causal, scale, S, p_tile)
 
 
 def _fp8_codes(q, k, v, D, granularity, rotate, seed, fused=False):
@@ -147,7 +151,7 @@ def _fp8_codes(q, k, v, D, granularity, rotate, seed, fused=False):
 
 def flash_fp8(q, k, v, *, causal=False, granularity="head", hadamard=False, seed=0, scale=None):
     """FlashAttention-3's FP8 forward: Q, K, V in e4m3 with per-head (or per-block: 128 query / 64 key
-    tokens, V per channel and 64-token block) scales; hadamard=True first rotates Q and K by the same random
+    tokens, V per channel) scales; hadamard=True first rotates Q and K by the same random
     orthogonal Hadamard matrix (seeded by `seed`), which leaves Q K^T unchanged and spreads outliers.
 
     Shapes, dtypes and return as `sage_attention`. Forward only; time O(N^2 d), memory O(N d)."""
@@ -159,10 +163,11 @@ def flash_fp8(q, k, v, *, causal=False, granularity="head", hadamard=False, seed
 
 
 def flash_fp8_reference(q, k, v, *, causal=False, granularity="head", hadamard=False, seed=0, scale=None,
-                        **_ignored):
-    """Exactly flash_fp8's quantised algorithm in plain PyTorch, in q's dtype (float64: ground truth)."""
+                        p_tile=P_TILE, **_ignored):
+    """Exactly flash_fp8's quantised algorithm in plain PyTorch, in q's dtype (float64: ground truth).
+    p_tile: as `sage_reference`'s."""
     S, D, scale = _check("flash_fp8_reference", q, k, v, causal, scale, DTYPES + (torch.float64,))
-    return _attend_dequantised(_fp8_codes(q, k, v, D, granularity, hadamard, seed), q, causal, scale, S)
+    return _attend_dequantised(_fp8_codes(q, k, v, D, granularity, hadamard, seed), q, causal, scale, S, p_tile)
 
 
 def _register() -> None:
@@ -187,7 +192,7 @@ def _register() -> None:
         name="sage_int8_fp8pv", cite="Zhang et al. 2025, SageAttention2 (survey Sec. 3, Table 2)",
         fn=partial(sage_attention, pv_dtype="fp8"), reference=partial(sage_reference, pv_dtype="fp8"),
         options={**sage_opts, "pv_dtype": "fp8"},
-        description="INT8 Q K^T + FP8 e4m3 P V (V per channel/64-token block), Triton forward; rel. L1 vs "
+        description="INT8 Q K^T + FP8 e4m3 P V (V per channel), Triton forward; rel. L1 vs "
                     "exact 3.5-3.8% (H100, N=16k), tests bound 5%" + fp4, **common))
     register(Method(
         name="flash_fp8", cite="Shah et al. 2024, FlashAttention-3 FP8 (survey Sec. 3, Table 2)",

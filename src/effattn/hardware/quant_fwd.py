@@ -4,8 +4,10 @@ The flash forward's schedule (one program per query block, masked / full / maske
 online-softmax step (`_softmax_step`) are shared; what changes is the tile's arithmetic:
     s_ij  = (q_i . k_j)_int32|fp32 * sq_i * sk_j          (scales per token; log2(e) * scale folded in sq)
     PV16: acc = alpha acc + P_half V                       (P in V's dtype, fp32 accumulation)
-    PV8:  acc = alpha acc + (e4m3(448 P) @ V_e4m3) * sv_c  (per-channel, per-V_BLOCK scale; 448 rides in the
-          exponent of P, and l sums 448 P, so o = acc / l)
+    PV8:  acc = alpha acc + e4m3(448 P) @ V_e4m3            (448 rides in the exponent of P, and l sums 448 P;
+          V's scale is per channel, constant along the keys, so o = sv * acc / l)
+The FP8 P V product of each tile is accumulated on its own, then added to acc in float32 (one FFMA with the
+rescale): Hopper's FP8 MMA accumulates in fewer than 32 bits (SageAttention2's two-level accumulation).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .._memory import empty_output
 from .._triton_mode import interpreting
 from ._flash_common import (NO_LIMIT, Config, KernelLaunch, _dot, _kv_stages, _load_tile, _softmax_step, _visible,
                             block_d, cdiv, dot_precision, pick_config, seqlen_bucket, tuner_env)
-from .quantize import V_BLOCK
+from .quantize import V_PAD
 
 LOG2_P_SCALE: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): P V in FP8 stores 448 P (e4m3 range)
 
@@ -42,7 +44,7 @@ def _to_e4m3(x, GRID_ROUND: tl.constexpr):
 
 
 @triton.jit
-def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b, n0, pos, seqlen_k, LEFT, RIGHT,
+def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, seqlen_k, LEFT, RIGHT,
                 offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                 PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, PV_FP8: tl.constexpr,
                 DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr):
@@ -55,8 +57,6 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b,
     On the FP8 P V path p carries the factor 448 (the e4m3 range) through the exponent, l as well."""
     # every key block starts on a multiple of BLOCK_N (_kv_stages); told so, the compiler loads V^T in 16-byte vectors
     offs_n = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_N), BLOCK_N), BLOCK_N)
-    if PV_FP8:  # the tile's V scales, first: the load is outside the software pipeline, Q K^T hides its latency
-        sv = tl.load(VSb + (n0 // BLOCK_N) * svs_b + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0)
     k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK, PAD_D)
     qk = tl.dot(q, tl.trans(k))
     if K_SCALAR:
@@ -77,13 +77,13 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b,
         p, alpha, l_i, m_new = _softmax_step(s, 1.0, 1.0, LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
     if PV_FP8:
         # V^T `[Dv, S_pad]` loaded as stored (token rows contiguous) and transposed in shared memory, as K is:
-        # FP8 wgmma wants V K-major. No mask on tokens: S_pad is a multiple of BLOCK_N = V_BLOCK, zero past S
+        # FP8 wgmma wants V K-major. No mask on tokens: S_pad is a multiple of V_PAD (and BLOCK_N), zero past S
         # (p is 0 there). A mask varying along the rows, or a [BLOCK_N, Dv] load, left the tile to 1-byte
         # synchronous loads outside the software pipeline on sm_90a (benchmarks/quant_compile.py).
         vt = _load_tile(Vb + offs_dv[:, None] * sv_d + offs_n[None, :] * sv_t, offs_dv, HEAD_DIM_V, offs_n, seqlen_k,
                         PAD_DV, False)
         pv = tl.dot(_to_e4m3(p, GRID_ROUND), tl.trans(vt))
-        acc = acc * alpha[:, None] + pv * sv[None, :]
+        acc = acc * alpha[:, None] + pv
     else:
         v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
                        MASK, PAD_DV)
@@ -95,7 +95,7 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_b,
 def _quant_fwd_kernel(
         Q, K, V, QS, KS, VS, O,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sv_d, so_b, so_t, so_h,
-        sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, svs_n, T, S, H, GROUP, LEFT, RIGHT,
+        sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, T, S, H, GROUP, LEFT, RIGHT,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, REVERSE: tl.constexpr,
         DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr,
@@ -119,36 +119,37 @@ def _quant_fwd_kernel(
     Kb = K + b * sk_b + hk * sk_h
     KSb = KS + b * sks_b + hk * sks_h
     Vb = V + b * sv_b + hk * sv_h
-    VSb = VS + b * svs_b + hk * svs_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo, a, c, hi = _kv_stages(m0, T, S, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     for n0 in range(lo, a, BLOCK_N):
-        acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
+        acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
                                     BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
     for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):
-        acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
+        acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
                                     BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
     for n0 in range(c, hi, BLOCK_N):
-        acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, VSb, sk_t, sv_t, sv_d, svs_n, n0, pos, S,
+        acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
                                     BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
     empty = l_i == 0.0  # rows that see no key output 0, like the reference
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if PV_FP8:
+        o *= tl.load(VS + b * svs_b + hk * svs_h + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0)[None, :]
     o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_dv[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m[:, None] < T) & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 # ---------------------------------------------------------------------------------------------- launcher
 def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
-    """Candidate tiles (H100). BLOCK_N is V_BLOCK on the FP8-PV path (one V scale row per tile)."""
+    """Candidate tiles (H100). On the FP8-PV path BLOCK_N divides V_PAD (V^T loads unmasked)."""
     if pv_fp8:
         if interpreting():
-            return [Config(32, V_BLOCK, 4, 1)]
-        return [Config(128, V_BLOCK, 4, 3), Config(128, V_BLOCK, 8, 3)]
+            return [Config(32, 64, 4, 1)]
+        return [Config(128, 64, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3)]
     if interpreting():
         return [Config(32, 32, 4, 1)]
     if dtype == torch.float32:
@@ -169,23 +170,25 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_
 
     q `[B, T, H, D]` and k `[B, S, Hkv, D]` int8 or float8_e4m3fn; q_scale `[B, H, T]` (already times
     softmax scale * log2 e) and k_scale `[B, Hkv, S]` float32. v: `[B, S, Hkv, Dv]` in 16/32-bit with
-    v_scale None, or float8 `[B, Hkv, Dv, S_pad]` (S_pad a multiple of V_BLOCK, zeros past S) with
-    v_scale `[B, Hkv, ceil(S / V_BLOCK), Dv]`.
+    v_scale None, or float8 `[B, Hkv, Dv, S_pad]` (S_pad a multiple of V_PAD, zeros past S) with
+    v_scale `[B, Hkv, Dv]` (per channel).
     k_group: tokens sharing one K scale (None: the whole head); tiles inside one group take the scalar-scale
     path (`_quant_tile`). Returns o `[B, T, H, Dv]` in out_dtype."""
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     pv_fp8 = v_scale is not None
+    if pv_fp8 and v.shape[3] % V_PAD:
+        raise ValueError(f"quant_fwd: FP8 V^T must be padded to a multiple of {V_PAD} tokens, got {v.shape[3]}")
     if pv_fp8:
         Dv = v.shape[2]
         sv = (v.stride(0), v.stride(3), v.stride(1), v.stride(2))  # (b, token, head, channel)
         vs = v_scale
-        vs_strides = (vs.stride(0), vs.stride(1), vs.stride(2))
+        vs_strides = (vs.stride(0), vs.stride(1))
     else:
         Dv = v.shape[3]
         sv = (v.stride(0), v.stride(1), v.stride(2), 1)
         vs = k_scale  # unused
-        vs_strides = (0, 0, 0)
+        vs_strides = (0, 0)
     o = empty_output((B, T, H, Dv), out_dtype, q.device)
     scalar_ok = os.environ.get("EFFATTN_QUANT_SCALAR", "1") != "0"  # 0: per-token scale path (benchmarks)
     sig = (tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in (q, k, v, q_scale, k_scale, vs)),

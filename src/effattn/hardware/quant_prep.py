@@ -3,7 +3,7 @@ the PyTorch definitions in quantize.py (which they reproduce bit for bit: same f
 
     _qk_quant_kernel: per group of GROUP tokens of one (batch, head), optional mean subtraction (K smoothing),
                       amax -> scale -> INT8 (round half away from zero) or FP8 e4m3 codes, per-token scales.
-    _v_fp8_kernel:    per V_BLOCK tokens, per channel amax -> scale -> e4m3 codes stored token-contiguous.
+    _v_fp8_kernel:    V / its per-channel scale -> e4m3 codes stored token-contiguous, zero-padded to V_PAD.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .._memory import empty_output
 from .._triton_mode import interpreting
 from ._flash_common import KernelLaunch, block_d, cdiv
 from .quant_fwd import _to_e4m3
-from .quantize import FP8, FP8_MAX, INT8_MAX, V_BLOCK
+from .quantize import FP8, FP8_MAX, INT8_MAX, V_PAD, v_fp8_scale
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -47,22 +47,19 @@ def _qk_quant_kernel(X, MEAN, C, SC, sx_b, sx_t, sx_h, sc_b, sc_t, sc_h, ss_b, s
 
 
 @triton.jit
-def _v_fp8_kernel(V, C, SC, sv_b, sv_t, sv_h, sc_b, sc_h, sc_d, ss_b, ss_h, ss_n, S, H,
+def _v_fp8_kernel(V, C, SC, sv_b, sv_t, sv_h, sc_b, sc_h, sc_d, ss_b, ss_h, S, H,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GRID_ROUND: tl.constexpr):
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    nb = tl.program_id(0)
-    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     ok = (rows[:, None] < S) & (cols[None, :] < D)
     v = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(v), 0)
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+    scale = tl.load(SC + b * ss_b + h * ss_h + cols, mask=cols < D, other=1.0)
     codes = _to_e4m3(tl.math.div_rn(v, scale[None, :]), GRID_ROUND)
-    # every row: the codes are padded to whole blocks, with zeros past S (the attention loads them unmasked)
+    # every row: the codes are padded to whole V_PAD blocks, with zeros past S (the attention loads them unmasked)
     tl.store(C + b * sc_b + h * sc_h + cols[None, :] * sc_d + rows[:, None], codes, mask=cols[None, :] < D)
-    tl.store(SC + b * ss_b + h * ss_h + nb * ss_n + cols, scale, mask=cols < D)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -91,15 +88,15 @@ def quantize_qk(x: torch.Tensor, group: int, *, fp8: bool, smooth: bool) -> tupl
     return codes, scale
 
 
-def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused `quantize_v_fp8` (per channel and V_BLOCK tokens): same outputs, one pass."""
+def quantize_v(v: torch.Tensor, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `quantize_v_fp8`: same outputs; the scales from one reduction over V, the codes in one pass."""
     B, S, H, D = v.shape
     v = v if v.stride(-1) == 1 else v.contiguous()
-    nb = cdiv(S, V_BLOCK)
-    codes = empty_output((B, H, D, nb * V_BLOCK), FP8, v.device)
-    scale = empty_output((B, H, nb, D), torch.float32, v.device)
-    _v_fp8_kernel[(nb, B * H)](
+    scale = v_fp8_scale(v, per_head)
+    block = 64
+    codes = empty_output((B, H, D, cdiv(S, V_PAD) * V_PAD), FP8, v.device)
+    _v_fp8_kernel[(codes.shape[3] // block, B * H)](
         v, codes, scale, v.stride(0), v.stride(1), v.stride(2), codes.stride(0), codes.stride(1),
-        codes.stride(2), scale.stride(0), scale.stride(1), scale.stride(2), S, H, D=D, BLOCK_D=block_d(D),
-        BLOCK_N=V_BLOCK, GRID_ROUND=interpreting(), num_warps=4)
+        codes.stride(2), scale.stride(0), scale.stride(1), S, H, D=D, BLOCK_D=block_d(D),
+        BLOCK_N=block, GRID_ROUND=interpreting(), num_warps=4)
     return codes, scale

@@ -19,7 +19,9 @@ import torch
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 FP8 = torch.float8_e4m3fn
-V_BLOCK = 64  # tokens per FP8 V scale block; the kernel's BLOCK_N equals it
+V_PAD = 128  # FP8 V^T codes are zero-padded to a multiple of this many tokens: every key tile of the FP8
+#              kernel (64 or 128 keys) then loads without a mask
+P_TILE = 64  # keys per tile of the FP8 P V reference (the running max that P's e4m3 rounding sees)
 
 
 def _groups(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, int]:
@@ -58,28 +60,31 @@ def quantize_fp8(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torc
 
 
 def quantize_v_fp8(v: torch.Tensor, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 V with one scale per channel and block of V_BLOCK tokens (per_head: one scale per head).
+    """FP8 V with one scale per channel over all of the head's tokens (SageAttention2's per-channel V;
+    per_head: one scale per head, FlashAttention-3's). A scale constant along the keys leaves the P V product
+    unscaled in the kernel's loop: the scale multiplies the output once, at the end.
 
     v `[B, S, H, Dv]` -> (codes float8_e4m3fn `[B, H, Dv, S_pad]` token-contiguous, as the PV product's
-    B operand wants, with S_pad = S rounded up to V_BLOCK and zeros past S; scale float32
-    `[B, H, ceil(S / V_BLOCK), Dv]`)."""
+    B operand wants, with S_pad = S rounded up to V_PAD and zeros past S; scale float32 `[B, H, Dv]`)."""
     B, S, H, Dv = v.shape
-    vg, _ = _groups(v, None if per_head else V_BLOCK)  # [B, H, G, g, Dv]
-    amax = vg.abs().amax(dim=(3, 4) if per_head else 3, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).expand(-1, -1, -1, 1, Dv)
-    codes = (vg / scale).reshape(B, H, -1, Dv)[:, :, :S]
-    nb = -(-S // V_BLOCK)
-    scale = scale[:, :, :, 0].repeat_interleave(nb if per_head else 1, dim=2).contiguous()
-    out = torch.zeros(B, H, Dv, nb * V_BLOCK, dtype=FP8, device=v.device)
-    out[..., :S] = codes.transpose(2, 3).to(FP8)
+    vt = v.to(torch.float32).permute(0, 2, 3, 1)  # [B, H, Dv, S]
+    scale = v_fp8_scale(v, per_head)
+    out = torch.zeros(B, H, Dv, -(-S // V_PAD) * V_PAD, dtype=FP8, device=v.device)
+    out[..., :S] = (vt / scale[..., None]).to(FP8)
     return out, scale
+
+
+def v_fp8_scale(v: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """`quantize_v_fp8`'s scale `[B, H, Dv]` (float32): max |v| over the tokens (and channels: per_head) / 448,
+    1 where that is 0."""
+    amax = v.abs().amax(dim=(1, 3) if per_head else 1, keepdim=per_head).to(torch.float32)  # exact in any dtype
+    amax = amax[:, 0].expand(-1, -1, v.shape[3]) if per_head else amax
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).contiguous()
 
 
 def dequantize_v_fp8(codes: torch.Tensor, scale: torch.Tensor, S: int, dtype) -> torch.Tensor:
     """Inverse of `quantize_v_fp8`: `[B, S, H, Dv]` in `dtype`."""
-    v = codes[..., :S].to(dtype).transpose(2, 3)  # [B, H, S, Dv]
-    v = v * scale.to(dtype).repeat_interleave(V_BLOCK, dim=2)[:, :, :S]
-    return v.transpose(1, 2)
+    return (codes[..., :S].to(dtype) * scale.to(dtype)[..., None]).permute(0, 3, 1, 2)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
