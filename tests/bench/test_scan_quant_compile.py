@@ -4,7 +4,8 @@ it guards against:
 - Mamba's walk forward keeps one channel per thread with all its states: no barrier in pass 1, no spills, and
   exp-bound. Specialising D moved the warps onto the state axis: 16 barriers per 4 tokens in pass 1.
 - The FP8-PV attention copies its V tiles asynchronously (LDGSTS), stages ahead. A token mask or an unaligned
-  start left them to per-byte loads (LDG 150 and LDGSTS 27 at D = 128 with 8 warps)."""
+  start left them to per-byte loads (LDG 150 and LDGSTS 27 at D = 128 with 8 warps). Its V scale is per channel,
+  read once after the loop: the per-tile scales of before were 32 more LDG (54 in all)."""
 import json
 import os
 import subprocess
@@ -38,6 +39,6 @@ def test_mamba_walk_forward_keeps_states_in_thread(tmp_path):
 def test_fp8_pv_attention_pipelines_its_v_tiles(tmp_path):
     rows = _rows("quant_compile.py", "--head-dim", "128", tmp_path=tmp_path)
     fp8 = [r for r in rows if r["path"] in ("sage_int8_fp8pv", "flash_fp8") and r["warps"] == 8]
-    assert len(fp8) == 2
+    assert len(fp8) == 4  # two paths x two key tiles (64, 128)
     for r in fp8:
-        assert r["LDGSTS"] >= 45 and r["LDG"] < 100 and r["QGMMA"] > 0, r
+        assert r["LDGSTS"] >= 45 and r["LDG"] <= 30 and r["QGMMA"] > 0 and r["spill_store_bytes"] == 0, r

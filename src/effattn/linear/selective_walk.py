@@ -89,6 +89,14 @@ def _row(P, b, t, t_end, TP, on, BN: tl.constexpr, BD: tl.constexpr):
     return tl.broadcast_to(row[:, None], (BN, BD))
 
 
+@triton.jit
+def _advance(h, raw, xt, Bt, A2, mt):
+    """h_t = exp(delta_t A) h_{t-1} + B_t delta_t x_t from token t's raw dt_t + bias, x_t `[BD]` and B_t
+    (`[BN, BD]`, from `_row`); delta_t = 0 (an identity step) where mt is false. Returns h_t and delta_t."""
+    delta = tl.where(mt, _softplus(raw), 0.0)
+    return tl.exp2(delta[None, :] * A2) * h + Bt * (delta * xt)[None, :], delta
+
+
 @triton.jit(do_not_specialize=["D"])  # see the module docstring
 def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N, TC, TP, BT: tl.constexpr,
               BD: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -133,8 +141,7 @@ def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N
                 if EMIT:
                     C1 = _row(Cp, b, t + 1, t_end, TP, on, BN, BD)
                 mt = md & (t < t_end)
-                delta = tl.where(mt, _softplus(raw), 0.0)
-                h = tl.exp2(delta[None, :] * A2) * h + Bt * (delta * xt)[None, :]
+                h, delta = _advance(h, raw, xt, Bt, A2, mt)
                 if EMIT:
                     tl.store(y + (b * T + t) * D + od, tl.sum(h * Ct, axis=0).to(y.dtype.element_ty),
                              mask=mt)
@@ -256,10 +263,18 @@ def _walk_bwd(x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, d
     for i in range(0, n_blocks):
         s = t_begin + (n_blocks - 1 - i) * BT
         h = tl.load(hs + (b * tl.cdiv(T, BT) + s // BT) * D * N + od[None, :] * N + on[:, None], mask=mnd, other=0.0)
+        raw1, x1 = _stream(x, dt, bias, b, s, t_end, T, D, od, md)  # loads ahead of their use, as in _walk_fwd
+        raw2, x2 = _stream(x, dt, bias, b, s + 1, t_end, T, D, od, md)
+        B1 = _row(Bp, b, s, t_end, TP, on, BN, BD)
         for k in range(0, BT // SUB):  # the states before every SUB tokens of the block
             tl.store(ckpt + k * D * N + tile, h, mask=mnd)
             for j in tl.static_range(SUB):
-                h = _forward_step(x, dt, bias, Bp, A2, h, b, s + k * SUB + j, t_end, T, TP, D, od, md, on, BN)
+                t = s + k * SUB + j
+                raw, xt, Bt = raw1, x1, B1
+                raw1, x1 = raw2, x2
+                raw2, x2 = _stream(x, dt, bias, b, t + 2, t_end, T, D, od, md)
+                B1 = _row(Bp, b, t + 1, t_end, TP, on, BN, BD)
+                h, _ = _advance(h, raw, xt, Bt, A2, md & (t < t_end))
         tl.debug_barrier()  # the scratch written, before any thread reads it back
         for kk in range(0, BT // SUB):  # SUB tokens at a time, from the block's last
             t0 = s + (BT // SUB - 1 - kk) * SUB
