@@ -80,7 +80,8 @@ def compile_typed(fn, types: dict, constexprs: dict, warps: int, stages: int = 1
 
 
 def report(kernel) -> dict:
-    """Registers and spill bytes (ptxas -v), shared memory, and counts of a few SASS instruction kinds."""
+    """Registers and spill bytes (ptxas -v), whether ptxas serialized the wgmma instructions, shared memory,
+    counts of a few SASS instruction kinds, and the main loop's shape (`mma_loop`)."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         open(ptx, "w").write(kernel.asm["ptx"])
@@ -89,20 +90,56 @@ def report(kernel) -> dict:
                               capture_output=True, text=True).stderr
         sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
     ops = collections.Counter(m.group(2) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", sass))
+    loop = mma_loop(sass)
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return {"registers": int(regs.group(1)) if regs else None,
             "spill_store_bytes": int(spill.group(1)) if spill else None,
             "spill_load_bytes": int(spill.group(2)) if spill else None,
             "shared_bytes": kernel.metadata.shared, "instructions": sum(ops.values()),
-            **{op: ops[op] for op in ("LDG", "LDGSTS", "UTMALDG", "HGMMA", "IGMMA", "QGMMA", "MUFU", "BAR")}}
+            # ptxas C7515 / C7510...: it waits for each wgmma before the next (no tensor-core pipelining)
+            "wgmma_serialized": "wgmma.mma_async instructions are serialized" in info,
+            **{op: ops[op] for op in ("LDG", "LDGSTS", "UTMALDG", "HGMMA", "IGMMA", "QGMMA", "MUFU", "BAR")}, **loop}
 
 
-def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, mask_m: int) -> dict:
+def mma_loop(sass: str) -> dict:
+    """The main tensor-core loop (the loop body, between a backward branch and its target, holding the most
+    wgmma instructions; of those, the shortest, the unmasked one): its instruction count, and how many of its MUFU instructions (exp2) issue while a
+    wgmma is in flight, i.e. after a wgmma and before the wait (WARPGROUP.DEPBAR) that follows it. A loop
+    that waits for Q K^T before its softmax has none; one that issues the next block's Q K^T first has its
+    exponentials overlap the tensor cores. loop_LDG: synchronous global loads in it (tiles the software
+    pipeline refused, or scalars)."""
+    ins = [(int(m.group(1), 16), m.group(2).strip())
+           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    best = None
+    for i, (a, text) in enumerate(ins):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
+            body = [t for _, t in ins[index[int(target.group(1), 16)]:i + 1]]
+            mmas = sum("GMMA" in t for t in body)
+            if mmas and (best is None or (mmas, -len(body)) > (best[0], -len(best[1]))):
+                best = (mmas, body)  # the unmasked loop: the shortest of those with the most wgmma
+    if best is None:
+        return {"loop_instructions": 0, "loop_mufu_in_flight": 0, "loop_LDG": 0}
+    in_flight, overlapped = False, 0
+    for t in best[1]:
+        if "GMMA" in t:
+            in_flight = True
+        elif "WARPGROUP.DEPBAR" in t:
+            in_flight = False
+        elif "MUFU" in t and in_flight:
+            overlapped += 1
+    loads = sum(t.split()[0 if not t.startswith("@") else 1].startswith("LDG.") for t in best[1])
+    return {"loop_instructions": len(best[1]), "loop_mufu_in_flight": overlapped, "loop_LDG": loads}
+
+
+def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, mask_m: int, ahead: bool = False
+                ) -> dict:
     common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn, VARLEN=False,
                   SPARSE=sparse, ARITH=not sparse, WORDS=max(1, bn // 32), SOFTCAP=False, DOT_PREC=None)
     if kernel == "fwd":
-        return dict(common, REVERSE=False, TMA=tma, WS=False)
+        return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead)
     return dict(common, MASK_M=mask_m) if kernel == "dkdv" else common
 
 
@@ -112,17 +149,18 @@ def _kernel_fn(kernel: str):
 
 
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
-        mask_m: int | None = None) -> dict:
+        mask_m: int | None = None, ahead: bool = False) -> dict:
     """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
-    `mask_m` (block-sparse dK/dV): the block mask's query rows, walked bm at a time (default bm)."""
-    if tma and kernel != "fwd":
-        raise ValueError("only the forward has a TMA variant")
+    `mask_m` (block-sparse dK/dV): the block mask's query rows, walked bm at a time (default bm); `ahead`
+    (forward only): the unmasked loop issues the next block's Q K^T before this block's softmax."""
+    if (tma or ahead) and kernel != "fwd":
+        raise ValueError("only the forward has TMA and look-ahead variants")
     mask_m = bm if mask_m is None else mask_m
     descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
-    compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m), warps, stages,
-                            descs)
+    compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead), warps,
+                            stages, descs)
     return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel == "dkdv" else None, "warps": warps,
-            "stages": stages, "head_dim": d, "sparse": sparse, "tma": tma, **report(compiled)}
+            "stages": stages, "head_dim": d, "sparse": sparse, "tma": tma, "ahead": ahead, **report(compiled)}
 
 
 def candidates(dims):
@@ -132,9 +170,9 @@ def candidates(dims):
     from effattn.hardware import flash_bwd, flash_fwd
     for d in dims:
         for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, None):
-            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, False, bool(cfg[4])), flush=True)
+            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, False, bool(cfg[4]), ahead=bool(cfg[6])), flush=True)
         for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, (128, 64)):
-            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, True, bool(cfg[4])), flush=True)
+            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, True, bool(cfg[4]), ahead=bool(cfg[6])), flush=True)
         for kind in ("dkdv", "dq"):
             for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, None, kind):
                 print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False), flush=True)
@@ -151,6 +189,7 @@ def main():
     ap.add_argument("--head-dim", type=int, nargs="+", default=[128])
     ap.add_argument("--sparse", action="store_true", help="the block-sparse variant (index lists, bitmasks)")
     ap.add_argument("--tma", action="store_true", help="forward only: TMA descriptor loads")
+    ap.add_argument("--ahead", action="store_true", help="forward only: next block's Q K^T before this softmax")
     ap.add_argument("--mask-rows", type=int, default=None,
                     help="block-sparse dkdv: the block mask's query rows, walked BLOCK_M at a time (default BLOCK_M)")
     ap.add_argument("--candidates", action="store_true", help="every tuner candidate instead of one config")
@@ -159,7 +198,7 @@ def main():
         candidates(a.head_dim)
         return
     bm, bn = (int(x) for x in a.tile.split(","))
-    print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma, a.mask_rows))
+    print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma, a.mask_rows, a.ahead))
 
 
 if __name__ == "__main__":

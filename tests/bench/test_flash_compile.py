@@ -17,3 +17,22 @@ def test_offline_hopper_compile_reports_registers_and_shared_memory():
     r = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0
     assert r["HGMMA"] > 0  # Hopper's warpgroup MMA: it really was compiled for sm_90a
+
+
+def _compile(*args) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, str(SCRIPT), "--kernel", "fwd", *args], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_look_ahead_overlaps_exponentials_with_the_next_scores():
+    """The look-ahead forward candidate (D = 128, 128 x 64, 8 warps) issues its exponentials while the next
+    block's Q K^T is in flight, without spilling; the plain loop waits for Q K^T first. ptxas gave up the
+    overlap once when the masked loop after it was software-pipelined (255 registers)."""
+    cfg = ("--tile", "128,64", "--warps", "8", "--stages", "3", "--head-dim", "128")
+    plain, ahead = _compile(*cfg), _compile(*cfg, "--ahead")
+    assert plain["loop_mufu_in_flight"] == 0 and plain["loop_instructions"] > 0
+    assert ahead["loop_mufu_in_flight"] >= 16, ahead
+    assert ahead["spill_store_bytes"] == 0

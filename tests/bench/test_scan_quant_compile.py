@@ -5,7 +5,8 @@ it guards against:
   exp-bound. Specialising D moved the warps onto the state axis: 16 barriers per 4 tokens in pass 1.
 - The FP8-PV attention copies its V tiles asynchronously (LDGSTS), stages ahead. A token mask or an unaligned
   start left them to per-byte loads (LDG 150 and LDGSTS 27 at D = 128 with 8 warps). Its V scale is per channel,
-  read once after the loop: the per-tile scales of before were 32 more LDG (54 in all)."""
+  read once after the loop: the per-tile scales of before were 32 more LDG (54 in all).
+- The quantized look-ahead loops overlap their exponentials with the next Q K^T, unserialized."""
 import json
 import os
 import subprocess
@@ -39,6 +40,16 @@ def test_mamba_walk_forward_keeps_states_in_thread(tmp_path):
 def test_fp8_pv_attention_pipelines_its_v_tiles(tmp_path):
     rows = _rows("quant_compile.py", "--head-dim", "128", tmp_path=tmp_path)
     fp8 = [r for r in rows if r["path"] in ("sage_int8_fp8pv", "flash_fp8") and r["warps"] == 8]
-    assert len(fp8) == 4  # two paths x two key tiles (64, 128)
-    for r in fp8:
+    plain = [r for r in fp8 if not r["ahead"]]
+    assert len(plain) == 4  # two paths x two key tiles (64, 128)
+    for r in plain:
         assert r["LDGSTS"] >= 45 and r["LDG"] <= 30 and r["QGMMA"] > 0 and r["spill_store_bytes"] == 0, r
+    # The look-ahead loops (every path): tiles still copied asynchronously (one scalar load: the K scale),
+    # wgmma not serialized by ptxas, and exponentials issued while the next Q K^T runs. Loading the K scale
+    # with the softmax put a shared-memory read after the wgmma wait (0 in flight); the fp16-PV path's plain
+    # loop is serialized (C7515).
+    ahead = [r for r in rows if r["ahead"]]
+    assert {r["path"] for r in ahead} == {"sage_int8", "sage_int8_fp8pv", "flash_fp8"}
+    for r in ahead:
+        assert r["loop_LDG"] <= 1 and not r["wgmma_serialized"] and r["spill_store_bytes"] == 0, r
+        assert r["loop_mufu_in_flight"] >= 16, r

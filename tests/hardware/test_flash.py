@@ -92,6 +92,21 @@ def test_tma_descriptor_forward(monkeypatch, device):
                              backward=False)  # padded head dim: falls back to pointer loads
 
 
+@pytest.mark.parametrize("tma", [0, 1])
+def test_look_ahead_forward(monkeypatch, device, tma):
+    """The forward whose unmasked loop issues the next key block's Q K^T before this block's softmax (a tuner
+    candidate on Hopper), pinned: no unmasked block (short keys), one, and several, each followed by the
+    masked tail; causal, windows, GQA, cross lengths."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", f"fwd=32,32,4,1,{tma},0,1")
+    for seq_q, seq_k in ((20, 20), (45, 70), (130, 130)):
+        shape = replace(GQA, seq_q=seq_q, seq_k=seq_k)
+        assert_matches_reference(FLASH, shape=shape, dtype=torch.bfloat16, device=device, causal=True,
+                                 return_lse=True, backward=False)
+        assert_matches_reference(FLASH, shape=shape, device=device, backward=False)
+    assert_matches_reference(FLASH, shape=replace(CROSS, seq_q=97, seq_k=150), dtype=torch.float16, device=device,
+                             window=(40, 3), backward=False)
+
+
 def test_cached_launch_plan_and_inference_path(monkeypatch, device):
     """Repeated calls reuse the forward's launch plan (fresh data, same shapes, outputs poisoned each time),
     without autograd when nothing needs a gradient; a misaligned base drops the pinned TMA path."""

@@ -129,6 +129,18 @@ def test_fp8_pv_128_key_tiles(name, monkeypatch):
     assert (other - want).abs().max() > 10 * err  # the test can tell the tiles apart
 
 
+@pytest.mark.parametrize("name,pin", [("sage_int8", "quant=32,32,4,1,0,0,1"), ("sage_int8_fp8pv", "quant=32,64,4,1,0,0,1"),
+                                      ("flash_fp8", "quant=32,64,4,1,0,0,1")])
+def test_look_ahead_loop(name, pin, monkeypatch):
+    """The quantized forward whose unmasked loop issues the next key block's Q K^T first, pinned (0, 1 and
+    several unmasked blocks)."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", pin)
+    for n in (30, 150, 290):
+        shape = Shape(batch=1, seq_q=n // 2 + 3, seq_k=n, heads=4, kv_heads=2, head_dim=32)
+        for causal in (True, False):
+            assert_matches_reference(REGISTRY.get(name), shape=shape, seed=n, causal=causal)
+
+
 def test_strided_inputs():
     """Views with a non-unit last stride (e.g. from a fused QKV projection laid out [B, T, D, H])."""
     q, k, v = (_rand(1, 21, 32, 2, seed=s).transpose(2, 3) for s in (1, 2, 3))

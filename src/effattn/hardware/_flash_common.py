@@ -163,11 +163,14 @@ def _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M: tl.constexpr, B
 
 # ------------------------------------------------------------------------------------------------- tuner
 class Config(tuple):
-    """(block_m, block_n, num_warps, num_stages, tma, ws) of one launch; tma=1 loads through TMA descriptors,
-    ws=1 asks Triton to warp-specialise the unmasked key loop (forward kernels only)."""
+    """(block_m, block_n, num_warps, num_stages, tma, ws, ahead) of one launch; tma=1 loads through TMA
+    descriptors, ws=1 asks Triton to warp-specialise the unmasked key loop, ahead=1 issues each unmasked key
+    block's Q K^T before the previous block's softmax, so that the tensor cores work while the exponentials
+    run (forward kernels only)."""
 
-    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0, ws: int = 0):
-        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma, ws))
+    def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0, ws: int = 0,
+                ahead: int = 0):
+        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma, ws, ahead))
 
 
 _BEST: dict = {}

@@ -21,20 +21,27 @@ from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequ
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT,
-              SINKS, BITS, tile, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-              MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-              DOT_PREC: tl.constexpr, TMA: tl.constexpr):
-    """One online-softmax step over the key block [n0, n0 + BLOCK_N). With TMA, Kb/Vb are tensor
-    descriptors over [B, S, Hkv * D] (the copy engine zero-fills rows past S), else pointers."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+def _fwd_scores(q, Kb, sk_t, n0, seqlen_k, offs_d, bb, kcol, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                PAD_D: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+    """Raw scores Q K^T `[BLOCK_M, BLOCK_N]` of the key block [n0, n0 + BLOCK_N). With TMA, Kb is a tensor
+    descriptor over [B, S, Hkv * D] (the copy engine zero-fills rows past S), else a pointer."""
     if TMA:
         k = Kb.load([bb, n0, kcol]).reshape([BLOCK_N, HEAD_DIM])
     else:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK,
                        PAD_D)
-    qk = _dot(q, tl.trans(k), None, DOT_PREC)
+    return _dot(q, tl.trans(k), None, DOT_PREC)
+
+
+@triton.jit
+def _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS,
+                tile, offs_dv, bb, vcol, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr,
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+    """Online-softmax step of the key block [n0, n0 + BLOCK_N) from its raw scores qk: mask, rescale,
+    acc += P V. Returns (acc, l, m)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     if SOFTCAP:
         s, _ = _scores(qk, qk_scale, cap_in, cap_out, SOFTCAP)
         c = 1.0
@@ -58,6 +65,19 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale,
 
 
 @triton.jit
+def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT,
+              SINKS, BITS, tile, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+              MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
+              DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+    """One online-softmax step over the key block [n0, n0 + BLOCK_N): scores, then the update."""
+    qk = _fwd_scores(q, Kb, sk_t, n0, seqlen_k, offs_d, bb, kcol, HEAD_DIM, BLOCK_N, PAD_D, MASK, DOT_PREC, TMA)
+    return _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
+                       BITS, tile, offs_dv, bb, vcol, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_DV, MASK, USE_BITS, WORDS,
+                       SOFTCAP, DOT_PREC, TMA)
+
+
+@triton.jit
 def _flash_fwd_kernel(
         Q, K, V, O, LSE, CU,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, slse_b, slse_h,
@@ -66,7 +86,7 @@ def _flash_fwd_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, REVERSE: tl.constexpr,
-        DOT_PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+        DOT_PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, AHEAD: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal: start the longest rows first so the last wave is short
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -125,12 +145,30 @@ def _flash_fwd_kernel(
                                       cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
                                       HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
                                       DOT_PREC, TMA)
-        for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):  # unmasked
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
-                                      HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False, WORDS, SOFTCAP,
-                                      DOT_PREC, TMA)
-        for n0 in range(c, hi, BLOCK_N):  # masked: diagonal / right window edge / end of the keys
+        if AHEAD:  # unmasked, each block's Q K^T issued before the previous block's softmax (overlap)
+            if a < c:
+                qk = _fwd_scores(q, Kb, sk_t, a, seqlen_k, offs_d, bb, kcol, HEAD_DIM, BLOCK_N, PAD_D, False,
+                                 DOT_PREC, TMA)
+                for n0 in range(a, c - BLOCK_N, BLOCK_N):
+                    qk_next = _fwd_scores(q, Kb, sk_t, n0 + BLOCK_N, seqlen_k, offs_d, bb, kcol, HEAD_DIM, BLOCK_N,
+                                          PAD_D, False, DOT_PREC, TMA)
+                    acc, l_i, m_i = _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
+                                                cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_dv, bb, vcol, HEAD_DIM_V,
+                                                BLOCK_M, BLOCK_N, PAD_DV, False, False, WORDS, SOFTCAP, DOT_PREC, TMA)
+                    qk = qk_next
+                acc, l_i, m_i = _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, c - BLOCK_N, pos, seqlen_k, qk_scale, cap_in,
+                                            cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_dv, bb, vcol, HEAD_DIM_V,
+                                            BLOCK_M, BLOCK_N, PAD_DV, False, False, WORDS, SOFTCAP, DOT_PREC, TMA)
+        else:
+            for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):  # unmasked
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
+                                          cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol,
+                                          HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False, WORDS,
+                                          SOFTCAP, DOT_PREC, TMA)
+        # masked: diagonal / right window edge / end of the keys. After the look-ahead loop, unpipelined: its
+        # pipelined copy took ptxas to 255 registers, which then issued the look-ahead loop's exponentials after
+        # the wait for Q K^T, not beside it (benchmarks/flash_compile.py, loop_mufu_in_flight 34 -> 0)
+        for n0 in tl.range(c, hi, BLOCK_N, num_stages=1 if AHEAD else None):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
                                       cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
                                       HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
@@ -161,11 +199,15 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
         return [Config(32, 32, 4, 1)]
     if dtype == torch.float32:
         return [Config(64, 32, 4, 2)]
+    # ahead=1 only where sm_90a code overlaps the exponentials with the next Q K^T without spilling (8 warps,
+    # 64-key tiles; benchmarks/flash_compile.py: loop_mufu_in_flight)
     if D <= 64:  # measured on the H100 (benchmarks/results): 256-row tiles and 8 warps never won
-        return [Config(128, 64, 4, 3), Config(128, 128, 4, 3), Config(128, 64, 4, 3, 1), Config(128, 64, 4, 4, 1)]
+        return [Config(128, 64, 4, 3), Config(128, 128, 4, 3), Config(128, 64, 4, 3, 1), Config(128, 64, 4, 4, 1),
+                Config(128, 64, 8, 3, ahead=1)]
     if D <= 128:
         return [Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(128, 128, 8, 3, 1),
-                Config(128, 64, 8, 3, 1), Config(128, 128, 8, 2, 1)]
+                Config(128, 64, 8, 3, 1), Config(128, 128, 8, 2, 1), Config(128, 64, 8, 3, ahead=1),
+                Config(128, 64, 8, 2, ahead=1)]
     return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
 
 
@@ -198,13 +240,14 @@ _PLANS: dict = {}
 
 
 def _plan(cfg: Config, grid, args, meta):
-    bm, bn, warps, stages, tma, ws = cfg
-    return cfg, args, KernelLaunch(_flash_fwd_kernel, grid, dict(meta, TMA=bool(tma), WS=bool(ws), BLOCK_M=bm,
-                                                                 BLOCK_N=bn, num_warps=warps, num_stages=stages))
+    bm, bn, warps, stages, tma, ws, ahead = cfg
+    return cfg, args, KernelLaunch(_flash_fwd_kernel, grid, dict(meta, TMA=bool(tma), WS=bool(ws), AHEAD=bool(ahead),
+                                                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                                 num_stages=stages))
 
 
 def _launch(plan, q, k, v, o, lse, cu, sp) -> None:
-    (bm, bn, _, _, tma, _), args, launch = plan
+    (bm, bn, _, _, tma, _, _), args, launch = plan
     ts = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, bm)) if tma else (q, k, v, o)
     launch(*ts, lse, cu, *args, *sp)
 
@@ -250,7 +293,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
                 SOFTCAP=bool(softcap), REVERSE=causal and sparse is None, DOT_PREC=dot_precision(q.dtype))
 
     def plan_of(cfg: Config):
-        cfg = cfg if tma_ok or not cfg[4] else Config(*cfg[:4], 0, cfg[5])  # a pinned TMA config, non-TMA inputs
+        cfg = cfg if tma_ok or not cfg[4] else Config(*cfg[:4], 0, *cfg[5:])  # a pinned TMA config, non-TMA inputs
         return _plan(cfg, (sparse.num_q_blocks if sparse is not None else cdiv(rows, cfg[0]), n_bh), args, meta)
 
     fixed = sparse.block if sparse is not None else None

@@ -44,11 +44,29 @@ def _to_e4m3(x, GRID_ROUND: tl.constexpr):
 
 
 @triton.jit
-def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, seqlen_k, LEFT, RIGHT,
-                offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, PV_FP8: tl.constexpr,
-                DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr):
-    """One online-softmax step over the key block [n0, n0 + BLOCK_N) with quantized operands.
+def _quant_scores(q, Kb, KSb, sk_t, n0, seqlen_k, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PAD_D: tl.constexpr, MASK: tl.constexpr, K_SCALAR: tl.constexpr):
+    """Raw quantized scores Q K^T `[BLOCK_M, BLOCK_N]` (int32 or float32) of the key block [n0, n0 + BLOCK_N)
+    and its K scale: one value (K_SCALAR) or one per key. The scale is loaded here, with the tile: loaded
+    with the softmax, it came through shared memory after the wait for the tensor cores (a shared-memory read
+    does not pass a wgmma wait), which held the exponentials back."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK, PAD_D)
+    if K_SCALAR:
+        sk = tl.load(KSb + n0)
+    elif MASK:
+        sk = tl.load(KSb + offs_n, mask=offs_n < seqlen_k, other=0.0)
+    else:
+        sk = tl.load(KSb + offs_n)
+    return tl.dot(q, tl.trans(k)), sk
+
+
+@triton.jit
+def _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, seqlen_k, LEFT, RIGHT, offs_dv,
+                  HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr,
+                  PV_FP8: tl.constexpr, DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr,
+                  QK_INT: tl.constexpr):
+    """Online-softmax step of the key block [n0, n0 + BLOCK_N) from its raw scores qk. Returns (acc, l, m).
 
     K_SCALAR (the tile lies inside one K scale group): the scores are qk * r_i with the row factor
     r_i = sq_i * sk, so the row max is max(qk) * r_i (r_i > 0) and p = exp2(qk * r_i - m_i) is one FMA per
@@ -57,20 +75,14 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, se
     On the FP8 P V path p carries the factor 448 (the e4m3 range) through the exponent, l as well."""
     # every key block starts on a multiple of BLOCK_N (_kv_stages); told so, the compiler loads V^T in 16-byte vectors
     offs_n = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_N), BLOCK_N), BLOCK_N)
-    k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK, PAD_D)
-    qk = tl.dot(q, tl.trans(k))
     if K_SCALAR:
         if QK_INT:
             qk = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # exact: 12582912 = 2^23 + 2^22
-        r = sq * tl.load(KSb + n0)
+        r = sq * sk
         if MASK:
             qk = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, 0), qk, float("-inf"))
         p, alpha, l_i, m_new = _softmax_step(qk, r, r[:, None], LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
     else:
-        if MASK:
-            sk = tl.load(KSb + offs_n, mask=offs_n < seqlen_k, other=0.0)
-        else:
-            sk = tl.load(KSb + offs_n)
         s = qk.to(tl.float32) * sq[:, None] * sk[None, :]
         if MASK:
             s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, 0), s, float("-inf"))
@@ -92,6 +104,17 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, se
 
 
 @triton.jit
+def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, seqlen_k, LEFT, RIGHT,
+                offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, PV_FP8: tl.constexpr,
+                DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr):
+    """One online-softmax step over the key block [n0, n0 + BLOCK_N) with quantized operands."""
+    qk, sk = _quant_scores(q, Kb, KSb, sk_t, n0, seqlen_k, offs_d, HEAD_DIM, BLOCK_N, PAD_D, MASK, K_SCALAR)
+    return _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, seqlen_k, LEFT, RIGHT, offs_dv,
+                         HEAD_DIM_V, BLOCK_N, PAD_DV, MASK, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
+
+
+@triton.jit
 def _quant_fwd_kernel(
         Q, K, V, QS, KS, VS, O,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sv_d, so_b, so_t, so_h,
@@ -99,7 +122,7 @@ def _quant_fwd_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, REVERSE: tl.constexpr,
         DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr,
-        WS: tl.constexpr):
+        WS: tl.constexpr, AHEAD: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal: longest rows first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -127,11 +150,28 @@ def _quant_fwd_kernel(
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
                                     BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
-    for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):
-        acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, S,
-                                    LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
-                                    BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
-    for n0 in range(c, hi, BLOCK_N):
+    if AHEAD:  # each block's Q K^T issued before the previous block's softmax (see flash_fwd)
+        if a < c:
+            qk, sk = _quant_scores(q, Kb, KSb, sk_t, a, S, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D != HEAD_DIM, False,
+                                   K_SCALAR)
+            for n0 in range(a, c - BLOCK_N, BLOCK_N):
+                qk_next, sk_next = _quant_scores(q, Kb, KSb, sk_t, n0 + BLOCK_N, S, offs_d, HEAD_DIM, BLOCK_N,
+                                                 BLOCK_D != HEAD_DIM, False, K_SCALAR)
+                acc, l_i, m_i = _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, S, LEFT, RIGHT,
+                                              offs_dv, HEAD_DIM_V, BLOCK_N, BLOCK_DV != HEAD_DIM_V, False, PV_FP8,
+                                              DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
+                qk = qk_next
+                sk = sk_next
+            acc, l_i, m_i = _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, c - BLOCK_N, pos, S, LEFT, RIGHT,
+                                          offs_dv, HEAD_DIM_V, BLOCK_N, BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC,
+                                          GRID_ROUND, K_SCALAR, QK_INT)
+    else:
+        for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):
+            acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, S,
+                                        LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
+                                        BLOCK_D != HEAD_DIM, BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC,
+                                        GRID_ROUND, K_SCALAR, QK_INT)
+    for n0 in tl.range(c, hi, BLOCK_N, num_stages=1 if AHEAD else None):  # unpipelined after look-ahead: flash_fwd
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
                                     BLOCK_DV != HEAD_DIM_V, True, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
@@ -149,7 +189,8 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
     if pv_fp8:
         if interpreting():
             return [Config(32, 64, 4, 1)]
-        return [Config(128, 64, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3)]
+        return [Config(128, 64, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3), Config(128, 64, 8, 3, ahead=1),
+                Config(128, 64, 8, 2, ahead=1)]
     if interpreting():
         return [Config(32, 32, 4, 1)]
     if dtype == torch.float32:
@@ -157,7 +198,10 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
     # BLOCK_N = 64 keeps a tile inside one K scale block ("block" / "warp" granularity: scalar-scale path;
     # H100, 2026-11-23: 4 warps won every int8 cell). 128 x 128 takes the per-token path at 64-token K blocks
     # but issues 16% fewer instructions per key on sm_90a at D = 128 (benchmarks/quant_compile.py); untimed.
-    return [Config(128, 64, 4, 3), Config(128, 64, 4, 4), Config(128, 64, 8, 3), Config(128, 128, 8, 3)]
+    # ptxas serializes the wgmma of every one of those (C7515: P's registers are rewritten while P V reads
+    # them); the look-ahead loop (ahead=1) is not serialized and overlaps its exponentials with Q K^T.
+    return [Config(128, 64, 4, 3), Config(128, 64, 4, 4), Config(128, 64, 8, 3), Config(128, 128, 8, 3),
+            Config(128, 64, 8, 3, ahead=1), Config(128, 64, 8, 2, ahead=1)]
 
 
 # Launch plans keyed by shapes, strides, dtypes, alignment and options (see flash_fwd._PLANS).
@@ -200,13 +244,13 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_
                   k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT)
 
         def plan_of(cfg: Config) -> tuple:
-            bm, bn, warps, stages, _tma, ws = cfg  # the quantized loop loads through pointers only
+            bm, bn, warps, stages, _tma, ws, ahead = cfg  # the quantized loop loads through pointers only
             k_scalar = scalar_ok and (k_group is None or k_group % bn == 0)
             return static, KernelLaunch(_quant_fwd_kernel, (cdiv(T, bm), B * H), dict(
                 HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
                 PV_FP8=pv_fp8, REVERSE=causal, DOT_PREC=None if pv_fp8 else dot_precision(v.dtype),
                 GRID_ROUND=interpreting(), K_SCALAR=k_scalar, QK_INT=q.dtype == torch.int8, WS=bool(ws),
-                num_warps=warps, num_stages=stages))
+                AHEAD=bool(ahead), num_warps=warps, num_stages=stages))
 
         def run(p) -> None:
             p[1](q, k, v, q_scale, k_scale, vs, o, *p[0])
