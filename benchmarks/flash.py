@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -269,6 +270,7 @@ def main() -> int:
     ap.add_argument("--window-sizes", type=int, nargs="*", default=[4096, 16384, 65536])
     ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     if args.markdown:
         with open(args.markdown) as f:
             print(markdown(json.load(f)), end="")

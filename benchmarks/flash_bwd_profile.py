@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import time
 
 import torch
@@ -111,6 +112,7 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--cases", default="dense,window,patterns")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     cases = args.cases.split(",")
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "N": N, "H": H, "steps": STEPS}

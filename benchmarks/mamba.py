@@ -87,7 +87,8 @@ def main():
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
            "command": "PYTHONPATH=src python3 benchmarks/mamba.py --out $OUT", "checks": {}, "speed": []}
-    path = os.path.join(args.out, "mamba_h100.json")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"mamba_{torch.cuda.get_device_name().split()[1].lower()}.json")
     save = lambda: json.dump(res, open(path, "w"), indent=1)  # noqa: E731
     m = REGISTRY.get("mamba")
     library_configs = selective_scan._configs, selective_scan._bwd_configs
