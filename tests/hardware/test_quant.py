@@ -75,7 +75,7 @@ def test_fp8_quantisers_definition():
 def test_fused_quantisers_are_bit_identical(dtype):
     x = _rand(2, 37, 3, 32, seed=2, dtype=dtype) * 2 + 0.5
     for fp8 in (False, True):
-        for group, smooth in ((1, False), (16, True), (64, False)):
+        for group, smooth in ((1, False), (16, True), (64, False), (None, False)):
             codes, scale = quantize_qk(x, group, fp8=fp8, smooth=smooth)
             ref_codes, ref_scale = (Q.quantize_fp8 if fp8 else Q.quantize_int8)(Q.smooth_k(x) if smooth else x, group)
             assert torch.equal(codes.float(), ref_codes.float()) and torch.equal(scale, ref_scale), (fp8, group)

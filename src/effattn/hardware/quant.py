@@ -34,7 +34,7 @@ def _quantise(q, k, v, *, qk_dtype, pv_dtype, smooth, groups, v_per_head=False, 
     codes, V scale or None). fused: the one-pass Triton quantisers (bit-identical) where they apply."""
     if rotation is not None:
         q, k = q.to(torch.float32) @ rotation, k.to(torch.float32) @ rotation
-    if fused and groups[0] is not None:
+    if fused:
         fp8 = qk_dtype == "fp8"
         qc, sq = quantize_qk(q, groups[0], fp8=fp8, smooth=False)
         kc, sk = quantize_qk(k, groups[1], fp8=fp8, smooth=smooth)

@@ -2,7 +2,8 @@
 the PyTorch definitions in quantize.py (which they reproduce bit for bit: same float32 operations).
 
     _qk_quant_kernel: per group of GROUP tokens of one (batch, head), optional mean subtraction (K smoothing),
-                      amax -> scale -> INT8 (round half away from zero) or FP8 e4m3 codes, per-token scales.
+                      amax -> scale -> INT8 (round half away from zero) or FP8 e4m3 codes, per-token scales;
+                      GROUP = 0: one scale per head, from a reduction over the head done before.
     _v_fp8_kernel:    V / its per-channel scale -> e4m3 codes stored token-contiguous, zero-padded to V_PAD.
 """
 from __future__ import annotations
@@ -20,9 +21,10 @@ from .quantize import FP8, FP8_MAX, INT8_MAX, V_PAD, v_fp8_scale
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _qk_quant_kernel(X, MEAN, C, SC, sx_b, sx_t, sx_h, sc_b, sc_t, sc_h, ss_b, ss_h, sm_b, sm_h, N, H, qmax,
+def _qk_quant_kernel(X, MEAN, HS, C, SC, sx_b, sx_t, sx_h, sc_b, sc_t, sc_h, ss_b, ss_h, sm_b, sm_h, N, H, qmax,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
                      SMOOTH: tl.constexpr, TO_FP8: tl.constexpr, GRID_ROUND: tl.constexpr):
+    """GROUP = 0: HS `[B * H]` holds each head's scale (already max|x| / qmax, 1 for an all-zero head)."""
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -33,10 +35,13 @@ def _qk_quant_kernel(X, MEAN, C, SC, sx_b, sx_t, sx_h, sc_b, sc_t, sc_h, ss_b, s
     if SMOOTH:
         mean = tl.load(MEAN + b * sm_b + h * sm_h + cols, mask=cols < D, other=0.0)
         x = tl.where(ok, x - mean[None, :], 0.0)
-    row_max = tl.max(tl.abs(x), 1)
-    amax = tl.max(tl.reshape(row_max, (BLOCK_R // GROUP, GROUP)), 1)
-    amax = tl.reshape(tl.broadcast_to(amax[:, None], (BLOCK_R // GROUP, GROUP)), (BLOCK_R,))
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+    if GROUP == 0:
+        scale = tl.full([BLOCK_R], 1.0, tl.float32) * tl.load(HS + pid_bh)
+    else:
+        row_max = tl.max(tl.abs(x), 1)
+        amax = tl.max(tl.reshape(row_max, (BLOCK_R // GROUP, GROUP)), 1)
+        amax = tl.reshape(tl.broadcast_to(amax[:, None], (BLOCK_R // GROUP, GROUP)), (BLOCK_R,))
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
     y = tl.math.div_rn(x, scale[:, None])  # IEEE division, as torch's
     if TO_FP8:
         codes = _to_e4m3(y, GRID_ROUND)
@@ -66,25 +71,34 @@ def _v_fp8_kernel(V, C, SC, sv_b, sv_t, sv_h, sc_b, sc_h, sc_d, ss_b, ss_h, S, H
 _QK_PLANS: dict = {}  # launches replayed per input signature (flash_fwd._PLANS explains why)
 
 
-def quantize_qk(x: torch.Tensor, group: int, *, fp8: bool, smooth: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_qk(x: torch.Tensor, group: int | None, *, fp8: bool, smooth: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `quantize_int8` / `quantize_fp8` (of `smooth_k(x)` with smooth) for a token group `group`
-    (a power of 2 up to 128). x `[B, N, H, D]` -> (codes `[B, N, H, D]`, scale float32 `[B, H, N]`)."""
+    (a power of 2 up to 128; None: the whole head, its scale from one reduction before the kernel).
+    x `[B, N, H, D]` -> (codes `[B, N, H, D]`, scale float32 `[B, H, N]`)."""
     B, N, H, D = x.shape
+    if group is None and smooth:
+        raise ValueError("quantize_qk: K smoothing is fused for token groups only, got group=None")
     x = x if x.stride(-1) == 1 else x.contiguous()
+    qmax = FP8_MAX if fp8 else INT8_MAX
     codes = torch.empty(B, N, H, D, dtype=FP8 if fp8 else torch.int8, device=x.device)
     scale = torch.empty(B, H, N, dtype=torch.float32, device=x.device)
     mean = x.mean(dim=1, dtype=torch.float32) if smooth else scale  # [B, H, D]
+    head_scale = scale
+    if group is None:  # as quantize.py's _group_scales with one group: max|x| / qmax, 1 for an all-zero head
+        amax = x.abs().amax(dim=(1, 3)).to(torch.float32)  # [B, H]
+        head_scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     sig = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, group, fp8, smooth)
     plan = _QK_PLANS.get(sig)
     if plan is None:  # outputs and mean are fresh dense tensors: their strides follow from the shapes
-        rows = max(group, 16 if interpreting() else 64)
+        rows = max(group or 1, 16 if interpreting() else 64)
         plan = _QK_PLANS[sig] = (
             (x.stride(0), x.stride(1), x.stride(2), codes.stride(0), codes.stride(1), codes.stride(2),
-             scale.stride(0), scale.stride(1), mean.stride(0), mean.stride(1), N, H, FP8_MAX if fp8 else INT8_MAX),
+             scale.stride(0), scale.stride(1), mean.stride(0), mean.stride(1), N, H, qmax),
             KernelLaunch(_qk_quant_kernel, (cdiv(N, rows), B * H), dict(
-                D=D, BLOCK_D=block_d(D), BLOCK_R=rows, GROUP=group, SMOOTH=smooth, TO_FP8=fp8,
+                D=D, BLOCK_D=block_d(D), BLOCK_R=rows, GROUP=group or 0, SMOOTH=smooth, TO_FP8=fp8,
                 GRID_ROUND=interpreting(), num_warps=4)))
-    plan[1](x, mean, codes, scale, *plan[0])
+    plan[1](x, mean, head_scale, codes, scale, *plan[0])
     return codes, scale
 
 
