@@ -54,8 +54,12 @@ def main() -> None:
                     res["rows"].append(row)
                     top = {key[:40]: round(ms, 3) for key, ms in list(kernels.items())[:6]}
                     print(d, n, causal, name, f"wall {wall:.3f} ms", top, flush=True)
+                    save(res, args.out)  # after every row: a run cut short keeps what it measured
+
+
+def save(res: dict, out: str) -> None:
     res["tuner"] = {repr(k): {repr(c): ms for c, ms in v.items()} for k, v in _flash_common.TIMINGS.items()}
-    with open(os.path.join(args.out, "quant_profile.json"), "w") as f:
+    with open(os.path.join(out, "quant_profile.json"), "w") as f:
         json.dump(res, f, indent=1)
 
 
