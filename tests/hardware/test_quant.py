@@ -156,12 +156,14 @@ def test_repeated_calls_reuse_launch_plans():
 
     for seed in (7, 8, 9):
         q, k, v = (_rand(1, 37, 2, 32, seed=seed + 10 * i, dtype=torch.bfloat16) for i in range(3))
-        with poisoned_outputs():
-            got = effattn.sage_attention(q, k, v, causal=True)
-        want = sage_reference(q.double(), k.double(), v.double(), causal=True)
-        assert (got.double() - want).abs().max() < 2e-2
+        for pv in ("fp16", "fp8"):
+            with poisoned_outputs():
+                got = effattn.sage_attention(q, k, v, causal=True, pv_dtype=pv)
+            want = sage_reference(q.double(), k.double(), v.double(), causal=True, pv_dtype=pv)
+            assert (got.double() - want).abs().max() < 2e-2
     assert any(sig[0][0][0] == (1, 37, 2, 32) for sig in quant_fwd._PLANS)
     assert any(sig[0] == (1, 37, 2, 32) for sig in quant_prep._QK_PLANS)
+    assert any(sig[0] == (1, 37, 2, 32) for sig in quant_prep._V_PLANS)
 
 
 # ------------------------------------------------------------------------------- error vs exact attention

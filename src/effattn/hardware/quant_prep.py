@@ -91,6 +91,8 @@ def quantize_qk(x: torch.Tensor, group: int | None, *, fp8: bool, smooth: bool
     sig = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, group, fp8, smooth)
     plan = _QK_PLANS.get(sig)
     if plan is None:  # outputs and mean are fresh dense tensors: their strides follow from the shapes
+        if len(_QK_PLANS) > 256:  # many distinct shapes: start over rather than grow
+            _QK_PLANS.clear()
         rows = max(group or 1, 16 if interpreting() else 64)
         plan = _QK_PLANS[sig] = (
             (x.stride(0), x.stride(1), x.stride(2), codes.stride(0), codes.stride(1), codes.stride(2),
@@ -102,15 +104,25 @@ def quantize_qk(x: torch.Tensor, group: int | None, *, fp8: bool, smooth: bool
     return codes, scale
 
 
+_V_PLANS: dict = {}  # the same for the V quantiser
+
+
 def quantize_v(v: torch.Tensor, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `quantize_v_fp8`: same outputs; the scales from one reduction over V, the codes in one pass."""
     B, S, H, D = v.shape
     v = v if v.stride(-1) == 1 else v.contiguous()
     scale = v_fp8_scale(v, per_head)
-    block = 64
     codes = empty_output((B, H, D, cdiv(S, V_PAD) * V_PAD), FP8, v.device)
-    _v_fp8_kernel[(codes.shape[3] // block, B * H)](
-        v, codes, scale, v.stride(0), v.stride(1), v.stride(2), codes.stride(0), codes.stride(1),
-        codes.stride(2), scale.stride(0), scale.stride(1), S, H, D=D, BLOCK_D=block_d(D),
-        BLOCK_N=block, GRID_ROUND=interpreting(), num_warps=4)
+    sig = (v.shape, v.stride(), v.dtype, v.device, v.data_ptr() % 16)
+    plan = _V_PLANS.get(sig)
+    if plan is None:  # codes and scale are fresh dense tensors: their strides follow from the shapes
+        if len(_V_PLANS) > 256:
+            _V_PLANS.clear()
+        block = 64
+        plan = _V_PLANS[sig] = (
+            (v.stride(0), v.stride(1), v.stride(2), codes.stride(0), codes.stride(1), codes.stride(2),
+             scale.stride(0), scale.stride(1), S, H),
+            KernelLaunch(_v_fp8_kernel, (codes.shape[3] // block, B * H), dict(
+                D=D, BLOCK_D=block_d(D), BLOCK_N=block, GRID_ROUND=interpreting(), num_warps=4)))
+    plan[1](v, codes, scale, *plan[0])
     return codes, scale
