@@ -103,23 +103,29 @@ def report(kernel) -> dict:
 
 
 def mma_loop(sass: str) -> dict:
-    """The main tensor-core loop (the loop body, between a backward branch and its target, holding the most
-    wgmma instructions; of those, the shortest, the unmasked one): its instruction count, and how many of its MUFU instructions (exp2) issue while a
-    wgmma is in flight, i.e. after a wgmma and before the wait (WARPGROUP.DEPBAR) that follows it. A loop
+    """The main tensor-core loop (an innermost loop body, between a backward branch and its target, holding
+    the most wgmma instructions; of those, the shortest, the unmasked one): its instruction count, and how
+    many of its MUFU instructions (exp2) issue while a wgmma is in flight, i.e. after a wgmma and before the
+    wait (WARPGROUP.DEPBAR) that follows it. A loop
     that waits for Q K^T before its softmax has none; one that issues the next block's Q K^T first has its
     exponentials overlap the tensor cores. loop_LDG: synchronous global loads in it (tiles the software
     pipeline refused, or scalars)."""
     ins = [(int(m.group(1), 16), m.group(2).strip())
            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     index = {a: i for i, (a, _) in enumerate(ins)}
-    best = None
+    loops = []
     for i, (a, text) in enumerate(ins):
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
-            body = [t for _, t in ins[index[int(target.group(1), 16)]:i + 1]]
-            mmas = sum("GMMA" in t for t in body)
-            if mmas and (best is None or (mmas, -len(body)) > (best[0], -len(best[1]))):
-                best = (mmas, body)  # the unmasked loop: the shortest of those with the most wgmma
+            loops.append((index[int(target.group(1), 16)], i))
+    best = None
+    for lo, hi in loops:
+        if any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2 in loops):
+            continue  # an outer loop (e.g. over the heads of a KV group): its inner loops are the ones to read
+        body = [t for _, t in ins[lo:hi + 1]]
+        mmas = sum("GMMA" in t for t in body)
+        if mmas and (best is None or (mmas, -len(body)) > (best[0], -len(best[1]))):
+            best = (mmas, body)  # the unmasked loop: the shortest of those with the most wgmma
     if best is None:
         return {"loop_instructions": 0, "loop_mufu_in_flight": 0, "loop_LDG": 0}
     in_flight, overlapped = False, 0
