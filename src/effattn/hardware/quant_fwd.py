@@ -189,8 +189,8 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
     if pv_fp8:
         if interpreting():
             return [Config(32, 64, 4, 1)]
-        return [Config(128, 64, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3), Config(128, 64, 8, 3, ahead=1),
-                Config(64, 64, 4, 3, ahead=1) if D <= 64 else Config(128, 64, 8, 2, ahead=1)]
+        return [Config(128, 64, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3),
+                Config(128, 64, 8, 3, ahead=1)] + ([Config(64, 64, 4, 3, ahead=1)] if D <= 64 else [])
     if interpreting():
         return [Config(32, 32, 4, 1)]
     if dtype == torch.float32:
@@ -200,9 +200,10 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
     # but issues 16% fewer instructions per key on sm_90a at D = 128 (benchmarks/quant_compile.py); untimed.
     # ptxas serializes the wgmma of every one of those (C7515: P's registers are rewritten while P V reads
     # them); the look-ahead loop (ahead=1) is not serialized and overlaps its exponentials with Q K^T.
+    # H100, 2026-12-05: the 8-warp look-ahead loop won at D = 128 (both P V paths; two stages lost by 12-36%).
     # At D = 64 the one-warpgroup 64-row look-ahead tile is the unserialized, unspilled 4-warp candidate.
     return [Config(128, 64, 4, 3), Config(128, 64, 4, 4), Config(128, 64, 8, 3), Config(128, 128, 8, 3),
-            Config(128, 64, 8, 3, ahead=1), Config(64, 64, 4, 3, ahead=1) if D <= 64 else Config(128, 64, 8, 2, ahead=1)]
+            Config(128, 64, 8, 3, ahead=1)] + ([Config(64, 64, 4, 3, ahead=1)] if D <= 64 else [])
 
 
 # Launch plans keyed by shapes, strides, dtypes, alignment and options (see flash_fwd._PLANS).
