@@ -146,7 +146,7 @@ def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, 
                   SPARSE=sparse, ARITH=not sparse, WORDS=max(1, bn // 32), SOFTCAP=False, DOT_PREC=None)
     if kernel == "fwd":
         return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead)
-    return dict(common, MASK_M=mask_m) if kernel == "dkdv" else common
+    return dict(common, MASK_M=mask_m, EARLY_DP=ahead) if kernel == "dkdv" else common
 
 
 def _kernel_fn(kernel: str):
@@ -157,10 +157,13 @@ def _kernel_fn(kernel: str):
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
         mask_m: int | None = None, ahead: bool = False) -> dict:
     """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
-    `mask_m` (block-sparse dK/dV): the block mask's query rows, walked bm at a time (default bm); `ahead`
-    (forward only): the unmasked loop issues the next block's Q K^T before this block's softmax."""
-    if (tma or ahead) and kernel != "fwd":
-        raise ValueError("only the forward has TMA and look-ahead variants")
+    `mask_m` (block-sparse dK/dV): the block mask's query rows, walked bm at a time (default bm); `ahead`:
+    the forward's unmasked loop issues the next block's Q K^T before this block's softmax, dK/dV issues
+    dP^T before its exponentials (EARLY_DP)."""
+    if tma and kernel != "fwd":
+        raise ValueError("only the forward has a TMA variant")
+    if ahead and kernel == "dq":
+        raise ValueError("dQ has no look-ahead variant")
     mask_m = bm if mask_m is None else mask_m
     descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
     compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead), warps,
@@ -181,7 +184,7 @@ def candidates(dims):
             print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, True, bool(cfg[4]), ahead=bool(cfg[6])), flush=True)
         for kind in ("dkdv", "dq"):
             for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, None, kind):
-                print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False), flush=True)
+                print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False, ahead=bool(cfg[6])), flush=True)
             for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, (128, 64), kind):
                 print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, True, mask_m=128), flush=True)
 
@@ -195,7 +198,8 @@ def main():
     ap.add_argument("--head-dim", type=int, nargs="+", default=[128])
     ap.add_argument("--sparse", action="store_true", help="the block-sparse variant (index lists, bitmasks)")
     ap.add_argument("--tma", action="store_true", help="forward only: TMA descriptor loads")
-    ap.add_argument("--ahead", action="store_true", help="forward only: next block's Q K^T before this softmax")
+    ap.add_argument("--ahead", action="store_true",
+                    help="fwd: next block's Q K^T before this softmax; dkdv: dP^T before the exponentials")
     ap.add_argument("--mask-rows", type=int, default=None,
                     help="block-sparse dkdv: the block mask's query rows, walked BLOCK_M at a time (default BLOCK_M)")
     ap.add_argument("--candidates", action="store_true", help="every tuner candidate instead of one config")

@@ -36,3 +36,18 @@ def test_look_ahead_overlaps_exponentials_with_the_next_scores():
     assert plain["loop_mufu_in_flight"] == 0 and plain["loop_instructions"] > 0
     assert ahead["loop_mufu_in_flight"] >= 16, ahead
     assert ahead["spill_store_bytes"] == 0
+
+
+def test_early_dp_overlaps_the_backward_exponentials():
+    """dK/dV with dP^T issued before the exponentials (D = 128, 64 x 128, 8 warps, 2 stages): they issue while
+    the tensor cores work; in the plain order they wait for them."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    rows = []
+    for extra in ((), ("--ahead",)):
+        out = subprocess.run([sys.executable, str(SCRIPT), "--kernel", "dkdv", "--tile", "64,128", "--warps", "8",
+                              "--stages", "2", "--head-dim", "128", *extra], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows.append(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+    plain, early = rows
+    assert plain["loop_mufu_in_flight"] == 0 and early["loop_mufu_in_flight"] >= 16, (plain, early)

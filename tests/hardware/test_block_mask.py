@@ -95,6 +95,8 @@ def test_block_sparse_backward_walks_query_blocks_in_steps(monkeypatch, device):
     shape = Shape(batch=2, seq_q=70, seq_k=90, heads=4, kv_heads=2, head_dim=32)
     assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=False)
     assert_matches_reference(FLASH, shape=shape, dtype=torch.bfloat16, device=device, block_mask=bm, causal=True)
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dkdv=16,32,4,1,0,0,1")  # dP^T before the exponentials
+    assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=True)
     monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dkdv=16,16,4,1")
     q, k, v = (torch.randn(2, n, h, 32, device=device, requires_grad=True) for n, h in ((70, 4), (90, 2), (90, 2)))
     with pytest.raises(ValueError, match=r"keep the block mask's key block.*mask block \(32, 32\), got BLOCK_M=16, "

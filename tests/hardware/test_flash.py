@@ -107,6 +107,15 @@ def test_look_ahead_forward(monkeypatch, device, tma):
                              window=(40, 3), backward=False)
 
 
+def test_early_dp_backward(monkeypatch, device):
+    """The dK/dV kernel that issues dP^T before its exponentials (EARLY_DP, a tuner candidate), pinned:
+    gradients of every input against the float64 reference, causal GQA, window with softcap, cross lengths."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dkdv=32,32,4,1,0,0,1")
+    assert_matches_reference(FLASH, shape=replace(GQA, seq_q=70), dtype=torch.bfloat16, device=device, causal=True)
+    assert_matches_reference(FLASH, shape=replace(CROSS, seq_q=50, seq_k=77), device=device, window=(9, 2),
+                             softcap=4.0)
+
+
 def test_cached_launch_plan_and_inference_path(monkeypatch, device):
     """Repeated calls reuse the forward's launch plan (fresh data, same shapes, outputs poisoned each time),
     without autograd when nothing needs a gradient; a misaligned base drops the pinned TMA path."""

@@ -55,15 +55,20 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off
                qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, r0, offs_d, offs_dv,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr,
-               MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+               MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+               EARLY_DP: tl.constexpr):
     """Accumulate the query block [m0, m0 + BLOCK_M) into dK, dV of the key block, transposed: [keys, rows].
-    With USE_BITS its rows are rows r0.. of partial tile `tile` of the block mask (MASK_M rows a tile)."""
+    With USE_BITS its rows are rows r0.. of partial tile `tile` of the block mask (MASK_M rows a tile).
+    EARLY_DP issues dP^T = V dO^T before the exponentials, so that sm_90a code runs them while the tensor
+    cores work (benchmarks/flash_compile.py: loop_mufu_in_flight 0 -> 16-32), at some 8% more instructions."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q = _load_tile(Qb + offs_m[:, None] * sq_t + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, MASK, PAD_D)
     do = _load_tile(DOb + offs_m[:, None] * sdo_t + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DIM_V,
                     MASK, PAD_DV)
     lse = _lse2(LSEb, offs_m, seqlen_q, MASK)
     sT, tT = _scores(_dot(k, tl.trans(q), None, DOT_PREC), qk_scale, cap_in, cap_out, SOFTCAP)
+    if EARLY_DP:
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC)
     if MASK:
         keep = (_visible(offs_m[None, :] + off, offs_n[:, None], seqlen_k, LEFT, RIGHT, SINKS)
                 & (offs_m[None, :] < seqlen_q))
@@ -77,7 +82,9 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off
         delta = tl.load(DELTAb + offs_m, mask=offs_m < seqlen_q, other=0.0)
     else:
         delta = tl.load(DELTAb + offs_m)
-    dsT = pT * (_dot(v, tl.trans(do), None, DOT_PREC) - delta[None, :])
+    if not EARLY_DP:
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
     dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC)
@@ -94,7 +101,7 @@ def _dkdv_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-        DOT_PREC: tl.constexpr):
+        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr):
     """dK, dV of one key block. Block-sparse, each listed query block (MASK_M rows, the block mask's) is
     walked BLOCK_M rows at a time: a 64-row step at 8 warps compiles for sm_90a without register spills at
     D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py)."""
@@ -133,14 +140,14 @@ def _dkdv_kernel(
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
                                     offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False,
-                                    MASK_M, WORDS, SOFTCAP, DOT_PREC)
+                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
             for j in range(tl.load(Q_NUM + row) * SUB):
                 qb, r0 = tl.load(Q_IDX + row * NQB + j // SUB), (j % SUB) * BLOCK_M
                 tile = tl.load(TILE_MAP + (((b * MB_B) * HM + h * MB_H) * NQB + qb) * NKB + pid_n)
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, qb * MASK_M + r0, offs_n, off,
                                     seqlen_q, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, r0,
                                     offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True,
-                                    True, MASK_M, WORDS, SOFTCAP, DOT_PREC)
+                                    True, MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
         else:
             lo, a, c, hi = _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
             # the masked query blocks (both edges of the band, then the rows below a sink block that the band
@@ -157,12 +164,12 @@ def _dkdv_kernel(
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
                                     offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False,
-                                    MASK_M, WORDS, SOFTCAP, DOT_PREC)
+                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
             for m0 in tl.range(a, c, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
                                     offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False,
-                                    MASK_M, WORDS, SOFTCAP, DOT_PREC)
+                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
     dk = dk * (qk_scale * 0.6931471805599453)  # d(raw score) = scale * dS; qk_scale carries log2(e)
     row_ok = offs_n < seqlen_k
     dk_ptrs = DK + bb * sdk_b + q0 * sdk_t + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :]
@@ -283,10 +290,12 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
     if D > 128:
         return [Config(32, 64, 4, 2), Config(64, 32, 4, 2)]
     # Measured on the H100 (benchmarks/results): the first of each list is the best seen so far.
-    if kind == "dkdv":
+    if kind == "dkdv":  # ahead=1: dP^T issued before the exponentials (EARLY_DP), untimed as yet
         if D <= 64:
-            return [Config(32, 128, 4, 3), Config(64, 128, 8, 2), Config(64, 64, 4, 3), Config(32, 64, 4, 3)]
-        return [Config(64, 128, 8, 2), Config(64, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 128, 8, 2)]
+            return [Config(32, 128, 4, 3), Config(64, 128, 8, 2), Config(64, 64, 4, 3), Config(32, 64, 4, 3),
+                    Config(64, 128, 8, 2, ahead=1)]
+        return [Config(64, 128, 8, 2), Config(64, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 128, 8, 2),
+                Config(64, 128, 8, 3, ahead=1), Config(64, 128, 8, 2, ahead=1)]
     if D <= 64:
         return [Config(128, 32, 4, 3), Config(128, 64, 8, 2), Config(64, 32, 4, 3), Config(128, 32, 4, 4)]
     return [Config(128, 64, 8, 2), Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 8, 3)]
@@ -358,7 +367,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
         grid = (sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn), n_seq * Hkv)
         return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal),
                 KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_M=fixed[0] if fixed else bm,
-                                                      num_warps=warps, num_stages=stages)))
+                                                      EARLY_DP=bool(cfg[6]), num_warps=warps, num_stages=stages)))
 
     def dq_part(cfg: Config):
         bm, bn, warps, stages = cfg[:4]
