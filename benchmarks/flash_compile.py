@@ -118,12 +118,15 @@ def mma_loop(sass: str) -> dict:
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
             loops.append((index[int(target.group(1), 16)], i))
+    def mmas_in(lo, hi):
+        return sum("GMMA" in t for _, t in ins[lo:hi + 1])
+
     best = None
     for lo, hi in loops:
-        if any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2 in loops):
-            continue  # an outer loop (e.g. over the heads of a KV group): its inner loops are the ones to read
-        body = [t for _, t in ins[lo:hi + 1]]
-        mmas = sum("GMMA" in t for t in body)
+        if any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) and mmas_in(lo2, hi2) for lo2, hi2 in loops):
+            continue  # an outer loop (e.g. over the heads of a KV group): its inner tile loops are the ones to read
+        body = [t for _, t in ins[lo:hi + 1]]  # (inner loops without wgmma, e.g. a TMA barrier's spin, stay in)
+        mmas = mmas_in(lo, hi)
         if mmas and (best is None or (mmas, -len(body)) > (best[0], -len(best[1]))):
             best = (mmas, body)  # the unmasked loop: the shortest of those with the most wgmma
     if best is None:
