@@ -164,9 +164,9 @@ def _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M: tl.constexpr, B
 # ------------------------------------------------------------------------------------------------- tuner
 class Config(tuple):
     """(block_m, block_n, num_warps, num_stages, tma, ws, ahead) of one launch; tma=1 loads through TMA
-    descriptors, ws=1 asks Triton to warp-specialise the unmasked key loop, ahead=1 issues each unmasked key
-    block's Q K^T before the previous block's softmax, so that the tensor cores work while the exponentials
-    run (forward kernels only)."""
+    descriptors, ws=1 asks Triton to warp-specialise the unmasked key loop (forward kernels); ahead=1 issues
+    the next matmul before the exponentials, so that the tensor cores work while they run: each unmasked key
+    block's Q K^T before the previous block's softmax (forward kernels), dP^T before P^T (dK/dV)."""
 
     def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0, ws: int = 0,
                 ahead: int = 0):
