@@ -106,10 +106,9 @@ def mma_loop(sass: str) -> dict:
     """The main tensor-core loop (an innermost loop body, between a backward branch and its target, holding
     the most wgmma instructions; of those, the shortest, the unmasked one): its instruction count, and how
     many of its MUFU instructions (exp2) issue while a wgmma is in flight, i.e. after a wgmma and before the
-    wait (WARPGROUP.DEPBAR) that follows it. A loop
-    that waits for Q K^T before its softmax has none; one that issues the next block's Q K^T first has its
-    exponentials overlap the tensor cores. loop_LDG: synchronous global loads in it (tiles the software
-    pipeline refused, or scalars)."""
+    wait (WARPGROUP.DEPBAR) that follows it. A loop that waits for Q K^T before its softmax has none; one
+    that issues the next block's Q K^T first has its exponentials overlap the tensor cores. loop_LDG:
+    synchronous global loads in it (tiles the software pipeline refused, or scalars)."""
     ins = [(int(m.group(1), 16), m.group(2).strip())
            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     index = {a: i for i, (a, _) in enumerate(ins)}
@@ -118,6 +117,7 @@ def mma_loop(sass: str) -> dict:
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
             loops.append((index[int(target.group(1), 16)], i))
+
     def mmas_in(lo, hi):
         return sum("GMMA" in t for _, t in ins[lo:hi + 1])
 

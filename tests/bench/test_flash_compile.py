@@ -8,23 +8,19 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "flash_compile.py"
 
 
-def test_offline_hopper_compile_reports_registers_and_shared_memory():
+def _compile(kernel: str, *args: str) -> dict:
+    """benchmarks/flash_compile.py's report of one configuration, compiled for sm_90a."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # compile for the GPU target, not the interpreter
-    out = subprocess.run([sys.executable, str(SCRIPT), "--kernel", "fwd", "--tile", "64,32", "--warps", "4",
-                          "--stages", "2", "--head-dim", "64", "--sparse"], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = ast.literal_eval(out.stdout.strip().splitlines()[-1])
-    assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0
-    assert r["HGMMA"] > 0  # Hopper's warpgroup MMA: it really was compiled for sm_90a
-
-
-def _compile(*args) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, str(SCRIPT), "--kernel", "fwd", *args], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(SCRIPT), "--kernel", kernel, *args], capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_offline_hopper_compile_reports_registers_and_shared_memory():
+    r = _compile("fwd", "--tile", "64,32", "--warps", "4", "--stages", "2", "--head-dim", "64", "--sparse")
+    assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0
+    assert r["HGMMA"] > 0  # Hopper's warpgroup MMA: it really was compiled for sm_90a
 
 
 def test_look_ahead_overlaps_exponentials_with_the_next_scores():
@@ -32,7 +28,7 @@ def test_look_ahead_overlaps_exponentials_with_the_next_scores():
     block's Q K^T is in flight, without spilling; the plain loop waits for Q K^T first. ptxas gave up the
     overlap once when the masked loop after it was software-pipelined (255 registers)."""
     cfg = ("--tile", "128,64", "--warps", "8", "--stages", "3", "--head-dim", "128")
-    plain, ahead = _compile(*cfg), _compile(*cfg, "--ahead")
+    plain, ahead = _compile("fwd", *cfg), _compile("fwd", *cfg, "--ahead")
     assert plain["loop_mufu_in_flight"] == 0 and plain["loop_instructions"] > 0
     assert ahead["loop_mufu_in_flight"] >= 16, ahead
     assert ahead["spill_store_bytes"] == 0
@@ -41,13 +37,6 @@ def test_look_ahead_overlaps_exponentials_with_the_next_scores():
 def test_early_dp_overlaps_the_backward_exponentials():
     """dK/dV with dP^T issued before the exponentials (D = 128, 64 x 128, 8 warps, 2 stages): they issue while
     the tensor cores work; in the plain order they wait for them."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    rows = []
-    for extra in ((), ("--ahead",)):
-        out = subprocess.run([sys.executable, str(SCRIPT), "--kernel", "dkdv", "--tile", "64,128", "--warps", "8",
-                              "--stages", "2", "--head-dim", "128", *extra], capture_output=True, text=True, env=env,
-                             timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        rows.append(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
-    plain, early = rows
+    cfg = ("--tile", "64,128", "--warps", "8", "--stages", "2", "--head-dim", "128")
+    plain, early = _compile("dkdv", *cfg), _compile("dkdv", *cfg, "--ahead")
     assert plain["loop_mufu_in_flight"] == 0 and early["loop_mufu_in_flight"] >= 16, (plain, early)

@@ -129,7 +129,8 @@ def test_fp8_pv_128_key_tiles(name, monkeypatch):
     assert (other - want).abs().max() > 10 * err  # the test can tell the tiles apart
 
 
-@pytest.mark.parametrize("name,pin", [("sage_int8", "quant=32,32,4,1,0,0,1"), ("sage_int8_fp8pv", "quant=32,64,4,1,0,0,1"),
+@pytest.mark.parametrize("name,pin", [("sage_int8", "quant=32,32,4,1,0,0,1"),
+                                      ("sage_int8_fp8pv", "quant=32,64,4,1,0,0,1"),
                                       ("flash_fp8", "quant=32,64,4,1,0,0,1")])
 def test_look_ahead_loop(name, pin, monkeypatch):
     """The quantized forward whose unmasked loop issues the next key block's Q K^T first, pinned (0, 1 and

@@ -198,8 +198,9 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
     # BLOCK_N = 64 keeps a tile inside one K scale block ("block" / "warp" granularity: scalar-scale path;
     # H100, 2026-11-23: 4 warps won every int8 cell). 128 x 128 takes the per-token path at 64-token K blocks
     # but issues 16% fewer instructions per key on sm_90a at D = 128 (benchmarks/quant_compile.py); untimed.
-    # ptxas serializes the wgmma of every one of those (C7515: P's registers are rewritten while P V reads
-    # them); the look-ahead loop (ahead=1) is not serialized and overlaps its exponentials with Q K^T.
+    # ptxas serializes the wgmma of every one of those (C7515: `mov`s write wgmma accumulator registers inside
+    # a pipeline stage; benchmarks/quant_compile.py); the look-ahead loop (ahead=1) is not serialized and
+    # overlaps its exponentials with Q K^T.
     # H100, 2026-12-05: the 8-warp look-ahead loop won at D = 128 (both P V paths; two stages lost by 12-36%).
     # At D = 64 the one-warpgroup 64-row look-ahead tile is the unserialized, unspilled 4-warp candidate.
     return [Config(128, 64, 4, 3), Config(128, 64, 4, 4), Config(128, 64, 8, 3), Config(128, 128, 8, 3),
