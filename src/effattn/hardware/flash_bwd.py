@@ -289,16 +289,16 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
         return [Config(32, 32, 4, 2)]
     if D > 128:
         return [Config(32, 64, 4, 2), Config(64, 32, 4, 2)]
-    # Measured on the H100 (benchmarks/results): the first of each list is the best seen so far.
-    if kind == "dkdv":  # ahead=1: dP^T issued before the exponentials (EARLY_DP), untimed as yet
+    # Measured on the H100 (benchmarks/results/flash_bwd_profile_2026-12-05_h100_run2.json, N = 16k): the first
+    # of each list is the best seen so far. dK/dV at D = 128: the EARLY_DP loop (ahead=1, dP^T issued before
+    # the exponentials) won by 4-5% (causal 2 stages, non-causal 3); at D = 64 it lost by 14%.
+    if kind == "dkdv":
         if D <= 64:
-            return [Config(32, 128, 4, 3), Config(64, 128, 8, 2), Config(64, 64, 4, 3), Config(32, 64, 4, 3),
-                    Config(64, 128, 8, 2, ahead=1)]
-        return [Config(64, 128, 8, 2), Config(64, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 128, 8, 2),
-                Config(64, 128, 8, 3, ahead=1), Config(64, 128, 8, 2, ahead=1)]
+            return [Config(32, 128, 4, 3), Config(32, 64, 4, 3), Config(64, 64, 4, 3)]
+        return [Config(64, 128, 8, 2, ahead=1), Config(64, 128, 8, 3, ahead=1), Config(64, 128, 8, 3)]
     if D <= 64:
-        return [Config(128, 32, 4, 3), Config(128, 64, 8, 2), Config(64, 32, 4, 3), Config(128, 32, 4, 4)]
-    return [Config(128, 64, 8, 2), Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 8, 3)]
+        return [Config(64, 32, 4, 3), Config(128, 32, 4, 4), Config(128, 32, 4, 3)]
+    return [Config(128, 64, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 8, 3)]
 
 
 # Launch plans of dense backwards, keyed like the forward's (flash_fwd._PLANS): the three launches with

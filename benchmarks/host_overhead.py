@@ -1,0 +1,85 @@
+"""Diagnostic probe (GPU): the host time of one call of each forward, where it goes, and the GPU time beside it.
+
+    PYTHONPATH=src python3 benchmarks/host_overhead.py --out DIR [--n 1024] [--d 128]
+
+bf16, B = 1, H = 16. A call whose host time exceeds its GPU time leaves the GPU idle between launches, and
+short sequences then measure Python, not kernels. Per method: host microseconds per call (many calls
+queued without a sync, at a size where the GPU keeps up), GPU microseconds per call (CUDA events around a
+synchronised call) and cProfile's top functions by own time. Writes host_overhead.json.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import time
+
+import torch
+import triton
+
+import effattn
+
+CALLS = {
+    "flash_bf16": lambda q, k, v: effattn.flash_attention(q, k, v, causal=True),
+    "sage_int8": lambda q, k, v: effattn.sage_attention(q, k, v, causal=True),
+    "sage_int8_fp8pv": lambda q, k, v: effattn.sage_attention(q, k, v, causal=True, pv_dtype="fp8"),
+    "flash_fp8": lambda q, k, v: effattn.flash_fp8(q, k, v, causal=True),
+    "flash_fp8_block": lambda q, k, v: effattn.flash_fp8(q, k, v, causal=True, granularity="block"),
+}
+
+
+def host_us(call, reps: int = 200) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        call()
+    t1 = time.perf_counter()  # before the sync: the host's time only
+    torch.cuda.synchronize()
+    return (t1 - t0) / reps * 1e6
+
+
+def top_functions(call, reps: int = 200, rows: int = 18) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        call()
+    prof.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(rows)
+    return s.getvalue()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, nargs="+", default=[1024])
+    ap.add_argument("--d", type=int, nargs="+", default=[128])
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "triton": triton.__version__, "rows": []}
+    for d in args.d:
+        for n in args.n:
+            q, k, v = (torch.randn(1, n, 16, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            for name, call in CALLS.items():
+                with torch.no_grad():
+                    step = lambda: call(q, k, v)  # noqa: E731
+                    for _ in range(5):
+                        step()
+                    host = host_us(step)
+                    gpu = triton.testing.do_bench(step, warmup=10, rep=50) * 1e3
+                    prof = top_functions(step)
+                res["rows"].append({"D": d, "N": n, "method": name, "host_us": host, "wall_us": gpu,
+                                    "profile": prof})
+                print(f"D={d} N={n} {name}: host {host:.1f} us/call, do_bench {gpu:.1f} us", flush=True)
+                print("\n".join(prof.splitlines()[:30]), flush=True)
+                with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
+                    json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
