@@ -29,7 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _SCALARS = {"T", "S", "H", "HKV", "GROUP", "LEFT", "RIGHT", "SINKS", "MB_B", "MB_H", "HM", "NQB", "NKB"}
 _INT_TABLES = {"CU", "KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX", "FULL_NUM", "FULL_IDX", "TILE_MAP", "BITS"}
-_FP32 = {"LSE", "DELTA", "DLSE", "DQA"}
+_FP32 = {"LSE", "DELTA", "DLSE"}
 
 
 def _signature(fn, constexprs: dict, descriptors: dict | None = None) -> dict:
@@ -143,13 +143,13 @@ def mma_loop(sass: str) -> dict:
     return {"loop_instructions": len(best[1]), "loop_mufu_in_flight": overlapped, "loop_LDG": loads}
 
 
-def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, mask_m: int, ahead: bool = False,
-                atomic_dq: bool = False) -> dict:
+def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, mask_m: int, ahead: bool = False
+                ) -> dict:
     common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn, VARLEN=False,
                   SPARSE=sparse, ARITH=not sparse, WORDS=max(1, bn // 32), SOFTCAP=False, DOT_PREC=None)
     if kernel == "fwd":
         return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead)
-    return dict(common, MASK_M=mask_m, EARLY_DP=ahead, ATOMIC_DQ=atomic_dq) if kernel == "dkdv" else common
+    return dict(common, MASK_M=mask_m, EARLY_DP=ahead) if kernel == "dkdv" else common
 
 
 def _kernel_fn(kernel: str):
@@ -158,25 +158,21 @@ def _kernel_fn(kernel: str):
 
 
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
-        mask_m: int | None = None, ahead: bool = False, atomic_dq: bool = False) -> dict:
+        mask_m: int | None = None, ahead: bool = False) -> dict:
     """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
     `mask_m` (block-sparse dK/dV): the block mask's query rows, walked bm at a time (default bm); `ahead`:
     the forward's unmasked loop issues the next block's Q K^T before this block's softmax, dK/dV issues
-    dP^T before its exponentials (EARLY_DP); `atomic_dq` (dK/dV only): the single-kernel backward that adds
-    dS K into a float32 dQ (ATOMIC_DQ)."""
+    dP^T before its exponentials (EARLY_DP)."""
     if tma and kernel != "fwd":
         raise ValueError("only the forward has a TMA variant")
     if ahead and kernel == "dq":
         raise ValueError("dQ has no look-ahead variant")
-    if atomic_dq and kernel != "dkdv":
-        raise ValueError("only dK/dV has the atomic dQ variant")
     mask_m = bm if mask_m is None else mask_m
     descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
-    compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead, atomic_dq),
-                            warps, stages, descs)
+    compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead), warps,
+                            stages, descs)
     return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel == "dkdv" else None, "warps": warps,
-            "stages": stages, "head_dim": d, "sparse": sparse, "tma": tma, "ahead": ahead, "atomic_dq": atomic_dq,
-            **report(compiled)}
+            "stages": stages, "head_dim": d, "sparse": sparse, "tma": tma, "ahead": ahead, **report(compiled)}
 
 
 def candidates(dims):
@@ -207,7 +203,6 @@ def main():
     ap.add_argument("--tma", action="store_true", help="forward only: TMA descriptor loads")
     ap.add_argument("--ahead", action="store_true",
                     help="fwd: next block's Q K^T before this softmax; dkdv: dP^T before the exponentials")
-    ap.add_argument("--atomic-dq", action="store_true", help="dkdv: also add dS K into a float32 dQ (one kernel)")
     ap.add_argument("--mask-rows", type=int, default=None,
                     help="block-sparse dkdv: the block mask's query rows, walked BLOCK_M at a time (default BLOCK_M)")
     ap.add_argument("--candidates", action="store_true", help="every tuner candidate instead of one config")
@@ -216,7 +211,7 @@ def main():
         candidates(a.head_dim)
         return
     bm, bn = (int(x) for x in a.tile.split(","))
-    print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma, a.mask_rows, a.ahead, a.atomic_dq))
+    print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma, a.mask_rows, a.ahead))
 
 
 if __name__ == "__main__":

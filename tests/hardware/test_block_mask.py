@@ -47,14 +47,6 @@ def test_flash_block_mask_matches_reference(mask_fn, B, H, options, device):
     assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, **{"causal": False, **options})
 
 
-def test_block_mask_single_kernel_backward(monkeypatch, device):
-    """The single-kernel backward (dQ added atomically by the dK/dV kernel), pinned, on the index lists."""
-    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dkdv_dq=16,32,4,1")
-    bm = block_mask(stripes, 1, 4, 70, 90, block=(16, 32), device=device)
-    shape = Shape(batch=2, seq_q=70, seq_k=90, heads=4, kv_heads=2, head_dim=32)
-    assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=True)
-
-
 def test_block_mask_from_blocks(device):
     T, S, block = 70, 45, (16, 32)
     selected = torch.rand(2, 1, 5, 2, generator=torch.Generator().manual_seed(3)) > 0.4

@@ -116,42 +116,6 @@ def test_early_dp_backward(monkeypatch, device):
                              softcap=4.0)
 
 
-def test_single_kernel_backward(monkeypatch, device):
-    """The backward whose dK/dV kernel also adds dQ atomically (ATOMIC_DQ, a tuner choice), pinned: gradients
-    of every input against the float64 reference, causal GQA with EARLY_DP, window with softcap across
-    lengths, varlen with an empty sequence, and the launch plan replayed on a second call."""
-    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dkdv_dq=32,32,4,1,0,0,1")
-    assert_matches_reference(FLASH, shape=replace(GQA, seq_q=70), dtype=torch.bfloat16, device=device, causal=True)
-    assert_matches_reference(FLASH, shape=replace(GQA, seq_q=70), dtype=torch.bfloat16, device=device, causal=True)
-    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dkdv_dq=32,32,4,1")
-    assert_matches_reference(FLASH, shape=replace(CROSS, seq_q=50, seq_k=77), device=device, window=(9, 2),
-                             softcap=4.0, return_lse=True)
-    cu = torch.tensor([0, 13, 13, 50, 81], dtype=torch.int32, device=device)
-    assert_matches_reference(FLASH, shape=Shape(batch=1, seq_q=81, heads=4, kv_heads=2, head_dim=32), device=device,
-                             cu_seqlens=cu, causal=True)
-
-
-def test_single_kernel_backward_is_taken_only_when_faster(monkeypatch):
-    """`_single_kernel` compares the tuned split kernels' times with the single kernel's best."""
-    from effattn.hardware import flash_bwd
-    from effattn.hardware._flash_common import Config
-
-    a, b = Config(64, 128, 8, 2), Config(64, 128, 8, 3)
-    split = ((("dkdv", "k"), a), (("dq", "k"), b))
-    for single_ms, expect in ((2.5, b), (3.5, None)):
-        timings = {("dkdv", "k"): {a: 2.0}, ("dq", "k"): {b: 1.0}}
-
-        def timed(key, configs, launch, ms=single_ms):
-            timings[key] = {a: ms + 1, b: ms}
-            return b
-
-        monkeypatch.setattr(flash_bwd, "TIMINGS", timings)
-        monkeypatch.setattr(flash_bwd, "pick_config", timed)
-        assert flash_bwd._single_kernel(("k",), [a, b], None, split) == expect
-    monkeypatch.setattr(flash_bwd, "TIMINGS", {})  # untimed split kernels (interpreter, EFFATTN_FLASH_TUNE=0)
-    assert flash_bwd._single_kernel(("k",), [a, b], None, split) is None
-
-
 def test_cached_launch_plan_and_inference_path(monkeypatch, device):
     """Repeated calls reuse the forward's launch plan (fresh data, same shapes, outputs poisoned each time),
     without autograd when nothing needs a gradient; a misaligned base drops the pinned TMA path."""

@@ -3,8 +3,7 @@
 Three launches, none atomic: Delta = rowsum(dO * O); dK/dV with one program per (KV block, batch, KV
 head) that walks the query blocks of every query head of its GQA group (so dK/dV are reduced over the
 group in registers, K/V never repeated); dQ with one program per (query block, batch, head) that walks
-the KV blocks like the forward. Or two, where the tuner times it faster: the dK/dV kernel also adds each
-tile pair's dS K into a float32 dQ with atomic adds (ATOMIC_DQ: five matrix products per pair, not seven). With s the natural-log scores and P = exp(s - LSE):
+the KV blocks like the forward. With s the natural-log scores and P = exp(s - LSE):
 dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta), and d(raw score) = scale * dS (times 1 - tanh^2 with a
 softcap); dQ = dS K, dK = dS^T Q.
 """
@@ -15,9 +14,9 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ._flash_common import (LOG2E, NO_LIMIT, TIMINGS, Config, _dot, _forced, _kv_stages, _load_tile, _q_stages,
-                            _scores, _sequence, _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision,
-                            pick_config, seqlen_bucket, tuner_env)
+from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
+                            _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
+                            seqlen_bucket, tuner_env)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -52,18 +51,16 @@ def _lse2(LSEb, offs, n, CHECK: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, DQAb, sq_t, sdo_t, sdqa_t, m0, offs_n, off, seqlen_q, seqlen_k,
+def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q, seqlen_k,
                qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, r0, offs_d, offs_dv,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr,
                MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-               EARLY_DP: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               EARLY_DP: tl.constexpr):
     """Accumulate the query block [m0, m0 + BLOCK_M) into dK, dV of the key block, transposed: [keys, rows].
     With USE_BITS its rows are rows r0.. of partial tile `tile` of the block mask (MASK_M rows a tile).
     EARLY_DP issues dP^T = V dO^T before the exponentials, so that sm_90a code runs them while the tensor
-    cores work (benchmarks/flash_compile.py: loop_mufu_in_flight 0 -> 16-32), at some 8% more instructions.
-    ATOMIC_DQ also adds this pair's dS K into the float32 dQ accumulator (FlashAttention-2's single-kernel
-    backward: five matrix products per tile pair instead of the split kernels' seven)."""
+    cores work (benchmarks/flash_compile.py: loop_mufu_in_flight 0 -> 16-32), at some 8% more instructions."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q = _load_tile(Qb + offs_m[:, None] * sq_t + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, MASK, PAD_D)
     do = _load_tile(DOb + offs_m[:, None] * sdo_t + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DIM_V,
@@ -90,32 +87,22 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, DQAb, sq_t, sdo_t, sdqa_t, m
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
-    dsT = dsT.to(q.dtype)
-    dk = _dot(dsT, q, dk, DOT_PREC)
-    if ATOMIC_DQ:  # d(raw score) = scale * dS, as dK's below; qk_scale carries log2(e)
-        dq = _dot(tl.trans(dsT), k, None, DOT_PREC) * (qk_scale * 0.6931471805599453)
-        dq_ptrs = DQAb + offs_m[:, None] * sdqa_t + offs_d[None, :]
-        if MASK:
-            tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
-        elif PAD_D:
-            tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < HEAD_DIM, sem="relaxed")
-        else:
-            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+    dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, CU, DQA,
+        Q, K, V, DO, LSE, DELTA, DK, DV, CU,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, slse_b, slse_h,
-        sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h, sdqa_b, sdqa_t, sdqa_h,
+        sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
         T, S, HKV, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
         Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """dK, dV of one key block (and, ATOMIC_DQ, its share of dQ, added into DQA `[B, T, H, D]` float32). Block-sparse, each listed query block (MASK_M rows, the block mask's) is
+        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr):
+    """dK, dV of one key block. Block-sparse, each listed query block (MASK_M rows, the block mask's) is
     walked BLOCK_M rows at a time: a 64-row step at 8 warps compiles for sm_90a without register spills at
     D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py)."""
     pid_n = tl.program_id(0)
@@ -143,7 +130,6 @@ def _dkdv_kernel(
         DOb = DO + bb * sdo_b + q0 * sdo_t + h * sdo_h
         LSEb = LSE + bb * slse_b + h * slse_h + q0
         DELTAb = DELTA + bb * slse_b + h * slse_h + q0
-        DQAb = DQA + bb * sdqa_b + q0 * sdqa_t + h * sdqa_h
         if SPARSE:
             row = ((b * MB_B) * HM + h * MB_H) * NKB + pid_n
             # one loop over (listed block, row step): a single body the compiler pipelines (a static inner
@@ -151,17 +137,17 @@ def _dkdv_kernel(
             SUB: tl.constexpr = MASK_M // BLOCK_M
             for j in range(tl.load(FULL_NUM + row) * SUB):
                 m0 = tl.load(FULL_IDX + row * NQB + j // SUB) * MASK_M + (j % SUB) * BLOCK_M
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, DQAb, sq_t, sdo_t, sdqa_t, m0, offs_n, off, seqlen_q,
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
                                     offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False,
-                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP, ATOMIC_DQ)
+                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
             for j in range(tl.load(Q_NUM + row) * SUB):
                 qb, r0 = tl.load(Q_IDX + row * NQB + j // SUB), (j % SUB) * BLOCK_M
                 tile = tl.load(TILE_MAP + (((b * MB_B) * HM + h * MB_H) * NQB + qb) * NKB + pid_n)
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, DQAb, sq_t, sdo_t, sdqa_t, qb * MASK_M + r0, offs_n, off,
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, qb * MASK_M + r0, offs_n, off,
                                     seqlen_q, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, r0,
                                     offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True,
-                                    True, MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP, ATOMIC_DQ)
+                                    True, MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
         else:
             lo, a, c, hi = _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
             # the masked query blocks (both edges of the band, then the rows below a sink block that the band
@@ -175,15 +161,15 @@ def _dkdv_kernel(
             for j in range(n1 + n2 + n3):
                 m0 = tl.where(j < n1, lo + j * BLOCK_M,
                               tl.where(j < n1 + n2, c + (j - n1) * BLOCK_M, done + (j - n1 - n2) * BLOCK_M))
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, DQAb, sq_t, sdo_t, sdqa_t, m0, offs_n, off, seqlen_q,
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
                                     offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False,
-                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP, ATOMIC_DQ)
+                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
             for m0 in tl.range(a, c, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, DQAb, sq_t, sdo_t, sdqa_t, m0, offs_n, off, seqlen_q,
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
                                     offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False,
-                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP, ATOMIC_DQ)
+                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
     dk = dk * (qk_scale * 0.6931471805599453)  # d(raw score) = scale * dS; qk_scale carries log2(e)
     row_ok = offs_n < seqlen_k
     dk_ptrs = DK + bb * sdk_b + q0 * sdk_t + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :]
@@ -315,43 +301,22 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
     return [Config(128, 64, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 8, 3)]
 
 
-# Launch plans of dense backwards, keyed like the forward's (flash_fwd._PLANS): the launches with their static
-# arguments, replayed on new tensors.
+# Launch plans of dense backwards, keyed like the forward's (flash_fwd._PLANS): the three launches with
+# their static arguments, replayed on new tensors.
 _PLANS: dict = {}
 
 
 def _run(plan, q, k, v, o, do, lse, dlse):
-    (d_static, d_launch), (kv_static, kv_launch), dq_part = plan
+    (d_static, d_launch), (kv_static, kv_launch), (q_static, q_launch), dummy = plan
     B, T, H, _ = q.shape
     delta = empty_output((B, H, T), torch.float32, q.device)
+    dq = empty_output(q.shape, q.dtype, q.device)
     dk = empty_output(k.shape, k.dtype, k.device)
     dv = empty_output(v.shape, v.dtype, v.device)
-    no_mask = (delta,) * 6 + (0, 0, 1, 1, 1)
     d_launch(o, do, dlse if dlse is not None else delta, delta, *d_static)
-    if dq_part is None:  # one kernel: dQ added atomically in float32
-        dqa = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv_launch(q, k, v, do, lse, delta, dk, dv, delta, dqa, *kv_static, *no_mask)
-        return dqa.to(q.dtype), dk, dv
-    dq = empty_output(q.shape, q.dtype, q.device)
-    kv_launch(q, k, v, do, lse, delta, dk, dv, delta, delta, *kv_static, *no_mask)
-    dq_part[1](q, k, v, do, lse, delta, dq, delta, *dq_part[0], *no_mask)
+    kv_launch(q, k, v, do, lse, delta, dk, dv, delta, *kv_static, *(dummy or (delta,) * 6 + (0, 0, 1, 1, 1)))
+    q_launch(q, k, v, do, lse, delta, dq, delta, *q_static, *(dummy or (delta,) * 6 + (0, 0, 1, 1, 1)))
     return dq, dk, dv
-
-
-def _single_kernel(key: tuple, configs: list[Config], launch, split: tuple) -> Config | None:
-    """The dK/dV configuration that also adds dQ atomically (ATOMIC_DQ, kind "dkdv_dq"), where it beats the
-    split kernels: their tuned (kind, config) pairs `split`, timed by `pick_config`. Pinned through
-    EFFATTN_FLASH_CONFIGS="dkdv_dq=...", it is always taken; untimed (interpreter, EFFATTN_FLASH_TUNE=0, a
-    single candidate), never."""
-    kind = ("dkdv_dq",) + key
-    if "dkdv_dq" in _forced():
-        return pick_config(kind, configs, launch)
-    split_ms = [TIMINGS.get(k, {}).get(cfg) for k, cfg in split]
-    if None in split_ms:
-        return None
-    cfg = pick_config(kind, configs, launch)
-    ms = TIMINGS.get(kind, {}).get(cfg)
-    return cfg if ms is not None and ms < sum(split_ms) else None
 
 
 def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softcap, cu_seqlens, max_seqlen, sparse):
@@ -394,16 +359,15 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     delta_part = (d_static, KernelLaunch(_delta_kernel, (cdiv(T, 64), B * H), dict(
         HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv), BLOCK_M=64, HAS_DLSE=dlse is not None)))
 
-    def dkdv_part(cfg: Config, atomic_dq: bool = False):
+    def dkdv_part(cfg: Config):
         bm, bn, warps, stages = cfg[:4]
         if sparse is not None and (bn != fixed[1] or fixed[0] % bm):
             raise ValueError(f"a block-sparse dK/dV configuration must keep the block mask's key block and split "
                              f"its query block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
         grid = (sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn), n_seq * Hkv)
-        return ((*strides, *dk_strides, *dv_strides, *dq_strides, T, S, Hkv, H // Hkv, *scal),
+        return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal),
                 KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_M=fixed[0] if fixed else bm,
-                                                      EARLY_DP=bool(cfg[6]), ATOMIC_DQ=atomic_dq, num_warps=warps,
-                                                      num_stages=stages)))
+                                                      EARLY_DP=bool(cfg[6]), num_warps=warps, num_stages=stages)))
 
     def dq_part(cfg: Config):
         bm, bn, warps, stages = cfg[:4]
@@ -422,37 +386,22 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     sp_kv = sparse.kernel_args_transposed() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
     sp_q = sparse.kernel_args() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
 
-    def run_dkdv(part, dqa=delta):
-        part[1](q, k, v, do, lse, delta, dk, dv, cu, dqa, *part[0], *sp_kv)
+    def run_dkdv(part):
+        part[1](q, k, v, do, lse, delta, dk, dv, cu, *part[0], *sp_kv)
 
     def run_dq(part):
         part[1](q, k, v, do, lse, delta, dq, cu, *part[0], *sp_q)
 
-    dqa = None
-
-    def run_single(part) -> torch.Tensor:  # timed with its zeroing and cast, as `_run` replays it
-        nonlocal dqa
-        dqa = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dqa is None else dqa.zero_()
-        run_dkdv(part, dqa)
-        return dqa.to(q.dtype)
-
     key = (D, Dv, q.dtype, arith, bool(softcap), sparse.tuning_class if sparse is not None else None, varlen,
            seqlen_bucket(max(rows, cols)))
     d = max(D, Dv)
-    kv_cands, dq_cands = bwd_configs(d, q.dtype, fixed, "dkdv"), bwd_configs(d, q.dtype, fixed, "dq")
-    kv_cfg = pick_config(("dkdv",) + key, kv_cands, lambda c: run_dkdv(dkdv_part(c)))
-    dq_cfg = pick_config(("dq",) + key, dq_cands, lambda c: run_dq(dq_part(c)))
-    one_cfg = _single_kernel(key, kv_cands, lambda c: run_single(dkdv_part(c, True)),
-                             ((("dkdv",) + key, kv_cfg), (("dq",) + key, dq_cfg)))
-    if one_cfg is not None:
-        kv, qp = dkdv_part(one_cfg, True), None
-        dq = run_single(kv)
-    else:
-        kv, qp = dkdv_part(kv_cfg), dq_part(dq_cfg)
-        run_dkdv(kv)
-        run_dq(qp)
+    kv = dkdv_part(pick_config(("dkdv",) + key, bwd_configs(d, q.dtype, fixed, "dkdv"),
+                               lambda c: run_dkdv(dkdv_part(c))))
+    qp = dq_part(pick_config(("dq",) + key, bwd_configs(d, q.dtype, fixed, "dq"), lambda c: run_dq(dq_part(c))))
+    run_dkdv(kv)
+    run_dq(qp)
     if dense:
         if len(_PLANS) > 256:
             _PLANS.clear()
-        _PLANS[sig] = (delta_part, kv, qp)
+        _PLANS[sig] = (delta_part, kv, qp, None)
     return dq, dk, dv
