@@ -32,7 +32,7 @@ def rows(dims) -> list[dict]:
     out = []
     for d in dims:
         for path, (qk, v, pv8) in PATHS.items():
-            types = dict(Q=qk, K=qk, V=v, QS="*fp32", KS="*fp32", VS="*fp32", O="*bf16")
+            types = dict(Q=qk, K=qk, V=v, QS="*fp32", KS="*fp32", VS="*fp32", O="*bf16", qk_scale="fp32")
             for cfg in quant_fwd.quant_configs(d, pv8, torch.float16):
                 bm, bn, warps, stages = cfg[:4]
                 consts = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn, PV_FP8=pv8,

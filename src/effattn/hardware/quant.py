@@ -15,7 +15,6 @@ import torch
 from .._triton_mode import require_triton
 from ..reference.softmax import softmax_attention, visibility
 from ..validate import check_choice, check_qkv, check_scale
-from ._flash_common import LOG2E
 from .quant_fwd import quant_fwd
 from .quant_prep import quantize_qk, quantize_v
 from .quantize import (FP8, FP8_MAX, P_TILE, dequantize, dequantize_v_fp8, hadamard, quantize_fp8,
@@ -50,7 +49,7 @@ def _quantise(q, k, v, *, qk_dtype, pv_dtype, smooth, groups, v_per_head=False, 
 
 def _forward(codes, causal, scale, out_dtype, k_group):
     qc, sq, kc, sk, vc, sv = codes
-    return quant_fwd(qc, kc, vc, sq * (scale * LOG2E), sk, sv, causal=causal, out_dtype=out_dtype, k_group=k_group)
+    return quant_fwd(qc, kc, vc, sq, sk, sv, softmax_scale=scale, causal=causal, out_dtype=out_dtype, k_group=k_group)
 
 
 def _fp8_pv_attention(q, k, v, *, causal, scale, p_tile=P_TILE):

@@ -19,8 +19,8 @@ import triton.language as tl
 
 from .._memory import empty_output
 from .._triton_mode import interpreting
-from ._flash_common import (NO_LIMIT, Config, KernelLaunch, _dot, _kv_stages, _load_tile, _softmax_step, _visible,
-                            block_d, cdiv, dot_precision, pick_config, seqlen_bucket, tuner_env)
+from ._flash_common import (LOG2E, NO_LIMIT, Config, KernelLaunch, _dot, _kv_stages, _load_tile, _softmax_step,
+                            _visible, block_d, cdiv, dot_precision, pick_config, seqlen_bucket, tuner_env)
 from .quantize import V_PAD
 
 LOG2_P_SCALE: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): P V in FP8 stores 448 P (e4m3 range)
@@ -116,7 +116,7 @@ def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, se
 
 @triton.jit
 def _quant_fwd_kernel(
-        Q, K, V, QS, KS, VS, O,
+        Q, K, V, QS, KS, VS, O, qk_scale,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sv_d, so_b, so_t, so_h,
         sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, T, S, H, GROUP, LEFT, RIGHT,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -138,7 +138,7 @@ def _quant_fwd_kernel(
     pos = offs_m + off
     q = _load_tile(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], offs_m, T, offs_d,
                    HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    sq = tl.load(QS + b * sqs_b + h * sqs_h + offs_m, mask=offs_m < T, other=1.0)  # > 0: no 0 * inf
+    sq = tl.load(QS + b * sqs_b + h * sqs_h + offs_m, mask=offs_m < T, other=1.0) * qk_scale  # > 0: no 0 * inf
     Kb = K + b * sk_b + hk * sk_h
     KSb = KS + b * sks_b + hk * sks_h
     Vb = V + b * sv_b + hk * sv_h
@@ -211,12 +211,13 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
 _PLANS: dict = {}
 
 
-def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_group: int | None = 1
-              ) -> torch.Tensor:
+def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, softmax_scale: float, causal: bool, out_dtype,
+              k_group: int | None = 1) -> torch.Tensor:
     """Launch the quantized forward.
 
-    q `[B, T, H, D]` and k `[B, S, Hkv, D]` int8 or float8_e4m3fn; q_scale `[B, H, T]` (already times
-    softmax scale * log2 e) and k_scale `[B, Hkv, S]` float32. v: `[B, S, Hkv, Dv]` in 16/32-bit with
+    q `[B, T, H, D]` and k `[B, S, Hkv, D]` int8 or float8_e4m3fn; q_scale `[B, H, T]` and k_scale
+    `[B, Hkv, S]` float32 (the kernel folds softmax_scale * log2 e into q_scale). v: `[B, S, Hkv, Dv]` in
+    16/32-bit with
     v_scale None, or float8 `[B, Hkv, Dv, S_pad]` (S_pad a multiple of V_PAD, zeros past S) with
     v_scale `[B, Hkv, Dv]` (per channel).
     k_group: tokens sharing one K scale (None: the whole head); tiles inside one group take the scalar-scale
@@ -237,6 +238,7 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_
         vs = k_scale  # unused
         vs_strides = (0, 0)
     o = empty_output((B, T, H, Dv), out_dtype, q.device)
+    qk_scale = softmax_scale * LOG2E  # a launch argument, not part of the cached plan
     scalar_ok = os.environ.get("EFFATTN_QUANT_SCALAR", "1") != "0"  # 0: per-token scale path (benchmarks)
     sig = (tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in (q, k, v, q_scale, k_scale, vs)),
            q.device, causal, out_dtype, k_group, scalar_ok, tuner_env())
@@ -256,13 +258,13 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, causal: bool, out_dtype, k_
                 AHEAD=bool(ahead), num_warps=warps, num_stages=stages))
 
         def run(p) -> None:
-            p[1](q, k, v, q_scale, k_scale, vs, o, *p[0])
+            p[1](q, k, v, q_scale, k_scale, vs, o, qk_scale, *p[0])
 
         key = ("quant", D, Dv, q.dtype, v.dtype, causal, k_group, scalar_ok, seqlen_bucket(T))
         plan = plan_of(pick_config(key, quant_configs(max(D, Dv), pv_fp8, v.dtype), lambda c: run(plan_of(c))))
         if len(_PLANS) > 256:  # many distinct shapes: start over rather than grow
             _PLANS.clear()
         _PLANS[sig] = plan
-    plan[1](q, k, v, q_scale, k_scale, vs, o, *plan[0])
+    plan[1](q, k, v, q_scale, k_scale, vs, o, qk_scale, *plan[0])
     return o
 
