@@ -35,17 +35,25 @@ def _scale_of(amax, qmax):
 
 
 @triton.jit
+def _token_block(X, sx_b, sx_t, sx_h, N, H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Tokens [program_id(0) * BLOCK_R, + BLOCK_R) of head program_id(1) (of B * H) of x `[B, N, H, D]`, in
+    float32 with zeros outside: (x, rows, cols, in-bounds mask)."""
+    pid_bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    ok = (rows[:, None] < N) & (cols[None, :] < D)
+    x = tl.load(X + (pid_bh // H) * sx_b + (pid_bh % H) * sx_h + rows[:, None] * sx_t + cols[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    return x, rows, cols, ok
+
+
+@triton.jit
 def _amax_kernel(X, A, sx_b, sx_t, sx_h, N, H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                  PER_CHANNEL: tl.constexpr):
     """A (float32, zeroed) `[B * H * D]` (PER_CHANNEL) or `[B * H]` <- max |x| over this block's tokens."""
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    ok = (rows[:, None] < N) & (cols[None, :] < D)
-    x = tl.abs(tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_t + cols[None, :], mask=ok, other=0.0)
-               .to(tl.float32))  # exact: the maximum is one of the inputs
+    x, _, cols, _ = _token_block(X, sx_b, sx_t, sx_h, N, H, D, BLOCK_D, BLOCK_R)
+    x = tl.abs(x)  # exact in float32: the maximum is one of the inputs
     if PER_CHANNEL:
         tl.atomic_max(A + pid_bh * D + cols, tl.max(x, 0), mask=cols < D)
     else:
@@ -60,10 +68,7 @@ def _qk_quant_kernel(X, MEAN, HS, C, SC, sx_b, sx_t, sx_h, sc_b, sc_t, sc_h, ss_
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    ok = (rows[:, None] < N) & (cols[None, :] < D)
-    x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    x, rows, cols, ok = _token_block(X, sx_b, sx_t, sx_h, N, H, D, BLOCK_D, BLOCK_R)
     if SMOOTH:
         mean = tl.load(MEAN + b * sm_b + h * sm_h + cols, mask=cols < D, other=0.0)
         x = tl.where(ok, x - mean[None, :], 0.0)
@@ -91,10 +96,7 @@ def _v_fp8_kernel(V, A, C, SC, sv_b, sv_t, sv_h, sc_b, sc_h, sc_d, S, H, D: tl.c
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    ok = (rows[:, None] < S) & (cols[None, :] < D)
-    v = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    v, rows, cols, _ = _token_block(V, sv_b, sv_t, sv_h, S, H, D, BLOCK_D, BLOCK_N)
     if PER_HEAD:
         scale = tl.full([BLOCK_D], 1.0, tl.float32) * _scale_of(tl.load(A + pid_bh), V_QMAX)
     else:
