@@ -153,16 +153,17 @@ def test_strided_inputs():
 
 
 def test_repeated_calls_reuse_launch_plans():
-    """Second and third calls with fresh data go through the cached launch plans (outputs poisoned)."""
+    """Second and third calls with fresh data (and another softmax scale: a launch argument, not part of
+    the plan) go through the cached launch plans (outputs poisoned)."""
     from effattn._memory import poisoned_outputs
     from effattn.hardware import quant_fwd, quant_prep
 
-    for seed in (7, 8, 9):
+    for seed, scale in ((7, None), (8, 0.6), (9, 0.05)):
         q, k, v = (_rand(1, 37, 2, 32, seed=seed + 10 * i, dtype=torch.bfloat16) for i in range(3))
         for pv in ("fp16", "fp8"):
             with poisoned_outputs():
-                got = effattn.sage_attention(q, k, v, causal=True, pv_dtype=pv)
-            want = sage_reference(q.double(), k.double(), v.double(), causal=True, pv_dtype=pv)
+                got = effattn.sage_attention(q, k, v, causal=True, pv_dtype=pv, scale=scale)
+            want = sage_reference(q.double(), k.double(), v.double(), causal=True, pv_dtype=pv, scale=scale)
             assert (got.double() - want).abs().max() < 2e-2
     assert any(sig[0][0][0] == (1, 37, 2, 32) for sig in quant_fwd._PLANS)
     assert any(sig[0] == (1, 37, 2, 32) for sig in quant_prep._QK_PLANS)

@@ -217,9 +217,8 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, softmax_scale: float, causa
 
     q `[B, T, H, D]` and k `[B, S, Hkv, D]` int8 or float8_e4m3fn; q_scale `[B, H, T]` and k_scale
     `[B, Hkv, S]` float32 (the kernel folds softmax_scale * log2 e into q_scale). v: `[B, S, Hkv, Dv]` in
-    16/32-bit with
-    v_scale None, or float8 `[B, Hkv, Dv, S_pad]` (S_pad a multiple of V_PAD, zeros past S) with
-    v_scale `[B, Hkv, Dv]` (per channel).
+    16/32-bit with v_scale None, or float8 `[B, Hkv, Dv, S_pad]` (S_pad a multiple of V_PAD, zeros past S)
+    with v_scale `[B, Hkv, Dv]` (per channel).
     k_group: tokens sharing one K scale (None: the whole head); tiles inside one group take the scalar-scale
     path (`_quant_tile`). Returns o `[B, T, H, Dv]` in out_dtype."""
     B, T, H, D = q.shape
