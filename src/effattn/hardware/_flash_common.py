@@ -230,6 +230,15 @@ def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]
     return _BEST[cache_key]
 
 
+def remember_plan(cache: dict, sig, plan):
+    """Store a launch plan under its input signature and return it. The caches are bounded: past 256 distinct
+    signatures (many shapes, e.g. serving) a cache starts over rather than grow."""
+    if len(cache) > 256:
+        cache.clear()
+    cache[sig] = plan
+    return plan
+
+
 class KernelLaunch:
     """`fn[grid](*args, **kwargs)` with grid, constexprs and options fixed, replayed on new arguments through
     the compiled kernel directly: the JIT's per-call argument binding, specialisation and cache lookup are

@@ -16,7 +16,7 @@ import triton.language as tl
 from .._memory import empty_output
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
                             _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
-                            seqlen_bucket, tuner_env)
+                            remember_plan, seqlen_bucket, tuner_env)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -401,7 +401,5 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     run_dkdv(kv)
     run_dq(qp)
     if dense:
-        if len(_PLANS) > 256:
-            _PLANS.clear()
-        _PLANS[sig] = (delta_part, kv, qp, None)
+        remember_plan(_PLANS, sig, (delta_part, kv, qp, None))
     return dq, dk, dv

@@ -15,8 +15,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .._memory import empty_output
 
 from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
-                            _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config, seqlen_bucket,
-                            tuner_env)
+                            _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config, remember_plan,
+                            seqlen_bucket, tuner_env)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -300,8 +300,6 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
     configs = [c for c in fwd_configs(max(D, Dv), q.dtype, fixed) if tma_ok or not c[4]]
     plan = plan_of(pick_config(key, configs, lambda c: _launch(plan_of(c), q, k, v, o, lse, cu, sp)))
     if dense:
-        if len(_PLANS) > 256:  # many distinct shapes (e.g. serving): start over rather than grow
-            _PLANS.clear()
-        _PLANS[sig] = plan
+        remember_plan(_PLANS, sig, plan)
     _launch(plan, q, k, v, o, lse, cu, sp)
     return o, lse

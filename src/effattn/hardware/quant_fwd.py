@@ -20,7 +20,8 @@ import triton.language as tl
 from .._memory import empty_output
 from .._triton_mode import interpreting
 from ._flash_common import (LOG2E, NO_LIMIT, Config, KernelLaunch, _dot, _kv_stages, _load_tile, _softmax_step,
-                            _visible, block_d, cdiv, dot_precision, pick_config, seqlen_bucket, tuner_env)
+                            _visible, block_d, cdiv, dot_precision, pick_config, remember_plan,
+                            seqlen_bucket, tuner_env)
 from .quantize import V_PAD
 
 LOG2_P_SCALE: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): P V in FP8 stores 448 P (e4m3 range)
@@ -260,10 +261,8 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, softmax_scale: float, causa
             p[1](q, k, v, q_scale, k_scale, vs, o, qk_scale, *p[0])
 
         key = ("quant", D, Dv, q.dtype, v.dtype, causal, k_group, scalar_ok, seqlen_bucket(T))
-        plan = plan_of(pick_config(key, quant_configs(max(D, Dv), pv_fp8, v.dtype), lambda c: run(plan_of(c))))
-        if len(_PLANS) > 256:  # many distinct shapes: start over rather than grow
-            _PLANS.clear()
-        _PLANS[sig] = plan
+        cfg = pick_config(key, quant_configs(max(D, Dv), pv_fp8, v.dtype), lambda c: run(plan_of(c)))
+        plan = remember_plan(_PLANS, sig, plan_of(cfg))
     plan[1](q, k, v, q_scale, k_scale, vs, o, qk_scale, *plan[0])
     return o
 

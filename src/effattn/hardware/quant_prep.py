@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._memory import empty_output
 from .._triton_mode import interpreting
-from ._flash_common import KernelLaunch, block_d, cdiv
+from ._flash_common import KernelLaunch, block_d, cdiv, remember_plan
 from .quant_fwd import _to_e4m3
 from .quantize import FP8, FP8_MAX, INT8_MAX, V_PAD
 
@@ -115,12 +115,9 @@ _V_PLANS: dict = {}
 
 
 def _plan(cache: dict, sig: tuple, make):
+    """The cached launch plan of `sig`, made (and remembered) on first use."""
     plan = cache.get(sig)
-    if plan is None:
-        if len(cache) > 256:  # many distinct shapes: start over rather than grow
-            cache.clear()
-        plan = cache[sig] = make()
-    return plan
+    return remember_plan(cache, sig, make()) if plan is None else plan
 
 
 def _amax(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
