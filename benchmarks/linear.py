@@ -52,8 +52,9 @@ def inputs(kind, B, T, requires_grad=False):
     return out
 
 
-def ours(kind, x):
-    return chunk_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["beta"], delta_rule=bool(KINDS[kind][0].get("delta")))
+def ours(kind, x, chunk=64):
+    return chunk_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["beta"], delta_rule=bool(KINDS[kind][0].get("delta")),
+                                   chunk_size=chunk)
 
 
 def fla(kind, x):
@@ -102,12 +103,12 @@ def correctness(rep: Report):
                                     "detail": [str(r) for r in res]})
 
 
-def timed(rep, label, kind, T, fn, backward):
+def timed(rep, label, kind, T, fn, backward, **extra):
     B = max(1, 16384 // T)
     try:
         ms = bench(fn, backward)
         rep.add("speed", {"impl": label, "kind": kind, "T": T, "B": B, "pass": "fwd+bwd" if backward else "fwd",
-                          "ms": ms, "mtok_s": B * T / ms / 1e3})
+                          "ms": ms, "mtok_s": B * T / ms / 1e3, **extra})
     except Exception as e:  # an anchor that refuses to run (FLA's gated backward on Hopper) is a result too
         rep.add("errors", {"impl": label, "kind": kind, "T": T, "pass": "fwd+bwd" if backward else "fwd",
                            "error": f"{type(e).__name__}: {str(e)[:300]}"})
@@ -145,6 +146,7 @@ def main():
     ap.add_argument("--sizes", default="4096,16384,65536")
     ap.add_argument("--cross", default="512,1024,2048,4096,8192")
     ap.add_argument("--kinds", default=",".join(KINDS), help="which of ours to time")
+    ap.add_argument("--chunks", default="64", help="our chunk sizes to time (FLA's is 64)")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--passes", default="fwd,fwd+bwd")
     ap.add_argument("--budget", type=float, default=280.0, help="seconds; later measurements are skipped after it")
@@ -157,16 +159,19 @@ def main():
     fla_kinds = [k for k in a.fla.split(",") if k]
     left = lambda: time.time() - t_start < a.budget  # noqa: E731
     kinds = [k for k in a.kinds.split(",") if k]
+    chunks = [int(c) for c in a.chunks.split(",") if c]
     for kind in kinds:  # ours first (cheap to compile), then FLA (60-110 s of autotuning per op)
         for T in sizes:
             x = inputs(kind, max(1, 16384 // T), T)
-            timed(rep, "effattn", kind, T, lambda: ours(kind, x), False)
+            for c in chunks:
+                timed(rep, "effattn", kind, T, lambda: ours(kind, x, c), False, chunk=c)
     if "fwd+bwd" in a.passes:
         for kind in kinds:
             for T in sizes:
-                if left():
-                    xg = inputs(kind, max(1, 16384 // T), T, requires_grad=True)
-                    timed(rep, "effattn", kind, T, lambda: ours(kind, xg), True)
+                xg = inputs(kind, max(1, 16384 // T), T, requires_grad=True)
+                for c in chunks:
+                    if left():
+                        timed(rep, "effattn", kind, T, lambda: ours(kind, xg, c), True, chunk=c)
     for kind in fla_kinds:
         if not left():
             rep.add("errors", {"impl": "fla", "kind": kind, "error": "skipped: time budget of this run spent"})
@@ -202,7 +207,8 @@ def main():
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
         timed(rep, "sdpa_cudnn", "causal_softmax", T, sdpa, False)
     # where the time goes, per kernel (T = 16384, B = 1): ours forward and forward + backward, FLA's forward
-    for label, kind, backward in ([("effattn", k, b) for k in kinds for b in (False, True)]
+    ours_passes = (False, True) if "fwd+bwd" in a.passes else (False,)
+    for label, kind, backward in ([("effattn", k, b) for k in kinds for b in ours_passes]
                                   + [("fla", k, False) for k in fla_kinds]):
         if not left():  # profiling a first backward also tunes it: minutes at this size
             rep.add("errors", {"impl": label, "kind": kind, "error": "profile skipped: time budget spent"})

@@ -2,7 +2,9 @@
 
 One set of kernels for all gates, selected by constexpr GATE (0 none, 1 scalar per head, 2 vector per key
 channel) and DELTA (delta rule, WY representation):
-- `_chunk_cumsum`: chunk-local cumulative log gates in float32 (forward) / reversed (their gradient).
+- `_chunk_cumsum`: chunk-local cumulative log gates in float32 (forward) / reversed (their gradient). The
+  forward kernels take a scalar gate raw and cumulate it per chunk themselves (`_scalar_cumsum`); only vector
+  gates, and the backward, read a precomputed cumsum.
 - `_wy_fwd`: delta rules only, W = A (beta k e^{Gc}) and U = A (beta v) per chunk, A by forward substitution
   (A is kept for the backward).
 - `_state_fwd`: the one sequential kernel, h_{c+1} = e^{Gc_last} h_c + (k e^{Gc_last - Gc})^T x with
@@ -30,6 +32,13 @@ def _gate_rows(gc, rows, live, i_h, ok, H: tl.constexpr, K: tl.constexpr, GATE: 
     else:
         return tl.load(gc + (rows[:, None] * H + i_h) * K + ok[None, :], mask=live[:, None] & (ok[None, :] < K),
                        other=0.0)
+
+
+@triton.jit
+def _scalar_cumsum(g, rows, live, i_h, H: tl.constexpr):
+    """Chunk-local cumulative scalar log gates `[BT]` in float32 from the raw gates of a whole chunk's rows
+    (the forward kernels fold this in rather than reading a precomputed cumsum: one launch fewer)."""
+    return tl.cumsum(tl.load(g + rows * H + i_h, mask=live, other=0.0).to(tl.float32), 0)
 
 
 @triton.jit
@@ -117,7 +126,7 @@ def _chunk_cumsum(g, out, bias, start, end, H: tl.constexpr, KG: tl.constexpr, B
 
 
 @triton.jit
-def _wy_fwd(k, v, beta, gc, w, u, aw, scratch, start, end, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _wy_fwd(k, v, beta, g, w, u, aw, start, end, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr):
     n, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + n), tl.load(end + n)
@@ -131,26 +140,31 @@ def _wy_fwd(k, v, beta, gc, w, u, aw, scratch, start, end, H: tl.constexpr, K: t
     b_kb = b_k.to(tl.float32) * b_b[:, None]
     b_L = _dot(b_kb.to(b_k.dtype), tl.trans(b_k), None, PREC)  # beta_i k_i . k_j
     if GATE == 1:
-        b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
+        b_g = _scalar_cumsum(g, rows, live, i_h, H)
         b_L = b_L * tl.exp(tl.where(strict, b_g[:, None] - b_g[None, :], -float("inf")))
         b_kb = b_kb * tl.exp(b_g)[:, None]
     b_L = tl.where(strict, b_L, 0.0)
     # A = (I + L)^{-1} in two steps (16-row blocks, as FLA's solve_tril): (1) the block-diagonal inverse
-    # Ad = (I + Ld)^{-1} by forward substitution, the row r of all blocks at once; kept transposed, with the
-    # rows of L read back from scratch, so each step reduces within a row. (2) I + L = (I + Ld)(I + N) with
-    # N = Ad Lo strictly block-lower, N^(BT/16) = 0, so A = (I - N + N^2 - ...) Ad in a few dots.
-    p_L = scratch + (n.to(tl.int64) * H + i_h) * BT * BT
-    tl.store(p_L + r[:, None] * BT + r[None, :], b_L)
-    tl.debug_barrier()
-    blk = r // 16
-    same = blk[:, None] == blk[None, :]
+    # Ad = (I + Ld)^{-1} by forward substitution on the NB diagonal 16 x 16 blocks of L at once, held in
+    # registers as [NB, 16, 16]; (2) I + L = (I + Ld)(I + N) with N = Ad Lo strictly block-lower,
+    # N^NB = 0, so A = (I - N + N^2 - ...) Ad in a few dots.
+    NB: tl.constexpr = BT // 16
+    c = tl.arange(0, 16)
+    bi = tl.arange(0, NB)
+    diag = bi[:, None, None, None] == bi[None, None, :, None]  # [NB, 1, NB, 1]: row block == column block
+    b_Ld = tl.sum(tl.where(diag, tl.reshape(b_L, [NB, 16, NB, 16]), 0.0), 2)  # [NB, 16, 16]
+    # rows i of X = (I + Ld)^{-1} - I in order: X_i = a + sum_{j<i} a_j X_j with a = -Ld_i (columns j < i);
+    # rows 0 and 1 are -Ld's already
+    b_X = -b_Ld
+    for i in range(2, 16):
+        pick = (c == i)[None, :, None]
+        a = tl.where((c < i)[None, :], tl.sum(tl.where(pick, b_X, 0.0), 1), 0.0)  # row i of X is still -Ld_i
+        a += tl.sum(a[:, :, None] * b_X, 1)
+        b_X = tl.where(pick, a[:, None, :], b_X)
+    b_X += tl.where(c[:, None] == c[None, :], 1.0, 0.0)[None, :, :]
+    b_Ad = tl.reshape(tl.where(diag, b_X[:, :, None, :], 0.0), [BT, BT])
+    same = (r // 16)[:, None] == (r // 16)[None, :]
     eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    b_AT = eye
-    for i in range(1, 16):
-        row = blk * 16 + i  # for column c of Ad^T: the row i of c's block
-        l_i = tl.load(p_L + row[:, None] * BT + r[None, :], mask=same, other=0.0)
-        b_AT = tl.where(r[None, :] == row[:, None], b_AT - tl.sum(b_AT * l_i, 1)[:, None], b_AT)
-    b_Ad = tl.trans(b_AT)
     if BT > 16:
         b_N = _dot(b_Ad, tl.where(same, 0.0, b_L), None, PREC)
         b_S, b_P = eye, eye
@@ -174,7 +188,7 @@ def _wy_fwd(k, v, beta, gc, w, u, aw, scratch, start, end, H: tl.constexpr, K: t
 
 
 @triton.jit
-def _state_fwd(k, u, w, gc, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _state_fwd(k, u, w, g, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
                USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -200,18 +214,23 @@ def _state_fwd(k, u, w, gc, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.cons
             b_w = tl.load(w + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
             b_x -= _dot(b_w, b_h.to(b_w.dtype), None, PREC)
             tl.store(x + (rows[:, None] * H + i_h) * V + ov[None, :], b_x.to(x.dtype.element_ty), mask=m_v)
-        if GATE != 0:
-            b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
-            g_last = _gate_last(gc, tl.minimum(bos + i * BT + BT, eos) - 1, i_h, ok, H, K, GATE)
+        if GATE == 1:  # one weight per row: on x's BV columns, so that k reaches the dot as loaded
+            b_g = _scalar_cumsum(g, rows, live, i_h, H)
+            g_last = tl.sum(tl.where(rows == tl.minimum(bos + i * BT + BT, eos) - 1, b_g, 0.0))
+            b_h = _decay_state(b_h, g_last, GATE)
+            b_x = b_x * tl.exp(tl.where(live, g_last - b_g, 0.0))[:, None]
+        if GATE == 2:
+            b_g = _gate_rows(g, rows, live, i_h, ok, H, K, GATE)
+            g_last = _gate_last(g, tl.minimum(bos + i * BT + BT, eos) - 1, i_h, ok, H, K, GATE)
             b_h = _decay_state(b_h, g_last, GATE)
             b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_k.dtype)
-        b_h += _dot(tl.trans(b_k), b_x.to(b_k.dtype), None, PREC)
+        b_h = _dot(tl.trans(b_k), b_x.to(b_k.dtype), b_h, PREC)
     if STORE_HT:
         tl.store(ht + i_s * H * K * V + p_kv, b_h.to(ht.dtype.element_ty), mask=m_kv)
 
 
 @triton.jit
-def _chunk_output(q, k, x, gc, h, o, a, start, end, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _chunk_output(q, k, x, g, h, o, a, start, end, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                   STORE_A: tl.constexpr, PREC: tl.constexpr):
     i_v, i_nq, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -224,14 +243,14 @@ def _chunk_output(q, k, x, gc, h, o, a, start, end, scale, H: tl.constexpr, K: t
     b_q = _tile(q, rq, lq, i_h, ok, H, K)
     b_h = tl.load(h + n.to(tl.int64) * H * K * V + (i_h * K + ok[:, None]) * V + ov[None, :],
                   mask=(ok[:, None] < K) & (ov[None, :] < V), other=0.0)
-    b_qg = b_q
-    if GATE != 0:
-        b_gq = _gate_rows(gc, rq, lq, i_h, ok, H, K, GATE)
-        if GATE == 1:
-            b_qg = (b_q.to(tl.float32) * tl.exp(b_gq)[:, None]).to(b_q.dtype)
-        else:
-            b_qg = (b_q.to(tl.float32) * tl.exp(b_gq)).to(b_q.dtype)
-    b_o = _dot(b_qg, b_h.to(b_q.dtype), None, PREC)
+    if GATE == 2:
+        b_gq = _gate_rows(g, rq, lq, i_h, ok, H, K, GATE)
+        b_o = _dot((b_q.to(tl.float32) * tl.exp(b_gq)).to(b_q.dtype), b_h.to(b_q.dtype), None, PREC)
+    else:
+        b_o = _dot(b_q, b_h.to(b_q.dtype), None, PREC)
+        if GATE == 1:  # a row scale commutes with the dot: q reaches it as loaded; BQ = BT, one chunk
+            b_gq = _scalar_cumsum(g, rq, lq, i_h, H)
+            b_o *= tl.exp(b_gq)[:, None]
     for j in range(0, i_q + 1):
         rk = t0 + j * BQ + tl.arange(0, BQ)
         lk = rk < t1
@@ -240,21 +259,20 @@ def _chunk_output(q, k, x, gc, h, o, a, start, end, scale, H: tl.constexpr, K: t
         if GATE == 2:
             # off the diagonal, decays relative to the key block's last row: both factors <= 1; on it, relative
             # to its first row while the block's decay is mild, else exactly, one key column at a time
-            if (j < i_q) | _mild(gc, t0 + j * BQ, t1, i_h, ok, H, K, BQ):
+            if (j < i_q) | _mild(g, t0 + j * BQ, t1, i_h, ok, H, K, BQ):
                 # (clamped to the chunk: a dead sub-block past a short last chunk has no live row to refer to)
                 ref_row = tl.minimum(tl.where(j < i_q, t0 + j * BQ + BQ - 1, t0 + j * BQ), t1 - 1)
-                ref = _gate_last(gc, ref_row, i_h, ok, H, K, GATE)
-                b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
+                ref = _gate_last(g, ref_row, i_h, ok, H, K, GATE)
+                b_gk = _gate_rows(g, rk, lk, i_h, ok, H, K, GATE)
                 qa = b_q.to(tl.float32) * tl.exp(tl.where(lq[:, None], b_gq - ref[None, :], 0.0))
                 ka = b_k.to(tl.float32) * tl.exp(tl.where(lk[:, None], ref[None, :] - b_gk, 0.0))
                 b_a = _dot(qa.to(b_q.dtype), tl.trans(ka.to(b_k.dtype)), None, PREC)
             else:
-                b_a = _diag_scores(b_q.to(tl.float32), b_gq, lq, k, gc, t0 + j * BQ, t1, i_h, ok, H, K, BQ)
+                b_a = _diag_scores(b_q.to(tl.float32), b_gq, lq, k, g, t0 + j * BQ, t1, i_h, ok, H, K, BQ)
         else:
             b_a = _dot(b_q, tl.trans(b_k), None, PREC)
-            if GATE == 1:
-                b_gk = _gate_rows(gc, rk, lk, i_h, ok, H, K, GATE)
-                b_a *= tl.exp(tl.where(rq[:, None] >= rk[None, :], b_gq[:, None] - b_gk[None, :], -float("inf")))
+            if GATE == 1:  # the one key block is the query block: rk = rq
+                b_a *= tl.exp(tl.where(rq[:, None] >= rk[None, :], b_gq[:, None] - b_gq[None, :], -float("inf")))
         b_a = tl.where((rq[:, None] >= rk[None, :]) & lk[None, :], b_a, 0.0).to(b_x.dtype)
         if STORE_A:  # the scores A_ij for the backward (dx = scale A^T do), once per chunk
             if i_v == 0:

@@ -84,14 +84,14 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
     num_seqs, N = ch.cu_seqlens.numel() - 1, ch.start.numel()
     BK, gate = _bk(K), _gate_code(g)
     key = (gate, delta_rule, K, V, ch.size, q.dtype, num_seqs * H, seqlen_bucket(T))
-    gc = _cumsum(g, ch) if gate else None
+    gc = _cumsum(g, ch) if gate == 2 or (gate and want_grad) else None  # the backward reads it
+    gf = g if gate == 1 else gc  # the forward kernels cumulate a scalar gate themselves
     w = aw = None
     if delta_rule:
         w, u = empty_output((T, H, K), k.dtype, k.device), empty_output((T, H, V), v.dtype, v.device)
         aw = torch.empty((T, H, ch.size), dtype=k.dtype, device=k.device)
-        scratch = torch.empty(N * H * ch.size * ch.size, dtype=torch.float32, device=q.device)
-        _tuned("wy", _wy_fwd, lambda bv: (N, H), key, _configs(V, "wy"), k, v, beta, gc, w, u, aw, scratch, ch.start,
-               ch.end, H=H, K=K, V=V, BT=ch.size, BK=BK, GATE=gate, PREC=_prec(k))
+        _tuned("wy", _wy_fwd, lambda bv: (N, H), key, _configs(V, "wy"), k, v, beta, gf, w, u, aw, ch.start, ch.end,
+               H=H, K=K, V=V, BT=ch.size, BK=BK, GATE=gate, PREC=_prec(k))
         x = empty_output((T, H, V), v.dtype, v.device)
     else:
         u = v if beta is None else (v * beta.unsqueeze(-1)).to(v.dtype)
@@ -99,13 +99,13 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
     h = empty_output((N, H, K, V), q.dtype, q.device)
     ht = empty_output((num_seqs, H, K, V), torch.float32, q.device) if want_ht else None
     _tuned("state_fwd", _state_fwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
-           _configs(V, "state", K, delta_rule), k, u, w, gc, h, x, h0, ht, ch.cu_seqlens, ch.first, H=H, K=K, V=V,
+           _configs(V, "state", K, delta_rule), k, u, w, gf, h, x, h0, ht, ch.cu_seqlens, ch.first, H=H, K=K, V=V,
            BT=ch.size, GATE=gate, DELTA=delta_rule, USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
     o = empty_output((T, H, V), q.dtype, q.device)
     a = torch.empty((T, H, ch.size), dtype=q.dtype, device=q.device) if want_grad else None
     BQ = 16 if gate == 2 else ch.size
     _tuned("output", _chunk_output, lambda bv: (triton.cdiv(V, bv), N * (ch.size // BQ), H), key,
-           _configs(V, "output"), q, k, x, gc, h, o, a, ch.start, ch.end, scale, H=H, K=K, V=V, BT=ch.size, BQ=BQ,
+           _configs(V, "output"), q, k, x, gf, h, o, a, ch.start, ch.end, scale, H=H, K=K, V=V, BT=ch.size, BQ=BQ,
            BK=BK, GATE=gate, STORE_A=want_grad, PREC=_prec(q))
     return o, ht, (gc, h, w, x, a, aw)
 
