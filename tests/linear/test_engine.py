@@ -68,6 +68,22 @@ def test_triton_chunk_default_chunk_size(gate, delta):
     """The default chunk of 64 rows, 16-row sub-blocks for vector gates: T=80 leaves the second chunk with
     16 live rows and three dead sub-blocks (whose reference rows once pointed past the tensors)."""
     check_all(chunk_gated_linear_attn, make(gate, delta, B=2, T=80, H=1, K=16, V=16), delta)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["scalar", "gated_delta"])
+def test_triton_state_pass_reads_a_launched_cumsum(delta, monkeypatch):
+    """The state pass's other tuner variant for a scalar gate (RAW_G = 0): the chunk-local cumsum launched
+    before it, not folded into its loop. The interpreter takes the first candidate (RAW_G = 1) otherwise."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "state_fwd=32,4,2,16,0")
+    check_all(chunk_gated_linear_attn, make("scalar", delta, T=45), delta, chunk_size=16)
+
+
+@pytest.mark.parametrize("gate,delta", CASES, ids=IDS)
+def test_triton_chunk_of_128_rows(gate, delta):
+    """Chunks of 128 rows (eight 16-row blocks in the WY inverse), T = 150: one full chunk and 22 rows."""
+    check_all(chunk_gated_linear_attn, make(gate, delta, B=1, T=150, H=1, K=16, V=16), delta, chunk_size=128)
+
+
 def test_triton_chunk_beta_without_delta_rule():
     """beta scales the values (x = beta v) without the delta rule: dbeta = sum(dx v) in `_bwd_dx`."""
     x = make("scalar", False, B=1, T=21, H=1)

@@ -190,7 +190,9 @@ def _wy_fwd(k, v, beta, g, w, u, aw, start, end, H: tl.constexpr, K: tl.constexp
 @triton.jit
 def _state_fwd(k, u, w, g, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
-               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, RAW_G: tl.constexpr, PREC: tl.constexpr):
+    """Chunk states h_c `[N, H, K, V]` of each sequence in order; a scalar gate g is raw with RAW_G, else
+    (and a vector gate always) its chunk-local cumsum."""
     i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # without the delta rule the rows of the state are independent: programs may split Dk too (BK < K)
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
@@ -215,8 +217,13 @@ def _state_fwd(k, u, w, g, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.const
             b_x -= _dot(b_w, b_h.to(b_w.dtype), None, PREC)
             tl.store(x + (rows[:, None] * H + i_h) * V + ov[None, :], b_x.to(x.dtype.element_ty), mask=m_v)
         if GATE == 1:  # one weight per row: on x's BV columns, so that k reaches the dot as loaded
-            b_g = _scalar_cumsum(g, rows, live, i_h, H)
-            g_last = tl.sum(tl.where(rows == tl.minimum(bos + i * BT + BT, eos) - 1, b_g, 0.0))
+            last = tl.minimum(bos + i * BT + BT, eos) - 1
+            if RAW_G:
+                b_g = _scalar_cumsum(g, rows, live, i_h, H)
+                g_last = tl.sum(tl.where(rows == last, b_g, 0.0))
+            else:
+                b_g = _gate_rows(g, rows, live, i_h, ok, H, K, GATE)
+                g_last = _gate_last(g, last, i_h, ok, H, K, GATE)
             b_h = _decay_state(b_h, g_last, GATE)
             b_x = b_x * tl.exp(tl.where(live, g_last - b_g, 0.0))[:, None]
         if GATE == 2:
