@@ -47,10 +47,11 @@ def record_launches(dtype: torch.dtype, dim: int, gate: str, delta_rule: bool, T
         records[-1]["configs"] = list(configs)
         return real_pick(key, configs, launch)
 
-    def tuned(name, kernel, grid, key, configs, *args, **meta):
+    def tuned(name, kernel, grid, key, configs, *args, variant=None, **meta):
+        a, extra = (args, {}) if variant is None else variant(configs[0])
         records.append({"name": name, "module": kernel.fn.__module__, "kernel": kernel.fn.__name__,
-                        "signature": _signature(kernel.arg_names, args, meta)})
-        return real_tuned(name, kernel, grid, key, configs, *args, **meta)
+                        "signature": _signature(kernel.arg_names, a, {**meta, **extra})})
+        return real_tuned(name, kernel, grid, key, configs, *args, variant=variant, **meta)
 
     gen = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
@@ -84,8 +85,9 @@ def _signature(arg_names, args, meta) -> dict:
 
 
 def compile_sm90(record: dict, config, dtype: str):
-    """Compile one recorded launch with one candidate (BV, num_warps, num_stages[, BK]) for sm_90a, with the
-    dot precision the GPU uses for `dtype` (the interpreter's differs: "ieee" against "tf32x3" for float32)."""
+    """Compile one recorded launch with one candidate (BV, num_warps, num_stages[, BK[, RAW_G]]) for sm_90a,
+    with the dot precision the GPU uses for `dtype` (the interpreter's differs: "ieee" against "tf32x3" for
+    float32)."""
     import importlib
 
     from effattn.hardware._flash_common import dot_precision
@@ -96,6 +98,8 @@ def compile_sm90(record: dict, config, dtype: str):
         sig["PREC"] = ["constexpr", dot_precision(DTYPES[dtype])]
     if len(config) > 3:
         sig["BK"] = ["constexpr", config[3]]
+    if len(config) > 4:  # the state pass's scalar-gate variant (engine._forward)
+        sig["RAW_G"] = ["constexpr", config[4]]
     types = {n: "constexpr" if isinstance(t, list) else t for n, t in sig.items()}
     constexprs = {(fn.arg_names.index(n),): t[1] for n, t in sig.items() if isinstance(t, list)}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if types[n].startswith("*")}

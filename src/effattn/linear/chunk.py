@@ -147,7 +147,8 @@ def _wy_fwd(k, v, beta, g, w, u, aw, start, end, H: tl.constexpr, K: tl.constexp
     # A = (I + L)^{-1} in two steps (16-row blocks, as FLA's solve_tril): (1) the block-diagonal inverse
     # Ad = (I + Ld)^{-1} by forward substitution on the NB diagonal 16 x 16 blocks of L at once, held in
     # registers as [NB, 16, 16]; (2) I + L = (I + Ld)(I + N) with N = Ad Lo strictly block-lower,
-    # N^NB = 0, so A = (I - N + N^2 - ...) Ad in a few dots.
+    # N^NB = 0, so A = (I + N)^{-1} Ad = (I - N)(I + N^2)(I + N^4)... Ad: log2(NB) factors, each one dot
+    # (and one squaring of N beside it), 3 dots deep at NB = 4 where the series I - N + N^2 - N^3 took 5.
     NB: tl.constexpr = BT // 16
     c = tl.arange(0, 16)
     bi = tl.arange(0, NB)
@@ -163,17 +164,15 @@ def _wy_fwd(k, v, beta, g, w, u, aw, start, end, H: tl.constexpr, K: tl.constexp
         b_X = tl.where(pick, a[:, None, :], b_X)
     b_X += tl.where(c[:, None] == c[None, :], 1.0, 0.0)[None, :, :]
     b_Ad = tl.reshape(tl.where(diag, b_X[:, :, None, :], 0.0), [BT, BT])
-    same = (r // 16)[:, None] == (r // 16)[None, :]
-    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    if BT > 16:
-        b_N = _dot(b_Ad, tl.where(same, 0.0, b_L), None, PREC)
-        b_S, b_P = eye, eye
-        for _ in tl.static_range(BT // 16 - 1):
-            b_P = -_dot(b_P, b_N, None, PREC)
-            b_S += b_P
-        b_A = _dot(b_S, b_Ad, None, PREC)
-    else:
-        b_A = b_Ad
+    b_A = b_Ad
+    if NB > 1:
+        same = (r // 16)[:, None] == (r // 16)[None, :]
+        b_P = _dot(b_Ad, tl.where(same, 0.0, b_L), None, PREC)  # N
+        b_A -= _dot(b_P, b_A, None, PREC)
+        for j in tl.static_range(1, 7):  # the factors I + N^(2^j) while 2^j < NB (chunks up to 2048 rows)
+            if (1 << j) < NB:
+                b_P = _dot(b_P, b_P, None, PREC)
+                b_A += _dot(b_P, b_A, None, PREC)
     b_A = b_A.to(b_k.dtype)
     _put(aw, b_A, rows, live, i_h, r, H, BT)  # for the backward
     tl.store(w + (rows[:, None] * H + i_h) * K + ok[None, :],

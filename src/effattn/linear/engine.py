@@ -50,11 +50,15 @@ def _usable(configs, dtype):
     return [c for c in configs if c[1] <= 4] if dtype == torch.float32 else configs
 
 
-def _tuned(name, kernel, grid, key, configs, *args, **meta):
-    """Launch `kernel` with the fastest of `configs` for `key` (BV, num_warps, num_stages[, BK])."""
+def _tuned(name, kernel, grid, key, configs, *args, variant=None, **meta):
+    """Launch `kernel` with the fastest of `configs` for `key` (BV, num_warps, num_stages[, BK[, ...]]).
+    variant(cfg) -> (args, constexprs): what the candidate's further fields change, run inside the timed
+    launch (so work it launches first is timed with it)."""
     def launch(cfg):
-        extra = {} if len(cfg) < 4 else {"BK": cfg[3]}
-        kernel[grid(*cfg[:1], *cfg[3:])](*args, **meta, **extra, BV=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+        a, extra = (args, {}) if variant is None else variant(cfg)
+        if len(cfg) > 3:
+            extra = {**extra, "BK": cfg[3]}
+        kernel[grid(*cfg[:1], *cfg[3:4])](*a, **meta, **extra, BV=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
     launch(pick_config((name, *key), _usable(configs, args[0].dtype), launch))
 
 
@@ -101,18 +105,19 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
     h = empty_output((N, H, K, V), q.dtype, q.device)
     ht = empty_output((num_seqs, H, K, V), torch.float32, q.device) if want_ht else None
 
-    def state_fwd(cfg):
-        """A scalar gate's cumsum either inside the sequential loop (RAW_G: no launch, but a scan on the
-        critical path of each step) or launched before it; the tuner times both (2026-12-06, H100: inside
+    state_args = (k, u, w, None, h, x, h0, ht, ch.cu_seqlens, ch.first)  # None: the gate, set per candidate
+
+    def scalar_gate(cfg):
+        """A scalar gate's cumsum inside the state pass's sequential loop (RAW_G: no launch, but a scan on
+        the critical path of each step) or launched before it: the tuner times both (2026-12-06, H100: inside
         wins at B = 4, T = 4k, H = 16 and loses 11% at B = 1, T = 16k)."""
-        bv, warps, stages, bk, raw = cfg
-        gs = g if raw else (gc if gc is not None or not gate else _cumsum(g, ch))
-        _state_fwd[(triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H)](
-            k, u, w, gs, h, x, h0, ht, ch.cu_seqlens, ch.first, H=H, K=K, V=V, BT=ch.size, GATE=gate,
-            DELTA=delta_rule, USE_H0=h0 is not None, STORE_HT=want_ht, RAW_G=raw, PREC=_prec(k), BV=bv, BK=bk,
-            num_warps=warps, num_stages=stages)
-    cands = [(*c, raw) for raw in ((1, 0) if gate == 1 else (0,)) for c in _configs(V, "state", K, delta_rule)]
-    state_fwd(pick_config(("state_fwd", *key), _usable(cands, q.dtype), state_fwd))
+        raw = cfg[4]
+        gate_in = g if raw else (gc if gc is not None or not gate else _cumsum(g, ch))
+        return (*state_args[:3], gate_in, *state_args[4:]), {"RAW_G": raw}
+    _tuned("state_fwd", _state_fwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
+           [(*c, raw) for raw in ((1, 0) if gate == 1 else (0,)) for c in _configs(V, "state", K, delta_rule)],
+           *state_args, variant=scalar_gate, H=H, K=K, V=V, BT=ch.size, GATE=gate, DELTA=delta_rule,
+           USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
     o = empty_output((T, H, V), q.dtype, q.device)
     a = torch.empty((T, H, ch.size), dtype=q.dtype, device=q.device) if want_grad else None
     BQ = 16 if gate == 2 else ch.size
