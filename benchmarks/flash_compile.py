@@ -143,13 +143,14 @@ def mma_loop(sass: str) -> dict:
     return {"loop_instructions": len(best[1]), "loop_mufu_in_flight": overlapped, "loop_LDG": loads}
 
 
-def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, mask_m: int, ahead: bool = False
-                ) -> dict:
+def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, mask_m: int, ahead: bool = False,
+                mask_n: int | None = None) -> dict:
+    mask_n = bn if mask_n is None else mask_n
     common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn, VARLEN=False,
-                  SPARSE=sparse, ARITH=not sparse, WORDS=max(1, bn // 32), SOFTCAP=False, DOT_PREC=None)
+                  SPARSE=sparse, ARITH=not sparse, WORDS=max(1, mask_n // 32), SOFTCAP=False, DOT_PREC=None)
     if kernel == "fwd":
         return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead)
-    return dict(common, MASK_M=mask_m, EARLY_DP=ahead) if kernel == "dkdv" else common
+    return dict(common, MASK_M=mask_m, EARLY_DP=ahead) if kernel == "dkdv" else dict(common, MASK_N=mask_n)
 
 
 def _kernel_fn(kernel: str):
@@ -158,9 +159,10 @@ def _kernel_fn(kernel: str):
 
 
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
-        mask_m: int | None = None, ahead: bool = False) -> dict:
+        mask_m: int | None = None, ahead: bool = False, mask_n: int | None = None) -> dict:
     """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
-    `mask_m` (block-sparse dK/dV): the block mask's query rows, walked bm at a time (default bm); `ahead`:
+    `mask_m` (block-sparse dK/dV): the block mask's query rows, walked bm at a time (default bm); `mask_n`
+    (block-sparse dQ): its key columns, walked bn at a time (default bn); `ahead`:
     the forward's unmasked loop issues the next block's Q K^T before this block's softmax, dK/dV issues
     dP^T before its exponentials (EARLY_DP)."""
     if tma and kernel != "fwd":
@@ -169,14 +171,15 @@ def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: 
         raise ValueError("dQ has no look-ahead variant")
     mask_m = bm if mask_m is None else mask_m
     descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
-    compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead), warps,
-                            stages, descs)
-    return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel == "dkdv" else None, "warps": warps,
+    compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead, mask_n),
+                            warps, stages, descs)
+    return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel == "dkdv" else None,
+            "mask_cols": (mask_n or bn) if kernel == "dq" else None, "warps": warps,
             "stages": stages, "head_dim": d, "sparse": sparse, "tma": tma, "ahead": ahead, **report(compiled)}
 
 
 def candidates(dims):
-    """Every candidate of the bf16 tuner lists (dense; block-sparse at a 128 x 64 block mask)."""
+    """Every candidate of the bf16 tuner lists (dense; block-sparse at 128 x 64 and 128 x 128 block masks)."""
     import torch
 
     from effattn.hardware import flash_bwd, flash_fwd
@@ -188,8 +191,10 @@ def candidates(dims):
         for kind in ("dkdv", "dq"):
             for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, None, kind):
                 print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False, ahead=bool(cfg[6])), flush=True)
-            for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, (128, 64), kind):
-                print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, True, mask_m=128), flush=True)
+            for mask in ((128, 64), (128, 128)):
+                for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, mask, kind):
+                    print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, True, mask_m=mask[0], ahead=bool(cfg[6]),
+                              mask_n=mask[1]), flush=True)
 
 
 def main():
@@ -205,13 +210,16 @@ def main():
                     help="fwd: next block's Q K^T before this softmax; dkdv: dP^T before the exponentials")
     ap.add_argument("--mask-rows", type=int, default=None,
                     help="block-sparse dkdv: the block mask's query rows, walked BLOCK_M at a time (default BLOCK_M)")
+    ap.add_argument("--mask-cols", type=int, default=None,
+                    help="block-sparse dq: the block mask's key columns, walked BLOCK_N at a time (default BLOCK_N)")
     ap.add_argument("--candidates", action="store_true", help="every tuner candidate instead of one config")
     a = ap.parse_args()
     if a.candidates:
         candidates(a.head_dim)
         return
     bm, bn = (int(x) for x in a.tile.split(","))
-    print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma, a.mask_rows, a.ahead))
+    print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma, a.mask_rows, a.ahead,
+              a.mask_cols))
 
 
 if __name__ == "__main__":

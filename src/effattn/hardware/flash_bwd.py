@@ -180,11 +180,12 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT,
-             RIGHT, SINKS, BITS, tile, offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+             RIGHT, SINKS, BITS, tile, c0, offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
              MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
              DOT_PREC: tl.constexpr):
-    """Accumulate the key block [n0, n0 + BLOCK_N) into dQ of the query block."""
+    """Accumulate the key block [n0, n0 + BLOCK_N) into dQ of the query block. With USE_BITS its columns are
+    columns c0.. of partial tile `tile` of the block mask."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = _load_tile(Kb + offs_n[:, None] * sk_t + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, MASK, PAD_D)
     v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :], offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
@@ -193,7 +194,7 @@ def _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_sc
     if MASK:
         keep = _visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, SINKS)
         if USE_BITS:
-            keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[:, None], tl.arange(0, BLOCK_N)[None, :],
+            keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[:, None], c0 + tl.arange(0, BLOCK_N)[None, :],
                                BLOCK_M, WORDS)
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse[:, None])
@@ -212,7 +213,11 @@ def _dq_kernel(
         KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
-        ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+        ARITH: tl.constexpr, MASK_N: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    """dQ of one query block. Block-sparse, each listed key block (MASK_N keys, the block mask's) is walked
+    BLOCK_N keys at a time, as the dense kernel's 64-key steps at D = 128 (the mask's 128-key blocks would
+    make [128, 128] score tiles)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
@@ -238,34 +243,35 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if SPARSE:
         row = ((b * MB_B) * HM + h * MB_H) * NQB + pid_m
-        for i in range(tl.load(FULL_NUM + row)):
-            n0 = tl.load(FULL_IDX + row * NKB + i) * BLOCK_N
+        SUB: tl.constexpr = MASK_N // BLOCK_N
+        for j in range(tl.load(FULL_NUM + row) * SUB):  # (listed block, key step) in one loop, as in dK/dV
+            n0 = tl.load(FULL_IDX + row * NKB + j // SUB) * MASK_N + (j % SUB) * BLOCK_N
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
-                          PAD_DV, ARITH, False, WORDS, SOFTCAP, DOT_PREC)
-        for i in range(tl.load(KV_NUM + row)):
-            kb = tl.load(KV_IDX + row * NKB + i)
+                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+                          PAD_D, PAD_DV, ARITH, False, WORDS, SOFTCAP, DOT_PREC)
+        for j in range(tl.load(KV_NUM + row) * SUB):
+            kb, c0 = tl.load(KV_IDX + row * NKB + j // SUB), (j % SUB) * BLOCK_N
             tile = tl.load(TILE_MAP + row * NKB + kb)
-            dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, kb * BLOCK_N, pos, seqlen_k, qk_scale, cap_in,
-                          cap_out, LEFT, RIGHT, SINKS, BITS, tile, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
-                          BLOCK_N, PAD_D, PAD_DV, True, True, WORDS, SOFTCAP, DOT_PREC)
+            dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, kb * MASK_N + c0, pos, seqlen_k, qk_scale,
+                          cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, c0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V,
+                          BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, True, WORDS, SOFTCAP, DOT_PREC)
     else:
         lo, a, c, hi = _kv_stages(m0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         for n0 in range(0, tl.minimum(tl.cdiv(SINKS, BLOCK_N) * BLOCK_N, lo), BLOCK_N):  # sinks left of the window
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
                           PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
         for n0 in range(lo, a, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
                           PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
         for n0 in tl.range(a, c, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
                           PAD_DV, False, False, WORDS, SOFTCAP, DOT_PREC)
         for n0 in range(c, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
+                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
                           PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
     dq = dq * (qk_scale * 0.6931471805599453)
     dq_ptrs = DQ + bb * sdq_b + q0 * sdq_t + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :]
@@ -277,11 +283,16 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
     """Candidate (BLOCK_M, BLOCK_N, warps, stages); dK/dV prefers tall key blocks, dQ tall query blocks."""
     from .._triton_mode import interpreting
 
-    if fixed is not None:  # the block mask's tiles; dK/dV may walk its query blocks in halves
-        bm, bn = fixed
-        cands = [Config(bm, bn, 4, 2), Config(bm, bn, 8, 2)]
+    if fixed is not None:  # the block mask's tiles; dK/dV may walk its query blocks in halves, dQ its key blocks
+        bm, bn = fixed  # (the dense winners below, where the mask's blocks allow them)
+        cands = [Config(bm, bn, 4, 2), Config(bm, bn, 8, 2), Config(bm, bn, 8, 3)]
         if kind == "dkdv" and bm >= 32 and dtype != torch.float32:  # spill-free at D = 128 (see _dkdv_kernel)
             cands += [Config(bm // 2, bn, 8, 2), Config(bm // 2, bn, 4, 2)]
+            if D > 64:
+                cands += [Config(bm // 2, bn, 8, 2, ahead=1), Config(bm // 2, bn, 8, 3, ahead=1)]
+        if kind == "dq" and bn >= 32 and dtype != torch.float32:
+            warps = 8 if D > 64 else 4
+            cands += [Config(bm, bn // 2, warps, 3), Config(bm, bn // 2, warps, 2 if D > 64 else 4)]
         return cands[:1] if interpreting() else cands
     if interpreting():
         return [Config(32, 32, 4, 1)]
@@ -371,10 +382,13 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
 
     def dq_part(cfg: Config):
         bm, bn, warps, stages = cfg[:4]
+        if sparse is not None and (bm != fixed[0] or fixed[1] % bn):
+            raise ValueError(f"a block-sparse dQ configuration must keep the block mask's query block and split "
+                             f"its key block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
         grid = (sparse.num_q_blocks if sparse is not None else cdiv(rows, bm), n_seq * H)
         return ((*strides, *dq_strides, T, S, H, H // Hkv, *scal),
-                KernelLaunch(_dq_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                                    num_stages=stages)))
+                KernelLaunch(_dq_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_N=fixed[1] if fixed else bn,
+                                                    num_warps=warps, num_stages=stages)))
 
     # The tuner times each candidate on this call's tensors (cu_seqlens and the sparse index lists included).
     dq = empty_output(q.shape, q.dtype, q.device)
