@@ -83,43 +83,38 @@ def test_block_mask_errors():
         effattn.flash_attention(q, k, k, block_mask=torch.ones(1, 1, 70, 91, dtype=torch.bool))
 
 
-def test_block_sparse_backward_walks_query_blocks_in_steps(monkeypatch, device):
+# kernel kind: (its pinned step configuration, a look-ahead variant or None, a configuration that does not
+# divide the mask's blocks, and the error that names it)
+STEP_CASES = {
+    "dkdv": ("dkdv=16,32,4,1", "dkdv=16,32,4,1,0,0,1", "dkdv=16,16,4,1",
+             r"keep the block mask's key block.*mask block \(32, 32\), got BLOCK_M=16, BLOCK_N=16"),
+    "dq": ("dq=32,16,4,1", None, "dq=16,16,4,1",
+           r"keep the block mask's query block.*mask block \(32, 32\), got BLOCK_M=16, BLOCK_N=16"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STEP_CASES))
+def test_block_sparse_backward_walks_mask_blocks_in_steps(kind, monkeypatch, device):
     """dK/dV may walk each listed query block of the mask in smaller row steps (the tuner's spill-free
-    candidates on Hopper); pinned here: 32-row mask blocks in 16-row steps, full and partial tiles, GQA."""
-    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dkdv=16,32,4,1")
+    candidates on Hopper), dQ each listed key block in smaller key steps (the dense kernel's 64-key tiles under
+    128-key mask blocks). Pinned here: 32 x 32 mask blocks in 16-row / 16-key steps, full and partial tiles
+    (dQ's second step reads the partial tiles' bits from column 16 on), GQA, causal, softcap, and dK/dV's
+    dP^T before the exponentials."""
+    steps, ahead, bad, message = STEP_CASES[kind]
     def checkers(b, h, q_idx, kv_idx):
         return (((q_idx // 32) + (kv_idx // 32) + h) % 3 != 0) | ((kv_idx - q_idx).abs() < 5)
 
     bm = block_mask(checkers, 1, 4, 70, 90, block=(32, 32), device=device)
     assert {FULL, PARTIAL, SKIP} <= set(bm.state.unique().tolist())
     shape = Shape(batch=2, seq_q=70, seq_k=90, heads=4, kv_heads=2, head_dim=32)
-    assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=False)
-    assert_matches_reference(FLASH, shape=shape, dtype=torch.bfloat16, device=device, block_mask=bm, causal=True)
-    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dkdv=16,32,4,1,0,0,1")  # dP^T before the exponentials
-    assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=True)
-    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dkdv=16,16,4,1")
-    q, k, v = (torch.randn(2, n, h, 32, device=device, requires_grad=True) for n, h in ((70, 4), (90, 2), (90, 2)))
-    with pytest.raises(ValueError, match=r"keep the block mask's key block.*mask block \(32, 32\), got BLOCK_M=16, "
-                                         r"BLOCK_N=16"):
-        effattn.flash_attention(q, k, v, block_mask=bm).sum().backward()
-
-
-def test_block_sparse_backward_walks_key_blocks_in_steps(monkeypatch, device):
-    """dQ may walk each listed key block of the mask in smaller key steps (the dense kernel's 64-key tiles
-    under 128-key mask blocks on Hopper); pinned here: 32-key mask blocks in 16-key steps, full and partial
-    tiles (the partial tiles' bits read from column 16 on in the second step), GQA, causal and softcap."""
-    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dq=32,16,4,1")
-    def checkers(b, h, q_idx, kv_idx):
-        return (((q_idx // 32) + (kv_idx // 32) + h) % 3 != 0) | ((kv_idx - q_idx).abs() < 5)
-
-    bm = block_mask(checkers, 1, 4, 70, 90, block=(32, 32), device=device)
-    assert {FULL, PARTIAL, SKIP} <= set(bm.state.unique().tolist())
-    shape = Shape(batch=2, seq_q=70, seq_k=90, heads=4, kv_heads=2, head_dim=32)
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", steps)
     assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=False)
     assert_matches_reference(FLASH, shape=shape, dtype=torch.bfloat16, device=device, block_mask=bm, causal=True)
     assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=True, softcap=20.0)
-    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dq=16,16,4,1")
+    if ahead is not None:
+        monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", ahead)
+        assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=True)
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", bad)
     q, k, v = (torch.randn(2, n, h, 32, device=device, requires_grad=True) for n, h in ((70, 4), (90, 2), (90, 2)))
-    with pytest.raises(ValueError, match=r"keep the block mask's query block.*mask block \(32, 32\), got "
-                                         r"BLOCK_M=16, BLOCK_N=16"):
+    with pytest.raises(ValueError, match=message):
         effattn.flash_attention(q, k, v, block_mask=bm).sum().backward()
