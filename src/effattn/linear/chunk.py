@@ -137,12 +137,12 @@ def _wy_fwd(k, v, beta, g, w, u, aw, start, end, H: tl.constexpr, K: tl.constexp
     b_b = tl.load(beta + rows * H + i_h, mask=live, other=0.0).to(tl.float32)
     r = tl.arange(0, BT)
     strict = r[:, None] > r[None, :]
-    b_kb = b_k.to(tl.float32) * b_b[:, None]
-    b_L = _dot(b_kb.to(b_k.dtype), tl.trans(b_k), None, PREC)  # beta_i k_i . k_j
+    b_L = _dot((b_k.to(tl.float32) * b_b[:, None]).to(b_k.dtype), tl.trans(b_k), None, PREC)  # beta_i k_i . k_j
+    b_wk = b_b  # the weight of row i of k in W: beta_i (e^{Gc_i} with a gate)
     if GATE == 1:
         b_g = _scalar_cumsum(g, rows, live, i_h, H)
         b_L = b_L * tl.exp(tl.where(strict, b_g[:, None] - b_g[None, :], -float("inf")))
-        b_kb = b_kb * tl.exp(b_g)[:, None]
+        b_wk = b_b * tl.exp(b_g)
     b_L = tl.where(strict, b_L, 0.0)
     # A = (I + L)^{-1} in two steps (16-row blocks, as FLA's solve_tril): (1) the block-diagonal inverse
     # Ad = (I + Ld)^{-1} by forward substitution on the NB diagonal 16 x 16 blocks of L at once, held in
@@ -175,9 +175,14 @@ def _wy_fwd(k, v, beta, g, w, u, aw, start, end, H: tl.constexpr, K: tl.constexp
                 b_A += _dot(b_P, b_A, None, PREC)
     b_A = b_A.to(b_k.dtype)
     _put(aw, b_A, rows, live, i_h, r, H, BT)  # for the backward
-    tl.store(w + (rows[:, None] * H + i_h) * K + ok[None, :],
-             _dot(b_A, b_kb.to(b_k.dtype), None, PREC).to(w.dtype.element_ty),
-             mask=live[:, None] & (ok[None, :] < K))
+    # k loaded again (from L2) rather than held through the solve, in BV-wide column slices as v: fewer
+    # registers live at once
+    for i_k in range(0, tl.cdiv(K, BV)):
+        oc = i_k * BV + tl.arange(0, BV)
+        m = live[:, None] & (oc[None, :] < K)
+        p_kc = (rows[:, None] * H + i_h) * K + oc[None, :]
+        b_kw = (tl.load(k + p_kc, mask=m, other=0.0).to(tl.float32) * b_wk[:, None]).to(b_k.dtype)
+        tl.store(w + p_kc, _dot(b_A, b_kw, None, PREC).to(w.dtype.element_ty), mask=m)
     for i_v in range(0, tl.cdiv(V, BV)):
         ov = i_v * BV + tl.arange(0, BV)
         m = live[:, None] & (ov[None, :] < V)
