@@ -260,6 +260,7 @@ def _chunk_output(q, k, x, g, h, o, a, start, end, scale, H: tl.constexpr, K: tl
     else:
         b_o = _dot(b_q, b_h.to(b_q.dtype), None, PREC)
         if GATE == 1:  # a row scale commutes with the dot: q reaches it as loaded; BQ = BT, one chunk
+            tl.static_assert(BQ == BT, "a scalar gate is cumulated over the whole chunk: BQ must equal BT")
             b_gq = _scalar_cumsum(g, rq, lq, i_h, H)
             b_o *= tl.exp(b_gq)[:, None]
     for j in range(0, i_q + 1):
