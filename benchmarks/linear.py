@@ -53,8 +53,8 @@ def inputs(kind, B, T, requires_grad=False):
 
 
 def ours(kind, x, chunk=64):
-    return chunk_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["beta"], delta_rule=bool(KINDS[kind][0].get("delta")),
-                                   chunk_size=chunk)
+    return chunk_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                   delta_rule=bool(KINDS[kind][0].get("delta")), chunk_size=chunk)
 
 
 def fla(kind, x):

@@ -259,20 +259,20 @@ def _dq_kernel(
         lo, a, c, hi = _kv_stages(m0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         for n0 in range(0, tl.minimum(tl.cdiv(SINKS, BLOCK_N) * BLOCK_N, lo), BLOCK_N):  # sinks left of the window
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
-                          PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
+                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+                          PAD_D, PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
         for n0 in range(lo, a, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
-                          PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
+                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+                          PAD_D, PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
         for n0 in tl.range(a, c, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
-                          PAD_DV, False, False, WORDS, SOFTCAP, DOT_PREC)
+                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+                          PAD_D, PAD_DV, False, False, WORDS, SOFTCAP, DOT_PREC)
         for n0 in range(c, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
-                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D,
-                          PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
+                          LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+                          PAD_D, PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
     dq = dq * (qk_scale * 0.6931471805599453)
     dq_ptrs = DQ + bb * sdq_b + q0 * sdq_t + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))

@@ -91,12 +91,12 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
     BK, gate = _bk(K), _gate_code(g)
     key = (gate, delta_rule, K, V, ch.size, q.dtype, num_seqs * H, seqlen_bucket(T))
     gc = _cumsum(g, ch) if gate == 2 or (gate and want_grad) else None  # the backward reads it
-    gf = g if gate == 1 else gc  # the forward kernels cumulate a scalar gate themselves
+    g_fwd = g if gate == 1 else gc  # the forward kernels cumulate a scalar gate themselves
     w = aw = None
     if delta_rule:
         w, u = empty_output((T, H, K), k.dtype, k.device), empty_output((T, H, V), v.dtype, v.device)
         aw = torch.empty((T, H, ch.size), dtype=k.dtype, device=k.device)
-        _tuned("wy", _wy_fwd, lambda bv: (N, H), key, _configs(V, "wy"), k, v, beta, gf, w, u, aw, ch.start, ch.end,
+        _tuned("wy", _wy_fwd, lambda bv: (N, H), key, _configs(V, "wy"), k, v, beta, g_fwd, w, u, aw, ch.start, ch.end,
                H=H, K=K, V=V, BT=ch.size, BK=BK, GATE=gate, PREC=_prec(k))
         x = empty_output((T, H, V), v.dtype, v.device)
     else:
@@ -114,7 +114,9 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
         raw = cfg[4]
         gate_in = g if raw else (gc if gc is not None or not gate else _cumsum(g, ch))
         return (*state_args[:3], gate_in, *state_args[4:]), {"RAW_G": raw}
-    _tuned("state_fwd", _state_fwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
+    # (whether the backward's cumsum exists is part of the key: then the launched variant costs no launch)
+    _tuned("state_fwd", _state_fwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H),
+           (*key, gc is not None),
            [(*c, raw) for raw in ((1, 0) if gate == 1 else (0,)) for c in _configs(V, "state", K, delta_rule)],
            *state_args, variant=scalar_gate, H=H, K=K, V=V, BT=ch.size, GATE=gate, DELTA=delta_rule,
            USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
@@ -122,7 +124,7 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
     a = torch.empty((T, H, ch.size), dtype=q.dtype, device=q.device) if want_grad else None
     BQ = 16 if gate == 2 else ch.size
     _tuned("output", _chunk_output, lambda bv: (triton.cdiv(V, bv), N * (ch.size // BQ), H), key,
-           _configs(V, "output"), q, k, x, gf, h, o, a, ch.start, ch.end, scale, H=H, K=K, V=V, BT=ch.size, BQ=BQ,
+           _configs(V, "output"), q, k, x, g_fwd, h, o, a, ch.start, ch.end, scale, H=H, K=K, V=V, BT=ch.size, BQ=BQ,
            BK=BK, GATE=gate, STORE_A=want_grad, PREC=_prec(q))
     return o, ht, (gc, h, w, x, a, aw)
 
