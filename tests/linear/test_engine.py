@@ -106,6 +106,15 @@ def test_triton_chunk_head_dim_split(gate, delta):
     check_all(chunk_gated_linear_attn, make(gate, delta, B=1, T=20, H=1, K=80, V=16), delta, chunk_size=16)
 
 
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_triton_state_passes_in_32_channel_blocks(gate, monkeypatch):
+    """The state passes' narrowest key split (the tuner's candidates without the delta rule at Dk >= 64):
+    Dk = 80 in blocks of 32 + 32 + 16, forward (both scalar-gate variants) and backward."""
+    for raw in (1, 0) if gate == "scalar" else (0,):
+        monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", f"state_fwd=16,4,2,32,{raw};state_bwd=16,4,2,32")
+        check_all(chunk_gated_linear_attn, make(gate, False, B=1, T=37, H=1, K=80, V=16), False, chunk_size=16)
+
+
 @pytest.mark.parametrize("gate,delta", CASES, ids=IDS)
 def test_torch_forms_agree_in_float64(gate, delta):
     x = make(gate, delta, T=37)

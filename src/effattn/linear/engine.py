@@ -36,7 +36,11 @@ def _configs(V: int, kernel: str, K: int = 0, delta_rule: bool = True):
         return [(bv[-1] if len(bv) < 3 else bv[2], w, st) for w, st in ((4, 1), (4, 2), (8, 2), (2, 2))]
     if kernel == "state":  # sequential over chunks: split V finer to fill the GPU, pipeline the loads
         bks = ([64] if not delta_rule and _bk(K) > 64 else []) + [_bk(K)]  # the split first: tested on CPU
-        return [(b, w, st, bk) for bk in bks for b in reversed(bv[:3]) for w, st in ((4, 2), (4, 3), (8, 2))]
+        cands = [(b, w, st, bk) for bk in bks for b in reversed(bv[:3]) for w, st in ((4, 2), (4, 3), (8, 2))]
+        if not delta_rule and _bk(K) >= 64:  # 32 key channels a program: twice the programs where one sequence
+            # leaves the pass latency-bound (at B = 1, H = 16, 64-channel blocks make 128 programs for 132 SMs)
+            cands += [(b, w, st, 32) for b in (32, 16) if b in bv for w, st in ((2, 3), (4, 2))]
+        return cands
     # No 8-warp candidates: on the H200 (Triton 3.6), _bwd_dx with 8 warps read shared memory out of bounds
     # inside a dot (compute-sanitizer, fp32 inputs with K = 16..32, V = 32: the quality harness's layers).
     # The unpipelined narrow tiles last, a fallback for large float32 tiles: before _bwd_dqk split Dk, it needed
