@@ -220,8 +220,8 @@ def _state_fwd(k, u, w, g, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.const
             b_w = tl.load(w + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
             b_x -= _dot(b_w, b_h.to(b_w.dtype), None, PREC)
             tl.store(x + (rows[:, None] * H + i_h) * V + ov[None, :], b_x.to(x.dtype.element_ty), mask=m_v)
+        last = tl.minimum(bos + i * BT + BT, eos) - 1  # the chunk's last row
         if GATE == 1:  # one weight per row: on x's BV columns, so that k reaches the dot as loaded
-            last = tl.minimum(bos + i * BT + BT, eos) - 1
             if RAW_G:
                 b_g = _scalar_cumsum(g, rows, live, i_h, H)
                 g_last = tl.sum(tl.where(rows == last, b_g, 0.0))
@@ -232,7 +232,7 @@ def _state_fwd(k, u, w, g, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.const
             b_x = b_x * tl.exp(tl.where(live, g_last - b_g, 0.0))[:, None]
         if GATE == 2:
             b_g = _gate_rows(g, rows, live, i_h, ok, H, K, GATE)
-            g_last = _gate_last(g, tl.minimum(bos + i * BT + BT, eos) - 1, i_h, ok, H, K, GATE)
+            g_last = _gate_last(g, last, i_h, ok, H, K, GATE)
             b_h = _decay_state(b_h, g_last, GATE)
             b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_k.dtype)
         b_h = _dot(tl.trans(b_k), b_x.to(b_k.dtype), b_h, PREC)

@@ -111,18 +111,24 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
 
     state_args = (k, u, w, None, h, x, h0, ht, ch.cu_seqlens, ch.first)  # None: the gate, set per candidate
 
-    def scalar_gate(cfg):
-        """A scalar gate's cumsum inside the state pass's sequential loop (RAW_G: no launch, but a scan on
-        the critical path of each step) or launched before it: the tuner times both (2026-12-06, H100: inside
-        wins at B = 4, T = 4k, H = 16 and loses 11% at B = 1, T = 16k)."""
+    def gate_input(cfg):
+        """The state pass's gate: a scalar gate raw, cumulated inside its sequential loop (RAW_G: no launch,
+        but a scan on the critical path of each step), or its cumsum launched first; the tuner times both
+        (2026-12-06, H100: inside wins at B = 4, T = 4k, H = 16 and loses 11% at B = 1, T = 16k). Vector
+        gates always read the cumsum, no gate reads nothing."""
         raw = cfg[4]
-        gate_in = g if raw else (gc if gc is not None or not gate else _cumsum(g, ch))
+        if raw:
+            gate_in = g
+        elif gc is not None or not gate:
+            gate_in = gc
+        else:
+            gate_in = _cumsum(g, ch)
         return (*state_args[:3], gate_in, *state_args[4:]), {"RAW_G": raw}
     # (whether the backward's cumsum exists is part of the key: then the launched variant costs no launch)
     _tuned("state_fwd", _state_fwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H),
            (*key, gc is not None),
            [(*c, raw) for raw in ((1, 0) if gate == 1 else (0,)) for c in _configs(V, "state", K, delta_rule)],
-           *state_args, variant=scalar_gate, H=H, K=K, V=V, BT=ch.size, GATE=gate, DELTA=delta_rule,
+           *state_args, variant=gate_input, H=H, K=K, V=V, BT=ch.size, GATE=gate, DELTA=delta_rule,
            USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
     o = empty_output((T, H, V), q.dtype, q.device)
     a = torch.empty((T, H, ch.size), dtype=q.dtype, device=q.device) if want_grad else None
