@@ -116,6 +116,14 @@ def test_early_dp_backward(monkeypatch, device):
                              softcap=4.0)
 
 
+def test_one_warpgroup_tiles(monkeypatch, device):
+    """The one-warpgroup tiles the H100 tuner picks for short programs (forward 64 x 64 TMA, dK/dV 64 x 64, dQ
+    64 x 32), pinned: a causal window and GQA at D = 128, lengths that are not multiples of 64, every gradient."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "fwd=64,64,4,3,1;dkdv=64,64,4,2;dq=64,32,4,3")
+    shape = Shape(batch=1, seq_q=150, heads=2, kv_heads=1, head_dim=128)
+    assert_matches_reference(FLASH, shape=shape, dtype=torch.bfloat16, device=device, causal=True, window=(40, 0))
+
+
 def test_cached_launch_plan_and_inference_path(monkeypatch, device):
     """Repeated calls reuse the forward's launch plan (fresh data, same shapes, outputs poisoned each time),
     without autograd when nothing needs a gradient; a misaligned base drops the pinned TMA path."""

@@ -303,13 +303,17 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
     # Measured on the H100 (benchmarks/results/flash_bwd_profile_2026-12-05_h100_run2.json, N = 16k): the first
     # of each list is the best seen so far. dK/dV at D = 128: the EARLY_DP loop (ahead=1, dP^T issued before
     # the exponentials) won by 4-5% (causal 2 stages, non-causal 3); at D = 64 it lost by 14%.
+    # One-warpgroup tiles at D = 128 (dK/dV 64 x 64 in 2 stages, dQ 64 x 32) win where programs are short: N = 1k
+    # causal, 1024-key windows (fwd+bwd +7-12%, flash_tiles_2026-12-06_h100.md).
     if kind == "dkdv":
         if D <= 64:
             return [Config(32, 128, 4, 3), Config(32, 64, 4, 3), Config(64, 64, 4, 3)]
-        return [Config(64, 128, 8, 2, ahead=1), Config(64, 128, 8, 3, ahead=1), Config(64, 128, 8, 3)]
+        return [Config(64, 128, 8, 2, ahead=1), Config(64, 128, 8, 3, ahead=1), Config(64, 128, 8, 3),
+                Config(64, 64, 4, 2)]
     if D <= 64:
         return [Config(64, 32, 4, 3), Config(128, 32, 4, 4), Config(128, 32, 4, 3)]
-    return [Config(128, 64, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 8, 3)]
+    return [Config(128, 64, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 8, 3),
+            Config(64, 32, 4, 3)]
 
 
 # Launch plans of dense backwards, keyed like the forward's (flash_fwd._PLANS): the three launches with

@@ -199,13 +199,17 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
         return [Config(32, 32, 4, 1)]
     if dtype == torch.float32:
         return [Config(64, 32, 4, 2)]
+    # 64 x 64 TMA tiles (one warpgroup, two programs per SM) win where programs are short: N = 1k, causal 4k at
+    # D = 64, 1024-key windows (+4-20% over the 128-row tiles on the H100, flash_tiles_2026-12-06_h100.md)
     if D <= 64:  # measured on the H100 (benchmarks/results): 256-row tiles and 8 warps never won (the 8-warp
         # look-ahead loop neither: 1.20-1.26x the best, lookahead_2026-12-05_h100.md)
-        return [Config(128, 64, 4, 3), Config(128, 128, 4, 3), Config(128, 64, 4, 3, 1), Config(128, 64, 4, 4, 1)]
+        return [Config(128, 64, 4, 3), Config(128, 128, 4, 3), Config(128, 64, 4, 3, 1), Config(128, 64, 4, 4, 1),
+                Config(64, 64, 4, 3, 1)]
     if D <= 128:  # the look-ahead loop (sm_90a overlaps its exponentials with the next Q K^T only at 8 warps and
         # 64-key tiles) came within 2-14% of the 128 x 128 TMA tile on the H100, 2026-12-05
         return [Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(128, 128, 8, 3, 1),
-                Config(128, 64, 8, 3, 1), Config(128, 128, 8, 2, 1), Config(128, 64, 8, 3, ahead=1)]
+                Config(128, 64, 8, 3, 1), Config(128, 128, 8, 2, 1), Config(128, 64, 8, 3, ahead=1),
+                Config(64, 64, 4, 3, 1)]
     return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
 
 
