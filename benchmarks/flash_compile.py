@@ -150,7 +150,7 @@ def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, 
                   SPARSE=sparse, ARITH=not sparse, WORDS=max(1, mask_n // 32), SOFTCAP=False, DOT_PREC=None)
     if kernel == "fwd":
         return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead)
-    return dict(common, MASK_M=mask_m, EARLY_DP=ahead) if kernel == "dkdv" else dict(common, MASK_N=mask_n)
+    return dict(common, MASK_M=mask_m, EARLY_DP=ahead) if kernel == "dkdv" else dict(common, MASK_N=mask_n, HAS_DLSE=False)
 
 
 def _kernel_fn(kernel: str):

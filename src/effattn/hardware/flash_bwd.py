@@ -1,9 +1,10 @@
 """FlashAttention-2 backward in Triton (Dao 2023, Alg. 2), recomputing P from the saved LSE.
 
-Three launches, none atomic: Delta = rowsum(dO * O); dK/dV with one program per (KV block, batch, KV
-head) that walks the query blocks of every query head of its GQA group (so dK/dV are reduced over the
-group in registers, K/V never repeated); dQ with one program per (query block, batch, head) that walks
-the KV blocks like the forward. With s the natural-log scores and P = exp(s - LSE):
+Two launches, none atomic: dQ with one program per (query block, batch, head) that walks the KV blocks
+like the forward, and first computes its rows' Delta = rowsum(dO * O) (its dO is loaded anyway; a separate
+launch re-read O and dO from memory); then dK/dV, reading that Delta, with one program per (KV block,
+batch, KV head) that walks the query blocks of every query head of its GQA group (so dK/dV are reduced over
+the group in registers, K/V never repeated). With s the natural-log scores and P = exp(s - LSE):
 dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta), and d(raw score) = scale * dS (times 1 - tanh^2 with a
 softcap); dQ = dS K, dK = dS^T Q.
 """
@@ -20,25 +21,6 @@ from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_til
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _delta_kernel(O, DO, DLSE, DELTA, so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, sd_b, sd_h, T, H,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """Delta = rowsum(dO * O) - dLSE: an upstream gradient of the LSE adds dLSE * P to dS."""
-    m0 = tl.program_id(0) * BLOCK_M
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_DV)
-    o = _load_tile(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :], offs_m, T, offs_d,
-                   HEAD_DIM_V, True, True)
-    do = _load_tile(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :], offs_m, T, offs_d,
-                    HEAD_DIM_V, True, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + b * sd_b + h * sd_h + offs_m, mask=offs_m < T, other=0.0)
-    tl.store(DELTA + b * sd_b + h * sd_h + offs_m, delta, mask=offs_m < T)
-
-
 @triton.jit
 def _lse2(LSEb, offs, n, CHECK: tl.constexpr):
     """Saved natural LSE -> log2 domain; an empty row's -inf becomes +inf so that its P is exactly 0."""
@@ -206,18 +188,19 @@ def _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_sc
 
 @triton.jit
 def _dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, CU,
+        Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, CU,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, slse_b, slse_h,
-        sdq_b, sdq_t, sdq_h,
+        so_b, so_t, so_h, sdq_b, sdq_t, sdq_h,
         T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
         KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, MASK_N: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-        DOT_PREC: tl.constexpr):
-    """dQ of one query block. Block-sparse, each listed key block (MASK_N keys, the block mask's) is walked
-    BLOCK_N keys at a time, as the dense kernel's 64-key steps at D = 128 (the mask's 128-key blocks would
-    make [128, 128] score tiles)."""
+        DOT_PREC: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """dQ of one query block, and its rows' Delta = rowsum(dO * O) - dLSE (an upstream gradient of the LSE
+    adds dLSE * P to dS), stored for the dK/dV kernel that runs after this one. Block-sparse, each listed
+    key block (MASK_N keys, the block mask's) is walked BLOCK_N keys at a time, as the dense kernel's 64-key
+    steps at D = 128 (the mask's 128-key blocks would make [128, 128] score tiles)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
@@ -239,7 +222,13 @@ def _dq_kernel(
     do = _load_tile(DO + bb * sdo_b + q0 * sdo_t + h * sdo_h + offs_m[:, None] * sdo_t + offs_dv[None, :],
                     offs_m, seqlen_q, offs_dv, HEAD_DIM_V, True, PAD_DV)
     lse = _lse2(LSE + bb * slse_b + h * slse_h + q0, offs_m, seqlen_q, True)
-    delta = tl.load(DELTA + bb * slse_b + h * slse_h + q0 + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    o = _load_tile(O + bb * so_b + q0 * so_t + h * so_h + offs_m[:, None] * so_t + offs_dv[None, :], offs_m,
+                   seqlen_q, offs_dv, HEAD_DIM_V, True, PAD_DV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    stats = bb * slse_b + h * slse_h + q0 + offs_m  # LSE, dLSE and Delta: dense [B, H, T]
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + stats, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(DELTA + stats, delta, mask=offs_m < seqlen_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if SPARSE:
         row = ((b * MB_B) * HM + h * MB_H) * NQB + pid_m
@@ -322,15 +311,15 @@ _PLANS: dict = {}
 
 
 def _run(plan, q, k, v, o, do, lse, dlse):
-    (d_static, d_launch), (kv_static, kv_launch), (q_static, q_launch), dummy = plan
+    (kv_static, kv_launch), (q_static, q_launch) = plan
     B, T, H, _ = q.shape
     delta = empty_output((B, H, T), torch.float32, q.device)
     dq = empty_output(q.shape, q.dtype, q.device)
     dk = empty_output(k.shape, k.dtype, k.device)
     dv = empty_output(v.shape, v.dtype, v.device)
-    d_launch(o, do, dlse if dlse is not None else delta, delta, *d_static)
-    kv_launch(q, k, v, do, lse, delta, dk, dv, delta, *kv_static, *(dummy or (delta,) * 6 + (0, 0, 1, 1, 1)))
-    q_launch(q, k, v, do, lse, delta, dq, delta, *q_static, *(dummy or (delta,) * 6 + (0, 0, 1, 1, 1)))
+    q_launch(q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, delta, *q_static,
+             *(delta,) * 6, 0, 0, 1, 1, 1)
+    kv_launch(q, k, v, do, lse, delta, dk, dv, delta, *kv_static, *(delta,) * 6, 0, 0, 1, 1, 1)
     return dq, dk, dv
 
 
@@ -366,13 +355,10 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
                 SPARSE=sparse is not None, ARITH=arith, WORDS=sparse.words if sparse is not None else 1,
                 SOFTCAP=bool(softcap), DOT_PREC=dot_precision(q.dtype))
     # Output and delta strides are those of fresh dense tensors, fixed by the shapes.
-    delta_strides, dq_strides = (H * T, T), (T * H * D, H * D, D)
+    dq_strides = (T * H * D, H * D, D)
     dk_strides, dv_strides = (S * Hkv * D, Hkv * D, D), (S * Hkv * Dv, Hkv * Dv, Dv)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
-    d_static = (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), *delta_strides, T, H)
-    delta_part = (d_static, KernelLaunch(_delta_kernel, (cdiv(T, 64), B * H), dict(
-        HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv), BLOCK_M=64, HAS_DLSE=dlse is not None)))
 
     def dkdv_part(cfg: Config):
         bm, bn, warps, stages = cfg[:4]
@@ -390,16 +376,15 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
             raise ValueError(f"a block-sparse dQ configuration must keep the block mask's query block and split "
                              f"its key block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
         grid = (sparse.num_q_blocks if sparse is not None else cdiv(rows, bm), n_seq * H)
-        return ((*strides, *dq_strides, T, S, H, H // Hkv, *scal),
+        return ((*strides, o.stride(0), o.stride(1), o.stride(2), *dq_strides, T, S, H, H // Hkv, *scal),
                 KernelLaunch(_dq_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_N=fixed[1] if fixed else bn,
-                                                    num_warps=warps, num_stages=stages)))
+                                                    HAS_DLSE=dlse is not None, num_warps=warps, num_stages=stages)))
 
     # The tuner times each candidate on this call's tensors (cu_seqlens and the sparse index lists included).
     dq = empty_output(q.shape, q.dtype, q.device)
     dk = empty_output(k.shape, k.dtype, k.device)
     dv = empty_output(v.shape, v.dtype, v.device)
-    delta = empty_output((B, H, T), torch.float32, q.device)
-    delta_part[1](o, do, dlse if dlse is not None else delta, delta, *d_static)
+    delta = empty_output((B, H, T), torch.float32, q.device)  # written by the dQ kernel, read by dK/dV's
     cu = cu_seqlens if varlen else delta
     sp_kv = sparse.kernel_args_transposed() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
     sp_q = sparse.kernel_args() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
@@ -408,16 +393,17 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
         part[1](q, k, v, do, lse, delta, dk, dv, cu, *part[0], *sp_kv)
 
     def run_dq(part):
-        part[1](q, k, v, do, lse, delta, dq, cu, *part[0], *sp_q)
+        part[1](q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, cu, *part[0], *sp_q)
 
     key = (D, Dv, q.dtype, arith, bool(softcap), sparse.tuning_class if sparse is not None else None, varlen,
            seqlen_bucket(max(rows, cols)))
     d = max(D, Dv)
+    # dQ first: its launch writes the Delta that dK/dV reads (tuning dQ writes it too, before dK/dV's timing)
+    qp = dq_part(pick_config(("dq",) + key, bwd_configs(d, q.dtype, fixed, "dq"), lambda c: run_dq(dq_part(c))))
+    run_dq(qp)
     kv = dkdv_part(pick_config(("dkdv",) + key, bwd_configs(d, q.dtype, fixed, "dkdv"),
                                lambda c: run_dkdv(dkdv_part(c))))
-    qp = dq_part(pick_config(("dq",) + key, bwd_configs(d, q.dtype, fixed, "dq"), lambda c: run_dq(dq_part(c))))
     run_dkdv(kv)
-    run_dq(qp)
     if dense:
-        remember_plan(_PLANS, sig, (delta_part, kv, qp, None))
+        remember_plan(_PLANS, sig, (kv, qp))
     return dq, dk, dv
