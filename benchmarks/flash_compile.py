@@ -149,8 +149,10 @@ def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, 
     common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn, VARLEN=False,
                   SPARSE=sparse, ARITH=not sparse, WORDS=max(1, mask_n // 32), SOFTCAP=False, DOT_PREC=None)
     if kernel == "fwd":
-        return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead)
-    return dict(common, MASK_M=mask_m, EARLY_DP=ahead) if kernel == "dkdv" else dict(common, MASK_N=mask_n, HAS_DLSE=False)
+        return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead, MASK_M=mask_m, MASK_N=mask_n)
+    if kernel == "dkdv":
+        return dict(common, MASK_M=mask_m, EARLY_DP=ahead)
+    return dict(common, MASK_N=mask_n, HAS_DLSE=False)
 
 
 def _kernel_fn(kernel: str):
@@ -161,8 +163,9 @@ def _kernel_fn(kernel: str):
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
         mask_m: int | None = None, ahead: bool = False, mask_n: int | None = None) -> dict:
     """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
-    `mask_m` (block-sparse dK/dV): the block mask's query rows, walked bm at a time (default bm); `mask_n`
-    (block-sparse dQ): its key columns, walked bn at a time (default bn); `ahead`:
+    `mask_m` (block-sparse forward and dK/dV): the block mask's query rows, of which a program takes bm
+    (forward) or walks them bm at a time (dK/dV) (default bm); `mask_n` (block-sparse forward and dQ): its key
+    columns, walked bn at a time (default bn); `ahead`:
     the forward's unmasked loop issues the next block's Q K^T before this block's softmax, dK/dV issues
     dP^T before its exponentials (EARLY_DP)."""
     if tma and kernel != "fwd":
@@ -173,8 +176,8 @@ def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: 
     descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
     compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead, mask_n),
                             warps, stages, descs)
-    return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel == "dkdv" else None,
-            "mask_cols": (mask_n or bn) if kernel == "dq" else None, "warps": warps,
+    return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel != "dq" else None,
+            "mask_cols": (mask_n or bn) if kernel != "dkdv" else None, "warps": warps,
             "stages": stages, "head_dim": d, "sparse": sparse, "tma": tma, "ahead": ahead, **report(compiled)}
 
 
@@ -186,8 +189,10 @@ def candidates(dims):
     for d in dims:
         for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, None):
             print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, False, bool(cfg[4]), ahead=bool(cfg[6])), flush=True)
-        for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, (128, 64)):
-            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, True, bool(cfg[4]), ahead=bool(cfg[6])), flush=True)
+        for mask in ((128, 64), (128, 128)):
+            for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, mask):
+                print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, True, bool(cfg[4]), mask_m=mask[0],
+                          ahead=bool(cfg[6]), mask_n=mask[1]), flush=True)
         for kind in ("dkdv", "dq"):
             for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, None, kind):
                 print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False, ahead=bool(cfg[6])), flush=True)
@@ -209,9 +214,11 @@ def main():
     ap.add_argument("--ahead", action="store_true",
                     help="fwd: next block's Q K^T before this softmax; dkdv: dP^T before the exponentials")
     ap.add_argument("--mask-rows", type=int, default=None,
-                    help="block-sparse dkdv: the block mask's query rows, walked BLOCK_M at a time (default BLOCK_M)")
+                    help="block-sparse fwd / dkdv: the block mask's query rows, BLOCK_M a program / a step "
+                         "(default BLOCK_M)")
     ap.add_argument("--mask-cols", type=int, default=None,
-                    help="block-sparse dq: the block mask's key columns, walked BLOCK_N at a time (default BLOCK_N)")
+                    help="block-sparse fwd / dq: the block mask's key columns, walked BLOCK_N at a time "
+                         "(default BLOCK_N)")
     ap.add_argument("--candidates", action="store_true", help="every tuner candidate instead of one config")
     a = ap.parse_args()
     if a.candidates:

@@ -83,9 +83,11 @@ def test_block_mask_errors():
         effattn.flash_attention(q, k, k, block_mask=torch.ones(1, 1, 70, 91, dtype=torch.bool))
 
 
-# kernel kind: (its pinned step configuration, a look-ahead variant or None, a configuration that does not
-# divide the mask's blocks, and the error that names it)
+# kernel kind: (its pinned step configuration, a variant (look-ahead, TMA) or None, a configuration that does
+# not divide the mask's blocks, and the error that names it)
 STEP_CASES = {
+    "fwd": ("fwd=16,16,4,1", "fwd=16,16,4,1,1", "fwd=64,32,4,1",
+            r"split the block mask's blocks evenly: mask block \(32, 32\), got BLOCK_M=64, BLOCK_N=32"),
     "dkdv": ("dkdv=16,32,4,1", "dkdv=16,32,4,1,0,0,1", "dkdv=16,16,4,1",
              r"keep the block mask's key block.*mask block \(32, 32\), got BLOCK_M=16, BLOCK_N=16"),
     "dq": ("dq=32,16,4,1", None, "dq=16,16,4,1",
@@ -94,12 +96,14 @@ STEP_CASES = {
 
 
 @pytest.mark.parametrize("kind", sorted(STEP_CASES))
-def test_block_sparse_backward_walks_mask_blocks_in_steps(kind, monkeypatch, device):
-    """dK/dV may walk each listed query block of the mask in smaller row steps (the tuner's spill-free
-    candidates on Hopper), dQ each listed key block in smaller key steps (the dense kernel's 64-key tiles under
-    128-key mask blocks). Pinned here: 32 x 32 mask blocks in 16-row / 16-key steps, full and partial tiles
-    (dQ's second step reads the partial tiles' bits from column 16 on), GQA, causal, softcap, and dK/dV's
-    dP^T before the exponentials."""
+def test_block_sparse_kernels_walk_mask_blocks_in_steps(kind, monkeypatch, device):
+    """The forward may split each mask block's query rows over programs and walk its key blocks in smaller
+    steps (one-warpgroup programs, the dense kernel's winner on short programs), dK/dV may walk each listed
+    query block in smaller row steps (the tuner's spill-free candidates on Hopper), dQ each listed key block in
+    smaller key steps (the dense kernel's 64-key tiles under 128-key mask blocks). Pinned here: 32 x 32 mask
+    blocks in 16-row / 16-key steps, full and partial tiles (a second step reads the partial tiles' bits from
+    row or column 16 on), GQA, causal, softcap, the forward's TMA loads and dK/dV's dP^T before the
+    exponentials."""
     steps, ahead, bad, message = STEP_CASES[kind]
     def checkers(b, h, q_idx, kv_idx):
         return (((q_idx // 32) + (kv_idx // 32) + h) % 3 != 0) | ((kv_idx - q_idx).abs() < 5)

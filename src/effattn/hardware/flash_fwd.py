@@ -36,11 +36,13 @@ def _fwd_scores(q, Kb, sk_t, n0, seqlen_k, offs_d, bb, kcol, HEAD_DIM: tl.conste
 
 @triton.jit
 def _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS,
-                tile, offs_dv, bb, vcol, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr,
-                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+                tile, r0, c0, offs_dv, bb, vcol, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr,
+                MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                TMA: tl.constexpr):
     """Online-softmax step of the key block [n0, n0 + BLOCK_N) from its raw scores qk: mask, rescale,
-    acc += P V. Returns (acc, l, m)."""
+    acc += P V. With USE_BITS the tile is rows r0.., columns c0.. of partial tile `tile` of the block mask
+    (MASK_M rows a tile). Returns (acc, l, m)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if SOFTCAP:
         s, _ = _scores(qk, qk_scale, cap_in, cap_out, SOFTCAP)
@@ -51,8 +53,8 @@ def _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in
     if MASK:
         keep = _visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, SINKS)
         if USE_BITS:
-            keep &= _tile_bits(BITS, tile, tl.arange(0, BLOCK_M)[:, None], tl.arange(0, BLOCK_N)[None, :],
-                               BLOCK_M, WORDS)
+            keep &= _tile_bits(BITS, tile, r0 + tl.arange(0, BLOCK_M)[:, None], c0 + tl.arange(0, BLOCK_N)[None, :],
+                               MASK_M, WORDS)
         s = tl.where(keep, s, float("-inf"))
     p, alpha, l_i, m_new = _softmax_step(s, c, c, 0.0, m_i, l_i, MASK)
     if TMA:
@@ -66,15 +68,15 @@ def _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT,
-              SINKS, BITS, tile, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-              MASK: tl.constexpr, USE_BITS: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-              DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+              SINKS, BITS, tile, r0, c0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM: tl.constexpr,
+              HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr,
+              PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr, MASK_M: tl.constexpr,
+              WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     """One online-softmax step over the key block [n0, n0 + BLOCK_N): scores, then the update."""
     qk = _fwd_scores(q, Kb, sk_t, n0, seqlen_k, offs_d, bb, kcol, HEAD_DIM, BLOCK_N, PAD_D, MASK, DOT_PREC, TMA)
     return _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
-                       BITS, tile, offs_dv, bb, vcol, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_DV, MASK, USE_BITS, WORDS,
-                       SOFTCAP, DOT_PREC, TMA)
+                       BITS, tile, r0, c0, offs_dv, bb, vcol, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_DV, MASK, USE_BITS,
+                       MASK_M, WORDS, SOFTCAP, DOT_PREC, TMA)
 
 
 @triton.jit
@@ -86,7 +88,11 @@ def _flash_fwd_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, REVERSE: tl.constexpr,
-        DOT_PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, AHEAD: tl.constexpr):
+        DOT_PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, AHEAD: tl.constexpr, MASK_M: tl.constexpr,
+        MASK_N: tl.constexpr):
+    """O and LSE of one query block. Block-sparse, the program covers BLOCK_M of its mask block's MASK_M rows
+    and walks each listed key block (MASK_N keys) BLOCK_N keys at a time: the mask's 128-row blocks may run as
+    two one-warpgroup programs of 64 rows, which share an SM (the dense kernel's winner on short programs)."""
     pid_m = tl.program_id(0)
     if REVERSE:  # causal: start the longest rows first so the last wave is short
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -119,32 +125,35 @@ def _flash_fwd_kernel(
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
     if SPARSE:
-        row = ((b * MB_B) * HM + h * MB_H) * NQB + pid_m
-        for i in range(tl.load(FULL_NUM + row)):
-            n0 = tl.load(FULL_IDX + row * NKB + i) * BLOCK_N
+        SUB_M: tl.constexpr = MASK_M // BLOCK_M
+        SUB_N: tl.constexpr = MASK_N // BLOCK_N
+        row = ((b * MB_B) * HM + h * MB_H) * NQB + pid_m // SUB_M
+        r0 = (pid_m % SUB_M) * BLOCK_M
+        for j in range(tl.load(FULL_NUM + row) * SUB_N):  # (listed block, key step) in one loop
+            n0 = tl.load(FULL_IDX + row * NKB + j // SUB_N) * MASK_N + (j % SUB_N) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
-                                      HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False, WORDS, SOFTCAP,
-                                      DOT_PREC, TMA)
-        for i in range(tl.load(KV_NUM + row)):
-            kb = tl.load(KV_IDX + row * NKB + i)
+                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, 0, offs_d, offs_dv, bb, kcol, vcol,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False, MASK_M,
+                                      WORDS, SOFTCAP, DOT_PREC, TMA)
+        for j in range(tl.load(KV_NUM + row) * SUB_N):
+            kb, c0 = tl.load(KV_IDX + row * NKB + j // SUB_N), (j % SUB_N) * BLOCK_N
             tile = tl.load(TILE_MAP + row * NKB + kb)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, kb * BLOCK_N, pos, seqlen_k, qk_scale,
-                                      cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, offs_d, offs_dv, bb, kcol, vcol,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, True, WORDS,
-                                      SOFTCAP, DOT_PREC, TMA)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, kb * MASK_N + c0, pos, seqlen_k,
+                                      qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, r0, c0, offs_d,
+                                      offs_dv, bb, kcol, vcol, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV,
+                                      True, True, MASK_M, WORDS, SOFTCAP, DOT_PREC, TMA)
     else:
         lo, a, c, hi = _kv_stages(m0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         for n0 in range(0, tl.minimum(tl.cdiv(SINKS, BLOCK_N) * BLOCK_N, lo), BLOCK_N):  # masked: sinks left of it
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
-                                      HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
-                                      DOT_PREC, TMA)
+                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, 0, offs_d, offs_dv, bb, kcol, vcol,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, MASK_M,
+                                      WORDS, SOFTCAP, DOT_PREC, TMA)
         for n0 in range(lo, a, BLOCK_N):  # masked: left window edge
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
-                                      HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
-                                      DOT_PREC, TMA)
+                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, 0, offs_d, offs_dv, bb, kcol, vcol,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, MASK_M,
+                                      WORDS, SOFTCAP, DOT_PREC, TMA)
         if AHEAD:  # unmasked, each block's Q K^T issued before the previous block's softmax (overlap)
             if a < c:
                 qk = _fwd_scores(q, Kb, sk_t, a, seqlen_k, offs_d, bb, kcol, HEAD_DIM, BLOCK_N, PAD_D, False,
@@ -153,26 +162,28 @@ def _flash_fwd_kernel(
                     qk_next = _fwd_scores(q, Kb, sk_t, n0 + BLOCK_N, seqlen_k, offs_d, bb, kcol, HEAD_DIM, BLOCK_N,
                                           PAD_D, False, DOT_PREC, TMA)
                     acc, l_i, m_i = _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                                cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_dv, bb, vcol, HEAD_DIM_V,
-                                                BLOCK_M, BLOCK_N, PAD_DV, False, False, WORDS, SOFTCAP, DOT_PREC, TMA)
+                                                cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, 0, offs_dv, bb, vcol,
+                                                HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_DV, False, False, MASK_M, WORDS,
+                                                SOFTCAP, DOT_PREC, TMA)
                     qk = qk_next
                 acc, l_i, m_i = _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, c - BLOCK_N, pos, seqlen_k, qk_scale, cap_in,
-                                            cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_dv, bb, vcol, HEAD_DIM_V,
-                                            BLOCK_M, BLOCK_N, PAD_DV, False, False, WORDS, SOFTCAP, DOT_PREC, TMA)
+                                            cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, 0, offs_dv, bb, vcol, HEAD_DIM_V,
+                                            BLOCK_M, BLOCK_N, PAD_DV, False, False, MASK_M, WORDS, SOFTCAP, DOT_PREC,
+                                            TMA)
         else:
             for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):  # unmasked
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                          cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol,
-                                          HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False, WORDS,
-                                          SOFTCAP, DOT_PREC, TMA)
+                                          cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, 0, offs_d, offs_dv, bb, kcol, vcol,
+                                          HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False,
+                                          MASK_M, WORDS, SOFTCAP, DOT_PREC, TMA)
         # masked: diagonal / right window edge / end of the keys. After the look-ahead loop, unpipelined: its
         # pipelined copy took ptxas to 255 registers, which then issued the look-ahead loop's exponentials after
         # the wait for Q K^T, not beside it (benchmarks/flash_compile.py, loop_mufu_in_flight 34 -> 0)
         for n0 in tl.range(c, hi, BLOCK_N, num_stages=1 if AHEAD else None):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
-                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM,
-                                      HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, WORDS, SOFTCAP,
-                                      DOT_PREC, TMA)
+                                      cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, 0, offs_d, offs_dv, bb, kcol, vcol,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False, MASK_M,
+                                      WORDS, SOFTCAP, DOT_PREC, TMA)
     # Rows that see no key at all output 0 and LSE -inf, like the reference.
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -191,9 +202,12 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
     """Candidate tiles for the forward (H100): larger D or fp32 need smaller tiles to fit shared memory."""
     from .._triton_mode import interpreting
 
-    if fixed is not None:  # block-sparse: the tiles are the BlockMask's blocks
+    if fixed is not None:  # block-sparse: the BlockMask's blocks, or (one-warpgroup programs, as the dense winner
+        # on short programs) half its query rows in key steps of up to 64
         bm, bn = fixed
         cands = [Config(bm, bn, 4, 3), Config(bm, bn, 8, 3), Config(bm, bn, 8, 3, 1), Config(bm, bn, 4, 3, 1)]
+        if bm >= 32 and dtype != torch.float32:
+            cands += [Config(bm // 2, min(bn, 64), 4, 3, 1), Config(bm // 2, min(bn, 64), 4, 3)]
         return cands[:1] if interpreting() else cands
     if interpreting():
         return [Config(32, 32, 4, 1)]
@@ -294,11 +308,19 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
                 SPARSE=sparse is not None, ARITH=arith, WORDS=sparse.words if sparse is not None else 1,
                 SOFTCAP=bool(softcap), REVERSE=causal and sparse is None, DOT_PREC=dot_precision(q.dtype))
 
+    fixed = sparse.block if sparse is not None else None
+
     def plan_of(cfg: Config):
         cfg = cfg if tma_ok or not cfg[4] else Config(*cfg[:4], 0, *cfg[5:])  # a pinned TMA config, non-TMA inputs
-        return _plan(cfg, (sparse.num_q_blocks if sparse is not None else cdiv(rows, cfg[0]), n_bh), args, meta)
+        bm, bn = cfg[:2]
+        if fixed is None:
+            return _plan(cfg, (cdiv(rows, bm), n_bh), args, dict(meta, MASK_M=bm, MASK_N=bn))
+        if fixed[0] % bm or fixed[1] % bn:
+            raise ValueError(f"a block-sparse forward configuration must split the block mask's blocks evenly: "
+                             f"mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
+        return _plan(cfg, (sparse.num_q_blocks * (fixed[0] // bm), n_bh), args,
+                     dict(meta, MASK_M=fixed[0], MASK_N=fixed[1]))
 
-    fixed = sparse.block if sparse is not None else None
     key = ("fwd", D, Dv, q.dtype, arith, bool(softcap), sparse.tuning_class if sparse is not None else None, varlen,
            seqlen_bucket(rows))
     configs = [c for c in fwd_configs(max(D, Dv), q.dtype, fixed) if tma_ok or not c[4]]
