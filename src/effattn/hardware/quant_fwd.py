@@ -191,7 +191,7 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
         if interpreting():
             return [Config(32, 64, 4, 1)]
         return [Config(128, 64, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3),
-                Config(128, 64, 8, 3, ahead=1)] + ([Config(64, 64, 4, 3, ahead=1)] if D <= 64 else [])
+                Config(128, 64, 8, 3, ahead=1)] + ([Config(64, 64, 4, 3, ahead=1)] if D <= 128 else [])
     if interpreting():
         return [Config(32, 32, 4, 1)]
     if dtype == torch.float32:
@@ -203,9 +203,11 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
     # a pipeline stage; benchmarks/quant_compile.py); the look-ahead loop (ahead=1) is not serialized and
     # overlaps its exponentials with Q K^T.
     # H100, 2026-12-05: the 8-warp look-ahead loop won at D = 128 (both P V paths; two stages lost by 12-36%).
-    # At D = 64 the one-warpgroup 64-row look-ahead tile is the unserialized, unspilled 4-warp candidate.
+    # At D = 64 the one-warpgroup 64-row look-ahead tile is the unserialized, unspilled 4-warp candidate. At
+    # D = 128 it fits two programs per SM (239 registers, 88 KB shared on sm_90a; the 8-warp tile fits one):
+    # the bf16 forward's winner on short programs (flash_tiles_2026-12-06_h100.md); untimed here.
     return [Config(128, 64, 4, 3), Config(128, 64, 4, 4), Config(128, 64, 8, 3), Config(128, 128, 8, 3),
-            Config(128, 64, 8, 3, ahead=1)] + ([Config(64, 64, 4, 3, ahead=1)] if D <= 64 else [])
+            Config(128, 64, 8, 3, ahead=1)] + ([Config(64, 64, 4, 3, ahead=1)] if D <= 128 else [])
 
 
 # Launch plans keyed by shapes, strides, dtypes, alignment and options (see flash_fwd._PLANS).
