@@ -1,11 +1,13 @@
-"""GPU timing of rwkv7 and gsa beside FLA 0.6.0's chunk_rwkv7 / chunk_gsa (bf16, [B, T, H, D], B = 1, H = 16).
+"""GPU timing of the linear catalogue's methods that FLA 0.6.0 also has, beside its ops (issue #9's bar: >= 1.0x
+FLA): rwkv6 / chunk_rwkv6, rwkv7 / chunk_rwkv7, gsa / chunk_gsa (bf16, [B, T, H, D], B = 1, H = 16).
 
-    PYTHONPATH=src python3 benchmarks/rwkv7_gsa.py --out DIR [--sizes 4096,16384]
+    PYTHONPATH=src python3 benchmarks/catalog_fla.py --out DIR [--sizes 4096,16384] [--methods rwkv6,rwkv7,gsa]
 
-rwkv7: K = V = 64 (RWKV-7's head size); gsa: K = V = 64, M = 64 slots (FLA's default). First the max
-difference of our output vs FLA's at the first size (same inputs), then fwd and fwd+bwd medians
-(triton.testing.do_bench, after warm-up). Results go to DIR/rwkv7_gsa.json after every measurement, so a
-run cut short still returns what it measured.
+K = V = 64 (RWKV's head size); gsa: M = 64 slots (FLA's default). First the max difference of our output vs
+FLA's at the first size (same inputs), then fwd and fwd+bwd medians (triton.testing.do_bench, after warm-up;
+a backward FLA refuses on this Triton is recorded as an error). Results go to DIR/catalog_fla.json after every
+measurement, so a run cut short still returns what it measured. (Until 2026-12-06 this was
+benchmarks/rwkv7_gsa.py, without rwkv6.)
 """
 from __future__ import annotations
 
@@ -21,9 +23,17 @@ import torch.nn.functional as F
 import triton
 
 import effattn  # noqa: F401
-from effattn.linear import gsa, rwkv7
+from effattn.linear import gsa, rwkv6, rwkv7
 
 H = 16
+
+
+def rwkv6_inputs(T, K=64):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    x = dict(r=r(1, T, H, K), k=r(1, T, H, K) * K ** -0.5, v=r(1, T, H, K), w=-torch.exp(r(1, T, H, K) - 2),
+             u=r(H, K) * 0.5)
+    return {n: t.bfloat16().requires_grad_() for n, t in x.items()}
 
 
 def rwkv7_inputs(T, K=64):
@@ -46,9 +56,12 @@ def gsa_inputs(T, K=64, M=64):
 
 def runners():
     from fla.ops.gsa import chunk_gsa
+    from fla.ops.rwkv6 import chunk_rwkv6
     from fla.ops.rwkv7 import chunk_rwkv7
 
     return {
+        ("rwkv6", "ours"): lambda x: rwkv6(x["r"], x["k"], x["v"], x["w"], x["u"], scale=1.0),
+        ("rwkv6", "fla"): lambda x: chunk_rwkv6(x["r"], x["k"], x["v"], x["w"], x["u"], scale=1.0)[0],
         ("rwkv7", "ours"): lambda x: rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], scale=1.0),
         ("rwkv7", "fla"): lambda x: chunk_rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], scale=1.0)[0],
         ("gsa", "ours"): lambda x: gsa(x["q"], x["k"], x["v"], x["s"], x["g"]),
@@ -60,21 +73,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", default="4096,16384")
-    ap.add_argument("--methods", default="rwkv7,gsa")
+    ap.add_argument("--methods", default="rwkv6,rwkv7,gsa")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
     start = time.time()
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "H": H, "B": 1, "dtype": "bf16", "command": " ".join(sys.argv), "rows": []}
-    path = os.path.join(args.out, "rwkv7_gsa.json")
+    path = os.path.join(args.out, "catalog_fla.json")
 
     def save():
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
 
     run = runners()
-    make = {"rwkv7": rwkv7_inputs, "gsa": gsa_inputs}
+    make = {"rwkv6": rwkv6_inputs, "rwkv7": rwkv7_inputs, "gsa": gsa_inputs}
     for method in methods:
         x = make[method](sizes[0])
         with torch.no_grad():
