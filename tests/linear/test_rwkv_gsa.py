@@ -41,6 +41,33 @@ def test_rwkv7_matches_reference(form, strong, state):
                             form=form, chunk_size=8)
 
 
+@pytest.mark.parametrize("dtype,strong,chunk,V", [(torch.float32, True, 16, 24), (torch.bfloat16, False, 32, 24),
+                                                  (torch.float32, False, 16, 80)])
+def test_rwkv7_triton_chunk_forward(monkeypatch, dtype, strong, chunk, V):
+    """Without gradients the chunk form runs rwkv7_chunk.py's two Triton kernels (a spy checks they ran):
+    output and final state vs the float64 reference under the 2x rule, outputs poisoned, T = 45 off the chunk
+    size, K = 32 (two 16-channel slices of the pairwise products) != V (at 80, two value blocks of 64 in the
+    scan, the second partial), an initial state; strong decays (down to e^-20 a step) in float32."""
+    module = sys.modules["effattn.linear.rwkv7"]  # the package exports a function of the same name
+    from effattn._memory import poisoned_outputs
+    from effattn.testing import compare
+
+    calls = []
+    real = module.rwkv7_chunk_forward
+    monkeypatch.setattr(module, "rwkv7_chunk_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = rwkv7_case(B=2, T=45, H=2, K=32, V=V, seed=3, strong=strong)
+    truth = rwkv7_reference(*(x[n].double() for n in "rwkvab"), scale=0.5,
+                            initial_state=x["initial_state"].double(), output_final_state=True)
+    base = rwkv7_reference(*(x[n].to(dtype) for n in "rwkvab"), scale=0.5, initial_state=x["initial_state"],
+                           output_final_state=True)
+    with torch.no_grad(), poisoned_outputs(True):
+        fast = rwkv7(*(x[n].to(dtype) for n in "rwkvab"), scale=0.5, initial_state=x["initial_state"],
+                     output_final_state=True, chunk_size=chunk)
+    assert calls == [1]
+    results = [compare(n, f, b, r, dtype) for n, f, b, r in zip(("o", "state"), fast, base, truth)]
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
 def test_rwkv7_decode_equals_chunk():
     check_decode(rwkv7, rwkv7_case(T=9, seed=1), {"chunk_size": 4}, "initial_state")
 

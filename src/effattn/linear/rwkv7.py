@@ -24,6 +24,8 @@ h -> h' = (diag(e^{Gc_C}) + (b e^{Gc_C - Gc})^T W) h + (b e^{Gc_C - Gc})^T U + (
 o = scale [(r e^{Gc} + P_rb W) h + P_rb U + P_rk v] with P_xy[i, j] = sum_d x_id y_jd e^{Gc_id - Gc_jd},
 j <= i. Decays are taken pairwise (never e^{-Gc} alone), so any w <= 0 is safe. Everything but the scan
 over chunks (a [K, K] x [K, V] product per chunk) runs for all chunks at once; autograd gives the backward.
+Where no gradient is needed, the same form runs as two Triton kernels (rwkv7_chunk.py: the per-chunk
+products for all chunks at once, then the scan with the state in registers).
 `fused_recurrent_rwkv7` is the decoding kernel (Triton, state in registers, no backward).
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ..validate import check_choice, check_positive_int, check_qkv, check_scale, check_tensor
+from .rwkv7_chunk import rwkv7_chunk_forward
 
 FORMS = ("chunk", "recurrent")
 
@@ -187,8 +190,10 @@ def rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, output_final_stat
     r, k, a, b: `[B, T, H, K]`, w: log decay `[B, T, H, K]` (<= 0), v: `[B, T, H, V]`; initial_state
     `[B, H, K, V]`; scale multiplies the output (default 1, as in the paper). Returns o `[B, T, H, V]` in v's
     dtype (and the final state `[B, H, K, V]`, float32 (float64 for float64 inputs), with `output_final_state`).
-    `form`: "chunk" (chunkwise WY form, O(T C K (C + V) + T K^2 + T K V), memory O(T C K)) or "recurrent" (the
-    decode step, token by token). Paper notation: a = -kappa, b = kappa * alpha (in-context learning rate).
+    `form`: "chunk" (chunkwise WY form, O(T C K (C + V) + T K^2 + T K V), memory O(T C K); without gradients
+    and for chunk sizes that are powers of two >= 16, two Triton kernels; with gradients, in PyTorch under
+    autograd) or "recurrent" (the decode step, token by token). Paper notation: a = -kappa, b = kappa * alpha
+    (in-context learning rate).
     """
     check_choice("form", form, FORMS)
     check_scale(scale)
@@ -196,7 +201,12 @@ def rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, output_final_stat
     check_choice("output_final_state", output_final_state, (True, False))
     _check(r, w, k, v, a, b, initial_state)
     scale = 1.0 if scale is None else float(scale)
-    if form == "chunk":
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (r, w, k, v, a, b, initial_state))
+    if form == "chunk" and not needs_grad and r.dtype != torch.float64 and chunk_size >= 16 \
+            and chunk_size & (chunk_size - 1) == 0:
+        o, state = rwkv7_chunk_forward(r, w, k, v, a, b, scale, initial_state, chunk_size)
+    elif form == "chunk":
         o, state = _chunk(r, w, k, v, a, b, scale, initial_state, chunk_size)
     else:
         o, state = _recurrent(r, w, k, v, a, b, scale, initial_state)

@@ -1,0 +1,164 @@
+"""Triton forward of RWKV-7's chunkwise form (rwkv7.py's module docstring has the math), in two launches:
+
+1. `_rwkv7_chunk_prep`, one program per (chunk, sequence, head), all chunks at once: the pairwise-decayed
+   products A_ab, A_ak, P_rb, P_rk `[C, C]`, the unit lower-triangular solve for W `[C, K]` and U `[C, V]`, the
+   queries q~ = r e^{Gc} + P_rb W, the intra-chunk output P_rb U + P_rk v, the keys decayed to the chunk's
+   end b e^{Gc_C - Gc}, k e^{Gc_C - Gc} and the chunk's total decay e^{Gc_C}; float32 buffers.
+2. `_rwkv7_chunk_scan`, one program per (value block, sequence, head), chunks in order with the state
+   `[K, BV]` in registers: u = W h + U, o = scale (q~ h + intra), h <- e^{Gc_C} h + (b e^{Gc_C - Gc})^T u +
+   (k e^{Gc_C - Gc})^T v.
+
+Decays are only ever taken pairwise inside a chunk (exponents masked before exp), as in the PyTorch form, so
+any log decay w <= 0 is safe. Forward only: `rwkv7` uses it where no gradient is needed and differentiates
+the PyTorch chunk form otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._memory import empty_output
+from ..hardware._flash_common import dot_precision
+
+SLICE = 16  # key channels per step of the pairwise products: [C, C, SLICE] temporaries (sm_90a, K = V = 64,
+# C = 16: the prep at 8 warps compiles to 220 registers without spills; at 4 warps it spills)
+
+
+@triton.jit
+def _rows(ptr, t0, T, ch, C: tl.constexpr, W: tl.constexpr, D, stride_t):
+    """Rows t0 .. t0 + C of a `[T, D]` view (token stride stride_t), columns ch .. ch + W, zero outside."""
+    ot = t0 + tl.arange(0, C)
+    oc = ch + tl.arange(0, W)
+    m = (ot[:, None] < T) & (oc[None, :] < D)
+    return tl.load(ptr + ot[:, None] * stride_t + oc[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pair(x, y, gx, gy, keep):
+    """sum_d x_id y_jd e^{gx_id - gy_jd} over one channel slice, for (i, j) in keep `[C, C]`, else 0."""
+    e = tl.where(keep[:, :, None], gx[:, None, :] - gy[None, :, :], float("-inf"))
+    return tl.sum(x[:, None, :] * y[None, :, :] * tl.exp(e), 2)
+
+
+@triton.jit
+def _rwkv7_chunk_prep(r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SL: tl.constexpr,
+                      DOT_PREC: tl.constexpr):
+    n, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    t0 = n * C
+    sk, sv = H * K, H * V  # token strides of [B, T, H, K] and [B, T, H, V]
+    base_k = bb * T * sk + h * K
+    base_v = bb * T * sv + h * V
+    rows = tl.arange(0, C)
+    strict = rows[:, None] > rows[None, :]
+    causal = rows[:, None] >= rows[None, :]
+    # pairwise products, key channels in slices (their cumulative decays computed per slice)
+    A_ab = tl.zeros([C, C], tl.float32)
+    A_ak = tl.zeros([C, C], tl.float32)
+    P_rb = tl.zeros([C, C], tl.float32)
+    P_rk = tl.zeros([C, C], tl.float32)
+    for ch in tl.static_range(0, BK, SL):
+        ws = _rows(w + base_k, t0, T, ch, C, SL, K, sk)
+        gc = tl.cumsum(ws, 0)
+        gp = gc - ws
+        a_s = _rows(a + base_k, t0, T, ch, C, SL, K, sk)
+        b_s = _rows(b + base_k, t0, T, ch, C, SL, K, sk)
+        k_s = _rows(k + base_k, t0, T, ch, C, SL, K, sk)
+        r_s = _rows(r + base_k, t0, T, ch, C, SL, K, sk)
+        A_ab += _pair(a_s, b_s, gp, gc, strict)
+        A_ak += _pair(a_s, k_s, gp, gc, strict)
+        P_rb += _pair(r_s, b_s, gc, gc, causal)
+        P_rk += _pair(r_s, k_s, gc, gc, causal)
+    # full-width rows
+    wf = _rows(w + base_k, t0, T, 0, C, BK, K, sk)
+    gc = tl.cumsum(wf, 0)
+    af = _rows(a + base_k, t0, T, 0, C, BK, K, sk)
+    vf = _rows(v + base_v, t0, T, 0, C, BV, V, sv)
+    Wm = af * tl.exp(gc - wf)  # a e^{Gp}
+    Um = tl.dot(A_ak, vf, input_precision=DOT_PREC)
+    # (I - A_ab) [W, U] = [a e^{Gp}, A_ak v]: A_ab is strictly lower, so row j is final once rows < j are added
+    for j in tl.static_range(C):
+        col = tl.sum(tl.where(rows[None, :] == j, A_ab, 0.0), 1)  # A_ab[:, j]
+        Wm += col[:, None] * tl.sum(tl.where(rows[:, None] == j, Wm, 0.0), 0)[None, :]
+        Um += col[:, None] * tl.sum(tl.where(rows[:, None] == j, Um, 0.0), 0)[None, :]
+    rf = _rows(r + base_k, t0, T, 0, C, BK, K, sk)
+    q_t = rf * tl.exp(gc) + tl.dot(P_rb, Wm, input_precision=DOT_PREC)
+    intra = tl.dot(P_rb, Um, input_precision=DOT_PREC) + tl.dot(P_rk, vf, input_precision=DOT_PREC)
+    last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)  # Gc_C `[BK]`
+    to_end = tl.exp(last[None, :] - gc)
+    bd = _rows(b + base_k, t0, T, 0, C, BK, K, sk) * to_end
+    kd = _rows(k + base_k, t0, T, 0, C, BK, K, sk) * to_end
+    ok = tl.arange(0, BK)
+    ov = tl.arange(0, BV)
+    chunk = bh * NT + n  # buffers: [B H, NT, C, BK | BV], [B H, NT, BK]
+    pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
+    pv = (chunk * C + rows[:, None]) * BV + ov[None, :]
+    tl.store(Wb + pk, Wm)
+    tl.store(Qb + pk, q_t)
+    tl.store(Bb + pk, bd)
+    tl.store(Kb + pk, kd)
+    tl.store(Ub + pv, Um)
+    tl.store(Ib + pv, intra)
+    tl.store(Lb + chunk * BK + ok, tl.exp(last))
+
+
+@triton.jit
+def _rwkv7_chunk_scan(v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, scale,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SV: tl.constexpr, USE_H0: tl.constexpr,
+                      STORE_HT: tl.constexpr, DOT_PREC: tl.constexpr):
+    iv, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    rows = tl.arange(0, C)
+    ok = tl.arange(0, BK)
+    ov = iv * SV + tl.arange(0, SV)  # this program's value columns (SV of the buffers' BV)
+    m_kv = (ok[:, None] < K) & (ov[None, :] < V)
+    p_state = (bh * K + ok[:, None]) * V + ov[None, :]
+    state = tl.zeros([BK, SV], tl.float32)
+    if USE_H0:
+        state += tl.load(h0 + p_state, mask=m_kv, other=0.0)
+    base_v = bb * T * H * V + h * V
+    for n in range(NT):
+        chunk = bh * NT + n
+        pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
+        pv = (chunk * C + rows[:, None]) * BV + ov[None, :]
+        t = n * C + rows
+        vt = tl.load(v + base_v + t[:, None] * (H * V) + ov[None, :], mask=(t[:, None] < T) & (ov[None, :] < V),
+                     other=0.0).to(tl.float32)
+        u = tl.dot(tl.load(Wb + pk), state, input_precision=DOT_PREC) + tl.load(Ub + pv)
+        out = tl.dot(tl.load(Qb + pk), state, input_precision=DOT_PREC) + tl.load(Ib + pv)
+        tl.store(o + base_v + t[:, None] * (H * V) + ov[None, :], (scale * out).to(o.dtype.element_ty),
+                 mask=(t[:, None] < T) & (ov[None, :] < V))
+        state = tl.load(Lb + chunk * BK + ok)[:, None] * state
+        state = tl.dot(tl.trans(tl.load(Bb + pk)), u, state, input_precision=DOT_PREC)
+        state = tl.dot(tl.trans(tl.load(Kb + pk)), vt, state, input_precision=DOT_PREC)
+    if STORE_HT:
+        tl.store(ht + p_state, state, mask=m_kv)
+
+
+def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_size: int):
+    """o `[B, T, H, V]` in v's dtype and the final state `[B, H, K, V]` float32 (inputs checked by `rwkv7`;
+    chunk_size a power of two >= 16)."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    C = chunk_size
+    NT = triton.cdiv(T, C)
+    BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+    f32 = dict(dtype=torch.float32, device=r.device)
+    Wb, Qb, Bb, Kb = (torch.empty(B * H, NT, C, BK, **f32) for _ in range(4))  # fully written by the prep
+    Ub, Ib = (torch.empty(B * H, NT, C, BV, **f32) for _ in range(2))
+    Lb = torch.empty(B * H, NT, BK, **f32)
+    c = lambda t: t.contiguous()  # noqa: E731
+    r, w, k, v, a, b = (c(t) for t in (r, w, k, v, a, b))
+    prec = dot_precision(torch.float32)
+    _rwkv7_chunk_prep[(NT, B * H)](r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, C=C, BK=BK, BV=BV,
+                                   SL=min(SLICE, BK), DOT_PREC=prec, num_warps=8)
+    o = empty_output((B, T, H, V), v.dtype, v.device)
+    ht = empty_output((B, H, K, V), torch.float32, v.device)
+    SV = min(BV, 32)  # sm_90a, K = V = 64, C = 16: no spills at 32 value columns and 4 warps (255 registers at 64)
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    _rwkv7_chunk_scan[(triton.cdiv(V, SV), B * H)](v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT,
+                                                    float(scale), C=C, BK=BK, BV=BV, SV=SV, USE_H0=h0 is not None,
+                                                    STORE_HT=True, DOT_PREC=prec, num_warps=4, num_stages=2)
+    return o, ht
