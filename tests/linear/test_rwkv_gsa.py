@@ -124,6 +124,34 @@ def test_gsa_matches_reference(form, strong, state):
                             form=form, chunk_size=16)
 
 
+@pytest.mark.parametrize("dtype,strong,M", [(torch.float32, True, 20), (torch.bfloat16, False, 20),
+                                           (torch.float32, False, 40)])
+def test_gsa_triton_pass1(monkeypatch, dtype, strong, M):
+    """Without gradients pass 1 runs gsa_chunk.py's two Triton kernels (a spy checks they ran), pass 2 the
+    engine's: output and both final states vs the float64 reference under the 2x rule, outputs poisoned,
+    T = 45 off pass 1's 16-token chunks, M = 20 (two 16-slot slices of the pairwise products) or 40 (two slot
+    blocks of 32 in the scan, the second partial), initial states; strong gates in float32."""
+    module = sys.modules["effattn.linear.gsa"]
+    from effattn._memory import poisoned_outputs
+    from effattn.testing import compare
+
+    calls = []
+    real = module.gsa_pass1_forward
+    monkeypatch.setattr(module, "gsa_pass1_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = gsa_case(B=2, T=45, H=2, K=16, V=12, M=M, seed=4, strong=strong)
+    names = ("q", "k", "v", "s", "g")
+    states = {n: x[n] for n in ("initial_state_k", "initial_state_v")}
+    truth = _gsa_ref_pair(**{n: x[n].double() for n in names}, **{n: t.double() for n, t in states.items()},
+                          scale=0.3, output_final_state=True)
+    base = _gsa_ref_pair(**{n: x[n].to(dtype) for n in names}, **states, scale=0.3, output_final_state=True)
+    with torch.no_grad(), poisoned_outputs(True):
+        fast = _gsa_pair(**{n: x[n].to(dtype) for n in names}, **states, scale=0.3, output_final_state=True,
+                         chunk_size=16)
+    assert calls == [1]
+    results = [compare(n, f, b, r, dtype) for n, f, b, r in zip(("o", "states"), fast, base, truth)]
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
 def test_gsa_decode_equals_chunk():
     x = {n: t.float() for n, t in gsa_case(T=9, seed=1).items()}
     o, hk, hv = gsa(**x, output_final_state=True, chunk_size=16)
