@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ..hardware._flash_common import dot_precision
-from .rwkv7_chunk import _rows
+from .rwkv7_chunk import _rows, _state_block
 
 CHUNK = 16
 SLICE = 16  # slots per step of the pairwise products (sm_90a, K = M = 64: prep 126, scan 210 registers, no spills)
@@ -59,13 +59,8 @@ def _gsa_pass1_scan(q, k, o, h0, ht, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: t
     im, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
     rows = tl.arange(0, C)
-    ok = tl.arange(0, BK)
     om = im * SM + tl.arange(0, SM)
-    m_km = (ok[:, None] < K) & (om[None, :] < M)
-    p_state = (bh * K + ok[:, None]) * M + om[None, :]
-    hk = tl.zeros([BK, SM], tl.float32)
-    if USE_H0:
-        hk += tl.load(h0 + p_state, mask=m_km, other=0.0)
+    hk, p_state, m_km = _state_block(h0, bh, K, M, im * SM, BK, SM, USE_H0)
     base_k = bb * T * H * K + h * K
     base_m = bb * T * H * M + h * M
     for n in range(NT):

@@ -35,6 +35,20 @@ def _rows(ptr, t0, T, ch, C: tl.constexpr, W: tl.constexpr, D, stride_t):
 
 
 @triton.jit
+def _state_block(h0, bh, K, N, col0, BK: tl.constexpr, BN: tl.constexpr, USE_H0: tl.constexpr):
+    """Columns col0 .. col0 + BN of sequence-head bh's `[K, N]` state, from h0 (`[B H, K, N]` float32) or
+    zeros; returns (block `[BK, BN]` float32, its offsets, its in-bounds mask) for the final store."""
+    ok = tl.arange(0, BK)
+    on = col0 + tl.arange(0, BN)
+    mask = (ok[:, None] < K) & (on[None, :] < N)
+    offs = (bh * K + ok[:, None]) * N + on[None, :]
+    state = tl.zeros([BK, BN], tl.float32)
+    if USE_H0:
+        state += tl.load(h0 + offs, mask=mask, other=0.0)
+    return state, offs, mask
+
+
+@triton.jit
 def _pair(x, y, gx, gy, keep):
     """sum_d x_id y_jd e^{gx_id - gy_jd} over one channel slice, for (i, j) in keep `[C, C]`, else 0."""
     e = tl.where(keep[:, :, None], gx[:, None, :] - gy[None, :, :], float("-inf"))
@@ -113,11 +127,7 @@ def _rwkv7_chunk_scan(v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, 
     rows = tl.arange(0, C)
     ok = tl.arange(0, BK)
     ov = iv * SV + tl.arange(0, SV)  # this program's value columns (SV of the buffers' BV)
-    m_kv = (ok[:, None] < K) & (ov[None, :] < V)
-    p_state = (bh * K + ok[:, None]) * V + ov[None, :]
-    state = tl.zeros([BK, SV], tl.float32)
-    if USE_H0:
-        state += tl.load(h0 + p_state, mask=m_kv, other=0.0)
+    state, p_state, m_kv = _state_block(h0, bh, K, V, iv * SV, BK, SV, USE_H0)
     base_v = bb * T * H * V + h * V
     for n in range(NT):
         chunk = bh * NT + n
