@@ -305,7 +305,7 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
             Config(64, 32, 4, 3)]
 
 
-# Launch plans of dense backwards, keyed like the forward's (flash_fwd._PLANS): the three launches with
+# Launch plans of dense backwards, keyed like the forward's (flash_fwd._PLANS): the two launches with
 # their static arguments, replayed on new tensors.
 _PLANS: dict = {}
 
