@@ -121,7 +121,7 @@ def _rwkv7_chunk_prep(r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, 
 @triton.jit
 def _rwkv7_chunk_scan(v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, scale,
                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SV: tl.constexpr, USE_H0: tl.constexpr,
-                      STORE_HT: tl.constexpr, DOT_PREC: tl.constexpr):
+                      DOT_PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
     rows = tl.arange(0, C)
@@ -143,8 +143,7 @@ def _rwkv7_chunk_scan(v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, 
         state = tl.load(Lb + chunk * BK + ok)[:, None] * state
         state = tl.dot(tl.trans(tl.load(Bb + pk)), u, state, input_precision=DOT_PREC)
         state = tl.dot(tl.trans(tl.load(Kb + pk)), vt, state, input_precision=DOT_PREC)
-    if STORE_HT:
-        tl.store(ht + p_state, state, mask=m_kv)
+    tl.store(ht + p_state, state, mask=m_kv)
 
 
 def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_size: int):
@@ -170,5 +169,5 @@ def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_siz
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     _rwkv7_chunk_scan[(triton.cdiv(V, SV), B * H)](v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT,
                                                     float(scale), C=C, BK=BK, BV=BV, SV=SV, USE_H0=h0 is not None,
-                                                    STORE_HT=True, DOT_PREC=prec, num_warps=4, num_stages=2)
+                                                    DOT_PREC=prec, num_warps=4, num_stages=2)
     return o, ht
