@@ -152,6 +152,20 @@ def test_gsa_triton_pass1(monkeypatch, dtype, strong, M):
     assert all(r.ok for r in results), "\n".join(map(str, results))
 
 
+@pytest.mark.parametrize("dtype,strong", [(torch.float32, True), (torch.bfloat16, False)])
+def test_gsa_triton_pass1_backward(monkeypatch, dtype, strong):
+    """Under autograd pass 1 runs gsa_chunk.py's forward (storing the chunk-start states) and its Triton backward:
+    gradients of q, k, v, s, g and both initial states vs the float64 reference (2x rule), T = 45 off the
+    16-token chunks, M = 40 (two slot blocks of 32 in the scans, three slices of 16 in the chunk kernel)."""
+    chunk_module = sys.modules["effattn.linear.gsa_chunk"]
+    stored = []
+    real = chunk_module._pass1
+    monkeypatch.setattr(chunk_module, "_pass1", lambda *a, **k: stored.append(k["store_states"]) or real(*a, **k))
+    check_against_reference(_gsa_pair, _gsa_ref_pair, gsa_case(T=45, M=40, seed=5, strong=strong), {"scale": 0.3},
+                            dtype=dtype, form="chunk", chunk_size=16)
+    assert True in stored
+
+
 def test_gsa_decode_equals_chunk():
     x = {n: t.float() for n, t in gsa_case(T=9, seed=1).items()}
     o, hk, hv = gsa(**x, output_final_state=True, chunk_size=16)

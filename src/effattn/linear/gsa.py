@@ -15,8 +15,8 @@ As two passes of the gated linear recurrence (Eq. 75):
     pass 2  hv_t = Diag(alpha_t) hv_{t-1} + s_t^T v_t,  o_t = softmax(o'_t) hv_t  (the engine: vector gate on
             its key channels, keys s, queries softmax(o'), scale 1)
 Pass 2 runs on the engine's Triton chunk kernels. Pass 1 gates the value columns, which the engine's kernels
-do not; it runs chunkwise, as two Triton kernels where no gradient is needed (gsa_chunk.py) and in PyTorch
-under autograd otherwise: inside a chunk with local cumulative gates Gc,
+do not; it runs chunkwise on its own Triton kernels, forward and backward (gsa_chunk.py; float64 inputs take
+the PyTorch chunk form): inside a chunk with local cumulative gates Gc,
     o'_i = scale * [(q_i hk_c) * e^{Gc_i} + sum_{j<=i} (q_i . k_j) s_j * e^{Gc_i - Gc_j}],
     hk_{c+1} = hk_c * e^{Gc_C} + k^T (s * e^{Gc_C - Gc}),
 decays taken pairwise and masked before exp, so any g <= 0 is safe.
@@ -98,8 +98,8 @@ def gsa(q, k, v, s, g, *, scale=None, initial_state_k=None, initial_state_v=None
     `[B, T, H, M]` (<= 0); initial_state_k `[B, H, K, M]`, initial_state_v `[B, H, M, V]`; scale (default
     K^-1/2) multiplies q. Returns o `[B, T, H, V]` in v's dtype, and with `output_final_state` also the final
     states hk `[B, H, K, M]` and hv `[B, H, M, V]` (float32; float64 for float64 inputs).
-    `form`: "chunk" (pass 1 chunkwise: Triton kernels without gradients, PyTorch under autograd; pass 2 on
-    the engine's Triton kernels; O(T C (K + M) + T M (K + V))) or "recurrent" (token by token: the decode step).
+    `form`: "chunk" (pass 1 on gsa_chunk.py's Triton kernels, pass 2 on the engine's, forward and backward;
+    O(T C (K + M) + T M (K + V))) or "recurrent" (token by token: the decode step).
     """
     check_choice("form", form, FORMS)
     check_scale(scale)
@@ -107,10 +107,8 @@ def gsa(q, k, v, s, g, *, scale=None, initial_state_k=None, initial_state_v=None
     check_choice("output_final_state", output_final_state, (True, False))
     _check(q, k, v, s, g, initial_state_k, initial_state_v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (q, k, v, s, g, initial_state_k, initial_state_v))
     if form == "chunk":
-        if needs_grad or q.dtype == torch.float64:
+        if q.dtype == torch.float64:
             ok, hk = _pass1_chunk(q, k, s, g, scale, initial_state_k, chunk_size)
         else:
             ok, hk = gsa_pass1_forward(q, k, s, g, scale, initial_state_k)

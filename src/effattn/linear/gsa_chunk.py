@@ -1,15 +1,18 @@
-"""Triton forward of gated slot attention's pass 1 (gsa.py's module docstring has the math): the recurrence
-hk_t = hk_{t-1} Diag(e^{g_t}) + k_t^T s_t, o'_t = scale * q_t hk_t, whose gate acts on the slot (value-side)
-columns, which the engine's kernels do not gate. Two launches:
+"""Triton forward and backward of gated slot attention's pass 1 (gsa.py's module docstring has the math): the
+recurrence hk_t = hk_{t-1} Diag(e^{g_t}) + k_t^T s_t, o'_t = scale * q_t hk_t, whose gate acts on the slot
+(value-side) columns, which the engine's kernels do not gate. The forward is two launches:
 
 1. `_gsa_pass1_prep`, one program per (chunk, sequence, head), all chunks at once: the intra-chunk output
    sum_{j<=i} (q_i . k_j) s_j e^{Gc_i - Gc_j} `[C, M]` (pairwise decays, masked before exp, over slices of the
    slots), e^{Gc} `[C, M]`, the writes decayed to the chunk's end s e^{Gc_C - Gc} and e^{Gc_C} `[M]`.
 2. `_gsa_pass1_scan`, one program per (slot block, sequence, head), chunks in order with hk `[K, BM]` in
-   registers: o' = scale ((q hk) e^{Gc} + intra), hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}).
+   registers: o' = scale ((q hk) e^{Gc} + intra), hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}); under autograd
+   it also stores hk at every chunk's start.
 
-Pass 1's chunk is its own (16 tokens: `[C, C, 16]` temporaries), whatever chunk pass 2 runs with. Forward only:
-`gsa` uses it where no gradient is needed and differentiates the PyTorch chunk form otherwise.
+The backward (`_GsaPass1`) is two launches and a cumsum: `_gsa_pass1_bwd_scan` walks the chunks in reverse for
+the state gradient after each, `_gsa_pass1_bwd_chunk` computes dq, dk, ds of all chunks at once, and the gate's
+gradient is a reverse cumsum. Pass 1's chunk is its own (16 tokens: `[C, C, 16]` temporaries), whatever chunk
+pass 2 runs with.
 """
 from __future__ import annotations
 
@@ -54,8 +57,9 @@ def _gsa_pass1_prep(q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C: tl.constexpr,
 
 
 @triton.jit
-def _gsa_pass1_scan(q, k, o, h0, ht, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
-                    BM: tl.constexpr, SM: tl.constexpr, USE_H0: tl.constexpr, DOT_PREC: tl.constexpr):
+def _gsa_pass1_scan(q, k, o, h0, ht, HS, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
+                    BM: tl.constexpr, SM: tl.constexpr, USE_H0: tl.constexpr, STORE_STATES: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
     im, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
     rows = tl.arange(0, C)
@@ -65,6 +69,8 @@ def _gsa_pass1_scan(q, k, o, h0, ht, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: t
     base_m = bb * T * H * M + h * M
     for n in range(NT):
         chunk = bh * NT + n
+        if STORE_STATES:  # hk at the chunk's start, for the backward: [NT, B H, K, M], SS = B H K M
+            tl.store(HS + n * SS + p_state, hk, mask=m_km)
         p = (chunk * C + rows[:, None]) * BM + om[None, :]
         t = n * C + rows
         qn = _rows(q + base_k, n * C, T, 0, C, BK, K, H * K)
@@ -77,8 +83,82 @@ def _gsa_pass1_scan(q, k, o, h0, ht, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: t
     tl.store(ht + p_state, hk, mask=m_km)
 
 
-def gsa_pass1_forward(q, k, s, g, scale: float, initial_state_k):
-    """o' `[B, T, H, M]` float32 and the final hk `[B, H, K, M]` float32 (inputs checked by `gsa`)."""
+@triton.jit
+def _gsa_pass1_bwd_scan(q, do, dht, dh0, DHS, SS, Eb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
+                        BM: tl.constexpr, SM: tl.constexpr, USE_DHT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Chunks in reverse with dhk `[K, SM]` in registers: stores each chunk's dhk after it (DHS, `[NT, B H, K,
+    M]`), then dhk <- dhk e^{Gc_C} + scale q^T (do' e^{Gc}); the last is the initial state's gradient."""
+    im, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    rows = tl.arange(0, C)
+    om = im * SM + tl.arange(0, SM)
+    dhk, p_state, m_km = _state_block(dht, bh, K, M, im * SM, BK, SM, USE_DHT)
+    base_k = bb * T * H * K + h * K
+    base_m = bb * T * H * M + h * M
+    for i in range(NT):
+        n = NT - 1 - i
+        chunk = bh * NT + n
+        tl.store(DHS + n * SS + p_state, dhk, mask=m_km)
+        p = (chunk * C + rows[:, None]) * BM + om[None, :]
+        t = n * C + rows
+        qn = _rows(q + base_k, n * C, T, 0, C, BK, K, H * K)
+        don = tl.load(do + base_m + t[:, None] * (H * M) + om[None, :], mask=(t[:, None] < T) & (om[None, :] < M),
+                      other=0.0)
+        dhk = tl.dot(tl.trans(qn), scale * don * tl.load(Eb + p),
+                     dhk * tl.load(Lb + chunk * BM + om)[None, :], input_precision=DOT_PREC)
+    tl.store(dh0 + p_state, dhk, mask=m_km)
+
+
+@triton.jit
+def _gsa_pass1_bwd_chunk(q, k, s, g, do, dq, dk, ds, HS, DHS, SS, T, H, K, M, NT, scale, C: tl.constexpr,
+                         BK: tl.constexpr, SL: tl.constexpr, BM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dq, dk, ds of one chunk from hk at its start (HS) and dhk after it (DHS), slots in slices of SL:
+    dq_i = scale [hk (do'_i e^{Gc_i}) + sum_{j<=i} D_ij k_j], D_ij = sum_m do'_im s_jm e^{Gc_im - Gc_jm};
+    dk_j = scale sum_{i>=j} D_ij q_i + dhk (s_j e^{Gc_C - Gc_j});
+    ds_jm = scale sum_{i>=j} (q_i . k_j) do'_im e^{Gc_im - Gc_jm} + (k_j dhk)_m e^{Gc_Cm - Gc_jm}."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    t0 = n * C
+    base_k = bb * T * H * K + h * K
+    base_m = bb * T * H * M + h * M
+    rows = tl.arange(0, C)
+    causal = rows[:, None] >= rows[None, :]
+    ok = tl.arange(0, BK)
+    qn = _rows(q + base_k, t0, T, 0, C, BK, K, H * K)
+    kn = _rows(k + base_k, t0, T, 0, C, BK, K, H * K)
+    A = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)  # q_i . k_j, j <= i
+    D = tl.zeros([C, C], tl.float32)
+    dq_acc = tl.zeros([C, BK], tl.float32)
+    dk_acc = tl.zeros([C, BK], tl.float32)
+    t = t0 + rows
+    for ch in tl.static_range(0, BM, SL):
+        om = ch + tl.arange(0, SL)
+        gc = tl.cumsum(_rows(g + base_m, t0, T, ch, C, SL, M, H * M), 0)
+        ss = _rows(s + base_m, t0, T, ch, C, SL, M, H * M)
+        dos = _rows(do + base_m, t0, T, ch, C, SL, M, H * M)
+        last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
+        decay = tl.exp(tl.where(causal[:, :, None], gc[:, None, :] - gc[None, :, :], float("-inf")))  # [i, j, m]
+        D += tl.sum(dos[:, None, :] * ss[None, :, :] * decay, 2)
+        ds_intra = tl.sum(A[:, :, None] * dos[:, None, :] * decay, 0)  # [j, m]
+        m_km = (ok[:, None] < K) & (om[None, :] < M)
+        p_km = (bh * K + ok[:, None]) * M + om[None, :]
+        hk = tl.load(HS + n * SS + p_km, mask=m_km, other=0.0)  # [BK, SL]
+        dhk = tl.load(DHS + n * SS + p_km, mask=m_km, other=0.0)
+        to_end = tl.exp(last[None, :] - gc)
+        dq_acc = tl.dot(dos * tl.exp(gc), tl.trans(hk), dq_acc, input_precision=DOT_PREC)
+        dk_acc = tl.dot(ss * to_end, tl.trans(dhk), dk_acc, input_precision=DOT_PREC)
+        ds_j = scale * ds_intra + tl.dot(kn, dhk, input_precision=DOT_PREC) * to_end
+        tl.store(ds + base_m + t[:, None] * (H * M) + om[None, :], ds_j, mask=(t[:, None] < T) & (om[None, :] < M))
+    dq_acc = scale * (dq_acc + tl.dot(D, kn, input_precision=DOT_PREC))
+    dk_acc = dk_acc + scale * tl.dot(tl.trans(D), qn, input_precision=DOT_PREC)
+    m_tk = (t[:, None] < T) & (ok[None, :] < K)
+    tl.store(dq + base_k + t[:, None] * (H * K) + ok[None, :], dq_acc, mask=m_tk)
+    tl.store(dk + base_k + t[:, None] * (H * K) + ok[None, :], dk_acc, mask=m_tk)
+
+
+def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
+    """Launch the prep and the scan: (o' `[B, T, H, M]`, final hk `[B, H, K, M]`, chunk-start states
+    `[NT, B H, K, M]` or None, and the prep's buffers the backward reuses), all float32."""
     B, T, H, K = q.shape
     M = s.shape[-1]
     C = CHUNK
@@ -87,15 +167,71 @@ def gsa_pass1_forward(q, k, s, g, scale: float, initial_state_k):
     f32 = dict(dtype=torch.float32, device=q.device)
     Ib, Eb, Sb = (torch.empty(B * H, NT, C, BM, **f32) for _ in range(3))  # fully written by the prep
     Lb = torch.empty(B * H, NT, BM, **f32)
-    q, k, s, g = (t.contiguous() for t in (q, k, s, g))
     prec = dot_precision(torch.float32)
     _gsa_pass1_prep[(NT, B * H)](q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C=C, BK=BK, BM=BM, SL=min(SLICE, BM),
                                  DOT_PREC=prec, num_warps=4)
     o = empty_output((B, T, H, M), torch.float32, q.device)
     ht = empty_output((B, H, K, M), torch.float32, q.device)
+    hs = torch.empty(NT, B * H, K, M, **f32) if store_states else None
     SM = min(BM, 32)
+    _gsa_pass1_scan[(triton.cdiv(M, SM), B * H)](q, k, o, h0, ht, hs, B * H * K * M, Ib, Eb, Sb, Lb, T, H, K, M, NT,
+                                                  float(scale), C=C, BK=BK, BM=BM, SM=SM, USE_H0=h0 is not None,
+                                                  STORE_STATES=store_states, DOT_PREC=prec, num_warps=4,
+                                                  num_stages=2)
+    return o, ht, hs, (Eb, Lb)
+
+
+class _GsaPass1(torch.autograd.Function):
+    """Pass 1 with its Triton backward: a reverse scan for dhk after every chunk, then dq, dk, ds for all chunks
+    at once, and dg = reverse cumsum over T of (o' do' - s ds) plus sum_k hk_T dhk_T (every term of o'_t carries
+    e^{G_t}, every use of s_j e^{-G_j}, the final state e^{G_T})."""
+
+    @staticmethod
+    def forward(ctx, q, k, s, g, h0, scale):
+        q, k, s, g = (t.contiguous() for t in (q, k, s, g))
+        h0 = None if h0 is None else h0.to(torch.float32).contiguous()
+        o, ht, hs, (Eb, Lb) = _pass1(q, k, s, g, scale, h0, store_states=True)
+        ctx.save_for_backward(q, k, s, g, o, ht, hs, Eb, Lb)
+        ctx.scale, ctx.has_h0 = scale, h0 is not None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, s, g, o, ht, hs, Eb, Lb = ctx.saved_tensors
+        B, T, H, K = q.shape
+        M = s.shape[-1]
+        C, NT = CHUNK, triton.cdiv(T, CHUNK)
+        BK, BM = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(M))
+        prec = dot_precision(torch.float32)
+        do = torch.zeros_like(o) if do is None else do.to(torch.float32).contiguous()
+        dht = None if dht is None else dht.to(torch.float32).contiguous()
+        dhs = torch.empty(NT, B * H, K, M, dtype=torch.float32, device=q.device)
+        dh0 = empty_output((B, H, K, M), torch.float32, q.device)
+        SM = min(BM, 32)
+        _gsa_pass1_bwd_scan[(triton.cdiv(M, SM), B * H)](q, do, dht, dh0, dhs, B * H * K * M, Eb, Lb, T, H, K, M, NT,
+                                                          float(ctx.scale), C=C, BK=BK, BM=BM, SM=SM,
+                                                          USE_DHT=dht is not None, DOT_PREC=prec, num_warps=4,
+                                                          num_stages=2)
+        dq = empty_output((B, T, H, K), torch.float32, q.device)
+        dk = empty_output((B, T, H, K), torch.float32, q.device)
+        ds = empty_output((B, T, H, M), torch.float32, q.device)
+        _gsa_pass1_bwd_chunk[(NT, B * H)](q, k, s, g, do, dq, dk, ds, hs, dhs, B * H * K * M, T, H, K, M, NT,
+                                          float(ctx.scale), C=C, BK=BK, SL=min(SLICE, BM), BM=BM, DOT_PREC=prec,
+                                          num_warps=8)  # sm_90a, K = M = 64: 112 spilled bytes (296 at 4 warps)
+        term = o * do - s.to(torch.float32) * ds
+        dg = term.flip(1).cumsum(1).flip(1)
+        if dht is not None:
+            dg = dg + (ht * dht).sum(2).unsqueeze(1)  # [B, 1, H, M]
+        return (dq.to(q.dtype), dk.to(k.dtype), ds.to(s.dtype), dg.to(g.dtype), dh0 if ctx.has_h0 else None,
+                None)
+
+
+def gsa_pass1_forward(q, k, s, g, scale: float, initial_state_k):
+    """o' `[B, T, H, M]` float32 and the final hk `[B, H, K, M]` float32 (inputs checked by `gsa`);
+    differentiable in q, k, s, g and the initial state through the Triton backward."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, s, g, initial_state_k)):
+        return _GsaPass1.apply(q, k, s, g, initial_state_k, float(scale))
+    q, k, s, g = (t.contiguous() for t in (q, k, s, g))
     h0 = None if initial_state_k is None else initial_state_k.to(torch.float32).contiguous()
-    _gsa_pass1_scan[(triton.cdiv(M, SM), B * H)](q, k, o, h0, ht, Ib, Eb, Sb, Lb, T, H, K, M, NT, float(scale), C=C,
-                                                  BK=BK, BM=BM, SM=SM, USE_H0=h0 is not None, DOT_PREC=prec,
-                                                  num_warps=4, num_stages=2)
+    o, ht, _, _ = _pass1(q, k, s, g, scale, h0, store_states=False)
     return o, ht
