@@ -81,8 +81,10 @@ def affine_scan(M, R, h0, *, matrix: bool):
     return torch.cat([h0.unsqueeze(-3), ends[..., :-1, :, :]], dim=-3), ends[..., -1, :, :]
 
 
-def _chunk(r, w, k, v, a, b, scale, h0, C):
-    """The chunkwise form (module docstring) in float32/float64; returns o `[B, T, H, V]`, final state."""
+def chunk_torch(r, w, k, v, a, b, scale, h0, C):
+    """The chunkwise form (module docstring) in PyTorch, float32/float64, differentiable by autograd; returns
+    o `[B, T, H, V]`, final state. Layers call it directly on CPU, where the Triton forward only has the
+    interpreter."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     acc = torch.float64 if r.dtype == torch.float64 else torch.float32
@@ -207,7 +209,7 @@ def rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, output_final_stat
             and chunk_size & (chunk_size - 1) == 0:
         o, state = rwkv7_chunk_forward(r, w, k, v, a, b, scale, initial_state, chunk_size)
     elif form == "chunk":
-        o, state = _chunk(r, w, k, v, a, b, scale, initial_state, chunk_size)
+        o, state = chunk_torch(r, w, k, v, a, b, scale, initial_state, chunk_size)
     else:
         o, state = _recurrent(r, w, k, v, a, b, scale, initial_state)
     o = o.to(v.dtype)

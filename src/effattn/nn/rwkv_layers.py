@@ -15,7 +15,8 @@ normalise per head (GroupNorm, eps 64e-5 as in the RWKV code) and gate the outpu
 
 Caches hold the state `[B, H, K, V]`, the last token `[B, dim]` (token shift) and the offset. RWKV6 runs the
 engine through `effattn.nn.recurrence` (Triton on GPU, the PyTorch chunk form on CPU); RWKV7 the chunkwise
-rwkv7 form, and its one-token steps without autograd the fused recurrent decoding kernel.
+rwkv7 form (likewise the PyTorch one on CPU), and its one-token steps without autograd the fused recurrent
+decoding kernel.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linear.rwkv6 import read_before_write
+from .._triton_mode import interpreting
+from ..linear.rwkv7 import chunk_torch as rwkv7_chunk_torch
 from ..linear.rwkv7 import fused_recurrent_rwkv7, rwkv7
 from ..validate import check_positive_int
 from .common import CachedLayer, layer_dims, split_heads
@@ -130,10 +133,16 @@ class RWKV7TimeMix(_TimeMix):
         kappa = F.normalize(split_heads(k * self.k_k, self.heads), dim=-1)
         k = k * (1 + (alpha - 1) * self.k_a)
         r, k, v, alpha = (split_heads(t, self.heads) for t in (r, k, v, alpha))
-        # decoding one token without autograd: the fused recurrent kernel (state read and written once)
-        op = fused_recurrent_rwkv7 if x.shape[1] == 1 and not torch.is_grad_enabled() and x.dtype != torch.float64 \
-            else rwkv7
-        o, state = op(r, split_heads(w.to(x.dtype), self.heads), k, v, -kappa, kappa * alpha, scale=1.0,
-                      initial_state=None if cache is None else cache["state"], output_final_state=True)
+        # decoding one token without autograd: the fused recurrent kernel (state read and written once); on CPU
+        # under Triton's interpreter, sequences take the PyTorch chunk form, as the engine's layers do
+        w, a, b = split_heads(w.to(x.dtype), self.heads), -kappa, kappa * alpha
+        state = None if cache is None else cache["state"]
+        if x.shape[1] == 1 and not torch.is_grad_enabled() and x.dtype != torch.float64:
+            o, state = fused_recurrent_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=state, output_final_state=True)
+        elif not x.is_cuda and interpreting():
+            o, state = rwkv7_chunk_torch(r, w, k, v, a, b, 1.0, state, 16)
+            o = o.to(x.dtype)
+        else:
+            o, state = rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=state, output_final_state=True)
         y = self._norm(o.flatten(2)) + ((r * k * self.r_k).sum(-1, keepdim=True) * v).flatten(2)
         return self.o_proj(y * g), {"state": state, "shift": x[:, -1]}
