@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ..hardware._flash_common import dot_precision
-from .rwkv7_chunk import _rows, _state_block
+from .rwkv7_chunk import _rows, _state_block, block, chunk_buffers, float32_state
 
 CHUNK = 16
 SLICE = 16  # slots per step of the pairwise products (sm_90a, K = M = 64: prep 126, scan 210 registers, no spills)
@@ -57,16 +57,22 @@ def _gsa_pass1_prep(q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C: tl.constexpr,
 
 
 @triton.jit
+def _slot_scan_start(h0, T, H, K, M, BK: tl.constexpr, SM: tl.constexpr, USE_H0: tl.constexpr):
+    """A scan program's share, one (slot block, sequence-head): bh, its slot columns `[SM]`, its state block
+    `[BK, SM]` from h0 (or zeros) with that block's offsets and mask, and the row bases of `[B, T, H, K]` and
+    `[B, T, H, M]` tensors."""
+    im, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    state, p_state, m_km = _state_block(h0, bh, K, M, im * SM, BK, SM, USE_H0)
+    return bh, im * SM + tl.arange(0, SM), state, p_state, m_km, bb * T * H * K + h * K, bb * T * H * M + h * M
+
+
+@triton.jit
 def _gsa_pass1_scan(q, k, o, h0, ht, HS, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
                     BM: tl.constexpr, SM: tl.constexpr, USE_H0: tl.constexpr, STORE_STATES: tl.constexpr,
                     DOT_PREC: tl.constexpr):
-    im, bh = tl.program_id(0), tl.program_id(1)
-    bb, h = bh // H, bh % H
+    bh, om, hk, p_state, m_km, base_k, base_m = _slot_scan_start(h0, T, H, K, M, BK, SM, USE_H0)
     rows = tl.arange(0, C)
-    om = im * SM + tl.arange(0, SM)
-    hk, p_state, m_km = _state_block(h0, bh, K, M, im * SM, BK, SM, USE_H0)
-    base_k = bb * T * H * K + h * K
-    base_m = bb * T * H * M + h * M
     for n in range(NT):
         chunk = bh * NT + n
         if STORE_STATES:  # hk at the chunk's start, for the backward: [NT, B H, K, M], SS = B H K M
@@ -88,13 +94,8 @@ def _gsa_pass1_bwd_scan(q, do, dht, dh0, DHS, SS, Eb, Lb, T, H, K, M, NT, scale,
                         BM: tl.constexpr, SM: tl.constexpr, USE_DHT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Chunks in reverse with dhk `[K, SM]` in registers: stores each chunk's dhk after it (DHS, `[NT, B H, K,
     M]`), then dhk <- dhk e^{Gc_C} + scale q^T (do' e^{Gc}); the last is the initial state's gradient."""
-    im, bh = tl.program_id(0), tl.program_id(1)
-    bb, h = bh // H, bh % H
+    bh, om, dhk, p_state, m_km, base_k, base_m = _slot_scan_start(dht, T, H, K, M, BK, SM, USE_DHT)
     rows = tl.arange(0, C)
-    om = im * SM + tl.arange(0, SM)
-    dhk, p_state, m_km = _state_block(dht, bh, K, M, im * SM, BK, SM, USE_DHT)
-    base_k = bb * T * H * K + h * K
-    base_m = bb * T * H * M + h * M
     for i in range(NT):
         n = NT - 1 - i
         chunk = bh * NT + n
@@ -156,16 +157,21 @@ def _gsa_pass1_bwd_chunk(q, k, s, g, do, dq, dk, ds, HS, DHS, SS, T, H, K, M, NT
     tl.store(dk + base_k + t[:, None] * (H * K) + ok[None, :], dk_acc, mask=m_tk)
 
 
-def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
-    """Launch the prep and the scan: (o' `[B, T, H, M]`, final hk `[B, H, K, M]`, chunk-start states
-    `[NT, B H, K, M]` or None, and the prep's buffers the backward reuses), all float32."""
+def _dims(q, s):
+    """(B, T, H, K, M, NT, BK, BM) of pass 1 on q `[B, T, H, K]`, s `[B, T, H, M]`."""
     B, T, H, K = q.shape
     M = s.shape[-1]
+    return B, T, H, K, M, triton.cdiv(T, CHUNK), block(K), block(M)
+
+
+def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
+    """Launch the prep and the scan on contiguous q, k, s, g: (o' `[B, T, H, M]`, final hk `[B, H, K, M]`,
+    chunk-start states `[NT, B H, K, M]` or None, and the prep's buffers the backward reuses), all float32."""
+    B, T, H, K, M, NT, BK, BM = _dims(q, s)
     C = CHUNK
-    NT = triton.cdiv(T, C)
-    BK, BM = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(M))
+    h0 = float32_state(h0)
     f32 = dict(dtype=torch.float32, device=q.device)
-    Ib, Eb, Sb = (torch.empty(B * H, NT, C, BM, **f32) for _ in range(3))  # fully written by the prep
+    Ib, Eb, Sb = chunk_buffers(B * H, NT, C, (BM,) * 3, q.device)
     Lb = torch.empty(B * H, NT, BM, **f32)
     prec = dot_precision(torch.float32)
     _gsa_pass1_prep[(NT, B * H)](q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C=C, BK=BK, BM=BM, SL=min(SLICE, BM),
@@ -189,7 +195,6 @@ class _GsaPass1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, s, g, h0, scale):
         q, k, s, g = (t.contiguous() for t in (q, k, s, g))
-        h0 = None if h0 is None else h0.to(torch.float32).contiguous()
         o, ht, hs, (Eb, Lb) = _pass1(q, k, s, g, scale, h0, store_states=True)
         ctx.save_for_backward(q, k, s, g, o, ht, hs, Eb, Lb)
         ctx.scale, ctx.has_h0 = scale, h0 is not None
@@ -198,13 +203,11 @@ class _GsaPass1(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, s, g, o, ht, hs, Eb, Lb = ctx.saved_tensors
-        B, T, H, K = q.shape
-        M = s.shape[-1]
-        C, NT = CHUNK, triton.cdiv(T, CHUNK)
-        BK, BM = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(M))
+        B, T, H, K, M, NT, BK, BM = _dims(q, s)
+        C = CHUNK
         prec = dot_precision(torch.float32)
         do = torch.zeros_like(o) if do is None else do.to(torch.float32).contiguous()
-        dht = None if dht is None else dht.to(torch.float32).contiguous()
+        dht = float32_state(dht)
         dhs = torch.empty(NT, B * H, K, M, dtype=torch.float32, device=q.device)
         dh0 = empty_output((B, H, K, M), torch.float32, q.device)
         SM = min(BM, 32)
@@ -232,6 +235,5 @@ def gsa_pass1_forward(q, k, s, g, scale: float, initial_state_k):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, s, g, initial_state_k)):
         return _GsaPass1.apply(q, k, s, g, initial_state_k, float(scale))
     q, k, s, g = (t.contiguous() for t in (q, k, s, g))
-    h0 = None if initial_state_k is None else initial_state_k.to(torch.float32).contiguous()
-    o, ht, _, _ = _pass1(q, k, s, g, scale, h0, store_states=False)
+    o, ht, _, _ = _pass1(q, k, s, g, scale, initial_state_k, store_states=False)
     return o, ht

@@ -146,6 +146,21 @@ def _rwkv7_chunk_scan(v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, 
     tl.store(ht + p_state, state, mask=m_kv)
 
 
+def block(d: int) -> int:
+    """The power-of-two tile width (at least 16, for tl.dot) that covers d channels."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def chunk_buffers(n_bh: int, NT: int, C: int, widths, device) -> list[torch.Tensor]:
+    """Float32 per-chunk buffers `[n_bh, NT, C, width]`, one per width, that a prep kernel fills entirely."""
+    return [torch.empty(n_bh, NT, C, w, dtype=torch.float32, device=device) for w in widths]
+
+
+def float32_state(h0):
+    """An initial state (or its gradient) as the scans read it: contiguous float32, or None."""
+    return None if h0 is None else h0.to(torch.float32).contiguous()
+
+
 def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_size: int):
     """o `[B, T, H, V]` in v's dtype and the final state `[B, H, K, V]` float32 (inputs checked by `rwkv7`;
     chunk_size a power of two >= 16)."""
@@ -153,20 +168,17 @@ def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_siz
     V = v.shape[-1]
     C = chunk_size
     NT = triton.cdiv(T, C)
-    BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
-    f32 = dict(dtype=torch.float32, device=r.device)
-    Wb, Qb, Bb, Kb = (torch.empty(B * H, NT, C, BK, **f32) for _ in range(4))  # fully written by the prep
-    Ub, Ib = (torch.empty(B * H, NT, C, BV, **f32) for _ in range(2))
-    Lb = torch.empty(B * H, NT, BK, **f32)
-    c = lambda t: t.contiguous()  # noqa: E731
-    r, w, k, v, a, b = (c(t) for t in (r, w, k, v, a, b))
+    BK, BV = block(K), block(V)
+    Wb, Qb, Bb, Kb, Ub, Ib = chunk_buffers(B * H, NT, C, (BK,) * 4 + (BV,) * 2, r.device)
+    Lb = torch.empty(B * H, NT, BK, dtype=torch.float32, device=r.device)
+    r, w, k, v, a, b = (t.contiguous() for t in (r, w, k, v, a, b))
     prec = dot_precision(torch.float32)
     _rwkv7_chunk_prep[(NT, B * H)](r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, C=C, BK=BK, BV=BV,
                                    SL=min(SLICE, BK), DOT_PREC=prec, num_warps=8)
     o = empty_output((B, T, H, V), v.dtype, v.device)
     ht = empty_output((B, H, K, V), torch.float32, v.device)
     SV = min(BV, 32)  # sm_90a, K = V = 64, C = 16: no spills at 32 value columns and 4 warps (255 registers at 64)
-    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    h0 = float32_state(initial_state)
     _rwkv7_chunk_scan[(triton.cdiv(V, SV), B * H)](v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT,
                                                     float(scale), C=C, BK=BK, BV=BV, SV=SV, USE_H0=h0 is not None,
                                                     DOT_PREC=prec, num_warps=4, num_stages=2)
