@@ -80,6 +80,7 @@ def main() -> None:
     start = time.time()
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "H": H, "B": 1, "dtype": "bf16", "command": " ".join(sys.argv), "rows": []}
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "catalog_fla.json")
 
     def save():

@@ -67,10 +67,18 @@ def correctness() -> list[dict]:
              (torch.float16, dict(causal=True, window=64, return_lse=True))]
     cases += [(torch.bfloat16, dict(causal=False, block_mask=bm, return_lse=True)) for bm in masks]
     # the first candidates (this process runs untuned), then the one-warpgroup tiles the tuner picks for short
-    # programs: block-sparse programs of half a mask block's rows, in 64-key steps under 128-key blocks
-    for pin in ("", "fwd=64,64,4,3,1;dkdv=64,64,4,2;dq=64,32,4,3"):
-        os.environ["EFFATTN_FLASH_CONFIGS"] = pin
+    # programs: block-sparse forward programs of half a mask block's rows, in 64-key steps under 128-key
+    # blocks; the block-sparse backward keeps the mask's key block (dK/dV) and query block (dQ)
+    def pinned(opts):
+        if "block_mask" not in opts:
+            return "fwd=64,64,4,3,1;dkdv=64,64,4,2;dq=64,32,4,3"
+        bm, bn = opts["block_mask"].block
+        return f"fwd=64,64,4,3,1;dkdv={bm // 2},{bn},4,2;dq={bm},{bn // 2},8,3"
+
+    for pin_all in (False, True):
         for dtype, opts in cases:
+            pin = pinned(opts) if pin_all else ""
+            os.environ["EFFATTN_FLASH_CONFIGS"] = pin
             res = check_method(flash, shape=shape, dtype=dtype, device="cuda", **opts)
             desc = sorted(k if k != "block_mask" else f"block_mask {opts[k].block}" for k in opts)
             out.append(dict(check=f"2x rule {dtype} {desc}" + (f" pinned {pin}" if pin else ""),

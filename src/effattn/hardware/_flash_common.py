@@ -275,5 +275,11 @@ def seqlen_bucket(n: int) -> int:
     return min(next_pow2(max(n, 1)), 16384)
 
 
+def window_bucket(window, left: int, right: int, cols: int) -> int | None:
+    """Tuning key for a sliding window: the keys a row sees, bucketed like sequence lengths (a 1024-key window at
+    N = 16k runs short programs and wants other tiles than causal attention at 16k); None without a window."""
+    return None if window is None else seqlen_bucket(min(cols, left + right + 1))
+
+
 def block_d(d: int) -> int:
     return max(16, next_pow2(d))

@@ -17,7 +17,7 @@ import triton.language as tl
 from .._memory import empty_output
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
                             _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
-                            remember_plan, seqlen_bucket, tuner_env)
+                            remember_plan, seqlen_bucket, tuner_env, window_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -396,7 +396,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
         part[1](q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, cu, *part[0], *sp_q)
 
     key = (D, Dv, q.dtype, arith, bool(softcap), sparse.tuning_class if sparse is not None else None, varlen,
-           seqlen_bucket(max(rows, cols)))
+           seqlen_bucket(max(rows, cols)), window_bucket(window, left, right, cols))
     d = max(D, Dv)
     # dQ first: its launch writes the Delta that dK/dV reads (tuning dQ writes it too, before dK/dV's timing)
     qp = dq_part(pick_config(("dq",) + key, bwd_configs(d, q.dtype, fixed, "dq"), lambda c: run_dq(dq_part(c))))

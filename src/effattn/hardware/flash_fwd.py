@@ -16,7 +16,7 @@ from .._memory import empty_output
 
 from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
                             _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config, remember_plan,
-                            seqlen_bucket, tuner_env)
+                            seqlen_bucket, tuner_env, window_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -322,7 +322,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
                      dict(meta, MASK_M=fixed[0], MASK_N=fixed[1]))
 
     key = ("fwd", D, Dv, q.dtype, arith, bool(softcap), sparse.tuning_class if sparse is not None else None, varlen,
-           seqlen_bucket(rows))
+           seqlen_bucket(rows), window_bucket(window, left, right, max_seqlen if varlen else S))
     configs = [c for c in fwd_configs(max(D, Dv), q.dtype, fixed) if tma_ok or not c[4]]
     plan = plan_of(pick_config(key, configs, lambda c: _launch(plan_of(c), q, k, v, o, lse, cu, sp)))
     if dense:
