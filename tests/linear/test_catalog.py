@@ -169,6 +169,23 @@ def test_rwkv6_matches_reference(form, strong, state):
                             form=form, chunk_size=16)
 
 
+@pytest.mark.parametrize("dtype,T,state", [(torch.bfloat16, 45, True), (torch.float32, 64, False),
+                                           (torch.float16, 7, True)])
+def test_rwkv6_fused_epilogue(monkeypatch, dtype, T, state):
+    """The chunk form's Triton epilogue (shift back + bonus, rwkv_bonus.py) under the 2x rule vs float64, every
+    gradient included, outputs poisoned; rows off the kernel's 32-row blocks, K and V off the 16-wide blocks."""
+    from effattn import _memory
+    from effattn.linear import rwkv_bonus
+
+    ran = []
+    real = rwkv_bonus._ReadBeforeWrite.apply
+    monkeypatch.setattr(rwkv_bonus._ReadBeforeWrite, "apply", lambda *a: ran.append(1) or real(*a))
+    with _memory.poisoned_outputs():
+        check_against_reference(rwkv6, rwkv6_reference, rwkv6_case(T=T, K=20, V=18, state=state), {"scale": 0.5},
+                                dtype=dtype, form="chunk", chunk_size=16)
+    assert ran
+
+
 def test_rwkv6_decode_equals_chunk():
     check_decode(rwkv6, rwkv6_case(T=9, seed=1), {}, "initial_state", split=("u",))
 

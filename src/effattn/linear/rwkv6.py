@@ -12,8 +12,9 @@ is exactly S_t. The engine returns q_t E_t, but RWKV6 reads the state *before* t
     r_t S_{t-1} = r_t E_{t-1}  = (engine output at step t-1 for the query r_t).
 So the engine runs with the queries shifted one step left (q'_j = r_{j+1}, q'_{T-1} = 0, output unused)
 and its output is shifted back; the first token reads the initial state directly, r_0 S_{-1}. The
-current token enters only through the bonus, a per-token diagonal term added outside the kernel:
+current token enters only through the bonus, a per-token diagonal term added outside the engine:
     r_t diag(u) k_t^T v_t = (sum_d r_td u_d k_td) v_t.
+The shift back and the bonus run as one Triton kernel each way (rwkv_bonus.py) on the chunk form.
 (Undoing the decay instead, r_t S_{t-1} = (r_t / e^{w_t}) (E_t - k_t^T v_t), divides by decays that can be
 ~0: the shift is exact and stable.)
 Limit inherited from the engine's vector-gate chunk kernels: the log decay summed over one chunk must stay
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import torch
 
+from .._triton_mode import can_run_triton
 from ..reference import linear_recurrent
 from ..validate import check_choice, check_qkv, check_scale, check_tensor
 from .engine import chunk_gated_linear_attn
+from .rwkv_bonus import bonus_epilogue
 
 FORMS = ("chunk", "recurrent")
 
@@ -67,21 +70,26 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
         acc = torch.promote_types(r.dtype, torch.float32)
         run = lambda q: linear_recurrent(q.to(acc), k.to(acc), v.to(acc), w.to(acc), scale=scale,  # noqa: E731
                                          initial_state=initial_state, output_final_state=True)
-    o, state = read_before_write(run, r, k, v, u, scale=scale, initial_state=initial_state)
+    o, state = read_before_write(run, r, k, v, u, scale=scale, initial_state=initial_state,
+                                 fused=form == "chunk" and r.dtype != torch.float64 and can_run_triton(r))
     return (o, state) if output_final_state else o
 
 
-def read_before_write(run, r, k, v, u, *, scale, initial_state):
+def read_before_write(run, r, k, v, u, *, scale, initial_state, fused=None):
     """RWKV's o_t = r_t (S_{t-1} + diag(u) k_t^T v_t) from a gated recurrence that reads the state after the
     write: `run(q) -> (o, final state)` runs S_t = diag(e^{w_t}) S_{t-1} + k_t^T v_t from initial_state with
     queries q (any engine form, or a layer's dispatcher). Queries go in shifted one step left (module
-    docstring); returns (o `[B, T, H, V]` in v's dtype, final state)."""
+    docstring); returns (o `[B, T, H, V]` in v's dtype, final state). `fused`: the shift back and the bonus in
+    one Triton kernel each way (rwkv_bonus.py); default: on CUDA tensors of 16- or 32-bit floats."""
     o_next, state = run(torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], dim=1))  # q'_j = r_{j+1}
     acc = torch.float64 if r.dtype == torch.float64 else torch.float32
-    if initial_state is None:
-        first = v.new_zeros(v.shape[0], 1, *v.shape[2:], dtype=acc)
-    else:  # r_0 S_{-1}
-        first = (scale * torch.einsum("bhk,bhkv->bhv", r[:, 0].to(acc), initial_state.to(acc))).unsqueeze(1)
+    first = None if initial_state is None else (  # r_0 S_{-1}
+        scale * torch.einsum("bhk,bhkv->bhv", r[:, 0].to(acc), initial_state.to(acc)))
+    if fused is None:
+        fused = r.is_cuda and r.dtype != torch.float64
+    if fused:
+        return bonus_epilogue(o_next, first, r, k, v, u, scale), state
+    first = v.new_zeros(v.shape[0], 1, *v.shape[2:], dtype=acc) if first is None else first.unsqueeze(1)
     past = torch.cat([first, o_next[:, :-1].to(acc)], dim=1)  # r_t S_{t-1}
     bonus = scale * (r.to(acc) * u.to(acc) * k.to(acc)).sum(-1, keepdim=True) * v.to(acc)
     return (past + bonus).to(v.dtype), state

@@ -1,0 +1,121 @@
+"""RWKV's read-before-write epilogue as one Triton kernel each way (used by rwkv6.read_before_write).
+
+RWKV (v5, v6) reads the state before the current token's write and adds the token through a bonus u:
+
+    o_t = r_t S_{t-1} + scale (sum_d r_td u_d k_td) v_t
+
+The engine runs with the queries shifted one step left, so `o_next[t - 1] = r_t S_{t-1}` for t >= 1, and
+`first = r_0 S_{-1}` (zero without an initial state). This module turns (o_next, first, r, k, v, u) into o in one
+pass over the rows, and its backward gives every input's gradient in one pass:
+
+    c_t = scale sum_d r_td u_d k_td,   dc_t = sum_e do_te v_te
+    d o_next[t - 1] = do_t (d o_next[T - 1] = 0),   d first = do_0,   dv_t = c_t do_t,
+    dr_t = scale u k_t dc_t,   dk_t = scale u r_t dc_t,   du = scale sum_{b, t} r_t k_t dc_t.
+
+In PyTorch the same epilogue took six float32 casts, two concatenations and the bonus's products (640 us of a
+1.18 ms forward at B = 1, T = 16k, H = 16, K = V = 64 on the H100, benchmarks/results/catalog_fla_2026-12-06_h100.md),
+and its autograd more in the backward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._memory import empty_output
+
+ROWS = 32  # tokens per program
+
+
+@triton.jit
+def _tiles(r, k, v, u, T, H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """One program's rows: token indices t `[BT]`, row offsets into `[B, T, H, K]` and `[B, T, H, V]` tensors
+    `[BT, BK]` / `[BT, BV]` and their masks, r, k `[BT, BK]`, v `[BT, BV]` and u `[BK]` in float32."""
+    it, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t = it * BT + tl.arange(0, BT)
+    ok, ov = tl.arange(0, BK), tl.arange(0, BV)
+    row = (b * T + t) * H + h
+    p_k, m_k = row[:, None] * K + ok[None, :], (t[:, None] < T) & (ok[None, :] < K)
+    p_v, m_v = row[:, None] * V + ov[None, :], (t[:, None] < T) & (ov[None, :] < V)
+    rr = tl.load(r + p_k, mask=m_k, other=0.0).to(tl.float32)
+    kk = tl.load(k + p_k, mask=m_k, other=0.0).to(tl.float32)
+    vv = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
+    uu = tl.load(u + h * K + ok, mask=ok < K, other=0.0).to(tl.float32)
+    return t, p_k, m_k, p_v, m_v, rr, kk, vv, uu
+
+
+@triton.jit
+def _bonus_fwd(o_next, first, r, k, v, u, o, T, H, K, V, scale, BT: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, USE_FIRST: tl.constexpr):
+    t, p_k, m_k, p_v, m_v, rr, kk, vv, uu = _tiles(r, k, v, u, T, H, K, V, BT, BK, BV)
+    c = scale * tl.sum(rr * kk * uu[None, :], 1)  # [BT]
+    # r_t S_{t-1}: the engine's output one row up (t >= 1), `first` on row 0
+    past = tl.load(o_next + p_v - H * V, mask=m_v & (t[:, None] >= 1), other=0.0).to(tl.float32)
+    if USE_FIRST:
+        ov = tl.arange(0, BV)
+        row0 = tl.load(first + tl.program_id(1) * V + ov, mask=ov < V, other=0.0)
+        past += tl.where(t[:, None] == 0, row0[None, :], 0.0)
+    tl.store(o + p_v, (past + c[:, None] * vv).to(o.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _bonus_bwd(do, r, k, v, u, d_o_next, d_first, dr, dk, dv, du_part, T, H, K, V, scale, BT: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr):
+    t, p_k, m_k, p_v, m_v, rr, kk, vv, uu = _tiles(r, k, v, u, T, H, K, V, BT, BK, BV)
+    dd = tl.load(do + p_v, mask=m_v, other=0.0).to(tl.float32)
+    c = scale * tl.sum(rr * kk * uu[None, :], 1)
+    dc = scale * tl.sum(dd * vv, 1)  # scale folded in: every use below carries it
+    tl.store(dv + p_v, (c[:, None] * dd).to(dv.dtype.element_ty), mask=m_v)
+    tl.store(dr + p_k, (uu[None, :] * kk * dc[:, None]).to(dr.dtype.element_ty), mask=m_k)
+    tl.store(dk + p_k, (uu[None, :] * rr * dc[:, None]).to(dk.dtype.element_ty), mask=m_k)
+    it, bh = tl.program_id(0), tl.program_id(1)
+    ok = tl.arange(0, BK)
+    tl.store(du_part + (it * tl.num_programs(1) + bh) * K + ok, tl.sum(rr * kk * dc[:, None], 0), mask=ok < K)
+    # o_next's row t - 1 fed row t; its last row fed nothing
+    tl.store(d_o_next + p_v - H * V, dd.to(d_o_next.dtype.element_ty), mask=m_v & (t[:, None] >= 1))
+    tl.store(d_o_next + p_v, tl.zeros_like(dd).to(d_o_next.dtype.element_ty), mask=m_v & (t[:, None] == T - 1))
+    ov = tl.arange(0, BV)
+    row0 = tl.sum(tl.where(t[:, None] == 0, dd, 0.0), 0)
+    tl.store(d_first + bh * V + ov, row0, mask=(ov < V) & (it == 0))
+
+
+def _launch_dims(r, v):
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    blk = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731
+    return B, T, H, K, V, (triton.cdiv(T, ROWS), B * H), dict(BT=ROWS, BK=blk(K), BV=blk(V))
+
+
+class _ReadBeforeWrite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o_next, first, r, k, v, u, scale):
+        o_next, r, k, v, u = (t.contiguous() for t in (o_next, r, k, v, u))
+        B, T, H, K, V, grid, blocks = _launch_dims(r, v)
+        o = empty_output(v.shape, v.dtype, v.device)
+        _bonus_fwd[grid](o_next, first if first is not None else o, r, k, v, u, o, T, H, K, V, float(scale),
+                         USE_FIRST=first is not None, **blocks, num_warps=4)
+        ctx.save_for_backward(r, k, v, u)
+        ctx.scale, ctx.has_first, ctx.o_next_dtype = scale, first is not None, o_next.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        r, k, v, u = ctx.saved_tensors
+        B, T, H, K, V, grid, blocks = _launch_dims(r, v)
+        f32 = dict(dtype=torch.float32, device=r.device)
+        d_o_next = empty_output(v.shape, ctx.o_next_dtype, v.device)
+        d_first = empty_output((B, H, V), torch.float32, v.device)
+        dr, dk, dv = (empty_output(t.shape, t.dtype, t.device) for t in (r, k, v))
+        du_part = empty_output((grid[0], B, H, K), **f32)
+        _bonus_bwd[grid](do.contiguous(), r, k, v, u, d_o_next, d_first, dr, dk, dv, du_part, T, H, K, V,
+                         float(ctx.scale), **blocks, num_warps=4)
+        du = du_part.sum((0, 1)).to(u.dtype)
+        return d_o_next, d_first if ctx.has_first else None, dr, dk, dv, du, None
+
+
+def bonus_epilogue(o_next, first, r, k, v, u, scale: float):
+    """o `[B, T, H, V]` (v's dtype) = o_next shifted one row down (`first` `[B, H, V]` float32 on row 0, zeros
+    when None) + scale (r u k summed over channels) v; o_next `[B, T, H, V]`, r, k `[B, T, H, K]`, u `[H, K]`.
+    Differentiable in o_next, first, r, k, v and u."""
+    return _ReadBeforeWrite.apply(o_next, first, r, k, v, u, scale)
