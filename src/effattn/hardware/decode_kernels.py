@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
+from ._flash_common import cdiv
 from .._triton_mode import interpreting
 
 LOG2E = 1.4426950408889634
@@ -281,7 +282,7 @@ def default_config(q: torch.Tensor, segments, n_rows: int) -> dict:
     B, Tq, H, D = q.shape
     Hkv = segments[0].k.shape[2]
     block_m = min(64, max(16, _pow2(n_rows)))
-    programs = B * Hkv * triton.cdiv(n_rows, block_m)
+    programs = B * Hkv * cdiv(n_rows, block_m)
     if q.is_cuda:
         # From the H100 sweeps (benchmarks/results/decode.md). Contiguous caches are memory-bound: the
         # most splits that keep all programs in one wave (a partial second wave costs a tail). Paged
@@ -295,7 +296,7 @@ def default_config(q: torch.Tensor, segments, n_rows: int) -> dict:
         elif paged and programs >= sms:
             target, min_split, block_n, stages = 1, 256, 64, 2
         elif paged:
-            target, min_split, block_n, stages = triton.cdiv(2 * sms, programs), 256, 128, 2
+            target, min_split, block_n, stages = cdiv(2 * sms, programs), 256, 128, 2
         else:
             target, min_split, block_n, stages = sms // programs, 256, 128, 3
         if q.element_size() > 2:  # fp32 tiles of 128 rows overflow shared memory
@@ -303,7 +304,7 @@ def default_config(q: torch.Tensor, segments, n_rows: int) -> dict:
     else:
         target, min_split, block_n, stages = 1, 16, 16, 1
     longest = max(s.max_len for s in segments)
-    splits = max(1, min(target, triton.cdiv(longest, min_split), MAX_SPLITS))
+    splits = max(1, min(target, cdiv(longest, min_split), MAX_SPLITS))
     return dict(block_m=block_m, block_n=block_n, num_splits=splits, num_warps=4 if q.is_cuda else 1,
                 num_stages=stages)
 
@@ -325,8 +326,8 @@ def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tenso
     BLOCK_M, BLOCK_N = cfg["block_m"], cfg["block_n"]
     splits = []
     for seg in segments:
-        split_len = triton.cdiv(max(1, triton.cdiv(seg.max_len, cfg["num_splits"])), BLOCK_N) * BLOCK_N
-        splits.append((split_len, max(1, triton.cdiv(seg.max_len, split_len))))
+        split_len = cdiv(max(1, cdiv(seg.max_len, cfg["num_splits"])), BLOCK_N) * BLOCK_N
+        splits.append((split_len, max(1, cdiv(seg.max_len, split_len))))
     n_total = sum(n for _, n in splits)
     direct = n_total == 1
     o = empty_output((B, Tq, H, Dv), q.dtype, q.device)
@@ -343,7 +344,7 @@ def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tenso
         bt = seg.block_table if seg.block_table is not None else seg.lengths
         n_out = kq.outlier_index.shape[-1] if kq is not None and kq.outlier_index is not None else 0
         oi, ov = (kq.outlier_index, kq.outlier_value) if n_out else (ks, ks)
-        grid = (n, B * Hkv, triton.cdiv(M, BLOCK_M))
+        grid = (n, B * Hkv, cdiv(M, BLOCK_M))
         _decode_split_kernel[grid](
             q, seg.k, seg.v, ks, kq.zero if kq else ks, vs, vq.zero if vq else vs, oi, ov, bt,
             seg.lengths, seg.offsets, totals, po, pl, o, lse,
@@ -365,7 +366,7 @@ def flash_decode(q: torch.Tensor, segments: list[KVSegment], totals: torch.Tenso
         return (o, lse) if return_lse else o
     block_s = _pow2(n_total)
     block_dv = max(16, min(Dv, 8192 // block_s))
-    _decode_merge_kernel[(B * Hkv * M, triton.cdiv(Dv, block_dv))](
+    _decode_merge_kernel[(B * Hkv * M, cdiv(Dv, block_dv))](
         po, pl, o, lse, o.stride(0), o.stride(1), o.stride(2), Tq, Hkv, H, M, n_total,
         G=G, DV=Dv, BLOCK_S=block_s, BLOCK_DV=block_dv, WRITE_LSE=return_lse, num_warps=4 if q.is_cuda else 1)
     return (o, lse) if return_lse else o

@@ -11,10 +11,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from .._memory import empty_output
-from ..hardware._flash_common import dot_precision, pick_config, seqlen_bucket
+from ..hardware._flash_common import cdiv, dot_precision, next_pow2, pick_config, seqlen_bucket
 from ..validate import check_choice, check_cu_seqlens, check_positive_int, check_qkv, check_scale, check_tensor
 from .chunk import _chunk_cumsum, _chunk_output, _state_fwd, _wy_fwd
 from .chunk_bwd import _bwd_dqk, _bwd_dx, _state_bwd, _wy_bwd
@@ -26,27 +25,29 @@ def _prec(t: torch.Tensor):
 
 
 def _bk(K: int) -> int:
-    return max(16, triton.next_power_of_2(K))
+    return max(16, next_pow2(K))
 
 
-def _configs(V: int, kernel: str, K: int = 0, delta_rule: bool = True):
-    """Candidate (BV, num_warps, num_stages[, BK]), the first one used by the interpreter."""
-    bv = [b for b in (16, 32, 64, 128) if b <= max(16, triton.next_power_of_2(V))]
+@functools.lru_cache(maxsize=None)
+def _configs(V: int, kernel: str, K: int = 0, delta_rule: bool = True) -> tuple:
+    """Candidate (BV, num_warps, num_stages[, BK]), the first one used by the interpreter (cached: the
+    launchers ask for them on every call)."""
+    bv = [b for b in (16, 32, 64, 128) if b <= max(16, next_pow2(V))]
     if kernel == "wy":  # a latency-bound forward substitution: try a few warp counts
-        return [(bv[-1] if len(bv) < 3 else bv[2], w, st) for w, st in ((4, 1), (4, 2), (8, 2), (2, 2))]
+        return tuple((bv[-1] if len(bv) < 3 else bv[2], w, st) for w, st in ((4, 1), (4, 2), (8, 2), (2, 2)))
     if kernel == "state":  # sequential over chunks: split V finer to fill the GPU, pipeline the loads
         bks = ([64] if not delta_rule and _bk(K) > 64 else []) + [_bk(K)]  # the split first: tested on CPU
         cands = [(b, w, st, bk) for bk in bks for b in reversed(bv[:3]) for w, st in ((4, 2), (4, 3), (8, 2))]
         if not delta_rule and _bk(K) >= 64:  # 32 key channels a program: twice the programs where one sequence
             # leaves the pass latency-bound (at B = 1, H = 16, 64-channel blocks make 128 programs for 132 SMs)
             cands += [(b, w, st, 32) for b in (32, 16) if b in bv for w, st in ((2, 3), (4, 2))]
-        return cands
+        return tuple(cands)
     # No 8-warp candidates: on the H200 (Triton 3.6), _bwd_dx with 8 warps read shared memory out of bounds
     # inside a dot (compute-sanitizer, fp32 inputs with K = 16..32, V = 32: the quality harness's layers).
     # The unpipelined narrow tiles last, a fallback for large float32 tiles: before _bwd_dqk split Dk, it needed
     # 240-360 KB of shared memory with the others at K = V = 128 (sm_90a; Hopper has 227 KB), 96-128 KB with these.
     pipelined = [(b, w, st) for b in reversed(bv[-2:]) for w, st in ((4, 2), (4, 3))]
-    return pipelined + [(b, 4, 1) for b in reversed(bv[-3:-1])]
+    return tuple(pipelined + [(b, 4, 1) for b in reversed(bv[-3:-1])])
 
 
 def _usable(configs, dtype):
@@ -83,7 +84,7 @@ def _cumsum(g: torch.Tensor, ch: Chunks) -> torch.Tensor:
     KG = g.shape[2] if g.dim() == 3 else 1
     out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     _chunk_cumsum[(ch.start.numel(), H)](g, out, None, ch.start, ch.end, H=H, KG=KG, BT=ch.size,
-                                         BG=max(16, triton.next_power_of_2(KG)), REVERSE=False, NB=0)
+                                         BG=max(16, next_pow2(KG)), REVERSE=False, NB=0)
     return out
 
 
@@ -125,7 +126,7 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
             gate_in = _cumsum(g, ch)
         return (*state_args[:3], gate_in, *state_args[4:]), {"RAW_G": raw}
     # (whether the backward's cumsum exists is part of the key: then the launched variant costs no launch)
-    _tuned("state_fwd", _state_fwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H),
+    _tuned("state_fwd", _state_fwd, lambda bv, bk: (cdiv(V, bv) * cdiv(K, bk), num_seqs, H),
            (*key, gc is not None),
            [(*c, raw) for raw in ((1, 0) if gate == 1 else (0,)) for c in _configs(V, "state", K, delta_rule)],
            *state_args, variant=gate_input, H=H, K=K, V=V, BT=ch.size, GATE=gate, DELTA=delta_rule,
@@ -133,7 +134,7 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
     o = empty_output((T, H, V), q.dtype, q.device)
     a = torch.empty((T, H, ch.size), dtype=q.dtype, device=q.device) if want_grad else None
     BQ = 16 if gate == 2 else ch.size
-    _tuned("output", _chunk_output, lambda bv: (triton.cdiv(V, bv), N * (ch.size // BQ), H), key,
+    _tuned("output", _chunk_output, lambda bv: (cdiv(V, bv), N * (ch.size // BQ), H), key,
            _configs(V, "output"), q, k, x, g_fwd, h, o, a, ch.start, ch.end, scale, H=H, K=K, V=V, BT=ch.size, BQ=BQ,
            BK=BK, GATE=gate, STORE_A=want_grad, PREC=_prec(q))
     return o, ht, (gc, h, w, x, a, aw)
@@ -159,7 +160,7 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
     dxi = dx = torch.empty((T, H, V), **f32) if delta_rule else None
 
     def state_bwd():
-        _tuned("state_bwd", _state_bwd, lambda bv, bk: (triton.cdiv(V, bv) * triton.cdiv(K, bk), num_seqs, H), key,
+        _tuned("state_bwd", _state_bwd, lambda bv, bk: (cdiv(V, bv) * cdiv(K, bk), num_seqs, H), key,
                _configs(V, "state", K, delta_rule), q, k, w, gc, do, dxi, dx, dh, dht, dh0, ch.cu_seqlens, ch.first,
                scale, USE_DHT=dht is not None, **consts)
 
@@ -179,7 +180,7 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
     # dq, dk, dw per key channel: Dk > 64 split over programs of 64 channels, as FLA does (at Dk = 128 in bf16,
     # one program of 128 spilled 0.8-4.2 KB of registers in every candidate: engine_compile --ptxas)
     BK_CHANNELS = min(BK, 64)
-    NK = triton.cdiv(K, BK_CHANNELS)
+    NK = cdiv(K, BK_CHANNELS)
     parts = NK if gate == 1 else 1  # the scalar gate's sums over channels, one part per program
     dq = empty_output(q.shape, q.dtype, q.device)
     dk = torch.empty(k.shape, **f32) if delta_rule else empty_output(k.shape, k.dtype, k.device)
@@ -200,7 +201,7 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
     dg = None
     if gate:
         dg = empty_output(g.shape, g.dtype, g.device)
-        _chunk_cumsum[(N, H)](dgc, dg, dgl, ch.start, ch.end, H=H, KG=KG, BT=BT, BG=max(16, triton.next_power_of_2(KG)),
+        _chunk_cumsum[(N, H)](dgc, dg, dgl, ch.start, ch.end, H=H, KG=KG, BT=BT, BG=max(16, next_pow2(KG)),
                               REVERSE=True, NB=BT // BQ * parts)
     return dq, dk, dv, dg, dbeta, dh0 if want_dh0 else None
 

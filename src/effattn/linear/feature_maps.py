@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output_like
+from ..hardware._flash_common import cdiv
 from .._triton_mode import can_run_triton
 
 _BLOCK = 1024
@@ -36,7 +37,7 @@ def _elu_plus_one_bwd(x_ptr, dy_ptr, dx_ptr, n, BLOCK: tl.constexpr):
 
 def _launch(kernel, out: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
     n = out.numel()
-    kernel[(triton.cdiv(n, _BLOCK),)](*tensors, out, n, BLOCK=_BLOCK)
+    kernel[(cdiv(n, _BLOCK),)](*tensors, out, n, BLOCK=_BLOCK)
     return out
 
 

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
+from ..hardware._flash_common import cdiv, next_pow2
 from .engine import validate_linear
 
 
@@ -64,10 +65,10 @@ def fused_recurrent_gated_linear_attn(q, k, v, g=None, beta=None, *, scale=None,
           else cu_seqlens)
     o = empty_output((B, T, H, V), q.dtype, q.device)
     ht = empty_output((num_seqs, H, K, V), torch.float32, q.device) if output_final_state else None
-    BV = min(32, max(16, triton.next_power_of_2(V)))
+    BV = min(32, max(16, next_pow2(V)))
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    _fused_recurrent[(triton.cdiv(V, BV), num_seqs, H)](
+    _fused_recurrent[(cdiv(V, BV), num_seqs, H)](
         c(q), c(k), c(v), c(g), c(beta), o, c(initial_state), ht, cu, scale, H=H, K=K, V=V,
-        BK=max(16, triton.next_power_of_2(K)), BV=BV, GATE=0 if g is None else g.dim() - 2, DELTA=delta_rule,
+        BK=max(16, next_pow2(K)), BV=BV, GATE=0 if g is None else g.dim() - 2, DELTA=delta_rule,
         HAS_BETA=beta is not None, USE_H0=initial_state is not None, STORE_HT=output_final_state)
     return (o, ht) if output_final_state else o

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
+from ..hardware._flash_common import cdiv, next_pow2
 from ..validate import check_choice, check_positive_int, check_qkv, check_scale, check_tensor
 from .rwkv7_chunk import rwkv7_chunk_forward
 
@@ -176,11 +177,11 @@ def fused_recurrent_rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, o
     V = v.shape[-1]
     o = empty_output((B, T, H, V), v.dtype, v.device)
     ht = empty_output((B, H, K, V), torch.float32, v.device) if output_final_state else None
-    BV = min(32, max(16, triton.next_power_of_2(V)))
+    BV = min(32, max(16, next_pow2(V)))
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    _fused_recurrent_rwkv7[(triton.cdiv(V, BV), B, H)](
+    _fused_recurrent_rwkv7[(cdiv(V, BV), B, H)](
         c(r), c(w), c(k), c(v), c(a), c(b), o, c(initial_state), ht, T, 1.0 if scale is None else float(scale),
-        H=H, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV, USE_H0=initial_state is not None,
+        H=H, K=K, V=V, BK=max(16, next_pow2(K)), BV=BV, USE_H0=initial_state is not None,
         STORE_HT=output_final_state)
     return (o, ht) if output_final_state else o
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ..hardware._flash_common import dot_precision
+from ..hardware._flash_common import cdiv, dot_precision, next_pow2
 
 SLICE = 16  # key channels per step of the pairwise products: [C, C, SLICE] temporaries (sm_90a, K = V = 64,
 # C = 16: the prep at 8 warps compiles to 220 registers without spills; at 4 warps it spills)
@@ -148,7 +148,7 @@ def _rwkv7_chunk_scan(v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, 
 
 def block(d: int) -> int:
     """The power-of-two tile width (at least 16, for tl.dot) that covers d channels."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def chunk_buffers(n_bh: int, NT: int, C: int, widths, device) -> list[torch.Tensor]:
@@ -167,7 +167,7 @@ def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_siz
     B, T, H, K = r.shape
     V = v.shape[-1]
     C = chunk_size
-    NT = triton.cdiv(T, C)
+    NT = cdiv(T, C)
     BK, BV = block(K), block(V)
     Wb, Qb, Bb, Kb, Ub, Ib = chunk_buffers(B * H, NT, C, (BK,) * 4 + (BV,) * 2, r.device)
     Lb = torch.empty(B * H, NT, BK, dtype=torch.float32, device=r.device)
@@ -179,7 +179,7 @@ def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_siz
     ht = empty_output((B, H, K, V), torch.float32, v.device)
     SV = min(BV, 32)  # sm_90a, K = V = 64, C = 16: no spills at 32 value columns and 4 warps (255 registers at 64)
     h0 = float32_state(initial_state)
-    _rwkv7_chunk_scan[(triton.cdiv(V, SV), B * H)](v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT,
+    _rwkv7_chunk_scan[(cdiv(V, SV), B * H)](v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT,
                                                     float(scale), C=C, BK=BK, BV=BV, SV=SV, USE_H0=h0 is not None,
                                                     DOT_PREC=prec, num_warps=4, num_stages=2)
     return o, ht

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
+from ..hardware._flash_common import cdiv, next_pow2
 
 ROWS = 32  # tokens per program
 
@@ -83,8 +84,8 @@ def _bonus_bwd(do, r, k, v, u, d_o_next, d_first, dr, dk, dv, du_part, T, H, K, 
 def _launch_dims(r, v):
     B, T, H, K = r.shape
     V = v.shape[-1]
-    blk = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731
-    return B, T, H, K, V, (triton.cdiv(T, ROWS), B * H), dict(BT=ROWS, BK=blk(K), BV=blk(V))
+    blk = lambda n: max(16, next_pow2(n))  # noqa: E731
+    return B, T, H, K, V, (cdiv(T, ROWS), B * H), dict(BT=ROWS, BK=blk(K), BV=blk(V))
 
 
 class _ReadBeforeWrite(torch.autograd.Function):

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
+from ..hardware._flash_common import next_pow2
 
 
 @triton.jit
@@ -157,7 +158,7 @@ def _launch_fwd(x, R, s0, exp_f: bool):
     pre = empty_output((B, T, 4, H, d), torch.float32, x.device)
     hist = empty_output((B, T, 4, H, d), torch.float32, x.device)
     sT = empty_output((B, 4, H, d), torch.float32, x.device)
-    BD = max(2, triton.next_power_of_2(d))
+    BD = max(2, next_pow2(d))
     _slstm_fwd[(B, H)](x, R, s0, out, pre, hist, sT, T, H, d, BD=BD, EXP_F=exp_f, USE_S0=s0 is not None,
                        num_warps=4 if BD <= 32 else 8)
     return out, sT, pre, hist
@@ -178,7 +179,7 @@ class FusedSLSTM(torch.autograd.Function):
         dx = empty_output((B, T, 4, H, d), torch.float32, pre.device)
         dR = empty_output((B, 4, H, d, d), torch.float32, pre.device)
         ds0 = empty_output((B, 4, H, d), torch.float32, pre.device) if s0 is not None else None
-        BD = max(2, triton.next_power_of_2(d))
+        BD = max(2, next_pow2(d))
         _slstm_bwd[(B, H)](R, s0, pre, hist, dout.contiguous(), None if dsT is None else dsT.contiguous(), dx, dR,
                            ds0, T, H, d, BD=BD, EXP_F=ctx.exp_f, USE_S0=s0 is not None, USE_DST=dsT is not None,
                            num_warps=4 if BD <= 32 else 8)
