@@ -1,8 +1,8 @@
 """Triton forward of RWKV-7's chunkwise form (rwkv7.py's module docstring has the math), in two launches:
 
 1. `_rwkv7_chunk_prep`, one program per (chunk, sequence, head), all chunks at once: the pairwise-decayed
-   products A_ab, A_ak, P_rb, P_rk `[C, C]`, the unit lower-triangular solve for W `[C, K]` and U `[C, V]`, the
-   queries q~ = r e^{Gc} + P_rb W, the intra-chunk output P_rb U + P_rk v, the keys decayed to the chunk's
+   products A_ab, A_ak, P_rb, P_rk `[C, C]`, the unit lower-triangular solve for W `[C, K]` and U `[C, V]` (I - A_ab
+   inverted as a product of log2(C) factors, then two dots), the queries q~ = r e^{Gc} + P_rb W, the intra-chunk output P_rb U + P_rk v, the keys decayed to the chunk's
    end b e^{Gc_C - Gc}, k e^{Gc_C - Gc} and the chunk's total decay e^{Gc_C}; float32 buffers.
 2. `_rwkv7_chunk_scan`, one program per (value block, sequence, head), chunks in order with the state
    `[K, BV]` in registers: u = W h + U, o = scale (q~ h + intra), h <- e^{Gc_C} h + (b e^{Gc_C - Gc})^T u +
@@ -49,10 +49,24 @@ def _state_block(h0, bh, K, N, col0, BK: tl.constexpr, BN: tl.constexpr, USE_H0:
 
 
 @triton.jit
-def _pair(x, y, gx, gy, keep):
-    """sum_d x_id y_jd e^{gx_id - gy_jd} over one channel slice, for (i, j) in keep `[C, C]`, else 0."""
-    e = tl.where(keep[:, :, None], gx[:, None, :] - gy[None, :, :], float("-inf"))
-    return tl.sum(x[:, None, :] * y[None, :, :] * tl.exp(e), 2)
+def _decayed(x, gx, gy, keep):
+    """x_id e^{gx_id - gy_jd} `[C, C, SL]` over one channel slice, for (i, j) in keep `[C, C]`, else 0; summed
+    against y_jd over d it gives the pairwise-decayed product of rows x_i and y_j."""
+    return x[:, None, :] * tl.exp(tl.where(keep[:, :, None], gx[:, None, :] - gy[None, :, :], float("-inf")))
+
+
+@triton.jit
+def _unit_lower_inverse(N, C: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(I - N)^{-1} `[C, C]` of a strictly lower N: N^C = 0, so it is (I + N)(I + N^2)(I + N^4)... with log2(C)
+    factors, 2 log2(C) - 2 dots and no row-by-row substitution (whose C steps each reduce across warps)."""
+    rows = tl.arange(0, C)
+    X = N + tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    P = N
+    for j in tl.static_range(1, 12):  # P = N^(2^j) while 2^j < C (chunks up to 4096 rows)
+        if (1 << j) < C:
+            P = tl.dot(P, P, input_precision=DOT_PREC)
+            X = tl.dot(X, P, X, input_precision=DOT_PREC)
+    return X
 
 
 @triton.jit
@@ -81,22 +95,21 @@ def _rwkv7_chunk_prep(r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, 
         b_s = _rows(b + base_k, t0, T, ch, C, SL, K, sk)
         k_s = _rows(k + base_k, t0, T, ch, C, SL, K, sk)
         r_s = _rows(r + base_k, t0, T, ch, C, SL, K, sk)
-        A_ab += _pair(a_s, b_s, gp, gc, strict)
-        A_ak += _pair(a_s, k_s, gp, gc, strict)
-        P_rb += _pair(r_s, b_s, gc, gc, causal)
-        P_rk += _pair(r_s, k_s, gc, gc, causal)
+        a_d = _decayed(a_s, gp, gc, strict)  # each decay tensor serves two products
+        A_ab += tl.sum(a_d * b_s[None, :, :], 2)
+        A_ak += tl.sum(a_d * k_s[None, :, :], 2)
+        r_d = _decayed(r_s, gc, gc, causal)
+        P_rb += tl.sum(r_d * b_s[None, :, :], 2)
+        P_rk += tl.sum(r_d * k_s[None, :, :], 2)
     # full-width rows
     wf = _rows(w + base_k, t0, T, 0, C, BK, K, sk)
     gc = tl.cumsum(wf, 0)
     af = _rows(a + base_k, t0, T, 0, C, BK, K, sk)
     vf = _rows(v + base_v, t0, T, 0, C, BV, V, sv)
-    Wm = af * tl.exp(gc - wf)  # a e^{Gp}
-    Um = tl.dot(A_ak, vf, input_precision=DOT_PREC)
-    # (I - A_ab) [W, U] = [a e^{Gp}, A_ak v]: A_ab is strictly lower, so row j is final once rows < j are added
-    for j in tl.static_range(C):
-        col = tl.sum(tl.where(rows[None, :] == j, A_ab, 0.0), 1)  # A_ab[:, j]
-        Wm += col[:, None] * tl.sum(tl.where(rows[:, None] == j, Wm, 0.0), 0)[None, :]
-        Um += col[:, None] * tl.sum(tl.where(rows[:, None] == j, Um, 0.0), 0)[None, :]
+    # (I - A_ab) [W, U] = [a e^{Gp}, A_ak v], A_ab strictly lower
+    solve = _unit_lower_inverse(A_ab, C, DOT_PREC)
+    Wm = tl.dot(solve, af * tl.exp(gc - wf), input_precision=DOT_PREC)  # a e^{Gp}
+    Um = tl.dot(solve, tl.dot(A_ak, vf, input_precision=DOT_PREC), input_precision=DOT_PREC)
     rf = _rows(r + base_k, t0, T, 0, C, BK, K, sk)
     q_t = rf * tl.exp(gc) + tl.dot(P_rb, Wm, input_precision=DOT_PREC)
     intra = tl.dot(P_rb, Um, input_precision=DOT_PREC) + tl.dot(P_rk, vf, input_precision=DOT_PREC)
