@@ -1,9 +1,10 @@
 """Triton forward of RWKV-7's chunkwise form (rwkv7.py's module docstring has the math), in two launches:
 
 1. `_rwkv7_chunk_prep`, one program per (chunk, sequence, head), all chunks at once: the pairwise-decayed
-   products A_ab, A_ak, P_rb, P_rk `[C, C]`, the unit lower-triangular solve for W `[C, K]` and U `[C, V]` (I - A_ab
-   inverted as a product of log2(C) factors, then two dots), the queries q~ = r e^{Gc} + P_rb W, the intra-chunk output P_rb U + P_rk v, the keys decayed to the chunk's
-   end b e^{Gc_C - Gc}, k e^{Gc_C - Gc} and the chunk's total decay e^{Gc_C}; float32 buffers.
+   products A_ab, A_ak, P_rb, P_rk `[C, C]`, the unit lower-triangular solve for W `[C, K]` and U `[C, V]`
+   (I - A_ab inverted as a product of log2(C) factors, then two dots), the queries q~ = r e^{Gc} + P_rb W, the
+   intra-chunk output P_rb U + P_rk v, the keys decayed to the chunk's end b e^{Gc_C - Gc}, k e^{Gc_C - Gc}
+   and the chunk's total decay e^{Gc_C}; float32 buffers.
 2. `_rwkv7_chunk_scan`, one program per (value block, sequence, head), chunks in order with the state
    `[K, BV]` in registers: u = W h + U, o = scale (q~ h + intra), h <- e^{Gc_C} h + (b e^{Gc_C - Gc})^T u +
    (k e^{Gc_C - Gc})^T v.
