@@ -124,13 +124,24 @@ def test_gsa_matches_reference(form, strong, state):
                             form=form, chunk_size=16)
 
 
-@pytest.mark.parametrize("dtype,strong,M", [(torch.float32, True, 20), (torch.bfloat16, False, 20),
-                                           (torch.float32, False, 40)])
-def test_gsa_triton_pass1(monkeypatch, dtype, strong, M):
-    """Without gradients pass 1 runs gsa_chunk.py's two Triton kernels (a spy checks they ran), pass 2 the
+# pass 1 works in chunks of 16 tokens, its state passes in super-chunks of 64, on blocks of 32 slots (and 32 keys)
+GSA_PASS1_CASES = [  # dtype, strong, T, K, M, initial states
+    (torch.float32, True, 45, 16, 20, True),  # one partial super-chunk; M = 20: two 16-slot slices
+    (torch.bfloat16, False, 45, 16, 20, True),
+    (torch.float32, False, 83, 16, 40, False),  # 6 chunks: the second super-chunk partial (2 chunks, the last 3
+    #                                             tokens); M = 40: two slot blocks, the second partial
+    (torch.float32, True, 64, 40, 24, True),  # exactly one super-chunk; K = 40: two key blocks, the second partial
+    (torch.float32, False, 9, 16, 20, True),  # T < 16
+    (torch.float32, True, 150, 24, 40, True),  # three super-chunks, the last of 2 chunks, partial
+]
+
+
+@pytest.mark.parametrize("dtype,strong,T,K,M,state", GSA_PASS1_CASES)
+def test_gsa_triton_pass1(monkeypatch, dtype, strong, T, K, M, state):
+    """Without gradients pass 1 runs gsa_chunk.py's Triton kernels (a spy checks they ran), pass 2 the
     engine's: output and both final states vs the float64 reference under the 2x rule, outputs poisoned,
-    T = 45 off pass 1's 16-token chunks, M = 20 (two 16-slot slices of the pairwise products) or 40 (two slot
-    blocks of 32 in the scan, the second partial), initial states; strong gates in float32."""
+    lengths on and off the chunks and super-chunks, slot and key counts off the blocks, with and without initial
+    states; strong gates in float32."""
     module = sys.modules["effattn.linear.gsa"]
     from effattn._memory import poisoned_outputs
     from effattn.testing import compare
@@ -138,9 +149,9 @@ def test_gsa_triton_pass1(monkeypatch, dtype, strong, M):
     calls = []
     real = module.gsa_pass1_forward
     monkeypatch.setattr(module, "gsa_pass1_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x = gsa_case(B=2, T=45, H=2, K=16, V=12, M=M, seed=4, strong=strong)
+    x = gsa_case(B=2, T=T, H=2, K=K, V=12, M=M, seed=4, strong=strong, state=state)
     names = ("q", "k", "v", "s", "g")
-    states = {n: x[n] for n in ("initial_state_k", "initial_state_v")}
+    states = {n: x[n] for n in ("initial_state_k", "initial_state_v") if n in x}
     truth = _gsa_ref_pair(**{n: x[n].double() for n in names}, **{n: t.double() for n, t in states.items()},
                           scale=0.3, output_final_state=True)
     base = _gsa_ref_pair(**{n: x[n].to(dtype) for n in names}, **states, scale=0.3, output_final_state=True)
@@ -152,17 +163,21 @@ def test_gsa_triton_pass1(monkeypatch, dtype, strong, M):
     assert all(r.ok for r in results), "\n".join(map(str, results))
 
 
-@pytest.mark.parametrize("dtype,strong", [(torch.float32, True), (torch.bfloat16, False)])
-def test_gsa_triton_pass1_backward(monkeypatch, dtype, strong):
+@pytest.mark.parametrize("dtype,strong,T,K,M,state", [
+    (torch.float32, True, 45, 16, 40, True), (torch.bfloat16, False, 45, 16, 40, True),
+    (torch.float32, False, 83, 16, 40, True), (torch.float32, True, 64, 40, 24, False),
+    (torch.float32, False, 9, 16, 40, True)])
+def test_gsa_triton_pass1_backward(monkeypatch, dtype, strong, T, K, M, state):
     """Under autograd pass 1 runs gsa_chunk.py's forward (storing the chunk-start states) and its Triton backward:
-    gradients of q, k, v, s, g and both initial states vs the float64 reference (2x rule), T = 45 off the
-    16-token chunks, M = 40 (two slot blocks of 32 in the scans, three slices of 16 in the chunk kernel)."""
+    gradients of q, k, v, s, g and both initial states (when given) vs the float64 reference (2x rule), on most
+    of the forward test's shapes, M = 40 where it had 20 (two slot blocks of 32 in the scans and state passes,
+    three slices of 16 in the chunk kernel); T = 83: the initial state's gradient through two super-chunks."""
     chunk_module = sys.modules["effattn.linear.gsa_chunk"]
     stored = []
     real = chunk_module._pass1
     monkeypatch.setattr(chunk_module, "_pass1", lambda *a, **k: stored.append(k["store_states"]) or real(*a, **k))
-    check_against_reference(_gsa_pair, _gsa_ref_pair, gsa_case(T=45, M=40, seed=5, strong=strong), {"scale": 0.3},
-                            dtype=dtype, form="chunk", chunk_size=16)
+    check_against_reference(_gsa_pair, _gsa_ref_pair, gsa_case(T=T, K=K, M=M, seed=5, strong=strong, state=state),
+                            {"scale": 0.3}, dtype=dtype, form="chunk", chunk_size=16)
     assert True in stored
 
 

@@ -1,18 +1,23 @@
 """Triton forward and backward of gated slot attention's pass 1 (gsa.py's module docstring has the math): the
 recurrence hk_t = hk_{t-1} Diag(e^{g_t}) + k_t^T s_t, o'_t = scale * q_t hk_t, whose gate acts on the slot
-(value-side) columns, which the engine's kernels do not gate. The forward is two launches:
+(value-side) columns, which the engine's kernels do not gate. Tokens go in chunks of C = 16 (the intra-chunk
+products) grouped in super-chunks of S = 64 (the sequential state passes). The forward is three launches:
 
 1. `_gsa_pass1_prep`, one program per (chunk, sequence, head), all chunks at once: the intra-chunk output
    sum_{j<=i} (q_i . k_j) s_j e^{Gc_i - Gc_j} `[C, M]` (pairwise decays, masked before exp, over slices of the
    slots), e^{Gc} `[C, M]`, the writes decayed to the chunk's end s e^{Gc_C - Gc} and e^{Gc_C} `[M]`.
-2. `_gsa_pass1_scan`, one program per (slot block, sequence, head), chunks in order with hk `[K, BM]` in
-   registers: o' = scale ((q hk) e^{Gc} + intra), hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}); under autograd
-   it also stores hk at every chunk's start.
+2. `_gsa_pass1_states`, one program per (slot block, key block, sequence-head): super-chunks in order with a
+   `[32, 32]` block of hk in registers, hk <- hk e^{Gc_S} + k^T (s e^{Gc_S - Gc}) over the super-chunk's 64
+   rows (Gc its own cumulative gates); stores hk at every super-chunk's start and the final state.
+3. `_gsa_pass1_scan`, one program per (slot block, super-chunk, sequence-head), all super-chunks at once: from
+   hk at its super-chunk's start `[K, SM]`, its <= 4 chunks in order, o' = scale ((q hk) e^{Gc} + intra),
+   hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}); under autograd it also stores hk at every chunk's start.
 
-The backward (`_GsaPass1`) is two launches and a cumsum: `_gsa_pass1_bwd_scan` walks the chunks in reverse for
-the state gradient after each, `_gsa_pass1_bwd_chunk` computes dq, dk, ds of all chunks at once, and the gate's
-gradient is a reverse cumsum. Pass 1's chunk is its own (16 tokens: `[C, C, 16]` temporaries), whatever chunk
-pass 2 runs with.
+The backward (`_GsaPass1`) mirrors it: `_gsa_pass1_states` in reverse for the state gradient after every
+super-chunk (and the initial state's), `_gsa_pass1_bwd_scan` from there over each super-chunk's chunks in
+reverse for the state gradient after every chunk, `_gsa_pass1_bwd_chunk` for dq, dk, ds of all chunks at once,
+and the gate's gradient as a reverse cumsum along the time axis made innermost. Pass 1's chunk is its own
+(16 tokens: `[C, C, 16]` temporaries), whatever chunk pass 2 runs with.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from ..hardware._flash_common import dot_precision
 from .rwkv7_chunk import _rows, _state_block, block, chunk_buffers, float32_state
 
 CHUNK = 16
-SLICE = 16  # slots per step of the pairwise products (sm_90a, K = M = 64: prep 126, scan 210 registers, no spills)
+SUPER = 64  # tokens per step of the sequential state passes: 4 chunks
+SLICE = 16  # slots per step of the pairwise products (sm_90a, K = M = 64: prep 126 registers, no spills)
 
 
 @triton.jit
@@ -57,25 +63,67 @@ def _gsa_pass1_prep(q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C: tl.constexpr,
 
 
 @triton.jit
-def _slot_scan_start(h0, T, H, K, M, BK: tl.constexpr, SM: tl.constexpr, USE_H0: tl.constexpr):
-    """A scan program's share, one (slot block, sequence-head): bh, its slot columns `[SM]`, its state block
-    `[BK, SM]` from h0 (or zeros) with that block's offsets and mask, and the row bases of `[B, T, H, K]` and
-    `[B, T, H, M]` tensors."""
-    im, bh = tl.program_id(0), tl.program_id(1)
+def _gsa_pass1_states(a, b, g, h0, ht, HB, SS, T, H, K, M, NS, scale, S: tl.constexpr, BKS: tl.constexpr,
+                      SM: tl.constexpr, USE_H0: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The state over super-chunks of S tokens, one block `[BKS, SM]` of it per program (keys split: no output
+    here), from h0 `[B H, K, M]` (or zeros); stores it before each super-chunk (HB, `[NS, B H, K, M]`, SS =
+    B H K M) and its last value (ht). Gc: cumulative gates over the super-chunk's rows `[S, SM]` (rows past T:
+    g = a = b = 0).
+    Forward (a = k, b = s): in order, hk <- hk e^{Gc_S} + k^T (s e^{Gc_S - Gc}): HB holds hk at each
+    super-chunk's start, ht the final state.
+    Reverse (a = q, b = do' float32): dhk <- dhk e^{Gc_S} + scale q^T (do' e^{Gc}), last super-chunk first:
+    HB holds dhk after each super-chunk, ht the initial state's gradient."""
+    im, ik, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h = bh // H, bh % H
-    state, p_state, m_km = _state_block(h0, bh, K, M, im * SM, BK, SM, USE_H0)
-    return bh, im * SM + tl.arange(0, SM), state, p_state, m_km, bb * T * H * K + h * K, bb * T * H * M + h * M
+    base_k, base_m = bb * T * H * K + h * K, bb * T * H * M + h * M
+    ok, om = ik * BKS + tl.arange(0, BKS), im * SM + tl.arange(0, SM)
+    m_km = (ok[:, None] < K) & (om[None, :] < M)
+    p_state = (bh * K + ok[:, None]) * M + om[None, :]
+    hk = tl.zeros([BKS, SM], tl.float32)
+    if USE_H0:
+        hk += tl.load(h0 + p_state, mask=m_km, other=0.0)
+    rows = tl.arange(0, S)
+    for i in range(NS):
+        if REVERSE:
+            n = NS - 1 - i
+        else:
+            n = i
+        tl.store(HB + n * SS + p_state, hk, mask=m_km)
+        gc = tl.cumsum(_rows(g + base_m, n * S, T, im * SM, S, SM, M, H * M), 0)
+        last = tl.sum(tl.where(rows[:, None] == S - 1, gc, 0.0), 0)
+        an = _rows(a + base_k, n * S, T, ik * BKS, S, BKS, K, H * K)
+        bn = _rows(b + base_m, n * S, T, im * SM, S, SM, M, H * M)
+        if REVERSE:
+            bn = scale * bn * tl.exp(gc)
+        else:
+            bn = bn * tl.exp(last[None, :] - gc)
+        hk = tl.dot(tl.trans(an), bn, hk * tl.exp(last)[None, :], input_precision=DOT_PREC)
+    tl.store(ht + p_state, hk, mask=m_km)
 
 
 @triton.jit
-def _gsa_pass1_scan(q, k, o, h0, ht, HS, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
-                    BM: tl.constexpr, SM: tl.constexpr, USE_H0: tl.constexpr, STORE_STATES: tl.constexpr,
+def _local_start(HB, SS, T, H, K, M, NT, BK: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr):
+    """A local pass program's share, one (slot block, super-chunk, sequence-head): bh, its slot columns `[SM]`,
+    its state block `[BK, SM]` from HB (`[NS, B H, K, M]`, the state-pass's stores) with that block's offsets
+    and mask, the row bases of `[B, T, H, K]` and `[B, T, H, M]` tensors, and its chunks n0 .. n1."""
+    im, ns, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bb, h = bh // H, bh % H
+    state, p_state, m_km = _state_block(HB + ns * SS, bh, K, M, im * SM, BK, SM, True)
+    return (bh, im * SM + tl.arange(0, SM), state, p_state, m_km, bb * T * H * K + h * K, bb * T * H * M + h * M,
+            ns * SUB, tl.minimum(ns * SUB + SUB, NT))
+
+
+@triton.jit
+def _gsa_pass1_scan(q, k, o, HB, HS, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
+                    BM: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr, STORE_STATES: tl.constexpr,
                     DOT_PREC: tl.constexpr):
-    bh, om, hk, p_state, m_km, base_k, base_m = _slot_scan_start(h0, T, H, K, M, BK, SM, USE_H0)
+    """One super-chunk's SUB chunks in order from hk at its start (HB) `[K, SM]`: o' `[B, T, H, M]` from the
+    prep's buffers, and (STORE_STATES) hk at every chunk's start into HS `[NT, B H, K, M]`."""
+    bh, om, hk, p_state, m_km, base_k, base_m, n0, n1 = _local_start(HB, SS, T, H, K, M, NT, BK, SM, SUB)
     rows = tl.arange(0, C)
-    for n in range(NT):
+    for n in range(n0, n1):
         chunk = bh * NT + n
-        if STORE_STATES:  # hk at the chunk's start, for the backward: [NT, B H, K, M], SS = B H K M
+        if STORE_STATES:
             tl.store(HS + n * SS + p_state, hk, mask=m_km)
         p = (chunk * C + rows[:, None]) * BM + om[None, :]
         t = n * C + rows
@@ -86,18 +134,17 @@ def _gsa_pass1_scan(q, k, o, h0, ht, HS, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, sca
                  mask=(t[:, None] < T) & (om[None, :] < M))
         hk = tl.dot(tl.trans(kn), tl.load(Sb + p), hk * tl.load(Lb + chunk * BM + om)[None, :],
                     input_precision=DOT_PREC)
-    tl.store(ht + p_state, hk, mask=m_km)
 
 
 @triton.jit
-def _gsa_pass1_bwd_scan(q, do, dht, dh0, DHS, SS, Eb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
-                        BM: tl.constexpr, SM: tl.constexpr, USE_DHT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Chunks in reverse with dhk `[K, SM]` in registers: stores each chunk's dhk after it (DHS, `[NT, B H, K,
-    M]`), then dhk <- dhk e^{Gc_C} + scale q^T (do' e^{Gc}); the last is the initial state's gradient."""
-    bh, om, dhk, p_state, m_km, base_k, base_m = _slot_scan_start(dht, T, H, K, M, BK, SM, USE_DHT)
+def _gsa_pass1_bwd_scan(q, do, DHB, DHS, SS, Eb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
+                        BM: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One super-chunk's SUB chunks in reverse from dhk after it (DHB) `[K, SM]`: stores each chunk's dhk after
+    it (DHS, `[NT, B H, K, M]`), then dhk <- dhk e^{Gc_C} + scale q^T (do' e^{Gc})."""
+    bh, om, dhk, p_state, m_km, base_k, base_m, n0, n1 = _local_start(DHB, SS, T, H, K, M, NT, BK, SM, SUB)
     rows = tl.arange(0, C)
-    for i in range(NT):
-        n = NT - 1 - i
+    for i in range(n1 - n0):
+        n = n1 - 1 - i
         chunk = bh * NT + n
         tl.store(DHS + n * SS + p_state, dhk, mask=m_km)
         p = (chunk * C + rows[:, None]) * BM + om[None, :]
@@ -107,7 +154,6 @@ def _gsa_pass1_bwd_scan(q, do, dht, dh0, DHS, SS, Eb, Lb, T, H, K, M, NT, scale,
                       other=0.0)
         dhk = tl.dot(tl.trans(qn), scale * don * tl.load(Eb + p),
                      dhk * tl.load(Lb + chunk * BM + om)[None, :], input_precision=DOT_PREC)
-    tl.store(dh0 + p_state, dhk, mask=m_km)
 
 
 @triton.jit
@@ -164,33 +210,54 @@ def _dims(q, s):
     return B, T, H, K, M, triton.cdiv(T, CHUNK), block(K), block(M)
 
 
+def _states(a, b, g, h0, scale: float, reverse: bool):
+    """The state pass over super-chunks on contiguous a, b `[B, T, H, K|M]`, g: (the state before each
+    super-chunk, or after it in reverse, `[NS, B H, K, M]`, and its last value `[B, H, K, M]`), float32."""
+    B, T, H, K = a.shape
+    M = g.shape[-1]
+    NS = triton.cdiv(T, SUPER)
+    BKS, SM = min(block(K), 32), min(block(M), 32)
+    hb = torch.empty(NS, B * H, K, M, dtype=torch.float32, device=a.device)
+    last = empty_output((B, H, K, M), torch.float32, a.device)
+    # sm_90a, K = M = 64: 186 (forward) and 193 (reverse) registers, no spills (230 and 255 at 4 warps)
+    _gsa_pass1_states[(triton.cdiv(M, SM), triton.cdiv(K, BKS), B * H)](
+        a, b, g, h0, last, hb, B * H * K * M, T, H, K, M, NS, float(scale), S=SUPER, BKS=BKS, SM=SM,
+        USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=dot_precision(torch.float32), num_warps=8, num_stages=2)
+    return hb, last
+
+
 def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
-    """Launch the prep and the scan on contiguous q, k, s, g: (o' `[B, T, H, M]`, final hk `[B, H, K, M]`,
-    chunk-start states `[NT, B H, K, M]` or None, and the prep's buffers the backward reuses), all float32."""
+    """Launch the prep, the state pass and the local scan on contiguous q, k, s, g: (o' `[B, T, H, M]`, final
+    hk `[B, H, K, M]`, chunk-start states `[NT, B H, K, M]` or None, and the prep's buffers the backward reuses),
+    all float32."""
     B, T, H, K, M, NT, BK, BM = _dims(q, s)
     C = CHUNK
-    h0 = float32_state(h0)
     f32 = dict(dtype=torch.float32, device=q.device)
     Ib, Eb, Sb = chunk_buffers(B * H, NT, C, (BM,) * 3, q.device)
     Lb = torch.empty(B * H, NT, BM, **f32)
     prec = dot_precision(torch.float32)
     _gsa_pass1_prep[(NT, B * H)](q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C=C, BK=BK, BM=BM, SL=min(SLICE, BM),
                                  DOT_PREC=prec, num_warps=4)
+    hb, ht = _states(k, s, g, float32_state(h0), 1.0, reverse=False)
     o = empty_output((B, T, H, M), torch.float32, q.device)
-    ht = empty_output((B, H, K, M), torch.float32, q.device)
     hs = torch.empty(NT, B * H, K, M, **f32) if store_states else None
-    SM = min(BM, 32)
-    _gsa_pass1_scan[(triton.cdiv(M, SM), B * H)](q, k, o, h0, ht, hs, B * H * K * M, Ib, Eb, Sb, Lb, T, H, K, M, NT,
-                                                  float(scale), C=C, BK=BK, BM=BM, SM=SM, USE_H0=h0 is not None,
-                                                  STORE_STATES=store_states, DOT_PREC=prec, num_warps=4,
-                                                  num_stages=2)
+    SM = min(BM, 32)  # sm_90a, K = M = 64: 237 registers, no spills
+    _gsa_pass1_scan[(triton.cdiv(M, SM), hb.shape[0], B * H)](
+        q, k, o, hb, hs, B * H * K * M, Ib, Eb, Sb, Lb, T, H, K, M, NT, float(scale), C=C, BK=BK, BM=BM, SM=SM,
+        SUB=SUPER // C, STORE_STATES=store_states, DOT_PREC=prec, num_warps=4, num_stages=2)
     return o, ht, hs, (Eb, Lb)
 
 
+def _reverse_cumsum(x):
+    """sum_{u >= t} x_u over the time axis of x `[B, T, H, M]`, as a `[B, T, H, M]` view: the time axis made
+    innermost first (torch's scan over an outer axis runs one thread per column, serially over T)."""
+    return x.permute(0, 2, 3, 1).contiguous().flip(-1).cumsum(-1).flip(-1).permute(0, 3, 1, 2)
+
+
 class _GsaPass1(torch.autograd.Function):
-    """Pass 1 with its Triton backward: a reverse scan for dhk after every chunk, then dq, dk, ds for all chunks
-    at once, and dg = reverse cumsum over T of (o' do' - s ds) plus sum_k hk_T dhk_T (every term of o'_t carries
-    e^{G_t}, every use of s_j e^{-G_j}, the final state e^{G_T})."""
+    """Pass 1 with its Triton backward: reverse state passes for dhk after every super-chunk then every chunk,
+    then dq, dk, ds for all chunks at once, and dg = reverse cumsum over T of (o' do' - s ds) plus
+    sum_k hk_T dhk_T (every term of o'_t carries e^{G_t}, every use of s_j e^{-G_j}, the final state e^{G_T})."""
 
     @staticmethod
     def forward(ctx, q, k, s, g, h0, scale):
@@ -208,21 +275,19 @@ class _GsaPass1(torch.autograd.Function):
         prec = dot_precision(torch.float32)
         do = torch.zeros_like(o) if do is None else do.to(torch.float32).contiguous()
         dht = float32_state(dht)
+        dhb, dh0 = _states(q, do, g, dht, ctx.scale, reverse=True)
         dhs = torch.empty(NT, B * H, K, M, dtype=torch.float32, device=q.device)
-        dh0 = empty_output((B, H, K, M), torch.float32, q.device)
-        SM = min(BM, 32)
-        _gsa_pass1_bwd_scan[(triton.cdiv(M, SM), B * H)](q, do, dht, dh0, dhs, B * H * K * M, Eb, Lb, T, H, K, M, NT,
-                                                          float(ctx.scale), C=C, BK=BK, BM=BM, SM=SM,
-                                                          USE_DHT=dht is not None, DOT_PREC=prec, num_warps=4,
-                                                          num_stages=2)
+        SM = min(BM, 32)  # sm_90a, K = M = 64: 175 registers, no spills
+        _gsa_pass1_bwd_scan[(triton.cdiv(M, SM), dhb.shape[0], B * H)](
+            q, do, dhb, dhs, B * H * K * M, Eb, Lb, T, H, K, M, NT, float(ctx.scale), C=C, BK=BK, BM=BM, SM=SM,
+            SUB=SUPER // C, DOT_PREC=prec, num_warps=4, num_stages=2)
         dq = empty_output((B, T, H, K), torch.float32, q.device)
         dk = empty_output((B, T, H, K), torch.float32, q.device)
         ds = empty_output((B, T, H, M), torch.float32, q.device)
         _gsa_pass1_bwd_chunk[(NT, B * H)](q, k, s, g, do, dq, dk, ds, hs, dhs, B * H * K * M, T, H, K, M, NT,
                                           float(ctx.scale), C=C, BK=BK, SL=min(SLICE, BM), BM=BM, DOT_PREC=prec,
                                           num_warps=8)  # sm_90a, K = M = 64: 112 spilled bytes (296 at 4 warps)
-        term = o * do - s.to(torch.float32) * ds
-        dg = term.flip(1).cumsum(1).flip(1)
+        dg = _reverse_cumsum(o * do - s.to(torch.float32) * ds)
         if dht is not None:
             dg = dg + (ht * dht).sum(2).unsqueeze(1)  # [B, 1, H, M]
         return (dq.to(q.dtype), dk.to(k.dtype), ds.to(s.dtype), dg.to(g.dtype), dh0 if ctx.has_h0 else None,
