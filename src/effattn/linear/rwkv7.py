@@ -23,9 +23,11 @@ so u = W h + U with W = (I - A_ab)^{-1} (a e^{Gp}), U = (I - A_ab)^{-1} A_ak v. 
 h -> h' = (diag(e^{Gc_C}) + (b e^{Gc_C - Gc})^T W) h + (b e^{Gc_C - Gc})^T U + (k e^{Gc_C - Gc})^T v and
 o = scale [(r e^{Gc} + P_rb W) h + P_rb U + P_rk v] with P_xy[i, j] = sum_d x_id y_jd e^{Gc_id - Gc_jd},
 j <= i. Decays are taken pairwise (never e^{-Gc} alone), so any w <= 0 is safe. Everything but the scan
-over chunks (a [K, K] x [K, V] product per chunk) runs for all chunks at once; autograd gives the backward.
-Where no gradient is needed, the same form runs as two Triton kernels (rwkv7_chunk.py: the per-chunk
-products for all chunks at once, then the scan with the state in registers).
+over chunks (a [K, K] x [K, V] product per chunk) runs for all chunks at once; autograd gives the backward
+(`chunk_torch`: float64, and the layers on CPU). For 16- and 32-bit inputs the same form runs as Triton
+kernels (rwkv7_chunk.py: the per-chunk products for all chunks at once, then the scan with the state in
+registers; rwkv7_chunk_bwd.py: a reverse scan for the state gradients, then every input's gradient for all
+chunks at once).
 `fused_recurrent_rwkv7` is the decoding kernel (Triton, state in registers, no backward).
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .._memory import empty_output
 from ..hardware._flash_common import cdiv, next_pow2
 from ..validate import check_choice, check_positive_int, check_qkv, check_scale, check_tensor
 from .rwkv7_chunk import rwkv7_chunk_forward
+from .rwkv7_chunk_bwd import rwkv7_chunk_train
 
 FORMS = ("chunk", "recurrent")
 
@@ -193,10 +196,10 @@ def rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, output_final_stat
     r, k, a, b: `[B, T, H, K]`, w: log decay `[B, T, H, K]` (<= 0), v: `[B, T, H, V]`; initial_state
     `[B, H, K, V]`; scale multiplies the output (default 1, as in the paper). Returns o `[B, T, H, V]` in v's
     dtype (and the final state `[B, H, K, V]`, float32 (float64 for float64 inputs), with `output_final_state`).
-    `form`: "chunk" (chunkwise WY form, O(T C K (C + V) + T K^2 + T K V), memory O(T C K); without gradients
-    and for chunk sizes that are powers of two >= 16, two Triton kernels; with gradients, in PyTorch under
-    autograd) or "recurrent" (the decode step, token by token). Paper notation: a = -kappa, b = kappa * alpha
-    (in-context learning rate).
+    `form`: "chunk" (chunkwise WY form, O(T C K (C + V) + T K^2 + T K V), memory O(T C K); for chunk sizes that
+    are powers of two >= 16 Triton kernels, forward and backward (the backward keeps the state at every chunk's
+    start, T / C x K x V floats a head); float64 in PyTorch under autograd) or "recurrent" (the decode step,
+    token by token). Paper notation: a = -kappa, b = kappa * alpha (in-context learning rate).
     """
     check_choice("form", form, FORMS)
     check_scale(scale)
@@ -206,9 +209,9 @@ def rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, output_final_stat
     scale = 1.0 if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (r, w, k, v, a, b, initial_state))
-    if form == "chunk" and not needs_grad and r.dtype != torch.float64 and chunk_size >= 16 \
-            and chunk_size & (chunk_size - 1) == 0:
-        o, state = rwkv7_chunk_forward(r, w, k, v, a, b, scale, initial_state, chunk_size)
+    if form == "chunk" and r.dtype != torch.float64 and chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0:
+        run = rwkv7_chunk_train if needs_grad else rwkv7_chunk_forward
+        o, state = run(r, w, k, v, a, b, scale, initial_state, chunk_size)
     elif form == "chunk":
         o, state = chunk_torch(r, w, k, v, a, b, scale, initial_state, chunk_size)
     else:

@@ -10,8 +10,8 @@
    (k e^{Gc_C - Gc})^T v.
 
 Decays are only ever taken pairwise inside a chunk (exponents masked before exp), as in the PyTorch form, so
-any log decay w <= 0 is safe. Forward only: `rwkv7` uses it where no gradient is needed and differentiates
-the PyTorch chunk form otherwise.
+any log decay w <= 0 is safe. Under autograd the scan also stores the state at every chunk's start, and
+rwkv7_chunk_bwd.py gives the backward.
 """
 from __future__ import annotations
 
@@ -133,9 +133,9 @@ def _rwkv7_chunk_prep(r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, 
 
 
 @triton.jit
-def _rwkv7_chunk_scan(v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, scale,
+def _rwkv7_chunk_scan(v, o, h0, ht, HS, SS, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, scale,
                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SV: tl.constexpr, USE_H0: tl.constexpr,
-                      DOT_PREC: tl.constexpr):
+                      STORE_STATES: tl.constexpr, DOT_PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
     rows = tl.arange(0, C)
@@ -145,6 +145,8 @@ def _rwkv7_chunk_scan(v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, 
     base_v = bb * T * H * V + h * V
     for n in range(NT):
         chunk = bh * NT + n
+        if STORE_STATES:  # the state at the chunk's start, for the backward: [NT, B H, K, V], SS = B H K V
+            tl.store(HS + n * SS + p_state, state, mask=m_kv)
         pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
         pv = (chunk * C + rows[:, None]) * BV + ov[None, :]
         t = n * C + rows
@@ -175,9 +177,10 @@ def float32_state(h0):
     return None if h0 is None else h0.to(torch.float32).contiguous()
 
 
-def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_size: int):
+def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_size: int, store_states=False):
     """o `[B, T, H, V]` in v's dtype and the final state `[B, H, K, V]` float32 (inputs checked by `rwkv7`;
-    chunk_size a power of two >= 16)."""
+    chunk_size a power of two >= 16). With `store_states` also what the backward reads: the states at every
+    chunk's start `[NT, B H, K, V]` and the prep's buffers (W, q~, b e^{Gc_C - Gc}, e^{Gc_C})."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     C = chunk_size
@@ -193,7 +196,8 @@ def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_siz
     ht = empty_output((B, H, K, V), torch.float32, v.device)
     SV = min(BV, 32)  # sm_90a, K = V = 64, C = 16: no spills at 32 value columns and 4 warps (255 registers at 64)
     h0 = float32_state(initial_state)
-    _rwkv7_chunk_scan[(cdiv(V, SV), B * H)](v, o, h0, ht, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT,
-                                                    float(scale), C=C, BK=BK, BV=BV, SV=SV, USE_H0=h0 is not None,
-                                                    DOT_PREC=prec, num_warps=4, num_stages=2)
-    return o, ht
+    hs = torch.empty(NT, B * H, K, V, dtype=torch.float32, device=r.device) if store_states else None
+    _rwkv7_chunk_scan[(cdiv(V, SV), B * H)](v, o, h0, ht, hs, B * H * K * V, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V,
+                                            NT, float(scale), C=C, BK=BK, BV=BV, SV=SV, USE_H0=h0 is not None,
+                                            STORE_STATES=store_states, DOT_PREC=prec, num_warps=4, num_stages=2)
+    return (o, ht, hs, (Wb, Qb, Bb, Lb)) if store_states else (o, ht)

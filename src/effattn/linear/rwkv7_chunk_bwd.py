@@ -1,0 +1,218 @@
+"""Triton backward of RWKV-7's chunkwise form (rwkv7.py has the math, rwkv7_chunk.py the forward), so RWKV-7
+trains on Triton kernels. Two launches after the forward, which stored the state h at every chunk's start:
+
+1. `_rwkv7_bwd_scan`, one program per (value block, sequence, head), chunks in reverse with dh `[K, SV]` in
+   registers: stores dh' (the gradient of the state after each chunk), then
+   dh <- e^{Gc_C} dh + W^T (b e^{Gc_C - Gc}) dh + scale q~^T do; the last is the initial state's gradient.
+   (The value columns of the state never mix, so the scan splits them over programs.)
+2. `_rwkv7_chunk_bwd`, one program per (chunk, sequence, head), all chunks at once: from h, dh' and do,
+   every input's gradient. With X = (I - A_ab)^{-1}, Ra = a e^{Gp}, Y = A_ak v, u = X (Ra h + Y):
+
+       du = Bd dh',  dI = scale do,  dq~ = scale do h^T,  dW = du h^T + P_rb^T dq~,  dU = du + P_rb^T dI,
+       dBd = u dh'^T,  dKd = v dh'^T,  dv = Kd dh' + P_rk^T dI + A_ak^T X^T dU,
+       dP_rb = dq~ W^T + dI U^T,  dP_rk = dI v^T,  dA_ak = (X^T dU) v^T,  dA_ab = X^T (dW Ra^T + dU Y^T) X^T,
+
+   then through the pairwise products (x_i y_j e^{gx_i - gy_j} gives x and gx the sum over j, y and -gy the
+   sum over i) and the decays (Bd = b e^{Gc_C - Gc}, Kd = k e^{Gc_C - Gc}, q~ = r e^{Gc} + ..., Ra, e^{Gc_C})
+   to r, a, b, k and the log decay: dw = reverse cumsum(dGc + dGp) - dGp + dGc_C.
+   Key channels go in slices of 16 ([C, C, 16] temporaries) in three passes: the [C, C] products and the
+   channel sums (Ra h, Bd dh', Kd dh'); the channel sums of the gradients (dP_rb, dX); the per-channel
+   gradients.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._memory import empty_output
+from ..hardware._flash_common import cdiv, dot_precision
+from .rwkv7_chunk import (SLICE, _decayed, _rows, _state_block, _unit_lower_inverse, block, float32_state,
+                          rwkv7_chunk_forward)
+
+
+@triton.jit
+def _state_rows(S, ch, K, V, SL: tl.constexpr, BV: tl.constexpr):
+    """Rows ch .. ch + SL of the float32 `[K, V]` state at S: `[SL, BV]`, zero past K and V."""
+    ok = ch + tl.arange(0, SL)
+    ov = tl.arange(0, BV)
+    return tl.load(S + ok[:, None] * V + ov[None, :], mask=(ok[:, None] < K) & (ov[None, :] < V), other=0.0)
+
+
+@triton.jit
+def _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C: tl.constexpr, SL: tl.constexpr):
+    """One chunk's channel slice ch .. ch + SL: r, k, a, b `[C, SL]`, the chunk-local cumulative log decays Gc,
+    Gp = Gc - w and the chunk's total Gc_C `[SL]`."""
+    ws = _rows(w + base_k, t0, T, ch, C, SL, K, sk)
+    gc = tl.cumsum(ws, 0)
+    last = tl.sum(tl.where(tl.arange(0, C)[:, None] == C - 1, gc, 0.0), 0)
+    return (_rows(r + base_k, t0, T, ch, C, SL, K, sk), _rows(k + base_k, t0, T, ch, C, SL, K, sk),
+            _rows(a + base_k, t0, T, ch, C, SL, K, sk), _rows(b + base_k, t0, T, ch, C, SL, K, sk), gc, gc - ws, last)
+
+
+@triton.jit
+def _rwkv7_bwd_scan(do, dht, dh0, DHS, SS, Wb, Qb, Bb, Lb, T, H, K, V, NT, scale, C: tl.constexpr,
+                    BK: tl.constexpr, SV: tl.constexpr, USE_DHT: tl.constexpr, DOT_PREC: tl.constexpr):
+    iv, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    rows = tl.arange(0, C)
+    ok = tl.arange(0, BK)
+    ov = iv * SV + tl.arange(0, SV)
+    dh, p_state, m_kv = _state_block(dht, bh, K, V, iv * SV, BK, SV, USE_DHT)
+    base_v = bb * T * H * V + h * V
+    for i in range(NT):
+        n = NT - 1 - i
+        chunk = bh * NT + n
+        tl.store(DHS + n * SS + p_state, dh, mask=m_kv)  # the gradient of the state after chunk n
+        pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
+        t = n * C + rows
+        don = tl.load(do + base_v + t[:, None] * (H * V) + ov[None, :], mask=(t[:, None] < T) & (ov[None, :] < V),
+                      other=0.0).to(tl.float32)
+        du = tl.dot(tl.load(Bb + pk), dh, input_precision=DOT_PREC)  # [C, SV]
+        carry = tl.load(Lb + chunk * BK + ok)[:, None] * dh
+        dh = tl.dot(tl.trans(tl.load(Wb + pk)), du, carry, input_precision=DOT_PREC)
+        dh = tl.dot(tl.trans(tl.load(Qb + pk)), scale * don, dh, input_precision=DOT_PREC)
+    tl.store(dh0 + p_state, dh, mask=m_kv)
+
+
+@triton.jit
+def _rwkv7_chunk_bwd(r, w, k, v, a, b, do, HS, DHS, dr, dw, dk, dv, da, db, T, H, K, V, NT, scale,
+                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SL: tl.constexpr, DOT_PREC: tl.constexpr):
+    n, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    t0 = n * C
+    sk, sv = H * K, H * V
+    base_k = bb * T * sk + h * K
+    base_v = bb * T * sv + h * V
+    rows = tl.arange(0, C)
+    strict = rows[:, None] > rows[None, :]
+    causal = rows[:, None] >= rows[None, :]
+    st = (n * tl.num_programs(1) + bh) * K * V  # this chunk's states in [NT, B H, K, V]
+    # pass 1: the pairwise products and the channel sums Ra h, Bd dh', Kd dh'
+    A_ab = tl.zeros([C, C], tl.float32)
+    A_ak = tl.zeros([C, C], tl.float32)
+    P_rb = tl.zeros([C, C], tl.float32)
+    P_rk = tl.zeros([C, C], tl.float32)
+    RaH = tl.zeros([C, BV], tl.float32)
+    du = tl.zeros([C, BV], tl.float32)
+    dv_acc = tl.zeros([C, BV], tl.float32)
+    for ch in range(0, BK, SL):
+        rs, ks, as_, bs, gc, gp, last = _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C, SL)
+        a_d = _decayed(as_, gp, gc, strict)
+        A_ab += tl.sum(a_d * bs[None, :, :], 2)
+        A_ak += tl.sum(a_d * ks[None, :, :], 2)
+        r_d = _decayed(rs, gc, gc, causal)
+        P_rb += tl.sum(r_d * bs[None, :, :], 2)
+        P_rk += tl.sum(r_d * ks[None, :, :], 2)
+        hs = _state_rows(HS + st, ch, K, V, SL, BV)
+        dhs = _state_rows(DHS + st, ch, K, V, SL, BV)
+        to_end = tl.exp(last[None, :] - gc)
+        RaH = tl.dot(as_ * tl.exp(gp), hs, RaH, input_precision=DOT_PREC)
+        du = tl.dot(bs * to_end, dhs, du, input_precision=DOT_PREC)
+        dv_acc = tl.dot(ks * to_end, dhs, dv_acc, input_precision=DOT_PREC)
+    X = _unit_lower_inverse(A_ab, C, DOT_PREC)
+    vv = _rows(v + base_v, t0, T, 0, C, BV, V, sv)
+    dI = scale * _rows(do + base_v, t0, T, 0, C, BV, V, sv)
+    Y = tl.dot(A_ak, vv, input_precision=DOT_PREC)
+    U = tl.dot(X, Y, input_precision=DOT_PREC)
+    u = tl.dot(X, RaH, U, input_precision=DOT_PREC)
+    dU = tl.dot(tl.trans(P_rb), dI, du, input_precision=DOT_PREC)
+    dY = tl.dot(tl.trans(X), dU, input_precision=DOT_PREC)
+    dA_ak = tl.where(strict, tl.dot(dY, tl.trans(vv), input_precision=DOT_PREC), 0.0)
+    dP_rk = tl.where(causal, tl.dot(dI, tl.trans(vv), input_precision=DOT_PREC), 0.0)
+    dv_acc = tl.dot(tl.trans(P_rk), dI, dv_acc, input_precision=DOT_PREC)
+    dv_acc = tl.dot(tl.trans(A_ak), dY, dv_acc, input_precision=DOT_PREC)
+    t = t0 + rows
+    ov = tl.arange(0, BV)
+    tl.store(dv + base_v + t[:, None] * sv + ov[None, :], dv_acc.to(dv.dtype.element_ty),
+             mask=(t[:, None] < T) & (ov[None, :] < V))
+    # pass 2: the channel sums of the gradients, dP_rb and dX
+    dP_rb = tl.dot(dI, tl.trans(U), input_precision=DOT_PREC)
+    dX = tl.dot(dU, tl.trans(Y), input_precision=DOT_PREC)
+    for ch in range(0, BK, SL):
+        rs, ks, as_, bs, gc, gp, last = _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C, SL)
+        Ra = as_ * tl.exp(gp)
+        hs = _state_rows(HS + st, ch, K, V, SL, BV)
+        dQ = tl.dot(dI, tl.trans(hs), input_precision=DOT_PREC)  # dq~ = scale do h^T
+        dW = tl.dot(tl.trans(P_rb), dQ, tl.dot(du, tl.trans(hs), input_precision=DOT_PREC), input_precision=DOT_PREC)
+        dP_rb = tl.dot(dQ, tl.trans(tl.dot(X, Ra, input_precision=DOT_PREC)), dP_rb, input_precision=DOT_PREC)
+        dX = tl.dot(dW, tl.trans(Ra), dX, input_precision=DOT_PREC)
+    dP_rb = tl.where(causal, dP_rb, 0.0)
+    dA_ab = tl.where(strict, tl.dot(tl.dot(tl.trans(X), dX, input_precision=DOT_PREC), tl.trans(X),
+                                    input_precision=DOT_PREC), 0.0)
+    # pass 3: every channel's gradients
+    for ch in range(0, BK, SL):
+        rs, ks, as_, bs, gc, gp, last = _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C, SL)
+        hs = _state_rows(HS + st, ch, K, V, SL, BV)
+        dhs = _state_rows(DHS + st, ch, K, V, SL, BV)
+        to_end = tl.exp(last[None, :] - gc)
+        eg, ep = tl.exp(gc), tl.exp(gp)
+        dQ = tl.dot(dI, tl.trans(hs), input_precision=DOT_PREC)
+        dW = tl.dot(tl.trans(P_rb), dQ, tl.dot(du, tl.trans(hs), input_precision=DOT_PREC), input_precision=DOT_PREC)
+        dRa = tl.dot(tl.trans(X), dW, input_precision=DOT_PREC)
+        dBd = tl.dot(u, tl.trans(dhs), input_precision=DOT_PREC) * to_end  # d(b e^{Gc_C - Gc}) * e^{Gc_C - Gc}
+        dKd = tl.dot(vv, tl.trans(dhs), input_precision=DOT_PREC) * to_end
+        # one [i, j, d] decay tensor at a time (registers): A's (strict, Gp_i - Gc_j), then P's (Gc_i - Gc_j)
+        e = _decayed(tl.full([C, SL], 1.0, tl.float32), gp, gc, strict)
+        da_s = dRa * ep + tl.sum((dA_ab[:, :, None] * bs[None, :, :] + dA_ak[:, :, None] * ks[None, :, :]) * e, 1)
+        e = e * as_[:, None, :]
+        db_pair = tl.sum(dA_ab[:, :, None] * e, 0)
+        dk_pair = tl.sum(dA_ak[:, :, None] * e, 0)
+        e = _decayed(tl.full([C, SL], 1.0, tl.float32), gc, gc, causal)
+        dr_s = dQ * eg + tl.sum((dP_rb[:, :, None] * bs[None, :, :] + dP_rk[:, :, None] * ks[None, :, :]) * e, 1)
+        e = e * rs[:, None, :]
+        db_pair += tl.sum(dP_rb[:, :, None] * e, 0)
+        dk_pair += tl.sum(dP_rk[:, :, None] * e, 0)
+        # the log decays: Gc (q~, both sides of P, the key side of A, Bd, Kd), Gp (Ra, the a side of A), Gc_C
+        decayed = dBd * bs + dKd * ks  # d(Bd) Bd + d(Kd) Kd
+        dGc = rs * dr_s - bs * db_pair - ks * dk_pair - decayed  # r dr: q~'s decay and P's query side
+        dGp = as_ * da_s
+        dlast = tl.sum(decayed, 0) + tl.sum(hs * dhs, 1) * tl.exp(last)
+        dw_s = tl.cumsum(dGc + dGp, 0, reverse=True) - dGp + dlast[None, :]
+        oc = ch + tl.arange(0, SL)
+        pk = base_k + t[:, None] * sk + oc[None, :]
+        mk = (t[:, None] < T) & (oc[None, :] < K)
+        tl.store(dr + pk, dr_s.to(dr.dtype.element_ty), mask=mk)
+        tl.store(dw + pk, dw_s.to(dw.dtype.element_ty), mask=mk)
+        tl.store(da + pk, da_s.to(da.dtype.element_ty), mask=mk)
+        tl.store(db + pk, (dBd + db_pair).to(db.dtype.element_ty), mask=mk)
+        tl.store(dk + pk, (dKd + dk_pair).to(dk.dtype.element_ty), mask=mk)
+
+
+class _Rwkv7Chunk(torch.autograd.Function):
+    """The chunk form's Triton forward (storing the chunk-start states) and this module's backward."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, h0, scale, C):
+        r, w, k, v, a, b = (t.contiguous() for t in (r, w, k, v, a, b))
+        o, ht, hs, (Wb, Qb, Bb, Lb) = rwkv7_chunk_forward(r, w, k, v, a, b, scale, h0, C, store_states=True)
+        ctx.save_for_backward(r, w, k, v, a, b, hs, Wb, Qb, Bb, Lb)
+        ctx.scale, ctx.C, ctx.has_h0 = scale, C, h0 is not None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        r, w, k, v, a, b, hs, Wb, Qb, Bb, Lb = ctx.saved_tensors
+        B, T, H, K = r.shape
+        V, C = v.shape[-1], ctx.C
+        NT, BK, BV = cdiv(T, C), block(K), block(V)
+        prec = dot_precision(torch.float32)
+        do = torch.zeros(v.shape, dtype=v.dtype, device=v.device) if do is None else do.contiguous()
+        dht = float32_state(dht)
+        dhs = torch.empty(NT, B * H, K, V, dtype=torch.float32, device=r.device)
+        dh0 = empty_output((B, H, K, V), torch.float32, r.device)
+        SV = min(BV, 32)
+        _rwkv7_bwd_scan[(cdiv(V, SV), B * H)](do, dht, dh0, dhs, B * H * K * V, Wb, Qb, Bb, Lb, T, H, K, V, NT,
+                                              float(ctx.scale), C=C, BK=BK, SV=SV, USE_DHT=dht is not None,
+                                              DOT_PREC=prec, num_warps=4, num_stages=2)
+        dr, dw, dk, dv, da, db = (empty_output(t.shape, t.dtype, t.device) for t in (r, w, k, v, a, b))
+        _rwkv7_chunk_bwd[(NT, B * H)](r, w, k, v, a, b, do, hs, dhs, dr, dw, dk, dv, da, db, T, H, K, V, NT,
+                                      float(ctx.scale), C=C, BK=BK, BV=BV, SL=min(SLICE, BK), DOT_PREC=prec,
+                                      num_warps=8)
+        return dr, dw, dk, dv, da, db, dh0 if ctx.has_h0 else None, None, None
+
+
+def rwkv7_chunk_train(r, w, k, v, a, b, scale: float, initial_state, chunk_size: int):
+    """As `rwkv7_chunk_forward` (o `[B, T, H, V]`, final state `[B, H, K, V]` float32), differentiable in r, w, k,
+    v, a, b and the initial state through the Triton backward."""
+    return _Rwkv7Chunk.apply(r, w, k, v, a, b, initial_state, float(scale), chunk_size)
