@@ -88,7 +88,7 @@ def _gsa_pass1_states(a, b, g, h0, ht, HB, SS, T, H, K, M, NS, scale, S: tl.cons
             n = NS - 1 - i
         else:
             n = i
-        tl.store(HB + n * SS + p_state, hk, mask=m_km)
+        tl.store(HB + tl.cast(n, tl.int64) * SS + p_state, hk, mask=m_km)
         gc = tl.cumsum(_rows(g + base_m, n * S, T, im * SM, S, SM, M, H * M), 0)
         last = tl.sum(tl.where(rows[:, None] == S - 1, gc, 0.0), 0)
         an = _rows(a + base_k, n * S, T, ik * BKS, S, BKS, K, H * K)
@@ -108,7 +108,7 @@ def _local_start(HB, SS, T, H, K, M, NT, BK: tl.constexpr, SM: tl.constexpr, SUB
     and mask, the row bases of `[B, T, H, K]` and `[B, T, H, M]` tensors, and its chunks n0 .. n1."""
     im, ns, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h = bh // H, bh % H
-    state, p_state, m_km = _state_block(HB + ns * SS, bh, K, M, im * SM, BK, SM, True)
+    state, p_state, m_km = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, M, im * SM, BK, SM, True)
     return (bh, im * SM + tl.arange(0, SM), state, p_state, m_km, bb * T * H * K + h * K, bb * T * H * M + h * M,
             ns * SUB, tl.minimum(ns * SUB + SUB, NT))
 
@@ -124,7 +124,7 @@ def _gsa_pass1_scan(q, k, o, HB, HS, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, 
     for n in range(n0, n1):
         chunk = bh * NT + n
         if STORE_STATES:
-            tl.store(HS + n * SS + p_state, hk, mask=m_km)
+            tl.store(HS + tl.cast(n, tl.int64) * SS + p_state, hk, mask=m_km)
         p = (chunk * C + rows[:, None]) * BM + om[None, :]
         t = n * C + rows
         qn = _rows(q + base_k, n * C, T, 0, C, BK, K, H * K)
@@ -146,7 +146,7 @@ def _gsa_pass1_bwd_scan(q, do, DHB, DHS, SS, Eb, Lb, T, H, K, M, NT, scale, C: t
     for i in range(n1 - n0):
         n = n1 - 1 - i
         chunk = bh * NT + n
-        tl.store(DHS + n * SS + p_state, dhk, mask=m_km)
+        tl.store(DHS + tl.cast(n, tl.int64) * SS + p_state, dhk, mask=m_km)
         p = (chunk * C + rows[:, None]) * BM + om[None, :]
         t = n * C + rows
         qn = _rows(q + base_k, n * C, T, 0, C, BK, K, H * K)
@@ -189,8 +189,8 @@ def _gsa_pass1_bwd_chunk(q, k, s, g, do, dq, dk, ds, HS, DHS, SS, T, H, K, M, NT
         ds_intra = tl.sum(A[:, :, None] * dos[:, None, :] * decay, 0)  # [j, m]
         m_km = (ok[:, None] < K) & (om[None, :] < M)
         p_km = (bh * K + ok[:, None]) * M + om[None, :]
-        hk = tl.load(HS + n * SS + p_km, mask=m_km, other=0.0)  # [BK, SL]
-        dhk = tl.load(DHS + n * SS + p_km, mask=m_km, other=0.0)
+        hk = tl.load(HS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)  # [BK, SL]
+        dhk = tl.load(DHS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)
         to_end = tl.exp(last[None, :] - gc)
         dq_acc = tl.dot(dos * tl.exp(gc), tl.trans(hk), dq_acc, input_precision=DOT_PREC)
         dk_acc = tl.dot(ss * to_end, tl.trans(dhk), dk_acc, input_precision=DOT_PREC)

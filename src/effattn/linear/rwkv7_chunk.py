@@ -146,7 +146,7 @@ def _rwkv7_chunk_scan(v, o, h0, ht, HS, SS, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K,
     for n in range(NT):
         chunk = bh * NT + n
         if STORE_STATES:  # the state at the chunk's start, for the backward: [NT, B H, K, V], SS = B H K V
-            tl.store(HS + n * SS + p_state, state, mask=m_kv)
+            tl.store(HS + tl.cast(n, tl.int64) * SS + p_state, state, mask=m_kv)
         pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
         pv = (chunk * C + rows[:, None]) * BV + ov[None, :]
         t = n * C + rows

@@ -63,7 +63,7 @@ def _rwkv7_bwd_scan(do, dht, dh0, DHS, SS, Wb, Qb, Bb, Lb, T, H, K, V, NT, scale
     for i in range(NT):
         n = NT - 1 - i
         chunk = bh * NT + n
-        tl.store(DHS + n * SS + p_state, dh, mask=m_kv)  # the gradient of the state after chunk n
+        tl.store(DHS + tl.cast(n, tl.int64) * SS + p_state, dh, mask=m_kv)  # the gradient of the state after chunk n
         pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
         t = n * C + rows
         don = tl.load(do + base_v + t[:, None] * (H * V) + ov[None, :], mask=(t[:, None] < T) & (ov[None, :] < V),
@@ -87,7 +87,7 @@ def _rwkv7_chunk_bwd(r, w, k, v, a, b, do, HS, DHS, dr, dw, dk, dv, da, db, T, H
     rows = tl.arange(0, C)
     strict = rows[:, None] > rows[None, :]
     causal = rows[:, None] >= rows[None, :]
-    st = (n * tl.num_programs(1) + bh) * K * V  # this chunk's states in [NT, B H, K, V]
+    st = (tl.cast(n, tl.int64) * tl.num_programs(1) + bh) * K * V  # int64: this chunk's states in [NT, B H, K, V]
     # pass 1: the pairwise products and the channel sums Ra h, Bd dh', Kd dh'
     A_ab = tl.zeros([C, C], tl.float32)
     A_ak = tl.zeros([C, C], tl.float32)
