@@ -4,9 +4,10 @@ FLA): rwkv6 / chunk_rwkv6, rwkv7 / chunk_rwkv7, gsa / chunk_gsa (bf16, [B, T, H,
     PYTHONPATH=src python3 benchmarks/catalog_fla.py --out DIR [--sizes 4096,16384] [--methods rwkv6,rwkv7,gsa]
 
 K = V = 64 (RWKV's head size); gsa: M = 64 slots (FLA's default). First the max difference of our output vs
-FLA's at the first size (same inputs), then fwd and fwd+bwd medians (triton.testing.do_bench, after warm-up;
-a backward FLA refuses on this Triton is recorded as an error). Results go to DIR/catalog_fla.json after every
-measurement, so a run cut short still returns what it measured. (Until 2026-12-06 this was
+FLA's at the first size (same inputs) and of every input's gradient (relative to FLA's largest), then fwd
+and fwd+bwd medians (triton.testing.do_bench, after warm-up; a backward FLA refuses on this Triton is recorded
+as an error). Results go to DIR/catalog_fla.json after every measurement, so a run cut short still returns
+what it measured. (Until 2026-12-06 this was
 benchmarks/rwkv7_gsa.py, without rwkv6.)
 """
 from __future__ import annotations
@@ -69,6 +70,19 @@ def runners():
     }
 
 
+def grad_diffs(ours, fla, x) -> dict:
+    """max |d ours - d fla| / max |d fla| for every input, with the same upstream gradient."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    grads = []
+    for fn in (ours, fla):
+        ins = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+        o = fn(ins)
+        o.backward(torch.randn(o.shape, device="cuda", generator=g.manual_seed(1)).to(o.dtype))
+        grads.append({n: t.grad.float() for n, t in ins.items()})
+    return {n: ((grads[0][n] - grads[1][n]).abs().max() / grads[1][n].abs().max().clamp_min(1e-30)).item()
+            for n in x}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -95,8 +109,13 @@ def main() -> None:
             a, b = run[(method, "ours")](x).float(), run[(method, "fla")](x).float()
         res[f"{method}_maxdiff_vs_fla"] = (a - b).abs().max().item()
         res[f"{method}_fla_absmax"] = b.abs().max().item()
+        try:  # the backward: every input's gradient, same upstream, relative to FLA's largest entry
+            res[f"{method}_grad_reldiff_vs_fla"] = grad_diffs(run[(method, "ours")], run[(method, "fla")], x)
+        except Exception:
+            res[f"{method}_grad_reldiff_vs_fla"] = traceback.format_exc(limit=2)[-400:]
         res[f"{method}_check_done_s"] = time.time() - start  # first calls: Triton compiles and autotunes
         print(method, "max |ours - fla|", res[f"{method}_maxdiff_vs_fla"], "of", res[f"{method}_fla_absmax"],
+              "grads max |ours - fla| / max |fla|:", res[f"{method}_grad_reldiff_vs_fla"],
               f"({res[f'{method}_check_done_s']:.0f} s)", flush=True)
         save()
     for T in sizes:
