@@ -1,6 +1,7 @@
 """RWKV-7's Triton backward (rwkv7_chunk_bwd.py): every gradient (r, w, k, v, a, b, the initial state) and the
 output and final state vs the float64 reference under the 2x rule, outputs poisoned, at lengths off the chunk
-size, K != V, partial key slices and value blocks, strong decays; a spy checks the Triton path ran."""
+size, K != V, partial key slices and value blocks, strong decays (the exact pairwise products), mild ones (the
+factored products) and both in one call; a spy checks the Triton path ran."""
 import pytest
 import torch
 
@@ -16,12 +17,16 @@ from .test_rwkv_gsa import rwkv7_case
     (torch.float32, 37, 32, 24, False, True, 16),   # two key slices, a partial chunk
     (torch.float32, 21, 16, 40, True, False, 16),   # decays down to e^-20 a step; two value blocks in the scans
     (torch.bfloat16, 45, 20, 18, False, True, 32),  # a partial key slice, chunk 32
+    (torch.float32, 50, 16, 16, None, True, 16),    # some chunks factored, some exact: each written once
 ])
 def test_rwkv7_triton_backward(monkeypatch, dtype, T, K, V, strong, state, chunk):
     ran = []
     real = rwkv7_chunk_bwd._Rwkv7Chunk.apply
     monkeypatch.setattr(rwkv7_chunk_bwd._Rwkv7Chunk, "apply", lambda *a: ran.append(1) or real(*a))
     x = rwkv7_case(B=2, T=T, H=2, K=K, V=V, seed=5, strong=strong, state=state)
+    if strong is None:  # mixed: mild decays (the factored products) but one channel of one chunk per sequence
+        x["w"][0, 16:32, 1, 3] = -6.0  # and head decaying past e^-MILD (the exact pairwise products)
+        x["w"][1, 0:16, 0, 0] = -6.0
     with _memory.poisoned_outputs():
         check_against_reference(rwkv7, rwkv7_reference, x, {"scale": 0.5}, dtype=dtype, form="chunk",
                                 chunk_size=chunk)

@@ -22,6 +22,8 @@ import triton.language as tl
 from .._memory import empty_output
 from ..hardware._flash_common import cdiv, dot_precision, next_pow2
 
+# chunks whose every channel decays by less than e^-MILD take the factored products (_chunk_products)
+MILD = tl.constexpr(40.0)
 SLICE = 16  # key channels per step of the pairwise products: [C, C, SLICE] temporaries (sm_90a, K = V = 64,
 # C = 16: the prep at 8 warps compiles to 220 registers without spills; at 4 warps it spills)
 
@@ -71,9 +73,60 @@ def _unit_lower_inverse(N, C: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _mild(last):
+    """Whether a chunk takes the factored products: every channel's total log decay Gc_C `[BK]` above -MILD."""
+    return tl.min(last, 0) > -MILD
+
+
+@triton.jit
+def _chunk_products(r, w, k, a, b, base_k, t0, T, K, sk, C: tl.constexpr, BK: tl.constexpr, SL: tl.constexpr,
+                    FACTORED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk's pairwise-decayed products A_ab, A_ak (x_i y_j e^{Gp_i - Gc_j}, j < i) and P_rb, P_rk
+    (e^{Gc_i - Gc_j}, j <= i) `[C, C]`. FACTORED (for chunks whose every channel decays by less than e^-MILD,
+    `_mild`): one dot
+    each on full-width rows, the decays split about half the chunk's total, x e^{G - Gc_C / 2} and
+    y e^{Gc_C / 2 - Gc} (every factor within e^{MILD / 2}); else channel slices of SL with the decays taken
+    pairwise, exponents masked before exp, exact for any decay."""
+    rows = tl.arange(0, C)
+    strict = rows[:, None] > rows[None, :]
+    causal = rows[:, None] >= rows[None, :]
+    if FACTORED:
+        w_f = _rows(w + base_k, t0, T, 0, C, BK, K, sk)  # (names apart from the other branch's: other shapes)
+        g_f = tl.cumsum(w_f, 0)
+        ref = 0.5 * tl.sum(tl.where(rows[:, None] == C - 1, g_f, 0.0), 0)[None, :]
+        a_q = _rows(a + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(g_f - w_f - ref)
+        r_q = _rows(r + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(g_f - ref)
+        b_q = tl.trans(_rows(b + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(ref - g_f))
+        k_q = tl.trans(_rows(k + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(ref - g_f))
+        A_ab = tl.where(strict, tl.dot(a_q, b_q, input_precision=DOT_PREC), 0.0)
+        A_ak = tl.where(strict, tl.dot(a_q, k_q, input_precision=DOT_PREC), 0.0)
+        P_rb = tl.where(causal, tl.dot(r_q, b_q, input_precision=DOT_PREC), 0.0)
+        P_rk = tl.where(causal, tl.dot(r_q, k_q, input_precision=DOT_PREC), 0.0)
+    else:
+        A_ab = tl.zeros([C, C], tl.float32)
+        A_ak = tl.zeros([C, C], tl.float32)
+        P_rb = tl.zeros([C, C], tl.float32)
+        P_rk = tl.zeros([C, C], tl.float32)
+        for ch in tl.static_range(0, BK, SL):
+            ws = _rows(w + base_k, t0, T, ch, C, SL, K, sk)
+            gc = tl.cumsum(ws, 0)
+            a_d = _decayed(_rows(a + base_k, t0, T, ch, C, SL, K, sk), gc - ws, gc, strict)  # serves two products
+            b_s = _rows(b + base_k, t0, T, ch, C, SL, K, sk)
+            k_s = _rows(k + base_k, t0, T, ch, C, SL, K, sk)
+            A_ab += tl.sum(a_d * b_s[None, :, :], 2)
+            A_ak += tl.sum(a_d * k_s[None, :, :], 2)
+            r_d = _decayed(_rows(r + base_k, t0, T, ch, C, SL, K, sk), gc, gc, causal)
+            P_rb += tl.sum(r_d * b_s[None, :, :], 2)
+            P_rk += tl.sum(r_d * k_s[None, :, :], 2)
+    return A_ab, A_ak, P_rb, P_rk
+
+
+@triton.jit
 def _rwkv7_chunk_prep(r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT,
                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SL: tl.constexpr,
-                      DOT_PREC: tl.constexpr):
+                      FACTORED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk's buffers (module docstring); launched twice, FACTORED and not, each program doing its chunk
+    only in the launch that matches `_mild` (so each variant compiles with its own registers)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
     t0 = n * C
@@ -81,55 +134,35 @@ def _rwkv7_chunk_prep(r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, 
     base_k = bb * T * sk + h * K
     base_v = bb * T * sv + h * V
     rows = tl.arange(0, C)
-    strict = rows[:, None] > rows[None, :]
-    causal = rows[:, None] >= rows[None, :]
-    # pairwise products, key channels in slices (their cumulative decays computed per slice)
-    A_ab = tl.zeros([C, C], tl.float32)
-    A_ak = tl.zeros([C, C], tl.float32)
-    P_rb = tl.zeros([C, C], tl.float32)
-    P_rk = tl.zeros([C, C], tl.float32)
-    for ch in tl.static_range(0, BK, SL):
-        ws = _rows(w + base_k, t0, T, ch, C, SL, K, sk)
-        gc = tl.cumsum(ws, 0)
-        gp = gc - ws
-        a_s = _rows(a + base_k, t0, T, ch, C, SL, K, sk)
-        b_s = _rows(b + base_k, t0, T, ch, C, SL, K, sk)
-        k_s = _rows(k + base_k, t0, T, ch, C, SL, K, sk)
-        r_s = _rows(r + base_k, t0, T, ch, C, SL, K, sk)
-        a_d = _decayed(a_s, gp, gc, strict)  # each decay tensor serves two products
-        A_ab += tl.sum(a_d * b_s[None, :, :], 2)
-        A_ak += tl.sum(a_d * k_s[None, :, :], 2)
-        r_d = _decayed(r_s, gc, gc, causal)
-        P_rb += tl.sum(r_d * b_s[None, :, :], 2)
-        P_rk += tl.sum(r_d * k_s[None, :, :], 2)
-    # full-width rows
     wf = _rows(w + base_k, t0, T, 0, C, BK, K, sk)
     gc = tl.cumsum(wf, 0)
-    af = _rows(a + base_k, t0, T, 0, C, BK, K, sk)
-    vf = _rows(v + base_v, t0, T, 0, C, BV, V, sv)
-    # (I - A_ab) [W, U] = [a e^{Gp}, A_ak v], A_ab strictly lower
-    solve = _unit_lower_inverse(A_ab, C, DOT_PREC)
-    Wm = tl.dot(solve, af * tl.exp(gc - wf), input_precision=DOT_PREC)  # a e^{Gp}
-    Um = tl.dot(solve, tl.dot(A_ak, vf, input_precision=DOT_PREC), input_precision=DOT_PREC)
-    rf = _rows(r + base_k, t0, T, 0, C, BK, K, sk)
-    q_t = rf * tl.exp(gc) + tl.dot(P_rb, Wm, input_precision=DOT_PREC)
-    intra = tl.dot(P_rb, Um, input_precision=DOT_PREC) + tl.dot(P_rk, vf, input_precision=DOT_PREC)
     last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)  # Gc_C `[BK]`
-    to_end = tl.exp(last[None, :] - gc)
-    bd = _rows(b + base_k, t0, T, 0, C, BK, K, sk) * to_end
-    kd = _rows(k + base_k, t0, T, 0, C, BK, K, sk) * to_end
-    ok = tl.arange(0, BK)
-    ov = tl.arange(0, BV)
-    chunk = bh * NT + n  # buffers: [B H, NT, C, BK | BV], [B H, NT, BK]
-    pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
-    pv = (chunk * C + rows[:, None]) * BV + ov[None, :]
-    tl.store(Wb + pk, Wm)
-    tl.store(Qb + pk, q_t)
-    tl.store(Bb + pk, bd)
-    tl.store(Kb + pk, kd)
-    tl.store(Ub + pv, Um)
-    tl.store(Ib + pv, intra)
-    tl.store(Lb + chunk * BK + ok, tl.exp(last))
+    if _mild(last) == FACTORED:
+        A_ab, A_ak, P_rb, P_rk = _chunk_products(r, w, k, a, b, base_k, t0, T, K, sk, C, BK, SL, FACTORED, DOT_PREC)
+        af = _rows(a + base_k, t0, T, 0, C, BK, K, sk)
+        vf = _rows(v + base_v, t0, T, 0, C, BV, V, sv)
+        # (I - A_ab) [W, U] = [a e^{Gp}, A_ak v], A_ab strictly lower
+        solve = _unit_lower_inverse(A_ab, C, DOT_PREC)
+        Wm = tl.dot(solve, af * tl.exp(gc - wf), input_precision=DOT_PREC)  # a e^{Gp}
+        Um = tl.dot(solve, tl.dot(A_ak, vf, input_precision=DOT_PREC), input_precision=DOT_PREC)
+        rf = _rows(r + base_k, t0, T, 0, C, BK, K, sk)
+        q_t = rf * tl.exp(gc) + tl.dot(P_rb, Wm, input_precision=DOT_PREC)
+        intra = tl.dot(P_rb, Um, input_precision=DOT_PREC) + tl.dot(P_rk, vf, input_precision=DOT_PREC)
+        to_end = tl.exp(last[None, :] - gc)
+        bd = _rows(b + base_k, t0, T, 0, C, BK, K, sk) * to_end
+        kd = _rows(k + base_k, t0, T, 0, C, BK, K, sk) * to_end
+        ok = tl.arange(0, BK)
+        ov = tl.arange(0, BV)
+        chunk = bh * NT + n  # buffers: [B H, NT, C, BK | BV], [B H, NT, BK]
+        pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
+        pv = (chunk * C + rows[:, None]) * BV + ov[None, :]
+        tl.store(Wb + pk, Wm)
+        tl.store(Qb + pk, q_t)
+        tl.store(Bb + pk, bd)
+        tl.store(Kb + pk, kd)
+        tl.store(Ub + pv, Um)
+        tl.store(Ib + pv, intra)
+        tl.store(Lb + chunk * BK + ok, tl.exp(last))
 
 
 @triton.jit
@@ -190,8 +223,9 @@ def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_siz
     Lb = torch.empty(B * H, NT, BK, dtype=torch.float32, device=r.device)
     r, w, k, v, a, b = (t.contiguous() for t in (r, w, k, v, a, b))
     prec = dot_precision(torch.float32)
-    _rwkv7_chunk_prep[(NT, B * H)](r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, C=C, BK=BK, BV=BV,
-                                   SL=min(SLICE, BK), DOT_PREC=prec, num_warps=8)
+    for factored in (True, False):  # each chunk is written by one of the two
+        _rwkv7_chunk_prep[(NT, B * H)](r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, C=C, BK=BK,
+                                       BV=BV, SL=min(SLICE, BK), FACTORED=factored, DOT_PREC=prec, num_warps=8)
     o = empty_output((B, T, H, V), v.dtype, v.device)
     ht = empty_output((B, H, K, V), torch.float32, v.device)
     SV = min(BV, 32)  # sm_90a, K = V = 64, C = 16: no spills at 32 value columns and 4 warps (255 registers at 64)

@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ..hardware._flash_common import cdiv, dot_precision
-from .rwkv7_chunk import (SLICE, _decayed, _rows, _state_block, _unit_lower_inverse, block, float32_state,
-                          rwkv7_chunk_forward)
+from .rwkv7_chunk import (SLICE, _chunk_products, _decayed, _mild, _rows, _state_block, _unit_lower_inverse, block,
+                          float32_state, rwkv7_chunk_forward)
 
 
 @triton.jit
@@ -48,6 +48,14 @@ def _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C: tl.constexpr, SL: tl.cons
     last = tl.sum(tl.where(tl.arange(0, C)[:, None] == C - 1, gc, 0.0), 0)
     return (_rows(r + base_k, t0, T, ch, C, SL, K, sk), _rows(k + base_k, t0, T, ch, C, SL, K, sk),
             _rows(a + base_k, t0, T, ch, C, SL, K, sk), _rows(b + base_k, t0, T, ch, C, SL, K, sk), gc, gc - ws, last)
+
+
+@triton.jit
+def _dq_dw(dI, du, P_rb, hs, DOT_PREC: tl.constexpr):
+    """One channel slice's dq~ = dI h^T (dI = scale do) and dW = du h^T + P_rb^T dq~ `[C, SL]`; hs: the slice's
+    rows of the chunk-start state `[SL, BV]`."""
+    dQ = tl.dot(dI, tl.trans(hs), input_precision=DOT_PREC)
+    return dQ, tl.dot(tl.trans(P_rb), dQ, tl.dot(du, tl.trans(hs), input_precision=DOT_PREC), input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -77,7 +85,9 @@ def _rwkv7_bwd_scan(do, dht, dh0, DHS, SS, Wb, Qb, Bb, Lb, T, H, K, V, NT, scale
 
 @triton.jit
 def _rwkv7_chunk_bwd(r, w, k, v, a, b, do, HS, DHS, dr, dw, dk, dv, da, db, T, H, K, V, NT, scale,
-                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SL: tl.constexpr, DOT_PREC: tl.constexpr):
+                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SL: tl.constexpr, FACTORED: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """One chunk's gradients (module docstring); launched twice like the forward's prep, FACTORED and not."""
     n, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
     t0 = n * C
@@ -89,94 +99,104 @@ def _rwkv7_chunk_bwd(r, w, k, v, a, b, do, HS, DHS, dr, dw, dk, dv, da, db, T, H
     causal = rows[:, None] >= rows[None, :]
     st = (tl.cast(n, tl.int64) * tl.num_programs(1) + bh) * K * V  # int64: this chunk's states in [NT, B H, K, V]
     # pass 1: the pairwise products and the channel sums Ra h, Bd dh', Kd dh'
-    A_ab = tl.zeros([C, C], tl.float32)
-    A_ak = tl.zeros([C, C], tl.float32)
-    P_rb = tl.zeros([C, C], tl.float32)
-    P_rk = tl.zeros([C, C], tl.float32)
-    RaH = tl.zeros([C, BV], tl.float32)
-    du = tl.zeros([C, BV], tl.float32)
-    dv_acc = tl.zeros([C, BV], tl.float32)
-    for ch in range(0, BK, SL):
-        rs, ks, as_, bs, gc, gp, last = _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C, SL)
-        a_d = _decayed(as_, gp, gc, strict)
-        A_ab += tl.sum(a_d * bs[None, :, :], 2)
-        A_ak += tl.sum(a_d * ks[None, :, :], 2)
-        r_d = _decayed(rs, gc, gc, causal)
-        P_rb += tl.sum(r_d * bs[None, :, :], 2)
-        P_rk += tl.sum(r_d * ks[None, :, :], 2)
-        hs = _state_rows(HS + st, ch, K, V, SL, BV)
-        dhs = _state_rows(DHS + st, ch, K, V, SL, BV)
-        to_end = tl.exp(last[None, :] - gc)
-        RaH = tl.dot(as_ * tl.exp(gp), hs, RaH, input_precision=DOT_PREC)
-        du = tl.dot(bs * to_end, dhs, du, input_precision=DOT_PREC)
-        dv_acc = tl.dot(ks * to_end, dhs, dv_acc, input_precision=DOT_PREC)
-    X = _unit_lower_inverse(A_ab, C, DOT_PREC)
-    vv = _rows(v + base_v, t0, T, 0, C, BV, V, sv)
-    dI = scale * _rows(do + base_v, t0, T, 0, C, BV, V, sv)
-    Y = tl.dot(A_ak, vv, input_precision=DOT_PREC)
-    U = tl.dot(X, Y, input_precision=DOT_PREC)
-    u = tl.dot(X, RaH, U, input_precision=DOT_PREC)
-    dU = tl.dot(tl.trans(P_rb), dI, du, input_precision=DOT_PREC)
-    dY = tl.dot(tl.trans(X), dU, input_precision=DOT_PREC)
-    dA_ak = tl.where(strict, tl.dot(dY, tl.trans(vv), input_precision=DOT_PREC), 0.0)
-    dP_rk = tl.where(causal, tl.dot(dI, tl.trans(vv), input_precision=DOT_PREC), 0.0)
-    dv_acc = tl.dot(tl.trans(P_rk), dI, dv_acc, input_precision=DOT_PREC)
-    dv_acc = tl.dot(tl.trans(A_ak), dY, dv_acc, input_precision=DOT_PREC)
-    t = t0 + rows
-    ov = tl.arange(0, BV)
-    tl.store(dv + base_v + t[:, None] * sv + ov[None, :], dv_acc.to(dv.dtype.element_ty),
-             mask=(t[:, None] < T) & (ov[None, :] < V))
-    # pass 2: the channel sums of the gradients, dP_rb and dX
-    dP_rb = tl.dot(dI, tl.trans(U), input_precision=DOT_PREC)
-    dX = tl.dot(dU, tl.trans(Y), input_precision=DOT_PREC)
-    for ch in range(0, BK, SL):
-        rs, ks, as_, bs, gc, gp, last = _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C, SL)
-        Ra = as_ * tl.exp(gp)
-        hs = _state_rows(HS + st, ch, K, V, SL, BV)
-        dQ = tl.dot(dI, tl.trans(hs), input_precision=DOT_PREC)  # dq~ = scale do h^T
-        dW = tl.dot(tl.trans(P_rb), dQ, tl.dot(du, tl.trans(hs), input_precision=DOT_PREC), input_precision=DOT_PREC)
-        dP_rb = tl.dot(dQ, tl.trans(tl.dot(X, Ra, input_precision=DOT_PREC)), dP_rb, input_precision=DOT_PREC)
-        dX = tl.dot(dW, tl.trans(Ra), dX, input_precision=DOT_PREC)
-    dP_rb = tl.where(causal, dP_rb, 0.0)
-    dA_ab = tl.where(strict, tl.dot(tl.dot(tl.trans(X), dX, input_precision=DOT_PREC), tl.trans(X),
-                                    input_precision=DOT_PREC), 0.0)
-    # pass 3: every channel's gradients
-    for ch in range(0, BK, SL):
-        rs, ks, as_, bs, gc, gp, last = _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C, SL)
-        hs = _state_rows(HS + st, ch, K, V, SL, BV)
-        dhs = _state_rows(DHS + st, ch, K, V, SL, BV)
-        to_end = tl.exp(last[None, :] - gc)
-        eg, ep = tl.exp(gc), tl.exp(gp)
-        dQ = tl.dot(dI, tl.trans(hs), input_precision=DOT_PREC)
-        dW = tl.dot(tl.trans(P_rb), dQ, tl.dot(du, tl.trans(hs), input_precision=DOT_PREC), input_precision=DOT_PREC)
-        dRa = tl.dot(tl.trans(X), dW, input_precision=DOT_PREC)
-        dBd = tl.dot(u, tl.trans(dhs), input_precision=DOT_PREC) * to_end  # d(b e^{Gc_C - Gc}) * e^{Gc_C - Gc}
-        dKd = tl.dot(vv, tl.trans(dhs), input_precision=DOT_PREC) * to_end
-        # one [i, j, d] decay tensor at a time (registers): A's (strict, Gp_i - Gc_j), then P's (Gc_i - Gc_j)
-        e = _decayed(tl.full([C, SL], 1.0, tl.float32), gp, gc, strict)
-        da_s = dRa * ep + tl.sum((dA_ab[:, :, None] * bs[None, :, :] + dA_ak[:, :, None] * ks[None, :, :]) * e, 1)
-        e = e * as_[:, None, :]
-        db_pair = tl.sum(dA_ab[:, :, None] * e, 0)
-        dk_pair = tl.sum(dA_ak[:, :, None] * e, 0)
-        e = _decayed(tl.full([C, SL], 1.0, tl.float32), gc, gc, causal)
-        dr_s = dQ * eg + tl.sum((dP_rb[:, :, None] * bs[None, :, :] + dP_rk[:, :, None] * ks[None, :, :]) * e, 1)
-        e = e * rs[:, None, :]
-        db_pair += tl.sum(dP_rb[:, :, None] * e, 0)
-        dk_pair += tl.sum(dP_rk[:, :, None] * e, 0)
-        # the log decays: Gc (q~, both sides of P, the key side of A, Bd, Kd), Gp (Ra, the a side of A), Gc_C
-        decayed = dBd * bs + dKd * ks  # d(Bd) Bd + d(Kd) Kd
-        dGc = rs * dr_s - bs * db_pair - ks * dk_pair - decayed  # r dr: q~'s decay and P's query side
-        dGp = as_ * da_s
-        dlast = tl.sum(decayed, 0) + tl.sum(hs * dhs, 1) * tl.exp(last)
-        dw_s = tl.cumsum(dGc + dGp, 0, reverse=True) - dGp + dlast[None, :]
-        oc = ch + tl.arange(0, SL)
-        pk = base_k + t[:, None] * sk + oc[None, :]
-        mk = (t[:, None] < T) & (oc[None, :] < K)
-        tl.store(dr + pk, dr_s.to(dr.dtype.element_ty), mask=mk)
-        tl.store(dw + pk, dw_s.to(dw.dtype.element_ty), mask=mk)
-        tl.store(da + pk, da_s.to(da.dtype.element_ty), mask=mk)
-        tl.store(db + pk, (dBd + db_pair).to(db.dtype.element_ty), mask=mk)
-        tl.store(dk + pk, (dKd + dk_pair).to(dk.dtype.element_ty), mask=mk)
+    wf = _rows(w + base_k, t0, T, 0, C, BK, K, sk)
+    gcf = tl.cumsum(wf, 0)
+    lastf = tl.sum(tl.where(rows[:, None] == C - 1, gcf, 0.0), 0)
+    if _mild(lastf) == FACTORED:
+        A_ab, A_ak, P_rb, P_rk = _chunk_products(r, w, k, a, b, base_k, t0, T, K, sk, C, BK, SL, FACTORED, DOT_PREC)
+        RaH = tl.zeros([C, BV], tl.float32)
+        du = tl.zeros([C, BV], tl.float32)
+        dv_acc = tl.zeros([C, BV], tl.float32)
+        for ch in range(0, BK, SL):  # in slices: a [C, BK] operand would be held by every warp (M = C = 16)
+            rs, ks, as_, bs, gc, gp, last = _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C, SL)
+            to_end = tl.exp(last[None, :] - gc)
+            dhs = _state_rows(DHS + st, ch, K, V, SL, BV)
+            RaH = tl.dot(as_ * tl.exp(gp), _state_rows(HS + st, ch, K, V, SL, BV), RaH, input_precision=DOT_PREC)
+            du = tl.dot(bs * to_end, dhs, du, input_precision=DOT_PREC)
+            dv_acc = tl.dot(ks * to_end, dhs, dv_acc, input_precision=DOT_PREC)
+        X = _unit_lower_inverse(A_ab, C, DOT_PREC)
+        vv = _rows(v + base_v, t0, T, 0, C, BV, V, sv)
+        dI = scale * _rows(do + base_v, t0, T, 0, C, BV, V, sv)
+        Y = tl.dot(A_ak, vv, input_precision=DOT_PREC)
+        U = tl.dot(X, Y, input_precision=DOT_PREC)
+        u = tl.dot(X, RaH, U, input_precision=DOT_PREC)
+        dU = tl.dot(tl.trans(P_rb), dI, du, input_precision=DOT_PREC)
+        dY = tl.dot(tl.trans(X), dU, input_precision=DOT_PREC)
+        dA_ak = tl.where(strict, tl.dot(dY, tl.trans(vv), input_precision=DOT_PREC), 0.0)
+        dP_rk = tl.where(causal, tl.dot(dI, tl.trans(vv), input_precision=DOT_PREC), 0.0)
+        dv_acc = tl.dot(tl.trans(P_rk), dI, dv_acc, input_precision=DOT_PREC)
+        dv_acc = tl.dot(tl.trans(A_ak), dY, dv_acc, input_precision=DOT_PREC)
+        t = t0 + rows
+        ov = tl.arange(0, BV)
+        tl.store(dv + base_v + t[:, None] * sv + ov[None, :], dv_acc.to(dv.dtype.element_ty),
+                 mask=(t[:, None] < T) & (ov[None, :] < V))
+        # pass 2: the channel sums of the gradients, dP_rb and dX
+        dP_rb = tl.dot(dI, tl.trans(U), input_precision=DOT_PREC)
+        dX = tl.dot(dU, tl.trans(Y), input_precision=DOT_PREC)
+        for ch in range(0, BK, SL):
+            rs, ks, as_, bs, gc, gp, last = _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C, SL)
+            Ra = as_ * tl.exp(gp)
+            hs = _state_rows(HS + st, ch, K, V, SL, BV)
+            dQ, dW = _dq_dw(dI, du, P_rb, hs, DOT_PREC)
+            dP_rb = tl.dot(dQ, tl.trans(tl.dot(X, Ra, input_precision=DOT_PREC)), dP_rb, input_precision=DOT_PREC)
+            dX = tl.dot(dW, tl.trans(Ra), dX, input_precision=DOT_PREC)
+        dP_rb = tl.where(causal, dP_rb, 0.0)
+        dA_ab = tl.where(strict, tl.dot(tl.dot(tl.trans(X), dX, input_precision=DOT_PREC), tl.trans(X),
+                                        input_precision=DOT_PREC), 0.0)
+        # pass 3: every channel's gradients
+        for ch in range(0, BK, SL):
+            rs, ks, as_, bs, gc, gp, last = _slice(r, w, k, a, b, base_k, t0, T, ch, K, sk, C, SL)
+            hs = _state_rows(HS + st, ch, K, V, SL, BV)
+            dhs = _state_rows(DHS + st, ch, K, V, SL, BV)
+            to_end = tl.exp(last[None, :] - gc)
+            eg, ep = tl.exp(gc), tl.exp(gp)
+            dQ, dW = _dq_dw(dI, du, P_rb, hs, DOT_PREC)
+            dRa = tl.dot(tl.trans(X), dW, input_precision=DOT_PREC)
+            dBd = tl.dot(u, tl.trans(dhs), input_precision=DOT_PREC) * to_end  # d(b e^{Gc_C - Gc}) * e^{Gc_C - Gc}
+            dKd = tl.dot(vv, tl.trans(dhs), input_precision=DOT_PREC) * to_end
+            if FACTORED:  # the factored products of _chunk_products: each sum over j or i is one dot
+                ref = 0.5 * last[None, :]
+                b_q = bs * tl.exp(ref - gc)
+                k_q = ks * tl.exp(ref - gc)
+                da_s = dRa * ep + tl.exp(gp - ref) * tl.dot(dA_ab, b_q, tl.dot(dA_ak, k_q, input_precision=DOT_PREC),
+                                                            input_precision=DOT_PREC)
+                dr_s = dQ * eg + tl.exp(gc - ref) * tl.dot(dP_rb, b_q, tl.dot(dP_rk, k_q, input_precision=DOT_PREC),
+                                                           input_precision=DOT_PREC)
+                a_q = as_ * tl.exp(gp - ref)
+                r_q = rs * tl.exp(gc - ref)
+                db_pair = tl.exp(ref - gc) * tl.dot(tl.trans(dA_ab), a_q, tl.dot(tl.trans(dP_rb), r_q,
+                                                                                  input_precision=DOT_PREC),
+                                                    input_precision=DOT_PREC)
+                dk_pair = tl.exp(ref - gc) * tl.dot(tl.trans(dA_ak), a_q, tl.dot(tl.trans(dP_rk), r_q,
+                                                                                  input_precision=DOT_PREC),
+                                                    input_precision=DOT_PREC)
+            else:  # one [i, j, d] decay tensor at a time (registers): A's (strict, Gp_i - Gc_j), then P's
+                e = _decayed(tl.full([C, SL], 1.0, tl.float32), gp, gc, strict)
+                da_s = dRa * ep + tl.sum((dA_ab[:, :, None] * bs[None, :, :] + dA_ak[:, :, None] * ks[None, :, :]) * e,
+                                         1)
+                e = e * as_[:, None, :]
+                db_pair = tl.sum(dA_ab[:, :, None] * e, 0)
+                dk_pair = tl.sum(dA_ak[:, :, None] * e, 0)
+                e = _decayed(tl.full([C, SL], 1.0, tl.float32), gc, gc, causal)
+                dr_s = dQ * eg + tl.sum((dP_rb[:, :, None] * bs[None, :, :] + dP_rk[:, :, None] * ks[None, :, :]) * e,
+                                        1)
+                e = e * rs[:, None, :]
+                db_pair += tl.sum(dP_rb[:, :, None] * e, 0)
+                dk_pair += tl.sum(dP_rk[:, :, None] * e, 0)
+            # the log decays: Gc (q~, both sides of P, the key side of A, Bd, Kd), Gp (Ra, the a side of A), Gc_C
+            decayed = dBd * bs + dKd * ks  # d(Bd) Bd + d(Kd) Kd
+            dGc = rs * dr_s - bs * db_pair - ks * dk_pair - decayed  # r dr: q~'s decay and P's query side
+            dGp = as_ * da_s
+            dlast = tl.sum(decayed, 0) + tl.sum(hs * dhs, 1) * tl.exp(last)
+            dw_s = tl.cumsum(dGc + dGp, 0, reverse=True) - dGp + dlast[None, :]
+            oc = ch + tl.arange(0, SL)
+            pk = base_k + t[:, None] * sk + oc[None, :]
+            mk = (t[:, None] < T) & (oc[None, :] < K)
+            tl.store(dr + pk, dr_s.to(dr.dtype.element_ty), mask=mk)
+            tl.store(dw + pk, dw_s.to(dw.dtype.element_ty), mask=mk)
+            tl.store(da + pk, da_s.to(da.dtype.element_ty), mask=mk)
+            tl.store(db + pk, (dBd + db_pair).to(db.dtype.element_ty), mask=mk)
+            tl.store(dk + pk, (dKd + dk_pair).to(dk.dtype.element_ty), mask=mk)
 
 
 class _Rwkv7Chunk(torch.autograd.Function):
@@ -206,9 +226,10 @@ class _Rwkv7Chunk(torch.autograd.Function):
                                               float(ctx.scale), C=C, BK=BK, SV=SV, USE_DHT=dht is not None,
                                               DOT_PREC=prec, num_warps=4, num_stages=2)
         dr, dw, dk, dv, da, db = (empty_output(t.shape, t.dtype, t.device) for t in (r, w, k, v, a, b))
-        _rwkv7_chunk_bwd[(NT, B * H)](r, w, k, v, a, b, do, hs, dhs, dr, dw, dk, dv, da, db, T, H, K, V, NT,
-                                      float(ctx.scale), C=C, BK=BK, BV=BV, SL=min(SLICE, BK), DOT_PREC=prec,
-                                      num_warps=8)
+        for factored in (True, False):  # each chunk is done by one of the two
+            _rwkv7_chunk_bwd[(NT, B * H)](r, w, k, v, a, b, do, hs, dhs, dr, dw, dk, dv, da, db, T, H, K, V, NT,
+                                          float(ctx.scale), C=C, BK=BK, BV=BV, SL=min(SLICE, BK), FACTORED=factored,
+                                          DOT_PREC=prec, num_warps=8)
         return dr, dw, dk, dv, da, db, dh0 if ctx.has_h0 else None, None, None
 
 
