@@ -3,8 +3,9 @@ FLA): rwkv6 / chunk_rwkv6, rwkv7 / chunk_rwkv7, gsa / chunk_gsa (bf16, [B, T, H,
 
     PYTHONPATH=src python3 benchmarks/catalog_fla.py --out DIR [--sizes 4096,16384] [--methods rwkv6,rwkv7,gsa]
 
-K = V = 64 (RWKV's head size); gsa: M = 64 slots (FLA's default). First the max difference of our output vs
-FLA's at the first size (same inputs) and of every input's gradient (relative to FLA's largest), then fwd
+K = V = 64 (RWKV's head size); gsa: M = 64 slots (FLA's default). First each chunk form vs the float64
+reference under the 2x rule (outputs, states, every gradient; bf16 and float32), then the max difference of our
+output vs FLA's at the first size (same inputs) and of every input's gradient (relative to FLA's largest), then fwd
 and fwd+bwd medians (triton.testing.do_bench, after warm-up; a backward FLA refuses on this Triton is recorded
 as an error). Results go to DIR/catalog_fla.json after every measurement, so a run cut short still returns
 what it measured. (Until 2026-12-06 this was
@@ -70,6 +71,22 @@ def runners():
     }
 
 
+def reference_checks(methods) -> list:
+    """Our chunk forms on the GPU vs the float64 reference under the 2x rule (outputs, final states, every
+    gradient; effattn.testing.check_method), bf16 and float32, at a length off the chunk sizes."""
+    from effattn.registry import REGISTRY, Shape
+    from effattn.testing import check_method
+
+    out = []
+    for method in methods:
+        for dtype in (torch.bfloat16, torch.float32):
+            res = check_method(REGISTRY.get(method), form="chunk", dtype=dtype, device="cuda",
+                               shape=Shape(batch=2, seq_q=333, heads=2, head_dim=64))
+            out.append(dict(method=method, dtype=str(dtype), ok=all(r.ok for r in res), detail=[str(r) for r in res]))
+            print(out[-1]["method"], out[-1]["dtype"], out[-1]["ok"], "; ".join(out[-1]["detail"]), flush=True)
+    return out
+
+
 def grad_diffs(ours, fla, x) -> dict:
     """max |d ours - d fla| / max |d fla| for every input, with the same upstream gradient."""
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -101,6 +118,8 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
 
+    res["reference_checks"] = reference_checks(methods)
+    save()
     run = runners()
     make = {"rwkv6": rwkv6_inputs, "rwkv7": rwkv7_inputs, "gsa": gsa_inputs}
     for method in methods:

@@ -88,8 +88,8 @@ def _cumsum(g: torch.Tensor, ch: Chunks) -> torch.Tensor:
     return out
 
 
-def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool, want_grad: bool):
-    """Packed q, k `[T, H, K]`, v `[T, H, V]`; returns o, ht, and what backward needs."""
+def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool, want_grad: bool, out_dtype):
+    """Packed q, k `[T, H, K]`, v `[T, H, V]`; returns o (in out_dtype), ht, and what backward needs."""
     T, H, K = q.shape
     V = v.shape[-1]
     num_seqs, N = ch.cu_seqlens.numel() - 1, ch.start.numel()
@@ -131,7 +131,7 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
            [(*c, raw) for raw in ((1, 0) if gate == 1 else (0,)) for c in _configs(V, "state", K, delta_rule)],
            *state_args, variant=gate_input, H=H, K=K, V=V, BT=ch.size, GATE=gate, DELTA=delta_rule,
            USE_H0=h0 is not None, STORE_HT=want_ht, PREC=_prec(k))
-    o = empty_output((T, H, V), q.dtype, q.device)
+    o = empty_output((T, H, V), out_dtype, q.device)
     a = torch.empty((T, H, ch.size), dtype=q.dtype, device=q.device) if want_grad else None
     BQ = 16 if gate == 2 else ch.size
     _tuned("output", _chunk_output, lambda bv: (cdiv(V, bv), N * (ch.size // BQ), H), key,
@@ -148,7 +148,7 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
     BK, gate, BT = _bk(K), _gate_code(g), ch.size
     BQ = 16 if gate == 2 else BT
     key = (gate, delta_rule, K, V, BT, q.dtype, num_seqs * H, seqlen_bucket(T))
-    do = do.contiguous()
+    do = do.to(q.dtype).contiguous()  # (an output in another dtype: the kernels' dots take q's)
     dht = None if dht is None else dht.contiguous()  # autograd may hand in an expanded (stride 0) tensor
     f32 = dict(dtype=torch.float32, device=q.device)
     consts = dict(H=H, K=K, V=V, BT=BT, GATE=gate, DELTA=delta_rule, PREC=_prec(q))
@@ -208,8 +208,9 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
 
 class _ChunkGatedLinearAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, scale, delta_rule, ch, want_ht):
-        o, ht, saved = _forward(q, k, v, g, beta, scale, h0, delta_rule, ch, want_ht, any(ctx.needs_input_grad[:6]))
+    def forward(ctx, q, k, v, g, beta, h0, scale, delta_rule, ch, want_ht, out_dtype):
+        o, ht, saved = _forward(q, k, v, g, beta, scale, h0, delta_rule, ch, want_ht, any(ctx.needs_input_grad[:6]),
+                                out_dtype)
         ctx.save_for_backward(q, k, v, g, beta, *saved)
         ctx.scale, ctx.delta_rule, ctx.ch, ctx.has_h0 = scale, delta_rule, ch, h0 is not None
         return o, ht
@@ -219,7 +220,7 @@ class _ChunkGatedLinearAttn(torch.autograd.Function):
         q, k, v, g, beta, *saved = ctx.saved_tensors
         dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, g, beta, ctx.scale, ctx.delta_rule, ctx.ch, saved, do, dht,
                                                ctx.has_h0)
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None
 
 
 def validate_linear(q, k, v, g, beta, scale, initial_state, cu_seqlens, *, delta_rule: bool,
@@ -256,19 +257,22 @@ def validate_linear(q, k, v, g, beta, scale, initial_state, cu_seqlens, *, delta
 
 
 def chunk_gated_linear_attn(q, k, v, g=None, beta=None, *, scale=None, initial_state=None,
-                            output_final_state=False, cu_seqlens=None, delta_rule=False, chunk_size=64):
+                            output_final_state=False, cu_seqlens=None, delta_rule=False, chunk_size=64,
+                            output_dtype=None):
     """Chunkwise gated linear attention with Triton kernels (forward and backward).
 
     q, k: `[B, T, H, Dk]`, v: `[B, T, H, Dv]`; g: log forget gate `[B, T, H]` (scalar) or `[B, T, H, Dk]`
     (vector), `g <= 0`; beta: `[B, T, H]`; initial_state: `[N, H, Dk, Dv]` (N = B, or the number of
     sequences with `cu_seqlens`, int32 `[N + 1]`, B == 1). `delta_rule`: S_t = G_t S_{t-1} (I - beta k^T k)
-    + beta k^T v (scalar gate or none). Returns o `[B, T, H, Dv]` in q's dtype, and with
+    + beta k^T v (scalar gate or none). Returns o `[B, T, H, Dv]` in q's dtype (or `output_dtype`, e.g.
+    float32 for a caller that adds to it before rounding once), and with
     `output_final_state` also the final state `[N, H, Dk, Dv]` in float32.
     Time O(T C Dk + T Dk Dv), memory O(T/C H Dk Dv) for the chunk states; chunk_size C a power of two >= 16.
     """
     validate_linear(q, k, v, g, beta, scale, initial_state, cu_seqlens, delta_rule=delta_rule)
     check_positive_int("chunk_size", chunk_size, power_of_two=True, minimum=16)
     check_choice("output_final_state", output_final_state, (True, False))
+    check_choice("output_dtype", output_dtype, (None, torch.float16, torch.bfloat16, torch.float32))
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else float(scale)
     pk = lambda t: None if t is None else t.contiguous().reshape(B * T, *t.shape[2:])  # noqa: E731
@@ -276,6 +280,6 @@ def chunk_gated_linear_attn(q, k, v, g=None, beta=None, *, scale=None, initial_s
           else make_chunks(cu_seqlens, chunk_size, q.device))
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht = _ChunkGatedLinearAttn.apply(pk(q), pk(k), pk(v), pk(g), pk(beta), h0, scale, delta_rule, ch,
-                                        output_final_state)
+                                        output_final_state, output_dtype or q.dtype)
     o = o.reshape(B, T, H, v.shape[-1])
     return (o, ht) if output_final_state else o

@@ -65,7 +65,8 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
     scale = 1.0 if scale is None else float(scale)
     if form == "chunk":
         run = lambda q: chunk_gated_linear_attn(q, k, v, w, scale=scale, initial_state=initial_state,  # noqa: E731
-                                                output_final_state=True, chunk_size=chunk_size)
+                                                output_final_state=True, chunk_size=chunk_size,
+                                                output_dtype=torch.float32)  # rounded once, after the bonus
     else:  # accumulate in float32 (float64 kept): the state sums the whole sequence
         acc = torch.promote_types(r.dtype, torch.float32)
         run = lambda q: linear_recurrent(q.to(acc), k.to(acc), v.to(acc), w.to(acc), scale=scale,  # noqa: E731

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
+from .._triton_mode import interpreting
 from ..hardware._flash_common import cdiv, dot_precision, next_pow2
 
 # chunks whose every channel decays by less than e^-MILD take the factored products (_chunk_products)
@@ -195,6 +196,14 @@ def _rwkv7_chunk_scan(v, o, h0, ht, HS, SS, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K,
     tl.store(ht + p_state, state, mask=m_kv)
 
 
+def buffer_dot_precision(dtype: torch.dtype):
+    """Dot precision on the float32 buffers: float32 inputs get float32-accurate products (three tf32 passes on
+    the GPU); 16-bit inputs one tf32 pass (relative error ~2^-11 a product, under their own 2^-8; a third of the
+    tensor-core work, and fewer registers: the backward's chunk kernel spilled 4.2 KB at tf32x3 and 0.8 KB at
+    tf32, sm_90a, K = V = 64). The interpreter computes every dot in float32 either way."""
+    return dot_precision(torch.float32) if dtype == torch.float32 or interpreting() else "tf32"
+
+
 def block(d: int) -> int:
     """The power-of-two tile width (at least 16, for tl.dot) that covers d channels."""
     return max(16, next_pow2(d))
@@ -222,7 +231,7 @@ def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_siz
     Wb, Qb, Bb, Kb, Ub, Ib = chunk_buffers(B * H, NT, C, (BK,) * 4 + (BV,) * 2, r.device)
     Lb = torch.empty(B * H, NT, BK, dtype=torch.float32, device=r.device)
     r, w, k, v, a, b = (t.contiguous() for t in (r, w, k, v, a, b))
-    prec = dot_precision(torch.float32)
+    prec = buffer_dot_precision(r.dtype)
     for factored in (True, False):  # each chunk is written by one of the two
         _rwkv7_chunk_prep[(NT, B * H)](r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, C=C, BK=BK,
                                        BV=BV, SL=min(SLICE, BK), FACTORED=factored, DOT_PREC=prec, num_warps=8)

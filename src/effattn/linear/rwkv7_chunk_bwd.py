@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ..hardware._flash_common import cdiv, dot_precision
+from ..hardware._flash_common import cdiv
 from .rwkv7_chunk import (SLICE, _chunk_products, _decayed, _mild, _rows, _state_block, _unit_lower_inverse, block,
-                          float32_state, rwkv7_chunk_forward)
+                          buffer_dot_precision, float32_state, rwkv7_chunk_forward)
 
 
 @triton.jit
@@ -216,7 +216,7 @@ class _Rwkv7Chunk(torch.autograd.Function):
         B, T, H, K = r.shape
         V, C = v.shape[-1], ctx.C
         NT, BK, BV = cdiv(T, C), block(K), block(V)
-        prec = dot_precision(torch.float32)
+        prec = buffer_dot_precision(r.dtype)
         do = torch.zeros(v.shape, dtype=v.dtype, device=v.device) if do is None else do.contiguous()
         dht = float32_state(dht)
         dhs = torch.empty(NT, B * H, K, V, dtype=torch.float32, device=r.device)
