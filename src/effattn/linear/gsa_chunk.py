@@ -26,8 +26,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ..hardware._flash_common import dot_precision
-from .rwkv7_chunk import _rows, _state_block, block, chunk_buffers, float32_state
+from .rwkv7_chunk import _mild, _rows, _state_block, block, buffer_dot_precision, chunk_buffers, float32_state
 
 CHUNK = 16
 SUPER = 64  # tokens per step of the sequential state passes: 4 chunks
@@ -36,7 +35,11 @@ SLICE = 16  # slots per step of the pairwise products (sm_90a, K = M = 64: prep 
 
 @triton.jit
 def _gsa_pass1_prep(q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C: tl.constexpr, BK: tl.constexpr,
-                    BM: tl.constexpr, SL: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BM: tl.constexpr, SL: tl.constexpr, FACTORED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk's buffers; launched twice, FACTORED and not, each chunk done by the launch that matches
+    `_mild` (every slot's decay over the chunk above e^-MILD): the intra-chunk sum as one dot per slot slice,
+    e^{Gc - r} (qk (s e^{r - Gc})) with r = Gc_C / 2 (every factor within e^{MILD / 2}); else the pairwise
+    decays, masked before exp, `[C, C, SL]`."""
     n, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
     t0 = n * C
@@ -44,22 +47,33 @@ def _gsa_pass1_prep(q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C: tl.constexpr,
     base_m = bb * T * H * M + h * M
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
-    qk = tl.dot(_rows(q + base_k, t0, T, 0, C, BK, K, H * K),
-                tl.trans(_rows(k + base_k, t0, T, 0, C, BK, K, H * K)), input_precision=DOT_PREC)
-    qk = tl.where(causal, qk, 0.0)
-    chunk = bh * NT + n  # buffers: [B H, NT, C, BM], [B H, NT, BM]
-    for ch in tl.static_range(0, BM, SL):
-        gc = tl.cumsum(_rows(g + base_m, t0, T, ch, C, SL, M, H * M), 0)
-        ss = _rows(s + base_m, t0, T, ch, C, SL, M, H * M)
-        e = tl.where(causal[:, :, None], gc[:, None, :] - gc[None, :, :], float("-inf"))
-        intra = tl.sum(qk[:, :, None] * ss[None, :, :] * tl.exp(e), 1)  # [C, SL]
-        last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
-        om = ch + tl.arange(0, SL)
-        p = (chunk * C + rows[:, None]) * BM + om[None, :]
-        tl.store(Ib + p, intra)
-        tl.store(Eb + p, tl.exp(gc))
-        tl.store(Sb + p, ss * tl.exp(last[None, :] - gc))
-        tl.store(Lb + chunk * BM + om, tl.exp(last))
+    if _mild(_last(g + base_m, t0, T, M, H * M, C, BM)) == FACTORED:
+        qk = tl.dot(_rows(q + base_k, t0, T, 0, C, BK, K, H * K),
+                    tl.trans(_rows(k + base_k, t0, T, 0, C, BK, K, H * K)), input_precision=DOT_PREC)
+        qk = tl.where(causal, qk, 0.0)
+        chunk = bh * NT + n  # buffers: [B H, NT, C, BM], [B H, NT, BM]
+        for ch in tl.static_range(0, BM, SL):
+            gc = tl.cumsum(_rows(g + base_m, t0, T, ch, C, SL, M, H * M), 0)
+            ss = _rows(s + base_m, t0, T, ch, C, SL, M, H * M)
+            last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
+            if FACTORED:
+                ref = 0.5 * last[None, :]
+                intra = tl.exp(gc - ref) * tl.dot(qk, ss * tl.exp(ref - gc), input_precision=DOT_PREC)
+            else:
+                e = tl.where(causal[:, :, None], gc[:, None, :] - gc[None, :, :], float("-inf"))
+                intra = tl.sum(qk[:, :, None] * ss[None, :, :] * tl.exp(e), 1)  # [C, SL]
+            om = ch + tl.arange(0, SL)
+            p = (chunk * C + rows[:, None]) * BM + om[None, :]
+            tl.store(Ib + p, intra)
+            tl.store(Eb + p, tl.exp(gc))
+            tl.store(Sb + p, ss * tl.exp(last[None, :] - gc))
+            tl.store(Lb + chunk * BM + om, tl.exp(last))
+
+
+@triton.jit
+def _last(g, t0, T, M, stride_t, C: tl.constexpr, BM: tl.constexpr):
+    """A chunk's total log gate per slot, Gc_C `[BM]` (rows t0 .. t0 + C of `[T, M]` gates at g)."""
+    return tl.sum(_rows(g, t0, T, 0, C, BM, M, stride_t), 0)
 
 
 @triton.jit
@@ -158,11 +172,13 @@ def _gsa_pass1_bwd_scan(q, do, DHB, DHS, SS, Eb, Lb, T, H, K, M, NT, scale, C: t
 
 @triton.jit
 def _gsa_pass1_bwd_chunk(q, k, s, g, do, dq, dk, ds, HS, DHS, SS, T, H, K, M, NT, scale, C: tl.constexpr,
-                         BK: tl.constexpr, SL: tl.constexpr, BM: tl.constexpr, DOT_PREC: tl.constexpr):
+                         BK: tl.constexpr, SL: tl.constexpr, BM: tl.constexpr, FACTORED: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
     """dq, dk, ds of one chunk from hk at its start (HS) and dhk after it (DHS), slots in slices of SL:
     dq_i = scale [hk (do'_i e^{Gc_i}) + sum_{j<=i} D_ij k_j], D_ij = sum_m do'_im s_jm e^{Gc_im - Gc_jm};
     dk_j = scale sum_{i>=j} D_ij q_i + dhk (s_j e^{Gc_C - Gc_j});
-    ds_jm = scale sum_{i>=j} (q_i . k_j) do'_im e^{Gc_im - Gc_jm} + (k_j dhk)_m e^{Gc_Cm - Gc_jm}."""
+    ds_jm = scale sum_{i>=j} (q_i . k_j) do'_im e^{Gc_im - Gc_jm} + (k_j dhk)_m e^{Gc_Cm - Gc_jm}.
+    Launched twice like the prep: FACTORED, the pairwise sums as dots on do' e^{Gc - r} and s e^{r - Gc}."""
     n, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
     t0 = n * C
@@ -170,38 +186,46 @@ def _gsa_pass1_bwd_chunk(q, k, s, g, do, dq, dk, ds, HS, DHS, SS, T, H, K, M, NT
     base_m = bb * T * H * M + h * M
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
-    ok = tl.arange(0, BK)
-    qn = _rows(q + base_k, t0, T, 0, C, BK, K, H * K)
-    kn = _rows(k + base_k, t0, T, 0, C, BK, K, H * K)
-    A = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)  # q_i . k_j, j <= i
-    D = tl.zeros([C, C], tl.float32)
-    dq_acc = tl.zeros([C, BK], tl.float32)
-    dk_acc = tl.zeros([C, BK], tl.float32)
-    t = t0 + rows
-    for ch in tl.static_range(0, BM, SL):
-        om = ch + tl.arange(0, SL)
-        gc = tl.cumsum(_rows(g + base_m, t0, T, ch, C, SL, M, H * M), 0)
-        ss = _rows(s + base_m, t0, T, ch, C, SL, M, H * M)
-        dos = _rows(do + base_m, t0, T, ch, C, SL, M, H * M)
-        last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
-        decay = tl.exp(tl.where(causal[:, :, None], gc[:, None, :] - gc[None, :, :], float("-inf")))  # [i, j, m]
-        D += tl.sum(dos[:, None, :] * ss[None, :, :] * decay, 2)
-        ds_intra = tl.sum(A[:, :, None] * dos[:, None, :] * decay, 0)  # [j, m]
-        m_km = (ok[:, None] < K) & (om[None, :] < M)
-        p_km = (bh * K + ok[:, None]) * M + om[None, :]
-        hk = tl.load(HS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)  # [BK, SL]
-        dhk = tl.load(DHS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)
-        to_end = tl.exp(last[None, :] - gc)
-        dq_acc = tl.dot(dos * tl.exp(gc), tl.trans(hk), dq_acc, input_precision=DOT_PREC)
-        dk_acc = tl.dot(ss * to_end, tl.trans(dhk), dk_acc, input_precision=DOT_PREC)
-        ds_j = scale * ds_intra + tl.dot(kn, dhk, input_precision=DOT_PREC) * to_end
-        tl.store(ds + base_m + t[:, None] * (H * M) + om[None, :], ds_j, mask=(t[:, None] < T) & (om[None, :] < M))
-    dq_acc = scale * (dq_acc + tl.dot(D, kn, input_precision=DOT_PREC))
-    dk_acc = dk_acc + scale * tl.dot(tl.trans(D), qn, input_precision=DOT_PREC)
-    m_tk = (t[:, None] < T) & (ok[None, :] < K)
-    tl.store(dq + base_k + t[:, None] * (H * K) + ok[None, :], dq_acc, mask=m_tk)
-    tl.store(dk + base_k + t[:, None] * (H * K) + ok[None, :], dk_acc, mask=m_tk)
-
+    if _mild(_last(g + base_m, t0, T, M, H * M, C, BM)) == FACTORED:
+        ok = tl.arange(0, BK)
+        qn = _rows(q + base_k, t0, T, 0, C, BK, K, H * K)
+        kn = _rows(k + base_k, t0, T, 0, C, BK, K, H * K)
+        A = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)  # q_i . k_j, j <= i
+        D = tl.zeros([C, C], tl.float32)
+        dq_acc = tl.zeros([C, BK], tl.float32)
+        dk_acc = tl.zeros([C, BK], tl.float32)
+        t = t0 + rows
+        for ch in tl.static_range(0, BM, SL):
+            om = ch + tl.arange(0, SL)
+            gc = tl.cumsum(_rows(g + base_m, t0, T, ch, C, SL, M, H * M), 0)
+            ss = _rows(s + base_m, t0, T, ch, C, SL, M, H * M)
+            dos = _rows(do + base_m, t0, T, ch, C, SL, M, H * M)
+            last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
+            if FACTORED:
+                ref = 0.5 * last[None, :]
+                do_e = dos * tl.exp(gc - ref)
+                D = tl.dot(do_e, tl.trans(ss * tl.exp(ref - gc)), D, input_precision=DOT_PREC)  # masked below
+                ds_intra = tl.exp(ref - gc) * tl.dot(tl.trans(A), do_e, input_precision=DOT_PREC)
+            else:
+                decay = tl.exp(tl.where(causal[:, :, None], gc[:, None, :] - gc[None, :, :], float("-inf")))
+                D += tl.sum(dos[:, None, :] * ss[None, :, :] * decay, 2)  # [i, j]
+                ds_intra = tl.sum(A[:, :, None] * dos[:, None, :] * decay, 0)  # [j, m]
+            m_km = (ok[:, None] < K) & (om[None, :] < M)
+            p_km = (bh * K + ok[:, None]) * M + om[None, :]
+            hk = tl.load(HS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)  # [BK, SL]
+            dhk = tl.load(DHS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)
+            to_end = tl.exp(last[None, :] - gc)
+            dq_acc = tl.dot(dos * tl.exp(gc), tl.trans(hk), dq_acc, input_precision=DOT_PREC)
+            dk_acc = tl.dot(ss * to_end, tl.trans(dhk), dk_acc, input_precision=DOT_PREC)
+            ds_j = scale * ds_intra + tl.dot(kn, dhk, input_precision=DOT_PREC) * to_end
+            tl.store(ds + base_m + t[:, None] * (H * M) + om[None, :], ds_j,
+                     mask=(t[:, None] < T) & (om[None, :] < M))
+        D = tl.where(causal, D, 0.0)
+        dq_acc = scale * (dq_acc + tl.dot(D, kn, input_precision=DOT_PREC))
+        dk_acc = dk_acc + scale * tl.dot(tl.trans(D), qn, input_precision=DOT_PREC)
+        m_tk = (t[:, None] < T) & (ok[None, :] < K)
+        tl.store(dq + base_k + t[:, None] * (H * K) + ok[None, :], dq_acc, mask=m_tk)
+        tl.store(dk + base_k + t[:, None] * (H * K) + ok[None, :], dk_acc, mask=m_tk)
 
 def _dims(q, s):
     """(B, T, H, K, M, NT, BK, BM) of pass 1 on q `[B, T, H, K]`, s `[B, T, H, M]`."""
@@ -219,10 +243,10 @@ def _states(a, b, g, h0, scale: float, reverse: bool):
     BKS, SM = min(block(K), 32), min(block(M), 32)
     hb = torch.empty(NS, B * H, K, M, dtype=torch.float32, device=a.device)
     last = empty_output((B, H, K, M), torch.float32, a.device)
-    # sm_90a, K = M = 64: 186 (forward) and 193 (reverse) registers, no spills (230 and 255 at 4 warps)
+    # sm_90a, K = M = 64, tf32x3: 186 (forward) and 193 (reverse) registers, no spills (230 and 255 at 4 warps)
     _gsa_pass1_states[(triton.cdiv(M, SM), triton.cdiv(K, BKS), B * H)](
         a, b, g, h0, last, hb, B * H * K * M, T, H, K, M, NS, float(scale), S=SUPER, BKS=BKS, SM=SM,
-        USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=dot_precision(torch.float32), num_warps=8, num_stages=2)
+        USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=buffer_dot_precision(a.dtype), num_warps=8, num_stages=2)
     return hb, last
 
 
@@ -235,9 +259,10 @@ def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
     f32 = dict(dtype=torch.float32, device=q.device)
     Ib, Eb, Sb = chunk_buffers(B * H, NT, C, (BM,) * 3, q.device)
     Lb = torch.empty(B * H, NT, BM, **f32)
-    prec = dot_precision(torch.float32)
-    _gsa_pass1_prep[(NT, B * H)](q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C=C, BK=BK, BM=BM, SL=min(SLICE, BM),
-                                 DOT_PREC=prec, num_warps=4)
+    prec = buffer_dot_precision(q.dtype)
+    for factored in (True, False):  # each chunk is done by one of the two
+        _gsa_pass1_prep[(NT, B * H)](q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C=C, BK=BK, BM=BM,
+                                     SL=min(SLICE, BM), FACTORED=factored, DOT_PREC=prec, num_warps=4)
     hb, ht = _states(k, s, g, float32_state(h0), 1.0, reverse=False)
     o = empty_output((B, T, H, M), torch.float32, q.device)
     hs = torch.empty(NT, B * H, K, M, **f32) if store_states else None
@@ -272,7 +297,7 @@ class _GsaPass1(torch.autograd.Function):
         q, k, s, g, o, ht, hs, Eb, Lb = ctx.saved_tensors
         B, T, H, K, M, NT, BK, BM = _dims(q, s)
         C = CHUNK
-        prec = dot_precision(torch.float32)
+        prec = buffer_dot_precision(q.dtype)
         do = torch.zeros_like(o) if do is None else do.to(torch.float32).contiguous()
         dht = float32_state(dht)
         dhb, dh0 = _states(q, do, g, dht, ctx.scale, reverse=True)
@@ -284,9 +309,10 @@ class _GsaPass1(torch.autograd.Function):
         dq = empty_output((B, T, H, K), torch.float32, q.device)
         dk = empty_output((B, T, H, K), torch.float32, q.device)
         ds = empty_output((B, T, H, M), torch.float32, q.device)
-        _gsa_pass1_bwd_chunk[(NT, B * H)](q, k, s, g, do, dq, dk, ds, hs, dhs, B * H * K * M, T, H, K, M, NT,
-                                          float(ctx.scale), C=C, BK=BK, SL=min(SLICE, BM), BM=BM, DOT_PREC=prec,
-                                          num_warps=8)  # sm_90a, K = M = 64: 112 spilled bytes (296 at 4 warps)
+        for factored in (True, False):  # sm_90a, K = M = 64, bf16 (tf32): 196 / 188 registers, no spills
+            _gsa_pass1_bwd_chunk[(NT, B * H)](q, k, s, g, do, dq, dk, ds, hs, dhs, B * H * K * M, T, H, K, M, NT,
+                                              float(ctx.scale), C=C, BK=BK, SL=min(SLICE, BM), BM=BM,
+                                              FACTORED=factored, DOT_PREC=prec, num_warps=8)
         dg = _reverse_cumsum(o * do - s.to(torch.float32) * ds)
         if dht is not None:
             dg = dg + (ht * dht).sum(2).unsqueeze(1)  # [B, 1, H, M]
