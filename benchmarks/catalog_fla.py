@@ -1,7 +1,8 @@
 """GPU timing of the linear catalogue's methods that FLA 0.6.0 also has, beside its ops (issue #9's bar: >= 1.0x
-FLA): rwkv6 / chunk_rwkv6, rwkv7 / chunk_rwkv7, gsa / chunk_gsa (bf16, [B, T, H, D], B = 1, H = 16).
+FLA): rwkv6 / chunk_rwkv6, rwkv7 / chunk_rwkv7, gsa / chunk_gsa, and (timing only, `--methods ttt`) ttt_linear /
+chunk_ttt_linear (bf16, [B, T, H, D], B = 1, H = 16).
 
-    PYTHONPATH=src python3 benchmarks/catalog_fla.py --out DIR [--sizes 4096,16384] [--methods rwkv6,rwkv7,gsa]
+    PYTHONPATH=src python3 benchmarks/catalog_fla.py --out DIR [--sizes 4096,16384] [--methods rwkv6,rwkv7,gsa,ttt]
 
 K = V = 64 (RWKV's head size); gsa: M = 64 slots (FLA's default). First each chunk form vs the float64
 reference under the 2x rule (outputs, states, every gradient; bf16 and float32), then the max difference of our
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 import triton
 
 import effattn  # noqa: F401
-from effattn.linear import gsa, rwkv6, rwkv7
+from effattn.linear import gsa, rwkv6, rwkv7, ttt_linear
 
 H = 16
 
@@ -56,10 +57,25 @@ def gsa_inputs(T, K=64, M=64):
     return {n: t.bfloat16().requires_grad_() for n, t in x.items()}
 
 
+def ttt_inputs(T, K=64):
+    """TTT-Linear, mini-batch 16: our eta_s (per token) constant; FLA's eta_t carries the 1 / (i + 1) token
+    weights (its W_t = W_{t'} - eta_t sum_s grad_s), so both run the same inner-loop step sizes. The outputs
+    differ (FLA adds LN(f_res) to f_res, the paper and ours to the input): timing only."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    base = 0.1
+    idx = torch.arange(T, device="cuda") % 16
+    x = dict(q=r(1, T, H, K) * K ** -0.5, k=r(1, T, H, K) * K ** -0.5, v=r(1, T, H, K), eta=torch.full((1, T, H), base,
+             device="cuda"), eta_fla=(base / (1 + idx)).view(1, T, 1, 1).expand(1, T, H, 1).contiguous(),
+             w=torch.ones(H, K, device="cuda"), b=torch.zeros(H, K, device="cuda"))
+    return {n: (t.bfloat16() if n in "qkv" else t).requires_grad_() for n, t in x.items()}
+
+
 def runners():
     from fla.ops.gsa import chunk_gsa
     from fla.ops.rwkv6 import chunk_rwkv6
     from fla.ops.rwkv7 import chunk_rwkv7
+    from fla.ops.ttt import chunk_ttt_linear
 
     return {
         ("rwkv6", "ours"): lambda x: rwkv6(x["r"], x["k"], x["v"], x["w"], x["u"], scale=1.0),
@@ -68,6 +84,9 @@ def runners():
         ("rwkv7", "fla"): lambda x: chunk_rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], scale=1.0)[0],
         ("gsa", "ours"): lambda x: gsa(x["q"], x["k"], x["v"], x["s"], x["g"]),
         ("gsa", "fla"): lambda x: chunk_gsa(x["q"], x["k"], x["v"], x["s"], x["g"])[0],
+        ("ttt", "ours"): lambda x: ttt_linear(x["q"], x["k"], x["v"], x["eta"], x["w"], x["b"], mini_batch_size=16),
+        ("ttt", "fla"): lambda x: chunk_ttt_linear(x["q"], x["k"], x["v"], x["w"], x["b"], x["eta_fla"], scale=1.0,
+                                                   chunk_size=16)[0],
     }
 
 
@@ -118,11 +137,13 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
 
-    res["reference_checks"] = reference_checks(methods)
+    res["reference_checks"] = reference_checks([m for m in methods if m != "ttt"])
     save()
     run = runners()
-    make = {"rwkv6": rwkv6_inputs, "rwkv7": rwkv7_inputs, "gsa": gsa_inputs}
+    make = {"rwkv6": rwkv6_inputs, "rwkv7": rwkv7_inputs, "gsa": gsa_inputs, "ttt": ttt_inputs}
     for method in methods:
+        if method == "ttt":  # different outputs (ttt_inputs): no comparison
+            continue
         x = make[method](sizes[0])
         with torch.no_grad():
             a, b = run[(method, "ours")](x).float(), run[(method, "fla")](x).float()
