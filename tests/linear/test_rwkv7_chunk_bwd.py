@@ -18,6 +18,8 @@ from .test_rwkv_gsa import rwkv7_case
     (torch.float32, 21, 16, 40, True, False, 16),   # decays down to e^-20 a step; two value blocks in the scans
     (torch.bfloat16, 45, 20, 18, False, True, 32),  # a partial key slice, chunk 32
     (torch.float32, 50, 16, 16, None, True, 16),    # some chunks factored, some exact: each written once
+    (torch.float32, 150, 16, 24, False, True, 16),  # 10 chunks: three super-chunks of the state passes, one partial
+    (torch.bfloat16, 83, 16, 40, True, False, 16),  # 6 chunks: two super-chunks, strong decays
 ])
 def test_rwkv7_triton_backward(monkeypatch, dtype, T, K, V, strong, state, chunk):
     ran = []

@@ -1,17 +1,23 @@
-"""Triton forward of RWKV-7's chunkwise form (rwkv7.py's module docstring has the math), in two launches:
+"""Triton forward of RWKV-7's chunkwise form (rwkv7.py's module docstring has the math), in four launches:
 
 1. `_rwkv7_chunk_prep`, one program per (chunk, sequence, head), all chunks at once: the pairwise-decayed
    products A_ab, A_ak, P_rb, P_rk `[C, C]`, the unit lower-triangular solve for W `[C, K]` and U `[C, V]`
    (I - A_ab inverted as a product of log2(C) factors, then two dots), the queries q~ = r e^{Gc} + P_rb W, the
    intra-chunk output P_rb U + P_rk v, the keys decayed to the chunk's end b e^{Gc_C - Gc}, k e^{Gc_C - Gc}
-   and the chunk's total decay e^{Gc_C}; float32 buffers.
-2. `_rwkv7_chunk_scan`, one program per (value block, sequence, head), chunks in order with the state
-   `[K, BV]` in registers: u = W h + U, o = scale (q~ h + intra), h <- e^{Gc_C} h + (b e^{Gc_C - Gc})^T u +
-   (k e^{Gc_C - Gc})^T v.
+   and the chunk's total decay e^{Gc_C}; float32 buffers. Two launches (`_chunk_products`: factored products
+   for mild decays, the exact pairwise ones otherwise).
+2. `_rwkv7_super_map`, one program per (super-chunk of SUB chunks, sequence, head), all at once: the
+   super-chunk's affine map h -> M h + c (M `[K, K]`, c `[K, V]`), composed from the chunk steps
+   h <- e^{Gc_C} h + (b e^{Gc_C - Gc})^T (W h + U) + (k e^{Gc_C - Gc})^T v.
+3. `_rwkv7_super_scan`, one program per (value block, sequence, head): h <- M h + c over the super-chunks in
+   order (a quarter of the sequential steps, one dot each), storing h at each super-chunk's start.
+4. `_rwkv7_chunk_scan`, one program per (value block, super-chunk, sequence, head), all at once: from h at its
+   super-chunk's start, its chunks in order, o = scale (q~ h + intra) and the chunk step.
 
-Decays are only ever taken pairwise inside a chunk (exponents masked before exp), as in the PyTorch form, so
-any log decay w <= 0 is safe. Under autograd the scan also stores the state at every chunk's start, and
-rwkv7_chunk_bwd.py gives the backward.
+Decays are only ever taken pairwise inside a chunk (exponents masked before exp, or factored about half the
+chunk's total where that total is above e^-MILD), as in the PyTorch form, so any log decay w <= 0 is safe.
+Under autograd the last scan also stores the state at every chunk's start, and rwkv7_chunk_bwd.py gives the
+backward.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from ..hardware._flash_common import cdiv, dot_precision, next_pow2
 
 # chunks whose every channel decays by less than e^-MILD take the factored products (_chunk_products)
 MILD = tl.constexpr(40.0)
+SUB = 4  # chunks per super-chunk of the sequential state passes
 SLICE = 16  # key channels per step of the pairwise products: [C, C, SLICE] temporaries (sm_90a, K = V = 64,
 # C = 16: the prep at 8 warps compiles to 220 registers without spills; at 4 warps it spills)
 
@@ -167,33 +174,97 @@ def _rwkv7_chunk_prep(r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, 
 
 
 @triton.jit
-def _rwkv7_chunk_scan(v, o, h0, ht, HS, SS, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, scale,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SV: tl.constexpr, USE_H0: tl.constexpr,
-                      STORE_STATES: tl.constexpr, DOT_PREC: tl.constexpr):
-    iv, bh = tl.program_id(0), tl.program_id(1)
-    bb, h = bh // H, bh % H
+def _chunk_step(state, Wb, Ub, Bb, Kb, Lb, v, chunk, n, base_v, T, H, V, ov, C: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk of the recurrence on a `[BK, SV]` state block (value columns ov): u = W h + U, then
+    h <- e^{Gc_C} h + (b e^{Gc_C - Gc})^T u + (k e^{Gc_C - Gc})^T v; returns (h, the buffers' row offsets)."""
     rows = tl.arange(0, C)
     ok = tl.arange(0, BK)
-    ov = iv * SV + tl.arange(0, SV)  # this program's value columns (SV of the buffers' BV)
-    state, p_state, m_kv = _state_block(h0, bh, K, V, iv * SV, BK, SV, USE_H0)
+    pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
+    pv = (chunk * C + rows[:, None]) * BV + ov[None, :]
+    t = n * C + rows
+    vt = tl.load(v + base_v + t[:, None] * (H * V) + ov[None, :], mask=(t[:, None] < T) & (ov[None, :] < V),
+                 other=0.0).to(tl.float32)
+    u = tl.dot(tl.load(Wb + pk), state, input_precision=DOT_PREC) + tl.load(Ub + pv)
+    new = tl.load(Lb + chunk * BK + ok)[:, None] * state
+    new = tl.dot(tl.trans(tl.load(Bb + pk)), u, new, input_precision=DOT_PREC)
+    return tl.dot(tl.trans(tl.load(Kb + pk)), vt, new, input_precision=DOT_PREC), pk, pv
+
+
+@triton.jit
+def _rwkv7_super_map(v, Mb, Cb, Wb, Ub, Bb, Kb, Lb, T, H, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, SUB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One super-chunk's (SUB chunks') affine map h -> M h + c, one program per (super-chunk, sequence-head), all
+    at once: M `[K, K]` = the product of the chunks' diag(e^{Gc_C}) + (b e^{Gc_C - Gc})^T W, c `[K, V]` the
+    state at its end from h = 0; into Mb `[NS, B H, K, K]`, Cb `[NS, B H, K, V]`."""
+    ns, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    ok = tl.arange(0, BK)
+    ov = tl.arange(0, BV)
+    M = tl.where(ok[:, None] == ok[None, :], 1.0, 0.0)
+    c = tl.zeros([BK, BV], tl.float32)
     base_v = bb * T * H * V + h * V
-    for n in range(NT):
+    for n in range(ns * SUB, tl.minimum(ns * SUB + SUB, NT)):
         chunk = bh * NT + n
-        if STORE_STATES:  # the state at the chunk's start, for the backward: [NT, B H, K, V], SS = B H K V
+        c, pk, pv = _chunk_step(c, Wb, Ub, Bb, Kb, Lb, v, chunk, n, base_v, T, H, V, ov, C, BK, BV, DOT_PREC)
+        WM = tl.dot(tl.load(Wb + pk), M, input_precision=DOT_PREC)  # [C, K]
+        M = tl.dot(tl.trans(tl.load(Bb + pk)), WM, tl.load(Lb + chunk * BK + ok)[:, None] * M,
+                   input_precision=DOT_PREC)
+    sp = tl.cast(ns, tl.int64) * tl.num_programs(1) + bh
+    tl.store(Mb + (sp * K + ok[:, None]) * K + ok[None, :], M, mask=(ok[:, None] < K) & (ok[None, :] < K))
+    tl.store(Cb + (sp * K + ok[:, None]) * V + ov[None, :], c, mask=(ok[:, None] < K) & (ov[None, :] < V))
+
+
+@triton.jit
+def _rwkv7_super_scan(h0, ht, HB, SS, Mb, Cb, K, V, NS, BK: tl.constexpr, SV: tl.constexpr, USE_H0: tl.constexpr,
+                      REVERSE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The sequential pass over super-chunks, one program per (value block, sequence-head), a `[BK, SV]` block
+    in registers. Forward: h <- M h + c, storing h at each super-chunk's start (HB `[NS, B H, K, V]`, SS =
+    B H K V) and the final state (ht). REVERSE (the backward): dh <- M^T dh + g (Cb holding g, the gradient at
+    the super-chunk's start from its outputs alone), last super-chunk first, storing dh after each; ht gets
+    the initial state's gradient."""
+    iv, bh = tl.program_id(0), tl.program_id(1)
+    ok = tl.arange(0, BK)
+    state, p_state, m_kv = _state_block(h0, bh, K, V, iv * SV, BK, SV, USE_H0)
+    for i in range(NS):
+        if REVERSE:
+            s = NS - 1 - i
+        else:
+            s = i
+        sp = tl.cast(s, tl.int64) * tl.num_programs(1) + bh
+        tl.store(HB + tl.cast(s, tl.int64) * SS + p_state, state, mask=m_kv)
+        m_kk = (ok[:, None] < K) & (ok[None, :] < K)
+        M = tl.load(Mb + (sp * K + ok[:, None]) * K + ok[None, :], mask=m_kk, other=0.0)
+        if REVERSE:
+            M = tl.trans(M)
+        state = tl.dot(M, state, tl.load(Cb + sp * K * V + p_state - bh * K * V, mask=m_kv, other=0.0),
+                       input_precision=DOT_PREC)
+    tl.store(ht + p_state, state, mask=m_kv)
+
+
+@triton.jit
+def _rwkv7_chunk_scan(v, o, HB, HS, SS, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, NT, scale,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SV: tl.constexpr, SUB: tl.constexpr,
+                      STORE_STATES: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One super-chunk's SUB chunks in order, one program per (value block, super-chunk, sequence-head), from h
+    at its start (HB): o = scale (q~ h + intra), then the chunk's step; (STORE_STATES) h at every chunk's start
+    into HS `[NT, B H, K, V]`."""
+    iv, ns, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bb, h = bh // H, bh % H
+    rows = tl.arange(0, C)
+    ov = iv * SV + tl.arange(0, SV)  # this program's value columns (SV of the buffers' BV)
+    state, p_state, m_kv = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, V, iv * SV, BK, SV, True)
+    base_v = bb * T * H * V + h * V
+    for n in range(ns * SUB, tl.minimum(ns * SUB + SUB, NT)):
+        chunk = bh * NT + n
+        if STORE_STATES:  # the state at the chunk's start, for the backward
             tl.store(HS + tl.cast(n, tl.int64) * SS + p_state, state, mask=m_kv)
-        pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
-        pv = (chunk * C + rows[:, None]) * BV + ov[None, :]
-        t = n * C + rows
-        vt = tl.load(v + base_v + t[:, None] * (H * V) + ov[None, :], mask=(t[:, None] < T) & (ov[None, :] < V),
-                     other=0.0).to(tl.float32)
-        u = tl.dot(tl.load(Wb + pk), state, input_precision=DOT_PREC) + tl.load(Ub + pv)
+        new, pk, pv = _chunk_step(state, Wb, Ub, Bb, Kb, Lb, v, chunk, n, base_v, T, H, V, ov, C, BK, BV, DOT_PREC)
         out = tl.dot(tl.load(Qb + pk), state, input_precision=DOT_PREC) + tl.load(Ib + pv)
+        t = n * C + rows
         tl.store(o + base_v + t[:, None] * (H * V) + ov[None, :], (scale * out).to(o.dtype.element_ty),
                  mask=(t[:, None] < T) & (ov[None, :] < V))
-        state = tl.load(Lb + chunk * BK + ok)[:, None] * state
-        state = tl.dot(tl.trans(tl.load(Bb + pk)), u, state, input_precision=DOT_PREC)
-        state = tl.dot(tl.trans(tl.load(Kb + pk)), vt, state, input_precision=DOT_PREC)
-    tl.store(ht + p_state, state, mask=m_kv)
+        state = new
 
 
 def buffer_dot_precision(dtype: torch.dtype):
@@ -239,8 +310,18 @@ def rwkv7_chunk_forward(r, w, k, v, a, b, scale: float, initial_state, chunk_siz
     ht = empty_output((B, H, K, V), torch.float32, v.device)
     SV = min(BV, 32)  # sm_90a, K = V = 64, C = 16: no spills at 32 value columns and 4 warps (255 registers at 64)
     h0 = float32_state(initial_state)
+    # the sequential pass over super-chunks of SUB chunks, then every super-chunk's chunks at once
+    NS = cdiv(NT, SUB)
+    Mb = torch.empty(NS, B * H, K, K, dtype=torch.float32, device=r.device)
+    Cb = torch.empty(NS, B * H, K, V, dtype=torch.float32, device=r.device)
+    _rwkv7_super_map[(NS, B * H)](v, Mb, Cb, Wb, Ub, Bb, Kb, Lb, T, H, K, V, NT, C=C, BK=BK, BV=BV, SUB=SUB,
+                                  DOT_PREC=prec, num_warps=8)
+    hb = torch.empty(NS, B * H, K, V, dtype=torch.float32, device=r.device)
+    _rwkv7_super_scan[(cdiv(V, SV), B * H)](h0, ht, hb, B * H * K * V, Mb, Cb, K, V, NS, BK=BK, SV=SV,
+                                            USE_H0=h0 is not None, REVERSE=False, DOT_PREC=prec, num_warps=4,
+                                            num_stages=2)
     hs = torch.empty(NT, B * H, K, V, dtype=torch.float32, device=r.device) if store_states else None
-    _rwkv7_chunk_scan[(cdiv(V, SV), B * H)](v, o, h0, ht, hs, B * H * K * V, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V,
-                                            NT, float(scale), C=C, BK=BK, BV=BV, SV=SV, USE_H0=h0 is not None,
-                                            STORE_STATES=store_states, DOT_PREC=prec, num_warps=4, num_stages=2)
-    return (o, ht, hs, (Wb, Qb, Bb, Lb)) if store_states else (o, ht)
+    _rwkv7_chunk_scan[(cdiv(V, SV), NS, B * H)](v, o, hb, hs, B * H * K * V, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V,
+                                                NT, float(scale), C=C, BK=BK, BV=BV, SV=SV, SUB=SUB,
+                                                STORE_STATES=store_states, DOT_PREC=prec, num_warps=4, num_stages=2)
+    return (o, ht, hs, (Wb, Qb, Bb, Lb, Mb)) if store_states else (o, ht)

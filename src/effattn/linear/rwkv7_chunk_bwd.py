@@ -1,10 +1,12 @@
 """Triton backward of RWKV-7's chunkwise form (rwkv7.py has the math, rwkv7_chunk.py the forward), so RWKV-7
-trains on Triton kernels. Two launches after the forward, which stored the state h at every chunk's start:
+trains on Triton kernels. The forward stored the state h at every chunk's start and each super-chunk's map M:
 
-1. `_rwkv7_bwd_scan`, one program per (value block, sequence, head), chunks in reverse with dh `[K, SV]` in
-   registers: stores dh' (the gradient of the state after each chunk), then
-   dh <- e^{Gc_C} dh + W^T (b e^{Gc_C - Gc}) dh + scale q~^T do; the last is the initial state's gradient.
-   (The value columns of the state never mix, so the scan splits them over programs.)
+1. The state gradients, chunk by chunk in reverse, dh <- e^{Gc_C} dh + W^T (b e^{Gc_C - Gc}) dh + scale q~^T do,
+   in two levels like the forward: `_rwkv7_bwd_scan` FROM_ZERO gives each super-chunk's g (what its outputs
+   add to the gradient at its start), `_rwkv7_super_scan` REVERSE walks the super-chunks, dh <- M^T dh + g
+   (the last value is the initial state's gradient), and `_rwkv7_bwd_scan` from the gradient after each
+   super-chunk stores dh' after every chunk. (The value columns of the state never mix, so the scans split
+   them over programs.)
 2. `_rwkv7_chunk_bwd`, one program per (chunk, sequence, head), all chunks at once: from h, dh' and do,
    every input's gradient. With X = (I - A_ab)^{-1}, Ra = a e^{Gp}, Y = A_ak v, u = X (Ra h + Y):
 
@@ -27,8 +29,8 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ..hardware._flash_common import cdiv
-from .rwkv7_chunk import (SLICE, _chunk_products, _decayed, _mild, _rows, _state_block, _unit_lower_inverse, block,
-                          buffer_dot_precision, float32_state, rwkv7_chunk_forward)
+from .rwkv7_chunk import (SLICE, SUB, _chunk_products, _decayed, _mild, _rows, _rwkv7_super_scan, _state_block,
+                          _unit_lower_inverse, block, buffer_dot_precision, float32_state, rwkv7_chunk_forward)
 
 
 @triton.jit
@@ -59,19 +61,26 @@ def _dq_dw(dI, du, P_rb, hs, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _rwkv7_bwd_scan(do, dht, dh0, DHS, SS, Wb, Qb, Bb, Lb, T, H, K, V, NT, scale, C: tl.constexpr,
-                    BK: tl.constexpr, SV: tl.constexpr, USE_DHT: tl.constexpr, DOT_PREC: tl.constexpr):
-    iv, bh = tl.program_id(0), tl.program_id(1)
+def _rwkv7_bwd_scan(do, DHB, DHS, Gb, SS, Wb, Qb, Bb, Lb, T, H, K, V, NT, scale, C: tl.constexpr,
+                    BK: tl.constexpr, SV: tl.constexpr, SUB: tl.constexpr, FROM_ZERO: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """One super-chunk's SUB chunks in reverse, one program per (value block, super-chunk, sequence-head), with
+    dh `[BK, SV]` in registers: dh <- e^{Gc_C} dh + W^T (b e^{Gc_C - Gc}) dh + scale q~^T do. From the gradient
+    after the super-chunk (DHB), storing dh after each chunk (DHS `[NT, B H, K, V]`); or FROM_ZERO, storing only
+    the end (Gb: what the super-chunk's outputs add to the gradient at its start)."""
+    iv, ns, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h = bh // H, bh % H
     rows = tl.arange(0, C)
     ok = tl.arange(0, BK)
     ov = iv * SV + tl.arange(0, SV)
-    dh, p_state, m_kv = _state_block(dht, bh, K, V, iv * SV, BK, SV, USE_DHT)
+    dh, p_state, m_kv = _state_block(DHB + tl.cast(ns, tl.int64) * SS, bh, K, V, iv * SV, BK, SV, not FROM_ZERO)
     base_v = bb * T * H * V + h * V
-    for i in range(NT):
-        n = NT - 1 - i
+    n1 = tl.minimum(ns * SUB + SUB, NT)
+    for i in range(n1 - ns * SUB):
+        n = n1 - 1 - i
         chunk = bh * NT + n
-        tl.store(DHS + tl.cast(n, tl.int64) * SS + p_state, dh, mask=m_kv)  # the gradient of the state after chunk n
+        if not FROM_ZERO:  # the gradient of the state after chunk n
+            tl.store(DHS + tl.cast(n, tl.int64) * SS + p_state, dh, mask=m_kv)
         pk = (chunk * C + rows[:, None]) * BK + ok[None, :]
         t = n * C + rows
         don = tl.load(do + base_v + t[:, None] * (H * V) + ov[None, :], mask=(t[:, None] < T) & (ov[None, :] < V),
@@ -80,7 +89,8 @@ def _rwkv7_bwd_scan(do, dht, dh0, DHS, SS, Wb, Qb, Bb, Lb, T, H, K, V, NT, scale
         carry = tl.load(Lb + chunk * BK + ok)[:, None] * dh
         dh = tl.dot(tl.trans(tl.load(Wb + pk)), du, carry, input_precision=DOT_PREC)
         dh = tl.dot(tl.trans(tl.load(Qb + pk)), scale * don, dh, input_precision=DOT_PREC)
-    tl.store(dh0 + p_state, dh, mask=m_kv)
+    if FROM_ZERO:
+        tl.store(Gb + tl.cast(ns, tl.int64) * SS + p_state, dh, mask=m_kv)
 
 
 @triton.jit
@@ -205,26 +215,36 @@ class _Rwkv7Chunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, h0, scale, C):
         r, w, k, v, a, b = (t.contiguous() for t in (r, w, k, v, a, b))
-        o, ht, hs, (Wb, Qb, Bb, Lb) = rwkv7_chunk_forward(r, w, k, v, a, b, scale, h0, C, store_states=True)
-        ctx.save_for_backward(r, w, k, v, a, b, hs, Wb, Qb, Bb, Lb)
+        o, ht, hs, bufs = rwkv7_chunk_forward(r, w, k, v, a, b, scale, h0, C, store_states=True)
+        ctx.save_for_backward(r, w, k, v, a, b, hs, *bufs)
         ctx.scale, ctx.C, ctx.has_h0 = scale, C, h0 is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        r, w, k, v, a, b, hs, Wb, Qb, Bb, Lb = ctx.saved_tensors
+        r, w, k, v, a, b, hs, Wb, Qb, Bb, Lb, Mb = ctx.saved_tensors
         B, T, H, K = r.shape
         V, C = v.shape[-1], ctx.C
         NT, BK, BV = cdiv(T, C), block(K), block(V)
+        NS = cdiv(NT, SUB)
         prec = buffer_dot_precision(r.dtype)
         do = torch.zeros(v.shape, dtype=v.dtype, device=v.device) if do is None else do.contiguous()
         dht = float32_state(dht)
-        dhs = torch.empty(NT, B * H, K, V, dtype=torch.float32, device=r.device)
-        dh0 = empty_output((B, H, K, V), torch.float32, r.device)
+        f32 = dict(dtype=torch.float32, device=r.device)
         SV = min(BV, 32)
-        _rwkv7_bwd_scan[(cdiv(V, SV), B * H)](do, dht, dh0, dhs, B * H * K * V, Wb, Qb, Bb, Lb, T, H, K, V, NT,
-                                              float(ctx.scale), C=C, BK=BK, SV=SV, USE_DHT=dht is not None,
-                                              DOT_PREC=prec, num_warps=4, num_stages=2)
+        SS = B * H * K * V
+        scan = dict(C=C, BK=BK, SV=SV, SUB=SUB, DOT_PREC=prec, num_warps=4, num_stages=2)
+        # what each super-chunk's outputs add to the gradient at its start; then the super-chunks in reverse
+        # (dh <- M^T dh + g); then every super-chunk's chunks from the gradient after it
+        gb, dhb, dhs = (torch.empty(n, B * H, K, V, **f32) for n in (NS, NS, NT))
+        _rwkv7_bwd_scan[(cdiv(V, SV), NS, B * H)](do, gb, dhs, gb, SS, Wb, Qb, Bb, Lb, T, H, K, V, NT,
+                                                  float(ctx.scale), FROM_ZERO=True, **scan)
+        dh0 = empty_output((B, H, K, V), torch.float32, r.device)
+        _rwkv7_super_scan[(cdiv(V, SV), B * H)](dht, dh0, dhb, SS, Mb, gb, K, V, NS, BK=BK, SV=SV,
+                                                USE_H0=dht is not None, REVERSE=True, DOT_PREC=prec, num_warps=4,
+                                                num_stages=2)
+        _rwkv7_bwd_scan[(cdiv(V, SV), NS, B * H)](do, dhb, dhs, gb, SS, Wb, Qb, Bb, Lb, T, H, K, V, NT,
+                                                  float(ctx.scale), FROM_ZERO=False, **scan)
         dr, dw, dk, dv, da, db = (empty_output(t.shape, t.dtype, t.device) for t in (r, w, k, v, a, b))
         for factored in (True, False):  # each chunk is done by one of the two
             _rwkv7_chunk_bwd[(NT, B * H)](r, w, k, v, a, b, do, hs, dhs, dr, dw, dk, dv, da, db, T, H, K, V, NT,
