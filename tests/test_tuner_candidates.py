@@ -151,3 +151,14 @@ def test_untuned_pick_takes_the_first_candidate_that_fits(monkeypatch):
     assert pick(("kind", 1), ["wide", "narrow", "other"], launch) == "narrow" and len(tried) == 2  # cached
     with pytest.raises(RuntimeError, match=r"no kernel configuration could run for \('kind', 2\)"):
         pick(("kind", 2), ["wide", "wide"], launch)
+
+
+def test_window_tuning_key_follows_the_span():
+    """A sliding window's flash programs are as short as its span: its tuning key carries the span, bucketed
+    like sequence lengths, so a 1024-key window at N = 16k does not reuse causal 16k's tiles (2026-12-06)."""
+    from effattn.hardware._flash_common import NO_LIMIT, seqlen_bucket, window_bucket
+
+    assert window_bucket(None, NO_LIMIT, 0, 16384) is None  # plain causal: the sequence-length key alone
+    assert window_bucket((1023, 0), 1023, 0, 16384) == 1024
+    assert window_bucket((100, 20), 100, 20, 16384) == 128
+    assert window_bucket((NO_LIMIT, 0), NO_LIMIT, 0, 4096) == seqlen_bucket(4096)  # wider than the keys
