@@ -40,14 +40,8 @@ def _gsa_pass1_prep(q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C: tl.constexpr,
     `_mild` (every slot's decay over the chunk above e^-MILD): the intra-chunk sum as one dot per slot slice,
     e^{Gc - r} (qk (s e^{r - Gc})) with r = Gc_C / 2 (every factor within e^{MILD / 2}); else the pairwise
     decays, masked before exp, `[C, C, SL]`."""
-    n, bh = tl.program_id(0), tl.program_id(1)
-    bb, h = bh // H, bh % H
-    t0 = n * C
-    base_k = bb * T * H * K + h * K
-    base_m = bb * T * H * M + h * M
-    rows = tl.arange(0, C)
-    causal = rows[:, None] >= rows[None, :]
-    if _mild(_last(g + base_m, t0, T, M, H * M, C, BM)) == FACTORED:
+    n, bh, t0, base_k, base_m, rows, causal, mine = _chunk_program(g, T, H, K, M, C, BM, FACTORED)
+    if mine:
         qk = tl.dot(_rows(q + base_k, t0, T, 0, C, BK, K, H * K),
                     tl.trans(_rows(k + base_k, t0, T, 0, C, BK, K, H * K)), input_precision=DOT_PREC)
         qk = tl.where(causal, qk, 0.0)
@@ -71,9 +65,18 @@ def _gsa_pass1_prep(q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C: tl.constexpr,
 
 
 @triton.jit
-def _last(g, t0, T, M, stride_t, C: tl.constexpr, BM: tl.constexpr):
-    """A chunk's total log gate per slot, Gc_C `[BM]` (rows t0 .. t0 + C of `[T, M]` gates at g)."""
-    return tl.sum(_rows(g, t0, T, 0, C, BM, M, stride_t), 0)
+def _chunk_program(g, T, H, K, M, C: tl.constexpr, BM: tl.constexpr, FACTORED: tl.constexpr):
+    """A per-chunk program's share, one (chunk, sequence-head): n, bh, the chunk's first token, the row bases of
+    `[B, T, H, K]` and `[B, T, H, M]` tensors, its rows `[C]`, the causal mask `[C, C]`, and whether this launch
+    does the chunk (FACTORED where every slot's total log gate Gc_C is above -MILD, `_mild`)."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    t0 = n * C
+    base_m = bb * T * H * M + h * M
+    rows = tl.arange(0, C)
+    last = tl.sum(_rows(g + base_m, t0, T, 0, C, BM, M, H * M), 0)
+    return (n, bh, t0, bb * T * H * K + h * K, base_m, rows, rows[:, None] >= rows[None, :],
+            _mild(last) == FACTORED)
 
 
 @triton.jit
@@ -179,14 +182,8 @@ def _gsa_pass1_bwd_chunk(q, k, s, g, do, dq, dk, ds, HS, DHS, SS, T, H, K, M, NT
     dk_j = scale sum_{i>=j} D_ij q_i + dhk (s_j e^{Gc_C - Gc_j});
     ds_jm = scale sum_{i>=j} (q_i . k_j) do'_im e^{Gc_im - Gc_jm} + (k_j dhk)_m e^{Gc_Cm - Gc_jm}.
     Launched twice like the prep: FACTORED, the pairwise sums as dots on do' e^{Gc - r} and s e^{r - Gc}."""
-    n, bh = tl.program_id(0), tl.program_id(1)
-    bb, h = bh // H, bh % H
-    t0 = n * C
-    base_k = bb * T * H * K + h * K
-    base_m = bb * T * H * M + h * M
-    rows = tl.arange(0, C)
-    causal = rows[:, None] >= rows[None, :]
-    if _mild(_last(g + base_m, t0, T, M, H * M, C, BM)) == FACTORED:
+    n, bh, t0, base_k, base_m, rows, causal, mine = _chunk_program(g, T, H, K, M, C, BM, FACTORED)
+    if mine:
         ok = tl.arange(0, BK)
         qn = _rows(q + base_k, t0, T, 0, C, BK, K, H * K)
         kn = _rows(k + base_k, t0, T, 0, C, BK, K, H * K)
