@@ -249,3 +249,25 @@ def test_chunk_kernel_takes_expanded_cotangents():
         grads.append([t.grad for t in ins.values()])
     for mine, ref in zip(*grads):
         torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_output_dtype_float32_from_bf16_inputs():
+    """output_dtype=float32 (a caller adding to the output before rounding once, as rwkv6): the bf16 output's
+    values before their rounding, float32 cotangents accepted, and the same gradients as with a bf16 output
+    and the cotangent rounded to bf16 (the kernels' dots take q's dtype)."""
+    x = {n: t if t is None else t.bfloat16() for n, t in make("vector", False, B=1, T=37, V=24, seed=4).items()}
+    outs, grads = [], []
+    g = torch.randn(1, 37, x["q"].shape[2], 24, dtype=torch.float32)
+    for out_dtype in (torch.float32, None):
+        ins = {n: t.detach().requires_grad_() for n, t in x.items() if t is not None}
+        o = chunk_gated_linear_attn(**ins, output_dtype=out_dtype)
+        o.backward(g.to(o.dtype))
+        outs.append(o)
+        grads.append([t.grad.float() for t in ins.values()])
+    assert outs[0].dtype == torch.float32 and outs[1].dtype == torch.bfloat16
+    # one bf16 ulp: the interpreter's float32 -> bf16 conversion in the kernel need not round like torch's
+    torch.testing.assert_close(outs[0].bfloat16().float(), outs[1].float(), atol=1e-6, rtol=2 ** -7)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="output_dtype"):
+        chunk_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], output_dtype=torch.float64)
