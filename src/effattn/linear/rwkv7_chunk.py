@@ -32,8 +32,8 @@ from ..hardware._flash_common import cdiv, dot_precision, next_pow2
 # chunks whose every channel decays by less than e^-MILD take the factored products (_chunk_products)
 MILD = tl.constexpr(40.0)
 SUB = 4  # chunks per super-chunk of the sequential state passes
-SLICE = 16  # key channels per step of the pairwise products: [C, C, SLICE] temporaries (sm_90a, K = V = 64,
-# C = 16: the prep at 8 warps compiles to 220 registers without spills; at 4 warps it spills)
+SLICE = 16  # key channels per step of the exact pairwise products: [C, C, SLICE] temporaries (sm_90a, K = V = 64,
+# C = 16: the prep at 8 warps compiles to 255 (factored) / 213 (exact) registers without spills)
 
 
 @triton.jit
@@ -87,25 +87,23 @@ def _mild(last):
 
 
 @triton.jit
-def _chunk_products(r, w, k, a, b, base_k, t0, T, K, sk, C: tl.constexpr, BK: tl.constexpr, SL: tl.constexpr,
-                    FACTORED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _chunk_products(r, w, k, a, b, wf, gcf, lastf, base_k, t0, T, K, sk, C: tl.constexpr, BK: tl.constexpr,
+                    SL: tl.constexpr, FACTORED: tl.constexpr, DOT_PREC: tl.constexpr):
     """One chunk's pairwise-decayed products A_ab, A_ak (x_i y_j e^{Gp_i - Gc_j}, j < i) and P_rb, P_rk
-    (e^{Gc_i - Gc_j}, j <= i) `[C, C]`. FACTORED (for chunks whose every channel decays by less than e^-MILD,
-    `_mild`): one dot
-    each on full-width rows, the decays split about half the chunk's total, x e^{G - Gc_C / 2} and
+    (e^{Gc_i - Gc_j}, j <= i) `[C, C]`; wf, gcf `[C, BK]`, lastf `[BK]`: the chunk's log decays, their
+    cumulative sums and total. FACTORED (chunks whose every channel decays by less than e^-MILD, `_mild`):
+    one dot each on full-width rows, the decays split about half the chunk's total, x e^{G - Gc_C / 2} and
     y e^{Gc_C / 2 - Gc} (every factor within e^{MILD / 2}); else channel slices of SL with the decays taken
     pairwise, exponents masked before exp, exact for any decay."""
     rows = tl.arange(0, C)
     strict = rows[:, None] > rows[None, :]
     causal = rows[:, None] >= rows[None, :]
     if FACTORED:
-        w_f = _rows(w + base_k, t0, T, 0, C, BK, K, sk)  # (names apart from the other branch's: other shapes)
-        g_f = tl.cumsum(w_f, 0)
-        ref = 0.5 * tl.sum(tl.where(rows[:, None] == C - 1, g_f, 0.0), 0)[None, :]
-        a_q = _rows(a + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(g_f - w_f - ref)
-        r_q = _rows(r + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(g_f - ref)
-        b_q = tl.trans(_rows(b + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(ref - g_f))
-        k_q = tl.trans(_rows(k + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(ref - g_f))
+        ref = 0.5 * lastf[None, :]
+        a_q = _rows(a + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(gcf - wf - ref)
+        r_q = _rows(r + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(gcf - ref)
+        b_q = tl.trans(_rows(b + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(ref - gcf))
+        k_q = tl.trans(_rows(k + base_k, t0, T, 0, C, BK, K, sk) * tl.exp(ref - gcf))
         A_ab = tl.where(strict, tl.dot(a_q, b_q, input_precision=DOT_PREC), 0.0)
         A_ak = tl.where(strict, tl.dot(a_q, k_q, input_precision=DOT_PREC), 0.0)
         P_rb = tl.where(causal, tl.dot(r_q, b_q, input_precision=DOT_PREC), 0.0)
@@ -146,7 +144,8 @@ def _rwkv7_chunk_prep(r, w, k, v, a, b, Wb, Ub, Qb, Ib, Bb, Kb, Lb, T, H, K, V, 
     gc = tl.cumsum(wf, 0)
     last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)  # Gc_C `[BK]`
     if _mild(last) == FACTORED:
-        A_ab, A_ak, P_rb, P_rk = _chunk_products(r, w, k, a, b, base_k, t0, T, K, sk, C, BK, SL, FACTORED, DOT_PREC)
+        A_ab, A_ak, P_rb, P_rk = _chunk_products(r, w, k, a, b, wf, gc, last, base_k, t0, T, K, sk, C, BK, SL,
+                                                 FACTORED, DOT_PREC)
         af = _rows(a + base_k, t0, T, 0, C, BK, K, sk)
         vf = _rows(v + base_v, t0, T, 0, C, BV, V, sv)
         # (I - A_ab) [W, U] = [a e^{Gp}, A_ak v], A_ab strictly lower

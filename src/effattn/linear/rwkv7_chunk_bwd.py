@@ -113,7 +113,8 @@ def _rwkv7_chunk_bwd(r, w, k, v, a, b, do, HS, DHS, dr, dw, dk, dv, da, db, T, H
     gcf = tl.cumsum(wf, 0)
     lastf = tl.sum(tl.where(rows[:, None] == C - 1, gcf, 0.0), 0)
     if _mild(lastf) == FACTORED:
-        A_ab, A_ak, P_rb, P_rk = _chunk_products(r, w, k, a, b, base_k, t0, T, K, sk, C, BK, SL, FACTORED, DOT_PREC)
+        A_ab, A_ak, P_rb, P_rk = _chunk_products(r, w, k, a, b, wf, gcf, lastf, base_k, t0, T, K, sk, C, BK, SL,
+                                                 FACTORED, DOT_PREC)
         RaH = tl.zeros([C, BV], tl.float32)
         du = tl.zeros([C, BV], tl.float32)
         dv_acc = tl.zeros([C, BV], tl.float32)
