@@ -98,8 +98,9 @@ def reference_checks(methods) -> list:
 
     out = []
     for method in methods:
+        name, form = ("ttt_linear", "fused") if method == "ttt" else (method, "chunk")
         for dtype in (torch.bfloat16, torch.float32):
-            res = check_method(REGISTRY.get(method), form="chunk", dtype=dtype, device="cuda",
+            res = check_method(REGISTRY.get(name), form=form, dtype=dtype, device="cuda",
                                shape=Shape(batch=2, seq_q=333, heads=2, head_dim=64))
             out.append(dict(method=method, dtype=str(dtype), ok=all(r.ok for r in res), detail=[str(r) for r in res]))
             print(out[-1]["method"], out[-1]["dtype"], out[-1]["ok"], "; ".join(out[-1]["detail"]), flush=True)
@@ -137,7 +138,7 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
 
-    res["reference_checks"] = reference_checks([m for m in methods if m != "ttt"])
+    res["reference_checks"] = reference_checks(methods)
     save()
     run = runners()
     make = {"rwkv6": rwkv6_inputs, "rwkv7": rwkv7_inputs, "gsa": gsa_inputs, "ttt": ttt_inputs}

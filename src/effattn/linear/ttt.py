@@ -23,7 +23,8 @@ mini-batch (zero at a boundary). Each linear map is stored with its bias appende
 [x, 1] W~) and flattened: P = (d+1) d (linear) or (d+1) F + (F+1) d (MLP). `offset` is the position of the first
 token in the stream (only offset % b matters), so a call may start and end mid-mini-batch.
 
-Forms (plain PyTorch: the layer norm inside the inner loop maps to no linear-engine gate):
+Forms (the layer norm inside the inner loop maps to no linear-engine gate; "fused", TTT-Linear's dual form as one
+Triton kernel each way, is in ttt_fused.py):
 - "primal": every token's W_t materialised, O(b d^2) memory per token of a mini-batch.
 - "dual" (paper Sec. 2.5): per mini-batch with matmuls only, W_t never formed:
       Z_bar = X~q W~_{t'} - c * (X~q A + (tril(X~q X~k^T) * eta) G),    A' = A + X~k^T (eta * G),
@@ -37,10 +38,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._triton_mode import can_run_triton
 from ..validate import check_choice, check_positive_int, check_qkv, check_tensor
+from .ttt_fused import LN_EPS, MAX_HEAD_DIM, MAX_MINI_BATCH, ttt_linear_fused
 
-FORMS = ("dual", "primal")
-LN_EPS = 1e-6
+FORMS = ("fused", "dual", "primal")  # "fused": TTT-Linear only
 
 
 # ------------------------------------------------------------------------------------------- state packing
@@ -187,7 +189,7 @@ def _check(q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, off
                              f"got {tuple(token_weights.shape)}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be an int >= 0 (tokens already seen), got {offset!r}")
-    check_choice("form", form, FORMS)
+    check_choice("form", form, FORMS if model == "linear" else FORMS[1:])
     if initial_state is None:
         if model == "mlp":
             raise ValueError("ttt_mlp needs initial_state [B, H, 2, P] (an all-zero MLP never learns)")
@@ -205,31 +207,47 @@ def _run(model, q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size
     hidden = _check(q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, token_weights, form,
                     model)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # the inner loop runs in float32
-    B, _, H, D = q.shape
+    B, T, H, D = q.shape
     shapes = param_shapes(model, D, hidden)
     state = (torch.zeros(B, H, 2, state_size(model, D), dtype=acc, device=q.device) if initial_state is None
              else initial_state.to(acc))
     params, pend = unpack_state(state, shapes)
-    qh, kh, vh = (t.to(acc).transpose(1, 2) for t in (q, k, v))
-    w, b = (t.to(acc)[None, :, None] for t in (ln_weight, ln_bias))
-    map_fn = _dual_map if form == "dual" else _primal_map
+    b = mini_batch_size
+    # "fused": the Triton kernels from the first mini-batch boundary with nothing pending; the tokens before it
+    # (the rest of a mini-batch begun before this call, or one that may hold a pending sum) take the dual form
+    fused = form == "fused" and acc == torch.float32 and can_run_triton(q) and D <= MAX_HEAD_DIM and b <= MAX_MINI_BATCH
+    lead = (min(T, b - offset % b) if initial_state is not None or offset % b else 0) if fused else T
+    w, bias = (t.to(acc)[None, :, None] for t in (ln_weight, ln_bias))
+    map_fn = _primal_map if form == "primal" else _dual_map
 
     def segment(params, pend, q_, k_, v_, eta_, c):
-        return _segment(map_fn, params, pend, q_, k_, v_, eta_, c, w, b)
+        return _segment(map_fn, params, pend, q_, k_, v_, eta_, c, w, bias)
 
-    z, params, pend = _scan(segment, params, pend, qh, kh, vh, eta.to(acc).transpose(1, 2), mini_batch_size,
-                            offset, token_weights)
-    o = z.transpose(1, 2).to(q.dtype)
+    outs = []
+    if lead:
+        qh, kh, vh = (t[:, :lead].to(acc).transpose(1, 2) for t in (q, k, v))
+        z, params, pend = _scan(segment, params, pend, qh, kh, vh, eta[:, :lead].to(acc).transpose(1, 2), b, offset,
+                                token_weights)
+        outs.append(z.transpose(1, 2).to(q.dtype))
+    if lead < T:
+        coeffs = _token_coeffs(b, token_weights, state)
+        o, w_end, pending = ttt_linear_fused(q[:, lead:], k[:, lead:], v[:, lead:], eta[:, lead:], ln_weight,
+                                             ln_bias, params[0], coeffs, b)
+        outs.append(o)
+        params, pend = [w_end], [pending]
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return (o, pack_state(params, pend)) if output_final_state else o
 
 
 def ttt_linear(q, k, v, eta, ln_weight, ln_bias, *, initial_state=None, mini_batch_size=16, offset=0,
-               token_weights=None, form="dual", output_final_state=False):
+               token_weights=None, form="fused", output_final_state=False):
     """TTT-Linear: q, k, v `[B, T, H, D]`; eta: inner learning rate `[B, T, H]`; ln_weight, ln_bias: the inner
     model's LayerNorm `[H, D]`; initial_state `[B, H, 2, (D+1) D]` (module docstring; default zeros);
     mini_batch_size b; offset: tokens of the stream before q (decoding); token_weights: c_i `[b]` (default
     1 / (i + 1)). Returns o `[B, T, H, D]` (and the final
-    state, float32, with `output_final_state`). Time O(T b D + T D^2) ("dual"), state O(D^2) per head."""
+    state, float32, with `output_final_state`). Time O(T b D + T D^2) ("fused", "dual"), state O(D^2) per head.
+    form "fused": one Triton kernel each way (ttt_fused.py) for 16/32-bit inputs with D <= 128 and b <= 64 on
+    CUDA (or the interpreter); otherwise, and for the tokens of a mini-batch begun before the call, "dual"."""
     return _run("linear", q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, token_weights,
                 form, output_final_state)
 
@@ -333,9 +351,9 @@ def _register() -> None:
 
     from ..registry import Complexity, Method, StateOrCache, register
 
-    common = {"family": "linear", "forms": FORMS, "supports": frozenset({"causal", "backward", "decode", "state"}),
+    common = {"family": "linear", "supports": frozenset({"causal", "backward", "decode", "state"}),
               "grad_inputs": ("q", "k", "v", "eta", "ln_weight", "ln_bias", "initial_state", "token_weights")}
-    opts = {"initial_state": None, "mini_batch_size": 16, "offset": 0, "token_weights": None, "form": "dual",
+    opts = {"initial_state": None, "mini_batch_size": 16, "offset": 0, "token_weights": None,
             "output_final_state": False}
     cite = ("Sun et al. 2024, Learning to (Learn at Test Time): RNNs with Expressive Hidden States "
             "(survey Sec. 7.7, Eqs. 92-93, test-time training)")
@@ -344,16 +362,17 @@ def _register() -> None:
         make_inputs=partial(ttt_inputs, output_final_state=True),
         complexity=Complexity("O(N b d + N d^2)", "O(N d + N/b d^2)", 1.0, 1.0),
         state_or_cache=StateOrCache("2 H (d + 1) d", False, lambda s: 2 * s.heads * (s.head_dim + 1) * s.head_dim),
-        options=opts, description="inner linear model + LayerNorm trained by mini-batch GD on reconstruction; "
-                                  "dual form", **common))
+        forms=FORMS, options={**opts, "form": "fused"},
+        description="inner linear model + LayerNorm trained by mini-batch GD on reconstruction; Triton dual form",
+        **common))
     register(Method(
         name="ttt_mlp", cite=cite, fn=ttt_mlp, reference=ttt_mlp_reference,
         make_inputs=partial(ttt_inputs, model="mlp", output_final_state=True),
         complexity=Complexity("O(N b F + N d F)", "O(N d + N/b d F)", 1.0, 1.0),
         state_or_cache=StateOrCache("2 H (2 d F + F + d), F = 4d", False,
                                     lambda s: 2 * s.heads * state_size("mlp", s.head_dim, 4 * s.head_dim)),
-        options=opts, description="inner 2-layer GELU MLP + LayerNorm trained by mini-batch GD on reconstruction",
-        **common))
+        forms=FORMS[1:], options={**opts, "form": "dual"},
+        description="inner 2-layer GELU MLP + LayerNorm trained by mini-batch GD on reconstruction", **common))
 
 
 _register()

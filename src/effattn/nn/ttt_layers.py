@@ -27,16 +27,18 @@ from .rotary import apply_rotary, rotary_angles
 class TTTLinear(CachedLayer):
     """TTT layer: dim, heads (head_dim default dim // heads); inner "linear" (TTT-Linear) or "mlp" (TTT-MLP
     with hidden width `mlp_ratio * head_dim`); mini_batch_size b (16 in the paper); base_lr (paper: 1 for
-    linear, 0.1 for MLP); form "dual" or "primal" (same result). forward(x) `[B, T, dim]` -> `[B, T, dim]`."""
+    linear, 0.1 for MLP); form "fused" (TTT-Linear's Triton kernels; the default for "linear"), "dual" (the default
+    for "mlp") or "primal", all the same result. forward(x) `[B, T, dim]` -> `[B, T, dim]`."""
 
     cache_keys = ("state",)
 
     def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, inner: str = "linear",
                  mini_batch_size: int = 16, base_lr: float | None = None, mlp_ratio: int = 4, rotary: bool = True,
-                 gate: bool = True, form: str = "dual") -> None:
+                 gate: bool = True, form: str | None = None) -> None:
         super().__init__()
         check_choice("inner", inner, ("linear", "mlp"))
-        check_choice("form", form, ("dual", "primal"))
+        form = ("fused" if inner == "linear" else "dual") if form is None else form
+        check_choice("form", form, ("fused", "dual", "primal") if inner == "linear" else ("dual", "primal"))
         self.dim, self.heads, self.inner, self.form = dim, heads, inner, form
         d = self.head_dim = layer_dims(dim, heads, head_dim)
         self.mini_batch_size = check_positive_int("mini_batch_size", mini_batch_size)
