@@ -1,9 +1,11 @@
 """TTT-Linear / TTT-MLP: dual form == primal form == the autograd-based reference (outputs, final states, grads of
-every input), decoding token by token == one call, bf16 at T = 4096, the inner loop learns, argument errors.
-(tests/test_registry.py checks both forms of both methods against the reference at the registry's shapes.)"""
+every input), TTT-Linear's Triton form under the 2x rule, decoding token by token == one call, bf16 at T = 4096,
+the inner loop learns, argument errors.
+(tests/test_registry.py checks every form of both methods against the reference at the registry's shapes.)"""
 import pytest
 import torch
 
+from effattn._memory import poisoned_outputs
 from effattn.linear.ttt import (
     pack_state,
     state_size,
@@ -55,6 +57,34 @@ def test_dual_equals_primal_equals_reference_float64(model, b, offset, weights):
         got = outputs_and_grads(fn, tensors, {**static, "form": form})
         for name, g, w in zip(["o", "state", *tensors], got, want):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"{model} {form} {name}")
+
+
+def _grads_vs(fn, tensors, static, dtype):
+    """o, the final state and every gradient under float64 cotangents, from inputs cast to dtype (poisoned)."""
+    ins = {n: t.detach().to(dtype).clone().requires_grad_() for n, t in tensors.items()}
+    with poisoned_outputs():
+        o, state = fn(**ins, **static, output_final_state=True)
+        gen = torch.Generator().manual_seed(1)
+        go, gs = (torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (o, state))
+        ((o.double() * go).sum() + (state.double() * gs).sum()).backward()
+    return [o, state] + [ins[n].grad for n in tensors]
+
+
+@pytest.mark.parametrize("T,b,offset,D,init", [(37, 4, 3, 16, True), (37, 16, 0, 24, False), (9, 4, 0, 16, False),
+                                               (70, 16, 5, 32, True), (16, 16, 0, 16, True)])
+def test_fused_kernels_float32_vs_reference(T, b, offset, D, init):
+    """The Triton form (interpreter) against the float64 reference under the 2x rule, the float32 dual form the
+    baseline: a PyTorch head segment (offset, or a given state) then full and partial mini-batches in the kernel,
+    D not a power of two, no initial state (the kernel from W = 0)."""
+    tensors, static = case("linear", T=T, b=b, offset=offset, D=D)
+    if not init:
+        del tensors["initial_state"]
+    want = _grads_vs(ttt_linear_reference, tensors, static, torch.float64)
+    base = _grads_vs(ttt_linear, tensors, {**static, "form": "dual"}, torch.float32)
+    got = _grads_vs(ttt_linear, tensors, {**static, "form": "fused"}, torch.float32)
+    for name, g, bb, w in zip(["o", "state", *tensors], got, base, want):
+        err, allowed = (g.double() - w).abs().max(), 2 * (bb.double() - w).abs().max() + 1e-5 * max(1, w.abs().max())
+        assert err <= allowed, f"{name}: {err:.3g} > {allowed:.3g}"
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])
@@ -143,6 +173,8 @@ def test_errors():
         ttt_linear(**{**x, "offset": -1})
     with pytest.raises(ValueError, match=r"initial_state must be \[B, H, 2, P\]"):
         ttt_linear(**{**x, "initial_state": x["initial_state"][..., :-1]})
+    with pytest.raises(ValueError, match="form"):
+        ttt_mlp(**x, form="fused")  # TTT-Linear only
     with pytest.raises(ValueError, match="needs initial_state"):
         ttt_mlp(**{**x, "initial_state": None})
     with pytest.raises(ValueError, match="no TTT-MLP size"):
