@@ -251,7 +251,7 @@ class _TTTLinearFused(torch.autograd.Function):
         dc = torch.zeros((B, H, BT), **f32)
         _ttt_bwd[(B, H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, do, dw_end, dpend, dq, dk, dv, deta, dw0,
                          dlw, dlb, dc, T, NB, H=H, D=D, MB=ctx.mini_batch_size, BT=BT,
-                         BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype), num_warps=4)
+                         BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype), num_warps=8)
         dc = dc.sum((0, 1))[:ctx.mini_batch_size]
         return (dq, dk, dv, deta.to(eta.dtype), dlw.sum(0).to(ln_weight.dtype), dlb.sum(0).to(ln_bias.dtype), dw0,
                 dc.to(coeffs.dtype), None)
