@@ -341,7 +341,7 @@ def ttt_inputs(shape, dtype, device, generator, *, model="linear", hidden=None, 
            "ln_weight": (1 + 0.1 * torch.randn((H, D), generator=generator)).to(device=device, dtype=dtype),
            "ln_bias": (0.1 * torch.randn((H, D), generator=generator)).to(device=device, dtype=dtype),
            "initial_state": state, "mini_batch_size": 16, "offset": 5,
-           "token_weights": (torch.rand(16, generator=generator) + 0.5) / torch.arange(1, 17)}
+           "token_weights": ((torch.rand(16, generator=generator) + 0.5) / torch.arange(1, 17)).to(device)}
     out.update(options)
     return out
 
