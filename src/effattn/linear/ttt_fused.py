@@ -1,21 +1,28 @@
-"""TTT-Linear's dual form as one Triton kernel each way (notation: ttt.py).
+"""TTT-Linear's dual form on Triton: a sequential walk over the mini-batches and a parallel pass, each way
+(notation: ttt.py).
 
-One program per (batch, head) walks the mini-batches in order with the inner weights W `[D, D]` and bias b `[D]`
-in registers (float32). A mini-batch of n <= b tokens, keys X_k, values X_v, queries X_q `[n, D]`, learning
-rates eta `[n]`, token weights c `[n]` (its positions' c_i), from W, b at its start:
+A mini-batch of n <= b tokens, keys X_k, values X_v, queries X_q `[n, D]`, learning rates eta `[n]`, token
+weights c `[n]` (its positions' c_i), from the inner weights W `[D, D]` and bias b `[D]` at its start:
 
     Z_k = X_k W + b,   G = LN'(Z_k; X_v - X_k)         (the gradient of 1/2 |LN(Z_k) - (X_v - X_k)|^2 by Z_k)
     A = tril(X_q X_k^T + 1) * eta                      (the bias-augmented x~q . x~k, columns scaled by eta_s)
     Z_q = X_q W + b - c * (A G),        o = X_q + LN(Z_q)
     U = X_k^T (eta G),  u = sum_s eta_s G_s:  W <- W - c_{b-1} U,  b <- b - c_{b-1} u  (a complete mini-batch)
 
+Only the key side is sequential. Forward: `_ttt_fwd_states`, one program per (batch, head), walks the
+mini-batches with W, b in float32 registers and stores them at every mini-batch start; `_ttt_fwd_out` then computes
+every mini-batch's outputs at once from those weights (the layout FLA's chunk_ttt_linear also uses).
+
 The call starts at a mini-batch boundary with nothing pending (ttt.py runs a call's leading partial mini-batch
 in PyTorch first); a trailing partial one leaves its (U, u) as the pending sum of the final state.
 
-The backward walks the mini-batches in reverse from the weights the forward stored at each start, recomputes the
-mini-batch, and carries dW, db back through the update. The gradient of G by Z_k is the layer norm's second
-derivative: with xhat, r = 1 / std of Z_k's rows, g = (LN(Z_k) - target) * w and m = mean(g * xhat),
-G = r P(g) where P(x) = x - mean(x) - xhat mean(x * xhat); for an upstream dG, u = r dG:
+Backward: `_ttt_bwd_out` takes every mini-batch's gradients through its outputs at once (dq complete; parts of
+dk, deta, dG, dW, and of the norm's and c's gradients), then `_ttt_bwd_states` walks the mini-batches in reverse
+from the stored weights, recomputes the key side and carries dW, db back through the updates.
+
+The gradient of G by Z_k is the layer norm's second derivative: with xhat, r = 1 / std of Z_k's rows,
+g = (LN(Z_k) - target) * w and m = mean(g * xhat), G = r P(g) where P(x) = x - mean(x) - xhat mean(x * xhat);
+for an upstream dG, u = r dG:
 
     dg = P(u),   dxhat = -m u - mean(u * xhat) g + dg w^2,   dZ_k = r P(dxhat) - r mean(dG * G) xhat.
 """
@@ -57,25 +64,40 @@ def _load_rows(ptr, base, t, live, cols, cm, H: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _mini_batch(xq, xk, xv, e, W, bias, lw, lb, cw, rows, live, cm, D: tl.constexpr, EPS: tl.constexpr,
-                PREC: tl.constexpr):
-    """One mini-batch's forward quantities (module docstring), every one the backward needs again."""
+def _key_side(xk, xv, W, bias, lw, lb, live, cm, D: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """The inner gradient G at the mini-batch's keys, and the layer norm's xhat, 1 / std and g behind it."""
     zk = _dot(xk, W, None, PREC) + bias[None, :]
     xh, r = _layer_norm_rows(zk, cm, D, EPS)
     g = (xh * lw[None, :] + lb[None, :] - (xv - xk)) * lw[None, :]
     G = tl.where(live[:, None], _project(g, xh, cm, D) * r[:, None], 0.0)
+    return xh, r, g, G
+
+
+@triton.jit
+def _query_side(xq, xk, e, G, W, bias, cw, rows, cm, D: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """S = X_q X_k^T + 1, A = tril(S) * eta, A G, and the layer norm's xhat and 1 / std of Z_q."""
     S = _dot(xq, tl.trans(xk), None, PREC) + 1.0
     A = tl.where(rows[:, None] >= rows[None, :], S * e[None, :], 0.0)
     AG = _dot(A, G, None, PREC)
     zq = _dot(xq, W, None, PREC) + bias[None, :] - cw[:, None] * AG
     xhq, rq = _layer_norm_rows(zq, cm, D, EPS)
-    return xh, r, g, G, S, A, AG, xhq, rq
+    return S, A, AG, xhq, rq
 
 
 @triton.jit
-def _ttt_fwd(q, k, v, eta, lw_ptr, lb_ptr, c, w0, o, w_end, pend, ws, T, NB, H: tl.constexpr,
-             D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr,
-             STORE_WS: tl.constexpr, PREC: tl.constexpr):
+def _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D: tl.constexpr, MB: tl.constexpr):
+    """The head's layer norm weight and bias, the token weights of a mini-batch's rows and c_{b-1}."""
+    lw = tl.load(lw_ptr + i_h * D + cols, mask=cm, other=0.0).to(tl.float32)
+    lb = tl.load(lb_ptr + i_h * D + cols, mask=cm, other=0.0).to(tl.float32)
+    cw = tl.load(c + rows, mask=rows < MB, other=0.0).to(tl.float32)
+    return lw, lb, cw, tl.load(c + MB - 1).to(tl.float32)
+
+
+@triton.jit
+def _ttt_fwd_states(k, v, eta, lw_ptr, lb_ptr, c, w0, w_end, pend, ws, T, NB, H: tl.constexpr, D: tl.constexpr,
+                    MB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """The sequential part, one program per (batch, head): the weights at every mini-batch start (ws), the final
+    weights and the pending sum of a trailing partial mini-batch. Nothing of the queries is on this path."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     rows, cols = tl.arange(0, BT), tl.arange(0, BD)
     cm = cols < D
@@ -84,10 +106,7 @@ def _ttt_fwd(q, k, v, eta, lw_ptr, lb_ptr, c, w0, o, w_end, pend, ws, T, NB, H: 
     bh = (i_b * H + i_h).to(tl.int64)
     W = tl.load(w0 + bh * (D + 1) * D + p_w, mask=wm, other=0.0)
     bias = tl.load(w0 + bh * (D + 1) * D + D * D + cols, mask=cm, other=0.0)
-    lw = tl.load(lw_ptr + i_h * D + cols, mask=cm, other=0.0).to(tl.float32)
-    lb = tl.load(lb_ptr + i_h * D + cols, mask=cm, other=0.0).to(tl.float32)
-    cw = tl.load(c + rows, mask=rows < MB, other=0.0).to(tl.float32)
-    c_last = tl.load(c + MB - 1).to(tl.float32)
+    lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
     base = i_b.to(tl.int64) * T * H * D + i_h * D
     U = tl.zeros([BD, BD], dtype=tl.float32)
     u = tl.zeros([BD], dtype=tl.float32)
@@ -95,19 +114,13 @@ def _ttt_fwd(q, k, v, eta, lw_ptr, lb_ptr, c, w0, o, w_end, pend, ws, T, NB, H: 
     for n in range(0, NB):
         t = n * MB + rows
         live = (rows < MB) & (t < T)
-        xq = _load_rows(q, base, t, live, cols, cm, H, D)
         xk = _load_rows(k, base, t, live, cols, cm, H, D)
         xv = _load_rows(v, base, t, live, cols, cm, H, D)
         e = tl.load(eta + i_b.to(tl.int64) * T * H + t * H + i_h, mask=live, other=0.0).to(tl.float32)
-        if STORE_WS:  # the weights at the mini-batch's start, for the backward
-            p_ws = ws + (bh * NB + n) * (D + 1) * D
-            tl.store(p_ws + p_w, W, mask=wm)
-            tl.store(p_ws + D * D + cols, bias, mask=cm)
-        xh, r, g, G, S, A, AG, xhq, rq = _mini_batch(xq, xk, xv, e, W, bias, lw, lb, cw, rows, live, cm, D, EPS,
-                                                     PREC)
-        out = xq + xhq * lw[None, :] + lb[None, :]
-        tl.store(o + base + (t[:, None] * H) * D + cols[None, :], out.to(o.dtype.element_ty),
-                 mask=live[:, None] & cm[None, :])
+        p_ws = ws + (bh * NB + n) * (D + 1) * D
+        tl.store(p_ws + p_w, W, mask=wm)
+        tl.store(p_ws + D * D + cols, bias, mask=cm)
+        xh, r, g, G = _key_side(xk, xv, W, bias, lw, lb, live, cm, D, EPS, PREC)
         eG = e[:, None] * G
         U = _dot(tl.trans(xk), eG, None, PREC)
         u = tl.sum(eG, 0)
@@ -122,19 +135,93 @@ def _ttt_fwd(q, k, v, eta, lw_ptr, lb_ptr, c, w0, o, w_end, pend, ws, T, NB, H: 
 
 
 @triton.jit
-def _ttt_bwd(q, k, v, eta, lw_ptr, lb_ptr, c, ws, do, dw_end, dpend, dq, dk, dv, deta, dw0, dlw, dlb, dc, T, NB,
-             H: tl.constexpr, D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-             EPS: tl.constexpr, PREC: tl.constexpr):
+def _mini_batch_program(T, NB, H: tl.constexpr, D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr,
+                        BD: tl.constexpr):
+    """A parallel program's share, grid (NB, B H): its mini-batch n, batch, head, rows and offsets."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = bh // H, bh % H
+    rows, cols = tl.arange(0, BT), tl.arange(0, BD)
+    t = n * MB + rows
+    live = (rows < MB) & (t < T)
+    cm = cols < D
+    base = i_b.to(tl.int64) * T * H * D + i_h * D
+    p_ws = (bh.to(tl.int64) * NB + n) * (D + 1) * D
+    return n, bh, i_b, i_h, rows, cols, t, live, cm, base, p_ws
+
+
+@triton.jit
+def _ttt_fwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, o, T, NB, H: tl.constexpr, D: tl.constexpr, MB: tl.constexpr,
+                 BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """Every mini-batch's outputs at once from the weights at its start."""
+    n, bh, i_b, i_h, rows, cols, t, live, cm, base, p_ws = _mini_batch_program(T, NB, H, D, MB, BT, BD)
+    lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
+    W = tl.load(ws + p_ws + cols[:, None] * D + cols[None, :], mask=cm[:, None] & cm[None, :], other=0.0)
+    bias = tl.load(ws + p_ws + D * D + cols, mask=cm, other=0.0)
+    xq = _load_rows(q, base, t, live, cols, cm, H, D)
+    xk = _load_rows(k, base, t, live, cols, cm, H, D)
+    xv = _load_rows(v, base, t, live, cols, cm, H, D)
+    e = tl.load(eta + i_b.to(tl.int64) * T * H + t * H + i_h, mask=live, other=0.0).to(tl.float32)
+    xh, r, g, G = _key_side(xk, xv, W, bias, lw, lb, live, cm, D, EPS, PREC)
+    S, A, AG, xhq, rq = _query_side(xq, xk, e, G, W, bias, cw, rows, cm, D, EPS, PREC)
+    out = xq + xhq * lw[None, :] + lb[None, :]
+    tl.store(o + base + (t[:, None] * H) * D + cols[None, :], out.to(o.dtype.element_ty),
+             mask=live[:, None] & cm[None, :])
+
+
+@triton.jit
+def _ttt_bwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, do, dq, dk_part, deta_part, dg_out, dw_out, dnorm_part,
+                 dc_part, T, NB, H: tl.constexpr, D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr,
+                 BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """Every mini-batch at once, the gradients through its outputs: dq (complete), and the parts of dk, deta, the
+    layer norm's weight and bias, c, and of dG and dW (dw_out `[B H NB, D + 1, D]`) that the reverse walk adds."""
+    n, bh, i_b, i_h, rows, cols, t, live, cm, base, p_ws = _mini_batch_program(T, NB, H, D, MB, BT, BD)
+    lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
+    wm = cm[:, None] & cm[None, :]
+    p_w = cols[:, None] * D + cols[None, :]
+    m2 = live[:, None] & cm[None, :]
+    p_rows = base + (t[:, None] * H) * D + cols[None, :]
+    W = tl.load(ws + p_ws + p_w, mask=wm, other=0.0)
+    bias = tl.load(ws + p_ws + D * D + cols, mask=cm, other=0.0)
+    xq = _load_rows(q, base, t, live, cols, cm, H, D)
+    xk = _load_rows(k, base, t, live, cols, cm, H, D)
+    xv = _load_rows(v, base, t, live, cols, cm, H, D)
+    p_e = i_b.to(tl.int64) * T * H + t * H + i_h
+    e = tl.load(eta + p_e, mask=live, other=0.0).to(tl.float32)
+    b_do = _load_rows(do, base, t, live, cols, cm, H, D)
+    xh, r, g, G = _key_side(xk, xv, W, bias, lw, lb, live, cm, D, EPS, PREC)
+    S, A, AG, xhq, rq = _query_side(xq, xk, e, G, W, bias, cw, rows, cm, D, EPS, PREC)
+    # o = X_q + LN(Z_q)
+    p_norm = (bh.to(tl.int64) * NB + n) * 2 * D
+    tl.store(dnorm_part + p_norm + cols, tl.sum(b_do * xhq, 0), mask=cm)
+    tl.store(dnorm_part + p_norm + D + cols, tl.sum(b_do, 0), mask=cm)
+    dzq = _project(b_do * lw[None, :], xhq, cm, D) * rq[:, None]
+    # Z_q = X_q W + b - c (A G), A = tril(S) * eta
+    tl.store(dw_out + p_ws + p_w, _dot(tl.trans(xq), dzq, None, PREC), mask=wm)
+    tl.store(dw_out + p_ws + D * D + cols, tl.sum(dzq, 0), mask=cm)
+    tl.store(dc_part + (bh.to(tl.int64) * NB + n) * BT + rows, -tl.sum(dzq * AG, 1))
+    dAG = -cw[:, None] * dzq
+    tl.store(dg_out + p_rows, _dot(tl.trans(A), dAG, None, PREC), mask=m2)
+    dA = tl.where(rows[:, None] >= rows[None, :], _dot(dAG, tl.trans(G), None, PREC), 0.0)
+    tl.store(deta_part + p_e, tl.sum(dA * S, 0), mask=live)
+    dS = dA * e[None, :]
+    b_dq = b_do + _dot(dzq, tl.trans(W), None, PREC) + _dot(dS, xk, None, PREC)
+    tl.store(dq + p_rows, b_dq.to(dq.dtype.element_ty), mask=m2)
+    tl.store(dk_part + p_rows, _dot(tl.trans(dS), xq, None, PREC), mask=m2)
+
+
+@triton.jit
+def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, dw_end, dpend, dk_part, deta_part, dg_out, dw_out, dk, dv,
+                    deta, dw0, dnorm, dc_last_out, T, NB, H: tl.constexpr, D: tl.constexpr, MB: tl.constexpr,
+                    BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """The reverse walk, one program per (batch, head): dW, db carried back through the updates, with each
+    mini-batch's dG and dW from its outputs (_ttt_bwd_out) added; through G the layer norm's second derivative."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     rows, cols = tl.arange(0, BT), tl.arange(0, BD)
     cm = cols < D
     wm = cm[:, None] & cm[None, :]
     p_w = cols[:, None] * D + cols[None, :]
     bh = (i_b * H + i_h).to(tl.int64)
-    lw = tl.load(lw_ptr + i_h * D + cols, mask=cm, other=0.0).to(tl.float32)
-    lb = tl.load(lb_ptr + i_h * D + cols, mask=cm, other=0.0).to(tl.float32)
-    cw = tl.load(c + rows, mask=rows < MB, other=0.0).to(tl.float32)
-    c_last = tl.load(c + MB - 1).to(tl.float32)
+    lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
     base = i_b.to(tl.int64) * T * H * D + i_h * D
     p_end = bh * (D + 1) * D
     dW = tl.load(dw_end + p_end + p_w, mask=wm, other=0.0)  # dL/dW, db at the current mini-batch's end
@@ -143,7 +230,6 @@ def _ttt_bwd(q, k, v, eta, lw_ptr, lb_ptr, c, ws, do, dw_end, dpend, dq, dk, dv,
     dp = tl.load(dpend + p_end + D * D + cols, mask=cm, other=0.0)
     dlw_acc = tl.zeros([BD], dtype=tl.float32)
     dlb_acc = tl.zeros([BD], dtype=tl.float32)
-    dc_acc = tl.zeros([BT], dtype=tl.float32)
     dc_last = 0.0
     for i in range(0, NB):
         n = NB - 1 - i
@@ -151,33 +237,14 @@ def _ttt_bwd(q, k, v, eta, lw_ptr, lb_ptr, c, ws, do, dw_end, dpend, dq, dk, dv,
         live = (rows < MB) & (t < T)
         m2 = live[:, None] & cm[None, :]
         p_rows = base + (t[:, None] * H) * D + cols[None, :]
-        xq = _load_rows(q, base, t, live, cols, cm, H, D)
         xk = _load_rows(k, base, t, live, cols, cm, H, D)
         xv = _load_rows(v, base, t, live, cols, cm, H, D)
-        p_e = eta + i_b.to(tl.int64) * T * H + t * H + i_h
-        e = tl.load(p_e, mask=live, other=0.0).to(tl.float32)
-        b_do = _load_rows(do, base, t, live, cols, cm, H, D)
-        p_ws = ws + (bh * NB + n) * (D + 1) * D
-        W = tl.load(p_ws + p_w, mask=wm, other=0.0)
-        bias = tl.load(p_ws + D * D + cols, mask=cm, other=0.0)
-        xh, r, g, G, S, A, AG, xhq, rq = _mini_batch(xq, xk, xv, e, W, bias, lw, lb, cw, rows, live, cm, D, EPS,
-                                                     PREC)
-        # o = X_q + LN(Z_q)
-        dlw_acc += tl.sum(b_do * xhq, 0)
-        dlb_acc += tl.sum(b_do, 0)
-        dzq = _project(b_do * lw[None, :], xhq, cm, D) * rq[:, None]
-        # Z_q = X_q W + b - c (A G)
-        b_dq = b_do + _dot(dzq, tl.trans(W), None, PREC)
-        dW_here = _dot(tl.trans(xq), dzq, None, PREC)
-        db_here = tl.sum(dzq, 0)
-        dc_acc -= tl.sum(dzq * AG, 1)
-        dAG = -cw[:, None] * dzq
-        dG = _dot(tl.trans(A), dAG, None, PREC)
-        dA = tl.where(rows[:, None] >= rows[None, :], _dot(dAG, tl.trans(G), None, PREC), 0.0)
-        b_deta = tl.sum(dA * S, 0)
-        dS = dA * e[None, :]
-        b_dq += _dot(dS, xk, None, PREC)
-        b_dk = _dot(tl.trans(dS), xq, None, PREC)
+        p_e = i_b.to(tl.int64) * T * H + t * H + i_h
+        e = tl.load(eta + p_e, mask=live, other=0.0).to(tl.float32)
+        p_ws = (bh * NB + n) * (D + 1) * D
+        W = tl.load(ws + p_ws + p_w, mask=wm, other=0.0)
+        bias = tl.load(ws + p_ws + D * D + cols, mask=cm, other=0.0)
+        xh, r, g, G = _key_side(xk, xv, W, bias, lw, lb, live, cm, D, EPS, PREC)
         # the update (U, u) = (X_k^T eta G, sum eta G): into the weights, or the pending sum of a trailing part
         eG = e[:, None] * G
         full = ((n + 1) * MB <= T).to(tl.float32)
@@ -186,9 +253,7 @@ def _ttt_bwd(q, k, v, eta, lw_ptr, lb_ptr, c, ws, do, dw_end, dpend, dq, dk, dv,
         U = _dot(tl.trans(xk), eG, None, PREC)
         dc_last -= full * (tl.sum(tl.sum(dW * U, 1), 0) + tl.sum(db * tl.sum(eG, 0), 0))
         deG = _dot(xk, dU, None, PREC) + du[None, :]
-        b_dk += _dot(eG, tl.trans(dU), None, PREC)
-        b_deta += tl.sum(deG * G, 1)
-        dG = tl.where(m2, dG + e[:, None] * deG, 0.0)
+        dG = tl.where(m2, _load_rows(dg_out, base, t, live, cols, cm, H, D) + e[:, None] * deG, 0.0)
         # G = r P(g), g = (LN(Z_k) - (X_v - X_k)) w: the layer norm's second derivative (module docstring)
         uu = dG * r[:, None]
         dg = _project(uu, xh, cm, D)
@@ -199,19 +264,19 @@ def _ttt_bwd(q, k, v, eta, lw_ptr, lb_ptr, c, ws, do, dw_end, dpend, dq, dk, dv,
         dtarget = -dg * lw[None, :]
         dzk = (_project(dxh, xh, cm, D) - (tl.sum(dG * G, 1) / D)[:, None] * tl.where(cm[None, :], xh, 0.0))
         dzk = tl.where(m2, dzk * r[:, None], 0.0)
-        b_dk += _dot(dzk, tl.trans(W), None, PREC) - dtarget
-        dW += dW_here + _dot(tl.trans(xk), dzk, None, PREC)
-        db += db_here + tl.sum(dzk, 0)
-        tl.store(dq + p_rows, b_dq.to(dq.dtype.element_ty), mask=m2)
+        dW += tl.load(dw_out + p_ws + p_w, mask=wm, other=0.0) + _dot(tl.trans(xk), dzk, None, PREC)
+        db += tl.load(dw_out + p_ws + D * D + cols, mask=cm, other=0.0) + tl.sum(dzk, 0)
+        b_dk = (_load_rows(dk_part, base, t, live, cols, cm, H, D) + _dot(eG, tl.trans(dU), None, PREC)
+                + _dot(dzk, tl.trans(W), None, PREC) - dtarget)
         tl.store(dk + p_rows, b_dk.to(dk.dtype.element_ty), mask=m2)
         tl.store(dv + p_rows, dtarget.to(dv.dtype.element_ty), mask=m2)
-        tl.store(deta + i_b.to(tl.int64) * T * H + t * H + i_h, b_deta, mask=live)
+        b_deta = tl.load(deta_part + p_e, mask=live, other=0.0) + tl.sum(deG * G, 1)
+        tl.store(deta + p_e, b_deta.to(deta.dtype.element_ty), mask=live)
     tl.store(dw0 + p_end + p_w, dW, mask=wm)
     tl.store(dw0 + p_end + D * D + cols, db, mask=cm)
-    tl.store(dlw + bh * D + cols, dlw_acc, mask=cm)
-    tl.store(dlb + bh * D + cols, dlb_acc, mask=cm)
-    dc_acc += tl.where(rows == MB - 1, dc_last, 0.0)
-    tl.store(dc + bh * BT + rows, dc_acc, mask=rows < MB)
+    tl.store(dnorm + bh * 2 * D + cols, dlw_acc, mask=cm)
+    tl.store(dnorm + bh * 2 * D + D + cols, dlb_acc, mask=cm)
+    tl.store(dc_last_out + bh, dc_last)
 
 
 def _launch_args(q, eta, mini_batch_size):
@@ -224,14 +289,14 @@ class _TTTLinearFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, eta, ln_weight, ln_bias, w0, coeffs, mini_batch_size):
         B, T, H, D, NB, BT, BD = _launch_args(q, eta, mini_batch_size)
-        want_grad = any(ctx.needs_input_grad[:8])
+        consts = dict(H=H, D=D, MB=mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype))
         o = empty_output(q.shape, q.dtype, q.device)
         w_end, pend = (torch.empty((B, H, D + 1, D), dtype=torch.float32, device=q.device) for _ in range(2))
-        ws = torch.empty((B, H, NB, D + 1, D), dtype=torch.float32, device=q.device) if want_grad else w_end
-        prec = buffer_dot_precision(q.dtype)
-        _ttt_fwd[(B, H)](q, k, v, eta, ln_weight, ln_bias, coeffs, w0, o, w_end, pend, ws, T, NB, H=H, D=D, MB=mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, STORE_WS=want_grad,
-                         PREC=prec, num_warps=4)
-        if want_grad:
+        ws = torch.empty((B, H, NB, D + 1, D), dtype=torch.float32, device=q.device)  # the weights at each start
+        _ttt_fwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, w0, w_end, pend, ws, T, NB, num_warps=4,
+                                **consts)
+        _ttt_fwd_out[(NB, B * H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, o, T, NB, num_warps=4, **consts)
+        if any(ctx.needs_input_grad[:8]):
             ctx.save_for_backward(q, k, v, eta, ln_weight, ln_bias, coeffs, ws)
         ctx.mini_batch_size = mini_batch_size
         return o, w_end, pend
@@ -240,20 +305,32 @@ class _TTTLinearFused(torch.autograd.Function):
     def backward(ctx, do, dw_end, dpend):
         q, k, v, eta, ln_weight, ln_bias, coeffs, ws = ctx.saved_tensors
         B, T, H, D, NB, BT, BD = _launch_args(q, eta, ctx.mini_batch_size)
+        consts = dict(H=H, D=D, MB=ctx.mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype))
         f32 = dict(dtype=torch.float32, device=q.device)
         do = torch.zeros_like(q) if do is None else do.contiguous()
         dw_end = torch.zeros((B, H, D + 1, D), **f32) if dw_end is None else dw_end.float().contiguous()
         dpend = torch.zeros((B, H, D + 1, D), **f32) if dpend is None else dpend.float().contiguous()
-        dq, dk, dv = (empty_output(q.shape, q.dtype, q.device) for _ in range(3))
-        deta = empty_output((B, T, H), torch.float32, q.device)
+        # the gradients through every mini-batch's outputs, all at once
+        dq = empty_output(q.shape, q.dtype, q.device)
+        dk_part, dg_out = (torch.empty(q.shape, **f32) for _ in range(2))
+        deta_part = torch.empty((B, T, H), **f32)
+        dw_out = torch.empty_like(ws)
+        dnorm_part = torch.empty((B * H, NB, 2, D), **f32)
+        dc_part = torch.empty((B * H, NB, BT), **f32)
+        _ttt_bwd_out[(NB, B * H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, do, dq, dk_part, deta_part, dg_out,
+                                  dw_out, dnorm_part, dc_part, T, NB, num_warps=4, **consts)
+        # the reverse walk through the updates
+        dk, dv = (empty_output(q.shape, q.dtype, q.device) for _ in range(2))
+        deta = empty_output((B, T, H), eta.dtype, q.device)
         dw0 = empty_output((B, H, D + 1, D), torch.float32, q.device)
-        dlw, dlb = (empty_output((B, H, D), torch.float32, q.device) for _ in range(2))
-        dc = torch.zeros((B, H, BT), **f32)
-        _ttt_bwd[(B, H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, do, dw_end, dpend, dq, dk, dv, deta, dw0,
-                         dlw, dlb, dc, T, NB, H=H, D=D, MB=ctx.mini_batch_size, BT=BT,
-                         BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype), num_warps=8)
-        dc = dc.sum((0, 1))[:ctx.mini_batch_size]
-        return (dq, dk, dv, deta.to(eta.dtype), dlw.sum(0).to(ln_weight.dtype), dlb.sum(0).to(ln_bias.dtype), dw0,
+        dnorm = empty_output((B * H, 2, D), torch.float32, q.device)
+        dc_last = empty_output((B * H,), torch.float32, q.device)
+        _ttt_bwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, ws, dw_end, dpend, dk_part, deta_part, dg_out,
+                                dw_out, dk, dv, deta, dw0, dnorm, dc_last, T, NB, num_warps=8, **consts)
+        dnorm = (dnorm.view(B, H, 2, D).sum(0) + dnorm_part.view(B, H, NB, 2, D).sum((0, 2)))
+        dc = dc_part.sum((0, 1))[:ctx.mini_batch_size]
+        dc[-1] += dc_last.sum()
+        return (dq, dk, dv, deta, dnorm[:, 0].to(ln_weight.dtype), dnorm[:, 1].to(ln_bias.dtype), dw0,
                 dc.to(coeffs.dtype), None)
 
 
