@@ -39,6 +39,7 @@ from .rwkv7_chunk import buffer_dot_precision
 LN_EPS = 1e-6
 MAX_HEAD_DIM = 128
 MAX_MINI_BATCH = 64
+WALK_WARPS = {"fwd": 4, "bwd": 8}  # the sequential walks' warps (sm_90a, D = 64: spill-free at these)
 
 
 @triton.jit
@@ -293,7 +294,7 @@ class _TTTLinearFused(torch.autograd.Function):
         o = empty_output(q.shape, q.dtype, q.device)
         w_end, pend = (torch.empty((B, H, D + 1, D), dtype=torch.float32, device=q.device) for _ in range(2))
         ws = torch.empty((B, H, NB, D + 1, D), dtype=torch.float32, device=q.device)  # the weights at each start
-        _ttt_fwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, w0, w_end, pend, ws, T, NB, num_warps=4,
+        _ttt_fwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, w0, w_end, pend, ws, T, NB, num_warps=WALK_WARPS["fwd"],
                                 **consts)
         _ttt_fwd_out[(NB, B * H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, o, T, NB, num_warps=4, **consts)
         if any(ctx.needs_input_grad[:8]):
@@ -326,7 +327,8 @@ class _TTTLinearFused(torch.autograd.Function):
         dnorm = empty_output((B * H, 2, D), torch.float32, q.device)
         dc_last = empty_output((B * H,), torch.float32, q.device)
         _ttt_bwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, ws, dw_end, dpend, dk_part, deta_part, dg_out,
-                                dw_out, dk, dv, deta, dw0, dnorm, dc_last, T, NB, num_warps=8, **consts)
+                                dw_out, dk, dv, deta, dw0, dnorm, dc_last, T, NB, num_warps=WALK_WARPS["bwd"],
+                                **consts)
         dnorm = (dnorm.view(B, H, 2, D).sum(0) + dnorm_part.view(B, H, NB, 2, D).sum((0, 2)))
         dc = dc_part.sum((0, 1))[:ctx.mini_batch_size]
         dc[-1] += dc_last.sum()
