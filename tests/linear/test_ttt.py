@@ -16,6 +16,7 @@ from effattn.linear.ttt import (
     ttt_mlp_reference,
     unpack_state,
 )
+from effattn.linear.ttt_fused import fused_fits
 from effattn.registry import Shape
 
 OPS = {"linear": (ttt_linear, ttt_linear_reference), "mlp": (ttt_mlp, ttt_mlp_reference)}
@@ -71,7 +72,7 @@ def _grads_vs(fn, tensors, static, dtype):
 
 
 @pytest.mark.parametrize("T,b,offset,D,init", [(37, 4, 3, 16, True), (37, 16, 0, 24, False), (9, 4, 0, 16, False),
-                                               (70, 16, 5, 32, True), (16, 16, 0, 16, True)])
+                                               (70, 16, 5, 32, True), (16, 16, 0, 16, True), (21, 4, 1, 100, True)])
 def test_fused_kernels_float32_vs_reference(T, b, offset, D, init):
     """The Triton form (interpreter) against the float64 reference under the 2x rule, the float32 dual form the
     baseline: a PyTorch head segment (offset, or a given state) then full and partial mini-batches in the kernel,
@@ -85,6 +86,17 @@ def test_fused_kernels_float32_vs_reference(T, b, offset, D, init):
     for name, g, bb, w in zip(["o", "state", *tensors], got, base, want):
         err, allowed = (g.double() - w).abs().max(), 2 * (bb.double() - w).abs().max() + 1e-5 * max(1, w.abs().max())
         assert err <= allowed, f"{name}: {err:.3g} > {allowed:.3g}"
+
+
+def test_fused_falls_back_to_dual_past_its_tiles():
+    """D = 128 with b = 64 would need 295 KB of shared memory: the fused form runs the dual form instead."""
+    assert fused_fits(64, 64) and fused_fits(128, 32) and fused_fits(100, 17)
+    assert not fused_fits(128, 64) and not fused_fits(256, 16)
+    tensors, static = case("linear", T=5, b=64, offset=0, B=1, H=1, D=128, dtype=torch.float32)
+    del tensors["initial_state"]  # (with one, the first mini-batch's tokens take the dual form anyway)
+    got = ttt_linear(**tensors, **static, form="fused", output_final_state=True)
+    want = ttt_linear(**tensors, **static, form="dual", output_final_state=True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .._triton_mode import can_run_triton
 from ..validate import check_choice, check_positive_int, check_qkv, check_tensor
-from .ttt_fused import LN_EPS, MAX_HEAD_DIM, MAX_MINI_BATCH, ttt_linear_fused
+from .ttt_fused import LN_EPS, fused_fits, ttt_linear_fused
 
 FORMS = ("fused", "dual", "primal")  # "fused": TTT-Linear only
 
@@ -215,7 +215,7 @@ def _run(model, q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size
     b = mini_batch_size
     # "fused": the Triton kernels from the first mini-batch boundary with nothing pending; the tokens before it
     # (the rest of a mini-batch begun before this call, or one that may hold a pending sum) take the dual form
-    fused = form == "fused" and acc == torch.float32 and can_run_triton(q) and D <= MAX_HEAD_DIM and b <= MAX_MINI_BATCH
+    fused = form == "fused" and acc == torch.float32 and can_run_triton(q) and fused_fits(D, b)
     lead = (min(T, b - offset % b) if initial_state is not None or offset % b else 0) if fused else T
     w, bias = (t.to(acc)[None, :, None] for t in (ln_weight, ln_bias))
     map_fn = _primal_map if form == "primal" else _dual_map
@@ -246,8 +246,9 @@ def ttt_linear(q, k, v, eta, ln_weight, ln_bias, *, initial_state=None, mini_bat
     mini_batch_size b; offset: tokens of the stream before q (decoding); token_weights: c_i `[b]` (default
     1 / (i + 1)). Returns o `[B, T, H, D]` (and the final
     state, float32, with `output_final_state`). Time O(T b D + T D^2) ("fused", "dual"), state O(D^2) per head.
-    form "fused": one Triton kernel each way (ttt_fused.py) for 16/32-bit inputs with D <= 128 and b <= 64 on
-    CUDA (or the interpreter); otherwise, and for the tokens of a mini-batch begun before the call, "dual"."""
+    form "fused": Triton kernels (ttt_fused.py) for 16/32-bit inputs on CUDA (or the interpreter) with D <= 64
+    and b <= 64, or D <= 128 and b <= 32; otherwise, and for the tokens of a mini-batch begun before the call,
+    "dual"."""
     return _run("linear", q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size, offset, token_weights,
                 form, output_final_state)
 

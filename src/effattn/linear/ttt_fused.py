@@ -37,9 +37,13 @@ from ..hardware._flash_common import _dot, cdiv, next_pow2
 from .rwkv7_chunk import buffer_dot_precision
 
 LN_EPS = 1e-6
-MAX_HEAD_DIM = 128
-MAX_MINI_BATCH = 64
-WALK_WARPS = {"fwd": 4, "bwd": 8}  # the sequential walks' warps (sm_90a, D = 64: spill-free at these)
+
+
+def fused_fits(head_dim: int, mini_batch_size: int) -> bool:
+    """Whether the kernels fit the H100's 228 KB of shared memory (sm_90a builds): tiles BD x BT <= 64 x 64 or
+    128 x 32 (D = 128 with b = 64 needs 295 KB in the backward's parallel pass)."""
+    BD, BT = max(16, next_pow2(head_dim)), max(16, next_pow2(mini_batch_size))
+    return BD <= 128 and BD * BT <= 64 * 64
 
 
 @triton.jit
@@ -280,6 +284,18 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, dw_end, dpend, dk_part, de
     tl.store(dc_last_out + bh, dc_last)
 
 
+def _launch_options(BD: int) -> dict:
+    """num_warps (and num_stages) per kernel, from sm_90a builds in bf16. D <= 64: nothing spills; measured at
+    T = 16k (forward / backward walk warps, ms): 4 / 8 2.56 / 9.91, 2 / 8 3.06 / 10.0, 8 / 8 2.83 / 10.1,
+    4 / 4 2.55 / 13.4. D = 128: 8 warps everywhere (4 spilled 1.3 KB in the forward walk), and the backward walk at
+    one stage, whose default three need 311 KB of shared memory (228 KB on the H100); untimed."""
+    if BD <= 64:
+        return {"fwd_states": dict(num_warps=4), "fwd_out": dict(num_warps=4), "bwd_out": dict(num_warps=4),
+                "bwd_states": dict(num_warps=8)}
+    return {"fwd_states": dict(num_warps=8), "fwd_out": dict(num_warps=8), "bwd_out": dict(num_warps=8),
+            "bwd_states": dict(num_warps=8, num_stages=1)}
+
+
 def _launch_args(q, eta, mini_batch_size):
     B, T, H, D = q.shape
     BT, BD = max(16, next_pow2(mini_batch_size)), max(16, next_pow2(D))
@@ -294,9 +310,10 @@ class _TTTLinearFused(torch.autograd.Function):
         o = empty_output(q.shape, q.dtype, q.device)
         w_end, pend = (torch.empty((B, H, D + 1, D), dtype=torch.float32, device=q.device) for _ in range(2))
         ws = torch.empty((B, H, NB, D + 1, D), dtype=torch.float32, device=q.device)  # the weights at each start
-        _ttt_fwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, w0, w_end, pend, ws, T, NB, num_warps=WALK_WARPS["fwd"],
-                                **consts)
-        _ttt_fwd_out[(NB, B * H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, o, T, NB, num_warps=4, **consts)
+        _ttt_fwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, w0, w_end, pend, ws, T, NB,
+                                **_launch_options(BD)["fwd_states"], **consts)
+        _ttt_fwd_out[(NB, B * H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, o, T, NB,
+                                  **_launch_options(BD)["fwd_out"], **consts)
         if any(ctx.needs_input_grad[:8]):
             ctx.save_for_backward(q, k, v, eta, ln_weight, ln_bias, coeffs, ws)
         ctx.mini_batch_size = mini_batch_size
@@ -319,7 +336,7 @@ class _TTTLinearFused(torch.autograd.Function):
         dnorm_part = torch.empty((B * H, NB, 2, D), **f32)
         dc_part = torch.empty((B * H, NB, BT), **f32)
         _ttt_bwd_out[(NB, B * H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, do, dq, dk_part, deta_part, dg_out,
-                                  dw_out, dnorm_part, dc_part, T, NB, num_warps=4, **consts)
+                                  dw_out, dnorm_part, dc_part, T, NB, **_launch_options(BD)["bwd_out"], **consts)
         # the reverse walk through the updates
         dk, dv = (empty_output(q.shape, q.dtype, q.device) for _ in range(2))
         deta = empty_output((B, T, H), eta.dtype, q.device)
@@ -327,7 +344,7 @@ class _TTTLinearFused(torch.autograd.Function):
         dnorm = empty_output((B * H, 2, D), torch.float32, q.device)
         dc_last = empty_output((B * H,), torch.float32, q.device)
         _ttt_bwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, ws, dw_end, dpend, dk_part, deta_part, dg_out,
-                                dw_out, dk, dv, deta, dw0, dnorm, dc_last, T, NB, num_warps=WALK_WARPS["bwd"],
+                                dw_out, dk, dv, deta, dw0, dnorm, dc_last, T, NB, **_launch_options(BD)["bwd_states"],
                                 **consts)
         dnorm = (dnorm.view(B, H, 2, D).sum(0) + dnorm_part.view(B, H, NB, 2, D).sum((0, 2)))
         dc = dc_part.sum((0, 1))[:ctx.mini_batch_size]
