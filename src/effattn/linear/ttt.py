@@ -213,10 +213,10 @@ def _run(model, q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size
              else initial_state.to(acc))
     params, pend = unpack_state(state, shapes)
     b = mini_batch_size
-    # "fused": the Triton kernels from the first mini-batch boundary with nothing pending; the tokens before it
-    # (the rest of a mini-batch begun before this call, or one that may hold a pending sum) take the dual form
+    # "fused": the Triton kernels from the first mini-batch boundary; the tokens before it (the rest of a
+    # mini-batch begun before this call) take the dual form
     fused = form == "fused" and acc == torch.float32 and can_run_triton(q) and fused_fits(D, b)
-    lead = (min(T, b - offset % b) if initial_state is not None or offset % b else 0) if fused else T
+    lead = (min(T, b - offset % b) if offset % b else 0) if fused else T
     w, bias = (t.to(acc)[None, :, None] for t in (ln_weight, ln_bias))
     map_fn = _primal_map if form == "primal" else _dual_map
 
@@ -231,8 +231,9 @@ def _run(model, q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size
         outs.append(z.transpose(1, 2).to(q.dtype))
     if lead < T:
         coeffs = _token_coeffs(b, token_weights, state)
+        pending = pend[0] if initial_state is not None and not lead else None  # (after a head segment: zero)
         o, w_end, pending = ttt_linear_fused(q[:, lead:], k[:, lead:], v[:, lead:], eta[:, lead:], ln_weight,
-                                             ln_bias, params[0], coeffs, b)
+                                             ln_bias, params[0], pending, coeffs, b)
         outs.append(o)
         params, pend = [w_end], [pending]
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

@@ -13,8 +13,9 @@ Only the key side is sequential. Forward: `_ttt_fwd_states`, one program per (ba
 mini-batches with W, b in float32 registers and stores them at every mini-batch start; `_ttt_fwd_out` then computes
 every mini-batch's outputs at once from those weights (the layout FLA's chunk_ttt_linear also uses).
 
-The call starts at a mini-batch boundary with nothing pending (ttt.py runs a call's leading partial mini-batch
-in PyTorch first); a trailing partial one leaves its (U, u) as the pending sum of the final state.
+The call starts at a mini-batch boundary (ttt.py runs the rest of a mini-batch begun before the call in PyTorch
+first); a pending sum it starts with adds to the first mini-batch's (U, u) and, times c, to its A G; a trailing
+partial mini-batch leaves its (U, u) as the pending sum of the final state.
 
 Backward: `_ttt_bwd_out` takes every mini-batch's gradients through its outputs at once (dq complete; parts of
 dk, deta, dG, dW, and of the norm's and c's gradients), then `_ttt_bwd_states` walks the mini-batches in reverse
@@ -79,11 +80,16 @@ def _key_side(xk, xv, W, bias, lw, lb, live, cm, D: tl.constexpr, EPS: tl.conste
 
 
 @triton.jit
-def _query_side(xq, xk, e, G, W, bias, cw, rows, cm, D: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
-    """S = X_q X_k^T + 1, A = tril(S) * eta, A G, and the layer norm's xhat and 1 / std of Z_q."""
+def _query_side(xq, xk, e, G, W, bias, p0, n, bh, cols, cw, rows, cm, D: tl.constexpr, EPS: tl.constexpr,
+                PREC: tl.constexpr, HAS_P0: tl.constexpr):
+    """S = X_q X_k^T + 1, A = tril(S) * eta, AG = A G (+ X~q P~ in mini-batch 0 with HAS_P0: P~ the call's initial
+    pending sum), and the layer norm's xhat and 1 / std of Z_q = X~q W~ - c AG."""
     S = _dot(xq, tl.trans(xk), None, PREC) + 1.0
     A = tl.where(rows[:, None] >= rows[None, :], S * e[None, :], 0.0)
     AG = _dot(A, G, None, PREC)
+    if HAS_P0:
+        Pw, pb = _first_pending(p0, n, bh, cols, cm, D)
+        AG += _dot(xq, Pw, None, PREC) + pb[None, :]
     zq = _dot(xq, W, None, PREC) + bias[None, :] - cw[:, None] * AG
     xhq, rq = _layer_norm_rows(zq, cm, D, EPS)
     return S, A, AG, xhq, rq
@@ -99,10 +105,21 @@ def _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D: tl.constexpr, MB: tl.conste
 
 
 @triton.jit
-def _ttt_fwd_states(k, v, eta, lw_ptr, lb_ptr, c, w0, w_end, pend, ws, T, NB, H: tl.constexpr, D: tl.constexpr,
-                    MB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+def _first_pending(p0, n, bh, cols, cm, D: tl.constexpr):
+    """The call's initial pending sum (Pw `[D, D]`, pb `[D]`) for mini-batch 0, zeros for the others."""
+    first = n == 0
+    p = p0 + bh.to(tl.int64) * (D + 1) * D
+    Pw = tl.load(p + cols[:, None] * D + cols[None, :], mask=cm[:, None] & cm[None, :] & first, other=0.0)
+    return Pw, tl.load(p + D * D + cols, mask=cm & first, other=0.0)
+
+
+@triton.jit
+def _ttt_fwd_states(k, v, eta, lw_ptr, lb_ptr, c, w0, p0, w_end, pend, ws, T, NB, H: tl.constexpr,
+                    D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr,
+                    PREC: tl.constexpr, HAS_P0: tl.constexpr):
     """The sequential part, one program per (batch, head): the weights at every mini-batch start (ws), the final
-    weights and the pending sum of a trailing partial mini-batch. Nothing of the queries is on this path."""
+    weights and the pending sum of a trailing partial mini-batch (p0: the pending sum the call starts with,
+    added to the first mini-batch's). Nothing of the queries is on this path."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     rows, cols = tl.arange(0, BT), tl.arange(0, BD)
     cm = cols < D
@@ -129,6 +146,9 @@ def _ttt_fwd_states(k, v, eta, lw_ptr, lb_ptr, c, w0, w_end, pend, ws, T, NB, H:
         eG = e[:, None] * G
         U = _dot(tl.trans(xk), eG, None, PREC)
         u = tl.sum(eG, 0)
+        if HAS_P0:  # (loaded in the walk: no registers held across it)
+            Pw, pb = _first_pending(p0, n, bh, cols, cm, D)
+            U, u = U + Pw, u + pb
         full = ((n + 1) * MB <= T).to(tl.float32)  # a complete mini-batch updates the weights
         W -= (full * c_last) * U
         bias -= (full * c_last) * u
@@ -155,8 +175,9 @@ def _mini_batch_program(T, NB, H: tl.constexpr, D: tl.constexpr, MB: tl.constexp
 
 
 @triton.jit
-def _ttt_fwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, o, T, NB, H: tl.constexpr, D: tl.constexpr, MB: tl.constexpr,
-                 BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+def _ttt_fwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, p0, o, T, NB, H: tl.constexpr, D: tl.constexpr,
+                 MB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
+                 HAS_P0: tl.constexpr):
     """Every mini-batch's outputs at once from the weights at its start."""
     n, bh, i_b, i_h, rows, cols, t, live, cm, base, p_ws = _mini_batch_program(T, NB, H, D, MB, BT, BD)
     lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
@@ -167,16 +188,16 @@ def _ttt_fwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, o, T, NB, H: tl.constexpr,
     xv = _load_rows(v, base, t, live, cols, cm, H, D)
     e = tl.load(eta + i_b.to(tl.int64) * T * H + t * H + i_h, mask=live, other=0.0).to(tl.float32)
     xh, r, g, G = _key_side(xk, xv, W, bias, lw, lb, live, cm, D, EPS, PREC)
-    S, A, AG, xhq, rq = _query_side(xq, xk, e, G, W, bias, cw, rows, cm, D, EPS, PREC)
+    S, A, AG, xhq, rq = _query_side(xq, xk, e, G, W, bias, p0, n, bh, cols, cw, rows, cm, D, EPS, PREC, HAS_P0)
     out = xq + xhq * lw[None, :] + lb[None, :]
     tl.store(o + base + (t[:, None] * H) * D + cols[None, :], out.to(o.dtype.element_ty),
              mask=live[:, None] & cm[None, :])
 
 
 @triton.jit
-def _ttt_bwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, do, dq, dk_part, deta_part, dg_out, dw_out, dnorm_part,
-                 dc_part, T, NB, H: tl.constexpr, D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr,
-                 BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+def _ttt_bwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, p0, do, dq, dk_part, deta_part, dg_out, dw_out, dnorm_part,
+                 dc_part, dp0_part, T, NB, H: tl.constexpr, D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr,
+                 BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr, HAS_P0: tl.constexpr):
     """Every mini-batch at once, the gradients through its outputs: dq (complete), and the parts of dk, deta, the
     layer norm's weight and bias, c, and of dG and dW (dw_out `[B H NB, D + 1, D]`) that the reverse walk adds."""
     n, bh, i_b, i_h, rows, cols, t, live, cm, base, p_ws = _mini_batch_program(T, NB, H, D, MB, BT, BD)
@@ -194,7 +215,7 @@ def _ttt_bwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, do, dq, dk_part, deta_part
     e = tl.load(eta + p_e, mask=live, other=0.0).to(tl.float32)
     b_do = _load_rows(do, base, t, live, cols, cm, H, D)
     xh, r, g, G = _key_side(xk, xv, W, bias, lw, lb, live, cm, D, EPS, PREC)
-    S, A, AG, xhq, rq = _query_side(xq, xk, e, G, W, bias, cw, rows, cm, D, EPS, PREC)
+    S, A, AG, xhq, rq = _query_side(xq, xk, e, G, W, bias, p0, n, bh, cols, cw, rows, cm, D, EPS, PREC, HAS_P0)
     # o = X_q + LN(Z_q)
     p_norm = (bh.to(tl.int64) * NB + n) * 2 * D
     tl.store(dnorm_part + p_norm + cols, tl.sum(b_do * xhq, 0), mask=cm)
@@ -210,14 +231,21 @@ def _ttt_bwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, do, dq, dk_part, deta_part
     tl.store(deta_part + p_e, tl.sum(dA * S, 0), mask=live)
     dS = dA * e[None, :]
     b_dq = b_do + _dot(dzq, tl.trans(W), None, PREC) + _dot(dS, xk, None, PREC)
+    if HAS_P0:  # mini-batch 0's A G holds X~q P~: the part of dP~ through the outputs, and dq's share
+        Pw, pb = _first_pending(p0, n, bh, cols, cm, D)
+        b_dq += _dot(dAG, tl.trans(Pw), None, PREC)
+        p_p0 = dp0_part + bh.to(tl.int64) * (D + 1) * D
+        tl.store(p_p0 + p_w, _dot(tl.trans(xq), dAG, None, PREC), mask=wm & (n == 0))
+        tl.store(p_p0 + D * D + cols, tl.sum(dAG, 0), mask=cm & (n == 0))
     tl.store(dq + p_rows, b_dq.to(dq.dtype.element_ty), mask=m2)
     tl.store(dk_part + p_rows, _dot(tl.trans(dS), xq, None, PREC), mask=m2)
 
 
 @triton.jit
-def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, dw_end, dpend, dk_part, deta_part, dg_out, dw_out, dk, dv,
-                    deta, dw0, dnorm, dc_last_out, T, NB, H: tl.constexpr, D: tl.constexpr, MB: tl.constexpr,
-                    BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part, deta_part, dg_out, dw_out,
+                    dp0_part, dk, dv, deta, dw0, dp0, dnorm, dc_last_out, T, NB, H: tl.constexpr, D: tl.constexpr,
+                    MB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
+                    HAS_P0: tl.constexpr):
     """The reverse walk, one program per (batch, head): dW, db carried back through the updates, with each
     mini-batch's dG and dW from its outputs (_ttt_bwd_out) added; through G the layer norm's second derivative."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
@@ -256,7 +284,15 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, dw_end, dpend, dk_part, de
         dU = full * (-c_last) * dW + (1.0 - full) * dP
         du = full * (-c_last) * db + (1.0 - full) * dp
         U = _dot(tl.trans(xk), eG, None, PREC)
-        dc_last -= full * (tl.sum(tl.sum(dW * U, 1), 0) + tl.sum(db * tl.sum(eG, 0), 0))
+        u = tl.sum(eG, 0)
+        if HAS_P0:  # the initial pending sum adds to mini-batch 0's (U, u)
+            Pw, pb = _first_pending(p0, n, bh, cols, cm, D)
+            U, u = U + Pw, u + pb
+            m0w, m0 = wm & (n == 0), cm & (n == 0)
+            tl.store(dp0 + p_end + p_w, dU + tl.load(dp0_part + p_end + p_w, mask=m0w, other=0.0), mask=m0w)
+            tl.store(dp0 + p_end + D * D + cols, du + tl.load(dp0_part + p_end + D * D + cols, mask=m0, other=0.0),
+                     mask=m0)
+        dc_last -= full * (tl.sum(tl.sum(dW * U, 1), 0) + tl.sum(db * u, 0))
         deG = _dot(xk, dU, None, PREC) + du[None, :]
         dG = tl.where(m2, _load_rows(dg_out, base, t, live, cols, cm, H, D) + e[:, None] * deG, 0.0)
         # G = r P(g), g = (LN(Z_k) - (X_v - X_k)) w: the layer norm's second derivative (module docstring)
@@ -279,6 +315,7 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, dw_end, dpend, dk_part, de
         tl.store(deta + p_e, b_deta.to(deta.dtype.element_ty), mask=live)
     tl.store(dw0 + p_end + p_w, dW, mask=wm)
     tl.store(dw0 + p_end + D * D + cols, db, mask=cm)
+
     tl.store(dnorm + bh * 2 * D + cols, dlw_acc, mask=cm)
     tl.store(dnorm + bh * 2 * D + D + cols, dlb_acc, mask=cm)
     tl.store(dc_last_out + bh, dc_last)
@@ -304,26 +341,30 @@ def _launch_args(q, eta, mini_batch_size):
 
 class _TTTLinearFused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, eta, ln_weight, ln_bias, w0, coeffs, mini_batch_size):
+    def forward(ctx, q, k, v, eta, ln_weight, ln_bias, w0, p0, coeffs, mini_batch_size):
         B, T, H, D, NB, BT, BD = _launch_args(q, eta, mini_batch_size)
-        consts = dict(H=H, D=D, MB=mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype))
+        consts = dict(H=H, D=D, MB=mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype),
+                      HAS_P0=p0 is not None)
+        p0 = w0 if p0 is None else p0  # (not read)
         o = empty_output(q.shape, q.dtype, q.device)
         w_end, pend = (torch.empty((B, H, D + 1, D), dtype=torch.float32, device=q.device) for _ in range(2))
         ws = torch.empty((B, H, NB, D + 1, D), dtype=torch.float32, device=q.device)  # the weights at each start
-        _ttt_fwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, w0, w_end, pend, ws, T, NB,
+        _ttt_fwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, w0, p0, w_end, pend, ws, T, NB,
                                 **_launch_options(BD)["fwd_states"], **consts)
-        _ttt_fwd_out[(NB, B * H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, o, T, NB,
+        _ttt_fwd_out[(NB, B * H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, p0, o, T, NB,
                                   **_launch_options(BD)["fwd_out"], **consts)
-        if any(ctx.needs_input_grad[:8]):
-            ctx.save_for_backward(q, k, v, eta, ln_weight, ln_bias, coeffs, ws)
+        if any(ctx.needs_input_grad[:9]):
+            ctx.save_for_backward(q, k, v, eta, ln_weight, ln_bias, p0, coeffs, ws)
+        ctx.has_p0 = consts["HAS_P0"]
         ctx.mini_batch_size = mini_batch_size
         return o, w_end, pend
 
     @staticmethod
     def backward(ctx, do, dw_end, dpend):
-        q, k, v, eta, ln_weight, ln_bias, coeffs, ws = ctx.saved_tensors
+        q, k, v, eta, ln_weight, ln_bias, p0, coeffs, ws = ctx.saved_tensors
         B, T, H, D, NB, BT, BD = _launch_args(q, eta, ctx.mini_batch_size)
-        consts = dict(H=H, D=D, MB=ctx.mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype))
+        consts = dict(H=H, D=D, MB=ctx.mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype),
+                      HAS_P0=ctx.has_p0)
         f32 = dict(dtype=torch.float32, device=q.device)
         do = torch.zeros_like(q) if do is None else do.contiguous()
         dw_end = torch.zeros((B, H, D + 1, D), **f32) if dw_end is None else dw_end.float().contiguous()
@@ -335,31 +376,36 @@ class _TTTLinearFused(torch.autograd.Function):
         dw_out = torch.empty_like(ws)
         dnorm_part = torch.empty((B * H, NB, 2, D), **f32)
         dc_part = torch.empty((B * H, NB, BT), **f32)
-        _ttt_bwd_out[(NB, B * H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, do, dq, dk_part, deta_part, dg_out,
-                                  dw_out, dnorm_part, dc_part, T, NB, **_launch_options(BD)["bwd_out"], **consts)
+        dp0_part = torch.empty((B, H, D + 1, D), **f32)
+        _ttt_bwd_out[(NB, B * H)](q, k, v, eta, ln_weight, ln_bias, coeffs, ws, p0, do, dq, dk_part, deta_part,
+                                  dg_out, dw_out, dnorm_part, dc_part, dp0_part, T, NB,
+                                  **_launch_options(BD)["bwd_out"], **consts)
         # the reverse walk through the updates
         dk, dv = (empty_output(q.shape, q.dtype, q.device) for _ in range(2))
         deta = empty_output((B, T, H), eta.dtype, q.device)
-        dw0 = empty_output((B, H, D + 1, D), torch.float32, q.device)
+        dw0, dp0 = (empty_output((B, H, D + 1, D), torch.float32, q.device) for _ in range(2))
         dnorm = empty_output((B * H, 2, D), torch.float32, q.device)
         dc_last = empty_output((B * H,), torch.float32, q.device)
-        _ttt_bwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, ws, dw_end, dpend, dk_part, deta_part, dg_out,
-                                dw_out, dk, dv, deta, dw0, dnorm, dc_last, T, NB, **_launch_options(BD)["bwd_states"],
-                                **consts)
+        _ttt_bwd_states[(B, H)](k, v, eta, ln_weight, ln_bias, coeffs, ws, p0, dw_end, dpend, dk_part, deta_part,
+                                dg_out, dw_out, dp0_part, dk, dv, deta, dw0, dp0, dnorm, dc_last, T, NB,
+                                **_launch_options(BD)["bwd_states"], **consts)
         dnorm = (dnorm.view(B, H, 2, D).sum(0) + dnorm_part.view(B, H, NB, 2, D).sum((0, 2)))
         dc = dc_part.sum((0, 1))[:ctx.mini_batch_size]
         dc[-1] += dc_last.sum()
         return (dq, dk, dv, deta, dnorm[:, 0].to(ln_weight.dtype), dnorm[:, 1].to(ln_bias.dtype), dw0,
+                dp0 if ctx.has_p0 else None,
                 dc.to(coeffs.dtype), None)
 
 
-def ttt_linear_fused(q, k, v, eta, ln_weight, ln_bias, w0, coeffs, mini_batch_size: int):
-    """TTT-Linear from a mini-batch boundary with nothing pending, on Triton.
+def ttt_linear_fused(q, k, v, eta, ln_weight, ln_bias, w0, p0, coeffs, mini_batch_size: int):
+    """TTT-Linear from a mini-batch boundary, on Triton.
 
-    q, k, v `[B, T, H, D]`, eta `[B, T, H]`, ln_weight, ln_bias `[H, D]`,
-    w0: the inner weights with the bias as last row `[B, H, D + 1, D]` float32, coeffs: the token weights c_i
-    `[mini_batch_size]`. Returns o `[B, T, H, D]`, the weights after the last complete mini-batch and the pending
-    sum of a trailing partial one (zero if none), both `[B, H, D + 1, D]` float32."""
+    q, k, v `[B, T, H, D]`, eta `[B, T, H]`, ln_weight, ln_bias `[H, D]`, w0: the inner weights with the bias as
+    last row `[B, H, D + 1, D]`, p0: None or a pending sum to add to the first mini-batch's, as the state keeps
+    it (`[B, H, D + 1, D]`), coeffs: the token weights c_i `[mini_batch_size]`. Returns o `[B, T, H, D]`, the weights
+    after the last complete mini-batch and the pending sum of a trailing partial one (zero if none), both
+    `[B, H, D + 1, D]` float32."""
     q, k, v, eta = (t.contiguous() for t in (q, k, v, eta))
     return _TTTLinearFused.apply(q, k, v, eta, ln_weight.contiguous(), ln_bias.contiguous(),
-                                 w0.float().contiguous(), coeffs.contiguous(), mini_batch_size)
+                                 w0.float().contiguous(), None if p0 is None else p0.float().contiguous(),
+                                 coeffs.contiguous(), mini_batch_size)
