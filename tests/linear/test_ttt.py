@@ -17,7 +17,8 @@ from effattn.linear.ttt import (
     unpack_state,
 )
 from effattn.linear.ttt_fused import fused_fits
-from effattn.registry import Shape
+from effattn.registry import REGISTRY, Shape
+from effattn.testing import assert_matches_reference
 
 OPS = {"linear": (ttt_linear, ttt_linear_reference), "mlp": (ttt_mlp, ttt_mlp_reference)}
 TENSORS = ("q", "k", "v", "eta", "ln_weight", "ln_bias", "initial_state", "token_weights")
@@ -86,6 +87,15 @@ def test_fused_kernels_float32_vs_reference(T, b, offset, D, init):
     for name, g, bb, w in zip(["o", "state", *tensors], got, base, want):
         err, allowed = (g.double() - w).abs().max(), 2 * (bb.double() - w).abs().max() + 1e-5 * max(1, w.abs().max())
         assert err <= allowed, f"{name}: {err:.3g} > {allowed:.3g}"
+
+
+@pytest.mark.parametrize("T,D,seed,init", [(100, 64, 1, True), (150, 16, 2, False)])
+def test_fused_kernels_bf16_two_x_rule(T, D, seed, init):
+    """bf16: the kernels round their products' operands to bf16 (the interpreter too); several mini-batches, the
+    2x rule against the bf16 reference for the output, the final state and every gradient."""
+    options = {} if init else {"initial_state": None, "offset": 0}
+    assert_matches_reference(REGISTRY.get("ttt_linear"), form="fused", dtype=torch.bfloat16, seed=seed,
+                             shape=Shape(batch=2, seq_q=T, heads=2, head_dim=D), **options)
 
 
 def test_fused_falls_back_to_dual_past_its_tiles():

@@ -17,6 +17,9 @@ The call starts at a mini-batch boundary (ttt.py runs the rest of a mini-batch b
 first); a pending sum it starts with adds to the first mini-batch's (U, u) and, times c, to its A G; a trailing
 partial mini-batch leaves its (U, u) as the pending sum of the final state.
 
+Products of float32 tiles round their operands to bf16 for bf16 inputs (operand_precision), as FLA does; the
+weights and every sum stay float32.
+
 Backward: `_ttt_bwd_out` takes every mini-batch's gradients through its outputs at once (dq complete; parts of
 dk, deta, dG, dW, and of the norm's and c's gradients), then `_ttt_bwd_states` walks the mini-batches in reverse
 from the stored weights, recomputes the key side and carries dW, db back through the updates.
@@ -34,7 +37,8 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ..hardware._flash_common import _dot, cdiv, next_pow2
+from .._triton_mode import interpreting
+from ..hardware._flash_common import cdiv, next_pow2
 from .rwkv7_chunk import buffer_dot_precision
 
 LN_EPS = 1e-6
@@ -45,6 +49,28 @@ def fused_fits(head_dim: int, mini_batch_size: int) -> bool:
     128 x 32 (D = 128 with b = 64 needs 295 KB in the backward's parallel pass)."""
     BD, BT = max(16, next_pow2(head_dim)), max(16, next_pow2(mini_batch_size))
     return BD <= 128 and BD * BT <= 64 * 64
+
+
+def operand_precision(dtype: torch.dtype) -> str:
+    """The kernels' products of float32 tiles: bf16 inputs round both operands to bf16 (as FLA's chunk_ttt_linear
+    does: half the operand traffic of tf32 and twice its tensor-core rate; the interpreter rounds, then multiplies
+    in float32, so CPU tests see the same rounding); float16 keeps tf32 (a gradient tile reaches 1e3 / sqrt(eps)
+    scale at W = 0, near float16's range); float32 three tf32 passes (buffer_dot_precision)."""
+    if dtype == torch.bfloat16:
+        return "bf16-upcast" if interpreting() else "bf16"
+    return buffer_dot_precision(dtype)
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """a @ b of float32 tiles in float32, at operand_precision's PREC."""
+    if PREC == "bf16":
+        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == "bf16-upcast":
+        c = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PREC)
+    return c
 
 
 @triton.jit
@@ -72,7 +98,7 @@ def _load_rows(ptr, base, t, live, cols, cm, H: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def _key_side(xk, xv, W, bias, lw, lb, live, cm, D: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     """The inner gradient G at the mini-batch's keys, and the layer norm's xhat, 1 / std and g behind it."""
-    zk = _dot(xk, W, None, PREC) + bias[None, :]
+    zk = _mm(xk, W, PREC) + bias[None, :]
     xh, r = _layer_norm_rows(zk, cm, D, EPS)
     g = (xh * lw[None, :] + lb[None, :] - (xv - xk)) * lw[None, :]
     G = tl.where(live[:, None], _project(g, xh, cm, D) * r[:, None], 0.0)
@@ -84,13 +110,13 @@ def _query_side(xq, xk, e, G, W, bias, p0, n, bh, cols, cw, rows, cm, D: tl.cons
                 PREC: tl.constexpr, HAS_P0: tl.constexpr):
     """S = X_q X_k^T + 1, A = tril(S) * eta, AG = A G (+ X~q P~ in mini-batch 0 with HAS_P0: P~ the call's initial
     pending sum), and the layer norm's xhat and 1 / std of Z_q = X~q W~ - c AG."""
-    S = _dot(xq, tl.trans(xk), None, PREC) + 1.0
+    S = _mm(xq, tl.trans(xk), PREC) + 1.0
     A = tl.where(rows[:, None] >= rows[None, :], S * e[None, :], 0.0)
-    AG = _dot(A, G, None, PREC)
+    AG = _mm(A, G, PREC)
     if HAS_P0:
         Pw, pb = _first_pending(p0, n, bh, cols, cm, D)
-        AG += _dot(xq, Pw, None, PREC) + pb[None, :]
-    zq = _dot(xq, W, None, PREC) + bias[None, :] - cw[:, None] * AG
+        AG += _mm(xq, Pw, PREC) + pb[None, :]
+    zq = _mm(xq, W, PREC) + bias[None, :] - cw[:, None] * AG
     xhq, rq = _layer_norm_rows(zq, cm, D, EPS)
     return S, A, AG, xhq, rq
 
@@ -144,7 +170,7 @@ def _ttt_fwd_states(k, v, eta, lw_ptr, lb_ptr, c, w0, p0, w_end, pend, ws, T, NB
         tl.store(p_ws + D * D + cols, bias, mask=cm)
         xh, r, g, G = _key_side(xk, xv, W, bias, lw, lb, live, cm, D, EPS, PREC)
         eG = e[:, None] * G
-        U = _dot(tl.trans(xk), eG, None, PREC)
+        U = _mm(tl.trans(xk), eG, PREC)
         u = tl.sum(eG, 0)
         if HAS_P0:  # (loaded in the walk: no registers held across it)
             Pw, pb = _first_pending(p0, n, bh, cols, cm, D)
@@ -222,23 +248,23 @@ def _ttt_bwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, p0, do, dq, dk_part, deta_
     tl.store(dnorm_part + p_norm + D + cols, tl.sum(b_do, 0), mask=cm)
     dzq = _project(b_do * lw[None, :], xhq, cm, D) * rq[:, None]
     # Z_q = X_q W + b - c (A G), A = tril(S) * eta
-    tl.store(dw_out + p_ws + p_w, _dot(tl.trans(xq), dzq, None, PREC), mask=wm)
+    tl.store(dw_out + p_ws + p_w, _mm(tl.trans(xq), dzq, PREC), mask=wm)
     tl.store(dw_out + p_ws + D * D + cols, tl.sum(dzq, 0), mask=cm)
     tl.store(dc_part + (bh.to(tl.int64) * NB + n) * BT + rows, -tl.sum(dzq * AG, 1))
     dAG = -cw[:, None] * dzq
-    tl.store(dg_out + p_rows, _dot(tl.trans(A), dAG, None, PREC), mask=m2)
-    dA = tl.where(rows[:, None] >= rows[None, :], _dot(dAG, tl.trans(G), None, PREC), 0.0)
+    tl.store(dg_out + p_rows, _mm(tl.trans(A), dAG, PREC), mask=m2)
+    dA = tl.where(rows[:, None] >= rows[None, :], _mm(dAG, tl.trans(G), PREC), 0.0)
     tl.store(deta_part + p_e, tl.sum(dA * S, 0), mask=live)
     dS = dA * e[None, :]
-    b_dq = b_do + _dot(dzq, tl.trans(W), None, PREC) + _dot(dS, xk, None, PREC)
+    b_dq = b_do + _mm(dzq, tl.trans(W), PREC) + _mm(dS, xk, PREC)
     if HAS_P0:  # mini-batch 0's A G holds X~q P~: the part of dP~ through the outputs, and dq's share
         Pw, pb = _first_pending(p0, n, bh, cols, cm, D)
-        b_dq += _dot(dAG, tl.trans(Pw), None, PREC)
+        b_dq += _mm(dAG, tl.trans(Pw), PREC)
         p_p0 = dp0_part + bh.to(tl.int64) * (D + 1) * D
-        tl.store(p_p0 + p_w, _dot(tl.trans(xq), dAG, None, PREC), mask=wm & (n == 0))
+        tl.store(p_p0 + p_w, _mm(tl.trans(xq), dAG, PREC), mask=wm & (n == 0))
         tl.store(p_p0 + D * D + cols, tl.sum(dAG, 0), mask=cm & (n == 0))
     tl.store(dq + p_rows, b_dq.to(dq.dtype.element_ty), mask=m2)
-    tl.store(dk_part + p_rows, _dot(tl.trans(dS), xq, None, PREC), mask=m2)
+    tl.store(dk_part + p_rows, _mm(tl.trans(dS), xq, PREC), mask=m2)
 
 
 @triton.jit
@@ -283,7 +309,7 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
         full = ((n + 1) * MB <= T).to(tl.float32)
         dU = full * (-c_last) * dW + (1.0 - full) * dP
         du = full * (-c_last) * db + (1.0 - full) * dp
-        U = _dot(tl.trans(xk), eG, None, PREC)
+        U = _mm(tl.trans(xk), eG, PREC)
         u = tl.sum(eG, 0)
         if HAS_P0:  # the initial pending sum adds to mini-batch 0's (U, u)
             Pw, pb = _first_pending(p0, n, bh, cols, cm, D)
@@ -293,7 +319,7 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
             tl.store(dp0 + p_end + D * D + cols, du + tl.load(dp0_part + p_end + D * D + cols, mask=m0, other=0.0),
                      mask=m0)
         dc_last -= full * (tl.sum(tl.sum(dW * U, 1), 0) + tl.sum(db * u, 0))
-        deG = _dot(xk, dU, None, PREC) + du[None, :]
+        deG = _mm(xk, dU, PREC) + du[None, :]
         dG = tl.where(m2, _load_rows(dg_out, base, t, live, cols, cm, H, D) + e[:, None] * deG, 0.0)
         # G = r P(g), g = (LN(Z_k) - (X_v - X_k)) w: the layer norm's second derivative (module docstring)
         uu = dG * r[:, None]
@@ -305,10 +331,10 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
         dtarget = -dg * lw[None, :]
         dzk = (_project(dxh, xh, cm, D) - (tl.sum(dG * G, 1) / D)[:, None] * tl.where(cm[None, :], xh, 0.0))
         dzk = tl.where(m2, dzk * r[:, None], 0.0)
-        dW += tl.load(dw_out + p_ws + p_w, mask=wm, other=0.0) + _dot(tl.trans(xk), dzk, None, PREC)
+        dW += tl.load(dw_out + p_ws + p_w, mask=wm, other=0.0) + _mm(tl.trans(xk), dzk, PREC)
         db += tl.load(dw_out + p_ws + D * D + cols, mask=cm, other=0.0) + tl.sum(dzk, 0)
-        b_dk = (_load_rows(dk_part, base, t, live, cols, cm, H, D) + _dot(eG, tl.trans(dU), None, PREC)
-                + _dot(dzk, tl.trans(W), None, PREC) - dtarget)
+        b_dk = (_load_rows(dk_part, base, t, live, cols, cm, H, D) + _mm(eG, tl.trans(dU), PREC)
+                + _mm(dzk, tl.trans(W), PREC) - dtarget)
         tl.store(dk + p_rows, b_dk.to(dk.dtype.element_ty), mask=m2)
         tl.store(dv + p_rows, dtarget.to(dv.dtype.element_ty), mask=m2)
         b_deta = tl.load(deta_part + p_e, mask=live, other=0.0) + tl.sum(deG * G, 1)
@@ -343,7 +369,7 @@ class _TTTLinearFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, eta, ln_weight, ln_bias, w0, p0, coeffs, mini_batch_size):
         B, T, H, D, NB, BT, BD = _launch_args(q, eta, mini_batch_size)
-        consts = dict(H=H, D=D, MB=mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype),
+        consts = dict(H=H, D=D, MB=mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=operand_precision(q.dtype),
                       HAS_P0=p0 is not None)
         p0 = w0 if p0 is None else p0  # (not read)
         o = empty_output(q.shape, q.dtype, q.device)
@@ -363,7 +389,7 @@ class _TTTLinearFused(torch.autograd.Function):
     def backward(ctx, do, dw_end, dpend):
         q, k, v, eta, ln_weight, ln_bias, p0, coeffs, ws = ctx.saved_tensors
         B, T, H, D, NB, BT, BD = _launch_args(q, eta, ctx.mini_batch_size)
-        consts = dict(H=H, D=D, MB=ctx.mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=buffer_dot_precision(q.dtype),
+        consts = dict(H=H, D=D, MB=ctx.mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=operand_precision(q.dtype),
                       HAS_P0=ctx.has_p0)
         f32 = dict(dtype=torch.float32, device=q.device)
         do = torch.zeros_like(q) if do is None else do.contiguous()
