@@ -140,7 +140,9 @@ def _forward(q, k, v, g, beta, scale, h0, delta_rule, ch: Chunks, want_ht: bool,
     return o, ht, (gc, h, w, x, a, aw)
 
 
-def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, want_dh0: bool):
+def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, want_dh0: bool, grad_dtype=None):
+    """dq, dk, dv, dg, dbeta, dh0 from the forward's `saved`; without the delta rule, dq, dk and dv in grad_dtype
+    if given (float32 for a caller that adds other gradients to them before rounding once)."""
     gc, h, w, x, a, aw = saved
     T, H, K = q.shape
     V = v.shape[-1]
@@ -174,7 +176,7 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
         state_bwd()
     else:
         state_bwd()
-        dv = empty_output(v.shape, v.dtype, v.device)
+        dv = empty_output(v.shape, grad_dtype or v.dtype, v.device)
         bwd_dx(dv)
     KG = K if gate == 2 else 1
     # dq, dk, dw per key channel: Dk > 64 split over programs of 64 channels, as FLA does (at Dk = 128 in bf16,
@@ -182,8 +184,8 @@ def _backward(q, k, v, g, beta, scale, delta_rule, ch: Chunks, saved, do, dht, w
     BK_CHANNELS = min(BK, 64)
     NK = cdiv(K, BK_CHANNELS)
     parts = NK if gate == 1 else 1  # the scalar gate's sums over channels, one part per program
-    dq = empty_output(q.shape, q.dtype, q.device)
-    dk = torch.empty(k.shape, **f32) if delta_rule else empty_output(k.shape, k.dtype, k.device)
+    dq = empty_output(q.shape, grad_dtype or q.dtype, q.device)
+    dk = torch.empty(k.shape, **f32) if delta_rule else empty_output(k.shape, grad_dtype or k.dtype, k.device)
     dw = torch.empty(k.shape, **f32) if delta_rule else None
     # per row: dL/dGc, before the reversed cumsum
     dgc = torch.empty((*g.shape, parts) if gate == 1 else g.shape, **f32) if gate else None

@@ -14,7 +14,8 @@ So the engine runs with the queries shifted one step left (q'_j = r_{j+1}, q'_{T
 and its output is shifted back; the first token reads the initial state directly, r_0 S_{-1}. The
 current token enters only through the bonus, a per-token diagonal term added outside the engine:
     r_t diag(u) k_t^T v_t = (sum_d r_td u_d k_td) v_t.
-The shift back and the bonus run as one Triton kernel each way (rwkv_bonus.py) on the chunk form.
+The shift back and the bonus run as one Triton kernel each way (rwkv_bonus.py) on the chunk form, which is one
+autograd node with the engine's kernels: the gradients of r, k and v from both parts add in float32 and round once.
 (Undoing the decay instead, r_t S_{t-1} = (r_t / e^{w_t}) (E_t - k_t^T v_t), divides by decays that can be
 ~0: the shift is exact and stable.)
 Limit inherited from the engine's vector-gate chunk kernels: the log decay summed over one chunk must stay
@@ -26,9 +27,9 @@ import torch
 
 from .._triton_mode import can_run_triton
 from ..reference import linear_recurrent
-from ..validate import check_choice, check_qkv, check_scale, check_tensor
+from ..validate import check_choice, check_positive_int, check_qkv, check_scale, check_tensor
 from .engine import chunk_gated_linear_attn
-from .rwkv_bonus import bonus_epilogue
+from .rwkv_bonus import bonus_epilogue, rwkv_chunk
 
 FORMS = ("chunk", "recurrent")
 
@@ -63,7 +64,11 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
     check_scale(scale)
     _check(r, k, v, w, u, initial_state)
     scale = 1.0 if scale is None else float(scale)
-    if form == "chunk":
+    if form == "chunk" and r.dtype != torch.float64 and can_run_triton(r):
+        check_positive_int("chunk_size", chunk_size, power_of_two=True, minimum=16)
+        o, state = rwkv_chunk(r, k, v, w, u, initial_state, scale, chunk_size)
+        return (o, state) if output_final_state else o
+    if form == "chunk":  # float64: the engine's kernels and the epilogue in PyTorch
         run = lambda q: chunk_gated_linear_attn(q, k, v, w, scale=scale, initial_state=initial_state,  # noqa: E731
                                                 output_final_state=True, chunk_size=chunk_size,
                                                 output_dtype=torch.float32)  # rounded once, after the bonus
@@ -71,8 +76,7 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
         acc = torch.promote_types(r.dtype, torch.float32)
         run = lambda q: linear_recurrent(q.to(acc), k.to(acc), v.to(acc), w.to(acc), scale=scale,  # noqa: E731
                                          initial_state=initial_state, output_final_state=True)
-    o, state = read_before_write(run, r, k, v, u, scale=scale, initial_state=initial_state,
-                                 fused=form == "chunk" and r.dtype != torch.float64 and can_run_triton(r))
+    o, state = read_before_write(run, r, k, v, u, scale=scale, initial_state=initial_state, fused=False)
     return (o, state) if output_final_state else o
 
 

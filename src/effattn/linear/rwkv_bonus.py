@@ -1,4 +1,5 @@
-"""RWKV's read-before-write epilogue as one Triton kernel each way (used by rwkv6.read_before_write).
+"""RWKV's read-before-write epilogue as one Triton kernel each way (rwkv6.read_before_write), and RWKV-5/6's chunk
+form as one autograd node: the engine's kernels, then the epilogue (`rwkv_chunk`).
 
 RWKV (v5, v6) reads the state before the current token's write and adds the token through a bonus u:
 
@@ -24,6 +25,7 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ..hardware._flash_common import cdiv, next_pow2
+from .engine import _backward, _dense_chunks, _forward
 
 ROWS = 32  # tokens per program
 
@@ -88,31 +90,89 @@ def _launch_dims(r, v):
     return B, T, H, K, V, (cdiv(T, ROWS), B * H), dict(BT=ROWS, BK=blk(K), BV=blk(V))
 
 
+def _epilogue(o_next, first, r, k, v, u, scale: float):
+    B, T, H, K, V, grid, blocks = _launch_dims(r, v)
+    o = empty_output(v.shape, v.dtype, v.device)
+    _bonus_fwd[grid](o_next, first if first is not None else o, r, k, v, u, o, T, H, K, V, float(scale),
+                     USE_FIRST=first is not None, **blocks, num_warps=4)
+    return o
+
+
+def _epilogue_backward(do, r, k, v, u, scale: float, o_next_dtype, grad_dtype=None):
+    """(d o_next, d first `[B, H, V]` float32, dr, dk, dv (in grad_dtype, default their inputs'), du)."""
+    B, T, H, K, V, grid, blocks = _launch_dims(r, v)
+    f32 = dict(dtype=torch.float32, device=r.device)
+    d_o_next = empty_output(v.shape, o_next_dtype, v.device)
+    d_first = empty_output((B, H, V), torch.float32, v.device)
+    dr, dk, dv = (empty_output(t.shape, grad_dtype or t.dtype, t.device) for t in (r, k, v))
+    du_part = empty_output((grid[0], B, H, K), **f32)
+    _bonus_bwd[grid](do.contiguous(), r, k, v, u, d_o_next, d_first, dr, dk, dv, du_part, T, H, K, V,
+                     float(scale), **blocks, num_warps=4)
+    return d_o_next, d_first, dr, dk, dv, du_part.sum((0, 1)).to(u.dtype)
+
+
 class _ReadBeforeWrite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o_next, first, r, k, v, u, scale):
         o_next, r, k, v, u = (t.contiguous() for t in (o_next, r, k, v, u))
-        B, T, H, K, V, grid, blocks = _launch_dims(r, v)
-        o = empty_output(v.shape, v.dtype, v.device)
-        _bonus_fwd[grid](o_next, first if first is not None else o, r, k, v, u, o, T, H, K, V, float(scale),
-                         USE_FIRST=first is not None, **blocks, num_warps=4)
         ctx.save_for_backward(r, k, v, u)
         ctx.scale, ctx.has_first, ctx.o_next_dtype = scale, first is not None, o_next.dtype
-        return o
+        return _epilogue(o_next, first, r, k, v, u, scale)
 
     @staticmethod
     def backward(ctx, do):
         r, k, v, u = ctx.saved_tensors
-        B, T, H, K, V, grid, blocks = _launch_dims(r, v)
-        f32 = dict(dtype=torch.float32, device=r.device)
-        d_o_next = empty_output(v.shape, ctx.o_next_dtype, v.device)
-        d_first = empty_output((B, H, V), torch.float32, v.device)
-        dr, dk, dv = (empty_output(t.shape, t.dtype, t.device) for t in (r, k, v))
-        du_part = empty_output((grid[0], B, H, K), **f32)
-        _bonus_bwd[grid](do.contiguous(), r, k, v, u, d_o_next, d_first, dr, dk, dv, du_part, T, H, K, V,
-                         float(ctx.scale), **blocks, num_warps=4)
-        du = du_part.sum((0, 1)).to(u.dtype)
+        d_o_next, d_first, dr, dk, dv, du = _epilogue_backward(do, r, k, v, u, ctx.scale, ctx.o_next_dtype)
         return d_o_next, d_first if ctx.has_first else None, dr, dk, dv, du, None
+
+
+class _RWKVChunk(torch.autograd.Function):
+    """The whole chunk form as one autograd node: the engine on the queries shifted one step left, then the
+    epilogue. r, k and v get gradients from both parts; they are summed in float32 and rounded once (as separate
+    nodes, each part's gradient was rounded to bf16, then their sum: three roundings of a large gradient)."""
+
+    @staticmethod
+    def forward(ctx, r, k, v, w, u, h0, scale, chunk_size):
+        B, T, H, K = r.shape
+        V = v.shape[-1]
+        r, k, v, w, u = (t.contiguous() for t in (r, k, v, w, u))
+        q = torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], dim=1)  # q'_j = r_{j+1}
+        pk = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
+        ch = _dense_chunks(B, T, chunk_size, str(r.device))
+        h0 = None if h0 is None else h0.contiguous()
+        want_grad = any(ctx.needs_input_grad[:6])
+        o_next, ht, saved = _forward(pk(q), pk(k), pk(v), pk(w), None, scale, h0, False, ch, True, want_grad,
+                                     torch.float32)  # rounded once, after the bonus
+        first = None if h0 is None else scale * torch.einsum("bhk,bhkv->bhv", r[:, 0].float(), h0.float())
+        o = _epilogue(o_next.view(B, T, H, V), first, r, k, v, u, scale)
+        if want_grad:
+            ctx.save_for_backward(q, k, v, w, r, u, h0, *saved)
+        ctx.scale, ctx.ch = scale, ch
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, w, r, u, h0, *saved = ctx.saved_tensors
+        B, T, H, K = r.shape
+        scale = ctx.scale
+        d_o_next, d_first, dr, dk, dv, du = _epilogue_backward(do, r, k, v, u, scale, torch.float32, torch.float32)
+        pk = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
+        dq, dk_e, dv_e, dw, _, dh0 = _backward(pk(q), pk(k), pk(v), pk(w), None, scale, False, ctx.ch, saved,
+                                               pk(d_o_next), dht, h0 is not None, grad_dtype=torch.float32)
+        dr[:, 1:] += dq.view(q.shape)[:, :-1]
+        dk += dk_e.view(k.shape)
+        dv += dv_e.view(v.shape)
+        if h0 is not None:  # first = scale r_0 h0
+            dr[:, 0] += scale * torch.einsum("bhv,bhkv->bhk", d_first, h0.float())
+            dh0 = (dh0 + scale * torch.einsum("bhk,bhv->bhkv", r[:, 0].float(), d_first)).to(h0.dtype)
+        return (dr.to(r.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.view(w.shape), du, dh0, None, None)
+
+
+def rwkv_chunk(r, k, v, w, u, initial_state, scale: float, chunk_size: int):
+    """RWKV-5/6's WKV on the engine's chunk kernels and the fused epilogue: r, k, w `[B, T, H, K]`, v
+    `[B, T, H, V]`, u `[H, K]`, initial_state `[B, H, K, V]` or None. Returns (o `[B, T, H, V]` in v's dtype,
+    the final state `[B, H, K, V]` float32)."""
+    return _RWKVChunk.apply(r, k, v, w, u, initial_state, scale, chunk_size)
 
 
 def bonus_epilogue(o_next, first, r, k, v, u, scale: float):
