@@ -33,6 +33,7 @@ The reference runs the primal mini-batch loop with the inner gradients from auto
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -149,7 +150,13 @@ def _token_coeffs(b: int, token_weights, like: torch.Tensor) -> torch.Tensor:
     """c_i, i < b: 1 / (i + 1) or the given weights."""
     if token_weights is not None:
         return token_weights.to(like.dtype)
-    return 1.0 / torch.arange(1, b + 1, dtype=like.dtype, device=like.device)
+    return _default_coeffs(b, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=32)
+def _default_coeffs(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1 / (i + 1), i < b (made once per size, dtype and device: a call reads it, never writes it)."""
+    return 1.0 / torch.arange(1, b + 1, dtype=dtype, device=device)
 
 
 def _scan(segment_fn, params, pend, q, k, v, eta, b, offset, token_weights):
@@ -217,14 +224,14 @@ def _run(model, q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size
     # mini-batch begun before this call) take the dual form
     fused = form == "fused" and acc == torch.float32 and can_run_triton(q) and fused_fits(D, b)
     lead = (min(T, b - offset % b) if offset % b else 0) if fused else T
-    w, bias = (t.to(acc)[None, :, None] for t in (ln_weight, ln_bias))
-    map_fn = _primal_map if form == "primal" else _dual_map
-
-    def segment(params, pend, q_, k_, v_, eta_, c):
-        return _segment(map_fn, params, pend, q_, k_, v_, eta_, c, w, bias)
-
     outs = []
     if lead:
+        w, bias = (t.to(acc)[None, :, None] for t in (ln_weight, ln_bias))
+        map_fn = _primal_map if form == "primal" else _dual_map
+
+        def segment(params, pend, q_, k_, v_, eta_, c):
+            return _segment(map_fn, params, pend, q_, k_, v_, eta_, c, w, bias)
+
         qh, kh, vh = (t[:, :lead].to(acc).transpose(1, 2) for t in (q, k, v))
         z, params, pend = _scan(segment, params, pend, qh, kh, vh, eta[:, :lead].to(acc).transpose(1, 2), b, offset,
                                 token_weights)
