@@ -140,22 +140,27 @@ def _first_pending(p0, n, bh, cols, cm, D: tl.constexpr):
 
 
 @triton.jit
+def _walk_program(T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """A walk program's share, grid (B, H): batch, head, their flat index, rows, columns and masks of a
+    `[D, D]` tile in a `[D + 1, D]` weight buffer, and the row base of `[B, T, H, D]` tensors."""
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    rows, cols = tl.arange(0, BT), tl.arange(0, BD)
+    cm = cols < D
+    return (i_b, i_h, (i_b * H + i_h).to(tl.int64), rows, cols, cm, cm[:, None] & cm[None, :],
+            cols[:, None] * D + cols[None, :], i_b.to(tl.int64) * T * H * D + i_h * D)
+
+
+@triton.jit
 def _ttt_fwd_states(k, v, eta, lw_ptr, lb_ptr, c, w0, p0, w_end, pend, ws, T, NB, H: tl.constexpr,
                     D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr,
                     PREC: tl.constexpr, HAS_P0: tl.constexpr):
     """The sequential part, one program per (batch, head): the weights at every mini-batch start (ws), the final
     weights and the pending sum of a trailing partial mini-batch (p0: the pending sum the call starts with,
     added to the first mini-batch's). Nothing of the queries is on this path."""
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    rows, cols = tl.arange(0, BT), tl.arange(0, BD)
-    cm = cols < D
-    wm = cm[:, None] & cm[None, :]
-    p_w = cols[:, None] * D + cols[None, :]
-    bh = (i_b * H + i_h).to(tl.int64)
+    i_b, i_h, bh, rows, cols, cm, wm, p_w, base = _walk_program(T, H, D, BT, BD)
     W = tl.load(w0 + bh * (D + 1) * D + p_w, mask=wm, other=0.0)
     bias = tl.load(w0 + bh * (D + 1) * D + D * D + cols, mask=cm, other=0.0)
     lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
-    base = i_b.to(tl.int64) * T * H * D + i_h * D
     U = tl.zeros([BD, BD], dtype=tl.float32)
     u = tl.zeros([BD], dtype=tl.float32)
     full = 1.0
@@ -274,14 +279,8 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
                     HAS_P0: tl.constexpr):
     """The reverse walk, one program per (batch, head): dW, db carried back through the updates, with each
     mini-batch's dG and dW from its outputs (_ttt_bwd_out) added; through G the layer norm's second derivative."""
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    rows, cols = tl.arange(0, BT), tl.arange(0, BD)
-    cm = cols < D
-    wm = cm[:, None] & cm[None, :]
-    p_w = cols[:, None] * D + cols[None, :]
-    bh = (i_b * H + i_h).to(tl.int64)
+    i_b, i_h, bh, rows, cols, cm, wm, p_w, base = _walk_program(T, H, D, BT, BD)
     lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
-    base = i_b.to(tl.int64) * T * H * D + i_h * D
     p_end = bh * (D + 1) * D
     dW = tl.load(dw_end + p_end + p_w, mask=wm, other=0.0)  # dL/dW, db at the current mini-batch's end
     db = tl.load(dw_end + p_end + D * D + cols, mask=cm, other=0.0)
