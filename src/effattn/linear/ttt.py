@@ -23,8 +23,8 @@ mini-batch (zero at a boundary). Each linear map is stored with its bias appende
 [x, 1] W~) and flattened: P = (d+1) d (linear) or (d+1) F + (F+1) d (MLP). `offset` is the position of the first
 token in the stream (only offset % b matters), so a call may start and end mid-mini-batch.
 
-Forms (the layer norm inside the inner loop maps to no linear-engine gate; "fused", TTT-Linear's dual form as one
-Triton kernel each way, is in ttt_fused.py):
+Forms (the layer norm inside the inner loop maps to no linear-engine gate; "fused", TTT-Linear's dual form on
+Triton kernels, a sequential walk over the mini-batches and parallel passes, is in ttt_fused.py):
 - "primal": every token's W_t materialised, O(b d^2) memory per token of a mini-batch.
 - "dual" (paper Sec. 2.5): per mini-batch with matmuls only, W_t never formed:
       Z_bar = X~q W~_{t'} - c * (X~q A + (tril(X~q X~k^T) * eta) G),    A' = A + X~k^T (eta * G),
