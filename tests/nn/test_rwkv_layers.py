@@ -61,6 +61,24 @@ def test_errors(cls):
         layer.step(torch.randn(3, 16), cache)
 
 
+def test_rwkv6_kernel_path_matches_torch_path(monkeypatch):
+    """The layer's GPU path (rwkv6's chunk form: the engine's kernels and the fused epilogue as one node; here in
+    the interpreter) == its CPU path (the PyTorch chunk form and epilogue): outputs, state, every gradient."""
+    from effattn.nn import rwkv_layers
+
+    x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(1))
+    got = []
+    for kernel_path in (True, False):
+        monkeypatch.setattr(rwkv_layers, "interpreting", lambda: not kernel_path)
+        torch.manual_seed(0)
+        layer = RWKV6TimeMix(32, 2)
+        y, cache = layer._run(x, None)
+        (y.square().sum() + cache["state"].square().sum()).backward()
+        got.append([y, cache["state"]] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-3)
+
+
 def test_rwkv7_decodes_with_the_fused_kernel_under_no_grad():
     torch.manual_seed(3)
     layer = RWKV7TimeMix(40, 2, head_dim=20, decay_rank=4)  # head_dim 20: off the kernel's block sizes

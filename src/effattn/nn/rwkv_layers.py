@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linear.rwkv6 import read_before_write
+from ..linear.rwkv6 import read_before_write, rwkv6
 from .._triton_mode import interpreting
 from ..linear.rwkv7 import chunk_torch as rwkv7_chunk_torch
 from ..linear.rwkv7 import fused_recurrent_rwkv7, rwkv7
@@ -99,8 +99,11 @@ class RWKV6TimeMix(_TimeMix):
         w = -torch.exp((self.w0 + torch.tanh(xw @ self.decay_w1) @ self.decay_w2).to(_acc(x)))  # log decay < 0
         w = split_heads(w.to(x.dtype), self.heads)
         h0 = None if cache is None else cache["state"]
-        run = lambda q: gated_recurrence(q, k, v, w, op="gla", scale=1.0, initial_state=h0)  # noqa: E731
-        o, state = read_before_write(run, r, k, v, self.u, scale=1.0, initial_state=h0)
+        if not x.is_cuda and interpreting():  # on CPU under Triton's interpreter: the PyTorch chunk form
+            run = lambda q: gated_recurrence(q, k, v, w, op="gla", scale=1.0, initial_state=h0)  # noqa: E731
+            o, state = read_before_write(run, r, k, v, self.u, scale=1.0, initial_state=h0)
+        else:  # one autograd node: the engine's kernels and the fused epilogue, gradients rounded once
+            o, state = rwkv6(r, k, v, w, self.u, scale=1.0, initial_state=h0, output_final_state=True)
         y = self._norm(o.flatten(2)) * F.silu(self.g_proj(xg))
         return self.o_proj(y), {"state": state, "shift": x[:, -1]}
 
