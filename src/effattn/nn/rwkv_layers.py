@@ -13,10 +13,10 @@ normalise per head (GroupNorm, eps 64e-5 as in the RWKV code) and gate the outpu
            This is the first layer's form: the value residual to the first layer's v (layers > 0 of the
            paper) needs the model to pass v_first and is not part of a single layer.
 
-Caches hold the state `[B, H, K, V]`, the last token `[B, dim]` (token shift) and the offset. RWKV6 runs the
-engine through `effattn.nn.recurrence` (Triton on GPU, the PyTorch chunk form on CPU); RWKV7 the chunkwise
-rwkv7 form (likewise the PyTorch one on CPU), and its one-token steps without autograd the fused recurrent
-decoding kernel.
+Caches hold the state `[B, H, K, V]`, the last token `[B, dim]` (token shift) and the offset. RWKV6 runs rwkv6's
+chunk form (the engine's kernels and the fused epilogue; on CPU under Triton's interpreter the PyTorch chunk form
+through `effattn.nn.recurrence`); RWKV7 the chunkwise rwkv7 form (likewise the PyTorch one on CPU), and its
+one-token steps without autograd the fused recurrent decoding kernel.
 """
 from __future__ import annotations
 
