@@ -29,7 +29,7 @@ from .._triton_mode import can_run_triton
 from ..reference import linear_recurrent
 from ..validate import check_choice, check_positive_int, check_qkv, check_scale, check_tensor
 from .engine import chunk_gated_linear_attn
-from .rwkv_bonus import bonus_epilogue, rwkv_chunk
+from .rwkv_bonus import rwkv_chunk
 
 FORMS = ("chunk", "recurrent")
 
@@ -76,24 +76,20 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
         acc = torch.promote_types(r.dtype, torch.float32)
         run = lambda q: linear_recurrent(q.to(acc), k.to(acc), v.to(acc), w.to(acc), scale=scale,  # noqa: E731
                                          initial_state=initial_state, output_final_state=True)
-    o, state = read_before_write(run, r, k, v, u, scale=scale, initial_state=initial_state, fused=False)
+    o, state = read_before_write(run, r, k, v, u, scale=scale, initial_state=initial_state)
     return (o, state) if output_final_state else o
 
 
-def read_before_write(run, r, k, v, u, *, scale, initial_state, fused=None):
+def read_before_write(run, r, k, v, u, *, scale, initial_state):
     """RWKV's o_t = r_t (S_{t-1} + diag(u) k_t^T v_t) from a gated recurrence that reads the state after the
     write: `run(q) -> (o, final state)` runs S_t = diag(e^{w_t}) S_{t-1} + k_t^T v_t from initial_state with
     queries q (any engine form, or a layer's dispatcher). Queries go in shifted one step left (module
-    docstring); returns (o `[B, T, H, V]` in v's dtype, final state). `fused`: the shift back and the bonus in
-    one Triton kernel each way (rwkv_bonus.py); default: on CUDA tensors of 16- or 32-bit floats."""
+    docstring); returns (o `[B, T, H, V]` in v's dtype, final state). The shift back and the bonus in PyTorch
+    (rwkv6's chunk form runs them as Triton kernels, rwkv_bonus.py)."""
     o_next, state = run(torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], dim=1))  # q'_j = r_{j+1}
     acc = torch.float64 if r.dtype == torch.float64 else torch.float32
     first = None if initial_state is None else (  # r_0 S_{-1}
         scale * torch.einsum("bhk,bhkv->bhv", r[:, 0].to(acc), initial_state.to(acc)))
-    if fused is None:
-        fused = r.is_cuda and r.dtype != torch.float64
-    if fused:
-        return bonus_epilogue(o_next, first, r, k, v, u, scale), state
     first = v.new_zeros(v.shape[0], 1, *v.shape[2:], dtype=acc) if first is None else first.unsqueeze(1)
     past = torch.cat([first, o_next[:, :-1].to(acc)], dim=1)  # r_t S_{t-1}
     bonus = scale * (r.to(acc) * u.to(acc) * k.to(acc)).sum(-1, keepdim=True) * v.to(acc)

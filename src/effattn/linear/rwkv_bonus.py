@@ -1,5 +1,5 @@
-"""RWKV's read-before-write epilogue as one Triton kernel each way (rwkv6.read_before_write), and RWKV-5/6's chunk
-form as one autograd node: the engine's kernels, then the epilogue (`rwkv_chunk`).
+"""RWKV-5/6's chunk form as one autograd node (`rwkv_chunk`): the engine's kernels, then RWKV's read-before-write
+epilogue as one Triton kernel each way.
 
 RWKV (v5, v6) reads the state before the current token's write and adds the token through a bonus u:
 
@@ -98,32 +98,17 @@ def _epilogue(o_next, first, r, k, v, u, scale: float):
     return o
 
 
-def _epilogue_backward(do, r, k, v, u, scale: float, o_next_dtype, grad_dtype=None):
-    """(d o_next, d first `[B, H, V]` float32, dr, dk, dv (in grad_dtype, default their inputs'), du)."""
+def _epilogue_backward(do, r, k, v, u, scale: float):
+    """(d o_next, d first `[B, H, V]`, dr, dk, dv: float32 (the caller adds the engine's parts), du)."""
     B, T, H, K, V, grid, blocks = _launch_dims(r, v)
     f32 = dict(dtype=torch.float32, device=r.device)
-    d_o_next = empty_output(v.shape, o_next_dtype, v.device)
+    d_o_next = empty_output(v.shape, torch.float32, v.device)
     d_first = empty_output((B, H, V), torch.float32, v.device)
-    dr, dk, dv = (empty_output(t.shape, grad_dtype or t.dtype, t.device) for t in (r, k, v))
+    dr, dk, dv = (empty_output(t.shape, torch.float32, t.device) for t in (r, k, v))
     du_part = empty_output((grid[0], B, H, K), **f32)
     _bonus_bwd[grid](do.contiguous(), r, k, v, u, d_o_next, d_first, dr, dk, dv, du_part, T, H, K, V,
                      float(scale), **blocks, num_warps=4)
     return d_o_next, d_first, dr, dk, dv, du_part.sum((0, 1)).to(u.dtype)
-
-
-class _ReadBeforeWrite(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, o_next, first, r, k, v, u, scale):
-        o_next, r, k, v, u = (t.contiguous() for t in (o_next, r, k, v, u))
-        ctx.save_for_backward(r, k, v, u)
-        ctx.scale, ctx.has_first, ctx.o_next_dtype = scale, first is not None, o_next.dtype
-        return _epilogue(o_next, first, r, k, v, u, scale)
-
-    @staticmethod
-    def backward(ctx, do):
-        r, k, v, u = ctx.saved_tensors
-        d_o_next, d_first, dr, dk, dv, du = _epilogue_backward(do, r, k, v, u, ctx.scale, ctx.o_next_dtype)
-        return d_o_next, d_first if ctx.has_first else None, dr, dk, dv, du, None
 
 
 class _RWKVChunk(torch.autograd.Function):
@@ -155,7 +140,7 @@ class _RWKVChunk(torch.autograd.Function):
         q, k, v, w, r, u, h0, *saved = ctx.saved_tensors
         B, T, H, K = r.shape
         scale = ctx.scale
-        d_o_next, d_first, dr, dk, dv, du = _epilogue_backward(do, r, k, v, u, scale, torch.float32, torch.float32)
+        d_o_next, d_first, dr, dk, dv, du = _epilogue_backward(do, r, k, v, u, scale)
         pk = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
         dq, dk_e, dv_e, dw, _, dh0 = _backward(pk(q), pk(k), pk(v), pk(w), None, scale, False, ctx.ch, saved,
                                                pk(d_o_next), dht, h0 is not None, grad_dtype=torch.float32)
@@ -173,10 +158,3 @@ def rwkv_chunk(r, k, v, w, u, initial_state, scale: float, chunk_size: int):
     `[B, T, H, V]`, u `[H, K]`, initial_state `[B, H, K, V]` or None. Returns (o `[B, T, H, V]` in v's dtype,
     the final state `[B, H, K, V]` float32)."""
     return _RWKVChunk.apply(r, k, v, w, u, initial_state, scale, chunk_size)
-
-
-def bonus_epilogue(o_next, first, r, k, v, u, scale: float):
-    """o `[B, T, H, V]` (v's dtype) = o_next shifted one row down (`first` `[B, H, V]` float32 on row 0, zeros
-    when None) + scale (r u k summed over channels) v; o_next `[B, T, H, V]`, r, k `[B, T, H, K]`, u `[H, K]`.
-    Differentiable in o_next, first, r, k, v and u."""
-    return _ReadBeforeWrite.apply(o_next, first, r, k, v, u, scale)
