@@ -34,12 +34,14 @@ def case(model, T=21, b=4, offset=3, seed=0, B=2, H=2, D=8, dtype=torch.float64)
     return {n: t for n, t in x.items() if n in TENSORS}, {"mini_batch_size": b, "offset": offset}
 
 
-def outputs_and_grads(fn, tensors, static):
-    ins = {n: t.detach().clone().requires_grad_() for n, t in tensors.items()}
-    o, state = fn(**ins, **static, output_final_state=True)
-    gen = torch.Generator().manual_seed(1)
-    ((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
-     + (state * torch.randn(state.shape, generator=gen, dtype=state.dtype)).sum()).backward()
+def outputs_and_grads(fn, tensors, static, dtype=torch.float64):
+    """o, the final state and every gradient under float64 cotangents, from inputs cast to dtype (poisoned)."""
+    ins = {n: t.detach().to(dtype).clone().requires_grad_() for n, t in tensors.items()}
+    with poisoned_outputs():
+        o, state = fn(**ins, **static, output_final_state=True)
+        gen = torch.Generator().manual_seed(1)
+        go, gs = (torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (o, state))
+        ((o.double() * go).sum() + (state.double() * gs).sum()).backward()
     return [o, state] + [ins[n].grad for n in tensors]
 
 
@@ -61,17 +63,6 @@ def test_dual_equals_primal_equals_reference_float64(model, b, offset, weights):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"{model} {form} {name}")
 
 
-def _grads_vs(fn, tensors, static, dtype):
-    """o, the final state and every gradient under float64 cotangents, from inputs cast to dtype (poisoned)."""
-    ins = {n: t.detach().to(dtype).clone().requires_grad_() for n, t in tensors.items()}
-    with poisoned_outputs():
-        o, state = fn(**ins, **static, output_final_state=True)
-        gen = torch.Generator().manual_seed(1)
-        go, gs = (torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (o, state))
-        ((o.double() * go).sum() + (state.double() * gs).sum()).backward()
-    return [o, state] + [ins[n].grad for n in tensors]
-
-
 @pytest.mark.parametrize("T,b,offset,D,init", [(37, 4, 3, 16, True), (37, 16, 0, 24, False), (9, 4, 0, 16, False),
                                                (70, 16, 5, 32, True), (16, 16, 0, 16, True), (21, 4, 1, 100, True)])
 def test_fused_kernels_float32_vs_reference(T, b, offset, D, init):
@@ -81,9 +72,9 @@ def test_fused_kernels_float32_vs_reference(T, b, offset, D, init):
     tensors, static = case("linear", T=T, b=b, offset=offset, D=D)
     if not init:
         del tensors["initial_state"]
-    want = _grads_vs(ttt_linear_reference, tensors, static, torch.float64)
-    base = _grads_vs(ttt_linear, tensors, {**static, "form": "dual"}, torch.float32)
-    got = _grads_vs(ttt_linear, tensors, {**static, "form": "fused"}, torch.float32)
+    want = outputs_and_grads(ttt_linear_reference, tensors, static, torch.float64)
+    base = outputs_and_grads(ttt_linear, tensors, {**static, "form": "dual"}, torch.float32)
+    got = outputs_and_grads(ttt_linear, tensors, {**static, "form": "fused"}, torch.float32)
     for name, g, bb, w in zip(["o", "state", *tensors], got, base, want):
         err, allowed = (g.double() - w).abs().max(), 2 * (bb.double() - w).abs().max() + 1e-5 * max(1, w.abs().max())
         assert err <= allowed, f"{name}: {err:.3g} > {allowed:.3g}"

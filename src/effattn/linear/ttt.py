@@ -238,9 +238,9 @@ def _run(model, q, k, v, eta, ln_weight, ln_bias, initial_state, mini_batch_size
         outs.append(z.transpose(1, 2).to(q.dtype))
     if lead < T:
         coeffs = _token_coeffs(b, token_weights, state)
-        pending = pend[0] if initial_state is not None and not lead else None  # (after a head segment: zero)
+        p0 = pend[0] if initial_state is not None and not lead else None  # (after a head segment: zero)
         o, w_end, pending = ttt_linear_fused(q[:, lead:], k[:, lead:], v[:, lead:], eta[:, lead:], ln_weight,
-                                             ln_bias, params[0], pending, coeffs, b)
+                                             ln_bias, params[0], p0, coeffs, b)
         outs.append(o)
         params, pend = [w_end], [pending]
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from .._triton_mode import interpreting
-from ..hardware._flash_common import cdiv, next_pow2
+from ..hardware._flash_common import _dot, cdiv, dot_precision, next_pow2
+from .chunk import _put, _tile
 from .rwkv7_chunk import buffer_dot_precision
 
 LN_EPS = 1e-6
@@ -57,7 +57,7 @@ def operand_precision(dtype: torch.dtype) -> str:
     in float32, so CPU tests see the same rounding); float16 keeps tf32 (a gradient tile reaches 1e3 / sqrt(eps)
     scale at W = 0, near float16's range); float32 three tf32 passes (buffer_dot_precision)."""
     if dtype == torch.bfloat16:
-        return "bf16-upcast" if interpreting() else "bf16"
+        return dot_precision(dtype) or "bf16"  # ("upcast" in the interpreter: _dot's way to multiply bf16)
     return buffer_dot_precision(dtype)
 
 
@@ -65,11 +65,11 @@ def operand_precision(dtype: torch.dtype) -> str:
 def _mm(a, b, PREC: tl.constexpr):
     """a @ b of float32 tiles in float32, at operand_precision's PREC."""
     if PREC == "bf16":
-        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif PREC == "bf16-upcast":
-        c = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+        c = _dot(a.to(tl.bfloat16), b.to(tl.bfloat16), None, None)
+    elif PREC == "upcast":
+        c = _dot(a.to(tl.bfloat16), b.to(tl.bfloat16), None, "upcast")
     else:
-        c = tl.dot(a, b, input_precision=PREC)
+        c = _dot(a, b, None, PREC)
     return c
 
 
@@ -87,12 +87,6 @@ def _project(x, xh, cm, D: tl.constexpr):
     """P(x) = x - mean(x) - xhat mean(x * xhat) per row, over the live columns."""
     p = x - (tl.sum(x, 1) / D)[:, None] - xh * (tl.sum(x * xh, 1) / D)[:, None]
     return tl.where(cm[None, :], p, 0.0)
-
-
-@triton.jit
-def _load_rows(ptr, base, t, live, cols, cm, H: tl.constexpr, D: tl.constexpr):
-    return tl.load(ptr + base + (t[:, None] * H) * D + cols[None, :], mask=live[:, None] & cm[None, :],
-                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -142,12 +136,12 @@ def _first_pending(p0, n, bh, cols, cm, D: tl.constexpr):
 @triton.jit
 def _walk_program(T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """A walk program's share, grid (B, H): batch, head, their flat index, rows, columns and masks of a
-    `[D, D]` tile in a `[D + 1, D]` weight buffer, and the row base of `[B, T, H, D]` tensors."""
+    `[D, D]` tile in a `[D + 1, D]` weight buffer, and the batch element's first row in `[B T, H, D]` (int64)."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     rows, cols = tl.arange(0, BT), tl.arange(0, BD)
     cm = cols < D
     return (i_b, i_h, (i_b * H + i_h).to(tl.int64), rows, cols, cm, cm[:, None] & cm[None, :],
-            cols[:, None] * D + cols[None, :], i_b.to(tl.int64) * T * H * D + i_h * D)
+            cols[:, None] * D + cols[None, :], i_b.to(tl.int64) * T)
 
 
 @triton.jit
@@ -157,7 +151,7 @@ def _ttt_fwd_states(k, v, eta, lw_ptr, lb_ptr, c, w0, p0, w_end, pend, ws, T, NB
     """The sequential part, one program per (batch, head): the weights at every mini-batch start (ws), the final
     weights and the pending sum of a trailing partial mini-batch (p0: the pending sum the call starts with,
     added to the first mini-batch's). Nothing of the queries is on this path."""
-    i_b, i_h, bh, rows, cols, cm, wm, p_w, base = _walk_program(T, H, D, BT, BD)
+    i_b, i_h, bh, rows, cols, cm, wm, p_w, row0 = _walk_program(T, H, D, BT, BD)
     W = tl.load(w0 + bh * (D + 1) * D + p_w, mask=wm, other=0.0)
     bias = tl.load(w0 + bh * (D + 1) * D + D * D + cols, mask=cm, other=0.0)
     lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
@@ -167,9 +161,10 @@ def _ttt_fwd_states(k, v, eta, lw_ptr, lb_ptr, c, w0, p0, w_end, pend, ws, T, NB
     for n in range(0, NB):
         t = n * MB + rows
         live = (rows < MB) & (t < T)
-        xk = _load_rows(k, base, t, live, cols, cm, H, D)
-        xv = _load_rows(v, base, t, live, cols, cm, H, D)
-        e = tl.load(eta + i_b.to(tl.int64) * T * H + t * H + i_h, mask=live, other=0.0).to(tl.float32)
+        tt = row0 + t
+        xk = _tile(k, tt, live, i_h, cols, H, D).to(tl.float32)
+        xv = _tile(v, tt, live, i_h, cols, H, D).to(tl.float32)
+        e = tl.load(eta + tt * H + i_h, mask=live, other=0.0).to(tl.float32)
         p_ws = ws + (bh * NB + n) * (D + 1) * D
         tl.store(p_ws + p_w, W, mask=wm)
         tl.store(p_ws + D * D + cols, bias, mask=cm)
@@ -200,9 +195,9 @@ def _mini_batch_program(T, NB, H: tl.constexpr, D: tl.constexpr, MB: tl.constexp
     t = n * MB + rows
     live = (rows < MB) & (t < T)
     cm = cols < D
-    base = i_b.to(tl.int64) * T * H * D + i_h * D
+    tt = i_b.to(tl.int64) * T + t  # rows of `[B T, H, D]`
     p_ws = (bh.to(tl.int64) * NB + n) * (D + 1) * D
-    return n, bh, i_b, i_h, rows, cols, t, live, cm, base, p_ws
+    return n, bh, i_b, i_h, rows, cols, tt, live, cm, p_ws
 
 
 @triton.jit
@@ -210,19 +205,18 @@ def _ttt_fwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, p0, o, T, NB, H: tl.conste
                  MB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                  HAS_P0: tl.constexpr):
     """Every mini-batch's outputs at once from the weights at its start."""
-    n, bh, i_b, i_h, rows, cols, t, live, cm, base, p_ws = _mini_batch_program(T, NB, H, D, MB, BT, BD)
+    n, bh, i_b, i_h, rows, cols, tt, live, cm, p_ws = _mini_batch_program(T, NB, H, D, MB, BT, BD)
     lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
     W = tl.load(ws + p_ws + cols[:, None] * D + cols[None, :], mask=cm[:, None] & cm[None, :], other=0.0)
     bias = tl.load(ws + p_ws + D * D + cols, mask=cm, other=0.0)
-    xq = _load_rows(q, base, t, live, cols, cm, H, D)
-    xk = _load_rows(k, base, t, live, cols, cm, H, D)
-    xv = _load_rows(v, base, t, live, cols, cm, H, D)
-    e = tl.load(eta + i_b.to(tl.int64) * T * H + t * H + i_h, mask=live, other=0.0).to(tl.float32)
+    xq = _tile(q, tt, live, i_h, cols, H, D).to(tl.float32)
+    xk = _tile(k, tt, live, i_h, cols, H, D).to(tl.float32)
+    xv = _tile(v, tt, live, i_h, cols, H, D).to(tl.float32)
+    e = tl.load(eta + tt * H + i_h, mask=live, other=0.0).to(tl.float32)
     xh, r, g, G = _key_side(xk, xv, W, bias, lw, lb, live, cm, D, EPS, PREC)
     S, A, AG, xhq, rq = _query_side(xq, xk, e, G, W, bias, p0, n, bh, cols, cw, rows, cm, D, EPS, PREC, HAS_P0)
     out = xq + xhq * lw[None, :] + lb[None, :]
-    tl.store(o + base + (t[:, None] * H) * D + cols[None, :], out.to(o.dtype.element_ty),
-             mask=live[:, None] & cm[None, :])
+    _put(o, out, tt, live, i_h, cols, H, D)
 
 
 @triton.jit
@@ -231,20 +225,18 @@ def _ttt_bwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, p0, do, dq, dk_part, deta_
                  BD: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr, HAS_P0: tl.constexpr):
     """Every mini-batch at once, the gradients through its outputs: dq (complete), and the parts of dk, deta, the
     layer norm's weight and bias, c, and of dG and dW (dw_out `[B H NB, D + 1, D]`) that the reverse walk adds."""
-    n, bh, i_b, i_h, rows, cols, t, live, cm, base, p_ws = _mini_batch_program(T, NB, H, D, MB, BT, BD)
+    n, bh, i_b, i_h, rows, cols, tt, live, cm, p_ws = _mini_batch_program(T, NB, H, D, MB, BT, BD)
     lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
     wm = cm[:, None] & cm[None, :]
     p_w = cols[:, None] * D + cols[None, :]
-    m2 = live[:, None] & cm[None, :]
-    p_rows = base + (t[:, None] * H) * D + cols[None, :]
     W = tl.load(ws + p_ws + p_w, mask=wm, other=0.0)
     bias = tl.load(ws + p_ws + D * D + cols, mask=cm, other=0.0)
-    xq = _load_rows(q, base, t, live, cols, cm, H, D)
-    xk = _load_rows(k, base, t, live, cols, cm, H, D)
-    xv = _load_rows(v, base, t, live, cols, cm, H, D)
-    p_e = i_b.to(tl.int64) * T * H + t * H + i_h
+    xq = _tile(q, tt, live, i_h, cols, H, D).to(tl.float32)
+    xk = _tile(k, tt, live, i_h, cols, H, D).to(tl.float32)
+    xv = _tile(v, tt, live, i_h, cols, H, D).to(tl.float32)
+    p_e = tt * H + i_h
     e = tl.load(eta + p_e, mask=live, other=0.0).to(tl.float32)
-    b_do = _load_rows(do, base, t, live, cols, cm, H, D)
+    b_do = _tile(do, tt, live, i_h, cols, H, D).to(tl.float32)
     xh, r, g, G = _key_side(xk, xv, W, bias, lw, lb, live, cm, D, EPS, PREC)
     S, A, AG, xhq, rq = _query_side(xq, xk, e, G, W, bias, p0, n, bh, cols, cw, rows, cm, D, EPS, PREC, HAS_P0)
     # o = X_q + LN(Z_q)
@@ -257,7 +249,7 @@ def _ttt_bwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, p0, do, dq, dk_part, deta_
     tl.store(dw_out + p_ws + D * D + cols, tl.sum(dzq, 0), mask=cm)
     tl.store(dc_part + (bh.to(tl.int64) * NB + n) * BT + rows, -tl.sum(dzq * AG, 1))
     dAG = -cw[:, None] * dzq
-    tl.store(dg_out + p_rows, _mm(tl.trans(A), dAG, PREC), mask=m2)
+    _put(dg_out, _mm(tl.trans(A), dAG, PREC), tt, live, i_h, cols, H, D)
     dA = tl.where(rows[:, None] >= rows[None, :], _mm(dAG, tl.trans(G), PREC), 0.0)
     tl.store(deta_part + p_e, tl.sum(dA * S, 0), mask=live)
     dS = dA * e[None, :]
@@ -268,8 +260,8 @@ def _ttt_bwd_out(q, k, v, eta, lw_ptr, lb_ptr, c, ws, p0, do, dq, dk_part, deta_
         p_p0 = dp0_part + bh.to(tl.int64) * (D + 1) * D
         tl.store(p_p0 + p_w, _mm(tl.trans(xq), dAG, PREC), mask=wm & (n == 0))
         tl.store(p_p0 + D * D + cols, tl.sum(dAG, 0), mask=cm & (n == 0))
-    tl.store(dq + p_rows, b_dq.to(dq.dtype.element_ty), mask=m2)
-    tl.store(dk_part + p_rows, _mm(tl.trans(dS), xq, PREC), mask=m2)
+    _put(dq, b_dq, tt, live, i_h, cols, H, D)
+    _put(dk_part, _mm(tl.trans(dS), xq, PREC), tt, live, i_h, cols, H, D)
 
 
 @triton.jit
@@ -279,7 +271,7 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
                     HAS_P0: tl.constexpr):
     """The reverse walk, one program per (batch, head): dW, db carried back through the updates, with each
     mini-batch's dG and dW from its outputs (_ttt_bwd_out) added; through G the layer norm's second derivative."""
-    i_b, i_h, bh, rows, cols, cm, wm, p_w, base = _walk_program(T, H, D, BT, BD)
+    i_b, i_h, bh, rows, cols, cm, wm, p_w, row0 = _walk_program(T, H, D, BT, BD)
     lw, lb, cw, c_last = _head(i_h, c, lw_ptr, lb_ptr, rows, cols, cm, D, MB)
     p_end = bh * (D + 1) * D
     dW = tl.load(dw_end + p_end + p_w, mask=wm, other=0.0)  # dL/dW, db at the current mini-batch's end
@@ -294,10 +286,10 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
         t = n * MB + rows
         live = (rows < MB) & (t < T)
         m2 = live[:, None] & cm[None, :]
-        p_rows = base + (t[:, None] * H) * D + cols[None, :]
-        xk = _load_rows(k, base, t, live, cols, cm, H, D)
-        xv = _load_rows(v, base, t, live, cols, cm, H, D)
-        p_e = i_b.to(tl.int64) * T * H + t * H + i_h
+        tt = row0 + t
+        xk = _tile(k, tt, live, i_h, cols, H, D).to(tl.float32)
+        xv = _tile(v, tt, live, i_h, cols, H, D).to(tl.float32)
+        p_e = tt * H + i_h
         e = tl.load(eta + p_e, mask=live, other=0.0).to(tl.float32)
         p_ws = (bh * NB + n) * (D + 1) * D
         W = tl.load(ws + p_ws + p_w, mask=wm, other=0.0)
@@ -319,7 +311,7 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
                      mask=m0)
         dc_last -= full * (tl.sum(tl.sum(dW * U, 1), 0) + tl.sum(db * u, 0))
         deG = _mm(xk, dU, PREC) + du[None, :]
-        dG = tl.where(m2, _load_rows(dg_out, base, t, live, cols, cm, H, D) + e[:, None] * deG, 0.0)
+        dG = tl.where(m2, _tile(dg_out, tt, live, i_h, cols, H, D).to(tl.float32) + e[:, None] * deG, 0.0)
         # G = r P(g), g = (LN(Z_k) - (X_v - X_k)) w: the layer norm's second derivative (module docstring)
         uu = dG * r[:, None]
         dg = _project(uu, xh, cm, D)
@@ -332,10 +324,10 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
         dzk = tl.where(m2, dzk * r[:, None], 0.0)
         dW += tl.load(dw_out + p_ws + p_w, mask=wm, other=0.0) + _mm(tl.trans(xk), dzk, PREC)
         db += tl.load(dw_out + p_ws + D * D + cols, mask=cm, other=0.0) + tl.sum(dzk, 0)
-        b_dk = (_load_rows(dk_part, base, t, live, cols, cm, H, D) + _mm(eG, tl.trans(dU), PREC)
+        b_dk = (_tile(dk_part, tt, live, i_h, cols, H, D).to(tl.float32) + _mm(eG, tl.trans(dU), PREC)
                 + _mm(dzk, tl.trans(W), PREC) - dtarget)
-        tl.store(dk + p_rows, b_dk.to(dk.dtype.element_ty), mask=m2)
-        tl.store(dv + p_rows, dtarget.to(dv.dtype.element_ty), mask=m2)
+        _put(dk, b_dk, tt, live, i_h, cols, H, D)
+        _put(dv, dtarget, tt, live, i_h, cols, H, D)
         b_deta = tl.load(deta_part + p_e, mask=live, other=0.0) + tl.sum(deG * G, 1)
         tl.store(deta + p_e, b_deta.to(deta.dtype.element_ty), mask=live)
     tl.store(dw0 + p_end + p_w, dW, mask=wm)
@@ -358,7 +350,7 @@ def _launch_options(BD: int) -> dict:
             "bwd_states": dict(num_warps=8, num_stages=1)}
 
 
-def _launch_args(q, eta, mini_batch_size):
+def _launch_args(q, mini_batch_size):
     B, T, H, D = q.shape
     BT, BD = max(16, next_pow2(mini_batch_size)), max(16, next_pow2(D))
     return B, T, H, D, cdiv(T, mini_batch_size), BT, BD
@@ -367,7 +359,7 @@ def _launch_args(q, eta, mini_batch_size):
 class _TTTLinearFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, eta, ln_weight, ln_bias, w0, p0, coeffs, mini_batch_size):
-        B, T, H, D, NB, BT, BD = _launch_args(q, eta, mini_batch_size)
+        B, T, H, D, NB, BT, BD = _launch_args(q, mini_batch_size)
         consts = dict(H=H, D=D, MB=mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=operand_precision(q.dtype),
                       HAS_P0=p0 is not None)
         p0 = w0 if p0 is None else p0  # (not read)
@@ -387,7 +379,7 @@ class _TTTLinearFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dw_end, dpend):
         q, k, v, eta, ln_weight, ln_bias, p0, coeffs, ws = ctx.saved_tensors
-        B, T, H, D, NB, BT, BD = _launch_args(q, eta, ctx.mini_batch_size)
+        B, T, H, D, NB, BT, BD = _launch_args(q, ctx.mini_batch_size)
         consts = dict(H=H, D=D, MB=ctx.mini_batch_size, BT=BT, BD=BD, EPS=LN_EPS, PREC=operand_precision(q.dtype),
                       HAS_P0=ctx.has_p0)
         f32 = dict(dtype=torch.float32, device=q.device)
