@@ -87,7 +87,7 @@ def dense_cases(res):
 def pattern_cases(res, with_masks):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     torch._dynamo.config.cache_size_limit = 64
-    flex = torch.compile(flex_attention)
+    flex = torch.compile(flex_attention, dynamic=False)
     specs = {s.name: s for s in SPECS}
     opts = {"sliding_window": {"window": 1024}, "longformer": {"window": 512, "global_tokens": tuple(range(16))}}
     q, k, v = inputs(128)

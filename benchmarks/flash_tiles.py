@@ -79,7 +79,7 @@ def anchors(q, k, v, causal, window) -> dict:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         N = q.shape[1]
         mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j <= window), None, None, N, N)
-        flex = torch.compile(flex_attention)
+        flex = torch.compile(flex_attention, dynamic=False)
         return {"flex": lambda: flex(qt, kt, vt, block_mask=mask)}
 
     def sdpa(backend):
