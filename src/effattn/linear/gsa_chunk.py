@@ -7,17 +7,18 @@ products) grouped in super-chunks of S = 64 (the sequential state passes). The f
    sum_{j<=i} (q_i . k_j) s_j e^{Gc_i - Gc_j} `[C, M]` (pairwise decays, masked before exp, over slices of the
    slots), e^{Gc} `[C, M]`, the writes decayed to the chunk's end s e^{Gc_C - Gc} and e^{Gc_C} `[M]`.
 2. `_gsa_pass1_states`, one program per (slot block, key block, sequence-head): super-chunks in order with a
-   `[32, 32]` block of hk in registers, hk <- hk e^{Gc_S} + k^T (s e^{Gc_S - Gc}) over the super-chunk's 64
-   rows (Gc its own cumulative gates); stores hk at every super-chunk's start and the final state.
+   `[32, 32]` block of hk in registers, hk <- hk e^{G_S} + k^T (s e^{G_S - G}) over the super-chunk's 64 rows
+   (G its own cumulative gates, taken from the prep's per-chunk buffers: no gate arithmetic in the loop);
+   stores hk at every super-chunk's start and the final state.
 3. `_gsa_pass1_scan`, one program per (slot block, super-chunk, sequence-head), all super-chunks at once: from
    hk at its super-chunk's start `[K, SM]`, its <= 4 chunks in order, o' = scale ((q hk) e^{Gc} + intra),
    hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}); under autograd it also stores hk at every chunk's start.
 
 The backward (`_GsaPass1`) mirrors it: `_gsa_pass1_states` in reverse for the state gradient after every
 super-chunk (and the initial state's), `_gsa_pass1_bwd_scan` from there over each super-chunk's chunks in
-reverse for the state gradient after every chunk, `_gsa_pass1_bwd_chunk` for dq, dk, ds of all chunks at once,
-and the gate's gradient as a reverse cumsum along the time axis made innermost. Pass 1's chunk is its own
-(16 tokens: `[C, C, 16]` temporaries), whatever chunk pass 2 runs with.
+reverse for the state gradient after every chunk, `_gsa_pass1_bwd_chunk` for dq, dk, ds of all chunks at once
+and the gate's gradient (each chunk's reverse cumsum there, the later chunks' sums added after). Pass 1's chunk
+is its own (16 tokens: `[C, C, 16]` temporaries), whatever chunk pass 2 runs with.
 """
 from __future__ import annotations
 
@@ -80,16 +81,21 @@ def _chunk_program(g, T, H, K, M, C: tl.constexpr, BM: tl.constexpr, FACTORED: t
 
 
 @triton.jit
-def _gsa_pass1_states(a, b, g, h0, ht, HB, SS, T, H, K, M, NS, scale, S: tl.constexpr, BKS: tl.constexpr,
-                      SM: tl.constexpr, USE_H0: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The state over super-chunks of S tokens, one block `[BKS, SM]` of it per program (keys split: no output
-    here), from h0 `[B H, K, M]` (or zeros); stores it before each super-chunk (HB, `[NS, B H, K, M]`, SS =
-    B H K M) and its last value (ht). Gc: cumulative gates over the super-chunk's rows `[S, SM]` (rows past T:
-    g = a = b = 0).
-    Forward (a = k, b = s): in order, hk <- hk e^{Gc_S} + k^T (s e^{Gc_S - Gc}): HB holds hk at each
-    super-chunk's start, ht the final state.
-    Reverse (a = q, b = do' float32): dhk <- dhk e^{Gc_S} + scale q^T (do' e^{Gc}), last super-chunk first:
-    HB holds dhk after each super-chunk, ht the initial state's gradient."""
+def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C: tl.constexpr,
+                      SUB: tl.constexpr, BKS: tl.constexpr, SM: tl.constexpr, BM: tl.constexpr,
+                      USE_H0: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The state over super-chunks of SUB chunks (S = SUB C tokens), one block `[BKS, SM]` of it per program
+    (keys split: no output here), from h0 `[B H, K, M]` (or zeros); stores it before each super-chunk (HB,
+    `[NS, B H, K, M]`, SS = B H K M) and its last value (ht). No gate arithmetic in the sequential loop: the
+    prep's per-chunk buffers (Xb `[B H, NT, C, BM]`, Lb = e^{Gc_C} `[B H, NT, BM]`, Gc chunk-local) give the
+    super-chunk's decays as products of whole chunks' Lb (rows past NT: Xb 0, Lb 1).
+    Forward (a = k, Xb = s e^{Gc_C - Gc}): in order, hk <- hk e^{G_S} + k^T (s e^{G_S - G}), G cumulative over
+    the super-chunk: row j of chunk c takes Xb_j prod_{c' > c} Lb_c'. HB holds hk at each super-chunk's start,
+    ht the final state.
+    Reverse (a = q, b = do' float32, Xb = e^{Gc}): dhk <- dhk e^{G_S} + scale q^T (do' e^{G}), last super-chunk
+    first: row j of chunk c takes Xb_j prod_{c' < c} Lb_c'. HB holds dhk after each super-chunk, ht the initial
+    state's gradient."""
+    S: tl.constexpr = SUB * C
     im, ik, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h = bh // H, bh % H
     base_k, base_m = bb * T * H * K + h * K, bb * T * H * M + h * M
@@ -100,21 +106,29 @@ def _gsa_pass1_states(a, b, g, h0, ht, HB, SS, T, H, K, M, NS, scale, S: tl.cons
     if USE_H0:
         hk += tl.load(h0 + p_state, mask=m_km, other=0.0)
     rows = tl.arange(0, S)
+    chunk_of_row = rows // C
     for i in range(NS):
         if REVERSE:
             n = NS - 1 - i
         else:
             n = i
         tl.store(HB + tl.cast(n, tl.int64) * SS + p_state, hk, mask=m_km)
-        gc = tl.cumsum(_rows(g + base_m, n * S, T, im * SM, S, SM, M, H * M), 0)
-        last = tl.sum(tl.where(rows[:, None] == S - 1, gc, 0.0), 0)
+        c0 = n * SUB
+        in_chunks = (c0 + chunk_of_row) < NT
+        xn = tl.load(Xb + ((bh * NT + c0) * C + rows[:, None]) * BM + om[None, :], mask=in_chunks[:, None],
+                     other=0.0)
+        total = tl.full([SM], 1.0, tl.float32)
+        for c in tl.static_range(SUB):
+            lc = tl.load(Lb + (bh * NT + c0 + c) * BM + om, mask=c0 + c < NT, other=1.0)
+            total *= lc
+            if REVERSE:
+                xn = tl.where(chunk_of_row[:, None] > c, xn * lc[None, :], xn)
+            else:
+                xn = tl.where(chunk_of_row[:, None] < c, xn * lc[None, :], xn)
         an = _rows(a + base_k, n * S, T, ik * BKS, S, BKS, K, H * K)
-        bn = _rows(b + base_m, n * S, T, im * SM, S, SM, M, H * M)
         if REVERSE:
-            bn = scale * bn * tl.exp(gc)
-        else:
-            bn = bn * tl.exp(last[None, :] - gc)
-        hk = tl.dot(tl.trans(an), bn, hk * tl.exp(last)[None, :], input_precision=DOT_PREC)
+            xn = scale * xn * _rows(b + base_m, n * S, T, im * SM, S, SM, M, H * M)
+        hk = tl.dot(tl.trans(an), xn, hk * total[None, :], input_precision=DOT_PREC)
     tl.store(ht + p_state, hk, mask=m_km)
 
 
@@ -174,14 +188,17 @@ def _gsa_pass1_bwd_scan(q, do, DHB, DHS, SS, Eb, Lb, T, H, K, M, NT, scale, C: t
 
 
 @triton.jit
-def _gsa_pass1_bwd_chunk(q, k, s, g, do, dq, dk, ds, HS, DHS, SS, T, H, K, M, NT, scale, C: tl.constexpr,
-                         BK: tl.constexpr, SL: tl.constexpr, BM: tl.constexpr, FACTORED: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
+def _gsa_pass1_bwd_chunk(q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, HS, DHS, SS, T, H, K, M, NT, scale,
+                         C: tl.constexpr, BK: tl.constexpr, SL: tl.constexpr, BM: tl.constexpr,
+                         FACTORED: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq, dk, ds of one chunk from hk at its start (HS) and dhk after it (DHS), slots in slices of SL:
     dq_i = scale [hk (do'_i e^{Gc_i}) + sum_{j<=i} D_ij k_j], D_ij = sum_m do'_im s_jm e^{Gc_im - Gc_jm};
     dk_j = scale sum_{i>=j} D_ij q_i + dhk (s_j e^{Gc_C - Gc_j});
-    ds_jm = scale sum_{i>=j} (q_i . k_j) do'_im e^{Gc_im - Gc_jm} + (k_j dhk)_m e^{Gc_Cm - Gc_jm}.
-    Launched twice like the prep: FACTORED, the pairwise sums as dots on do' e^{Gc - r} and s e^{r - Gc}."""
+    ds_jm = scale sum_{i>=j} (q_i . k_j) do'_im e^{Gc_im - Gc_jm} + (k_j dhk)_m e^{Gc_Cm - Gc_jm};
+    and the chunk's share of the gate's gradient, x = o' do' - s ds: its reverse cumsum within the chunk into dg
+    (float32 `[B, NT C, H, M]`, every row) and its sum into dg_sum (`[B, NT, H, M]`), which the caller carries
+    over the later chunks. Launched twice like the prep: FACTORED, the pairwise sums as dots on do' e^{Gc - r}
+    and s e^{r - Gc}."""
     n, bh, t0, base_k, base_m, rows, causal, mine = _chunk_program(g, T, H, K, M, C, BM, FACTORED)
     if mine:
         ok = tl.arange(0, BK)
@@ -192,6 +209,7 @@ def _gsa_pass1_bwd_chunk(q, k, s, g, do, dq, dk, ds, HS, DHS, SS, T, H, K, M, NT
         dq_acc = tl.zeros([C, BK], tl.float32)
         dk_acc = tl.zeros([C, BK], tl.float32)
         t = t0 + rows
+        base_g = (bh // H) * NT * C * H * M + (bh % H) * M  # dg's rows: NT C per sequence
         for ch in tl.static_range(0, BM, SL):
             om = ch + tl.arange(0, SL)
             gc = tl.cumsum(_rows(g + base_m, t0, T, ch, C, SL, M, H * M), 0)
@@ -215,8 +233,12 @@ def _gsa_pass1_bwd_chunk(q, k, s, g, do, dq, dk, ds, HS, DHS, SS, T, H, K, M, NT
             dq_acc = tl.dot(dos * tl.exp(gc), tl.trans(hk), dq_acc, input_precision=DOT_PREC)
             dk_acc = tl.dot(ss * to_end, tl.trans(dhk), dk_acc, input_precision=DOT_PREC)
             ds_j = scale * ds_intra + tl.dot(kn, dhk, input_precision=DOT_PREC) * to_end
-            tl.store(ds + base_m + t[:, None] * (H * M) + om[None, :], ds_j,
-                     mask=(t[:, None] < T) & (om[None, :] < M))
+            m_tm = (t[:, None] < T) & (om[None, :] < M)
+            tl.store(ds + base_m + t[:, None] * (H * M) + om[None, :], ds_j, mask=m_tm)
+            x = tl.load(o + base_m + t[:, None] * (H * M) + om[None, :], mask=m_tm, other=0.0) * dos - ss * ds_j
+            tl.store(dg + base_g + t[:, None] * (H * M) + om[None, :], tl.cumsum(x, 0, reverse=True),
+                     mask=om[None, :] < M)
+            tl.store(dg_sum + ((bh // H) * NT + n) * H * M + (bh % H) * M + om, tl.sum(x, 0), mask=om < M)
         D = tl.where(causal, D, 0.0)
         dq_acc = scale * (dq_acc + tl.dot(D, kn, input_precision=DOT_PREC))
         dk_acc = dk_acc + scale * tl.dot(tl.trans(D), qn, input_precision=DOT_PREC)
@@ -231,19 +253,21 @@ def _dims(q, s):
     return B, T, H, K, M, triton.cdiv(T, CHUNK), block(K), block(M)
 
 
-def _states(a, b, g, h0, scale: float, reverse: bool):
-    """The state pass over super-chunks on contiguous a, b `[B, T, H, K|M]`, g: (the state before each
-    super-chunk, or after it in reverse, `[NS, B H, K, M]`, and its last value `[B, H, K, M]`), float32."""
+def _states(a, b, Xb, Lb, h0, scale: float, reverse: bool):
+    """The state pass over super-chunks on contiguous a `[B, T, H, K]`, b `[B, T, H, M]` (reverse only) and the
+    prep's buffers Xb `[B H, NT, C, BM]`, Lb `[B H, NT, BM]`: (the state before each super-chunk, or after it in
+    reverse, `[NS, B H, K, M]`, and its last value `[B, H, K, M]`), float32."""
     B, T, H, K = a.shape
-    M = g.shape[-1]
+    M = b.shape[-1]
+    NT, BM = Xb.shape[1], Xb.shape[-1]
     NS = triton.cdiv(T, SUPER)
-    BKS, SM = min(block(K), 32), min(block(M), 32)
+    BKS, SM = min(block(K), 32), min(BM, 32)
     hb = torch.empty(NS, B * H, K, M, dtype=torch.float32, device=a.device)
     last = empty_output((B, H, K, M), torch.float32, a.device)
-    # sm_90a, K = M = 64, tf32x3: 186 (forward) and 193 (reverse) registers, no spills (230 and 255 at 4 warps)
     _gsa_pass1_states[(triton.cdiv(M, SM), triton.cdiv(K, BKS), B * H)](
-        a, b, g, h0, last, hb, B * H * K * M, T, H, K, M, NS, float(scale), S=SUPER, BKS=BKS, SM=SM,
-        USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=buffer_dot_precision(a.dtype), num_warps=8, num_stages=2)
+        a, b, Xb, Lb, h0, last, hb, B * H * K * M, T, H, K, M, NT, NS, float(scale), C=CHUNK, SUB=SUPER // CHUNK,
+        BKS=BKS, SM=SM, BM=BM, USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=buffer_dot_precision(a.dtype),
+        num_warps=8, num_stages=2)
     return hb, last
 
 
@@ -260,7 +284,7 @@ def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
     for factored in (True, False):  # each chunk is done by one of the two
         _gsa_pass1_prep[(NT, B * H)](q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C=C, BK=BK, BM=BM,
                                      SL=min(SLICE, BM), FACTORED=factored, DOT_PREC=prec, num_warps=4)
-    hb, ht = _states(k, s, g, float32_state(h0), 1.0, reverse=False)
+    hb, ht = _states(k, s, Sb, Lb, float32_state(h0), 1.0, reverse=False)
     o = empty_output((B, T, H, M), torch.float32, q.device)
     hs = torch.empty(NT, B * H, K, M, **f32) if store_states else None
     SM = min(BM, 32)  # sm_90a, K = M = 64: 237 registers, no spills
@@ -268,12 +292,6 @@ def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
         q, k, o, hb, hs, B * H * K * M, Ib, Eb, Sb, Lb, T, H, K, M, NT, float(scale), C=C, BK=BK, BM=BM, SM=SM,
         SUB=SUPER // C, STORE_STATES=store_states, DOT_PREC=prec, num_warps=4, num_stages=2)
     return o, ht, hs, (Eb, Lb)
-
-
-def _reverse_cumsum(x):
-    """sum_{u >= t} x_u over the time axis of x `[B, T, H, M]`, as a `[B, T, H, M]` view: the time axis made
-    innermost first (torch's scan over an outer axis runs one thread per column, serially over T)."""
-    return x.permute(0, 2, 3, 1).contiguous().flip(-1).cumsum(-1).flip(-1).permute(0, 3, 1, 2)
 
 
 class _GsaPass1(torch.autograd.Function):
@@ -297,24 +315,27 @@ class _GsaPass1(torch.autograd.Function):
         prec = buffer_dot_precision(q.dtype)
         do = torch.zeros_like(o) if do is None else do.to(torch.float32).contiguous()
         dht = float32_state(dht)
-        dhb, dh0 = _states(q, do, g, dht, ctx.scale, reverse=True)
+        dhb, dh0 = _states(q, do, Eb, Lb, dht, ctx.scale, reverse=True)
         dhs = torch.empty(NT, B * H, K, M, dtype=torch.float32, device=q.device)
         SM = min(BM, 32)  # sm_90a, K = M = 64: 175 registers, no spills
         _gsa_pass1_bwd_scan[(triton.cdiv(M, SM), dhb.shape[0], B * H)](
             q, do, dhb, dhs, B * H * K * M, Eb, Lb, T, H, K, M, NT, float(ctx.scale), C=C, BK=BK, BM=BM, SM=SM,
             SUB=SUPER // C, DOT_PREC=prec, num_warps=4, num_stages=2)
-        dq = empty_output((B, T, H, K), torch.float32, q.device)
-        dk = empty_output((B, T, H, K), torch.float32, q.device)
-        ds = empty_output((B, T, H, M), torch.float32, q.device)
+        dq = empty_output((B, T, H, K), q.dtype, q.device)  # complete in the kernel: stored in the inputs' dtype
+        dk = empty_output((B, T, H, K), k.dtype, q.device)
+        ds = empty_output((B, T, H, M), s.dtype, q.device)
+        dg = empty_output((B, NT * C, H, M), torch.float32, q.device)
+        dg_sum = empty_output((B, NT, H, M), torch.float32, q.device)
         for factored in (True, False):  # sm_90a, K = M = 64, bf16 (tf32): 196 / 188 registers, no spills
-            _gsa_pass1_bwd_chunk[(NT, B * H)](q, k, s, g, do, dq, dk, ds, hs, dhs, B * H * K * M, T, H, K, M, NT,
-                                              float(ctx.scale), C=C, BK=BK, SL=min(SLICE, BM), BM=BM,
+            _gsa_pass1_bwd_chunk[(NT, B * H)](q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, hs, dhs, B * H * K * M, T,
+                                              H, K, M, NT, float(ctx.scale), C=C, BK=BK, SL=min(SLICE, BM), BM=BM,
                                               FACTORED=factored, DOT_PREC=prec, num_warps=8)
-        dg = _reverse_cumsum(o * do - s.to(torch.float32) * ds)
+        # dg_t = sum_{u >= t} x_u: the kernel's reverse cumsum within t's chunk plus the later chunks' sums
+        later = dg_sum.flip(1).cumsum(1).flip(1) - dg_sum
         if dht is not None:
-            dg = dg + (ht * dht).sum(2).unsqueeze(1)  # [B, 1, H, M]
-        return (dq.to(q.dtype), dk.to(k.dtype), ds.to(s.dtype), dg.to(g.dtype), dh0 if ctx.has_h0 else None,
-                None)
+            later = later + (ht * dht).sum(2).unsqueeze(1)  # the final state carries e^{G_T}: [B, 1, H, M]
+        dg = dg.view(B, NT, C, H, M).add_(later.unsqueeze(2)).view(B, NT * C, H, M)[:, :T]
+        return dq, dk, ds, dg.to(g.dtype), dh0 if ctx.has_h0 else None, None
 
 
 def gsa_pass1_forward(q, k, s, g, scale: float, initial_state_k):
