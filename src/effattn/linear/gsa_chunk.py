@@ -31,7 +31,14 @@ from .rwkv7_chunk import _mild, _rows, _state_block, block, buffer_dot_precision
 
 CHUNK = 16
 SUPER = 64  # tokens per step of the sequential state passes: 4 chunks
-SLICE = 16  # slots per step of the pairwise products (sm_90a, K = M = 64: prep 126 registers, no spills)
+SLICE = 16  # slots per step of the exact pairwise products, `[C, C, SLICE]` (sm_90a, K = M = 64: prep 126 registers)
+
+
+def _slice(factored: bool, BM: int) -> int:
+    """Slots per step of a chunk kernel: all of them for the factored products (dots only; sm_90a, K = M = 64:
+    the backward's 217 registers and 1656 instructions against 238 and 2192 in slices of 16, the prep's 1056
+    instructions against 1416), SLICE for the exact ones."""
+    return BM if factored else min(SLICE, BM)
 
 
 @triton.jit
@@ -284,7 +291,7 @@ def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
     prec = buffer_dot_precision(q.dtype)
     for factored in (True, False):  # each chunk is done by one of the two
         _gsa_pass1_prep[(NT, B * H)](q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C=C, BK=BK, BM=BM,
-                                     SL=min(SLICE, BM), FACTORED=factored, DOT_PREC=prec, num_warps=4)
+                                     SL=_slice(factored, BM), FACTORED=factored, DOT_PREC=prec, num_warps=4)
     hb, ht = _states(k, s, Sb, Lb, float32_state(h0), 1.0, reverse=False)
     o = empty_output((B, T, H, M), torch.float32, q.device)
     hs = torch.empty(NT, B * H, K, M, **f32) if store_states else None
@@ -327,9 +334,9 @@ class _GsaPass1(torch.autograd.Function):
         ds = empty_output((B, T, H, M), s.dtype, q.device)
         dg = empty_output((B, NT * C, H, M), torch.float32, q.device)
         dg_sum = empty_output((B, NT, H, M), torch.float32, q.device)
-        for factored in (True, False):  # sm_90a, K = M = 64, bf16 (tf32): 238 / 255 registers, no spills
+        for factored in (True, False):  # sm_90a, K = M = 64, bf16 (tf32): 217 / 255 registers, no spills
             _gsa_pass1_bwd_chunk[(NT, B * H)](q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, hs, dhs, B * H * K * M, T,
-                                              H, K, M, NT, float(ctx.scale), C=C, BK=BK, SL=min(SLICE, BM), BM=BM,
+                                              H, K, M, NT, float(ctx.scale), C=C, BK=BK, SL=_slice(factored, BM), BM=BM,
                                               FACTORED=factored, DOT_PREC=prec, num_warps=8)
         # dg_t = sum_{u >= t} x_u: the kernel's reverse cumsum within t's chunk plus the later chunks' sums
         later = dg_sum.flip(1).cumsum(1).flip(1) - dg_sum
