@@ -145,6 +145,17 @@ def _walk_program(T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.
 
 
 @triton.jit
+def _keys_ahead(k, eta, row0, n, rows, T, i_h, cols, H: tl.constexpr, D: tl.constexpr, MB: tl.constexpr):
+    """Mini-batch n's keys `[BT, BD]` and step sizes `[BT]` (zeros outside 0 .. T), as stored: a walk loads them
+    one mini-batch ahead of use, since the compiler's pipelining leaves these loads (used in two layouts) in the
+    loop, and the first product of every step would wait for them."""
+    t = n * MB + rows
+    live = (rows < MB) & (t < T) & (t >= 0)
+    return (_tile(k, row0 + t, live, i_h, cols, H, D),
+            tl.load(eta + (row0 + t) * H + i_h, mask=live, other=0.0))
+
+
+@triton.jit
 def _ttt_fwd_states(k, v, eta, lw_ptr, lb_ptr, c, w0, p0, w_end, pend, ws, T, NB, H: tl.constexpr,
                     D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, EPS: tl.constexpr,
                     PREC: tl.constexpr, HAS_P0: tl.constexpr):
@@ -158,13 +169,14 @@ def _ttt_fwd_states(k, v, eta, lw_ptr, lb_ptr, c, w0, p0, w_end, pend, ws, T, NB
     U = tl.zeros([BD, BD], dtype=tl.float32)
     u = tl.zeros([BD], dtype=tl.float32)
     full = 1.0
+    k_next, e_next = _keys_ahead(k, eta, row0, 0, rows, T, i_h, cols, H, D, MB)
     for n in range(0, NB):
         t = n * MB + rows
         live = (rows < MB) & (t < T)
         tt = row0 + t
-        xk = _tile(k, tt, live, i_h, cols, H, D).to(tl.float32)
+        xk, e = k_next.to(tl.float32), e_next.to(tl.float32)
+        k_next, e_next = _keys_ahead(k, eta, row0, n + 1, rows, T, i_h, cols, H, D, MB)
         xv = _tile(v, tt, live, i_h, cols, H, D).to(tl.float32)
-        e = tl.load(eta + tt * H + i_h, mask=live, other=0.0).to(tl.float32)
         p_ws = ws + (bh * NB + n) * (D + 1) * D
         tl.store(p_ws + p_w, W, mask=wm)
         tl.store(p_ws + D * D + cols, bias, mask=cm)
@@ -281,19 +293,26 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
     dlw_acc = tl.zeros([BD], dtype=tl.float32)
     dlb_acc = tl.zeros([BD], dtype=tl.float32)
     dc_last = 0.0
+    k_next, e_next = _keys_ahead(k, eta, row0, NB - 1, rows, T, i_h, cols, H, D, MB)
+    bias_next = tl.load(ws + (bh * NB + NB - 1) * (D + 1) * D + D * D + cols, mask=cm, other=0.0)
     for i in range(0, NB):
         n = NB - 1 - i
         t = n * MB + rows
         live = (rows < MB) & (t < T)
         m2 = live[:, None] & cm[None, :]
         tt = row0 + t
-        xk = _tile(k, tt, live, i_h, cols, H, D).to(tl.float32)
+        xk, e, bias = k_next.to(tl.float32), e_next.to(tl.float32), bias_next
+        k_next, e_next = _keys_ahead(k, eta, row0, n - 1, rows, T, i_h, cols, H, D, MB)
+        bias_next = tl.load(ws + (bh * NB + n - 1) * (D + 1) * D + D * D + cols, mask=cm & (n > 0), other=0.0)
         xv = _tile(v, tt, live, i_h, cols, H, D).to(tl.float32)
         p_e = tt * H + i_h
-        e = tl.load(eta + p_e, mask=live, other=0.0).to(tl.float32)
         p_ws = (bh * NB + n) * (D + 1) * D
         W = tl.load(ws + p_ws + p_w, mask=wm, other=0.0)
-        bias = tl.load(ws + p_ws + D * D + cols, mask=cm, other=0.0)
+        # loaded here, used at the step's end: their latency overlaps the step
+        dW_out = tl.load(dw_out + p_ws + p_w, mask=wm, other=0.0)
+        db_out = tl.load(dw_out + p_ws + D * D + cols, mask=cm, other=0.0)
+        dk_in = _tile(dk_part, tt, live, i_h, cols, H, D).to(tl.float32)
+        deta_in = tl.load(deta_part + p_e, mask=live, other=0.0)
         xh, r, g, G = _key_side(xk, xv, W, bias, lw, lb, live, cm, D, EPS, PREC)
         # the update (U, u) = (X_k^T eta G, sum eta G): into the weights, or the pending sum of a trailing part
         eG = e[:, None] * G
@@ -322,13 +341,13 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
         dtarget = -dg * lw[None, :]
         dzk = (_project(dxh, xh, cm, D) - (tl.sum(dG * G, 1) / D)[:, None] * tl.where(cm[None, :], xh, 0.0))
         dzk = tl.where(m2, dzk * r[:, None], 0.0)
-        dW += tl.load(dw_out + p_ws + p_w, mask=wm, other=0.0) + _mm(tl.trans(xk), dzk, PREC)
-        db += tl.load(dw_out + p_ws + D * D + cols, mask=cm, other=0.0) + tl.sum(dzk, 0)
-        b_dk = (_tile(dk_part, tt, live, i_h, cols, H, D).to(tl.float32) + _mm(eG, tl.trans(dU), PREC)
+        dW += dW_out + _mm(tl.trans(xk), dzk, PREC)
+        db += db_out + tl.sum(dzk, 0)
+        b_dk = (dk_in + _mm(eG, tl.trans(dU), PREC)
                 + _mm(dzk, tl.trans(W), PREC) - dtarget)
         _put(dk, b_dk, tt, live, i_h, cols, H, D)
         _put(dv, dtarget, tt, live, i_h, cols, H, D)
-        b_deta = tl.load(deta_part + p_e, mask=live, other=0.0) + tl.sum(deG * G, 1)
+        b_deta = deta_in + tl.sum(deG * G, 1)
         tl.store(deta + p_e, b_deta.to(deta.dtype.element_ty), mask=live)
     tl.store(dw0 + p_end + p_w, dW, mask=wm)
     tl.store(dw0 + p_end + D * D + cols, db, mask=cm)
