@@ -114,11 +114,21 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
         hk += tl.load(h0 + p_state, mask=m_km, other=0.0)
     rows = tl.arange(0, S)
     chunk_of_row = rows // C
+    # a's rows one super-chunk ahead of use (the compiler's pipelining leaves this load in the loop, where the
+    # step's product would wait for it); the last step reloads its own rows
+    if REVERSE:
+        a_next = _rows(a + base_k, (NS - 1) * S, T, ik * BKS, S, BKS, K, H * K)
+    else:
+        a_next = _rows(a + base_k, 0, T, ik * BKS, S, BKS, K, H * K)
     for i in range(NS):
         if REVERSE:
             n = NS - 1 - i
+            ahead = tl.maximum(n - 1, 0)
         else:
             n = i
+            ahead = tl.minimum(n + 1, NS - 1)
+        an = a_next
+        a_next = _rows(a + base_k, ahead * S, T, ik * BKS, S, BKS, K, H * K)
         tl.store(HB + tl.cast(n, tl.int64) * SS + p_state, hk, mask=m_km)
         c0 = n * SUB
         in_chunks = (c0 + chunk_of_row) < NT
@@ -132,7 +142,6 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
                 xn = tl.where(chunk_of_row[:, None] > c, xn * lc[None, :], xn)
             else:
                 xn = tl.where(chunk_of_row[:, None] < c, xn * lc[None, :], xn)
-        an = _rows(a + base_k, n * S, T, ik * BKS, S, BKS, K, H * K)
         if REVERSE:
             xn = scale * xn * _rows(b + base_m, n * S, T, im * SM, S, SM, M, H * M)
         hk = tl.dot(tl.trans(an), xn, hk * total[None, :], input_precision=DOT_PREC)
@@ -271,7 +280,7 @@ def _states(a, b, Xb, Lb, h0, scale: float, reverse: bool):
     BKS, SM = min(block(K), 32), min(BM, 32)
     hb = torch.empty(NS, B * H, K, M, dtype=torch.float32, device=a.device)
     last = empty_output((B, H, K, M), torch.float32, a.device)
-    # sm_90a, K = M = 64, tf32: 88 (forward) and 113 (reverse) registers, no spills (114 and 150 at 4 warps)
+    # sm_90a, K = M = 64, tf32: 112 (forward) and 116 (reverse) registers at 8 warps, no spills
     _gsa_pass1_states[(triton.cdiv(M, SM), triton.cdiv(K, BKS), B * H)](
         a, b, Xb, Lb, h0, last, hb, B * H * K * M, T, H, K, M, NT, NS, float(scale), C=CHUNK, SUB=SUPER // CHUNK,
         BKS=BKS, SM=SM, BM=BM, USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=buffer_dot_precision(a.dtype),
