@@ -220,17 +220,27 @@ def _gsa_pass1_bwd_chunk(q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, HS, DHS, SS,
         ok = tl.arange(0, BK)
         qn = _rows(q + base_k, t0, T, 0, C, BK, K, H * K)
         kn = _rows(k + base_k, t0, T, 0, C, BK, K, H * K)
-        A = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)  # q_i . k_j, j <= i
         D = tl.zeros([C, C], tl.float32)
         dq_acc = tl.zeros([C, BK], tl.float32)
         dk_acc = tl.zeros([C, BK], tl.float32)
         t = t0 + rows
         base_g = (bh // H) * NT * C * H * M + (bh % H) * M  # dg's rows: NT C per sequence
         for ch in tl.static_range(0, BM, SL):
+            # every load of the slice before its products (one slice when FACTORED); the compiler still follows each
+            # load with its layout conversion, so their latencies overlap only in part
             om = ch + tl.arange(0, SL)
-            gc = tl.cumsum(_rows(g + base_m, t0, T, ch, C, SL, M, H * M), 0)
+            m_tm = (t[:, None] < T) & (om[None, :] < M)
+            m_km = (ok[:, None] < K) & (om[None, :] < M)
+            p_km = (bh * K + ok[:, None]) * M + om[None, :]
+            g_rows = _rows(g + base_m, t0, T, ch, C, SL, M, H * M)
             ss = _rows(s + base_m, t0, T, ch, C, SL, M, H * M)
             dos = _rows(do + base_m, t0, T, ch, C, SL, M, H * M)
+            hk = tl.load(HS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)  # [BK, SL]
+            dhk = tl.load(DHS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)
+            o_rows = tl.load(o + base_m + t[:, None] * (H * M) + om[None, :], mask=m_tm, other=0.0)
+            if ch == 0:
+                A = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)  # q_i . k_j, j <= i
+            gc = tl.cumsum(g_rows, 0)
             last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
             if FACTORED:
                 ref = 0.5 * last[None, :]
@@ -241,17 +251,12 @@ def _gsa_pass1_bwd_chunk(q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, HS, DHS, SS,
                 decay = tl.exp(tl.where(causal[:, :, None], gc[:, None, :] - gc[None, :, :], float("-inf")))
                 D += tl.sum(dos[:, None, :] * ss[None, :, :] * decay, 2)  # [i, j]
                 ds_intra = tl.sum(A[:, :, None] * dos[:, None, :] * decay, 0)  # [j, m]
-            m_km = (ok[:, None] < K) & (om[None, :] < M)
-            p_km = (bh * K + ok[:, None]) * M + om[None, :]
-            hk = tl.load(HS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)  # [BK, SL]
-            dhk = tl.load(DHS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)
             to_end = tl.exp(last[None, :] - gc)
             dq_acc = tl.dot(dos * tl.exp(gc), tl.trans(hk), dq_acc, input_precision=DOT_PREC)
             dk_acc = tl.dot(ss * to_end, tl.trans(dhk), dk_acc, input_precision=DOT_PREC)
             ds_j = scale * ds_intra + tl.dot(kn, dhk, input_precision=DOT_PREC) * to_end
-            m_tm = (t[:, None] < T) & (om[None, :] < M)
             tl.store(ds + base_m + t[:, None] * (H * M) + om[None, :], ds_j, mask=m_tm)
-            x = tl.load(o + base_m + t[:, None] * (H * M) + om[None, :], mask=m_tm, other=0.0) * dos - ss * ds_j
+            x = o_rows * dos - ss * ds_j
             tl.store(dg + base_g + t[:, None] * (H * M) + om[None, :], tl.cumsum(x, 0, reverse=True),
                      mask=om[None, :] < M)
             tl.store(dg_sum + ((bh // H) * NT + n) * H * M + (bh % H) * M + om, tl.sum(x, 0), mask=om < M)
@@ -261,6 +266,7 @@ def _gsa_pass1_bwd_chunk(q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, HS, DHS, SS,
         m_tk = (t[:, None] < T) & (ok[None, :] < K)
         tl.store(dq + base_k + t[:, None] * (H * K) + ok[None, :], dq_acc, mask=m_tk)
         tl.store(dk + base_k + t[:, None] * (H * K) + ok[None, :], dk_acc, mask=m_tk)
+
 
 def _dims(q, s):
     """(B, T, H, K, M, NT, BK, BM) of pass 1 on q `[B, T, H, K]`, s `[B, T, H, M]`."""
