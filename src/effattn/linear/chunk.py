@@ -208,9 +208,17 @@ def _state_fwd(k, u, w, g, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.const
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_s * H * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    # a loaded gate's value at each chunk's last row is loaded one chunk ahead: it decays the state, the loop's
+    # sequential path, and the compiler left its load in the loop
+    LOADED_LAST: tl.constexpr = (GATE == 2) | ((GATE == 1) & (not RAW_G))
+    if LOADED_LAST:
+        g_last_next = _gate_last(g, tl.maximum(tl.minimum(bos + BT, eos) - 1, 0), i_h, ok, H, K, GATE)
     for i in range(0, tl.cdiv(eos - bos, BT)):
         rows = bos + i * BT + tl.arange(0, BT)
         live = rows < eos
+        if LOADED_LAST:
+            g_last = g_last_next
+            g_last_next = _gate_last(g, tl.minimum(bos + i * BT + 2 * BT, eos) - 1, i_h, ok, H, K, GATE)
         tl.store(h + (n0 + i).to(tl.int64) * H * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         m_k = live[:, None] & (ok[None, :] < K)
         m_v = live[:, None] & (ov[None, :] < V)
@@ -220,19 +228,16 @@ def _state_fwd(k, u, w, g, h, x, h0, ht, cu, first, H: tl.constexpr, K: tl.const
             b_w = tl.load(w + (rows[:, None] * H + i_h) * K + ok[None, :], mask=m_k, other=0.0)
             b_x -= _dot(b_w, b_h.to(b_w.dtype), None, PREC)
             tl.store(x + (rows[:, None] * H + i_h) * V + ov[None, :], b_x.to(x.dtype.element_ty), mask=m_v)
-        last = tl.minimum(bos + i * BT + BT, eos) - 1  # the chunk's last row
         if GATE == 1:  # one weight per row: on x's BV columns, so that k reaches the dot as loaded
             if RAW_G:
                 b_g = _scalar_cumsum(g, rows, live, i_h, H)
-                g_last = tl.sum(tl.where(rows == last, b_g, 0.0))
+                g_last = tl.sum(tl.where(rows == tl.minimum(bos + i * BT + BT, eos) - 1, b_g, 0.0))
             else:
                 b_g = _gate_rows(g, rows, live, i_h, ok, H, K, GATE)
-                g_last = _gate_last(g, last, i_h, ok, H, K, GATE)
             b_h = _decay_state(b_h, g_last, GATE)
             b_x = b_x * tl.exp(tl.where(live, g_last - b_g, 0.0))[:, None]
         if GATE == 2:
             b_g = _gate_rows(g, rows, live, i_h, ok, H, K, GATE)
-            g_last = _gate_last(g, last, i_h, ok, H, K, GATE)
             b_h = _decay_state(b_h, g_last, GATE)
             b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_k.dtype)
         b_h = _dot(tl.trans(b_k), b_x.to(b_k.dtype), b_h, PREC)

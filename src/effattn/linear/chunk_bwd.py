@@ -59,15 +59,30 @@ def _state_bwd(q, k, w, gc, do, dxi, dx, dh, dht, dh0, cu, first, scale, H: tl.c
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + i_s * H * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i in range(tl.cdiv(eos - bos, BT) - 1, -1, -1):
+    # each chunk's last cumulative gate, and with the delta rule its dx part, are loaded one chunk ahead: both
+    # are on the loop's sequential path, and the compiler left their loads in the loop (sm_90a: the exp and the
+    # add that use them followed them closely)
+    last_chunk = tl.cdiv(eos - bos, BT) - 1
+    if GATE != 0:
+        g_last_next = _gate_last(gc, tl.maximum(eos - 1, 0), i_h, ok, H, K, GATE)
+    if DELTA:
+        rows_next = bos + last_chunk * BT + tl.arange(0, BT)
+        dxi_next = _tile(dxi, rows_next, (rows_next < eos) & (rows_next >= bos), i_h, ov, H, V)
+    for i in range(last_chunk, -1, -1):
         rows = bos + i * BT + tl.arange(0, BT)
         live = rows < eos
+        if GATE != 0:
+            g_last = g_last_next
+            g_last_next = _gate_last(gc, tl.maximum(bos + i * BT - 1, bos), i_h, ok, H, K, GATE)  # chunk i - 1's
+        if DELTA:
+            b_dxi = dxi_next
+            rows_next = rows - BT
+            dxi_next = _tile(dxi, rows_next, rows_next >= bos, i_h, ov, H, V)
         tl.store(dh + (n0 + i).to(tl.int64) * H * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         b_q = _tile(q, rows, live, i_h, ok, H, K).to(tl.float32)
         b_do = _tile(do, rows, live, i_h, ov, H, V)
         if GATE != 0:
             b_g = _gate_rows(gc, rows, live, i_h, ok, H, K, GATE)
-            g_last = _gate_last(gc, tl.minimum(bos + i * BT + BT, eos) - 1, i_h, ok, H, K, GATE)
             if GATE == 1:
                 b_q = b_q * tl.exp(b_g)[:, None]
             else:
@@ -77,7 +92,7 @@ def _state_bwd(q, k, w, gc, do, dxi, dx, dh, dht, dh0, cu, first, scale, H: tl.c
             b_w = _tile(w, rows, live, i_h, ok, H, K)
             if GATE != 0:
                 b_k = _to_end(b_k.to(tl.float32), b_g, g_last, live, GATE).to(b_w.dtype)
-            b_dx = _tile(dxi, rows, live, i_h, ov, H, V) + _dot(b_k, b_dh.to(b_k.dtype), None, PREC)
+            b_dx = b_dxi + _dot(b_k, b_dh.to(b_k.dtype), None, PREC)
             _put(dx, b_dx, rows, live, i_h, ov, H, V)  # the full dx = dU, for _bwd_dqk and _wy_bwd
         if GATE != 0:
             b_dh = _decay_state(b_dh, g_last, GATE)
