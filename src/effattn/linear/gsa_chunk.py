@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from .rwkv7_chunk import _mild, _rows, _state_block, block, buffer_dot_precision, chunk_buffers, float32_state
+from .rwkv7_chunk import (_mild, _rows, _state_block, _stored_rows, block, buffer_dot_precision, chunk_buffers,
+                          float32_state)
 
 CHUNK = 16
 SUPER = 64  # tokens per step of the sequential state passes: 4 chunks
@@ -117,9 +118,9 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
     # a's rows one super-chunk ahead of use (the compiler's pipelining leaves this load in the loop, where the
     # step's product would wait for it); the last step reloads its own rows
     if REVERSE:
-        a_next = _rows(a + base_k, (NS - 1) * S, T, ik * BKS, S, BKS, K, H * K)
+        a_next = _stored_rows(a + base_k, (NS - 1) * S, T, ik * BKS, S, BKS, K, H * K)
     else:
-        a_next = _rows(a + base_k, 0, T, ik * BKS, S, BKS, K, H * K)
+        a_next = _stored_rows(a + base_k, 0, T, ik * BKS, S, BKS, K, H * K)
     for i in range(NS):
         if REVERSE:
             n = NS - 1 - i
@@ -127,8 +128,8 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
         else:
             n = i
             ahead = tl.minimum(n + 1, NS - 1)
-        an = a_next
-        a_next = _rows(a + base_k, ahead * S, T, ik * BKS, S, BKS, K, H * K)
+        an = a_next.to(tl.float32)
+        a_next = _stored_rows(a + base_k, ahead * S, T, ik * BKS, S, BKS, K, H * K)
         tl.store(HB + tl.cast(n, tl.int64) * SS + p_state, hk, mask=m_km)
         c0 = n * SUB
         in_chunks = (c0 + chunk_of_row) < NT

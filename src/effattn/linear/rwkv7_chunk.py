@@ -38,11 +38,19 @@ SLICE = 16  # key channels per step of the exact pairwise products: [C, C, SLICE
 
 @triton.jit
 def _rows(ptr, t0, T, ch, C: tl.constexpr, W: tl.constexpr, D, stride_t):
-    """Rows t0 .. t0 + C of a `[T, D]` view (token stride stride_t), columns ch .. ch + W, zero outside."""
+    """Rows t0 .. t0 + C of a `[T, D]` view (token stride stride_t), columns ch .. ch + W, zero outside, in
+    float32."""
+    return _stored_rows(ptr, t0, T, ch, C, W, D, stride_t).to(tl.float32)
+
+
+@triton.jit
+def _stored_rows(ptr, t0, T, ch, C: tl.constexpr, W: tl.constexpr, D, stride_t):
+    """`_rows` in the stored dtype: a load one step ahead of use converts at the use, so that nothing in the
+    step that issues it waits for it."""
     ot = t0 + tl.arange(0, C)
     oc = ch + tl.arange(0, W)
     m = (ot[:, None] < T) & (oc[None, :] < D)
-    return tl.load(ptr + ot[:, None] * stride_t + oc[None, :], mask=m, other=0.0).to(tl.float32)
+    return tl.load(ptr + ot[:, None] * stride_t + oc[None, :], mask=m, other=0.0)
 
 
 @triton.jit

@@ -1,0 +1,119 @@
+"""Compile the linear family's sequential kernels (walks and state passes) for Hopper (sm_90a) on a machine without a
+GPU, and report what bounds a latency-bound loop: for each `scf.for` in the TTGIR, its global loads: synchronous
+(`tt.load`: the step waits for it where its value is first used or converted), carried a step ahead (a `tt.load`
+whose value the loop yields as loaded), or asynchronous (the software pipeline's copies); and the longest SASS
+loop body (instructions, barriers, mma). Registers and spills from ptxas, as in flash_compile.py.
+
+    python benchmarks/walk_compile.py                 # every preset
+    python benchmarks/walk_compile.py ttt gsa         # presets whose name contains one of these
+    EFFATTN_SRC=/path/to/old/src python benchmarks/walk_compile.py   # the same for another tree (before / after)
+
+A synchronous tile load inside a sequential loop whose value is needed in the same step puts one memory latency
+(~0.5-1 us) on every step; loading it a step ahead (a loop-carried register tile) takes it off. Nothing is timed.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, os.path.dirname(__file__))
+
+import flash_compile  # noqa: E402  (puts this tree's src first on the path)
+
+if os.environ.get("EFFATTN_SRC"):
+    sys.path.insert(0, os.environ["EFFATTN_SRC"])
+
+BF, F32, I32 = "*bf16", "*fp32", "*i32"
+
+
+def loop_loads(ttgir: str) -> list[list[str]]:
+    """Per `scf.for` (in text order), its global loads up to its `scf.yield`: 'async' (the pipeline's copies),
+    'ahead' (a synchronous load whose value the loop carries unconverted to the next step) or 'sync' (used, or
+    converted, in the step that issues it)."""
+    out = []
+    for part in ttgir.split("scf.for")[1:]:
+        body, _, rest = part.partition("scf.yield")
+        carried = set(re.findall(r"%[\w.#]+", rest.split("\n")[0]))
+        kinds = []
+        for line in body.splitlines():
+            if "async_copy_global" in line:
+                kinds.append("async")
+            elif "tt.load" in line:
+                name = line.strip().split(" = ")[0]
+                kinds.append("ahead" if name in carried else "sync")
+        out.append(kinds)
+    return out
+
+
+def longest_loop(kernel) -> dict:
+    """The longest innermost SASS loop body: instruction count and a few instruction kinds in it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        open(cubin, "wb").write(kernel.asm["cubin"])
+        sass = subprocess.run([os.path.join(flash_compile._BIN, "cuobjdump"), "-sass", cubin], capture_output=True,
+                              text=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    best = []
+    for i, (a, text) in enumerate(ins):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
+            body = [t for _, t in ins[index[int(target.group(1), 16)]:i + 1]]
+            best = max(best, body, key=len)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in best)
+    return {"loop_instructions": len(best), **{f"loop_{op}": ops[op] for op in ("LDG", "LDGSTS", "BAR", "HMMA", "MUFU")}}
+
+
+def presets() -> dict:
+    """name -> (kernel, argument types, constexprs, warps, stages), the bf16 configurations the launchers pick
+    at K = V = 64 (D = 64 for TTT, M = 64 slots for gsa)."""
+    from effattn.linear import chunk, chunk_bwd, gsa_chunk, ttt_fused
+
+    ttt = dict(H=16, D=64, MB=16, BT=16, BD=64, EPS=1e-6, PREC="bf16", HAS_P0=False)
+    walk = {n: F32 for n in ("lw_ptr", "lb_ptr", "c", "w0", "p0", "w_end", "pend", "ws", "dw_end", "dpend", "dk_part",
+                             "deta_part", "dg_out", "dw_out", "dp0_part", "dw0", "dp0", "dnorm", "dc_last_out")}
+    walk.update(k=BF, v=BF, eta=BF, dk=BF, dv=BF, deta=BF)
+    gsa = dict(T="i32", H="i32", K="i32", M="i32", NT="i32", NS="i32", SS="i32", scale="fp32")
+    states = dict(C=16, SUB=4, S=64, BKS=32, SM=32, BM=64, USE_H0=True, DOT_PREC="tf32")  # (S: before 12b8675)
+    engine = dict(H=16, K=64, V=64, BT=64, BK=64, BV=32, PREC=None)
+    state_fwd = dict(k=BF, u=BF, w=BF, g=F32, h=BF, x=BF, h0=F32, ht=F32, cu=I32, first=I32)
+    state_bwd = dict(q=BF, k=BF, w=BF, gc=F32, do=BF, dxi=BF, dx=BF, dh=BF, dht=F32, dh0=F32, cu=I32, first=I32,
+                     scale="fp32")
+    return {
+        "ttt forward walk": (ttt_fused._ttt_fwd_states, walk, ttt, 4, 2),
+        "ttt reverse walk": (ttt_fused._ttt_bwd_states, walk, ttt, 8, 3),
+        "gsa state pass": (gsa_chunk._gsa_pass1_states, dict(a=BF, b=BF, **{n: F32 for n in (
+            "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=False), 8, 2),
+        "gsa reverse state pass": (gsa_chunk._gsa_pass1_states, dict(a=BF, b=F32, **{n: F32 for n in (
+            "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=True), 8, 2),
+        "engine state_fwd, vector gate": (chunk._state_fwd, state_fwd, dict(
+            engine, GATE=2, DELTA=False, USE_H0=False, STORE_HT=True, RAW_G=False), 4, 2),
+        "engine state_bwd, vector gate": (chunk_bwd._state_bwd, state_bwd, dict(
+            engine, GATE=2, DELTA=False, USE_DHT=True), 4, 2),
+        "engine state_bwd, delta rule, scalar gate": (chunk_bwd._state_bwd, state_bwd, dict(
+            engine, GATE=1, DELTA=True, USE_DHT=True), 4, 2),
+    }
+
+
+def main() -> None:
+    want = sys.argv[1:]
+    for name, (fn, types, consts, warps, stages) in presets().items():
+        if want and not any(w in name for w in want):
+            continue
+        # (a preset may name more arguments than a kernel has: one table serves both walks, and older trees)
+        types = {n: t for n, t in types.items() if n in fn.arg_names}
+        consts = {n: v for n, v in consts.items() if n in fn.arg_names}
+        kernel = flash_compile.compile_typed(fn, types, consts, warps, stages)
+        r = flash_compile.report(kernel)
+        loops = [dict(collections.Counter(lp)) for lp in loop_loads(kernel.asm["ttgir"])]
+        print(f"{name} ({warps} warps, {stages} stages): registers {r['registers']}, spills {r['spill_store_bytes']} B, "
+              f"{longest_loop(kernel)}, loads per loop {loops}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
