@@ -79,16 +79,23 @@ def compile_typed(fn, types: dict, constexprs: dict, warps: int, stages: int = 1
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+def sass_of(kernel) -> str:
+    """The compiled kernel's SASS (cuobjdump of its cubin)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        open(cubin, "wb").write(kernel.asm["cubin"])
+        return subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+
+
 def report(kernel) -> dict:
     """Registers and spill bytes (ptxas -v), whether ptxas serialized the wgmma instructions, shared memory,
     counts of a few SASS instruction kinds, and the main loop's shape (`mma_loop`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        ptx = os.path.join(tmp, "k.ptx")
         open(ptx, "w").write(kernel.asm["ptx"])
-        open(cubin, "wb").write(kernel.asm["cubin"])
         info = subprocess.run([os.path.join(_BIN, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
                               capture_output=True, text=True).stderr
-        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    sass = sass_of(kernel)
     ops = collections.Counter(m.group(2) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", sass))
     loop = mma_loop(sass)
     regs = re.search(r"Used (\d+) registers", info)
@@ -102,13 +109,9 @@ def report(kernel) -> dict:
             **{op: ops[op] for op in ("LDG", "LDGSTS", "UTMALDG", "HGMMA", "IGMMA", "QGMMA", "MUFU", "BAR")}, **loop}
 
 
-def mma_loop(sass: str) -> dict:
-    """The main tensor-core loop (an innermost loop body, between a backward branch and its target, holding
-    the most wgmma instructions; of those, the shortest, the unmasked one): its instruction count, and how
-    many of its MUFU instructions (exp2) issue while a wgmma is in flight, i.e. after a wgmma and before the
-    wait (WARPGROUP.DEPBAR) that follows it. A loop that waits for Q K^T before its softmax has none; one
-    that issues the next block's Q K^T first has its exponentials overlap the tensor cores. loop_LDG:
-    synchronous global loads in it (tiles the software pipeline refused, or scalars)."""
+def sass_loops(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """The SASS instructions (text, in order) and every loop as (first, last) indices into them: a backward
+    branch and its target."""
     ins = [(int(m.group(1), 16), m.group(2).strip())
            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     index = {a: i for i, (a, _) in enumerate(ins)}
@@ -117,15 +120,26 @@ def mma_loop(sass: str) -> dict:
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
             loops.append((index[int(target.group(1), 16)], i))
+    return [t for _, t in ins], loops
+
+
+def mma_loop(sass: str) -> dict:
+    """The main tensor-core loop (an innermost loop body, between a backward branch and its target, holding
+    the most wgmma instructions; of those, the shortest, the unmasked one): its instruction count, and how
+    many of its MUFU instructions (exp2) issue while a wgmma is in flight, i.e. after a wgmma and before the
+    wait (WARPGROUP.DEPBAR) that follows it. A loop that waits for Q K^T before its softmax has none; one
+    that issues the next block's Q K^T first has its exponentials overlap the tensor cores. loop_LDG:
+    synchronous global loads in it (tiles the software pipeline refused, or scalars)."""
+    ins, loops = sass_loops(sass)
 
     def mmas_in(lo, hi):
-        return sum("GMMA" in t for _, t in ins[lo:hi + 1])
+        return sum("GMMA" in t for t in ins[lo:hi + 1])
 
     best = None
     for lo, hi in loops:
         if any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) and mmas_in(lo2, hi2) for lo2, hi2 in loops):
             continue  # an outer loop (e.g. over the heads of a KV group): its inner tile loops are the ones to read
-        body = [t for _, t in ins[lo:hi + 1]]  # (inner loops without wgmma, e.g. a TMA barrier's spin, stay in)
+        body = ins[lo:hi + 1]  # (inner loops without wgmma, e.g. a TMA barrier's spin, stay in)
         mmas = mmas_in(lo, hi)
         if mmas and (best is None or (mmas, -len(body)) > (best[0], -len(best[1]))):
             best = (mmas, body)  # the unmasked loop: the shortest of those with the most wgmma

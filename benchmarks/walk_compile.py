@@ -16,9 +16,7 @@ from __future__ import annotations
 import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, os.path.dirname(__file__))
@@ -51,22 +49,11 @@ def loop_loads(ttgir: str) -> list[list[str]]:
 
 
 def longest_loop(kernel) -> dict:
-    """The longest innermost SASS loop body: instruction count and a few instruction kinds in it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        open(cubin, "wb").write(kernel.asm["cubin"])
-        sass = subprocess.run([os.path.join(flash_compile._BIN, "cuobjdump"), "-sass", cubin], capture_output=True,
-                              text=True).stdout
-    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    index = {a: i for i, (a, _) in enumerate(ins)}
-    best = []
-    for i, (a, text) in enumerate(ins):
-        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
-            body = [t for _, t in ins[index[int(target.group(1), 16)]:i + 1]]
-            best = max(best, body, key=len)
-    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in best)
-    return {"loop_instructions": len(best), **{f"loop_{op}": ops[op] for op in ("LDG", "LDGSTS", "BAR", "HMMA", "MUFU")}}
+    """The longest SASS loop body: instruction count and a few instruction kinds in it."""
+    ins, loops = flash_compile.sass_loops(flash_compile.sass_of(kernel))
+    body = max((ins[lo:hi + 1] for lo, hi in loops), key=len, default=[])
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+    return {"loop_instructions": len(body), **{f"loop_{op}": ops[op] for op in ("LDG", "LDGSTS", "BAR", "HMMA", "MUFU")}}
 
 
 def presets() -> dict:
@@ -110,9 +97,10 @@ def main() -> None:
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         kernel = flash_compile.compile_typed(fn, types, consts, warps, stages)
         r = flash_compile.report(kernel)
-        loops = [dict(collections.Counter(lp)) for lp in loop_loads(kernel.asm["ttgir"])]
-        print(f"{name} ({warps} warps, {stages} stages): registers {r['registers']}, spills {r['spill_store_bytes']} B, "
-              f"{longest_loop(kernel)}, loads per loop {loops}", flush=True)
+        print({"kernel": name, "warps": warps, "stages": stages, "registers": r["registers"],
+               "spill_store_bytes": r["spill_store_bytes"], **longest_loop(kernel),
+               "loads_per_loop": [dict(collections.Counter(lp)) for lp in loop_loads(kernel.asm["ttgir"])]},
+              flush=True)
 
 
 if __name__ == "__main__":
