@@ -18,10 +18,12 @@ def _reports(*names: str) -> dict:
 
 
 def test_walk_and_state_pass_loops_wait_on_no_load_of_their_own_step():
-    """The TTT forward walk's keys and step sizes and the engine's vector-gate state passes' last gates are
-    carried a step ahead: no synchronous load is left in those loops, and nothing spills."""
-    reports = _reports("ttt forward walk", "engine state_fwd, vector gate", "engine state_bwd, vector gate")
-    assert len(reports) == 3, reports
+    """The TTT forward walk's keys and step sizes, gsa's state passes' rows and chunk decays, and the engine's
+    vector-gate state passes' last gates are carried a step ahead: no synchronous load is left in those loops,
+    and nothing spills."""
+    reports = _reports("ttt forward walk", "gsa state pass", "gsa reverse state pass", "engine state_fwd, vector gate",
+                       "engine state_bwd, vector gate")
+    assert len(reports) == 5, reports
     for name, r in reports.items():
         (loop,) = r["loads_per_loop"]
         assert loop.get("sync", 0) == 0 and loop.get("ahead", 0) >= 1, (name, loop)

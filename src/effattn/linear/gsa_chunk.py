@@ -89,6 +89,18 @@ def _chunk_program(g, T, H, K, M, C: tl.constexpr, BM: tl.constexpr, FACTORED: t
 
 
 @triton.jit
+def _product(x, y):
+    return x * y
+
+
+@triton.jit
+def _chunk_decays(Lb, bh, NT, n, om, SUB: tl.constexpr, BM: tl.constexpr):
+    """e^{Gc_C} of super-chunk n's SUB chunks `[SUB, SM]` from Lb `[B H, NT, BM]` (1 past the last chunk)."""
+    chunks = n * SUB + tl.arange(0, SUB)
+    return tl.load(Lb + (bh * NT + chunks[:, None]) * BM + om[None, :], mask=chunks[:, None] < NT, other=1.0)
+
+
+@triton.jit
 def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C: tl.constexpr,
                       SUB: tl.constexpr, BKS: tl.constexpr, SM: tl.constexpr, BM: tl.constexpr,
                       USE_H0: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -117,10 +129,10 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
     chunk_of_row = rows // C
     # a's rows one super-chunk ahead of use (the compiler's pipelining leaves this load in the loop, where the
     # step's product would wait for it); the last step reloads its own rows
-    if REVERSE:
-        a_next = _stored_rows(a + base_k, (NS - 1) * S, T, ik * BKS, S, BKS, K, H * K)
-    else:
-        a_next = _stored_rows(a + base_k, 0, T, ik * BKS, S, BKS, K, H * K)
+    # likewise the super-chunk's e^{Gc_C} `[SUB, SM]` (its product decays the state)
+    first = NS - 1 if REVERSE else 0
+    a_next = _stored_rows(a + base_k, first * S, T, ik * BKS, S, BKS, K, H * K)
+    l_next = _chunk_decays(Lb, bh, NT, first, om, SUB, BM)
     for i in range(NS):
         if REVERSE:
             n = NS - 1 - i
@@ -128,17 +140,17 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
         else:
             n = i
             ahead = tl.minimum(n + 1, NS - 1)
-        an = a_next.to(tl.float32)
+        an, ln = a_next.to(tl.float32), l_next
         a_next = _stored_rows(a + base_k, ahead * S, T, ik * BKS, S, BKS, K, H * K)
+        l_next = _chunk_decays(Lb, bh, NT, ahead, om, SUB, BM)
         tl.store(HB + tl.cast(n, tl.int64) * SS + p_state, hk, mask=m_km)
         c0 = n * SUB
         in_chunks = (c0 + chunk_of_row) < NT
         xn = tl.load(Xb + ((bh * NT + c0) * C + rows[:, None]) * BM + om[None, :], mask=in_chunks[:, None],
                      other=0.0)
-        total = tl.full([SM], 1.0, tl.float32)
+        total = tl.reduce(ln, 0, _product)
         for c in tl.static_range(SUB):
-            lc = tl.load(Lb + (bh * NT + c0 + c) * BM + om, mask=c0 + c < NT, other=1.0)
-            total *= lc
+            lc = tl.sum(tl.where(tl.arange(0, SUB)[:, None] == c, ln, 0.0), 0)
             if REVERSE:
                 xn = tl.where(chunk_of_row[:, None] > c, xn * lc[None, :], xn)
             else:
@@ -287,7 +299,7 @@ def _states(a, b, Xb, Lb, h0, scale: float, reverse: bool):
     BKS, SM = min(block(K), 32), min(BM, 32)
     hb = torch.empty(NS, B * H, K, M, dtype=torch.float32, device=a.device)
     last = empty_output((B, H, K, M), torch.float32, a.device)
-    # sm_90a, K = M = 64, tf32: 112 (forward) and 116 (reverse) registers at 8 warps, no spills
+    # sm_90a, K = M = 64, tf32: 125 (forward) and 146 (reverse) registers at 8 warps, no spills
     _gsa_pass1_states[(triton.cdiv(M, SM), triton.cdiv(K, BKS), B * H)](
         a, b, Xb, Lb, h0, last, hb, B * H * K * M, T, H, K, M, NT, NS, float(scale), C=CHUNK, SUB=SUPER // CHUNK,
         BKS=BKS, SM=SM, BM=BM, USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=buffer_dot_precision(a.dtype),
