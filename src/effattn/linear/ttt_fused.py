@@ -343,8 +343,7 @@ def _ttt_bwd_states(k, v, eta, lw_ptr, lb_ptr, c, ws, p0, dw_end, dpend, dk_part
         dzk = tl.where(m2, dzk * r[:, None], 0.0)
         dW += dW_out + _mm(tl.trans(xk), dzk, PREC)
         db += db_out + tl.sum(dzk, 0)
-        b_dk = (dk_in + _mm(eG, tl.trans(dU), PREC)
-                + _mm(dzk, tl.trans(W), PREC) - dtarget)
+        b_dk = dk_in + _mm(eG, tl.trans(dU), PREC) + _mm(dzk, tl.trans(W), PREC) - dtarget
         _put(dk, b_dk, tt, live, i_h, cols, H, D)
         _put(dv, dtarget, tt, live, i_h, cols, H, D)
         b_deta = deta_in + tl.sum(deG * G, 1)
