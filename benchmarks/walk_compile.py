@@ -53,7 +53,8 @@ def longest_loop(kernel) -> dict:
     ins, loops = flash_compile.sass_loops(flash_compile.sass_of(kernel))
     body = max((ins[lo:hi + 1] for lo, hi in loops), key=len, default=[])
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
-    return {"loop_instructions": len(body), **{f"loop_{op}": ops[op] for op in ("LDG", "LDGSTS", "BAR", "HMMA", "MUFU")}}
+    return {"loop_instructions": len(body),
+            **{f"loop_{op}": ops[op] for op in ("LDG", "LDGSTS", "BAR", "HMMA", "MUFU")}}
 
 
 def presets() -> dict:

@@ -37,7 +37,7 @@ SLICE = 16  # slots per step of the exact pairwise products, `[C, C, SLICE]` (sm
 
 def _slice(factored: bool, BM: int) -> int:
     """Slots per step of a chunk kernel: all of them for the factored products (dots only; sm_90a, K = M = 64:
-    the backward's 217 registers and 1656 instructions against 238 and 2192 in slices of 16, the prep's 1056
+    the backward's 212 registers and 1648 instructions against 238 and 2192 in slices of 16, the prep's 1056
     instructions against 1416), SLICE for the exact ones."""
     return BM if factored else min(SLICE, BM)
 
@@ -90,6 +90,7 @@ def _chunk_program(g, T, H, K, M, C: tl.constexpr, BM: tl.constexpr, FACTORED: t
 
 @triton.jit
 def _product(x, y):
+    """tl.reduce's combine for a product."""
     return x * y
 
 
@@ -362,7 +363,7 @@ class _GsaPass1(torch.autograd.Function):
         ds = empty_output((B, T, H, M), s.dtype, q.device)
         dg = empty_output((B, NT * C, H, M), torch.float32, q.device)
         dg_sum = empty_output((B, NT, H, M), torch.float32, q.device)
-        for factored in (True, False):  # sm_90a, K = M = 64, bf16 (tf32): 217 / 255 registers, no spills
+        for factored in (True, False):  # sm_90a, K = M = 64, bf16 (tf32): 212 / 254 registers, no spills
             _gsa_pass1_bwd_chunk[(NT, B * H)](q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, hs, dhs, B * H * K * M, T,
                                               H, K, M, NT, float(ctx.scale), C=C, BK=BK, SL=_slice(factored, BM), BM=BM,
                                               FACTORED=factored, DOT_PREC=prec, num_warps=8)
