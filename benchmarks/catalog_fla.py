@@ -3,6 +3,7 @@ FLA): rwkv6 / chunk_rwkv6, rwkv7 / chunk_rwkv7, gsa / chunk_gsa, and (timing onl
 chunk_ttt_linear (bf16, [B, T, H, D], B = 1, H = 16).
 
     PYTHONPATH=src python3 benchmarks/catalog_fla.py --out DIR [--sizes 4096,16384] [--methods rwkv6,rwkv7,gsa,ttt]
+        [--impls ours,fla] [--timing-only]
 
 K = V = 64 (RWKV's head size); gsa: M = 64 slots (FLA's default). First each chunk form vs the float64
 reference under the 2x rule (outputs, states, every gradient; bf16 and float32), then the max difference of our
@@ -126,9 +127,11 @@ def main() -> None:
     ap.add_argument("--sizes", default="4096,16384")
     ap.add_argument("--methods", default="rwkv6,rwkv7,gsa")
     ap.add_argument("--timing-only", action="store_true", help="skip the reference checks and the comparisons")
+    ap.add_argument("--impls", default="ours,fla", help="whose ops to time (ours alone: an A/B of two trees)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
+    impls = args.impls.split(",")
     start = time.time()
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "H": H, "B": 1, "dtype": "bf16", "command": " ".join(sys.argv), "rows": []}
@@ -144,7 +147,7 @@ def main() -> None:
     run = runners()
     make = {"rwkv6": rwkv6_inputs, "rwkv7": rwkv7_inputs, "gsa": gsa_inputs, "ttt": ttt_inputs}
     for method in methods:
-        if method == "ttt" or args.timing_only:  # ttt: different outputs (ttt_inputs), no comparison
+        if method == "ttt" or args.timing_only or "fla" not in impls:  # ttt: different outputs, no comparison
             continue
         x = make[method](sizes[0])
         with torch.no_grad():
@@ -164,7 +167,7 @@ def main() -> None:
         for method in methods:
             x = make[method](T)
             do = torch.randn(1, T, H, 64, device="cuda", dtype=torch.bfloat16)
-            for impl in ("ours", "fla"):
+            for impl in impls:
                 fn = run[(method, impl)]
                 row = {"method": method, "impl": impl, "T": T}
                 try:

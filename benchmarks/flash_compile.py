@@ -28,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _SCALARS = {"T", "S", "H", "HKV", "GROUP", "LEFT", "RIGHT", "SINKS", "MB_B", "MB_H", "HM", "NQB", "NKB"}
-_INT_TABLES = {"CU", "KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX", "FULL_NUM", "FULL_IDX", "TILE_MAP", "BITS"}
+_INT_TABLES = {"CU", "KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX", "FULL_NUM", "FULL_IDX", "TILE_MAP", "BITS", "ORDER"}
 _FP32 = {"LSE", "DELTA", "DLSE"}
 
 

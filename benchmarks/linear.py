@@ -149,6 +149,7 @@ def main():
     ap.add_argument("--chunks", default="64", help="our chunk sizes to time (FLA's is 64)")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--passes", default="fwd,fwd+bwd")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profiles at the end")
     ap.add_argument("--budget", type=float, default=280.0, help="seconds; later measurements are skipped after it")
     a = ap.parse_args()
     t_start = time.time()
@@ -208,8 +209,9 @@ def main():
         timed(rep, "sdpa_cudnn", "causal_softmax", T, sdpa, False)
     # where the time goes, per kernel (T = 16384, B = 1): ours forward and forward + backward, FLA's forward
     ours_passes = (False, True) if "fwd+bwd" in a.passes else (False,)
-    for label, kind, backward in ([("effattn", k, b) for k in kinds for b in ours_passes]
-                                  + [("fla", k, False) for k in fla_kinds]):
+    profiles = [] if a.no_profile else ([("effattn", k, b) for k in kinds for b in ours_passes]
+                                        + [("fla", k, False) for k in fla_kinds])
+    for label, kind, backward in profiles:
         if not left():  # profiling a first backward also tunes it: minutes at this size
             rep.add("errors", {"impl": label, "kind": kind, "error": "profile skipped: time budget spent"})
             continue

@@ -47,6 +47,72 @@ def test_flash_block_mask_matches_reference(mask_fn, B, H, options, device):
     assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, **{"causal": False, **options})
 
 
+def global_token(b, h, q_idx, kv_idx):
+    """A band (wider in later heads) plus token 0 as a global token: its row and its column."""
+    return ((q_idx - kv_idx).abs() <= 3 + 2 * h) | (q_idx == 0) | (kv_idx == 0)
+
+
+def test_launch_order_puts_heavy_programs_first():
+    bm = block_mask(global_token, 1, 4, 70, 90, block=(16, 16))
+    tiles = (bm.kv_num + bm.full_kv_num)[0]  # [H, NQB]
+    order = bm.launch_order(2, 4)
+    per_program = tiles.expand(2, -1, -1).reshape(-1)
+    assert sorted(order.tolist()) == list(range(2 * 4 * bm.num_q_blocks))
+    got = per_program[order.long()]
+    assert (got[:-1] >= got[1:]).all()  # most tiles first
+    ties = got[:-1] == got[1:]
+    assert (order[1:][ties] > order[:-1][ties]).all()  # stable: ties keep (sequence, head, block) order
+    assert set(order[:8].tolist()) == {bh * bm.num_q_blocks for bh in range(8)}  # every head's global row first
+    # dK/dV: per KV head (GQA 4 -> 2) the query-block visits of its two query heads, summed
+    kv_tiles = (bm.q_num + bm.full_q_num)[0].view(2, 2, -1).sum(1)
+    got = kv_tiles.expand(2, -1, -1).reshape(-1)[bm.launch_order(2, 2, transposed=True).long()]
+    assert (got[:-1] >= got[1:]).all() and got[0] == kv_tiles.max()
+    assert bm.launch_order(2, 4) is order  # cached
+
+
+def test_flash_block_mask_any_launch_order(device):
+    """The kernels map each launched program to its (sequence, head, block) through the order: any
+    permutation gives the same result (a wrong mapping would skip or repeat blocks)."""
+    bm = block_mask(global_token, 1, 4, 70, 90, block=(16, 32), device=device)
+    gen = torch.Generator().manual_seed(5)
+    for heads, transposed, rows in ((4, False, bm.num_q_blocks), (2, True, bm.num_kv_blocks)):
+        bm._orders[(2, heads, transposed)] = torch.randperm(2 * heads * rows, generator=gen).to(device, torch.int32)
+    shape = Shape(batch=2, seq_q=70, seq_k=90, heads=4, kv_heads=2, head_dim=32)
+    assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=False, return_lse=True)
+
+
+def test_flash_block_mask_follows_launch_order(device):
+    """Each launched program runs the (sequence, head, block) its order entry names: an order that names one
+    program throughout writes that block alone, and leaves every other (poisoned) output element NaN."""
+    from effattn._memory import poisoned_outputs
+    from effattn.hardware.flash_bwd import flash_bwd
+    from effattn.hardware.flash_fwd import flash_fwd
+
+    bm = block_mask(global_token, 1, 4, 70, 90, block=(16, 32), device=device)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, do = (torch.randn(1, n, h, 32, generator=gen).to(device) for n, h in ((70, 4), (90, 2), (90, 2), (70, 4)))
+    opts = dict(scale=32 ** -0.5, causal=False, window=None, sinks=0, softcap=None, cu_seqlens=None, max_seqlen=None,
+                sparse=bm)
+    o, lse = flash_fwd(q, k, v, **opts)
+    one_q, one_kv = 2 * bm.num_q_blocks + 3, 1 * bm.num_kv_blocks + 1  # (head 2, query block 3), (KV head 1, block 1)
+
+    def written(x, head, block, rows):  # rows of block `block` of head `head` finite, every other element NaN
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[:, block * rows:(block + 1) * rows, head] = True
+        return bool(x[mask].isfinite().all() and x[~mask].isnan().all())
+
+    nq, nkv = 4 * bm.num_q_blocks, 2 * bm.num_kv_blocks
+    with poisoned_outputs():
+        bm._orders[(1, 4, False)] = torch.full((nq,), one_q, dtype=torch.int32, device=device)
+        assert written(flash_fwd(q, k, v, **opts)[0], 2, 3, 16)
+        dq = flash_bwd(do, None, q, k, v, o, lse, **opts)[0]
+        assert written(dq, 2, 3, 16)
+        bm._orders[(1, 4, False)] = torch.arange(nq, dtype=torch.int32, device=device)
+        bm._orders[(1, 2, True)] = torch.full((nkv,), one_kv, dtype=torch.int32, device=device)
+        _, dk, dv = flash_bwd(do, None, q, k, v, o, lse, **opts)
+        assert written(dk, 1, 1, 32) and written(dv, 1, 1, 32)
+
+
 def test_block_mask_from_blocks(device):
     T, S, block = 70, 45, (16, 32)
     selected = torch.rand(2, 1, 5, 2, generator=torch.Generator().manual_seed(3)) > 0.4
