@@ -16,8 +16,8 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
-                            _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
-                            remember_plan, seqlen_bucket, tuner_env, window_bucket)
+                            _sparse_program, _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision,
+                            pick_config, remember_plan, seqlen_bucket, tuner_env, window_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -89,8 +89,7 @@ def _dkdv_kernel(
     D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py). A block-sparse grid is
     one-dimensional, in the mask's launch order (the key blocks most query blocks visit first)."""
     if SPARSE:
-        slot = tl.load(ORDER + tl.program_id(0))
-        pid_n, bhk = slot % NKB, slot // NKB
+        pid_n, bhk = _sparse_program(ORDER, NKB, 1)
     else:
         pid_n, bhk = tl.program_id(0), tl.program_id(1)
     b = bhk // HKV
@@ -208,8 +207,7 @@ def _dq_kernel(
     steps at D = 128 (the mask's 128-key blocks would make [128, 128] score tiles). A block-sparse grid is
     one-dimensional, in the mask's launch order (the query blocks with the most tiles first)."""
     if SPARSE:
-        slot = tl.load(ORDER + tl.program_id(0))
-        pid_m, bh = slot % NQB, slot // NQB
+        pid_m, bh = _sparse_program(ORDER, NQB, 1)
     else:
         pid_m, bh = tl.program_id(0), tl.program_id(1)
     b = bh // H

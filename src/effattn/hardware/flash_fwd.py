@@ -14,9 +14,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._memory import empty_output
 
-from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
-                            _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config, remember_plan,
-                            seqlen_bucket, tuner_env, window_bucket)
+from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step,
+                            _sparse_program, _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision,
+                            pick_config, remember_plan, seqlen_bucket, tuner_env, window_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -96,9 +96,7 @@ def _flash_fwd_kernel(
     A block-sparse grid is one-dimensional, its programs taken in the mask's launch order (ORDER: the query
     blocks with the most tiles first, whatever their head)."""
     if SPARSE:
-        slot = tl.load(ORDER + tl.program_id(0) // (MASK_M // BLOCK_M))
-        pid_m = (slot % NQB) * (MASK_M // BLOCK_M) + tl.program_id(0) % (MASK_M // BLOCK_M)
-        pid_bh = slot // NQB
+        pid_m, pid_bh = _sparse_program(ORDER, NQB, MASK_M // BLOCK_M)
     else:
         pid_m = tl.program_id(0)
         if REVERSE:  # causal: start the longest rows first so the last wave is short
