@@ -7,7 +7,7 @@ Triton's wheel carries ptxas and cuobjdump, so a kernel configuration's register
 and instruction mix can be read here, for free, before spending device time on it (2026-12-02: the
 block-sparse forward's per-score bitmask gather showed up as 102 asynchronous copies and 131 KB of shared
 memory, against 46 and 99 KB with one load per row). It times nothing and cannot catch faults that only
-the GPU shows.
+the GPU shows. `EFFATTN_SRC=<tree>/src` compiles another tree's kernels (an A/B of two commits).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile, never interpret (effattn turns the interpreter on without a GPU)
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.environ.get("EFFATTN_SRC", os.path.join(os.path.dirname(__file__), "..", "src")))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
