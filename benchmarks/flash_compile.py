@@ -165,7 +165,7 @@ def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, 
     if kernel == "fwd":
         return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead, MASK_M=mask_m, MASK_N=mask_n)
     if kernel == "dkdv":
-        return dict(common, MASK_M=mask_m, EARLY_DP=ahead)
+        return dict(common, MASK_M=mask_m, EARLY_DP=ahead, SINKS_FIRST=False)
     return dict(common, MASK_N=mask_n, HAS_DLSE=False)
 
 

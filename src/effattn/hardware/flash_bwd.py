@@ -83,13 +83,17 @@ def _dkdv_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr):
+        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr, SINKS_FIRST: tl.constexpr):
     """dK, dV of one key block. Block-sparse, each listed query block (MASK_M rows, the block mask's) is
     walked BLOCK_M rows at a time: a 64-row step at 8 warps compiles for sm_90a without register spills at
     D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py). A block-sparse grid is
-    one-dimensional, in the mask's launch order (the key blocks most query blocks visit first)."""
+    one-dimensional, in the mask's launch order (the key blocks most query blocks visit first). With attention
+    sinks (SINKS_FIRST) the grid is (sequence-head, key block): every head's sink blocks, which all later query
+    rows visit, start in the first wave, not the last head's in the last."""
     if SPARSE:
         pid_n, bhk = _sparse_program(ORDER, NKB, 1)
+    elif SINKS_FIRST:
+        pid_n, bhk = tl.program_id(1), tl.program_id(0)
     else:
         pid_n, bhk = tl.program_id(0), tl.program_id(1)
     b = bhk // HKV
@@ -373,10 +377,13 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
         if sparse is not None and (bn != fixed[1] or fixed[0] % bm):
             raise ValueError(f"a block-sparse dK/dV configuration must keep the block mask's key block and split "
                              f"its query block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
-        grid = (sparse.num_kv_blocks * n_seq * Hkv,) if sparse is not None else (cdiv(cols, bn), n_seq * Hkv)
+        sinks_first = sparse is None and sinks > 0
+        grid = ((sparse.num_kv_blocks * n_seq * Hkv,) if sparse is not None else
+                (n_seq * Hkv, cdiv(cols, bn)) if sinks_first else (cdiv(cols, bn), n_seq * Hkv))
         return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal),
                 KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_M=fixed[0] if fixed else bm,
-                                                      EARLY_DP=bool(cfg[6]), num_warps=warps, num_stages=stages)))
+                                                      EARLY_DP=bool(cfg[6]), SINKS_FIRST=sinks_first, num_warps=warps,
+                                                      num_stages=stages)))
 
     def dq_part(cfg: Config):
         bm, bn, warps, stages = cfg[:4]
