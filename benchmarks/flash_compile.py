@@ -28,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _SCALARS = {"T", "S", "H", "HKV", "GROUP", "LEFT", "RIGHT", "SINKS", "MB_B", "MB_H", "HM", "NQB", "NKB"}
-_INT_TABLES = {"CU", "KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX", "FULL_NUM", "FULL_IDX", "TILE_MAP", "BITS", "ORDER"}
+_INT_TABLES = {"CU", "KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX", "FULL_NUM", "FULL_IDX", "TILE_MAP", "BITS"}
 _FP32 = {"LSE", "DELTA", "DLSE"}
 
 
@@ -165,7 +165,7 @@ def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, 
     if kernel == "fwd":
         return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead, MASK_M=mask_m, MASK_N=mask_n)
     if kernel == "dkdv":
-        return dict(common, MASK_M=mask_m, EARLY_DP=ahead, SINKS_FIRST=False)
+        return dict(common, MASK_M=mask_m, EARLY_DP=ahead)
     return dict(common, MASK_N=mask_n, HAS_DLSE=False)
 
 

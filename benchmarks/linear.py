@@ -81,6 +81,7 @@ def bench(fn, backward: bool) -> float:
 
 class Report:
     def __init__(self, out):
+        os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, "linear.json")
         self.data = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
                      "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),

@@ -76,15 +76,6 @@ def _sequence(CU, b, T, S, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _sparse_program(ORDER, R, SUB: tl.constexpr):
-    """(block, sequence * heads + head) of a block-sparse program: the launch order ORDER names, per group of SUB
-    consecutive programs, a (sequence-head, mask block) slot = bh * R + block; the group's programs split the
-    mask block into SUB row blocks."""
-    slot = tl.load(ORDER + tl.program_id(0) // SUB)
-    return (slot % R) * SUB + tl.program_id(0) % SUB, slot // R
-
-
-@triton.jit
 def _tanh(x):
     # libdevice.tanh does not run in the interpreter; 1 - 2 / (e^{2x} + 1) saturates correctly at +-inf.
     return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)

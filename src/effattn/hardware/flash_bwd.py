@@ -16,8 +16,8 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
-                            _sparse_program, _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision,
-                            pick_config, remember_plan, seqlen_bucket, tuner_env, window_bucket)
+                            _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
+                            remember_plan, seqlen_bucket, tuner_env, window_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -79,25 +79,17 @@ def _dkdv_kernel(
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, slse_b, slse_h,
         sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
         T, S, HKV, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
-        Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, ORDER, MB_B, MB_H, HM, NQB, NKB,
+        Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr, SINKS_FIRST: tl.constexpr):
+        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr):
     """dK, dV of one key block. Block-sparse, each listed query block (MASK_M rows, the block mask's) is
     walked BLOCK_M rows at a time: a 64-row step at 8 warps compiles for sm_90a without register spills at
-    D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py). A block-sparse grid is
-    one-dimensional, in the mask's launch order (the key blocks most query blocks visit first). With attention
-    sinks (SINKS_FIRST) the grid is (sequence-head, key block): every head's sink blocks, which all later query
-    rows visit, start in the first wave, not the last head's in the last."""
-    if SPARSE:
-        pid_n, bhk = _sparse_program(ORDER, NKB, 1)
-    elif SINKS_FIRST:
-        pid_n, bhk = tl.program_id(1), tl.program_id(0)
-    else:
-        pid_n, bhk = tl.program_id(0), tl.program_id(1)
-    b = bhk // HKV
-    hk = bhk % HKV
+    D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py)."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1) // HKV
+    hk = tl.program_id(1) % HKV
     q0, seqlen_q, seqlen_k, bb = _sequence(CU, b, T, S, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
@@ -200,7 +192,7 @@ def _dq_kernel(
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, slse_b, slse_h,
         so_b, so_t, so_h, sdq_b, sdq_t, sdq_h,
         T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
-        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, ORDER, MB_B, MB_H, HM, NQB, NKB,
+        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, MASK_N: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -208,14 +200,10 @@ def _dq_kernel(
     """dQ of one query block, and its rows' Delta = rowsum(dO * O) - dLSE (an upstream gradient of the LSE
     adds dLSE * P to dS), stored for the dK/dV kernel that runs after this one. Block-sparse, each listed
     key block (MASK_N keys, the block mask's) is walked BLOCK_N keys at a time, as the dense kernel's 64-key
-    steps at D = 128 (the mask's 128-key blocks would make [128, 128] score tiles). A block-sparse grid is
-    one-dimensional, in the mask's launch order (the query blocks with the most tiles first)."""
-    if SPARSE:
-        pid_m, bh = _sparse_program(ORDER, NQB, 1)
-    else:
-        pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    steps at D = 128 (the mask's 128-key blocks would make [128, 128] score tiles)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
     q0, seqlen_q, seqlen_k, bb = _sequence(CU, b, T, S, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
@@ -330,8 +318,8 @@ def _run(plan, q, k, v, o, do, lse, dlse):
     dk = empty_output(k.shape, k.dtype, k.device)
     dv = empty_output(v.shape, v.dtype, v.device)
     q_launch(q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, delta, *q_static,
-             *(delta,) * 7, 0, 0, 1, 1, 1)
-    kv_launch(q, k, v, do, lse, delta, dk, dv, delta, *kv_static, *(delta,) * 7, 0, 0, 1, 1, 1)
+             *(delta,) * 6, 0, 0, 1, 1, 1)
+    kv_launch(q, k, v, do, lse, delta, dk, dv, delta, *kv_static, *(delta,) * 6, 0, 0, 1, 1, 1)
     return dq, dk, dv
 
 
@@ -377,20 +365,17 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
         if sparse is not None and (bn != fixed[1] or fixed[0] % bm):
             raise ValueError(f"a block-sparse dK/dV configuration must keep the block mask's key block and split "
                              f"its query block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
-        sinks_first = sparse is None and sinks > 0
-        grid = ((sparse.num_kv_blocks * n_seq * Hkv,) if sparse is not None else
-                (n_seq * Hkv, cdiv(cols, bn)) if sinks_first else (cdiv(cols, bn), n_seq * Hkv))
+        grid = (sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn), n_seq * Hkv)
         return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal),
                 KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_M=fixed[0] if fixed else bm,
-                                                      EARLY_DP=bool(cfg[6]), SINKS_FIRST=sinks_first, num_warps=warps,
-                                                      num_stages=stages)))
+                                                      EARLY_DP=bool(cfg[6]), num_warps=warps, num_stages=stages)))
 
     def dq_part(cfg: Config):
         bm, bn, warps, stages = cfg[:4]
         if sparse is not None and (bm != fixed[0] or fixed[1] % bn):
             raise ValueError(f"a block-sparse dQ configuration must keep the block mask's query block and split "
                              f"its key block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
-        grid = (sparse.num_q_blocks * n_seq * H,) if sparse is not None else (cdiv(rows, bm), n_seq * H)
+        grid = (sparse.num_q_blocks if sparse is not None else cdiv(rows, bm), n_seq * H)
         return ((*strides, o.stride(0), o.stride(1), o.stride(2), *dq_strides, T, S, H, H // Hkv, *scal),
                 KernelLaunch(_dq_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_N=fixed[1] if fixed else bn,
                                                     HAS_DLSE=dlse is not None, num_warps=warps, num_stages=stages)))
@@ -401,8 +386,8 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     dv = empty_output(v.shape, v.dtype, v.device)
     delta = empty_output((B, H, T), torch.float32, q.device)  # written by the dQ kernel, read by dK/dV's
     cu = cu_seqlens if varlen else delta
-    sp_kv = sparse.kernel_args_transposed(n_seq, Hkv) if sparse is not None else (delta,) * 7 + (0, 0, 1, 1, 1)
-    sp_q = sparse.kernel_args(n_seq, H) if sparse is not None else (delta,) * 7 + (0, 0, 1, 1, 1)
+    sp_kv = sparse.kernel_args_transposed() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
+    sp_q = sparse.kernel_args() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
 
     def run_dkdv(part):
         part[1](q, k, v, do, lse, delta, dk, dv, cu, *part[0], *sp_kv)

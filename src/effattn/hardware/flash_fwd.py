@@ -14,9 +14,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._memory import empty_output
 
-from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step,
-                            _sparse_program, _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision,
-                            pick_config, remember_plan, seqlen_bucket, tuner_env, window_bucket)
+from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
+                            _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config, remember_plan,
+                            seqlen_bucket, tuner_env, window_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -84,7 +84,7 @@ def _flash_fwd_kernel(
         Q, K, V, O, LSE, CU,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, slse_b, slse_h,
         T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
-        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, ORDER, MB_B, MB_H, HM, NQB, NKB,
+        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, REVERSE: tl.constexpr,
@@ -92,16 +92,11 @@ def _flash_fwd_kernel(
         MASK_N: tl.constexpr):
     """O and LSE of one query block. Block-sparse, the program covers BLOCK_M of its mask block's MASK_M rows
     and walks each listed key block (MASK_N keys) BLOCK_N keys at a time: the mask's 128-row blocks may run as
-    two one-warpgroup programs of 64 rows, which share an SM (the dense kernel's winner on short programs).
-    A block-sparse grid is one-dimensional, its programs taken in the mask's launch order (ORDER: the query
-    blocks with the most tiles first, whatever their head)."""
-    if SPARSE:
-        pid_m, pid_bh = _sparse_program(ORDER, NQB, MASK_M // BLOCK_M)
-    else:
-        pid_m = tl.program_id(0)
-        if REVERSE:  # causal: start the longest rows first so the last wave is short
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        pid_bh = tl.program_id(1)
+    two one-warpgroup programs of 64 rows, which share an SM (the dense kernel's winner on short programs)."""
+    pid_m = tl.program_id(0)
+    if REVERSE:  # causal: start the longest rows first so the last wave is short
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     q0, seqlen_q, seqlen_k, bb = _sequence(CU, b, T, S, VARLEN)
@@ -294,7 +289,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
                window, sinks, softcap, tma_ok, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, tuner_env())
         plan = _PLANS.get(sig)
         if plan is not None:
-            _launch(plan, q, k, v, o, lse, lse, (lse,) * 7 + (0, 0, 1, 1, 1))
+            _launch(plan, q, k, v, o, lse, lse, (lse,) * 6 + (0, 0, 1, 1, 1))
             return o, lse
     left, right = window if window is not None else (NO_LIMIT, NO_LIMIT)
     if causal:
@@ -303,7 +298,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
     rows = max_seqlen if varlen else T
     cap_in = scale / softcap if softcap else 1.0
     cap_out = softcap * LOG2E if softcap else 1.0
-    sp = sparse.kernel_args(n_bh // H, H) if sparse is not None else (lse,) * 7 + (0, 0, 1, 1, 1)
+    sp = sparse.kernel_args() if sparse is not None else (lse,) * 6 + (0, 0, 1, 1, 1)
     cu = cu_seqlens if varlen else lse
     arith = causal or window is not None
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
@@ -323,7 +318,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
         if fixed[0] % bm or fixed[1] % bn:
             raise ValueError(f"a block-sparse forward configuration must split the block mask's blocks evenly: "
                              f"mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
-        return _plan(cfg, (sparse.num_q_blocks * (fixed[0] // bm) * n_bh,), args,
+        return _plan(cfg, (sparse.num_q_blocks * (fixed[0] // bm), n_bh), args,
                      dict(meta, MASK_M=fixed[0], MASK_N=fixed[1]))
 
     key = ("fwd", D, Dv, q.dtype, arith, bool(softcap), sparse.tuning_class if sparse is not None else None, varlen,

@@ -5,13 +5,12 @@ A mask function `(b, h, q_idx, kv_idx) -> bool` (True = attend, evaluated on bro
 skipped (nothing visible), full (everything visible: the kernel applies no mask) or partial (the kernel
 reads the tile's precomputed bitmask, since a Python function cannot run inside a Triton kernel). Like
 FlexAttention's BlockMask it keeps per-query-block index lists of full and partial KV blocks, and their
-transpose (per KV block, the query blocks that visit it) for the dK/dV pass of the backward, and gives the
-kernels their launch order: the programs with the most tiles first (`launch_order`).
+transpose (per KV block, the query blocks that visit it) for the dK/dV pass of the backward.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,7 +50,6 @@ class BlockMask:
     full_q_idx: torch.Tensor
     tile_map: torch.Tensor
     tile_bits: torch.Tensor
-    _orders: dict = field(default_factory=dict, compare=False, repr=False)  # launch_order's cache
 
     @property
     def num_q_blocks(self) -> int:
@@ -84,7 +82,7 @@ class BlockMask:
         return float((self.state != SKIP).float().mean())
 
     def to(self, device) -> "BlockMask":
-        fields = {f: getattr(self, f) for f in self.__dataclass_fields__ if not f.startswith("_")}
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
         return BlockMask(**{f: v.to(device) if isinstance(v, torch.Tensor) else v for f, v in fields.items()})
 
     def to_dense(self) -> torch.Tensor:
@@ -98,36 +96,15 @@ class BlockMask:
         tiles[part] = (self.tile_bits[self.tile_map[part].long()][:, :, cols // 32] >> (cols % 32) & 1) != 0
         return tiles.permute(0, 1, 2, 4, 3, 5).reshape(self.B, self.H, nq * BQ, nk * BK)[:, :, :self.T, :self.S]
 
-    def launch_order(self, n_seq: int, heads: int, transposed: bool = False) -> torch.Tensor:
-        """The block-sparse kernels' launch order: int32 `[n_seq * heads * R]`, entry p the program that the
-        p-th launched one runs, as (sequence * heads + head) * R + block, with R = NQB (forward, dQ) or NKB
-        (`transposed`: dK/dV, `heads` = Hkv, each program summing its query-head group). Programs with more
-        tiles start first, ties in (head, block) order (a stable sort). A grid launches its programs roughly
-        in index order, so with the natural order the heavy programs of the last heads (Longformer's and
-        BigBird's global rows, and the global keys' block in dK/dV: every query block visits it) start in
-        the last wave and run on alone. Cached per (n_seq, heads, transposed) on this mask."""
-        key = (n_seq, heads, transposed)
-        if key not in self._orders:
-            num, full = (self.q_num, self.full_q_num) if transposed else (self.kv_num, self.full_kv_num)
-            tiles = (num + full).expand(n_seq, -1, -1)
-            if self.H > 1 and self.H != heads:  # dK/dV under GQA: the query heads of each KV head, summed
-                tiles = tiles.reshape(n_seq, heads, self.H // heads, -1).sum(2)
-            tiles = tiles.expand(n_seq, heads, -1).reshape(-1)
-            self._orders[key] = torch.sort(-tiles, stable=True).indices.to(torch.int32)
-        return self._orders[key]
-
-    def kernel_args(self, n_seq: int, heads: int) -> tuple:
-        """Arguments of the forward / dQ kernels: query-block-major lists, the launch order and the mask's
-        broadcast strides."""
+    def kernel_args(self) -> tuple:
+        """Arguments of the forward / dQ kernels: query-block-major lists and the mask's broadcast strides."""
         return (self.kv_num, self.kv_idx, self.full_kv_num, self.full_kv_idx, self.tile_map, self.tile_bits,
-                self.launch_order(n_seq, heads), int(self.B > 1), int(self.H > 1), self.H, self.num_q_blocks,
-                self.num_kv_blocks)
+                int(self.B > 1), int(self.H > 1), self.H, self.num_q_blocks, self.num_kv_blocks)
 
-    def kernel_args_transposed(self, n_seq: int, kv_heads: int) -> tuple:
-        """Arguments of the dK/dV kernel: KV-block-major lists and their launch order."""
+    def kernel_args_transposed(self) -> tuple:
+        """Arguments of the dK/dV kernel: KV-block-major lists."""
         return (self.q_num, self.q_idx, self.full_q_num, self.full_q_idx, self.tile_map, self.tile_bits,
-                self.launch_order(n_seq, kv_heads, transposed=True), int(self.B > 1), int(self.H > 1), self.H,
-                self.num_q_blocks, self.num_kv_blocks)
+                int(self.B > 1), int(self.H > 1), self.H, self.num_q_blocks, self.num_kv_blocks)
 
     def __repr__(self) -> str:
         return (f"BlockMask(B={self.B}, H={self.H}, T={self.T}, S={self.S}, block={self.block}, "
