@@ -79,6 +79,10 @@ def presets() -> dict:
             "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=False), 8, 2),
         "gsa reverse state pass": (gsa_chunk._gsa_pass1_states, dict(a=BF, b=F32, **{n: F32 for n in (
             "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=True), 8, 2),
+        "gsa backward walk": (gsa_chunk._gsa_pass1_bwd, dict(
+            {n: BF for n in ("q", "k", "s", "g", "dq", "dk", "ds")},
+            **{n: F32 for n in ("o", "do", "dg", "dg_sum", "HS", "DHB")}, **gsa),
+            dict(C=16, SUB=4, BK=64, BM=64, DOT_PREC="tf32"), 8, 2),
         "engine state_fwd, vector gate": (chunk._state_fwd, state_fwd, dict(
             engine, GATE=2, DELTA=False, USE_H0=False, STORE_HT=True, RAW_G=False), 4, 2),
         "engine state_bwd, vector gate": (chunk_bwd._state_bwd, state_bwd, dict(

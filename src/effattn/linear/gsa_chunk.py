@@ -15,10 +15,12 @@ products) grouped in super-chunks of S = 64 (the sequential state passes). The f
    hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}); under autograd it also stores hk at every chunk's start.
 
 The backward (`_GsaPass1`) mirrors it: `_gsa_pass1_states` in reverse for the state gradient after every
-super-chunk (and the initial state's), `_gsa_pass1_bwd_scan` from there over each super-chunk's chunks in
-reverse for the state gradient after every chunk, `_gsa_pass1_bwd_chunk` for dq, dk, ds of all chunks at once
-and the gate's gradient (each chunk's reverse cumsum there, the later chunks' sums added after). Pass 1's chunk
-is its own (16 tokens: `[C, C, 16]` temporaries), whatever chunk pass 2 runs with.
+super-chunk (and the initial state's), then `_gsa_pass1_bwd`, one program per (super-chunk, sequence-head), over
+its chunks in reverse with the state gradient `[K, M]` in registers: dq, dk, ds and each chunk's part of the
+gate's gradient (its reverse cumsum within the chunk; the later chunks' sums are added after). The state
+gradient after every chunk is never stored: 2 GB less traffic at T = 64k, H = 16, than the per-chunk stores
+and reloads of the two-kernel backward before it. Pass 1's chunk is its own (16 tokens: `[C, C, 16]`
+temporaries), whatever chunk pass 2 runs with.
 """
 from __future__ import annotations
 
@@ -36,9 +38,8 @@ SLICE = 16  # slots per step of the exact pairwise products, `[C, C, SLICE]` (sm
 
 
 def _slice(factored: bool, BM: int) -> int:
-    """Slots per step of a chunk kernel: all of them for the factored products (dots only; sm_90a, K = M = 64:
-    the backward's 212 registers and 1648 instructions against 238 and 2192 in slices of 16, the prep's 1056
-    instructions against 1416), SLICE for the exact ones."""
+    """Slots per step of the prep: all of them for the factored products (dots only; sm_90a, K = M = 64: 1056
+    instructions against 1416 in slices of 16), SLICE for the exact ones."""
     return BM if factored else min(SLICE, BM)
 
 
@@ -198,88 +199,83 @@ def _gsa_pass1_scan(q, k, o, HB, HS, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, 
 
 
 @triton.jit
-def _gsa_pass1_bwd_scan(q, do, DHB, DHS, SS, Eb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
-                        BM: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One super-chunk's SUB chunks in reverse from dhk after it (DHB) `[K, SM]`: stores each chunk's dhk after
-    it (DHS, `[NT, B H, K, M]`), then dhk <- dhk e^{Gc_C} + scale q^T (do' e^{Gc})."""
-    bh, om, dhk, p_state, m_km, base_k, base_m, n0, n1 = _local_start(DHB, SS, T, H, K, M, NT, BK, SM, SUB)
-    rows = tl.arange(0, C)
-    for i in range(n1 - n0):
-        n = n1 - 1 - i
-        chunk = bh * NT + n
-        tl.store(DHS + tl.cast(n, tl.int64) * SS + p_state, dhk, mask=m_km)
-        p = (chunk * C + rows[:, None]) * BM + om[None, :]
-        t = n * C + rows
-        qn = _rows(q + base_k, n * C, T, 0, C, BK, K, H * K)
-        don = tl.load(do + base_m + t[:, None] * (H * M) + om[None, :], mask=(t[:, None] < T) & (om[None, :] < M),
-                      other=0.0)
-        dhk = tl.dot(tl.trans(qn), scale * don * tl.load(Eb + p),
-                     dhk * tl.load(Lb + chunk * BM + om)[None, :], input_precision=DOT_PREC)
+def _intra_grads(A, dos, ss, gc, last, rows, causal, C: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk's pairwise sums of the backward, full width `[C, BM]`: D_ij = sum_m do'_im s_jm e^{Gc_im - Gc_jm}
+    (j <= i, `[C, C]`) and ds'_jm = sum_{i>=j} A_ij do'_im e^{Gc_im - Gc_jm}, with A = q k^T (causal). Where every
+    slot's decay over the chunk is mild (`_mild`), as dots on do' e^{Gc - r} and s e^{r - Gc}, r = Gc_C / 2;
+    else row by row, each row's decays masked before exp (any g <= 0 is safe)."""
+    if _mild(last):
+        ref = 0.5 * last[None, :]
+        do_e = dos * tl.exp(gc - ref)
+        D = tl.dot(do_e, tl.trans(ss * tl.exp(ref - gc)), input_precision=DOT_PREC)
+        dsi = tl.exp(ref - gc) * tl.dot(tl.trans(A), do_e, input_precision=DOT_PREC)
+    else:
+        D = tl.zeros([C, C], tl.float32)
+        dsi = tl.zeros_like(dos)
+        for i in range(C):  # a loop, not unrolled: its temporaries stay few
+            row = rows[:, None] == i
+            gci = tl.sum(tl.where(row, gc, 0.0), 0)  # row i of Gc, do', A
+            doi = tl.sum(tl.where(row, dos, 0.0), 0)
+            ai = tl.sum(tl.where(row, A, 0.0), 0)
+            dec = tl.exp(tl.where(rows[:, None] <= i, gci[None, :] - gc, float("-inf")))  # e^{Gc_i - Gc_j} `[j, m]`
+            D += tl.where(row, tl.sum(doi[None, :] * ss * dec, 1)[None, :], 0.0)
+            dsi += ai[:, None] * doi[None, :] * dec
+    return tl.where(causal, D, 0.0), dsi
 
 
 @triton.jit
-def _gsa_pass1_bwd_chunk(q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, HS, DHS, SS, T, H, K, M, NT, scale,
-                         C: tl.constexpr, BK: tl.constexpr, SL: tl.constexpr, BM: tl.constexpr,
-                         FACTORED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dq, dk, ds of one chunk from hk at its start (HS) and dhk after it (DHS), slots in slices of SL:
-    dq_i = scale [hk (do'_i e^{Gc_i}) + sum_{j<=i} D_ij k_j], D_ij = sum_m do'_im s_jm e^{Gc_im - Gc_jm};
+def _gsa_pass1_bwd(q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, HS, DHB, SS, T, H, K, M, NT, scale, C: tl.constexpr,
+                   SUB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One super-chunk's SUB chunks in reverse, from dhk after it (DHB `[NS, B H, K, M]`, the reverse state pass),
+    with dhk `[K, M]` in registers: for each chunk, from hk at its start (HS `[NT, B H, K, M]`),
+    dq_i = scale [hk (do'_i e^{Gc_i}) + sum_{j<=i} D_ij k_j];
     dk_j = scale sum_{i>=j} D_ij q_i + dhk (s_j e^{Gc_C - Gc_j});
-    ds_jm = scale sum_{i>=j} (q_i . k_j) do'_im e^{Gc_im - Gc_jm} + (k_j dhk)_m e^{Gc_Cm - Gc_jm};
-    and the chunk's share of the gate's gradient, x = o' do' - s ds: its reverse cumsum within the chunk into dg
+    ds_jm = scale ds'_jm + (k_j dhk)_m e^{Gc_Cm - Gc_jm} (D, ds': `_intra_grads`);
+    the chunk's share of the gate's gradient, x = o' do' - s ds: its reverse cumsum within the chunk into dg
     (float32 `[B, NT C, H, M]`, every row) and its sum into dg_sum (`[B, NT, H, M]`), which the caller carries
-    over the later chunks. Launched twice like the prep: FACTORED, the pairwise sums as dots on do' e^{Gc - r}
-    and s e^{r - Gc}."""
-    n, bh, t0, base_k, base_m, rows, causal, mine = _chunk_program(g, T, H, K, M, C, BM, FACTORED)
-    if mine:
-        ok = tl.arange(0, BK)
-        qn = _rows(q + base_k, t0, T, 0, C, BK, K, H * K)
-        kn = _rows(k + base_k, t0, T, 0, C, BK, K, H * K)
-        D = tl.zeros([C, C], tl.float32)
-        dq_acc = tl.zeros([C, BK], tl.float32)
-        dk_acc = tl.zeros([C, BK], tl.float32)
-        t = t0 + rows
-        base_g = (bh // H) * NT * C * H * M + (bh % H) * M  # dg's rows: NT C per sequence
-        for ch in tl.static_range(0, BM, SL):
-            # every load of the slice before its products (one slice when FACTORED); the compiler still follows each
-            # load with its layout conversion, so their latencies overlap only in part
-            om = ch + tl.arange(0, SL)
-            m_tm = (t[:, None] < T) & (om[None, :] < M)
-            m_km = (ok[:, None] < K) & (om[None, :] < M)
-            p_km = (bh * K + ok[:, None]) * M + om[None, :]
-            g_rows = _rows(g + base_m, t0, T, ch, C, SL, M, H * M)
-            ss = _rows(s + base_m, t0, T, ch, C, SL, M, H * M)
-            dos = _rows(do + base_m, t0, T, ch, C, SL, M, H * M)
-            hk = tl.load(HS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)  # [BK, SL]
-            dhk = tl.load(DHS + tl.cast(n, tl.int64) * SS + p_km, mask=m_km, other=0.0)
-            o_rows = tl.load(o + base_m + t[:, None] * (H * M) + om[None, :], mask=m_tm, other=0.0)
-            if ch == 0:
-                A = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)  # q_i . k_j, j <= i
-            gc = tl.cumsum(g_rows, 0)
-            last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
-            if FACTORED:
-                ref = 0.5 * last[None, :]
-                do_e = dos * tl.exp(gc - ref)
-                D = tl.dot(do_e, tl.trans(ss * tl.exp(ref - gc)), D, input_precision=DOT_PREC)  # masked below
-                ds_intra = tl.exp(ref - gc) * tl.dot(tl.trans(A), do_e, input_precision=DOT_PREC)
-            else:
-                decay = tl.exp(tl.where(causal[:, :, None], gc[:, None, :] - gc[None, :, :], float("-inf")))
-                D += tl.sum(dos[:, None, :] * ss[None, :, :] * decay, 2)  # [i, j]
-                ds_intra = tl.sum(A[:, :, None] * dos[:, None, :] * decay, 0)  # [j, m]
-            to_end = tl.exp(last[None, :] - gc)
-            dq_acc = tl.dot(dos * tl.exp(gc), tl.trans(hk), dq_acc, input_precision=DOT_PREC)
-            dk_acc = tl.dot(ss * to_end, tl.trans(dhk), dk_acc, input_precision=DOT_PREC)
-            ds_j = scale * ds_intra + tl.dot(kn, dhk, input_precision=DOT_PREC) * to_end
-            tl.store(ds + base_m + t[:, None] * (H * M) + om[None, :], ds_j, mask=m_tm)
-            x = o_rows * dos - ss * ds_j
-            tl.store(dg + base_g + t[:, None] * (H * M) + om[None, :], tl.cumsum(x, 0, reverse=True),
-                     mask=om[None, :] < M)
-            tl.store(dg_sum + ((bh // H) * NT + n) * H * M + (bh % H) * M + om, tl.sum(x, 0), mask=om < M)
-        D = tl.where(causal, D, 0.0)
-        dq_acc = scale * (dq_acc + tl.dot(D, kn, input_precision=DOT_PREC))
-        dk_acc = dk_acc + scale * tl.dot(tl.trans(D), qn, input_precision=DOT_PREC)
+    over the later chunks; then dhk <- dhk e^{Gc_C} + scale q^T (do' e^{Gc}), the state gradient after the
+    chunk before."""
+    ns, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    base_k, base_m = bb * T * H * K + h * K, bb * T * H * M + h * M
+    dhk, p_state, m_km = _state_block(DHB + tl.cast(ns, tl.int64) * SS, bh, K, M, 0, BK, BM, True)
+    rows = tl.arange(0, C)
+    causal = rows[:, None] >= rows[None, :]
+    ok, om = tl.arange(0, BK), tl.arange(0, BM)
+    n0 = ns * SUB
+    n1 = tl.minimum(n0 + SUB, NT)
+    for i in range(n1 - n0):
+        n = n1 - 1 - i
+        t = n * C + rows
+        m_tm = (t[:, None] < T) & (om[None, :] < M)
+        qn = _rows(q + base_k, n * C, T, 0, C, BK, K, H * K)
+        kn = _rows(k + base_k, n * C, T, 0, C, BK, K, H * K)
+        g_rows = _rows(g + base_m, n * C, T, 0, C, BM, M, H * M)
+        ss = _rows(s + base_m, n * C, T, 0, C, BM, M, H * M)
+        dos = tl.load(do + base_m + t[:, None] * (H * M) + om[None, :], mask=m_tm, other=0.0)
+        hk = tl.load(HS + tl.cast(n, tl.int64) * SS + p_state, mask=m_km, other=0.0)
+        gc = tl.cumsum(g_rows, 0)
+        last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
+        A = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)  # q_i . k_j, j <= i
+        D, dsi = _intra_grads(A, dos, ss, gc, last, rows, causal, C, DOT_PREC)
+        # each gradient stored as soon as it is complete (shorter live ranges: 255 registers, sm_90a)
+        do_g = dos * tl.exp(gc)
         m_tk = (t[:, None] < T) & (ok[None, :] < K)
-        tl.store(dq + base_k + t[:, None] * (H * K) + ok[None, :], dq_acc, mask=m_tk)
-        tl.store(dk + base_k + t[:, None] * (H * K) + ok[None, :], dk_acc, mask=m_tk)
+        tl.store(dq + base_k + t[:, None] * (H * K) + ok[None, :],
+                 scale * tl.dot(D, kn, tl.dot(do_g, tl.trans(hk), input_precision=DOT_PREC), input_precision=DOT_PREC),
+                 mask=m_tk)
+        to_end = tl.exp(last[None, :] - gc)
+        tl.store(dk + base_k + t[:, None] * (H * K) + ok[None, :],
+                 tl.dot(ss * to_end, tl.trans(dhk), scale * tl.dot(tl.trans(D), qn, input_precision=DOT_PREC),
+                        input_precision=DOT_PREC), mask=m_tk)
+        ds_n = scale * dsi + tl.dot(kn, dhk, input_precision=DOT_PREC) * to_end
+        tl.store(ds + base_m + t[:, None] * (H * M) + om[None, :], ds_n, mask=m_tm)
+        x = tl.load(o + base_m + t[:, None] * (H * M) + om[None, :], mask=m_tm, other=0.0) * dos - ss * ds_n
+        base_g = bb * NT * C * H * M + h * M  # dg's rows: NT C per sequence
+        tl.store(dg + base_g + t[:, None] * (H * M) + om[None, :], tl.cumsum(x, 0, reverse=True),
+                 mask=om[None, :] < M)
+        tl.store(dg_sum + (bb * NT + n) * H * M + h * M + om, tl.sum(x, 0), mask=om < M)
+        dhk = tl.dot(tl.trans(qn), scale * do_g, dhk * tl.exp(last)[None, :], input_precision=DOT_PREC)
 
 
 def _dims(q, s):
@@ -332,8 +328,8 @@ def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
 
 
 class _GsaPass1(torch.autograd.Function):
-    """Pass 1 with its Triton backward: reverse state passes for dhk after every super-chunk then every chunk,
-    then dq, dk, ds for all chunks at once, and dg = reverse cumsum over T of (o' do' - s ds) plus
+    """Pass 1 with its Triton backward: the reverse state pass for dhk after every super-chunk, then each
+    super-chunk's chunks in reverse for dq, dk, ds, and dg = reverse cumsum over T of (o' do' - s ds) plus
     sum_k hk_T dhk_T (every term of o'_t carries e^{G_t}, every use of s_j e^{-G_j}, the final state e^{G_T})."""
 
     @staticmethod
@@ -353,20 +349,16 @@ class _GsaPass1(torch.autograd.Function):
         do = torch.zeros_like(o) if do is None else do.to(torch.float32).contiguous()
         dht = float32_state(dht)
         dhb, dh0 = _states(q, do, Eb, Lb, dht, ctx.scale, reverse=True)
-        dhs = torch.empty(NT, B * H, K, M, dtype=torch.float32, device=q.device)
-        SM = min(BM, 32)  # sm_90a, K = M = 64: 175 registers, no spills
-        _gsa_pass1_bwd_scan[(triton.cdiv(M, SM), dhb.shape[0], B * H)](
-            q, do, dhb, dhs, B * H * K * M, Eb, Lb, T, H, K, M, NT, float(ctx.scale), C=C, BK=BK, BM=BM, SM=SM,
-            SUB=SUPER // C, DOT_PREC=prec, num_warps=4, num_stages=2)
         dq = empty_output((B, T, H, K), q.dtype, q.device)  # complete in the kernel: stored in the inputs' dtype
         dk = empty_output((B, T, H, K), k.dtype, q.device)
         ds = empty_output((B, T, H, M), s.dtype, q.device)
         dg = empty_output((B, NT * C, H, M), torch.float32, q.device)
         dg_sum = empty_output((B, NT, H, M), torch.float32, q.device)
-        for factored in (True, False):  # sm_90a, K = M = 64, bf16 (tf32): 212 / 254 registers, no spills
-            _gsa_pass1_bwd_chunk[(NT, B * H)](q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, hs, dhs, B * H * K * M, T,
-                                              H, K, M, NT, float(ctx.scale), C=C, BK=BK, SL=_slice(factored, BM), BM=BM,
-                                              FACTORED=factored, DOT_PREC=prec, num_warps=8)
+        # sm_90a, K = M = 64, bf16 (tf32): 255 registers, 20 bytes spilled; two stages make the loop's dot operands
+        # asynchronous copies (one stage: 112 bytes spilled; benchmarks/walk_compile.py "gsa backward walk")
+        _gsa_pass1_bwd[(dhb.shape[0], B * H)](q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, hs, dhb, B * H * K * M, T, H,
+                                              K, M, NT, float(ctx.scale), C=C, SUB=SUPER // C, BK=BK, BM=BM,
+                                              DOT_PREC=prec, num_warps=8, num_stages=2)
         # dg_t = sum_{u >= t} x_u: the kernel's reverse cumsum within t's chunk plus the later chunks' sums. The
         # cumsum runs over the chunks as the last, contiguous dimension: over dim 1 of [B, NT, H, M] PyTorch's
         # outer-dimension scan walks the NT chunks one by one (1.0 ms at T = 64k, H = 16 on the H100)
