@@ -30,21 +30,28 @@ BF, F32, I32 = "*bf16", "*fp32", "*i32"
 
 
 def loop_loads(ttgir: str) -> list[list[str]]:
-    """Per `scf.for` (in text order), its global loads up to its `scf.yield`: 'async' (the pipeline's copies),
-    'ahead' (a synchronous load whose value the loop carries unconverted to the next step) or 'sync' (used, or
+    """Per `scf.for` (innermost first, in the order their regions close), the global loads of its step, those
+    in its `scf.if` branches included and its inner loops' not: 'async' (the pipeline's copies), 'ahead' (a
+    synchronous load whose value the loop's `scf.yield` carries unconverted to the next step) or 'sync' (used, or
     converted, in the step that issues it)."""
-    out = []
-    for part in ttgir.split("scf.for")[1:]:
-        body, _, rest = part.partition("scf.yield")
-        carried = set(re.findall(r"%[\w.#]+", rest.split("\n")[0]))
-        kinds = []
-        for line in body.splitlines():
-            if "async_copy_global" in line:
-                kinds.append("async")
-            elif "tt.load" in line:
-                name = line.strip().split(" = ")[0]
-                kinds.append("ahead" if name in carried else "sync")
-        out.append(kinds)
+    out, regions = [], []  # regions: [is a loop, its loads, the names its scf.yield carries]
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            is_loop, loads, carried = regions.pop()
+            if is_loop:
+                out.append(["ahead" if kind == "load" and name in carried else "sync" if kind == "load" else kind
+                            for kind, name in loads])
+            if text.endswith("{"):  # } else {
+                regions.append([False, [], set()])
+        elif text.endswith("{"):
+            regions.append(["scf.for" in text, [], set()])
+        elif "scf.yield" in text and regions:
+            regions[-1][2] = set(re.findall(r"%[\w.#]+", text))
+        elif "async_copy_global" in text or "tt.load" in text:
+            loop = next((r for r in reversed(regions) if r[0]), None)
+            if loop is not None:
+                loop[1].append(("async", "") if "async_copy_global" in text else ("load", text.split(" = ")[0]))
     return out
 
 
@@ -80,8 +87,11 @@ def presets() -> dict:
         "gsa reverse state pass": (gsa_chunk._gsa_pass1_states, dict(a=BF, b=F32, **{n: F32 for n in (
             "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=True), 8, 2),
         "gsa backward walk": (gsa_chunk._gsa_pass1_bwd, dict(
-            {n: BF for n in ("q", "k", "s", "g", "dq", "dk", "ds")},
-            **{n: F32 for n in ("o", "do", "dg", "dg_sum", "HS", "DHB")}, **gsa),
+            {n: BF for n in ("q", "k", "s", "g", "dk", "ds")},
+            **{n: F32 for n in ("o", "do", "dg", "dg_sum", "DHB")}, **gsa),
+            dict(C=16, SUB=4, BK=64, BM=64, DOT_PREC="tf32"), 8, 2),
+        "gsa backward dq walk": (gsa_chunk._gsa_pass1_bwd_dq, dict(
+            {n: BF for n in ("k", "s", "g", "dq")}, **{n: F32 for n in ("do", "HB")}, **gsa),
             dict(C=16, SUB=4, BK=64, BM=64, DOT_PREC="tf32"), 8, 2),
         "engine state_fwd, vector gate": (chunk._state_fwd, state_fwd, dict(
             engine, GATE=2, DELTA=False, USE_H0=False, STORE_HT=True, RAW_G=False), 4, 2),

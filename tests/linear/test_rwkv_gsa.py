@@ -168,17 +168,18 @@ def test_gsa_triton_pass1(monkeypatch, dtype, strong, T, K, M, state):
     (torch.float32, False, 83, 16, 40, True), (torch.float32, True, 64, 40, 24, False),
     (torch.float32, False, 9, 16, 40, True)])
 def test_gsa_triton_pass1_backward(monkeypatch, dtype, strong, T, K, M, state):
-    """Under autograd pass 1 runs gsa_chunk.py's forward (storing the chunk-start states) and its Triton backward:
-    gradients of q, k, v, s, g and both initial states (when given) vs the float64 reference (2x rule), on most
-    of the forward test's shapes, M = 40 where it had 20 (two slot blocks of 32 in the scans and state passes,
-    three slices of 16 in the chunk kernel); T = 83: the initial state's gradient through two super-chunks."""
+    """Under autograd pass 1 runs gsa_chunk.py's forward and its Triton backward (a spy sees its reverse state
+    pass): gradients of q, k, v, s, g and both initial states (when given) vs the float64 reference (2x rule), on
+    most of the forward test's shapes, M = 40 where it had 20 (two slot blocks of 32 in the scans and state
+    passes); strong gates take the exact (row by row) pairwise sums of the backward walks, mild ones the factored
+    dots; T = 83: the initial state's gradient through two super-chunks."""
     chunk_module = sys.modules["effattn.linear.gsa_chunk"]
-    stored = []
-    real = chunk_module._pass1
-    monkeypatch.setattr(chunk_module, "_pass1", lambda *a, **k: stored.append(k["store_states"]) or real(*a, **k))
+    reverse = []
+    real = chunk_module._states
+    monkeypatch.setattr(chunk_module, "_states", lambda *a, **k: reverse.append(k["reverse"]) or real(*a, **k))
     check_against_reference(_gsa_pair, _gsa_ref_pair, gsa_case(T=T, K=K, M=M, seed=5, strong=strong, state=state),
                             {"scale": 0.3}, dtype=dtype, form="chunk", chunk_size=16)
-    assert True in stored
+    assert True in reverse
 
 
 def test_gsa_decode_equals_chunk():

@@ -12,7 +12,7 @@ products) grouped in super-chunks of S = 64 (the sequential state passes). The f
    stores hk at every super-chunk's start and the final state.
 3. `_gsa_pass1_scan`, one program per (slot block, super-chunk, sequence-head), all super-chunks at once: from
    hk at its super-chunk's start `[K, SM]`, its <= 4 chunks in order, o' = scale ((q hk) e^{Gc} + intra),
-   hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}); under autograd it also stores hk at every chunk's start.
+   hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}).
 
 The backward (`_GsaPass1`) mirrors it: `_gsa_pass1_states` in reverse for the state gradient after every
 super-chunk (and the initial state's), then `_gsa_pass1_bwd`, one program per (super-chunk, sequence-head), over
@@ -176,17 +176,14 @@ def _local_start(HB, SS, T, H, K, M, NT, BK: tl.constexpr, SM: tl.constexpr, SUB
 
 
 @triton.jit
-def _gsa_pass1_scan(q, k, o, HB, HS, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
-                    BM: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr, STORE_STATES: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+def _gsa_pass1_scan(q, k, o, HB, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
+                    BM: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr, DOT_PREC: tl.constexpr):
     """One super-chunk's SUB chunks in order from hk at its start (HB) `[K, SM]`: o' `[B, T, H, M]` from the
-    prep's buffers, and (STORE_STATES) hk at every chunk's start into HS `[NT, B H, K, M]`."""
+    prep's buffers."""
     bh, om, hk, p_state, m_km, base_k, base_m, n0, n1 = _local_start(HB, SS, T, H, K, M, NT, BK, SM, SUB)
     rows = tl.arange(0, C)
     for n in range(n0, n1):
         chunk = bh * NT + n
-        if STORE_STATES:
-            tl.store(HS + tl.cast(n, tl.int64) * SS + p_state, hk, mask=m_km)
         p = (chunk * C + rows[:, None]) * BM + om[None, :]
         t = n * C + rows
         qn = _rows(q + base_k, n * C, T, 0, C, BK, K, H * K)
@@ -199,36 +196,79 @@ def _gsa_pass1_scan(q, k, o, HB, HS, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, 
 
 
 @triton.jit
-def _intra_grads(A, dos, ss, gc, last, rows, causal, C: tl.constexpr, DOT_PREC: tl.constexpr):
+def _intra_grads(A, dos, ss, gc, last, rows, causal, C: tl.constexpr, WANT_DS: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
     """One chunk's pairwise sums of the backward, full width `[C, BM]`: D_ij = sum_m do'_im s_jm e^{Gc_im - Gc_jm}
     (j <= i, `[C, C]`) and ds'_jm = sum_{i>=j} A_ij do'_im e^{Gc_im - Gc_jm}, with A = q k^T (causal). Where every
     slot's decay over the chunk is mild (`_mild`), as dots on do' e^{Gc - r} and s e^{r - Gc}, r = Gc_C / 2;
-    else row by row, each row's decays masked before exp (any g <= 0 is safe)."""
+    else row by row, each row's decays masked before exp (any g <= 0 is safe). Without WANT_DS, ds' is 0 (A
+    unused)."""
+    dsi = tl.zeros_like(dos)
     if _mild(last):
         ref = 0.5 * last[None, :]
         do_e = dos * tl.exp(gc - ref)
         D = tl.dot(do_e, tl.trans(ss * tl.exp(ref - gc)), input_precision=DOT_PREC)
-        dsi = tl.exp(ref - gc) * tl.dot(tl.trans(A), do_e, input_precision=DOT_PREC)
+        if WANT_DS:
+            dsi = tl.exp(ref - gc) * tl.dot(tl.trans(A), do_e, input_precision=DOT_PREC)
     else:
         D = tl.zeros([C, C], tl.float32)
-        dsi = tl.zeros_like(dos)
         for i in range(C):  # a loop, not unrolled: its temporaries stay few
             row = rows[:, None] == i
-            gci = tl.sum(tl.where(row, gc, 0.0), 0)  # row i of Gc, do', A
+            gci = tl.sum(tl.where(row, gc, 0.0), 0)  # row i of Gc, do'
             doi = tl.sum(tl.where(row, dos, 0.0), 0)
-            ai = tl.sum(tl.where(row, A, 0.0), 0)
             dec = tl.exp(tl.where(rows[:, None] <= i, gci[None, :] - gc, float("-inf")))  # e^{Gc_i - Gc_j} `[j, m]`
             D += tl.where(row, tl.sum(doi[None, :] * ss * dec, 1)[None, :], 0.0)
-            dsi += ai[:, None] * doi[None, :] * dec
+            if WANT_DS:
+                dsi += tl.sum(tl.where(row, A, 0.0), 0)[:, None] * doi[None, :] * dec  # A_ij do'_im e^{..}
     return tl.where(causal, D, 0.0), dsi
 
 
 @triton.jit
-def _gsa_pass1_bwd(q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, HS, DHB, SS, T, H, K, M, NT, scale, C: tl.constexpr,
+def _chunk_rows(k, s, g, do, base_k, base_m, n, T, H, K, M, C: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+    """Chunk n's rows of k `[C, BK]` and of s, g, do' `[C, BM]`, in their stored dtypes."""
+    return (_stored_rows(k + base_k, n * C, T, 0, C, BK, K, H * K),
+            _stored_rows(s + base_m, n * C, T, 0, C, BM, M, H * M),
+            _stored_rows(g + base_m, n * C, T, 0, C, BM, M, H * M),
+            _stored_rows(do + base_m, n * C, T, 0, C, BM, M, H * M))
+
+
+@triton.jit
+def _gsa_pass1_bwd_dq(k, s, g, do, dq, HB, SS, T, H, K, M, NT, scale, C: tl.constexpr, SUB: tl.constexpr,
+                      BK: tl.constexpr, BM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One super-chunk's SUB chunks in order from hk at its start (HB `[NS, B H, K, M]`, the forward state pass),
+    with hk `[K, M]` in registers: dq_i = scale [hk (do'_i e^{Gc_i}) + sum_{j<=i} D_ij k_j] (D: `_intra_grads`),
+    then hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc})."""
+    ns, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    base_k, base_m = bb * T * H * K + h * K, bb * T * H * M + h * M
+    hk, _, _ = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, M, 0, BK, BM, True)
+    rows = tl.arange(0, C)
+    causal = rows[:, None] >= rows[None, :]
+    ok = tl.arange(0, BK)
+    n0 = ns * SUB
+    n1 = tl.minimum(n0 + SUB, NT)
+    # each chunk's rows loaded one chunk ahead of use (the last step reloads its own): no step waits on a load
+    # issued in it (sm_90a, benchmarks/walk_compile.py: 3 synchronous loads per step otherwise)
+    nxt = _chunk_rows(k, s, g, do, base_k, base_m, n0, T, H, K, M, C, BK, BM)
+    for n in range(n0, n1):
+        t = n * C + rows
+        kn, ss, g_rows, dos = nxt[0].to(tl.float32), nxt[1].to(tl.float32), nxt[2].to(tl.float32), nxt[3]
+        nxt = _chunk_rows(k, s, g, do, base_k, base_m, tl.minimum(n + 1, n1 - 1), T, H, K, M, C, BK, BM)
+        gc = tl.cumsum(g_rows, 0)
+        last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
+        D = _intra_grads(None, dos, ss, gc, last, rows, causal, C, False, DOT_PREC)[0]
+        dq_n = tl.dot(D, kn, tl.dot(dos * tl.exp(gc), tl.trans(hk), input_precision=DOT_PREC), input_precision=DOT_PREC)
+        tl.store(dq + base_k + t[:, None] * (H * K) + ok[None, :], scale * dq_n,
+                 mask=(t[:, None] < T) & (ok[None, :] < K))
+        hk = tl.dot(tl.trans(kn), ss * tl.exp(last[None, :] - gc), hk * tl.exp(last)[None, :],
+                    input_precision=DOT_PREC)
+
+
+@triton.jit
+def _gsa_pass1_bwd(q, k, s, g, o, do, dk, ds, dg, dg_sum, DHB, SS, T, H, K, M, NT, scale, C: tl.constexpr,
                    SUB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, DOT_PREC: tl.constexpr):
     """One super-chunk's SUB chunks in reverse, from dhk after it (DHB `[NS, B H, K, M]`, the reverse state pass),
-    with dhk `[K, M]` in registers: for each chunk, from hk at its start (HS `[NT, B H, K, M]`),
-    dq_i = scale [hk (do'_i e^{Gc_i}) + sum_{j<=i} D_ij k_j];
+    with dhk `[K, M]` in registers: for each chunk
     dk_j = scale sum_{i>=j} D_ij q_i + dhk (s_j e^{Gc_C - Gc_j});
     ds_jm = scale ds'_jm + (k_j dhk)_m e^{Gc_Cm - Gc_jm} (D, ds': `_intra_grads`);
     the chunk's share of the gate's gradient, x = o' do' - s ds: its reverse cumsum within the chunk into dg
@@ -238,44 +278,43 @@ def _gsa_pass1_bwd(q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, HS, DHB, SS, T, H,
     ns, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
     base_k, base_m = bb * T * H * K + h * K, bb * T * H * M + h * M
-    dhk, p_state, m_km = _state_block(DHB + tl.cast(ns, tl.int64) * SS, bh, K, M, 0, BK, BM, True)
+    dhk, _, _ = _state_block(DHB + tl.cast(ns, tl.int64) * SS, bh, K, M, 0, BK, BM, True)
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
     ok, om = tl.arange(0, BK), tl.arange(0, BM)
     n0 = ns * SUB
     n1 = tl.minimum(n0 + SUB, NT)
+    # each chunk's rows (q, k, s, g, do', o') loaded one chunk ahead of use, as in `_gsa_pass1_bwd_dq` (sm_90a: 234
+    # registers and 1092 loop instructions, against 252 and 1367 with 5 synchronous loads per step)
+    nxt = _chunk_rows(k, s, g, do, base_k, base_m, n1 - 1, T, H, K, M, C, BK, BM)
+    q_nxt = _stored_rows(q + base_k, (n1 - 1) * C, T, 0, C, BK, K, H * K)
+    o_nxt = _stored_rows(o + base_m, (n1 - 1) * C, T, 0, C, BM, M, H * M)
     for i in range(n1 - n0):
         n = n1 - 1 - i
         t = n * C + rows
         m_tm = (t[:, None] < T) & (om[None, :] < M)
-        qn = _rows(q + base_k, n * C, T, 0, C, BK, K, H * K)
-        kn = _rows(k + base_k, n * C, T, 0, C, BK, K, H * K)
-        g_rows = _rows(g + base_m, n * C, T, 0, C, BM, M, H * M)
-        ss = _rows(s + base_m, n * C, T, 0, C, BM, M, H * M)
-        dos = tl.load(do + base_m + t[:, None] * (H * M) + om[None, :], mask=m_tm, other=0.0)
-        hk = tl.load(HS + tl.cast(n, tl.int64) * SS + p_state, mask=m_km, other=0.0)
+        qn, kn, ss, g_rows, dos = (q_nxt.to(tl.float32), nxt[0].to(tl.float32), nxt[1].to(tl.float32),
+                                   nxt[2].to(tl.float32), nxt[3])
+        nxt = _chunk_rows(k, s, g, do, base_k, base_m, tl.maximum(n - 1, n0), T, H, K, M, C, BK, BM)
+        o_n = o_nxt
+        q_nxt = _stored_rows(q + base_k, tl.maximum(n - 1, n0) * C, T, 0, C, BK, K, H * K)
+        o_nxt = _stored_rows(o + base_m, tl.maximum(n - 1, n0) * C, T, 0, C, BM, M, H * M)
         gc = tl.cumsum(g_rows, 0)
         last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
         A = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)  # q_i . k_j, j <= i
-        D, dsi = _intra_grads(A, dos, ss, gc, last, rows, causal, C, DOT_PREC)
-        # each gradient stored as soon as it is complete (shorter live ranges: 255 registers, sm_90a)
-        do_g = dos * tl.exp(gc)
-        m_tk = (t[:, None] < T) & (ok[None, :] < K)
-        tl.store(dq + base_k + t[:, None] * (H * K) + ok[None, :],
-                 scale * tl.dot(D, kn, tl.dot(do_g, tl.trans(hk), input_precision=DOT_PREC), input_precision=DOT_PREC),
-                 mask=m_tk)
+        D, dsi = _intra_grads(A, dos, ss, gc, last, rows, causal, C, True, DOT_PREC)
         to_end = tl.exp(last[None, :] - gc)
         tl.store(dk + base_k + t[:, None] * (H * K) + ok[None, :],
                  tl.dot(ss * to_end, tl.trans(dhk), scale * tl.dot(tl.trans(D), qn, input_precision=DOT_PREC),
-                        input_precision=DOT_PREC), mask=m_tk)
+                        input_precision=DOT_PREC), mask=(t[:, None] < T) & (ok[None, :] < K))
         ds_n = scale * dsi + tl.dot(kn, dhk, input_precision=DOT_PREC) * to_end
         tl.store(ds + base_m + t[:, None] * (H * M) + om[None, :], ds_n, mask=m_tm)
-        x = tl.load(o + base_m + t[:, None] * (H * M) + om[None, :], mask=m_tm, other=0.0) * dos - ss * ds_n
+        x = o_n * dos - ss * ds_n
         base_g = bb * NT * C * H * M + h * M  # dg's rows: NT C per sequence
         tl.store(dg + base_g + t[:, None] * (H * M) + om[None, :], tl.cumsum(x, 0, reverse=True),
                  mask=om[None, :] < M)
         tl.store(dg_sum + (bb * NT + n) * H * M + h * M + om, tl.sum(x, 0), mask=om < M)
-        dhk = tl.dot(tl.trans(qn), scale * do_g, dhk * tl.exp(last)[None, :], input_precision=DOT_PREC)
+        dhk = tl.dot(tl.trans(qn), scale * dos * tl.exp(gc), dhk * tl.exp(last)[None, :], input_precision=DOT_PREC)
 
 
 def _dims(q, s):
@@ -304,10 +343,10 @@ def _states(a, b, Xb, Lb, h0, scale: float, reverse: bool):
     return hb, last
 
 
-def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
+def _pass1(q, k, s, g, scale: float, h0):
     """Launch the prep, the state pass and the local scan on contiguous q, k, s, g: (o' `[B, T, H, M]`, final
-    hk `[B, H, K, M]`, chunk-start states `[NT, B H, K, M]` or None, and the prep's buffers the backward reuses),
-    all float32."""
+    hk `[B, H, K, M]`, the states at the super-chunks' starts `[NS, B H, K, M]`, and the prep's buffers the
+    backward reuses), all float32."""
     B, T, H, K, M, NT, BK, BM = _dims(q, s)
     C = CHUNK
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -319,12 +358,11 @@ def _pass1(q, k, s, g, scale: float, h0, store_states: bool):
                                      SL=_slice(factored, BM), FACTORED=factored, DOT_PREC=prec, num_warps=4)
     hb, ht = _states(k, s, Sb, Lb, float32_state(h0), 1.0, reverse=False)
     o = empty_output((B, T, H, M), torch.float32, q.device)
-    hs = torch.empty(NT, B * H, K, M, **f32) if store_states else None
     SM = min(BM, 32)  # sm_90a, K = M = 64: 237 registers, no spills
     _gsa_pass1_scan[(triton.cdiv(M, SM), hb.shape[0], B * H)](
-        q, k, o, hb, hs, B * H * K * M, Ib, Eb, Sb, Lb, T, H, K, M, NT, float(scale), C=C, BK=BK, BM=BM, SM=SM,
-        SUB=SUPER // C, STORE_STATES=store_states, DOT_PREC=prec, num_warps=4, num_stages=2)
-    return o, ht, hs, (Eb, Lb)
+        q, k, o, hb, B * H * K * M, Ib, Eb, Sb, Lb, T, H, K, M, NT, float(scale), C=C, BK=BK, BM=BM, SM=SM,
+        SUB=SUPER // C, DOT_PREC=prec, num_warps=4, num_stages=2)
+    return o, ht, hb, (Eb, Lb)
 
 
 class _GsaPass1(torch.autograd.Function):
@@ -335,14 +373,14 @@ class _GsaPass1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, s, g, h0, scale):
         q, k, s, g = (t.contiguous() for t in (q, k, s, g))
-        o, ht, hs, (Eb, Lb) = _pass1(q, k, s, g, scale, h0, store_states=True)
-        ctx.save_for_backward(q, k, s, g, o, ht, hs, Eb, Lb)
+        o, ht, hb, (Eb, Lb) = _pass1(q, k, s, g, scale, h0)
+        ctx.save_for_backward(q, k, s, g, o, ht, hb, Eb, Lb)
         ctx.scale, ctx.has_h0 = scale, h0 is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, s, g, o, ht, hs, Eb, Lb = ctx.saved_tensors
+        q, k, s, g, o, ht, hb, Eb, Lb = ctx.saved_tensors
         B, T, H, K, M, NT, BK, BM = _dims(q, s)
         C = CHUNK
         prec = buffer_dot_precision(q.dtype)
@@ -354,11 +392,13 @@ class _GsaPass1(torch.autograd.Function):
         ds = empty_output((B, T, H, M), s.dtype, q.device)
         dg = empty_output((B, NT * C, H, M), torch.float32, q.device)
         dg_sum = empty_output((B, NT, H, M), torch.float32, q.device)
-        # sm_90a, K = M = 64, bf16 (tf32): 255 registers, 20 bytes spilled; two stages make the loop's dot operands
-        # asynchronous copies (one stage: 112 bytes spilled; benchmarks/walk_compile.py "gsa backward walk")
-        _gsa_pass1_bwd[(dhb.shape[0], B * H)](q, k, s, g, o, do, dq, dk, ds, dg, dg_sum, hs, dhb, B * H * K * M, T, H,
-                                              K, M, NT, float(ctx.scale), C=C, SUB=SUPER // C, BK=BK, BM=BM,
-                                              DOT_PREC=prec, num_warps=8, num_stages=2)
+        # sm_90a, K = M = 64, bf16 (tf32), 8 warps, 2 stages: 194 (dq) and 234 registers, no spills
+        _gsa_pass1_bwd_dq[(hb.shape[0], B * H)](k, s, g, do, dq, hb, B * H * K * M, T, H, K, M, NT, float(ctx.scale),
+                                                C=C, SUB=SUPER // C, BK=BK, BM=BM, DOT_PREC=prec, num_warps=8,
+                                                num_stages=2)
+        _gsa_pass1_bwd[(dhb.shape[0], B * H)](q, k, s, g, o, do, dk, ds, dg, dg_sum, dhb, B * H * K * M, T, H, K, M,
+                                              NT, float(ctx.scale), C=C, SUB=SUPER // C, BK=BK, BM=BM, DOT_PREC=prec,
+                                              num_warps=8, num_stages=2)
         # dg_t = sum_{u >= t} x_u: the kernel's reverse cumsum within t's chunk plus the later chunks' sums. The
         # cumsum runs over the chunks as the last, contiguous dimension: over dim 1 of [B, NT, H, M] PyTorch's
         # outer-dimension scan walks the NT chunks one by one (1.0 ms at T = 64k, H = 16 on the H100)
@@ -377,5 +417,5 @@ def gsa_pass1_forward(q, k, s, g, scale: float, initial_state_k):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, s, g, initial_state_k)):
         return _GsaPass1.apply(q, k, s, g, initial_state_k, float(scale))
     q, k, s, g = (t.contiguous() for t in (q, k, s, g))
-    o, ht, _, _ = _pass1(q, k, s, g, scale, initial_state_k, store_states=False)
+    o, ht, _, _ = _pass1(q, k, s, g, scale, initial_state_k)
     return o, ht
