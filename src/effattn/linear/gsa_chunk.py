@@ -224,6 +224,19 @@ def _intra_grads(A, dos, ss, gc, last, rows, causal, C: tl.constexpr, WANT_DS: t
 
 
 @triton.jit
+def _walk_start(HB, SS, T, H, K, M, NT, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+    """A backward walk program's share, one (super-chunk, sequence-head): its sequence and head, the row bases of
+    `[B, T, H, K]` and `[B, T, H, M]` tensors, its state `[BK, BM]` from HB (`[NS, B H, K, M]`), the chunk's rows
+    `[C]` and causal mask `[C, C]`, and its chunks n0 .. n1."""
+    ns, bh = tl.program_id(0), tl.program_id(1)
+    bb, h = bh // H, bh % H
+    state, _, _ = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, M, 0, BK, BM, True)
+    rows = tl.arange(0, C)
+    return (bb, h, bb * T * H * K + h * K, bb * T * H * M + h * M, state, rows, rows[:, None] >= rows[None, :],
+            ns * SUB, tl.minimum(ns * SUB + SUB, NT))
+
+
+@triton.jit
 def _chunk_rows(k, s, g, do, base_k, base_m, n, T, H, K, M, C: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
     """Chunk n's rows of k `[C, BK]` and of s, g, do' `[C, BM]`, in their stored dtypes."""
     return (_stored_rows(k + base_k, n * C, T, 0, C, BK, K, H * K),
@@ -238,15 +251,8 @@ def _gsa_pass1_bwd_dq(k, s, g, do, dq, HB, SS, T, H, K, M, NT, scale, C: tl.cons
     """One super-chunk's SUB chunks in order from hk at its start (HB `[NS, B H, K, M]`, the forward state pass),
     with hk `[K, M]` in registers: dq_i = scale [hk (do'_i e^{Gc_i}) + sum_{j<=i} D_ij k_j] (D: `_intra_grads`),
     then hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc})."""
-    ns, bh = tl.program_id(0), tl.program_id(1)
-    bb, h = bh // H, bh % H
-    base_k, base_m = bb * T * H * K + h * K, bb * T * H * M + h * M
-    hk, _, _ = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, M, 0, BK, BM, True)
-    rows = tl.arange(0, C)
-    causal = rows[:, None] >= rows[None, :]
+    bb, h, base_k, base_m, hk, rows, causal, n0, n1 = _walk_start(HB, SS, T, H, K, M, NT, C, SUB, BK, BM)
     ok = tl.arange(0, BK)
-    n0 = ns * SUB
-    n1 = tl.minimum(n0 + SUB, NT)
     # each chunk's rows loaded one chunk ahead of use (the last step reloads its own): no step waits on a load
     # issued in it (sm_90a, benchmarks/walk_compile.py: 3 synchronous loads per step otherwise)
     nxt = _chunk_rows(k, s, g, do, base_k, base_m, n0, T, H, K, M, C, BK, BM)
@@ -275,15 +281,8 @@ def _gsa_pass1_bwd(q, k, s, g, o, do, dk, ds, dg, dg_sum, DHB, SS, T, H, K, M, N
     (float32 `[B, NT C, H, M]`, every row) and its sum into dg_sum (`[B, NT, H, M]`), which the caller carries
     over the later chunks; then dhk <- dhk e^{Gc_C} + scale q^T (do' e^{Gc}), the state gradient after the
     chunk before."""
-    ns, bh = tl.program_id(0), tl.program_id(1)
-    bb, h = bh // H, bh % H
-    base_k, base_m = bb * T * H * K + h * K, bb * T * H * M + h * M
-    dhk, _, _ = _state_block(DHB + tl.cast(ns, tl.int64) * SS, bh, K, M, 0, BK, BM, True)
-    rows = tl.arange(0, C)
-    causal = rows[:, None] >= rows[None, :]
+    bb, h, base_k, base_m, dhk, rows, causal, n0, n1 = _walk_start(DHB, SS, T, H, K, M, NT, C, SUB, BK, BM)
     ok, om = tl.arange(0, BK), tl.arange(0, BM)
-    n0 = ns * SUB
-    n1 = tl.minimum(n0 + SUB, NT)
     # each chunk's rows (q, k, s, g, do', o') loaded one chunk ahead of use, as in `_gsa_pass1_bwd_dq` (sm_90a: 234
     # registers and 1092 loop instructions, against 252 and 1367 with 5 synchronous loads per step)
     nxt = _chunk_rows(k, s, g, do, base_k, base_m, n1 - 1, T, H, K, M, C, BK, BM)
