@@ -15,12 +15,13 @@ products) grouped in super-chunks of S = 64 (the sequential state passes). The f
    hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}).
 
 The backward (`_GsaPass1`) mirrors it: `_gsa_pass1_states` in reverse for the state gradient after every
-super-chunk (and the initial state's), then `_gsa_pass1_bwd`, one program per (super-chunk, sequence-head), over
-its chunks in reverse with the state gradient `[K, M]` in registers: dq, dk, ds and each chunk's part of the
-gate's gradient (its reverse cumsum within the chunk; the later chunks' sums are added after). The state
-gradient after every chunk is never stored: 2 GB less traffic at T = 64k, H = 16, than the per-chunk stores
-and reloads of the two-kernel backward before it. Pass 1's chunk is its own (16 tokens: `[C, C, 16]`
-temporaries), whatever chunk pass 2 runs with.
+super-chunk (and the initial state's); then two walks, one program per (super-chunk, sequence-head), with the
+state `[K, M]` in registers: `_gsa_pass1_bwd_dq` forward from hk at the super-chunk's start for dq, and
+`_gsa_pass1_bwd` in reverse from the state gradient after it for dk, ds and each chunk's part of the gate's
+gradient (its reverse cumsum within the chunk; the later chunks' sums are added after). No per-chunk state is
+stored, forward or backward: 4 GB less traffic at T = 64k, H = 16, than the backward of 9eeaa87 (hk and
+dhk at every chunk, written and read back). Pass 1's chunk is its own (16 tokens: `[C, C, 16]` temporaries in
+the prep), whatever chunk pass 2 runs with.
 """
 from __future__ import annotations
 
