@@ -366,9 +366,10 @@ def _pass1(q, k, s, g, scale: float, h0):
 
 
 class _GsaPass1(torch.autograd.Function):
-    """Pass 1 with its Triton backward: the reverse state pass for dhk after every super-chunk, then each
-    super-chunk's chunks in reverse for dq, dk, ds, and dg = reverse cumsum over T of (o' do' - s ds) plus
-    sum_k hk_T dhk_T (every term of o'_t carries e^{G_t}, every use of s_j e^{-G_j}, the final state e^{G_T})."""
+    """Pass 1 with its Triton backward: the reverse state pass for dhk after every super-chunk, then two walks over
+    each super-chunk's chunks, forward from its start state for dq and in reverse from dhk after it for dk, ds,
+    and dg = reverse cumsum over T of (o' do' - s ds) plus sum_k hk_T dhk_T (every term of o'_t carries e^{G_t},
+    every use of s_j e^{-G_j}, the final state e^{G_T})."""
 
     @staticmethod
     def forward(ctx, q, k, s, g, h0, scale):
