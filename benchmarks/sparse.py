@@ -8,7 +8,8 @@ Writes sparse.json and sparse.md into --out (sparse_<part>.* with --only density
 split a run that would not fit one device call: the pattern part compiles FlexAttention for each of the
 7 patterns, fwd and bwd). Timings are triton.testing.do_bench medians on CUDA
 (perf_counter medians on CPU, meaningless except as a smoke test); every sparse time is next to the dense
-flash time and FlexAttention's time from the same run, as ratios.
+flash time and FlexAttention's time from the same run, as ratios. `--isolate` times each pattern row in a
+process of its own.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -142,9 +144,12 @@ def _sized_options(name, opts, N):
     return opts
 
 
-def pattern_vs_flex(cfg, names=None, deadline=math.inf, on_row=lambda rows: None):
+def pattern_vs_flex(cfg, names=None, deadline=math.inf, on_row=lambda rows: None, isolate_args=None):
     """Each pattern at each (N, D) of cfg.pattern_sizes vs compiled FlexAttention with the same mask;
-    stops starting new sizes once `deadline` (time.time()) has passed."""
+    stops starting new sizes once `deadline` (time.time()) has passed. With `isolate_args` (this script's options
+    that choose the config, e.g. ["--quick"]) each row runs in a process of its own (`--row`): no tuned
+    configuration, compiled kernel or allocator state of an earlier row carries over (2026-12-06: Longformer's
+    8k tiles took 1.63 ms fwd+bwd after other patterns, 1.05 ms alone)."""
     from torch.nn.attention.flex_attention import create_block_mask
     flex = flex_fn(cfg)
     rows = []
@@ -156,12 +161,23 @@ def pattern_vs_flex(cfg, names=None, deadline=math.inf, on_row=lambda rows: None
                 print(f"time budget spent: skipping {spec.name} at N={N}, D={D}", flush=True)
                 continue
             try:
-                rows.append(_pattern_row(cfg, flex, create_block_mask, spec, N, D))
+                rows.append(_pattern_row(cfg, flex, create_block_mask, spec, N, D) if isolate_args is None
+                            else _isolated_row(isolate_args, spec.name, N, D))
             except Exception as exc:  # e.g. a mask FlexAttention cannot compile: keep timing the others
                 print(f"{spec.name} N={N} D={D} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
                 continue
             on_row(rows)  # saved as it goes: a run cut off by the device's time limit keeps its rows
     return rows
+
+
+def _isolated_row(isolate_args, name, N, D):
+    """`_pattern_row` in a fresh process: this script with `--row NAME,N,D`, which prints the row as its last line."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *isolate_args, "--row", f"{name},{N},{D}"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
+    print(*out.stdout.strip().splitlines()[:-1], sep="\n", flush=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _pattern_row(cfg, flex, create_block_mask, spec, N, D):
@@ -180,7 +196,7 @@ def _pattern_row(cfg, flex, create_block_mask, spec, N, D):
     def theirs():
         return flex(qf, kf, vf, block_mask=fbm)
     r = {"method": spec.name, "options": {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in opts.items()},
-         "N": N, "D": D, "flex_build_s": flex_build_s, "flex_fwd_ms": bench(theirs, cfg.device),
+         "N": N, "D": D, "pid": os.getpid(), "flex_build_s": flex_build_s, "flex_fwd_ms": bench(theirs, cfg.device),
          "flex_fwd_bwd_ms": bench(fwd_bwd(theirs, qf, kf, vf), cfg.device) if flex_grad else math.nan, "by_block": {}}
     for block in cfg.pattern_blocks:
         t0 = time.perf_counter()
@@ -316,11 +332,20 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", choices=("density", "patterns", "quality"), action="append")
     ap.add_argument("--patterns", nargs="*", help="pattern methods to time (default: all)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="time each pattern row in a process of its own (no state carried over from earlier rows)")
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # NAME,N,D: one pattern row, printed as json (--isolate's child)
     ap.add_argument("--budget-s", type=float, default=math.inf,
                     help="start no new pattern size after this many seconds (the device call's limit)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = quick_config(device) if args.quick else full_config(device)
+    if args.row:
+        from torch.nn.attention.flex_attention import create_block_mask
+        name, N, D = args.row.split(",")
+        spec = next(s for s in SPECS if s.name == name)
+        print(json.dumps(_pattern_row(cfg, flex_fn(cfg), create_block_mask, spec, int(N), int(D))), flush=True)
+        return
     parts = args.only or ["density", "patterns", "quality"]
     import triton
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
@@ -342,7 +367,9 @@ def main(argv=None):
     with torch.no_grad():  # before the patterns: cheap, and the time budget cuts the pattern sweep
         qual = quality(cfg) if "quality" in parts else []
     save(dens, [], qual)
-    pats = pattern_vs_flex(cfg, args.patterns, deadline, lambda rows: save(dens, rows, qual)) if "patterns" in parts else []
+    isolate_args = (["--quick"] if args.quick else []) if args.isolate else None
+    pats = (pattern_vs_flex(cfg, args.patterns, deadline, lambda rows: save(dens, rows, qual), isolate_args)
+            if "patterns" in parts else [])
     save(dens, pats, qual)
     print(markdown(meta, dens, pats, qual))
 
