@@ -151,7 +151,7 @@ def pattern_vs_flex(cfg, names=None, deadline=math.inf, on_row=lambda rows: None
     configuration, compiled kernel or allocator state of an earlier row carries over (2026-12-06: Longformer's
     8k tiles took 1.63 ms fwd+bwd after other patterns, 1.05 ms alone)."""
     from torch.nn.attention.flex_attention import create_block_mask
-    flex = flex_fn(cfg)
+    flex = flex_fn(cfg) if isolate_args is None else None  # (an isolated row compiles its own)
     rows = []
     for N, D in cfg.pattern_sizes:
         for spec in SPECS:

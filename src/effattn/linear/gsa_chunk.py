@@ -166,14 +166,15 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
 
 @triton.jit
 def _local_start(HB, SS, T, H, K, M, NT, BK: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr):
-    """A local pass program's share, one (slot block, super-chunk, sequence-head): bh, its slot columns `[SM]`,
-    its state block `[BK, SM]` from HB (`[NS, B H, K, M]`, the state-pass's stores) with that block's offsets
-    and mask, the row bases of `[B, T, H, K]` and `[B, T, H, M]` tensors, and its chunks n0 .. n1."""
+    """A per-super-chunk program's share, one (slot block, super-chunk, sequence-head): bh, its slot columns
+    `[SM]`, its state block `[BK, SM]` from HB (`[NS, B H, K, M]`, a state pass's stores), the row bases of
+    `[B, T, H, K]` and `[B, T, H, M]` tensors, and its chunks n0 .. n1. The local scan splits the slots; the
+    backward walks take them all (one slot block, SM = BM)."""
     im, ns, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h = bh // H, bh % H
-    state, p_state, m_km = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, M, im * SM, BK, SM, True)
-    return (bh, im * SM + tl.arange(0, SM), state, p_state, m_km, bb * T * H * K + h * K, bb * T * H * M + h * M,
-            ns * SUB, tl.minimum(ns * SUB + SUB, NT))
+    state, _, _ = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, M, im * SM, BK, SM, True)
+    return (bh, im * SM + tl.arange(0, SM), state, bb * T * H * K + h * K, bb * T * H * M + h * M, ns * SUB,
+            tl.minimum(ns * SUB + SUB, NT))
 
 
 @triton.jit
@@ -181,7 +182,7 @@ def _gsa_pass1_scan(q, k, o, HB, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: t
                     BM: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr, DOT_PREC: tl.constexpr):
     """One super-chunk's SUB chunks in order from hk at its start (HB) `[K, SM]`: o' `[B, T, H, M]` from the
     prep's buffers."""
-    bh, om, hk, p_state, m_km, base_k, base_m, n0, n1 = _local_start(HB, SS, T, H, K, M, NT, BK, SM, SUB)
+    bh, om, hk, base_k, base_m, n0, n1 = _local_start(HB, SS, T, H, K, M, NT, BK, SM, SUB)
     rows = tl.arange(0, C)
     for n in range(n0, n1):
         chunk = bh * NT + n
@@ -225,19 +226,6 @@ def _intra_grads(A, dos, ss, gc, last, rows, causal, C: tl.constexpr, WANT_DS: t
 
 
 @triton.jit
-def _walk_start(HB, SS, T, H, K, M, NT, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
-    """A backward walk program's share, one (super-chunk, sequence-head): its sequence and head, the row bases of
-    `[B, T, H, K]` and `[B, T, H, M]` tensors, its state `[BK, BM]` from HB (`[NS, B H, K, M]`), the chunk's rows
-    `[C]` and causal mask `[C, C]`, and its chunks n0 .. n1."""
-    ns, bh = tl.program_id(0), tl.program_id(1)
-    bb, h = bh // H, bh % H
-    state, _, _ = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, M, 0, BK, BM, True)
-    rows = tl.arange(0, C)
-    return (bb, h, bb * T * H * K + h * K, bb * T * H * M + h * M, state, rows, rows[:, None] >= rows[None, :],
-            ns * SUB, tl.minimum(ns * SUB + SUB, NT))
-
-
-@triton.jit
 def _chunk_rows(k, s, g, do, base_k, base_m, n, T, H, K, M, C: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
     """Chunk n's rows of k `[C, BK]` and of s, g, do' `[C, BM]`, in their stored dtypes."""
     return (_stored_rows(k + base_k, n * C, T, 0, C, BK, K, H * K),
@@ -252,7 +240,9 @@ def _gsa_pass1_bwd_dq(k, s, g, do, dq, HB, SS, T, H, K, M, NT, scale, C: tl.cons
     """One super-chunk's SUB chunks in order from hk at its start (HB `[NS, B H, K, M]`, the forward state pass),
     with hk `[K, M]` in registers: dq_i = scale [hk (do'_i e^{Gc_i}) + sum_{j<=i} D_ij k_j] (D: `_intra_grads`),
     then hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc})."""
-    bb, h, base_k, base_m, hk, rows, causal, n0, n1 = _walk_start(HB, SS, T, H, K, M, NT, C, SUB, BK, BM)
+    _, _, hk, base_k, base_m, n0, n1 = _local_start(HB, SS, T, H, K, M, NT, BK, BM, SUB)
+    rows = tl.arange(0, C)
+    causal = rows[:, None] >= rows[None, :]
     ok = tl.arange(0, BK)
     # each chunk's rows loaded one chunk ahead of use (the last step reloads its own): no step waits on a load
     # issued in it (sm_90a, benchmarks/walk_compile.py: 3 synchronous loads per step otherwise)
@@ -282,9 +272,12 @@ def _gsa_pass1_bwd(q, k, s, g, o, do, dk, ds, dg, dg_sum, DHB, SS, T, H, K, M, N
     (float32 `[B, NT C, H, M]`, every row) and its sum into dg_sum (`[B, NT, H, M]`), which the caller carries
     over the later chunks; then dhk <- dhk e^{Gc_C} + scale q^T (do' e^{Gc}), the state gradient after the
     chunk before."""
-    bb, h, base_k, base_m, dhk, rows, causal, n0, n1 = _walk_start(DHB, SS, T, H, K, M, NT, C, SUB, BK, BM)
-    ok, om = tl.arange(0, BK), tl.arange(0, BM)
-    # each chunk's rows (q, k, s, g, do', o') loaded one chunk ahead of use, as in `_gsa_pass1_bwd_dq` (sm_90a: 234
+    bh, om, dhk, base_k, base_m, n0, n1 = _local_start(DHB, SS, T, H, K, M, NT, BK, BM, SUB)
+    bb, h = bh // H, bh % H
+    rows = tl.arange(0, C)
+    causal = rows[:, None] >= rows[None, :]
+    ok = tl.arange(0, BK)
+    # each chunk's rows (q, k, s, g, do', o') loaded one chunk ahead of use, as in `_gsa_pass1_bwd_dq` (sm_90a: 236
     # registers and 1092 loop instructions, against 252 and 1367 with 5 synchronous loads per step)
     nxt = _chunk_rows(k, s, g, do, base_k, base_m, n1 - 1, T, H, K, M, C, BK, BM)
     q_nxt = _stored_rows(q + base_k, (n1 - 1) * C, T, 0, C, BK, K, H * K)
@@ -393,11 +386,11 @@ class _GsaPass1(torch.autograd.Function):
         ds = empty_output((B, T, H, M), s.dtype, q.device)
         dg = empty_output((B, NT * C, H, M), torch.float32, q.device)
         dg_sum = empty_output((B, NT, H, M), torch.float32, q.device)
-        # sm_90a, K = M = 64, bf16 (tf32), 8 warps, 2 stages: 194 (dq) and 234 registers, no spills
-        _gsa_pass1_bwd_dq[(hb.shape[0], B * H)](k, s, g, do, dq, hb, B * H * K * M, T, H, K, M, NT, float(ctx.scale),
+        # sm_90a, K = M = 64, bf16 (tf32), 8 warps, 2 stages: 196 (dq) and 236 registers, no spills
+        _gsa_pass1_bwd_dq[(1, hb.shape[0], B * H)](k, s, g, do, dq, hb, B * H * K * M, T, H, K, M, NT, float(ctx.scale),
                                                 C=C, SUB=SUPER // C, BK=BK, BM=BM, DOT_PREC=prec, num_warps=8,
                                                 num_stages=2)
-        _gsa_pass1_bwd[(dhb.shape[0], B * H)](q, k, s, g, o, do, dk, ds, dg, dg_sum, dhb, B * H * K * M, T, H, K, M,
+        _gsa_pass1_bwd[(1, dhb.shape[0], B * H)](q, k, s, g, o, do, dk, ds, dg, dg_sum, dhb, B * H * K * M, T, H, K, M,
                                               NT, float(ctx.scale), C=C, SUB=SUPER // C, BK=BK, BM=BM, DOT_PREC=prec,
                                               num_warps=8, num_stages=2)
         # dg_t = sum_{u >= t} x_u: the kernel's reverse cumsum within t's chunk plus the later chunks' sums. The
