@@ -150,7 +150,6 @@ def pattern_vs_flex(cfg, names=None, deadline=math.inf, on_row=lambda rows: None
     that choose the config, e.g. ["--quick"]) each row runs in a process of its own (`--row`): no tuned
     configuration, compiled kernel or allocator state of an earlier row carries over (2026-12-06: Longformer's
     8k tiles took 1.63 ms fwd+bwd after other patterns, 1.05 ms alone)."""
-    from torch.nn.attention.flex_attention import create_block_mask
     flex = flex_fn(cfg) if isolate_args is None else None  # (an isolated row compiles its own)
     rows = []
     for N, D in cfg.pattern_sizes:
@@ -161,7 +160,7 @@ def pattern_vs_flex(cfg, names=None, deadline=math.inf, on_row=lambda rows: None
                 print(f"time budget spent: skipping {spec.name} at N={N}, D={D}", flush=True)
                 continue
             try:
-                rows.append(_pattern_row(cfg, flex, create_block_mask, spec, N, D) if isolate_args is None
+                rows.append(_pattern_row(cfg, flex, spec, N, D) if isolate_args is None
                             else _isolated_row(isolate_args, spec.name, N, D))
             except Exception as exc:  # e.g. a mask FlexAttention cannot compile: keep timing the others
                 print(f"{spec.name} N={N} D={D} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
@@ -180,7 +179,29 @@ def _isolated_row(isolate_args, name, N, D):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _pattern_row(cfg, flex, create_block_mask, spec, N, D):
+FLEX_MASK_BYTES = 4 << 30  # create_block_mask's working set per call: it evaluates the mask_mod on [B, H, T, S]
+
+
+def flex_block_mask(pattern, H, N, device, max_bytes=FLEX_MASK_BYTES):
+    """FlexAttention's BlockMask of `pattern` at length N. Eager `create_block_mask` evaluates the mask_mod on every
+    (h, q, kv) at once, with int64 index temporaries: BigBird's per-head random blocks at N = 16k, H = 16 asked for
+    32 GiB and ran out of memory (2026-12-07). A per-head pattern is therefore built a few heads per call (the
+    mask_mod sees heads h0 .., each call's h from 0) and the calls' block tables are joined along the heads."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+    if not pattern.per_head:
+        return create_block_mask(pattern, None, None, N, N, device=device)
+    step = max(1, min(H, max_bytes // (8 * N * N)))
+    parts = [create_block_mask(lambda b, h, q, kv, h0=h0: pattern(b, h + h0, q, kv), None, min(step, H - h0), N, N,
+                               device=device) for h0 in range(0, H, step)]
+    if len(parts) == 1:
+        return parts[0]
+    join = lambda name: torch.cat([getattr(m, name) for m in parts], dim=1)  # noqa: E731  [1, H, ...]
+    return BlockMask.from_kv_blocks(join("kv_num_blocks"), join("kv_indices"), join("full_kv_num_blocks"),
+                                    join("full_kv_indices"), BLOCK_SIZE=parts[0].BLOCK_SIZE, mask_mod=pattern,
+                                    seq_lengths=(N, N))
+
+
+def _pattern_row(cfg, flex, spec, N, D):
     opts = _sized_options(spec.name, cfg.pattern_options[spec.name], N)
     pattern = spec.build(N, N, cfg.H, **opts)
     sub = Config(**{**cfg.__dict__, "D": D})
@@ -189,7 +210,7 @@ def _pattern_row(cfg, flex, create_block_mask, spec, N, D):
     qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_(flex_grad) for t in (q, k, v))
     sync = torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    fbm = create_block_mask(pattern, None, cfg.H if pattern.per_head else None, N, N, device=cfg.device)
+    fbm = flex_block_mask(pattern, cfg.H, N, cfg.device)
     sync()
     flex_build_s = time.perf_counter() - t0
 
@@ -341,10 +362,9 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = quick_config(device) if args.quick else full_config(device)
     if args.row:
-        from torch.nn.attention.flex_attention import create_block_mask
         name, N, D = args.row.split(",")
         spec = next(s for s in SPECS if s.name == name)
-        print(json.dumps(_pattern_row(cfg, flex_fn(cfg), create_block_mask, spec, int(N), int(D))), flush=True)
+        print(json.dumps(_pattern_row(cfg, flex_fn(cfg), spec, int(N), int(D))), flush=True)
         return
     parts = args.only or ["density", "patterns", "quality"]
     import triton
