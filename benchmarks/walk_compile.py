@@ -86,6 +86,9 @@ def presets() -> dict:
             "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=False), 8, 2),
         "gsa reverse state pass": (gsa_chunk._gsa_pass1_states, dict(a=BF, b=F32, **{n: F32 for n in (
             "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=True), 8, 2),
+        "gsa scan": (gsa_chunk._gsa_pass1_scan, dict(
+            {n: BF for n in ("q", "k", "s", "g", "p")}, **{n: F32 for n in ("o", "HB")}, **gsa),
+            dict(C=16, SUB=4, BK=64, BM=64, STORE_O=True, DOT_PREC="tf32"), 8, 2),
         "gsa backward walk": (gsa_chunk._gsa_pass1_bwd, dict(
             {n: BF for n in ("q", "k", "s", "g", "dk", "ds")},
             **{n: F32 for n in ("o", "do", "dg", "dg_sum", "DHB")}, **gsa),

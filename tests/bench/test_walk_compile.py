@@ -18,12 +18,12 @@ def _reports(*names: str) -> dict:
 
 
 def test_walk_and_state_pass_loops_wait_on_no_load_of_their_own_step():
-    """The TTT forward walk's keys and step sizes, gsa's state passes' rows and chunk decays, its backward walks'
-    chunk rows, and the engine's vector-gate state passes' last gates are carried a step ahead: no synchronous
+    """The TTT forward walk's keys and step sizes, gsa's state passes' rows and chunk decays, its scan's and backward
+    walks' chunk rows, and the engine's vector-gate state passes' last gates are carried a step ahead: no synchronous
     load is left in those loops, and nothing spills."""
-    reports = _reports("ttt forward walk", "gsa state pass", "gsa reverse state pass", "gsa backward walk",
+    reports = _reports("ttt forward walk", "gsa state pass", "gsa reverse state pass", "gsa scan", "gsa backward walk",
                        "gsa backward dq walk", "engine state_fwd, vector gate", "engine state_bwd, vector gate")
-    assert len(reports) == 7, reports
+    assert len(reports) == 8, reports
     for name, r in reports.items():
         *inner, loop = r["loads_per_loop"]  # the walk closes last; an inner loop (gsa's exact sums) loads nothing
         assert not any(inner), (name, inner)

@@ -15,8 +15,9 @@ As two passes of the gated linear recurrence (Eq. 75):
     pass 2  hv_t = Diag(alpha_t) hv_{t-1} + s_t^T v_t,  o_t = softmax(o'_t) hv_t  (the engine: vector gate on
             its key channels, keys s, queries softmax(o'), scale 1)
 Pass 2 runs on the engine's Triton chunk kernels. Pass 1 gates the value columns, which the engine's kernels
-do not; it runs chunkwise on its own Triton kernels, forward and backward (gsa_chunk.py; float64 inputs take
-the PyTorch chunk form): inside a chunk with local cumulative gates Gc,
+do not; it runs chunkwise on its own Triton kernels, forward and backward, with the softmax over the slots fused
+into its last kernel (gsa_chunk.py; float64 inputs take the PyTorch chunk form): inside a chunk with local
+cumulative gates Gc,
     o'_i = scale * [(q_i hk_c) * e^{Gc_i} + sum_{j<=i} (q_i . k_j) s_j * e^{Gc_i - Gc_j}],
     hk_{c+1} = hk_c * e^{Gc_C} + k^T (s * e^{Gc_C - Gc}),
 decays taken pairwise and masked before exp, so any g <= 0 is safe.
@@ -110,9 +111,9 @@ def gsa(q, k, v, s, g, *, scale=None, initial_state_k=None, initial_state_v=None
     if form == "chunk":
         if q.dtype == torch.float64:
             ok, hk = _pass1_chunk(q, k, s, g, scale, initial_state_k, chunk_size)
+            p = ok.softmax(-1)
         else:
-            ok, hk = gsa_pass1_forward(q, k, s, g, scale, initial_state_k)
-        p = ok.softmax(-1).to(q.dtype)
+            p, hk = gsa_pass1_forward(q, k, s, g, scale, initial_state_k)  # softmax(o') fused, in q's dtype
         o, hv = chunk_gated_linear_attn(p, s.to(q.dtype), v, g, scale=1.0, initial_state=initial_state_v,
                                         output_final_state=True, chunk_size=chunk_size)
     else:

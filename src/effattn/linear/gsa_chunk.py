@@ -1,27 +1,28 @@
 """Triton forward and backward of gated slot attention's pass 1 (gsa.py's module docstring has the math): the
-recurrence hk_t = hk_{t-1} Diag(e^{g_t}) + k_t^T s_t, o'_t = scale * q_t hk_t, whose gate acts on the slot
-(value-side) columns, which the engine's kernels do not gate. Tokens go in chunks of C = 16 (the intra-chunk
-products) grouped in super-chunks of S = 64 (the sequential state passes). The forward is three launches:
+recurrence hk_t = hk_{t-1} Diag(e^{g_t}) + k_t^T s_t, o'_t = scale * q_t hk_t, read through the softmax over the
+slots p_t = softmax(o'_t), whose gate acts on the slot (value-side) columns, which the engine's kernels do not
+gate. Tokens go in chunks of C = 16 (the intra-chunk products) grouped in super-chunks of S = 64 (the sequential
+state passes). The forward is three launches:
 
-1. `_gsa_pass1_prep`, one program per (chunk, sequence, head), all chunks at once: the intra-chunk output
-   sum_{j<=i} (q_i . k_j) s_j e^{Gc_i - Gc_j} `[C, M]` (pairwise decays, masked before exp, over slices of the
-   slots), e^{Gc} `[C, M]`, the writes decayed to the chunk's end s e^{Gc_C - Gc} and e^{Gc_C} `[M]`.
+1. `_gsa_pass1_prep`, one program per (chunk, sequence-head), all chunks at once: from the chunk-local cumulative
+   gates Gc, the writes decayed to the chunk's end s e^{Gc_C - Gc} `[C, M]` and e^{Gc_C} `[M]`.
 2. `_gsa_pass1_states`, one program per (slot block, key block, sequence-head): super-chunks in order with a
    `[32, 32]` block of hk in registers, hk <- hk e^{G_S} + k^T (s e^{G_S - G}) over the super-chunk's 64 rows
    (G its own cumulative gates, taken from the prep's per-chunk buffers: no gate arithmetic in the loop);
    stores hk at every super-chunk's start and the final state.
-3. `_gsa_pass1_scan`, one program per (slot block, super-chunk, sequence-head), all super-chunks at once: from
-   hk at its super-chunk's start `[K, SM]`, its <= 4 chunks in order, o' = scale ((q hk) e^{Gc} + intra),
-   hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}).
+3. `_gsa_pass1_scan`, one program per (super-chunk, sequence-head), all super-chunks at once: from hk at its
+   super-chunk's start `[K, M]`, its <= 4 chunks in order, o' = scale ((q hk) e^{Gc} + intra) with the
+   intra-chunk sum_{j<=i} (q_i . k_j) s_j e^{Gc_i - Gc_j} in registers (`_intra_output`), p = softmax(o') stored
+   in the inputs' dtype (o' itself in float32 only for the backward), hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}).
 
-The backward (`_GsaPass1`) mirrors it: `_gsa_pass1_states` in reverse for the state gradient after every
-super-chunk (and the initial state's); then two walks, one program per (super-chunk, sequence-head), with the
-state `[K, M]` in registers: `_gsa_pass1_bwd_dq` forward from hk at the super-chunk's start for dq, and
-`_gsa_pass1_bwd` in reverse from the state gradient after it for dk, ds and each chunk's part of the gate's
-gradient (its reverse cumsum within the chunk; the later chunks' sums are added after). No per-chunk state is
-stored, forward or backward: 4 GB less traffic at T = 64k, H = 16, than the backward of 9eeaa87 (hk and
-dhk at every chunk, written and read back). Pass 1's chunk is its own (16 tokens: `[C, C, 16]` temporaries in
-the prep), whatever chunk pass 2 runs with.
+The backward (`_GsaPass1`) mirrors it: the slots' softmax backward (`_slot_softmax_bwd`, o' -> do'), the prep's
+e^{Gc} and `_gsa_pass1_states` in reverse for the state gradient after every super-chunk (and the initial
+state's); then two walks, one program per (super-chunk, sequence-head), with the state `[K, M]` in registers:
+`_gsa_pass1_bwd_dq` forward from hk at the super-chunk's start for dq, and `_gsa_pass1_bwd` in reverse from the
+state gradient after it for dk, ds and each chunk's part of the gate's gradient (its reverse cumsum within the
+chunk; the later chunks' sums are added after). No per-chunk state is stored, forward or backward: 4 GB less
+traffic at T = 64k, H = 16, than the backward of 9eeaa87 (hk and dhk at every chunk, written and read back).
+Pass 1's chunk is its own (16 tokens: `[C, C]` products), whatever chunk pass 2 runs with.
 """
 from __future__ import annotations
 
@@ -30,64 +31,29 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from .rwkv7_chunk import (_mild, _rows, _state_block, _stored_rows, block, buffer_dot_precision, chunk_buffers,
-                          float32_state)
+from .rwkv7_chunk import _mild, _rows, _state_block, _stored_rows, block, buffer_dot_precision, float32_state
 
 CHUNK = 16
 SUPER = 64  # tokens per step of the sequential state passes: 4 chunks
-SLICE = 16  # slots per step of the exact pairwise products, `[C, C, SLICE]` (sm_90a, K = M = 64: prep 126 registers)
-
-
-def _slice(factored: bool, BM: int) -> int:
-    """Slots per step of the prep: all of them for the factored products (dots only; sm_90a, K = M = 64: 1056
-    instructions against 1416 in slices of 16), SLICE for the exact ones."""
-    return BM if factored else min(SLICE, BM)
 
 
 @triton.jit
-def _gsa_pass1_prep(q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C: tl.constexpr, BK: tl.constexpr,
-                    BM: tl.constexpr, SL: tl.constexpr, FACTORED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One chunk's buffers; launched twice, FACTORED and not, each chunk done by the launch that matches
-    `_mild` (every slot's decay over the chunk above e^-MILD): the intra-chunk sum as one dot per slot slice,
-    e^{Gc - r} (qk (s e^{r - Gc})) with r = Gc_C / 2 (every factor within e^{MILD / 2}); else the pairwise
-    decays, masked before exp, `[C, C, SL]`."""
-    n, bh, t0, base_k, base_m, rows, causal, mine = _chunk_program(g, T, H, K, M, C, BM, FACTORED)
-    if mine:
-        qk = tl.dot(_rows(q + base_k, t0, T, 0, C, BK, K, H * K),
-                    tl.trans(_rows(k + base_k, t0, T, 0, C, BK, K, H * K)), input_precision=DOT_PREC)
-        qk = tl.where(causal, qk, 0.0)
-        chunk = bh * NT + n  # buffers: [B H, NT, C, BM], [B H, NT, BM]
-        for ch in tl.static_range(0, BM, SL):
-            gc = tl.cumsum(_rows(g + base_m, t0, T, ch, C, SL, M, H * M), 0)
-            ss = _rows(s + base_m, t0, T, ch, C, SL, M, H * M)
-            last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
-            if FACTORED:
-                ref = 0.5 * last[None, :]
-                intra = tl.exp(gc - ref) * tl.dot(qk, ss * tl.exp(ref - gc), input_precision=DOT_PREC)
-            else:
-                e = tl.where(causal[:, :, None], gc[:, None, :] - gc[None, :, :], float("-inf"))
-                intra = tl.sum(qk[:, :, None] * ss[None, :, :] * tl.exp(e), 1)  # [C, SL]
-            om = ch + tl.arange(0, SL)
-            p = (chunk * C + rows[:, None]) * BM + om[None, :]
-            tl.store(Ib + p, intra)
-            tl.store(Eb + p, tl.exp(gc))
-            tl.store(Sb + p, ss * tl.exp(last[None, :] - gc))
-            tl.store(Lb + chunk * BM + om, tl.exp(last))
-
-
-@triton.jit
-def _chunk_program(g, T, H, K, M, C: tl.constexpr, BM: tl.constexpr, FACTORED: tl.constexpr):
-    """A per-chunk program's share, one (chunk, sequence-head): n, bh, the chunk's first token, the row bases of
-    `[B, T, H, K]` and `[B, T, H, M]` tensors, its rows `[C]`, the causal mask `[C, C]`, and whether this launch
-    does the chunk (FACTORED where every slot's total log gate Gc_C is above -MILD, `_mild`)."""
+def _gsa_pass1_prep(g, s, X, Lb, T, H, M, NT, C: tl.constexpr, BM: tl.constexpr, FORWARD: tl.constexpr):
+    """One (chunk, sequence-head)'s gate buffers `[B H, NT, C, BM]` from its chunk-local cumulative gates Gc (rows
+    past T and slots past M: g = s = 0): forward (the state pass's inputs) X = s e^{Gc_C - Gc} and Lb = e^{Gc_C}
+    `[B H, NT, BM]`; else (the reverse state pass's) X = e^{Gc}."""
     n, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
-    t0 = n * C
     base_m = bb * T * H * M + h * M
-    rows = tl.arange(0, C)
-    last = tl.sum(_rows(g + base_m, t0, T, 0, C, BM, M, H * M), 0)
-    return (n, bh, t0, bb * T * H * K + h * K, base_m, rows, rows[:, None] >= rows[None, :],
-            _mild(last) == FACTORED)
+    rows, om = tl.arange(0, C), tl.arange(0, BM)
+    gc = tl.cumsum(_rows(g + base_m, n * C, T, 0, C, BM, M, H * M), 0)
+    p = ((bh * NT + n) * C + rows[:, None]) * BM + om[None, :]
+    if FORWARD:
+        last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
+        tl.store(X + p, _rows(s + base_m, n * C, T, 0, C, BM, M, H * M) * tl.exp(last[None, :] - gc))
+        tl.store(Lb + (bh * NT + n) * BM + om, tl.exp(last))
+    else:
+        tl.store(X + p, tl.exp(gc))
 
 
 @triton.jit
@@ -168,8 +134,8 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
 def _local_start(HB, SS, T, H, K, M, NT, BK: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr):
     """A per-super-chunk program's share, one (slot block, super-chunk, sequence-head): bh, its slot columns
     `[SM]`, its state block `[BK, SM]` from HB (`[NS, B H, K, M]`, a state pass's stores), the row bases of
-    `[B, T, H, K]` and `[B, T, H, M]` tensors, and its chunks n0 .. n1. The local scan splits the slots; the
-    backward walks take them all (one slot block, SM = BM)."""
+    `[B, T, H, K]` and `[B, T, H, M]` tensors, and its chunks n0 .. n1. The local scan and the backward walks take
+    every slot (one slot block, SM = BM)."""
     im, ns, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h = bh // H, bh % H
     state, _, _ = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, M, im * SM, BK, SM, True)
@@ -178,23 +144,76 @@ def _local_start(HB, SS, T, H, K, M, NT, BK: tl.constexpr, SM: tl.constexpr, SUB
 
 
 @triton.jit
-def _gsa_pass1_scan(q, k, o, HB, SS, Ib, Eb, Sb, Lb, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
-                    BM: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One super-chunk's SUB chunks in order from hk at its start (HB) `[K, SM]`: o' `[B, T, H, M]` from the
-    prep's buffers."""
-    bh, om, hk, base_k, base_m, n0, n1 = _local_start(HB, SS, T, H, K, M, NT, BK, SM, SUB)
+def _intra_output(qk, ss, gc, last, rows, C: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk's intra-chunk output sum_{j<=i} A_ij s_jm e^{Gc_im - Gc_jm} `[C, BM]` from A = q k^T (causal,
+    `[C, C]`): where every slot's decay over the chunk is mild (`_mild`), one dot e^{Gc - r} (A (s e^{r - Gc}))
+    with r = Gc_C / 2 (every factor within e^{MILD / 2}); else row by row, each row's decays masked before exp
+    (any g <= 0 is safe)."""
+    if _mild(last):
+        ref = 0.5 * last[None, :]
+        intra = tl.exp(gc - ref) * tl.dot(qk, ss * tl.exp(ref - gc), input_precision=DOT_PREC)
+    else:
+        intra = tl.zeros_like(ss)
+        for i in range(C):  # a loop, not unrolled: its temporaries stay few
+            row = rows[:, None] == i
+            gci = tl.sum(tl.where(row, gc, 0.0), 0)  # row i of Gc `[BM]`, of A `[C]` (over j)
+            ai = tl.sum(tl.where(row, qk, 0.0), 0)
+            dec = tl.exp(tl.where(rows[:, None] <= i, gci[None, :] - gc, float("-inf")))  # e^{Gc_i - Gc_j} `[j, m]`
+            intra += tl.where(row, tl.sum(ai[:, None] * ss * dec, 0)[None, :], 0.0)
+    return intra
+
+
+@triton.jit
+def _scan_rows(q, k, s, g, base_k, base_m, n, T, H, K, M, C: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+    """Chunk n's rows of q, k `[C, BK]` and of s, g `[C, BM]`, in their stored dtypes."""
+    return (_stored_rows(q + base_k, n * C, T, 0, C, BK, K, H * K),
+            _stored_rows(k + base_k, n * C, T, 0, C, BK, K, H * K),
+            _stored_rows(s + base_m, n * C, T, 0, C, BM, M, H * M),
+            _stored_rows(g + base_m, n * C, T, 0, C, BM, M, H * M))
+
+
+@triton.jit
+def _gsa_pass1_scan(q, k, s, g, o, p, HB, SS, T, H, K, M, NT, scale, C: tl.constexpr, BK: tl.constexpr,
+                    BM: tl.constexpr, SUB: tl.constexpr, STORE_O: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One super-chunk's SUB chunks in order from hk at its start (HB `[NS, B H, K, M]`) `[K, M]`: p = softmax(o')
+    over the slots `[B, T, H, M]` in p's dtype, and with STORE_O o' itself (float32)."""
+    _, om, hk, base_k, base_m, n0, n1 = _local_start(HB, SS, T, H, K, M, NT, BK, BM, SUB)
     rows = tl.arange(0, C)
+    causal = rows[:, None] >= rows[None, :]
+    nxt = _scan_rows(q, k, s, g, base_k, base_m, n0, T, H, K, M, C, BK, BM)  # one chunk ahead of use
     for n in range(n0, n1):
-        chunk = bh * NT + n
-        p = (chunk * C + rows[:, None]) * BM + om[None, :]
         t = n * C + rows
-        qn = _rows(q + base_k, n * C, T, 0, C, BK, K, H * K)
-        kn = _rows(k + base_k, n * C, T, 0, C, BK, K, H * K)
-        out = tl.dot(qn, hk, input_precision=DOT_PREC) * tl.load(Eb + p) + tl.load(Ib + p)
-        tl.store(o + base_m + t[:, None] * (H * M) + om[None, :], scale * out,
-                 mask=(t[:, None] < T) & (om[None, :] < M))
-        hk = tl.dot(tl.trans(kn), tl.load(Sb + p), hk * tl.load(Lb + chunk * BM + om)[None, :],
+        qn, kn, ss, g_rows = nxt[0].to(tl.float32), nxt[1].to(tl.float32), nxt[2].to(tl.float32), nxt[3].to(tl.float32)
+        nxt = _scan_rows(q, k, s, g, base_k, base_m, tl.minimum(n + 1, n1 - 1), T, H, K, M, C, BK, BM)
+        gc = tl.cumsum(g_rows, 0)
+        last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
+        qk = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)
+        out = scale * (tl.dot(qn, hk, input_precision=DOT_PREC) * tl.exp(gc)
+                       + _intra_output(qk, ss, gc, last, rows, C, DOT_PREC))
+        m_tm = (t[:, None] < T) & (om[None, :] < M)
+        offs = base_m + t[:, None] * (H * M) + om[None, :]
+        if STORE_O:
+            tl.store(o + offs, out, mask=m_tm)
+        logits = tl.where(om[None, :] < M, out, float("-inf"))
+        e = tl.exp(logits - tl.max(logits, 1)[:, None])
+        tl.store(p + offs, (e / tl.sum(e, 1)[:, None]).to(p.dtype.element_ty), mask=m_tm)
+        hk = tl.dot(tl.trans(kn), ss * tl.exp(last[None, :] - gc), hk * tl.exp(last)[None, :],
                     input_precision=DOT_PREC)
+
+
+@triton.jit
+def _slot_softmax_bwd(o, dp, do, R, M, BR: tl.constexpr, BM: tl.constexpr):
+    """The slots' softmax backward on BR rows of the `[R, M]` views: do' = p (dp - sum_m p dp), p = softmax(o')
+    recomputed from o' (float32)."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    om = tl.arange(0, BM)
+    m = (r[:, None] < R) & (om[None, :] < M)
+    offs = r[:, None] * M + om[None, :]
+    logits = tl.where(om[None, :] < M, tl.load(o + offs, mask=m, other=0.0), float("-inf"))
+    e = tl.exp(logits - tl.max(logits, 1)[:, None])
+    pr = e / tl.sum(e, 1)[:, None]
+    d = tl.load(dp + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(do + offs, pr * (d - tl.sum(pr * d, 1)[:, None]), mask=m)
 
 
 @triton.jit
@@ -336,50 +355,62 @@ def _states(a, b, Xb, Lb, h0, scale: float, reverse: bool):
     return hb, last
 
 
-def _pass1(q, k, s, g, scale: float, h0):
-    """Launch the prep, the state pass and the local scan on contiguous q, k, s, g: (o' `[B, T, H, M]`, final
-    hk `[B, H, K, M]`, the states at the super-chunks' starts `[NS, B H, K, M]`, and the prep's buffers the
-    backward reuses), all float32."""
+def _prep(g, s, forward: bool):
+    """The prep's buffers on contiguous g, s `[B, T, H, M]`: forward (s e^{Gc_C - Gc} `[B H, NT, C, BM]`,
+    e^{Gc_C} `[B H, NT, BM]`), else (e^{Gc} `[B H, NT, C, BM]`, None); float32."""
+    B, T, H, M = g.shape
+    NT, BM = triton.cdiv(T, CHUNK), block(M)
+    x = torch.empty(B * H, NT, CHUNK, BM, dtype=torch.float32, device=g.device)
+    last = torch.empty(B * H, NT, BM, dtype=torch.float32, device=g.device) if forward else None
+    _gsa_pass1_prep[(NT, B * H)](g, s, x, last if forward else x, T, H, M, NT, C=CHUNK, BM=BM, FORWARD=forward,
+                                 num_warps=2)
+    return x, last
+
+
+def _pass1(q, k, s, g, scale: float, h0, store_o: bool):
+    """Launch the prep, the state pass and the local scan on contiguous q, k, s, g: (p = softmax(o') `[B, T, H, M]`
+    in q's dtype, o' float32 (with `store_o`, else None), final hk `[B, H, K, M]`, the states at the
+    super-chunks' starts `[NS, B H, K, M]`, e^{Gc_C} `[B H, NT, BM]`), the last three float32."""
     B, T, H, K, M, NT, BK, BM = _dims(q, s)
-    C = CHUNK
-    f32 = dict(dtype=torch.float32, device=q.device)
-    Ib, Eb, Sb = chunk_buffers(B * H, NT, C, (BM,) * 3, q.device)
-    Lb = torch.empty(B * H, NT, BM, **f32)
-    prec = buffer_dot_precision(q.dtype)
-    for factored in (True, False):  # each chunk is done by one of the two
-        _gsa_pass1_prep[(NT, B * H)](q, k, s, g, Ib, Eb, Sb, Lb, T, H, K, M, NT, C=C, BK=BK, BM=BM,
-                                     SL=_slice(factored, BM), FACTORED=factored, DOT_PREC=prec, num_warps=4)
+    Sb, Lb = _prep(g, s, forward=True)
     hb, ht = _states(k, s, Sb, Lb, float32_state(h0), 1.0, reverse=False)
-    o = empty_output((B, T, H, M), torch.float32, q.device)
-    SM = min(BM, 32)  # sm_90a, K = M = 64: 237 registers, no spills
-    _gsa_pass1_scan[(triton.cdiv(M, SM), hb.shape[0], B * H)](
-        q, k, o, hb, B * H * K * M, Ib, Eb, Sb, Lb, T, H, K, M, NT, float(scale), C=C, BK=BK, BM=BM, SM=SM,
-        SUB=SUPER // C, DOT_PREC=prec, num_warps=4, num_stages=2)
-    return o, ht, hb, (Eb, Lb)
+    p = empty_output((B, T, H, M), q.dtype, q.device)
+    o = empty_output((B, T, H, M), torch.float32, q.device) if store_o else p
+    # sm_90a, K = M = 64, bf16 (tf32), 8 warps, 2 stages: 173 registers, no spills, no synchronous load per step
+    _gsa_pass1_scan[(1, hb.shape[0], B * H)](
+        q, k, s, g, o, p, hb, B * H * K * M, T, H, K, M, NT, float(scale), C=CHUNK, BK=BK, BM=BM, SUB=SUPER // CHUNK,
+        STORE_O=store_o, DOT_PREC=buffer_dot_precision(q.dtype), num_warps=8, num_stages=2)
+    return p, o if store_o else None, ht, hb, Lb
 
 
 class _GsaPass1(torch.autograd.Function):
-    """Pass 1 with its Triton backward: the reverse state pass for dhk after every super-chunk, then two walks over
-    each super-chunk's chunks, forward from its start state for dq and in reverse from dhk after it for dk, ds,
-    and dg = reverse cumsum over T of (o' do' - s ds) plus sum_k hk_T dhk_T (every term of o'_t carries e^{G_t},
-    every use of s_j e^{-G_j}, the final state e^{G_T})."""
+    """Pass 1 with its Triton backward: the slots' softmax backward, the reverse state pass for dhk after every
+    super-chunk, then two walks over each super-chunk's chunks, forward from its start state for dq and in reverse
+    from dhk after it for dk, ds, and dg = reverse cumsum over T of (o' do' - s ds) plus sum_k hk_T dhk_T (every
+    term of o'_t carries e^{G_t}, every use of s_j e^{-G_j}, the final state e^{G_T})."""
 
     @staticmethod
     def forward(ctx, q, k, s, g, h0, scale):
         q, k, s, g = (t.contiguous() for t in (q, k, s, g))
-        o, ht, hb, (Eb, Lb) = _pass1(q, k, s, g, scale, h0)
-        ctx.save_for_backward(q, k, s, g, o, ht, hb, Eb, Lb)
+        p, o, ht, hb, Lb = _pass1(q, k, s, g, scale, h0, store_o=True)
+        ctx.save_for_backward(q, k, s, g, o, ht, hb, Lb)
         ctx.scale, ctx.has_h0 = scale, h0 is not None
-        return o, ht
+        return p, ht
 
     @staticmethod
-    def backward(ctx, do, dht):
-        q, k, s, g, o, ht, hb, Eb, Lb = ctx.saved_tensors
+    def backward(ctx, dp, dht):
+        q, k, s, g, o, ht, hb, Lb = ctx.saved_tensors
         B, T, H, K, M, NT, BK, BM = _dims(q, s)
         C = CHUNK
         prec = buffer_dot_precision(q.dtype)
-        do = torch.zeros_like(o) if do is None else do.to(torch.float32).contiguous()
+        if dp is None:
+            do = torch.zeros_like(o)
+        else:  # do' `[B, T, H, M]` float32
+            do = empty_output(o.shape, torch.float32, o.device)
+            rows = B * T * H
+            _slot_softmax_bwd[(triton.cdiv(rows, 32),)](o, dp.contiguous(), do, rows, M, BR=32, BM=BM, num_warps=4)
         dht = float32_state(dht)
+        Eb, _ = _prep(g, s, forward=False)
         dhb, dh0 = _states(q, do, Eb, Lb, dht, ctx.scale, reverse=True)
         dq = empty_output((B, T, H, K), q.dtype, q.device)  # complete in the kernel: stored in the inputs' dtype
         dk = empty_output((B, T, H, K), k.dtype, q.device)
@@ -407,10 +438,10 @@ class _GsaPass1(torch.autograd.Function):
 
 
 def gsa_pass1_forward(q, k, s, g, scale: float, initial_state_k):
-    """o' `[B, T, H, M]` float32 and the final hk `[B, H, K, M]` float32 (inputs checked by `gsa`);
-    differentiable in q, k, s, g and the initial state through the Triton backward."""
+    """The slot weights p = softmax(o') `[B, T, H, M]` in q's dtype and the final hk `[B, H, K, M]` float32 (inputs
+    checked by `gsa`); differentiable in q, k, s, g and the initial state through the Triton backward."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, s, g, initial_state_k)):
         return _GsaPass1.apply(q, k, s, g, initial_state_k, float(scale))
     q, k, s, g = (t.contiguous() for t in (q, k, s, g))
-    o, ht, _, _ = _pass1(q, k, s, g, scale, initial_state_k)
-    return o, ht
+    p, _, ht, _, _ = _pass1(q, k, s, g, scale, initial_state_k, store_o=False)
+    return p, ht
