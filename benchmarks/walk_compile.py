@@ -95,7 +95,7 @@ def presets() -> dict:
             dict(C=16, SUB=4, BK=64, BM=64, DOT_PREC="tf32"), 8, 2),
         "gsa backward dq walk": (gsa_chunk._gsa_pass1_bwd_dq, dict(
             {n: BF for n in ("k", "s", "g", "dq")}, **{n: F32 for n in ("do", "HB")}, **gsa),
-            dict(C=16, SUB=4, BK=64, BM=64, DOT_PREC="tf32"), 8, 2),
+            dict(C=16, SUB=4, BK=64, BM=64, DOT_PREC="tf32"), 4, 2),
         "engine state_fwd, vector gate": (chunk._state_fwd, state_fwd, dict(
             engine, GATE=2, DELTA=False, USE_H0=False, STORE_HT=True, RAW_G=False), 4, 2),
         "engine state_bwd, vector gate": (chunk_bwd._state_bwd, state_bwd, dict(

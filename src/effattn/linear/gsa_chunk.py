@@ -164,10 +164,9 @@ def _intra_output(qk, ss, gc, last, rows, C: tl.constexpr, DOT_PREC: tl.constexp
 
 
 @triton.jit
-def _scan_rows(q, k, s, g, base_k, base_m, n, T, H, K, M, C: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
-    """Chunk n's rows of q, k `[C, BK]` and of s, g `[C, BM]`, in their stored dtypes."""
-    return (_stored_rows(q + base_k, n * C, T, 0, C, BK, K, H * K),
-            _stored_rows(k + base_k, n * C, T, 0, C, BK, K, H * K),
+def _chunk_rows(k, s, g, base_k, base_m, n, T, H, K, M, C: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+    """Chunk n's rows of k `[C, BK]` and of s, g `[C, BM]`, in their stored dtypes."""
+    return (_stored_rows(k + base_k, n * C, T, 0, C, BK, K, H * K),
             _stored_rows(s + base_m, n * C, T, 0, C, BM, M, H * M),
             _stored_rows(g + base_m, n * C, T, 0, C, BM, M, H * M))
 
@@ -180,11 +179,14 @@ def _gsa_pass1_scan(q, k, s, g, o, p, HB, SS, T, H, K, M, NT, scale, C: tl.const
     _, om, hk, base_k, base_m, n0, n1 = _local_start(HB, SS, T, H, K, M, NT, BK, BM, SUB)
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
-    nxt = _scan_rows(q, k, s, g, base_k, base_m, n0, T, H, K, M, C, BK, BM)  # one chunk ahead of use
+    nxt = _chunk_rows(k, s, g, base_k, base_m, n0, T, H, K, M, C, BK, BM)  # one chunk ahead of use
+    q_nxt = _stored_rows(q + base_k, n0 * C, T, 0, C, BK, K, H * K)
     for n in range(n0, n1):
         t = n * C + rows
-        qn, kn, ss, g_rows = nxt[0].to(tl.float32), nxt[1].to(tl.float32), nxt[2].to(tl.float32), nxt[3].to(tl.float32)
-        nxt = _scan_rows(q, k, s, g, base_k, base_m, tl.minimum(n + 1, n1 - 1), T, H, K, M, C, BK, BM)
+        qn, kn, ss, g_rows = q_nxt.to(tl.float32), nxt[0].to(tl.float32), nxt[1].to(tl.float32), nxt[2].to(tl.float32)
+        ahead = tl.minimum(n + 1, n1 - 1)
+        nxt = _chunk_rows(k, s, g, base_k, base_m, ahead, T, H, K, M, C, BK, BM)
+        q_nxt = _stored_rows(q + base_k, ahead * C, T, 0, C, BK, K, H * K)
         gc = tl.cumsum(g_rows, 0)
         last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
         qk = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)
@@ -245,15 +247,6 @@ def _intra_grads(A, dos, ss, gc, last, rows, causal, C: tl.constexpr, WANT_DS: t
 
 
 @triton.jit
-def _chunk_rows(k, s, g, do, base_k, base_m, n, T, H, K, M, C: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
-    """Chunk n's rows of k `[C, BK]` and of s, g, do' `[C, BM]`, in their stored dtypes."""
-    return (_stored_rows(k + base_k, n * C, T, 0, C, BK, K, H * K),
-            _stored_rows(s + base_m, n * C, T, 0, C, BM, M, H * M),
-            _stored_rows(g + base_m, n * C, T, 0, C, BM, M, H * M),
-            _stored_rows(do + base_m, n * C, T, 0, C, BM, M, H * M))
-
-
-@triton.jit
 def _gsa_pass1_bwd_dq(k, s, g, do, dq, HB, SS, T, H, K, M, NT, scale, C: tl.constexpr, SUB: tl.constexpr,
                       BK: tl.constexpr, BM: tl.constexpr, DOT_PREC: tl.constexpr):
     """One super-chunk's SUB chunks in order from hk at its start (HB `[NS, B H, K, M]`, the forward state pass),
@@ -265,11 +258,14 @@ def _gsa_pass1_bwd_dq(k, s, g, do, dq, HB, SS, T, H, K, M, NT, scale, C: tl.cons
     ok = tl.arange(0, BK)
     # each chunk's rows loaded one chunk ahead of use (the last step reloads its own): no step waits on a load
     # issued in it (sm_90a, benchmarks/walk_compile.py: 3 synchronous loads per step otherwise)
-    nxt = _chunk_rows(k, s, g, do, base_k, base_m, n0, T, H, K, M, C, BK, BM)
+    nxt = _chunk_rows(k, s, g, base_k, base_m, n0, T, H, K, M, C, BK, BM)
+    do_nxt = _stored_rows(do + base_m, n0 * C, T, 0, C, BM, M, H * M)
     for n in range(n0, n1):
         t = n * C + rows
-        kn, ss, g_rows, dos = nxt[0].to(tl.float32), nxt[1].to(tl.float32), nxt[2].to(tl.float32), nxt[3]
-        nxt = _chunk_rows(k, s, g, do, base_k, base_m, tl.minimum(n + 1, n1 - 1), T, H, K, M, C, BK, BM)
+        kn, ss, g_rows, dos = nxt[0].to(tl.float32), nxt[1].to(tl.float32), nxt[2].to(tl.float32), do_nxt
+        ahead = tl.minimum(n + 1, n1 - 1)
+        nxt = _chunk_rows(k, s, g, base_k, base_m, ahead, T, H, K, M, C, BK, BM)
+        do_nxt = _stored_rows(do + base_m, ahead * C, T, 0, C, BM, M, H * M)
         gc = tl.cumsum(g_rows, 0)
         last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
         D = _intra_grads(None, dos, ss, gc, last, rows, causal, C, False, DOT_PREC)[0]
@@ -298,19 +294,21 @@ def _gsa_pass1_bwd(q, k, s, g, o, do, dk, ds, dg, dg_sum, DHB, SS, T, H, K, M, N
     ok = tl.arange(0, BK)
     # each chunk's rows (q, k, s, g, do', o') loaded one chunk ahead of use, as in `_gsa_pass1_bwd_dq` (sm_90a: 236
     # registers and 1092 loop instructions, against 252 and 1367 with 5 synchronous loads per step)
-    nxt = _chunk_rows(k, s, g, do, base_k, base_m, n1 - 1, T, H, K, M, C, BK, BM)
+    nxt = _chunk_rows(k, s, g, base_k, base_m, n1 - 1, T, H, K, M, C, BK, BM)
     q_nxt = _stored_rows(q + base_k, (n1 - 1) * C, T, 0, C, BK, K, H * K)
     o_nxt = _stored_rows(o + base_m, (n1 - 1) * C, T, 0, C, BM, M, H * M)
+    do_nxt = _stored_rows(do + base_m, (n1 - 1) * C, T, 0, C, BM, M, H * M)
     for i in range(n1 - n0):
         n = n1 - 1 - i
         t = n * C + rows
         m_tm = (t[:, None] < T) & (om[None, :] < M)
-        qn, kn, ss, g_rows, dos = (q_nxt.to(tl.float32), nxt[0].to(tl.float32), nxt[1].to(tl.float32),
-                                   nxt[2].to(tl.float32), nxt[3])
-        nxt = _chunk_rows(k, s, g, do, base_k, base_m, tl.maximum(n - 1, n0), T, H, K, M, C, BK, BM)
-        o_n = o_nxt
-        q_nxt = _stored_rows(q + base_k, tl.maximum(n - 1, n0) * C, T, 0, C, BK, K, H * K)
-        o_nxt = _stored_rows(o + base_m, tl.maximum(n - 1, n0) * C, T, 0, C, BM, M, H * M)
+        qn, kn, ss, g_rows, dos, o_n = (q_nxt.to(tl.float32), nxt[0].to(tl.float32), nxt[1].to(tl.float32),
+                                        nxt[2].to(tl.float32), do_nxt, o_nxt)
+        ahead = tl.maximum(n - 1, n0)
+        nxt = _chunk_rows(k, s, g, base_k, base_m, ahead, T, H, K, M, C, BK, BM)
+        q_nxt = _stored_rows(q + base_k, ahead * C, T, 0, C, BK, K, H * K)
+        o_nxt = _stored_rows(o + base_m, ahead * C, T, 0, C, BM, M, H * M)
+        do_nxt = _stored_rows(do + base_m, ahead * C, T, 0, C, BM, M, H * M)
         gc = tl.cumsum(g_rows, 0)
         last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
         A = tl.where(causal, tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC), 0.0)  # q_i . k_j, j <= i
@@ -417,7 +415,7 @@ class _GsaPass1(torch.autograd.Function):
         ds = empty_output((B, T, H, M), s.dtype, q.device)
         dg = empty_output((B, NT * C, H, M), torch.float32, q.device)
         dg_sum = empty_output((B, NT, H, M), torch.float32, q.device)
-        # sm_90a, K = M = 64, bf16 (tf32), 2 stages, no spills: the dq walk at 4 warps (240 registers, two programs
+        # sm_90a, K = M = 64, bf16 (tf32), 2 stages, no spills: the dq walk at 4 warps (250 registers, two programs
         # per SM; 1.03x fwd+bwd at 16k / 64k on the H100 against 8 warps), the other at 8 (236 registers)
         _gsa_pass1_bwd_dq[(1, hb.shape[0], B * H)](k, s, g, do, dq, hb, B * H * K * M, T, H, K, M, NT, float(ctx.scale),
                                                 C=C, SUB=SUPER // C, BK=BK, BM=BM, DOT_PREC=prec, num_warps=4,
