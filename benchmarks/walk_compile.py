@@ -74,7 +74,9 @@ def presets() -> dict:
                              "deta_part", "dg_out", "dw_out", "dp0_part", "dw0", "dp0", "dnorm", "dc_last_out")}
     walk.update(k=BF, v=BF, eta=BF, dk=BF, dv=BF, deta=BF)
     gsa = dict(T="i32", H="i32", K="i32", M="i32", NT="i32", NS="i32", SS="i32", scale="fp32")
-    states = dict(C=16, SUB=4, S=64, BKS=32, SM=32, BM=64, USE_H0=True, DOT_PREC="tf32")  # (S: before 12b8675)
+    sub = gsa_chunk.SUPER // gsa_chunk.CHUNK  # chunks per super-chunk, as this tree's launchers pass it
+    # (S: the state pass's constexpr before 12b8675)
+    states = dict(C=16, SUB=sub, S=gsa_chunk.SUPER, BKS=32, SM=32, BM=64, USE_H0=True, DOT_PREC="tf32")
     engine = dict(H=16, K=64, V=64, BT=64, BK=64, BV=32, PREC=None)
     state_fwd = dict(k=BF, u=BF, w=BF, g=F32, h=BF, x=BF, h0=F32, ht=F32, cu=I32, first=I32)
     state_bwd = dict(q=BF, k=BF, w=BF, gc=F32, do=BF, dxi=BF, dx=BF, dh=BF, dht=F32, dh0=F32, cu=I32, first=I32,
@@ -88,14 +90,14 @@ def presets() -> dict:
             "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=True), 8, 2),
         "gsa scan": (gsa_chunk._gsa_pass1_scan, dict(
             {n: BF for n in ("q", "k", "s", "g", "p")}, **{n: F32 for n in ("o", "HB")}, **gsa),
-            dict(C=16, SUB=4, BK=64, BM=64, STORE_O=True, DOT_PREC="tf32"), 8, 2),
+            dict(C=16, SUB=sub, BK=64, BM=64, STORE_O=True, DOT_PREC="tf32"), 8, 2),
         "gsa backward walk": (gsa_chunk._gsa_pass1_bwd, dict(
             {n: BF for n in ("q", "k", "s", "g", "dk", "ds")},
             **{n: F32 for n in ("o", "do", "dg", "dg_sum", "DHB")}, **gsa),
-            dict(C=16, SUB=4, BK=64, BM=64, DOT_PREC="tf32"), 8, 2),
+            dict(C=16, SUB=sub, BK=64, BM=64, DOT_PREC="tf32"), 8, 2),
         "gsa backward dq walk": (gsa_chunk._gsa_pass1_bwd_dq, dict(
             {n: BF for n in ("k", "s", "g", "dq")}, **{n: F32 for n in ("do", "HB")}, **gsa),
-            dict(C=16, SUB=4, BK=64, BM=64, DOT_PREC="tf32"), 4, 2),
+            dict(C=16, SUB=sub, BK=64, BM=64, DOT_PREC="tf32"), 4, 2),
         "engine state_fwd, vector gate": (chunk._state_fwd, state_fwd, dict(
             engine, GATE=2, DELTA=False, USE_H0=False, STORE_HT=True, RAW_G=False), 4, 2),
         "engine state_bwd, vector gate": (chunk_bwd._state_bwd, state_bwd, dict(

@@ -124,15 +124,15 @@ def test_gsa_matches_reference(form, strong, state):
                             form=form, chunk_size=16)
 
 
-# pass 1 works in chunks of 16 tokens, its state passes in super-chunks of 64, on blocks of 32 slots (and 32 keys)
+# pass 1 works in chunks of 16 tokens, its state passes in super-chunks of 128, on blocks of 32 slots (and 32 keys)
 GSA_PASS1_CASES = [  # dtype, strong, T, K, M, initial states
-    (torch.float32, True, 45, 16, 20, True),  # one partial super-chunk; M = 20: two 16-slot slices
+    (torch.float32, True, 45, 16, 20, True),  # one partial super-chunk; M = 20: slots past M padded to 32
     (torch.bfloat16, False, 45, 16, 20, True),
-    (torch.float32, False, 83, 16, 40, False),  # 6 chunks: the second super-chunk partial (2 chunks, the last 3
-    #                                             tokens); M = 40: two slot blocks, the second partial
-    (torch.float32, True, 64, 40, 24, True),  # exactly one super-chunk; K = 40: two key blocks, the second partial
+    (torch.float32, False, 150, 16, 40, False),  # 10 chunks: the second super-chunk partial (2 chunks, the
+    #                                              last 6 tokens); M = 40: two slot blocks in the state passes
+    (torch.float32, True, 128, 40, 24, True),  # exactly one super-chunk; K = 40: two key blocks, the second partial
     (torch.float32, False, 9, 16, 20, True),  # T < 16
-    (torch.float32, True, 150, 24, 40, True),  # three super-chunks, the last of 2 chunks, partial
+    (torch.float32, True, 300, 24, 40, True),  # three super-chunks, the last of 3 chunks, partial
 ]
 
 
@@ -165,14 +165,14 @@ def test_gsa_triton_pass1(monkeypatch, dtype, strong, T, K, M, state):
 
 @pytest.mark.parametrize("dtype,strong,T,K,M,state", [
     (torch.float32, True, 45, 16, 40, True), (torch.bfloat16, False, 45, 16, 40, True),
-    (torch.float32, False, 83, 16, 40, True), (torch.float32, True, 64, 40, 24, False),
+    (torch.float32, False, 150, 16, 40, True), (torch.float32, True, 128, 40, 24, False),
     (torch.float32, False, 9, 16, 40, True)])
 def test_gsa_triton_pass1_backward(monkeypatch, dtype, strong, T, K, M, state):
     """Under autograd pass 1 runs gsa_chunk.py's forward and its Triton backward (a spy sees its reverse state
     pass): gradients of q, k, v, s, g and both initial states (when given) vs the float64 reference (2x rule), on
-    most of the forward test's shapes, M = 40 where it had 20 (two slot blocks of 32 in the scans and state
-    passes); strong gates take the exact (row by row) pairwise sums of the backward walks, mild ones the factored
-    dots; T = 83: the initial state's gradient through two super-chunks."""
+    most of the forward test's shapes, M = 40 where it had 20 (two slot blocks of 32 in the state passes); strong
+    gates take the exact (row by row) pairwise sums of the backward walks, mild ones the factored dots; T = 150: the initial
+    state's gradient through two super-chunks."""
     chunk_module = sys.modules["effattn.linear.gsa_chunk"]
     reverse = []
     real = chunk_module._states

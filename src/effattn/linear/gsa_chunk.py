@@ -1,17 +1,17 @@
 """Triton forward and backward of gated slot attention's pass 1 (gsa.py's module docstring has the math): the
 recurrence hk_t = hk_{t-1} Diag(e^{g_t}) + k_t^T s_t, o'_t = scale * q_t hk_t, read through the softmax over the
 slots p_t = softmax(o'_t), whose gate acts on the slot (value-side) columns, which the engine's kernels do not
-gate. Tokens go in chunks of C = 16 (the intra-chunk products) grouped in super-chunks of S = 64 (the sequential
+gate. Tokens go in chunks of C = 16 (the intra-chunk products) grouped in super-chunks of S = 128 (the sequential
 state passes). The forward is three launches:
 
 1. `_gsa_pass1_prep`, one program per (chunk, sequence-head), all chunks at once: from the chunk-local cumulative
    gates Gc, the writes decayed to the chunk's end s e^{Gc_C - Gc} `[C, M]` and e^{Gc_C} `[M]`.
 2. `_gsa_pass1_states`, one program per (slot block, key block, sequence-head): super-chunks in order with a
-   `[32, 32]` block of hk in registers, hk <- hk e^{G_S} + k^T (s e^{G_S - G}) over the super-chunk's 64 rows
+   `[32, 32]` block of hk in registers, hk <- hk e^{G_S} + k^T (s e^{G_S - G}) over the super-chunk's 128 rows
    (G its own cumulative gates, taken from the prep's per-chunk buffers: no gate arithmetic in the loop);
    stores hk at every super-chunk's start and the final state.
 3. `_gsa_pass1_scan`, one program per (super-chunk, sequence-head), all super-chunks at once: from hk at its
-   super-chunk's start `[K, M]`, its <= 4 chunks in order, o' = scale ((q hk) e^{Gc} + intra) with the
+   super-chunk's start `[K, M]`, its <= 8 chunks in order, o' = scale ((q hk) e^{Gc} + intra) with the
    intra-chunk sum_{j<=i} (q_i . k_j) s_j e^{Gc_i - Gc_j} in registers (`_intra_output`), p = softmax(o') stored
    in the inputs' dtype (o' itself in float32 only for the backward), hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}).
 
@@ -34,7 +34,10 @@ from .._memory import empty_output
 from .rwkv7_chunk import _mild, _rows, _state_block, _stored_rows, block, buffer_dot_precision, float32_state
 
 CHUNK = 16
-SUPER = 64  # tokens per step of the sequential state passes: 4 chunks
+# tokens per step of the sequential state passes: 8 chunks. The passes are latency-bound (64 programs at K = M = 64,
+# H = 16; 1.4 ms for 1024 steps of 64 tokens at T = 64k on the H100, 2026-12-07): 128 tokens per step halves the
+# steps (sm_90a loop: 523 instructions against 304) and the states stored for the scan and the walks
+SUPER = 128
 
 
 @triton.jit
@@ -345,7 +348,7 @@ def _states(a, b, Xb, Lb, h0, scale: float, reverse: bool):
     BKS, SM = min(block(K), 32), min(BM, 32)
     hb = torch.empty(NS, B * H, K, M, dtype=torch.float32, device=a.device)
     last = empty_output((B, H, K, M), torch.float32, a.device)
-    # sm_90a, K = M = 64, tf32: 125 (forward) and 146 (reverse) registers at 8 warps, no spills
+    # sm_90a, K = M = 64, tf32: 169 (forward) and 176 (reverse) registers at 8 warps, no spills
     _gsa_pass1_states[(triton.cdiv(M, SM), triton.cdiv(K, BKS), B * H)](
         a, b, Xb, Lb, h0, last, hb, B * H * K * M, T, H, K, M, NT, NS, float(scale), C=CHUNK, SUB=SUPER // CHUNK,
         BKS=BKS, SM=SM, BM=BM, USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=buffer_dot_precision(a.dtype),
