@@ -3,7 +3,7 @@ FLA): rwkv6 / chunk_rwkv6, rwkv7 / chunk_rwkv7, gsa / chunk_gsa, and (timing onl
 chunk_ttt_linear (bf16, [B, T, H, D], B = 1, H = 16).
 
     PYTHONPATH=src python3 benchmarks/catalog_fla.py --out DIR [--sizes 4096,16384] [--methods rwkv6,rwkv7,gsa,ttt]
-        [--impls ours,fla] [--timing-only]
+        [--impls ours,fla] [--timing-only] [--profile T]
 
 K = V = 64 (RWKV's head size); gsa: M = 64 slots (FLA's default). First each chunk form vs the float64
 reference under the 2x rule (outputs, states, every gradient; bf16 and float32), then the max difference of our
@@ -121,6 +121,28 @@ def grad_diffs(ours, fla, x) -> dict:
             for n in x}
 
 
+def profile_tables(fn, x, do) -> str:
+    """torch.profiler's CUDA kernel tables of one forward and of one forward + backward (after three warm-up
+    steps), longest first: where a method's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = []
+    for name, step in (("fwd", lambda: fn(x)), ("fwd+bwd", lambda: fn(x).backward(do))):
+        with torch.set_grad_enabled(name != "fwd"):
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+        for t in x.values():
+            t.grad = None
+        out.append(f"== {name}\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=30,
+                                                               max_name_column_width=70))
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -128,6 +150,8 @@ def main() -> None:
     ap.add_argument("--methods", default="rwkv6,rwkv7,gsa")
     ap.add_argument("--timing-only", action="store_true", help="skip the reference checks and the comparisons")
     ap.add_argument("--impls", default="ours,fla", help="whose ops to time (ours alone: an A/B of two trees)")
+    ap.add_argument("--profile", type=int, metavar="T",
+                    help="also write each timed op's kernel tables at this size (one of --sizes) to DIR/profile_*.txt")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
@@ -182,6 +206,9 @@ def main() -> None:
                 res["rows"].append(row)
                 print(row, flush=True)
                 save()
+                if T == args.profile and "error" not in row:
+                    with open(os.path.join(args.out, f"profile_{method}_{impl}_{T}.txt"), "w") as f:
+                        f.write(profile_tables(fn, x, do))
 
 
 if __name__ == "__main__":
