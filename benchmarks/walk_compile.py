@@ -74,9 +74,11 @@ def presets() -> dict:
                              "deta_part", "dg_out", "dw_out", "dp0_part", "dw0", "dp0", "dnorm", "dc_last_out")}
     walk.update(k=BF, v=BF, eta=BF, dk=BF, dv=BF, deta=BF)
     gsa = dict(T="i32", H="i32", K="i32", M="i32", NT="i32", NS="i32", SS="i32", scale="fp32")
-    sub = gsa_chunk.SUPER // gsa_chunk.CHUNK  # chunks per super-chunk, as this tree's launchers pass it
+    # tokens per super-chunk: this tree's first forward candidate (a constant SUPER in older trees)
+    sup = gsa_chunk.FWD_CONFIGS[0][0] if hasattr(gsa_chunk, "FWD_CONFIGS") else gsa_chunk.SUPER
+    sub = sup // gsa_chunk.CHUNK  # chunks per super-chunk, as the launchers pass it
     # (S: the state pass's constexpr before 12b8675)
-    states = dict(C=16, SUB=sub, S=gsa_chunk.SUPER, BKS=32, SM=32, BM=64, USE_H0=True, DOT_PREC="tf32")
+    states = dict(C=16, SUB=sub, S=sup, BKS=32, SM=32, BM=64, USE_H0=True, DOT_PREC="tf32")
     engine = dict(H=16, K=64, V=64, BT=64, BK=64, BV=32, PREC=None)
     state_fwd = dict(k=BF, u=BF, w=BF, g=F32, h=BF, x=BF, h0=F32, ht=F32, cu=I32, first=I32)
     state_bwd = dict(q=BF, k=BF, w=BF, gc=F32, do=BF, dxi=BF, dx=BF, dh=BF, dht=F32, dh0=F32, cu=I32, first=I32,

@@ -171,8 +171,8 @@ def test_gsa_triton_pass1_backward(monkeypatch, dtype, strong, T, K, M, state):
     """Under autograd pass 1 runs gsa_chunk.py's forward and its Triton backward (a spy sees its reverse state
     pass): gradients of q, k, v, s, g and both initial states (when given) vs the float64 reference (2x rule), on
     most of the forward test's shapes, M = 40 where it had 20 (two slot blocks of 32 in the state passes); strong
-    gates take the exact (row by row) pairwise sums of the backward walks, mild ones the factored dots; T = 150: the initial
-    state's gradient through two super-chunks."""
+    gates take the exact (row by row) pairwise sums of the backward walks, mild ones the factored dots; T = 150:
+    the initial state's gradient through two super-chunks."""
     chunk_module = sys.modules["effattn.linear.gsa_chunk"]
     reverse = []
     real = chunk_module._states
@@ -180,6 +180,25 @@ def test_gsa_triton_pass1_backward(monkeypatch, dtype, strong, T, K, M, state):
     check_against_reference(_gsa_pair, _gsa_ref_pair, gsa_case(T=T, K=K, M=M, seed=5, strong=strong, state=state),
                             {"scale": 0.3}, dtype=dtype, form="chunk", chunk_size=16)
     assert True in reverse
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_gsa_triton_pass1_other_super_chunks(monkeypatch, strong):
+    """Every super-chunk length the forward's tuner may pick (the interpreter takes the first of FWD_CONFIGS):
+    pinned to each other one, output, states and every gradient vs the float64 reference (2x rule) at T = 150 (three
+    super-chunks of 64, the last partial), and the backward's state pass runs with the forward's length."""
+    chunk_module = sys.modules["effattn.linear.gsa_chunk"]
+    lengths = {sup for sup, _ in chunk_module.FWD_CONFIGS[1:]} - {chunk_module.FWD_CONFIGS[0][0]}
+    assert lengths
+    real = chunk_module._states
+    for sup in sorted(lengths):
+        seen = []
+        spy = lambda *a, **k: seen.append((k["reverse"], k["sup"])) or real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(chunk_module, "_states", spy)
+        monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", f"gsa_fwd={sup},8")
+        check_against_reference(_gsa_pair, _gsa_ref_pair, gsa_case(T=150, K=16, M=40, seed=6, strong=strong),
+                                {"scale": 0.3}, dtype=torch.float32, form="chunk", chunk_size=16)
+        assert (False, sup) in seen and (True, sup) in seen and {s_ for _, s_ in seen} == {sup}, seen
 
 
 def test_gsa_decode_equals_chunk():

@@ -1,17 +1,17 @@
 """Triton forward and backward of gated slot attention's pass 1 (gsa.py's module docstring has the math): the
 recurrence hk_t = hk_{t-1} Diag(e^{g_t}) + k_t^T s_t, o'_t = scale * q_t hk_t, read through the softmax over the
 slots p_t = softmax(o'_t), whose gate acts on the slot (value-side) columns, which the engine's kernels do not
-gate. Tokens go in chunks of C = 16 (the intra-chunk products) grouped in super-chunks of S = 128 (the sequential
-state passes). The forward is three launches:
+gate. Tokens go in chunks of C = 16 (the intra-chunk products) grouped in super-chunks of S = 128 or 64 tokens (the
+sequential state passes; `FWD_CONFIGS`, timed per shape). The forward is three launches:
 
 1. `_gsa_pass1_prep`, one program per (chunk, sequence-head), all chunks at once: from the chunk-local cumulative
    gates Gc, the writes decayed to the chunk's end s e^{Gc_C - Gc} `[C, M]` and e^{Gc_C} `[M]`.
 2. `_gsa_pass1_states`, one program per (slot block, key block, sequence-head): super-chunks in order with a
-   `[32, 32]` block of hk in registers, hk <- hk e^{G_S} + k^T (s e^{G_S - G}) over the super-chunk's 128 rows
+   `[32, 32]` block of hk in registers, hk <- hk e^{G_S} + k^T (s e^{G_S - G}) over the super-chunk's rows
    (G its own cumulative gates, taken from the prep's per-chunk buffers: no gate arithmetic in the loop);
    stores hk at every super-chunk's start and the final state.
 3. `_gsa_pass1_scan`, one program per (super-chunk, sequence-head), all super-chunks at once: from hk at its
-   super-chunk's start `[K, M]`, its <= 8 chunks in order, o' = scale ((q hk) e^{Gc} + intra) with the
+   super-chunk's start `[K, M]`, its chunks in order, o' = scale ((q hk) e^{Gc} + intra) with the
    intra-chunk sum_{j<=i} (q_i . k_j) s_j e^{Gc_i - Gc_j} in registers (`_intra_output`), p = softmax(o') stored
    in the inputs' dtype (o' itself in float32 only for the backward), hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}).
 
@@ -31,13 +31,16 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
+from ..hardware._flash_common import pick_config, seqlen_bucket
 from .rwkv7_chunk import _mild, _rows, _state_block, _stored_rows, block, buffer_dot_precision, float32_state
 
 CHUNK = 16
-# tokens per step of the sequential state passes: 8 chunks. The passes are latency-bound (64 programs at K = M = 64,
-# H = 16; 1.4 ms for 1024 steps of 64 tokens at T = 64k on the H100, 2026-12-07): 128 tokens per step halves the
-# steps (sm_90a loop: 523 instructions against 304) and the states stored for the scan and the walks
-SUPER = 128
+# The forward's candidates (tokens per super-chunk, the scan's warps), timed per shape by `pick_config`; the
+# first is the interpreter's. The state passes are latency-bound (64 programs at K = M = 64, H = 16; 1.4 ms for
+# 1024 steps of 64 tokens at T = 64k on the H100, 2026-12-07): 128 tokens per step halves the steps (sm_90a loop:
+# 523 instructions against 304) and the states stored for the scan and the walks. The backward runs with the
+# forward's super-chunks.
+FWD_CONFIGS = ((128, 8), (64, 8), (128, 4), (64, 4))
 
 
 @triton.jit
@@ -337,20 +340,21 @@ def _dims(q, s):
     return B, T, H, K, M, triton.cdiv(T, CHUNK), block(K), block(M)
 
 
-def _states(a, b, Xb, Lb, h0, scale: float, reverse: bool):
-    """The state pass over super-chunks on contiguous a `[B, T, H, K]`, b `[B, T, H, M]` (reverse only) and the
-    prep's buffers Xb `[B H, NT, C, BM]`, Lb `[B H, NT, BM]`: (the state before each super-chunk, or after it in
-    reverse, `[NS, B H, K, M]`, and its last value `[B, H, K, M]`), float32."""
+def _states(a, b, Xb, Lb, h0, scale: float, reverse: bool, sup: int):
+    """The state pass over super-chunks of `sup` tokens on contiguous a `[B, T, H, K]`, b `[B, T, H, M]` (reverse
+    only) and the prep's buffers Xb `[B H, NT, C, BM]`, Lb `[B H, NT, BM]`: (the state before each super-chunk, or
+    after it in reverse, `[NS, B H, K, M]`, and its last value `[B, H, K, M]`), float32."""
     B, T, H, K = a.shape
     M = b.shape[-1]
     NT, BM = Xb.shape[1], Xb.shape[-1]
-    NS = triton.cdiv(T, SUPER)
+    NS = triton.cdiv(T, sup)
     BKS, SM = min(block(K), 32), min(BM, 32)
     hb = torch.empty(NS, B * H, K, M, dtype=torch.float32, device=a.device)
     last = empty_output((B, H, K, M), torch.float32, a.device)
-    # sm_90a, K = M = 64, tf32: 169 (forward) and 176 (reverse) registers at 8 warps, no spills
+    # sm_90a, K = M = 64, tf32, 8 warps, no spills: 169 (forward) and 176 (reverse) registers at 128 tokens a step,
+    # 125 and 146 at 64
     _gsa_pass1_states[(triton.cdiv(M, SM), triton.cdiv(K, BKS), B * H)](
-        a, b, Xb, Lb, h0, last, hb, B * H * K * M, T, H, K, M, NT, NS, float(scale), C=CHUNK, SUB=SUPER // CHUNK,
+        a, b, Xb, Lb, h0, last, hb, B * H * K * M, T, H, K, M, NT, NS, float(scale), C=CHUNK, SUB=sup // CHUNK,
         BKS=BKS, SM=SM, BM=BM, USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=buffer_dot_precision(a.dtype),
         num_warps=8, num_stages=2)
     return hb, last
@@ -371,17 +375,27 @@ def _prep(g, s, forward: bool):
 def _pass1(q, k, s, g, scale: float, h0, store_o: bool):
     """Launch the prep, the state pass and the local scan on contiguous q, k, s, g: (p = softmax(o') `[B, T, H, M]`
     in q's dtype, o' float32 (with `store_o`, else None), final hk `[B, H, K, M]`, the states at the
-    super-chunks' starts `[NS, B H, K, M]`, e^{Gc_C} `[B H, NT, BM]`), the last three float32."""
+    super-chunks' starts `[NS, B H, K, M]`, e^{Gc_C} `[B H, NT, BM]`, the last three float32; the super-chunk's
+    tokens)."""
     B, T, H, K, M, NT, BK, BM = _dims(q, s)
     Sb, Lb = _prep(g, s, forward=True)
-    hb, ht = _states(k, s, Sb, Lb, float32_state(h0), 1.0, reverse=False)
+    h0 = float32_state(h0)
     p = empty_output((B, T, H, M), q.dtype, q.device)
     o = empty_output((B, T, H, M), torch.float32, q.device) if store_o else p
-    # sm_90a, K = M = 64, bf16 (tf32), 8 warps, 2 stages: 173 registers, no spills, no synchronous load per step
-    _gsa_pass1_scan[(1, hb.shape[0], B * H)](
-        q, k, s, g, o, p, hb, B * H * K * M, T, H, K, M, NT, float(scale), C=CHUNK, BK=BK, BM=BM, SUB=SUPER // CHUNK,
-        STORE_O=store_o, DOT_PREC=buffer_dot_precision(q.dtype), num_warps=8, num_stages=2)
-    return p, o if store_o else None, ht, hb, Lb
+    out = {}
+
+    def launch(cfg):  # the state pass and the scan (idempotent: the tuner times it)
+        sup, warps = cfg
+        hb, ht = _states(k, s, Sb, Lb, h0, 1.0, reverse=False, sup=sup)
+        out.update(hb=hb, ht=ht)
+        # sm_90a, K = M = 64, bf16 (tf32), 2 stages, no spills, no synchronous load per step: 173 registers at 8
+        # warps, 239 at 4
+        _gsa_pass1_scan[(1, hb.shape[0], B * H)](
+            q, k, s, g, o, p, hb, B * H * K * M, T, H, K, M, NT, float(scale), C=CHUNK, BK=BK, BM=BM,
+            SUB=sup // CHUNK, STORE_O=store_o, DOT_PREC=buffer_dot_precision(q.dtype), num_warps=warps, num_stages=2)
+    cfg = pick_config(("gsa_fwd", K, M, q.dtype, B * H, seqlen_bucket(T)), FWD_CONFIGS, launch)
+    launch(cfg)
+    return p, o if store_o else None, out["ht"], out["hb"], Lb, cfg[0]
 
 
 class _GsaPass1(torch.autograd.Function):
@@ -393,9 +407,9 @@ class _GsaPass1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, s, g, h0, scale):
         q, k, s, g = (t.contiguous() for t in (q, k, s, g))
-        p, o, ht, hb, Lb = _pass1(q, k, s, g, scale, h0, store_o=True)
+        p, o, ht, hb, Lb, sup = _pass1(q, k, s, g, scale, h0, store_o=True)
         ctx.save_for_backward(q, k, s, g, o, ht, hb, Lb)
-        ctx.scale, ctx.has_h0 = scale, h0 is not None
+        ctx.scale, ctx.has_h0, ctx.sup = scale, h0 is not None, sup
         return p, ht
 
     @staticmethod
@@ -412,7 +426,7 @@ class _GsaPass1(torch.autograd.Function):
             _slot_softmax_bwd[(triton.cdiv(rows, 32),)](o, dp.contiguous(), do, rows, M, BR=32, BM=BM, num_warps=4)
         dht = float32_state(dht)
         Eb, _ = _prep(g, s, forward=False)
-        dhb, dh0 = _states(q, do, Eb, Lb, dht, ctx.scale, reverse=True)
+        dhb, dh0 = _states(q, do, Eb, Lb, dht, ctx.scale, reverse=True, sup=ctx.sup)
         dq = empty_output((B, T, H, K), q.dtype, q.device)  # complete in the kernel: stored in the inputs' dtype
         dk = empty_output((B, T, H, K), k.dtype, q.device)
         ds = empty_output((B, T, H, M), s.dtype, q.device)
@@ -421,10 +435,10 @@ class _GsaPass1(torch.autograd.Function):
         # sm_90a, K = M = 64, bf16 (tf32), 2 stages, no spills: the dq walk at 4 warps (250 registers, two programs
         # per SM; 1.03x fwd+bwd at 16k / 64k on the H100 against 8 warps), the other at 8 (236 registers)
         _gsa_pass1_bwd_dq[(1, hb.shape[0], B * H)](k, s, g, do, dq, hb, B * H * K * M, T, H, K, M, NT, float(ctx.scale),
-                                                C=C, SUB=SUPER // C, BK=BK, BM=BM, DOT_PREC=prec, num_warps=4,
+                                                C=C, SUB=ctx.sup // C, BK=BK, BM=BM, DOT_PREC=prec, num_warps=4,
                                                 num_stages=2)
         _gsa_pass1_bwd[(1, dhb.shape[0], B * H)](q, k, s, g, o, do, dk, ds, dg, dg_sum, dhb, B * H * K * M, T, H, K, M,
-                                              NT, float(ctx.scale), C=C, SUB=SUPER // C, BK=BK, BM=BM, DOT_PREC=prec,
+                                              NT, float(ctx.scale), C=C, SUB=ctx.sup // C, BK=BK, BM=BM, DOT_PREC=prec,
                                               num_warps=8, num_stages=2)
         # dg_t = sum_{u >= t} x_u: the kernel's reverse cumsum within t's chunk plus the later chunks' sums. The
         # cumsum runs over the chunks as the last, contiguous dimension: over dim 1 of [B, NT, H, M] PyTorch's
@@ -444,5 +458,5 @@ def gsa_pass1_forward(q, k, s, g, scale: float, initial_state_k):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, s, g, initial_state_k)):
         return _GsaPass1.apply(q, k, s, g, initial_state_k, float(scale))
     q, k, s, g = (t.contiguous() for t in (q, k, s, g))
-    p, _, ht, _, _ = _pass1(q, k, s, g, scale, initial_state_k, store_o=False)
+    p, _, ht, _, _, _ = _pass1(q, k, s, g, scale, initial_state_k, store_o=False)
     return p, ht
