@@ -162,7 +162,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "catalog_fla.json")
 
-    def save():
+    def save():  # with every candidate the tuners timed (our kernels' choices: the gsa forward's, the engine's)
+        from effattn.hardware import _flash_common
+        res["tuner"] = {repr(k): {repr(c): ms for c, ms in v.items()} for k, v in _flash_common.TIMINGS.items()}
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
 
