@@ -1,5 +1,6 @@
 """Every registered method, every form: fast path vs float64 reference (fwd and, where it trains, bwd)."""
 import io
+import zlib
 from dataclasses import replace
 
 import pytest
@@ -13,10 +14,19 @@ from effattn.testing import assert_matches_reference, odd_shapes
 CASES = [(m.name, f) for m in REGISTRY for f in m.forms]
 
 
+def _seed(name: str, form: str) -> int:
+    """Each method's own random inputs, the same in every run. Python's hash() of strings changes from process to
+    process, so with it every CI run drew new inputs; about one draw in 300 (seeds 0-299, both shapes:
+    sage_int8_fp8pv 1 of 600, flash_fp8 2 of 600; and sage_int8_fp8pv's seed 505 at T = 19, S = 45) has an entry of
+    P that rounds to another e4m3 value in the float32 kernel than in the float64 reference, one step, up to 2e-2
+    in o: a rounding tie of the quantised algorithm, not a kernel error, and a red CI about one run in 100."""
+    return zlib.crc32(f"{name}/{form}".encode()) % 1000
+
+
 @pytest.mark.parametrize("name,form", CASES)
 @pytest.mark.parametrize("shape", odd_shapes(), ids=lambda s: f"T{s.seq_q}S{s.S}Hkv{s.Hkv}")
 def test_method_matches_reference_fp32(name, form, shape, device):
-    assert_matches_reference(REGISTRY.get(name), form=form, shape=shape, device=device, seed=hash((name, form)) % 1000)
+    assert_matches_reference(REGISTRY.get(name), form=form, shape=shape, device=device, seed=_seed(name, form))
 
 
 @pytest.mark.parametrize("name,form", CASES)
