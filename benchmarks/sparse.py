@@ -14,6 +14,7 @@ process of its own.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -196,9 +197,11 @@ def flex_block_mask(pattern, H, N, device, max_bytes=FLEX_MASK_BYTES):
     if len(parts) == 1:
         return parts[0]
     join = lambda name: torch.cat([getattr(m, name) for m in parts], dim=1)  # noqa: E731  [1, H, ...]
+    lengths = ({"seq_lengths": (N, N)} if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
+               else {})  # (older torch infers them from the blocks)
     return BlockMask.from_kv_blocks(join("kv_num_blocks"), join("kv_indices"), join("full_kv_num_blocks"),
                                     join("full_kv_indices"), BLOCK_SIZE=parts[0].BLOCK_SIZE, mask_mod=pattern,
-                                    seq_lengths=(N, N))
+                                    **lengths)
 
 
 def _pattern_row(cfg, flex, spec, N, D):
