@@ -137,15 +137,15 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
 
 
 @triton.jit
-def _local_start(HB, SS, T, H, K, M, NT, BK: tl.constexpr, SM: tl.constexpr, SUB: tl.constexpr):
-    """A per-super-chunk program's share, one (slot block, super-chunk, sequence-head): bh, its slot columns
-    `[SM]`, its state block `[BK, SM]` from HB (`[NS, B H, K, M]`, a state pass's stores), the row bases of
-    `[B, T, H, K]` and `[B, T, H, M]` tensors, and its chunks n0 .. n1. The local scan and the backward walks take
-    every slot (one slot block, SM = BM)."""
-    im, ns, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _local_start(HB, SS, T, H, K, M, NT, BK: tl.constexpr, BM: tl.constexpr, SUB: tl.constexpr):
+    """A per-super-chunk program's share, one (super-chunk, sequence-head) with every slot (the local scan and the
+    backward walks): bh, the slot columns `[BM]`, the state `[BK, BM]` at that super-chunk from HB
+    (`[NS, B H, K, M]`, a state pass's stores), the row bases of `[B, T, H, K]` and `[B, T, H, M]` tensors, and its
+    chunks n0 .. n1."""
+    ns, bh = tl.program_id(0), tl.program_id(1)
     bb, h = bh // H, bh % H
-    state, _, _ = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, M, im * SM, BK, SM, True)
-    return (bh, im * SM + tl.arange(0, SM), state, bb * T * H * K + h * K, bb * T * H * M + h * M, ns * SUB,
+    state, _, _ = _state_block(HB + tl.cast(ns, tl.int64) * SS, bh, K, M, 0, BK, BM, True)
+    return (bh, tl.arange(0, BM), state, bb * T * H * K + h * K, bb * T * H * M + h * M, ns * SUB,
             tl.minimum(ns * SUB + SUB, NT))
 
 
@@ -298,7 +298,7 @@ def _gsa_pass1_bwd(q, k, s, g, o, do, dk, ds, dg, dg_sum, DHB, SS, T, H, K, M, N
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
     ok = tl.arange(0, BK)
-    # each chunk's rows (q, k, s, g, do', o') loaded one chunk ahead of use, as in `_gsa_pass1_bwd_dq` (sm_90a: 236
+    # each chunk's rows (q, k, s, g, do', o') loaded one chunk ahead of use, as in `_gsa_pass1_bwd_dq` (sm_90a: 234
     # registers and 1092 loop instructions, against 252 and 1367 with 5 synchronous loads per step)
     nxt = _chunk_rows(k, s, g, base_k, base_m, n1 - 1, T, H, K, M, C, BK, BM)
     q_nxt = _stored_rows(q + base_k, (n1 - 1) * C, T, 0, C, BK, K, H * K)
@@ -388,9 +388,9 @@ def _pass1(q, k, s, g, scale: float, h0, store_o: bool):
         sup, warps = cfg
         hb, ht = _states(k, s, Sb, Lb, h0, 1.0, reverse=False, sup=sup)
         out.update(hb=hb, ht=ht)
-        # sm_90a, K = M = 64, bf16 (tf32), 2 stages, no spills, no synchronous load per step: 173 registers at 8
-        # warps, 239 at 4
-        _gsa_pass1_scan[(1, hb.shape[0], B * H)](
+        # sm_90a, K = M = 64, bf16 (tf32), 2 stages, no spills, no synchronous load per step: 169 registers at 8
+        # warps, 237 at 4
+        _gsa_pass1_scan[(hb.shape[0], B * H)](
             q, k, s, g, o, p, hb, B * H * K * M, T, H, K, M, NT, float(scale), C=CHUNK, BK=BK, BM=BM,
             SUB=sup // CHUNK, STORE_O=store_o, DOT_PREC=buffer_dot_precision(q.dtype), num_warps=warps, num_stages=2)
     cfg = pick_config(("gsa_fwd", K, M, q.dtype, B * H, seqlen_bucket(T)), FWD_CONFIGS, launch)
@@ -432,14 +432,14 @@ class _GsaPass1(torch.autograd.Function):
         ds = empty_output((B, T, H, M), s.dtype, q.device)
         dg = empty_output((B, NT * C, H, M), torch.float32, q.device)
         dg_sum = empty_output((B, NT, H, M), torch.float32, q.device)
-        # sm_90a, K = M = 64, bf16 (tf32), 2 stages, no spills: the dq walk at 4 warps (250 registers, two programs
-        # per SM; 1.03x fwd+bwd at 16k / 64k on the H100 against 8 warps), the other at 8 (236 registers)
-        _gsa_pass1_bwd_dq[(1, hb.shape[0], B * H)](k, s, g, do, dq, hb, B * H * K * M, T, H, K, M, NT, float(ctx.scale),
-                                                C=C, SUB=ctx.sup // C, BK=BK, BM=BM, DOT_PREC=prec, num_warps=4,
-                                                num_stages=2)
-        _gsa_pass1_bwd[(1, dhb.shape[0], B * H)](q, k, s, g, o, do, dk, ds, dg, dg_sum, dhb, B * H * K * M, T, H, K, M,
-                                              NT, float(ctx.scale), C=C, SUB=ctx.sup // C, BK=BK, BM=BM, DOT_PREC=prec,
-                                              num_warps=8, num_stages=2)
+        # sm_90a, K = M = 64, bf16 (tf32), 2 stages, no spills: the dq walk at 4 warps (238 registers, two programs
+        # per SM; 1.03x fwd+bwd at 16k / 64k on the H100 against 8 warps), the other at 8 (234 registers)
+        _gsa_pass1_bwd_dq[(hb.shape[0], B * H)](k, s, g, do, dq, hb, B * H * K * M, T, H, K, M, NT, float(ctx.scale),
+                                             C=C, SUB=ctx.sup // C, BK=BK, BM=BM, DOT_PREC=prec, num_warps=4,
+                                             num_stages=2)
+        _gsa_pass1_bwd[(dhb.shape[0], B * H)](q, k, s, g, o, do, dk, ds, dg, dg_sum, dhb, B * H * K * M, T, H, K, M,
+                                           NT, float(ctx.scale), C=C, SUB=ctx.sup // C, BK=BK, BM=BM, DOT_PREC=prec,
+                                           num_warps=8, num_stages=2)
         # dg_t = sum_{u >= t} x_u: the kernel's reverse cumsum within t's chunk plus the later chunks' sums. The
         # cumsum runs over the chunks as the last, contiguous dimension: over dim 1 of [B, NT, H, M] PyTorch's
         # outer-dimension scan walks the NT chunks one by one (1.0 ms at T = 64k, H = 16 on the H100)
