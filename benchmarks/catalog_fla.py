@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import triton
 
 import effattn  # noqa: F401
+from effattn.hardware import _flash_common
 from effattn.linear import gsa, rwkv6, rwkv7, ttt_linear
 
 H = 16
@@ -163,7 +164,6 @@ def main() -> None:
     path = os.path.join(args.out, "catalog_fla.json")
 
     def save():  # with every candidate the tuners timed (our kernels' choices: the gsa forward's, the engine's)
-        from effattn.hardware import _flash_common
         res["tuner"] = {repr(k): {repr(c): ms for c, ms in v.items()} for k, v in _flash_common.TIMINGS.items()}
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
