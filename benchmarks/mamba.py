@@ -1,10 +1,10 @@
 """GPU benchmark of Mamba's selective scan (S6) beside the engine's scalar-gate chunk kernel at the same state size.
 
-    PYTHONPATH=src python3 benchmarks/mamba.py --out DIR [--sizes 4096,16384]
+    PYTHONPATH=src python3 benchmarks/mamba.py --out DIR [--sizes 4096,16384] [--batch B] [--skip-checks]
 
 1. Correctness on the GPU: the registered "mamba" (chunk form) vs its float64 reference (effattn.testing rule,
    fp32 and bf16), and the Triton scan vs the recurrent form (both fp32 on the GPU) at T = 2048, D = 256.
-2. Speed, bf16, B = max(1, 16384 // T): Mamba D_inner = 2048, N = 16 (state 2048 x 16 per sequence) beside the
+2. Speed, bf16, B = --batch or max(1, 16384 // T): Mamba D_inner = 2048, N = 16 (state 2048 x 16 per sequence) beside the
    engine's chunk_gated_linear_attn with a scalar gate, H = 16, Dk = 16, Dv = 128 (the same 32768-element
    state: Mamba2's layout). triton.testing.do_bench medians of fwd and fwd+bwd; ratios in the same run.
 """
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -83,16 +84,18 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
     p.add_argument("--sizes", default="4096,16384")
+    p.add_argument("--batch", type=int, default=None, help="sequences per call (default: max(1, 16384 // T))")
+    p.add_argument("--skip-checks", action="store_true", help="time only (the checks passed on this GPU before)")
     args = p.parse_args()
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-           "command": "PYTHONPATH=src python3 benchmarks/mamba.py --out $OUT", "checks": {}, "speed": []}
+           "command": "PYTHONPATH=src python3 benchmarks/mamba.py --out $OUT " + " ".join(sys.argv[1:]), "checks": {}, "speed": []}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"mamba_{torch.cuda.get_device_name().split()[1].lower()}.json")
     save = lambda: json.dump(res, open(path, "w"), indent=1)  # noqa: E731
     m = REGISTRY.get("mamba")
     library_configs = selective_scan._configs, selective_scan._bwd_configs
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in () if args.skip_checks else (torch.float32, torch.bfloat16):
         for variant, (fwd, bwd) in VARIANTS.items():
             selective_scan._configs, selective_scan._bwd_configs = (lambda *s, c=fwd: c), (lambda *s, c=bwd: c)
             r = check_method(m, form="chunk", shape=odd_shapes()[0], dtype=dtype, device="cuda")
@@ -114,7 +117,7 @@ def main():
     scan = lambda i: selective_scan.selective_scan(i["x"], i["dt"], i["A"], i["B"], i["C"], i["dt_bias"])[0]  # noqa
     engine = lambda i: chunk_gated_linear_attn(i["q"], i["k"], i["v"], i["g"], scale=1.0)  # noqa: E731
     for T in (int(s) for s in args.sizes.split(",")):
-        B = max(1, 16384 // T)
+        B = args.batch or max(1, 16384 // T)
         row = {"T": T, "B": B, "mamba_scan": timed("mamba scan", mamba_inputs, scan, B, T)}
         save()
         row["engine_scalar_gate"] = timed("engine scalar gate", engine_inputs, engine, B, T)
