@@ -87,9 +87,9 @@ def presets() -> dict:
         "ttt forward walk": (ttt_fused._ttt_fwd_states, walk, ttt, 4, 2),
         "ttt reverse walk": (ttt_fused._ttt_bwd_states, walk, ttt, 8, 3),
         "gsa state pass": (gsa_chunk._gsa_pass1_states, dict(a=BF, b=BF, **{n: F32 for n in (
-            "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=False), 8, 2),
+            "X", "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=False), 8, 2),
         "gsa reverse state pass": (gsa_chunk._gsa_pass1_states, dict(a=BF, b=F32, **{n: F32 for n in (
-            "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=True), 8, 2),
+            "X", "Xb", "Lb", "h0", "ht", "HB", "g")}, **gsa), dict(states, REVERSE=True), 8, 2),
         "gsa scan": (gsa_chunk._gsa_pass1_scan, dict(
             {n: BF for n in ("q", "k", "s", "g", "p")}, **{n: F32 for n in ("o", "HB")}, **gsa),
             dict(C=16, SUB=sub, BK=64, BM=64, STORE_O=True, DOT_PREC="tf32"), 8, 2),

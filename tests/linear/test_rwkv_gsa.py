@@ -186,15 +186,15 @@ def test_gsa_triton_pass1_backward(monkeypatch, dtype, strong, T, K, M, state):
 def test_gsa_triton_pass1_other_super_chunks(monkeypatch, strong):
     """Every super-chunk length the forward's tuner may pick (the interpreter takes the first of FWD_CONFIGS):
     pinned to each other one, output, states and every gradient vs the float64 reference (2x rule) at T = 150 (three
-    super-chunks of 64, the last partial), and the backward's state pass runs with the forward's length."""
+    super-chunks of 64, the last partial), and the backward's state pass runs over the forward's super-chunks."""
     chunk_module = sys.modules["effattn.linear.gsa_chunk"]
     lengths = {sup for sup, _ in chunk_module.FWD_CONFIGS[1:]} - {chunk_module.FWD_CONFIGS[0][0]}
     assert lengths
-    real = chunk_module._states
+    real = chunk_module._prep
     for sup in sorted(lengths):
         seen = []
-        spy = lambda *a, **k: seen.append((k["reverse"], k["sup"])) or real(*a, **k)  # noqa: E731
-        monkeypatch.setattr(chunk_module, "_states", spy)
+        spy = lambda *a, **k: seen.append((k["forward"], k["sup"])) or real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(chunk_module, "_prep", spy)
         monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", f"gsa_fwd={sup},8")
         check_against_reference(_gsa_pair, _gsa_ref_pair, gsa_case(T=150, K=16, M=40, seed=6, strong=strong),
                                 {"scale": 0.3}, dtype=torch.float32, form="chunk", chunk_size=16)

@@ -1,22 +1,21 @@
 """Triton forward and backward of gated slot attention's pass 1 (gsa.py's module docstring has the math): the
 recurrence hk_t = hk_{t-1} Diag(e^{g_t}) + k_t^T s_t, o'_t = scale * q_t hk_t, read through the softmax over the
 slots p_t = softmax(o'_t), whose gate acts on the slot (value-side) columns, which the engine's kernels do not
-gate. Tokens go in chunks of C = 16 (the intra-chunk products) grouped in super-chunks of S = 128 or 64 tokens (the
+gate. Tokens go in chunks of C = 16 (the intra-chunk products) grouped in super-chunks of S = 64, 128 or 256 tokens (the
 sequential state passes; `FWD_CONFIGS`, timed per shape). The forward is three launches:
 
-1. `_gsa_pass1_prep`, one program per (chunk, sequence-head), all chunks at once: from the chunk-local cumulative
-   gates Gc, the writes decayed to the chunk's end s e^{Gc_C - Gc} `[C, M]` and e^{Gc_C} `[M]`.
+1. `_gsa_pass1_prep`, one program per (super-chunk, sequence-head), all at once: from G, the gates summed from the
+   super-chunk's start, the writes decayed to its end s e^{G_S - G} `[S, M]` and its decay e^{G_S} `[M]`.
 2. `_gsa_pass1_states`, one program per (slot block, key block, sequence-head): super-chunks in order with a
-   `[32, 32]` block of hk in registers, hk <- hk e^{G_S} + k^T (s e^{G_S - G}) over the super-chunk's rows
-   (G its own cumulative gates, taken from the prep's per-chunk buffers: no gate arithmetic in the loop);
-   stores hk at every super-chunk's start and the final state.
+   `[32, 32]` block of hk in registers, hk <- hk e^{G_S} + k^T (s e^{G_S - G}), one dot on the prep's rows a step
+   (no gate arithmetic in the sequential loop); stores hk at every super-chunk's start and the final state.
 3. `_gsa_pass1_scan`, one program per (super-chunk, sequence-head), all super-chunks at once: from hk at its
    super-chunk's start `[K, M]`, its chunks in order, o' = scale ((q hk) e^{Gc} + intra) with the
    intra-chunk sum_{j<=i} (q_i . k_j) s_j e^{Gc_i - Gc_j} in registers (`_intra_output`), p = softmax(o') stored
    in the inputs' dtype (o' itself in float32 only for the backward), hk <- hk e^{Gc_C} + k^T (s e^{Gc_C - Gc}).
 
 The backward (`_GsaPass1`) mirrors it: the slots' softmax backward (`_slot_softmax_bwd`, o' -> do'), the prep's
-e^{Gc} and `_gsa_pass1_states` in reverse for the state gradient after every super-chunk (and the initial
+e^{G} and `_gsa_pass1_states` in reverse for the state gradient after every super-chunk (and the initial
 state's); then two walks, one program per (super-chunk, sequence-head), with the state `[K, M]` in registers:
 `_gsa_pass1_bwd_dq` forward from hk at the super-chunk's start for dq, and `_gsa_pass1_bwd` in reverse from the
 state gradient after it for dk, ds and each chunk's part of the gate's gradient (its reverse cumsum within the
@@ -37,60 +36,46 @@ from .rwkv7_chunk import _mild, _rows, _state_block, _stored_rows, block, buffer
 CHUNK = 16
 # The forward's candidates (tokens per super-chunk, the scan's warps), timed per shape by `pick_config`; the
 # first is the interpreter's. The state passes are latency-bound (64 programs at K = M = 64, H = 16; 1.4 ms for
-# 1024 steps of 64 tokens at T = 64k on the H100, 2026-12-07): 128 tokens per step halves the steps (sm_90a loop:
-# 523 instructions against 304) and the states stored for the scan and the walks. The backward runs with the
-# forward's super-chunks.
-FWD_CONFIGS = ((128, 8), (64, 8), (128, 4), (64, 4))
+# 1024 steps of 64 tokens at T = 64k on the H100, 2026-12-07, when each step composed its decays from per-chunk
+# buffers: 4 barriers a step at 64 tokens, 32 at 128). Each step is now one dot on the prep's rows (sm_90a: 171 /
+# 290 / 573 loop instructions at 64 / 128 / 256 tokens, 3 barriers); longer super-chunks take fewer steps and
+# store fewer states. The backward runs with the forward's super-chunks.
+FWD_CONFIGS = ((128, 8), (64, 8), (128, 4), (64, 4), (256, 8))
 
 
 @triton.jit
-def _gsa_pass1_prep(g, s, X, Lb, T, H, M, NT, C: tl.constexpr, BM: tl.constexpr, FORWARD: tl.constexpr):
-    """One (chunk, sequence-head)'s gate buffers `[B H, NT, C, BM]` from its chunk-local cumulative gates Gc (rows
-    past T and slots past M: g = s = 0): forward (the state pass's inputs) X = s e^{Gc_C - Gc} and Lb = e^{Gc_C}
-    `[B H, NT, BM]`; else (the reverse state pass's) X = e^{Gc}."""
+def _gsa_pass1_prep(g, s, X, Lb, T, H, M, S: tl.constexpr, BM: tl.constexpr, FORWARD: tl.constexpr):
+    """One (super-chunk of S tokens, sequence-head)'s buffers for the state pass, from G, the gates summed from the
+    super-chunk's start (inclusive; rows past T and slots past M: g = s = 0): its decay Lb = e^{G_S}
+    `[B H, NS, BM]` and the rows X `[B H, NS, S, BM]`, forward s e^{G_S - G} (the exponent summed over the later
+    rows of the super-chunk, not a difference of two long sums, which would cancel), else (the reverse pass) e^{G}."""
     n, bh = tl.program_id(0), tl.program_id(1)
+    NS = tl.num_programs(0)
     bb, h = bh // H, bh % H
     base_m = bb * T * H * M + h * M
-    rows, om = tl.arange(0, C), tl.arange(0, BM)
-    gc = tl.cumsum(_rows(g + base_m, n * C, T, 0, C, BM, M, H * M), 0)
-    p = ((bh * NT + n) * C + rows[:, None]) * BM + om[None, :]
+    rows, om = tl.arange(0, S), tl.arange(0, BM)
+    g_rows = _rows(g + base_m, n * S, T, 0, S, BM, M, H * M)
+    tl.store(Lb + (bh * NS + n) * BM + om, tl.exp(tl.sum(g_rows, 0)))
+    p = ((bh * NS + n) * S + rows[:, None]) * BM + om[None, :]
     if FORWARD:
-        last = tl.sum(tl.where(rows[:, None] == C - 1, gc, 0.0), 0)
-        tl.store(X + p, _rows(s + base_m, n * C, T, 0, C, BM, M, H * M) * tl.exp(last[None, :] - gc))
-        tl.store(Lb + (bh * NT + n) * BM + om, tl.exp(last))
+        after = tl.where(rows[:, None] < S - 1, _rows(g + base_m, n * S + 1, T, 0, S, BM, M, H * M), 0.0)  # g_{j+1}
+        tl.store(X + p, _rows(s + base_m, n * S, T, 0, S, BM, M, H * M) * tl.exp(tl.cumsum(after, 0, reverse=True)))
     else:
-        tl.store(X + p, tl.exp(gc))
+        tl.store(X + p, tl.exp(tl.cumsum(g_rows, 0)))
 
 
 @triton.jit
-def _product(x, y):
-    """tl.reduce's combine for a product."""
-    return x * y
-
-
-@triton.jit
-def _chunk_decays(Lb, bh, NT, n, om, SUB: tl.constexpr, BM: tl.constexpr):
-    """e^{Gc_C} of super-chunk n's SUB chunks `[SUB, SM]` from Lb `[B H, NT, BM]` (1 past the last chunk)."""
-    chunks = n * SUB + tl.arange(0, SUB)
-    return tl.load(Lb + (bh * NT + chunks[:, None]) * BM + om[None, :], mask=chunks[:, None] < NT, other=1.0)
-
-
-@triton.jit
-def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C: tl.constexpr,
-                      SUB: tl.constexpr, BKS: tl.constexpr, SM: tl.constexpr, BM: tl.constexpr,
-                      USE_H0: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The state over super-chunks of SUB chunks (S = SUB C tokens), one block `[BKS, SM]` of it per program
-    (keys split: no output here), from h0 `[B H, K, M]` (or zeros); stores it before each super-chunk (HB,
-    `[NS, B H, K, M]`, SS = B H K M) and its last value (ht). No gate arithmetic in the sequential loop: the
-    prep's per-chunk buffers (Xb `[B H, NT, C, BM]`, Lb = e^{Gc_C} `[B H, NT, BM]`, Gc chunk-local) give the
-    super-chunk's decays as products of whole chunks' Lb (rows past NT: Xb 0, Lb 1).
-    Forward (a = k, Xb = s e^{Gc_C - Gc}): in order, hk <- hk e^{G_S} + k^T (s e^{G_S - G}), G cumulative over
-    the super-chunk: row j of chunk c takes Xb_j prod_{c' > c} Lb_c'. HB holds hk at each super-chunk's start,
-    ht the final state.
-    Reverse (a = q, b = do' float32, Xb = e^{Gc}): dhk <- dhk e^{G_S} + scale q^T (do' e^{G}), last super-chunk
-    first: row j of chunk c takes Xb_j prod_{c' < c} Lb_c'. HB holds dhk after each super-chunk, ht the initial
-    state's gradient."""
-    S: tl.constexpr = SUB * C
+def _gsa_pass1_states(a, b, X, Lb, h0, ht, HB, SS, T, H, K, M, NS, scale, S: tl.constexpr, BKS: tl.constexpr,
+                      SM: tl.constexpr, BM: tl.constexpr, USE_H0: tl.constexpr, REVERSE: tl.constexpr,
+                      DOT_PREC: tl.constexpr):
+    """The state over NS super-chunks of S tokens, one block `[BKS, SM]` of it per program (keys split: no output
+    here), from h0 `[B H, K, M]` (or zeros); stores it before each super-chunk (HB, `[NS, B H, K, M]`, SS =
+    B H K M) and its last value (ht). The prep's buffers (X `[B H, NS, S, BM]`, Lb = e^{G_S} `[B H, NS, BM]`)
+    hold every decay, so the sequential loop does one dot and one scaling a step.
+    Forward (a = k, X = s e^{G_S - G}): in order, hk <- hk e^{G_S} + k^T X. HB holds hk at each super-chunk's
+    start, ht the final state.
+    Reverse (a = q, b = do' float32, X = e^{G}): dhk <- dhk e^{G_S} + scale q^T (do' X), last super-chunk first.
+    HB holds dhk after each super-chunk, ht the initial state's gradient."""
     im, ik, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h = bh // H, bh % H
     base_k, base_m = bb * T * H * K + h * K, bb * T * H * M + h * M
@@ -101,13 +86,11 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
     if USE_H0:
         hk += tl.load(h0 + p_state, mask=m_km, other=0.0)
     rows = tl.arange(0, S)
-    chunk_of_row = rows // C
-    # a's rows one super-chunk ahead of use (the compiler's pipelining leaves this load in the loop, where the
-    # step's product would wait for it); the last step reloads its own rows
-    # likewise the super-chunk's e^{Gc_C} `[SUB, SM]` (its product decays the state)
+    # a's rows and the super-chunk's decay one step ahead of use (the compiler's pipelining leaves these loads in
+    # the loop, where the step's product would wait for them); the last step reloads its own
     first = NS - 1 if REVERSE else 0
     a_next = _stored_rows(a + base_k, first * S, T, ik * BKS, S, BKS, K, H * K)
-    l_next = _chunk_decays(Lb, bh, NT, first, om, SUB, BM)
+    l_next = tl.load(Lb + (bh * NS + first) * BM + om)
     for i in range(NS):
         if REVERSE:
             n = NS - 1 - i
@@ -117,22 +100,12 @@ def _gsa_pass1_states(a, b, Xb, Lb, h0, ht, HB, SS, T, H, K, M, NT, NS, scale, C
             ahead = tl.minimum(n + 1, NS - 1)
         an, ln = a_next.to(tl.float32), l_next
         a_next = _stored_rows(a + base_k, ahead * S, T, ik * BKS, S, BKS, K, H * K)
-        l_next = _chunk_decays(Lb, bh, NT, ahead, om, SUB, BM)
+        l_next = tl.load(Lb + (bh * NS + ahead) * BM + om)
         tl.store(HB + tl.cast(n, tl.int64) * SS + p_state, hk, mask=m_km)
-        c0 = n * SUB
-        in_chunks = (c0 + chunk_of_row) < NT
-        xn = tl.load(Xb + ((bh * NT + c0) * C + rows[:, None]) * BM + om[None, :], mask=in_chunks[:, None],
-                     other=0.0)
-        total = tl.reduce(ln, 0, _product)
-        for c in tl.static_range(SUB):
-            lc = tl.sum(tl.where(tl.arange(0, SUB)[:, None] == c, ln, 0.0), 0)
-            if REVERSE:
-                xn = tl.where(chunk_of_row[:, None] > c, xn * lc[None, :], xn)
-            else:
-                xn = tl.where(chunk_of_row[:, None] < c, xn * lc[None, :], xn)
+        xn = tl.load(X + ((bh * NS + n) * S + rows[:, None]) * BM + om[None, :])
         if REVERSE:
             xn = scale * xn * _rows(b + base_m, n * S, T, im * SM, S, SM, M, H * M)
-        hk = tl.dot(tl.trans(an), xn, hk * total[None, :], input_precision=DOT_PREC)
+        hk = tl.dot(tl.trans(an), xn, hk * ln[None, :], input_precision=DOT_PREC)
     tl.store(ht + p_state, hk, mask=m_km)
 
 
@@ -340,53 +313,49 @@ def _dims(q, s):
     return B, T, H, K, M, triton.cdiv(T, CHUNK), block(K), block(M)
 
 
-def _states(a, b, Xb, Lb, h0, scale: float, reverse: bool, sup: int):
-    """The state pass over super-chunks of `sup` tokens on contiguous a `[B, T, H, K]`, b `[B, T, H, M]` (reverse
-    only) and the prep's buffers Xb `[B H, NT, C, BM]`, Lb `[B H, NT, BM]`: (the state before each super-chunk, or
-    after it in reverse, `[NS, B H, K, M]`, and its last value `[B, H, K, M]`), float32."""
+def _states(a, b, X, Lb, h0, scale: float, reverse: bool):
+    """The state pass over the prep's super-chunks (X `[B H, NS, S, BM]`, Lb `[B H, NS, BM]`) on contiguous a
+    `[B, T, H, K]`, b `[B, T, H, M]` (reverse only): (the state before each super-chunk, or after it in reverse,
+    `[NS, B H, K, M]`, and its last value `[B, H, K, M]`), float32."""
     B, T, H, K = a.shape
     M = b.shape[-1]
-    NT, BM = Xb.shape[1], Xb.shape[-1]
-    NS = triton.cdiv(T, sup)
+    NS, S, BM = X.shape[1:]
     BKS, SM = min(block(K), 32), min(BM, 32)
     hb = torch.empty(NS, B * H, K, M, dtype=torch.float32, device=a.device)
     last = empty_output((B, H, K, M), torch.float32, a.device)
-    # sm_90a, K = M = 64, tf32, 8 warps, no spills: 169 (forward) and 176 (reverse) registers at 128 tokens a step,
-    # 125 and 146 at 64
+    # sm_90a, K = M = 64, tf32, 8 warps, no spills: 64 / 80 / 80 registers forward, 128 / 178 / 255 in reverse, at
+    # 64 / 128 / 256 tokens a step
     _gsa_pass1_states[(triton.cdiv(M, SM), triton.cdiv(K, BKS), B * H)](
-        a, b, Xb, Lb, h0, last, hb, B * H * K * M, T, H, K, M, NT, NS, float(scale), C=CHUNK, SUB=sup // CHUNK,
-        BKS=BKS, SM=SM, BM=BM, USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=buffer_dot_precision(a.dtype),
-        num_warps=8, num_stages=2)
+        a, b, X, Lb, h0, last, hb, B * H * K * M, T, H, K, M, NS, float(scale), S=S, BKS=BKS, SM=SM, BM=BM,
+        USE_H0=h0 is not None, REVERSE=reverse, DOT_PREC=buffer_dot_precision(a.dtype), num_warps=8, num_stages=2)
     return hb, last
 
 
-def _prep(g, s, forward: bool):
-    """The prep's buffers on contiguous g, s `[B, T, H, M]`: forward (s e^{Gc_C - Gc} `[B H, NT, C, BM]`,
-    e^{Gc_C} `[B H, NT, BM]`), else (e^{Gc} `[B H, NT, C, BM]`, None); float32."""
+def _prep(g, s, forward: bool, sup: int):
+    """The state pass's buffers over super-chunks of `sup` tokens on contiguous g, s `[B, T, H, M]`: (X `[B H, NS,
+    sup, BM]`: s e^{G_S - G} forward, else e^{G}; e^{G_S} `[B H, NS, BM]`), float32."""
     B, T, H, M = g.shape
-    NT, BM = triton.cdiv(T, CHUNK), block(M)
-    x = torch.empty(B * H, NT, CHUNK, BM, dtype=torch.float32, device=g.device)
-    last = torch.empty(B * H, NT, BM, dtype=torch.float32, device=g.device) if forward else None
-    _gsa_pass1_prep[(NT, B * H)](g, s, x, last if forward else x, T, H, M, NT, C=CHUNK, BM=BM, FORWARD=forward,
-                                 num_warps=2)
-    return x, last
+    NS, BM = triton.cdiv(T, sup), block(M)
+    x = torch.empty(B * H, NS, sup, BM, dtype=torch.float32, device=g.device)
+    decay = torch.empty(B * H, NS, BM, dtype=torch.float32, device=g.device)
+    # sm_90a, BM = 64, forward: 64 / 113 registers at 64 / 128 tokens and 8 warps, 255 at 256 (16 warps: fewer)
+    _gsa_pass1_prep[(NS, B * H)](g, s, x, decay, T, H, M, S=sup, BM=BM, FORWARD=forward, num_warps=max(8, sup // 16))
+    return x, decay
 
 
 def _pass1(q, k, s, g, scale: float, h0, store_o: bool):
     """Launch the prep, the state pass and the local scan on contiguous q, k, s, g: (p = softmax(o') `[B, T, H, M]`
     in q's dtype, o' float32 (with `store_o`, else None), final hk `[B, H, K, M]`, the states at the
-    super-chunks' starts `[NS, B H, K, M]`, e^{Gc_C} `[B H, NT, BM]`, the last three float32; the super-chunk's
-    tokens)."""
+    super-chunks' starts `[NS, B H, K, M]`, the last two float32; the super-chunk's tokens)."""
     B, T, H, K, M, NT, BK, BM = _dims(q, s)
-    Sb, Lb = _prep(g, s, forward=True)
     h0 = float32_state(h0)
     p = empty_output((B, T, H, M), q.dtype, q.device)
     o = empty_output((B, T, H, M), torch.float32, q.device) if store_o else p
     out = {}
 
-    def launch(cfg):  # the state pass and the scan (idempotent: the tuner times it)
+    def launch(cfg):  # the prep, the state pass and the scan (idempotent: the tuner times it)
         sup, warps = cfg
-        hb, ht = _states(k, s, Sb, Lb, h0, 1.0, reverse=False, sup=sup)
+        hb, ht = _states(k, s, *_prep(g, s, forward=True, sup=sup), h0, 1.0, reverse=False)
         out.update(hb=hb, ht=ht)
         # sm_90a, K = M = 64, bf16 (tf32), 2 stages, no spills, no synchronous load per step: 169 registers at 8
         # warps, 237 at 4
@@ -395,7 +364,7 @@ def _pass1(q, k, s, g, scale: float, h0, store_o: bool):
             SUB=sup // CHUNK, STORE_O=store_o, DOT_PREC=buffer_dot_precision(q.dtype), num_warps=warps, num_stages=2)
     cfg = pick_config(("gsa_fwd", K, M, q.dtype, B * H, seqlen_bucket(T)), FWD_CONFIGS, launch)
     launch(cfg)
-    return p, o if store_o else None, out["ht"], out["hb"], Lb, cfg[0]
+    return p, o if store_o else None, out["ht"], out["hb"], cfg[0]
 
 
 class _GsaPass1(torch.autograd.Function):
@@ -407,14 +376,14 @@ class _GsaPass1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, s, g, h0, scale):
         q, k, s, g = (t.contiguous() for t in (q, k, s, g))
-        p, o, ht, hb, Lb, sup = _pass1(q, k, s, g, scale, h0, store_o=True)
-        ctx.save_for_backward(q, k, s, g, o, ht, hb, Lb)
+        p, o, ht, hb, sup = _pass1(q, k, s, g, scale, h0, store_o=True)
+        ctx.save_for_backward(q, k, s, g, o, ht, hb)
         ctx.scale, ctx.has_h0, ctx.sup = scale, h0 is not None, sup
         return p, ht
 
     @staticmethod
     def backward(ctx, dp, dht):
-        q, k, s, g, o, ht, hb, Lb = ctx.saved_tensors
+        q, k, s, g, o, ht, hb = ctx.saved_tensors
         B, T, H, K, M, NT, BK, BM = _dims(q, s)
         C = CHUNK
         prec = buffer_dot_precision(q.dtype)
@@ -425,8 +394,7 @@ class _GsaPass1(torch.autograd.Function):
             rows = B * T * H
             _slot_softmax_bwd[(triton.cdiv(rows, 32),)](o, dp.contiguous(), do, rows, M, BR=32, BM=BM, num_warps=4)
         dht = float32_state(dht)
-        Eb, _ = _prep(g, s, forward=False)
-        dhb, dh0 = _states(q, do, Eb, Lb, dht, ctx.scale, reverse=True, sup=ctx.sup)
+        dhb, dh0 = _states(q, do, *_prep(g, s, forward=False, sup=ctx.sup), dht, ctx.scale, reverse=True)
         dq = empty_output((B, T, H, K), q.dtype, q.device)  # complete in the kernel: stored in the inputs' dtype
         dk = empty_output((B, T, H, K), k.dtype, q.device)
         ds = empty_output((B, T, H, M), s.dtype, q.device)
@@ -458,5 +426,5 @@ def gsa_pass1_forward(q, k, s, g, scale: float, initial_state_k):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, s, g, initial_state_k)):
         return _GsaPass1.apply(q, k, s, g, initial_state_k, float(scale))
     q, k, s, g = (t.contiguous() for t in (q, k, s, g))
-    p, _, ht, _, _, _ = _pass1(q, k, s, g, scale, initial_state_k, store_o=False)
+    p, _, ht, _, _ = _pass1(q, k, s, g, scale, initial_state_k, store_o=False)
     return p, ht
