@@ -2,7 +2,7 @@
 recurrence hk_t = hk_{t-1} Diag(e^{g_t}) + k_t^T s_t, o'_t = scale * q_t hk_t, read through the softmax over the
 slots p_t = softmax(o'_t), whose gate acts on the slot (value-side) columns, which the engine's kernels do not
 gate. Tokens go in chunks of C = 16 (the intra-chunk products) grouped in super-chunks of S = 64, 128 or 256 tokens (the
-sequential state passes; `FWD_CONFIGS`, timed per shape). The forward is three launches:
+sequential state passes; `fwd_configs`, timed per shape). The forward is three launches:
 
 1. `_gsa_pass1_prep`, one program per (super-chunk, sequence-head), all at once: from G, the gates summed from the
    super-chunk's start, the writes decayed to its end s e^{G_S - G} `[S, M]` and its decay e^{G_S} `[M]`.
@@ -41,6 +41,12 @@ CHUNK = 16
 # 290 / 573 loop instructions at 64 / 128 / 256 tokens, 3 barriers); longer super-chunks take fewer steps and
 # store fewer states. The backward runs with the forward's super-chunks.
 FWD_CONFIGS = ((128, 8), (64, 8), (128, 4), (64, 4), (256, 8))
+
+
+def fwd_configs(dtype: torch.dtype) -> tuple:
+    """The forward's candidates for inputs of this dtype: float32 inputs (three-pass tf32 dots) take 64-token
+    super-chunks only, where the state passes do not spill (sm_90a at 128 / 256 tokens: 456 B / 6.5 KB)."""
+    return FWD_CONFIGS if dtype != torch.float32 else tuple(c for c in FWD_CONFIGS if c[0] == 64)
 
 
 @triton.jit
@@ -362,7 +368,7 @@ def _pass1(q, k, s, g, scale: float, h0, store_o: bool):
         _gsa_pass1_scan[(hb.shape[0], B * H)](
             q, k, s, g, o, p, hb, B * H * K * M, T, H, K, M, NT, float(scale), C=CHUNK, BK=BK, BM=BM,
             SUB=sup // CHUNK, STORE_O=store_o, DOT_PREC=buffer_dot_precision(q.dtype), num_warps=warps, num_stages=2)
-    cfg = pick_config(("gsa_fwd", K, M, q.dtype, B * H, seqlen_bucket(T)), FWD_CONFIGS, launch)
+    cfg = pick_config(("gsa_fwd", K, M, q.dtype, B * H, seqlen_bucket(T)), fwd_configs(q.dtype), launch)
     launch(cfg)
     return p, o if store_o else None, out["ht"], out["hb"], cfg[0]
 
