@@ -344,7 +344,7 @@ def _prep(g, s, forward: bool, sup: int):
     NS, BM = triton.cdiv(T, sup), block(M)
     x = torch.empty(B * H, NS, sup, BM, dtype=torch.float32, device=g.device)
     decay = torch.empty(B * H, NS, BM, dtype=torch.float32, device=g.device)
-    # sm_90a, BM = 64, forward: 64 / 113 registers at 64 / 128 tokens and 8 warps, 255 at 256 (16 warps: fewer)
+    # sm_90a, BM = 64, forward: 64 / 113 registers at 64 / 128 tokens and 8 warps; at 256, 255 at 8 warps, 116 at 16
     _gsa_pass1_prep[(NS, B * H)](g, s, x, decay, T, H, M, S=sup, BM=BM, FORWARD=forward, num_warps=max(8, sup // 16))
     return x, decay
 
