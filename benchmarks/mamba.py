@@ -4,8 +4,8 @@
 
 1. Correctness on the GPU: the registered "mamba" (chunk form) vs its float64 reference (effattn.testing rule,
    fp32 and bf16), and the Triton scan vs the recurrent form (both fp32 on the GPU) at T = 2048, D = 256.
-2. Speed, bf16, B = --batch or max(1, 16384 // T): Mamba D_inner = 2048, N = 16 (state 2048 x 16 per sequence) beside the
-   engine's chunk_gated_linear_attn with a scalar gate, H = 16, Dk = 16, Dv = 128 (the same 32768-element
+2. Speed, bf16, B = --batch or max(1, 16384 // T): Mamba D_inner = 2048, N = 16 (state 2048 x 16 per sequence)
+   beside the engine's chunk_gated_linear_attn with a scalar gate, H = 16, Dk = 16, Dv = 128 (the same 32768-element
    state: Mamba2's layout). triton.testing.do_bench medians of fwd and fwd+bwd; ratios in the same run.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main():
     args = p.parse_args()
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-           "command": "PYTHONPATH=src python3 benchmarks/mamba.py --out $OUT " + " ".join(sys.argv[1:]), "checks": {}, "speed": []}
+           "command": "PYTHONPATH=src python3 benchmarks/mamba.py " + " ".join(sys.argv[1:]), "checks": {}, "speed": []}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"mamba_{torch.cuda.get_device_name().split()[1].lower()}.json")
     save = lambda: json.dump(res, open(path, "w"), indent=1)  # noqa: E731
