@@ -77,7 +77,7 @@ def presets() -> dict:
     # tokens per super-chunk: this tree's first forward candidate (a constant SUPER in older trees)
     sup = gsa_chunk.FWD_CONFIGS[0][0] if hasattr(gsa_chunk, "FWD_CONFIGS") else gsa_chunk.SUPER
     sub = sup // gsa_chunk.CHUNK  # chunks per super-chunk, as the launchers pass it
-    # (S: the state pass's constexpr before 12b8675)
+    # (the state pass takes S, tokens a step, before 12b8675 and since b70ce89; C and SUB in between)
     states = dict(C=16, SUB=sub, S=sup, BKS=32, SM=32, BM=64, USE_H0=True, DOT_PREC="tf32")
     engine = dict(H=16, K=64, V=64, BT=64, BK=64, BV=32, PREC=None)
     state_fwd = dict(k=BF, u=BF, w=BF, g=F32, h=BF, x=BF, h0=F32, ht=F32, cu=I32, first=I32)
