@@ -35,11 +35,11 @@ from .rwkv7_chunk import _mild, _rows, _state_block, _stored_rows, block, buffer
 
 CHUNK = 16
 # The forward's candidates (tokens per super-chunk, the scan's warps), timed per shape by `pick_config`; the
-# first of `fwd_configs` is the interpreter's (128 tokens, float32: 64). The state passes are latency-bound (64 programs at K = M = 64, H = 16; 1.4 ms for
-# 1024 steps of 64 tokens at T = 64k on the H100, 2026-12-07, when each step composed its decays from per-chunk
-# buffers: 4 barriers a step at 64 tokens, 32 at 128). Each step is now one dot on the prep's rows (sm_90a: 171 /
-# 290 / 573 loop instructions at 64 / 128 / 256 tokens, 3 barriers); longer super-chunks take fewer steps and
-# store fewer states. The backward runs with the forward's super-chunks.
+# first of `fwd_configs` is the interpreter's (128 tokens; float32: 64). The state passes are latency-bound (64
+# programs at K = M = 64, H = 16; 1.4 ms for 1024 steps of 64 tokens at T = 64k on the H100, 2026-12-07, when each
+# step composed its decays from per-chunk buffers: 4 barriers a step at 64 tokens, 32 at 128). Each step is now one
+# dot on the prep's rows (sm_90a: 171 / 290 / 573 loop instructions at 64 / 128 / 256 tokens, 3 barriers); longer
+# super-chunks take fewer steps and store fewer states. The backward runs with the forward's super-chunks.
 FWD_CONFIGS = ((128, 8), (64, 8), (128, 4), (64, 4), (256, 8))
 
 
