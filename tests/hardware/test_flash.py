@@ -164,17 +164,36 @@ def test_gradient_of_lse_alone(device):
     assert y[2].grad is None and torch.equal(x[2].grad, torch.zeros_like(x[2]))  # LSE does not depend on v
 
 
-@pytest.mark.parametrize("options", [
+SINK_CASES = [
     dict(window=(9, 0), causal=True, sink_tokens=4),
     dict(window=(6, 5), sink_tokens=37),  # sinks over two 32-key tiles, a right edge
     dict(window=(40, 0), causal=True, sink_tokens=50),  # sinks reaching into the window
     dict(window=(3, 0), causal=True, sink_tokens=1, softcap=4.0),
-], ids=str)
+]
+SINK_SHAPE = Shape(batch=1, seq_q=90, seq_k=103, heads=4, kv_heads=2, head_dim=32)
+
+
+@pytest.mark.parametrize("options", SINK_CASES, ids=str)
 def test_attention_sinks(options, device):
     """StreamingLLM's sinks + window on the kernel's window path: extra key tiles left of the window in the
     forward and dQ, extra query tiles below it in dK/dV; T != S, so rows are offset from the keys."""
-    shape = Shape(batch=1, seq_q=90, seq_k=103, heads=4, kv_heads=2, head_dim=32)
-    assert_matches_reference(FLASH, shape=shape, device=device, return_lse=True, **options)
+    assert_matches_reference(FLASH, shape=SINK_SHAPE, device=device, return_lse=True, **options)
+
+
+@pytest.mark.parametrize("shape, options", [(replace(SINK_SHAPE, batch=2), o) for o in SINK_CASES] + [
+    (Shape(batch=1, seq_q=250, heads=2, kv_heads=1, head_dim=32), dict(window=(80, 0), causal=True, sink_tokens=5)),
+], ids=str)  # the last: the band holds whole query tiles below the sink block (the unmasked loop)
+def test_attention_sinks_rows_split(shape, options, monkeypatch, device):
+    """The sink blocks' rows below the band cut into parts, each a dK/dV program of its own whose float32
+    partial sums the launcher adds into dK / dV; run twice, the second time through the cached launch plan."""
+    from effattn.hardware import flash_bwd
+
+    monkeypatch.setattr(flash_bwd, "SINK_PART_ROWS", 16)
+    monkeypatch.setattr(flash_bwd, "_PLANS", {})
+    for _ in range(2):
+        assert_matches_reference(FLASH, shape=shape, device=device, **options)
+    kv_parts = {plan[0][2][0] for plan in flash_bwd._PLANS.values()}
+    assert kv_parts and min(kv_parts) >= 2  # every backward split its sink rows
 
 
 def test_attention_sinks_varlen_and_errors(device):

@@ -75,19 +75,30 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off
 
 @triton.jit
 def _dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, CU,
+        Q, K, V, DO, LSE, DELTA, DK, DV, CU, SINK_DK, SINK_DV,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, slse_b, slse_h,
         sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
-        T, S, HKV, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
+        T, S, HKV, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, KV_GRID, SINK_SPLIT, SINK_ROWS,
         Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr):
+        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr, SINK_PARTS: tl.constexpr):
     """dK, dV of one key block. Block-sparse, each listed query block (MASK_M rows, the block mask's) is
     walked BLOCK_M rows at a time: a 64-row step at 8 warps compiles for sm_90a without register spills at
-    D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py)."""
+    D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py).
+
+    SINK_PARTS (dense, attention sinks): the rows below the band that see a sink block only through its sinks
+    are cut into SINK_SPLIT parts, each walked by one of the programs past the first KV_GRID (so no program walks
+    all T rows while the others walk a band); the sink blocks' programs then store float32 partial sums
+    `[SINK_SPLIT + 1, B, SINK_ROWS, HKV, D]` (part 0: the band's rows) to SINK_DK / SINK_DV, which the launcher
+    adds up into dK / dV."""
     pid_n = tl.program_id(0)
+    part = 0
+    if SINK_PARTS:  # programs past KV_GRID: (sink block, part 1..SINK_SPLIT)
+        extra = tl.maximum(pid_n - KV_GRID, 0)
+        part = tl.where(pid_n >= KV_GRID, 1 + extra % SINK_SPLIT, 0)
+        pid_n = tl.where(pid_n >= KV_GRID, extra // SINK_SPLIT, pid_n)
     b = tl.program_id(1) // HKV
     hk = tl.program_id(1) % HKV
     q0, seqlen_q, seqlen_k, bb = _sequence(CU, b, T, S, VARLEN)
@@ -140,19 +151,43 @@ def _dkdv_kernel(
             done = tl.maximum(tl.maximum(lo + n1 * BLOCK_M, a + tl.cdiv(tl.maximum(c - a, 0), BLOCK_M) * BLOCK_M),
                               tl.maximum(c + n2 * BLOCK_M, lo))
             n3 = tl.where(n0 < SINKS, tl.cdiv(tl.maximum(seqlen_q - done, 0), BLOCK_M), 0)
-            for j in range(n1 + n2 + n3):
+            j_lo = 0
+            j_hi = n1 + n2 + n3
+            c_end = c
+            if SINK_PARTS:  # a sink block: part 0 walks the band, part p > 0 its share of the n3 rows below
+                per = tl.cdiv(n3, SINK_SPLIT)
+                j_lo = tl.where(part > 0, n1 + n2 + (part - 1) * per, 0)
+                j_hi = tl.where(n0 < SINKS, tl.where(part > 0, tl.minimum(j_lo + per, j_hi), n1 + n2), j_hi)
+                c_end = tl.where(part > 0, a, c)
+            for j in range(j_lo, j_hi):
                 m0 = tl.where(j < n1, lo + j * BLOCK_M,
                               tl.where(j < n1 + n2, c + (j - n1) * BLOCK_M, done + (j - n1 - n2) * BLOCK_M))
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
                                     offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False,
                                     MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
-            for m0 in tl.range(a, c, BLOCK_M):
+            for m0 in tl.range(a, c_end, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
                                     offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False,
                                     MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
     dk = dk * (qk_scale * 0.6931471805599453)  # d(raw score) = scale * dS; qk_scale carries log2(e)
+    if SINK_PARTS:
+        if n0 < SINKS:  # a partial sum: float32, summed over the parts by the launcher
+            rows = ((part * (tl.num_programs(1) // HKV) + b) * SINK_ROWS + offs_n) * HKV + hk
+            tl.store(SINK_DK + rows[:, None] * HEAD_DIM + offs_d[None, :], dk, mask=offs_d[None, :] < HEAD_DIM)
+            tl.store(SINK_DV + rows[:, None] * HEAD_DIM_V + offs_dv[None, :], dv, mask=offs_dv[None, :] < HEAD_DIM_V)
+        else:
+            _store_dkdv(dk, dv, DK, DV, bb, q0, hk, offs_n, offs_d, offs_dv, seqlen_k, sdk_b, sdk_t, sdk_h, sdv_b,
+                        sdv_t, sdv_h, HEAD_DIM, HEAD_DIM_V)
+    else:
+        _store_dkdv(dk, dv, DK, DV, bb, q0, hk, offs_n, offs_d, offs_dv, seqlen_k, sdk_b, sdk_t, sdk_h, sdv_b,
+                    sdv_t, sdv_h, HEAD_DIM, HEAD_DIM_V)
+
+
+@triton.jit
+def _store_dkdv(dk, dv, DK, DV, bb, q0, hk, offs_n, offs_d, offs_dv, seqlen_k, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t,
+                sdv_h, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
     row_ok = offs_n < seqlen_k
     dk_ptrs = DK + bb * sdk_b + q0 * sdk_t + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :]
     dv_ptrs = DV + bb * sdv_b + q0 * sdv_t + hk * sdv_h + offs_n[:, None] * sdv_t + offs_dv[None, :]
@@ -311,7 +346,7 @@ _PLANS: dict = {}
 
 
 def _run(plan, q, k, v, o, do, lse, dlse):
-    (kv_static, kv_launch), (q_static, q_launch) = plan
+    kv, (q_static, q_launch) = plan
     B, T, H, _ = q.shape
     delta = empty_output((B, H, T), torch.float32, q.device)
     dq = empty_output(q.shape, q.dtype, q.device)
@@ -319,8 +354,44 @@ def _run(plan, q, k, v, o, do, lse, dlse):
     dv = empty_output(v.shape, v.dtype, v.device)
     q_launch(q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, delta, *q_static,
              *(delta,) * 6, 0, 0, 1, 1, 1)
-    kv_launch(q, k, v, do, lse, delta, dk, dv, delta, *kv_static, *(delta,) * 6, 0, 0, 1, 1, 1)
+    _launch_dkdv(kv, (q, k, v, do, lse, delta, dk, dv, delta), (delta,) * 6 + (0, 0, 1, 1, 1))
     return dq, dk, dv
+
+
+# Attention sinks: the dense dK/dV program of a sink block would walk every query row (each sees the sinks),
+# T / BLOCK_M steps while the others walk a band: at N = 16k, causal window 1024 + 64 sinks, that one program
+# per head ran about 0.5 ms alone after the rest had finished. Its rows below the band are cut into parts of
+# at least SINK_PART_ROWS rows (and the band's length), at most MAX_SINK_PARTS parts.
+SINK_PART_ROWS = 1024
+MAX_SINK_PARTS = 32
+
+
+def sink_split(sinks: int, T: int, S: int, left: int, right: int, block_n: int) -> tuple[int, int]:
+    """(parts, rows) of a dense dK/dV launch with sinks: `parts` programs per sink block walk its rows below
+    the band (0: no split, the sink blocks' programs walk them), `rows` = keys of the sink blocks."""
+    if not sinks:
+        return 0, 0
+    band = min(left, T) + min(right, T) + 1
+    parts = min(cdiv(T, max(band, SINK_PART_ROWS)) - 1, MAX_SINK_PARTS)
+    return (parts, cdiv(min(sinks, S), block_n) * block_n) if parts >= 2 else (0, 0)
+
+
+def _launch_dkdv(part, tensors, sparse_args) -> None:
+    """Run a dK/dV launch `part` = (static args, launch, (sink parts, sink rows)) on `tensors` = (q, k, v, do,
+    lse, delta, dk, dv, cu); with sink parts, its float32 partial sums of the sink blocks are added up into
+    dk / dv here (a sum over the parts' axis and a copy: a few microseconds)."""
+    static, launch, (parts, rows) = part
+    q, k, v, do, lse, delta, dk, dv, cu = tensors
+    if not parts:
+        launch(q, k, v, do, lse, delta, dk, dv, cu, delta, delta, *static, *sparse_args)
+        return
+    B, S, Hkv, D = k.shape
+    sink_dk = torch.empty((parts + 1, B, rows, Hkv, D), dtype=torch.float32, device=k.device)
+    sink_dv = torch.empty((parts + 1, B, rows, Hkv, v.shape[3]), dtype=torch.float32, device=k.device)
+    launch(q, k, v, do, lse, delta, dk, dv, cu, sink_dk, sink_dv, *static, *sparse_args)
+    n = min(rows, S)
+    dk[:, :n] = sink_dk.sum(0)[:, :n]
+    dv[:, :n] = sink_dv.sum(0)[:, :n]
 
 
 def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softcap, cu_seqlens, max_seqlen, sparse):
@@ -365,10 +436,14 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
         if sparse is not None and (bn != fixed[1] or fixed[0] % bm):
             raise ValueError(f"a block-sparse dK/dV configuration must keep the block mask's key block and split "
                              f"its query block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
-        grid = (sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn), n_seq * Hkv)
-        return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal),
+        kv_grid = sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn)
+        parts, sink_rows = sink_split(sinks, T, S, left, right, bn) if dense else (0, 0)
+        grid = (kv_grid + parts * sink_rows // bn, n_seq * Hkv)
+        return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal, kv_grid, parts, sink_rows),
                 KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_M=fixed[0] if fixed else bm,
-                                                      EARLY_DP=bool(cfg[6]), num_warps=warps, num_stages=stages)))
+                                                      EARLY_DP=bool(cfg[6]), SINK_PARTS=parts > 0, num_warps=warps,
+                                                      num_stages=stages)),
+                (parts, sink_rows))
 
     def dq_part(cfg: Config):
         bm, bn, warps, stages = cfg[:4]
@@ -390,7 +465,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     sp_q = sparse.kernel_args() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
 
     def run_dkdv(part):
-        part[1](q, k, v, do, lse, delta, dk, dv, cu, *part[0], *sp_kv)
+        _launch_dkdv(part, (q, k, v, do, lse, delta, dk, dv, cu), sp_kv)
 
     def run_dq(part):
         part[1](q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, cu, *part[0], *sp_q)
