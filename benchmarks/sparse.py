@@ -239,13 +239,21 @@ def _pattern_row(cfg, flex, spec, N, D):
         except RuntimeError as exc:  # e.g. a backward tile that does not fit shared memory at this D
             row["fwd_bwd_error"] = str(exc)
             print(f"{spec.name} N={N} D={D} tile {block}: backward failed: {exc}", flush=True)
-    if pattern.window is not None:  # what the registered method runs for a band (+ sinks, + Longformer global rows)
-        from effattn.sparse.pattern_methods import pattern_attention
+    if pattern.window is not None or pattern.grid is not None:
+        # what the registered method runs: a band (+ sinks, + Longformer's global rows) on the kernel's window
+        # path; a grid pattern in its plan's token order (built and cached here, so the timed calls reuse it)
+        from effattn.sparse.pattern_methods import grid_plan, pattern_attention
+        entry, density, build_s = "native window", r["by_block"][next(iter(r["by_block"]))]["density"], 0.0
+        if pattern.grid is not None:
+            t0 = time.perf_counter()
+            tile, bm = grid_plan(pattern, 1, cfg.H, N, None, cfg.device)
+            sync()
+            entry, density, build_s = f"tile order {tile}" if tile else "raster order", bm.density(), time.perf_counter() - t0
 
         def native():
             return pattern_attention(q, k, v, pattern)
-        r["by_block"]["native window"] = {
-            "density": r["by_block"][next(iter(r["by_block"]))]["density"], "build_s": 0.0,
+        r["by_block"][entry] = {
+            "density": density, "build_s": build_s,
             "max_abs_diff_vs_flex": float((native().detach().float() - theirs().detach().transpose(1, 2).float()).abs().max()),
             "fwd_ms": bench(native, cfg.device), "fwd_bwd_ms": bench(fwd_bwd(native, q, k, v), cfg.device)}
     # Reported: each metric at the tile that is best for it (the caller picks the tile when building the mask).

@@ -29,11 +29,19 @@ def pattern_attention(q, k, v, pattern, *, scale=None, block=None):
     path instead of a block mask unless `block` is given: the same mask without partial-tile bitmasks (on
     the H200 at N = 16k the window path ran at 1.05-1.10x compiled Flex fwd, the block-mask path at
     1.00x; benchmarks/results/sparse_patterns_2026-12-04_h200.md). With `pattern.global_rows` = g (and
-    T = S) the rows q >= g take that path and the g global rows a dense one (`_every_key`).
+    T = S) the rows q >= g take that path and the g global rows a dense one (`_every_key`). A grid pattern
+    (`pattern.grid`: neighborhood, sliding tile) runs with its tokens in the tile order that visits the
+    fewest blocks (`grid_plan`), when that order beats raster order by TILE_ORDER_GAIN.
     """
     B, T, S, H, _, _, _ = check_qkv(q, k, v)
     check_scale(scale)
     p = P.as_pattern(pattern)
+    if p.grid is not None and T == S == math.prod(p.grid):
+        tile, bm = grid_plan(p, B, H, T, block, q.device)
+        if tile is None:
+            return flash_attention(q, k, v, block_mask=bm, scale=scale)
+        to = lambda x: P.to_tile_order(x, p.grid, tile)  # noqa: E731
+        return P.from_tile_order(flash_attention(to(q), to(k), to(v), block_mask=bm, scale=scale), p.grid, tile)
     if p.window is not None and block is None and (not p.global_rows or T == S):  # the kernel's own band
         left, right = p.window
         g = min(p.global_rows, T)
@@ -46,6 +54,28 @@ def pattern_attention(q, k, v, pattern, *, scale=None, block=None):
     p = p.shifted(S - T)
     bm = p.block_mask(B, H, T, S, block=block, device=q.device)
     return flash_attention(q, k, v, block_mask=bm, scale=scale)
+
+
+# A tile order is taken when raster order visits this many times its blocks: the reordering costs four
+# copies of a [B, N, H, D] tensor forward (q, k, v, o) and four backward (do, dq, dk, dv).
+TILE_ORDER_GAIN = 1.25
+_GRID_PLANS: dict = {}
+
+
+def grid_plan(p: P.Pattern, B: int, H: int, N: int, block=None, device=None):
+    """(tile, block mask) of grid pattern `p` over N tokens: `tile` None (raster order) or the tile shape of
+    `p.tiles` whose tile order visits the fewest blocks, and that order's block mask. Cached under the
+    pattern's name (which, for a grid pattern, holds all its parameters), the shapes and the device."""
+    key = (p.__name__, p.grid, p.tiles, B if p.per_batch else 1, H if p.per_head else 1, N,
+           None if block is None else tuple(block), str(device))
+    if key not in _GRID_PLANS:
+        raster = p.block_mask(B, H, N, N, block=block, device=device)
+        tiled = [(tile, p.in_tile_order(tile).block_mask(B, H, N, N, block=block, device=device)) for tile in p.tiles]
+        tile, bm = min(tiled, key=lambda plan: plan[1].density(), default=(None, raster))
+        if len(_GRID_PLANS) >= 16:
+            _GRID_PLANS.clear()
+        _GRID_PLANS[key] = (tile, bm) if bm.density() * TILE_ORDER_GAIN <= raster.density() else (None, raster)
+    return _GRID_PLANS[key]
 
 
 def _every_key(q, k, v, scale, part_keys: int = 2048):

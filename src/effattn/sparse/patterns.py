@@ -33,18 +33,23 @@ class Pattern:
     (left, right) when the pattern is exactly the band q - left <= kv <= q + right, or with `sinks` = s > 0
     that band plus the keys kv < s up to q + right (StreamingLLM), and with `global_rows` = g > 0 (a
     non-causal band only) also every key for the queries q < g (Longformer's global tokens at a prefix,
-    with sinks = g): `pattern_attention` runs these natively (no block mask); patterns derived from one by
-    `&`, `|`, `~` keep none of them.
+    with sinks = g): `pattern_attention` runs these natively (no block mask). `grid` (a token grid in raster
+    order, for neighborhood and sliding-tile patterns) with `tiles` (tile shapes over it) says that the
+    pattern may visit fewer blocks with its tokens in tile order (`in_tile_order`), which `pattern_attention`
+    then tries. Patterns derived from one by `&`, `|`, `~` keep none of these; the name identifies a pattern
+    that has a grid (`pattern_attention` caches its plan under it).
     """
 
     def __init__(self, fn: Callable, name: str, per_batch: bool = False, per_head: bool = False,
-                 window: tuple[int, int] | None = None, sinks: int = 0, global_rows: int = 0) -> None:
+                 window: tuple[int, int] | None = None, sinks: int = 0, global_rows: int = 0,
+                 grid: tuple[int, ...] | None = None, tiles: tuple[tuple[int, ...], ...] = ()) -> None:
         if global_rows and (window is None or window[1] == 0):
             raise ValueError(f"global_rows needs a non-causal window (right > 0), got window={window}")
         self.fn = fn
         self.__name__ = name
         self.per_batch, self.per_head, self.window, self.sinks = per_batch, per_head, window, sinks
         self.global_rows = global_rows
+        self.grid, self.tiles = grid, tuple(t for t in tiles if grid is not None and fits_tiles(grid, t))
 
     def _derived(self, fn: Callable, name: str, *others: "Pattern") -> "Pattern":
         return Pattern(fn, name, any(p.per_batch for p in (self, *others)), any(p.per_head for p in (self, *others)))
@@ -68,6 +73,15 @@ class Pattern:
 
     def __repr__(self) -> str:
         return f"Pattern({self.__name__})"
+
+    def in_tile_order(self, tile: Sequence[int]) -> "Pattern":
+        """The same mask for the tokens in tile order (`tile_order(self.grid, tile)`): position i there is
+        the raster position order[i]."""
+        if self.grid is None or not fits_tiles(self.grid, tile):
+            raise ValueError(f"{self.__name__}: tile {tuple(tile)} does not cut the grid {self.grid} evenly")
+        order = tile_order(self.grid, tile)
+        return Pattern(lambda b, h, q, kv: self(b, h, order.to(q.device)[q], order.to(kv.device)[kv]),
+                       f"{self.__name__}@tiles{tuple(tile)}", self.per_batch, self.per_head)
 
     def shifted(self, offset: int) -> "Pattern":
         """Query i at key position i + offset: `shifted(S - T)` aligns T queries bottom-right to S keys."""
@@ -285,6 +299,37 @@ def _grid(name, grid, dims=(2, 3)) -> tuple[int, ...]:
     return tuple(grid)
 
 
+def fits_tiles(grid: Sequence[int], tile: Sequence[int]) -> bool:
+    return len(tile) == len(grid) and all(t >= 1 and g % t == 0 for g, t in zip(grid, tile))
+
+
+def to_tile_order(x: torch.Tensor, grid: Sequence[int], tile: Sequence[int]) -> torch.Tensor:
+    """x `[B, N, ...]` with its N = prod(grid) tokens in raster order -> the same tokens in tile order: the
+    grid's tiles in raster order, each tile's tokens in raster order within it (one copy)."""
+    B, rest, d = x.shape[0], x.shape[2:], len(grid)
+    split = [n for g, t in zip(grid, tile) for n in (g // t, t)]  # (tiles, in tile) per axis
+    perm = [0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2), *range(2 * d + 1, 2 * d + 1 + len(rest))]
+    return x.reshape(B, *split, *rest).permute(perm).reshape(x.shape)
+
+
+def from_tile_order(x: torch.Tensor, grid: Sequence[int], tile: Sequence[int]) -> torch.Tensor:
+    """The inverse of `to_tile_order`."""
+    B, rest, d = x.shape[0], x.shape[2:], len(grid)
+    split = [g // t for g, t in zip(grid, tile)] + list(tile)  # (tiles per axis, then in tile per axis)
+    perm = [0, *(i for a in range(d) for i in (1 + a, 1 + d + a)), *range(2 * d + 1, 2 * d + 1 + len(rest))]
+    return x.reshape(B, *split, *rest).permute(perm).reshape(x.shape)
+
+
+def tile_order(grid: Sequence[int], tile: Sequence[int]) -> torch.Tensor:
+    """int64 `[N]`: the raster position of each token of the tile order."""
+    N = math.prod(grid)
+    return to_tile_order(torch.arange(N).view(1, N), grid, tile)[0]
+
+
+# Tile shapes tried for grid patterns: 64 tokens, one key block of the kernel's default 128 x 64 tiles.
+GRID_TILES = {2: ((8, 8), (4, 16), (16, 4)), 3: ((1, 8, 8), (2, 4, 8), (4, 4, 4))}
+
+
 def _coords(i: torch.Tensor, grid: tuple[int, ...]) -> list[torch.Tensor]:
     """Raster-order token index -> grid coordinates (last axis fastest)."""
     out = []
@@ -314,7 +359,8 @@ def neighborhood(grid: Sequence[int], kernel: Sequence[int]) -> Pattern:
             part = (ck >= s) & (ck < s + k)
             keep = part if keep is None else keep & part
         return keep
-    return Pattern(fn, f"neighborhood{len(grid)}d(grid={grid},kernel={kernel})")
+    return Pattern(fn, f"neighborhood{len(grid)}d(grid={grid},kernel={kernel})", grid=grid,
+                   tiles=GRID_TILES[len(grid)])
 
 
 def sliding_tile(grid: Sequence[int], tile: Sequence[int], window_tiles: Sequence[int]) -> Pattern:
@@ -334,7 +380,8 @@ def sliding_tile(grid: Sequence[int], tile: Sequence[int], window_tiles: Sequenc
             part = (ck // t >= s) & (ck // t < s + w)
             keep = part if keep is None else keep & part
         return keep
-    return Pattern(fn, f"sliding_tile(grid={grid},tile={tile},window={window_tiles})")
+    return Pattern(fn, f"sliding_tile(grid={grid},tile={tile},window={window_tiles})", grid=grid,
+                   tiles=(tile, *GRID_TILES[len(grid)]))
 
 
 def radial(frames: int, tokens_per_frame: int, width: int) -> Pattern:
