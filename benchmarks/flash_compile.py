@@ -27,8 +27,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-_SCALARS = {"T", "S", "H", "HKV", "GROUP", "LEFT", "RIGHT", "SINKS", "KV_GRID", "SINK_SPLIT", "SINK_ROWS", "MB_B", "MB_H",
-            "HM", "NQB", "NKB"}
+_SCALARS = {"T", "S", "H", "HKV", "GROUP", "LEFT", "RIGHT", "SINKS", "KV_GRID", "SINK_SPLIT", "SINK_ROWS", "MB_B",
+            "MB_H", "HM", "NQB", "NKB"}
 _INT_TABLES = {"CU", "KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX", "FULL_NUM", "FULL_IDX", "TILE_MAP", "BITS"}
 _FP32 = {"LSE", "DELTA", "DLSE", "SINK_DK", "SINK_DV"}
 
@@ -176,7 +176,8 @@ def _kernel_fn(kernel: str):
 
 
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
-        mask_m: int | None = None, ahead: bool = False, mask_n: int | None = None, sink_parts: bool = False) -> dict:
+        mask_m: int | None = None, ahead: bool = False, mask_n: int | None = None,
+        sink_parts: bool = False) -> dict:
     """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
     `mask_m` (block-sparse forward and dK/dV): the block mask's query rows, of which a program takes bm
     (forward) or walks them bm at a time (dK/dV) (default bm); `mask_n` (block-sparse forward and dQ): its key
