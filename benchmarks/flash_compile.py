@@ -28,9 +28,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _SCALARS = {"T", "S", "H", "HKV", "GROUP", "LEFT", "RIGHT", "SINKS", "KV_GRID", "SINK_SPLIT", "SINK_ROWS", "MB_B",
-            "MB_H", "HM", "NQB", "NKB"}
-_INT_TABLES = {"CU", "KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX", "FULL_NUM", "FULL_IDX", "TILE_MAP", "BITS"}
-_FP32 = {"LSE", "DELTA", "DLSE", "SINK_DK", "SINK_DV"}
+            "MB_H", "HM", "NQB", "NKB", "NPARTS", "NBH"}
+_INT_TABLES = {"CU", "KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX", "FULL_NUM", "FULL_IDX", "TILE_MAP", "BITS", "FLAGS", "PARTS"}
+_FP32 = {"LSE", "DELTA", "DLSE", "SINK_DK", "SINK_DV", "O_PART", "LSE_PART", "DQ_PART", "DK_PART", "DV_PART"}
 
 
 def _signature(fn, constexprs: dict, descriptors: dict | None = None) -> dict:
@@ -159,10 +159,11 @@ def mma_loop(sass: str) -> dict:
 
 
 def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, mask_m: int, ahead: bool = False,
-                mask_n: int | None = None, sink_parts: bool = False) -> dict:
+                mask_n: int | None = None, sink_parts: bool = False, split: bool = False) -> dict:
     mask_n = bn if mask_n is None else mask_n
     common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn, VARLEN=False,
-                  SPARSE=sparse, ARITH=not sparse, WORDS=max(1, mask_n // 32), SOFTCAP=False, DOT_PREC=None)
+                  SPARSE=sparse, ARITH=not sparse, WORDS=max(1, mask_n // 32), SOFTCAP=False, DOT_PREC=None,
+                  SPLIT=split)
     if kernel == "fwd":
         return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead, MASK_M=mask_m, MASK_N=mask_n)
     if kernel == "dkdv":
@@ -177,28 +178,30 @@ def _kernel_fn(kernel: str):
 
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
         mask_m: int | None = None, ahead: bool = False, mask_n: int | None = None,
-        sink_parts: bool = False) -> dict:
+        sink_parts: bool = False, split: bool = False) -> dict:
     """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
     `mask_m` (block-sparse forward and dK/dV): the block mask's query rows, of which a program takes bm
     (forward) or walks them bm at a time (dK/dV) (default bm); `mask_n` (block-sparse forward and dQ): its key
     columns, walked bn at a time (default bn); `ahead`:
     the forward's unmasked loop issues the next block's Q K^T before this block's softmax, dK/dV issues
     dP^T before its exponentials (EARLY_DP); `sink_parts` (dK/dV): the attention sinks' rows split over extra
-    programs (SINK_PARTS)."""
+    programs (SINK_PARTS); `split` (block-sparse): the long walks' part programs (SPLIT)."""
     if tma and kernel != "fwd":
         raise ValueError("only the forward has a TMA variant")
     if sink_parts and (kernel != "dkdv" or sparse):
         raise ValueError("only the dense dK/dV kernel splits the sinks' rows")
+    if split and not sparse:
+        raise ValueError("only block-sparse launches split long walks")
     if ahead and kernel == "dq":
         raise ValueError("dQ has no look-ahead variant")
     mask_m = bm if mask_m is None else mask_m
     descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
     compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead, mask_n,
-                                                            sink_parts), warps, stages, descs)
+                                                            sink_parts, split), warps, stages, descs)
     return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel != "dq" else None,
             "mask_cols": (mask_n or bn) if kernel != "dkdv" else None, "warps": warps,
             "stages": stages, "head_dim": d, "sparse": sparse, "tma": tma, "ahead": ahead, "sink_parts": sink_parts,
-            **report(compiled)}
+            "split": split, **report(compiled)}
 
 
 def candidates(dims):
@@ -241,6 +244,8 @@ def main():
                          "(default BLOCK_N)")
     ap.add_argument("--sink-parts", action="store_true",
                     help="dkdv: the attention sinks' rows below the band split over extra programs")
+    ap.add_argument("--split", action="store_true",
+                    help="block-sparse: the long walks split over part programs (the launches' SPLIT variant)")
     ap.add_argument("--candidates", action="store_true", help="every tuner candidate instead of one config")
     a = ap.parse_args()
     if a.candidates:
@@ -248,7 +253,7 @@ def main():
         return
     bm, bn = (int(x) for x in a.tile.split(","))
     print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma, a.mask_rows, a.ahead,
-              a.mask_cols, a.sink_parts))
+              a.mask_cols, a.sink_parts, a.split))
 
 
 if __name__ == "__main__":

@@ -49,3 +49,12 @@ def test_sink_parts_compile_for_hopper():
     plain, split = _compile("dkdv", *cfg), _compile("dkdv", *cfg, "--sink-parts")
     assert split["HGMMA"] == plain["HGMMA"] > 0 and split["instructions"] > plain["instructions"]
     assert split["loop_instructions"] > 0
+
+
+def test_split_walks_compile_for_hopper():
+    """The block-sparse kernels' part programs (SPLIT) compile for sm_90a, with the same tensor-core work as
+    without them (the interpreter's tests cannot show that the runtime branches compile)."""
+    cfg = ("--tile", "64,64", "--warps", "4", "--stages", "2", "--head-dim", "64", "--sparse")
+    for kernel in ("fwd", "dq", "dkdv"):
+        plain, split = _compile(kernel, *cfg), _compile(kernel, *cfg, "--split")
+        assert split["HGMMA"] == plain["HGMMA"] > 0 and split["instructions"] > plain["instructions"], kernel

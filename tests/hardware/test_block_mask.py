@@ -103,7 +103,9 @@ def test_block_sparse_kernels_walk_mask_blocks_in_steps(kind, monkeypatch, devic
     smaller key steps (the dense kernel's 64-key tiles under 128-key mask blocks). Pinned here: 32 x 32 mask
     blocks in 16-row / 16-key steps, full and partial tiles (a second step reads the partial tiles' bits from
     row or column 16 on), GQA, causal, softcap, the forward's TMA loads and dK/dV's dP^T before the
-    exponentials."""
+    exponentials; then with the walks split into part programs (the forward's two programs per mask block)."""
+    from effattn.hardware import _flash_split
+
     steps, ahead, bad, message = STEP_CASES[kind]
     def checkers(b, h, q_idx, kv_idx):
         return (((q_idx // 32) + (kv_idx // 32) + h) % 3 != 0) | ((kv_idx - q_idx).abs() < 5)
@@ -118,7 +120,86 @@ def test_block_sparse_kernels_walk_mask_blocks_in_steps(kind, monkeypatch, devic
     if ahead is not None:
         monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", ahead)
         assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=True)
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", steps)  # with the walks of 3 blocks split into part programs
+    monkeypatch.setattr(_flash_split, "SPLIT_UNITS", 1)
+    assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=False)
+    assert any(s is not None for s in bm.splits.values())
     monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", bad)
     q, k, v = (torch.randn(2, n, h, 32, device=device, requires_grad=True) for n, h in ((70, 4), (90, 2), (90, 2)))
     with pytest.raises(ValueError, match=message):
         effattn.flash_attention(q, k, v, block_mask=bm).sum().backward()
+
+
+def global_and_band(b, h, q_idx, kv_idx):
+    """Longformer-like per-head pattern: global rows (every key) and global keys (every row) make a few
+    walks several times longer than the band's."""
+    return (q_idx < 5 + 6 * h) | (kv_idx < 3) | ((q_idx - kv_idx).abs() < 8 + 4 * h)
+
+
+def test_work_split_plan(monkeypatch):
+    """Walks longer than twice the part length are cut into contiguous unit ranges that cover them; the
+    others keep their ordinary program. dK/dV's programs walk a GQA group's heads: their work adds up, and each
+    part's range runs over the longest head's list."""
+    from effattn.hardware import _flash_split
+    from effattn.hardware._flash_split import plan_split
+
+    num = torch.tensor([[[1, 7, 2, 0], [3, 3, 0, 9]]], dtype=torch.int32)  # [1, H = 2, 4 blocks]
+    full = torch.tensor([[[0, 2, 0, 0], [1, 0, 0, 0]]], dtype=torch.int32)  # walks [1, 9, 2, 0], [4, 3, 0, 9]
+    monkeypatch.setattr(_flash_split, "SPLIT_UNITS", 3)  # split walks of more than 6 units
+    split = plan_split(num, full, 2, 2, 1)
+    assert split.flags.view(2, 2, 4).tolist() == [[[0, 1, 0, 0], [0, 0, 0, 1]]] * 2
+    assert split.groups.tolist() == [[0, 0, 1, 0, 3], [0, 1, 3, 3, 3], [1, 0, 1, 6, 3], [1, 1, 3, 9, 3]]
+    assert split.parts[:6].tolist() == [[0, 0, 1, 0, 3], [0, 0, 1, 3, 6], [0, 0, 1, 6, 9],
+                                        [0, 1, 3, 0, 3], [0, 1, 3, 3, 6], [0, 1, 3, 6, 9]]
+    grouped = plan_split(num, full, 1, 1, 2)  # one KV head over both: work [5, 12, 2, 9], spans [4, 9, 2, 9]
+    assert grouped.flags.tolist() == [0, 1, 0, 1]
+    assert grouped.parts[:, 3:].tolist() == [[0, 2], [2, 4], [4, 6], [6, 9], [0, 3], [3, 6], [6, 9]]
+    monkeypatch.setattr(_flash_split, "SPLIT_UNITS", 5)
+    assert plan_split(num, full, 2, 2, 1) is None
+
+
+@pytest.mark.parametrize("options", [dict(causal=False, return_lse=True), dict(causal=True, softcap=8.0)], ids=str)
+def test_long_walks_split_over_part_programs(options, monkeypatch, device):
+    """Global rows' and global keys' walks cut into parts (two listed blocks each here), each a program of its
+    own past the ordinary grid, whose float32 results the launcher merges: the forward's by their LSE, dQ / dK /
+    dV by a sum; outputs poisoned, so a split row the merge missed fails. Run twice: the second call reuses the
+    splits cached on the mask."""
+    from effattn.hardware import _flash_split
+
+    monkeypatch.setattr(_flash_split, "SPLIT_UNITS", 2)  # walks of 5 or more listed blocks (of 3 to 6, 3 to 10)
+    bm = block_mask(global_and_band, 1, 4, 70, 90, block=(16, 16), device=device)
+    shape = Shape(batch=2, seq_q=70, seq_k=90, heads=4, kv_heads=2, head_dim=32)
+    for _ in range(2):
+        assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, **options)
+    splits = [s for s in bm.splits.values() if s is not None]
+    assert len(splits) == 2  # the query blocks' walks (forward, dQ) and the key blocks' (dK/dV)
+    for s in splits:
+        flags = s.flags.cpu()
+        assert 0 < int(flags.sum()) < flags.numel()  # split and ordinary programs side by side
+        assert s.n_parts > s.n_groups
+    assert_matches_reference(FLASH, shape=shape, dtype=torch.bfloat16, device=device, block_mask=bm, **options)
+
+
+def test_selection_masks_do_not_split():
+    """Per-call block selections (MoBA, NSA, Quest) promise no host synchronisation: no split is planned."""
+    from effattn.hardware._flash_split import mask_split
+
+    selected = torch.ones(1, 1, 5, 6, dtype=torch.bool)
+    bm = block_mask_from_blocks(selected, 70, 90, block=(16, 16))
+    assert not bm.balance and mask_split(bm, False, 1, 1, 1) is None and not bm.splits
+    assert not bm.to("cpu").splits
+
+
+def test_only_imbalanced_walks_split():
+    """Without a forced part length, a walk is split only when it is both long against a program slot's share
+    and several times the mean walk: equal walks on a short grid keep one program each."""
+    from effattn.hardware._flash_split import plan_split
+
+    even = torch.full((1, 16, 8), 64, dtype=torch.int32)
+    assert plan_split(even, torch.zeros_like(even), 1, 16, 1) is None
+    skewed = torch.full((1, 16, 64), 10, dtype=torch.int32)
+    skewed[:, :, 0] = 64  # BigBird's global row at 8k (128 x 64 tiles): 64 blocks against 10
+    split = plan_split(skewed, torch.zeros_like(skewed), 1, 16, 1)
+    assert split.flags.view(16, 64)[:, 0].all() and int(split.flags.sum()) == 16
+    assert split.n_parts == 16 * 6  # parts of 11 = max(8, 16 * 694 / (4 * 264)) blocks
+    assert split.parts[:6, 3:].tolist() == [[0, 10], [10, 21], [21, 32], [32, 42], [42, 53], [53, 64]]

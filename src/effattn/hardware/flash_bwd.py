@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
+from ._flash_split import _split_program, _walk_ranges, combine, mask_split, split_args
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
                             _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
                             remember_plan, seqlen_bucket, tuner_env, window_bucket)
@@ -80,10 +81,11 @@ def _dkdv_kernel(
         sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
         T, S, HKV, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, KV_GRID, SINK_SPLIT, SINK_ROWS,
         Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
+        FLAGS, PARTS, NPARTS, NBH, DK_PART, DV_PART,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr, SINK_PARTS: tl.constexpr):
+        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr, SINK_PARTS: tl.constexpr, SPLIT: tl.constexpr):
     """dK, dV of one key block. Block-sparse, each listed query block (MASK_M rows, the block mask's) is
     walked BLOCK_M rows at a time: a 64-row step at 8 warps compiles for sm_90a without register spills at
     D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py).
@@ -92,7 +94,11 @@ def _dkdv_kernel(
     are cut into SINK_SPLIT parts, each walked by one of the programs past the first KV_GRID (so no program walks
     all T rows while the others walk a band); the sink blocks' programs then store float32 partial sums
     `[SINK_SPLIT + 1, B, SINK_ROWS, HKV, D]` (part 0: the band's rows) to SINK_DK / SINK_DV, which the launcher
-    adds up into dK / dV."""
+    adds up into dK / dV.
+
+    SPLIT (block-sparse): the long walks are cut into parts (`_flash_split`), each a program past the first NBH
+    rows of the grid's second axis, which walks units [u0, u1) of each of its group's heads' lists and stores
+    float32 partial sums to DK_PART `[NPARTS, BLOCK_N, D]` / DV_PART `[NPARTS, BLOCK_N, Dv]`."""
     pid_n = tl.program_id(0)
     part = 0
     if SINK_PARTS:  # programs past KV_GRID: (sink block, part 1..SINK_SPLIT)
@@ -101,6 +107,12 @@ def _dkdv_kernel(
         pid_n = tl.where(pid_n >= KV_GRID, extra // SINK_SPLIT, pid_n)
     b = tl.program_id(1) // HKV
     hk = tl.program_id(1) % HKV
+    u0 = 0
+    u1 = 0
+    if SPLIT:
+        b, hk, pid_n, u0, u1, slot, skip = _split_program(FLAGS, PARTS, NPARTS, NBH, HKV, NKB, 1)
+        if skip:
+            return
     q0, seqlen_q, seqlen_k, bb = _sequence(CU, b, T, S, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
@@ -128,13 +140,14 @@ def _dkdv_kernel(
             # one loop over (listed block, row step): a single body the compiler pipelines (a static inner
             # loop would unroll it: more live registers, 135 barriers instead of 9)
             SUB: tl.constexpr = MASK_M // BLOCK_M
-            for j in range(tl.load(FULL_NUM + row) * SUB):
+            f_lo, f_hi, p_lo, p_hi = _walk_ranges(FULL_NUM, Q_NUM, row, u0, u1, SPLIT)
+            for j in range(f_lo * SUB, f_hi * SUB):
                 m0 = tl.load(FULL_IDX + row * NQB + j // SUB) * MASK_M + (j % SUB) * BLOCK_M
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
                                     offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False,
                                     MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
-            for j in range(tl.load(Q_NUM + row) * SUB):
+            for j in range(p_lo * SUB, p_hi * SUB):
                 qb, r0 = tl.load(Q_IDX + row * NQB + j // SUB), (j % SUB) * BLOCK_M
                 tile = tl.load(TILE_MAP + (((b * MB_B) * HM + h * MB_H) * NQB + qb) * NKB + pid_n)
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, qb * MASK_M + r0, offs_n, off,
@@ -172,7 +185,14 @@ def _dkdv_kernel(
                                     offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False,
                                     MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
     dk = dk * (qk_scale * 0.6931471805599453)  # d(raw score) = scale * dS; qk_scale carries log2(e)
-    if SINK_PARTS:
+    to_part: tl.constexpr = False
+    if SPLIT:
+        to_part = slot >= 0
+    if to_part:  # a part's partial sums, added up by the launcher
+        rows = slot * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(DK_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], dk, mask=offs_d[None, :] < HEAD_DIM)
+        tl.store(DV_PART + rows[:, None] * HEAD_DIM_V + offs_dv[None, :], dv, mask=offs_dv[None, :] < HEAD_DIM_V)
+    elif SINK_PARTS:
         if n0 < SINKS:  # a partial sum: float32, summed over the parts by the launcher
             rows = ((part * (tl.num_programs(1) // HKV) + b) * SINK_ROWS + offs_n) * HKV + hk
             tl.store(SINK_DK + rows[:, None] * HEAD_DIM + offs_d[None, :], dk, mask=offs_d[None, :] < HEAD_DIM)
@@ -228,17 +248,27 @@ def _dq_kernel(
         so_b, so_t, so_h, sdq_b, sdq_t, sdq_h,
         T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
         KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
+        FLAGS, PARTS, NPARTS, NBH, DQ_PART,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, MASK_N: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-        DOT_PREC: tl.constexpr, HAS_DLSE: tl.constexpr):
+        DOT_PREC: tl.constexpr, HAS_DLSE: tl.constexpr, SPLIT: tl.constexpr):
     """dQ of one query block, and its rows' Delta = rowsum(dO * O) - dLSE (an upstream gradient of the LSE
     adds dLSE * P to dS), stored for the dK/dV kernel that runs after this one. Block-sparse, each listed
     key block (MASK_N keys, the block mask's) is walked BLOCK_N keys at a time, as the dense kernel's 64-key
-    steps at D = 128 (the mask's 128-key blocks would make [128, 128] score tiles)."""
+    steps at D = 128 (the mask's 128-key blocks would make [128, 128] score tiles).
+
+    SPLIT (block-sparse): as the forward's, the parts store float32 partial dQ to DQ_PART `[NPARTS, BLOCK_M, D]`;
+    the ordinary program of a split block still writes its rows' Delta."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
+    u0 = 0
+    u1 = 0
+    if SPLIT:
+        b, h, pid_m, u0, u1, slot, skip = _split_program(FLAGS, PARTS, NPARTS, NBH, H, NQB, 1)
+        if slot >= NPARTS:
+            return
     q0, seqlen_q, seqlen_k, bb = _sequence(CU, b, T, S, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
@@ -263,17 +293,24 @@ def _dq_kernel(
     stats = bb * slse_b + h * slse_h + q0 + offs_m  # LSE, dLSE and Delta: dense [B, H, T]
     if HAS_DLSE:
         delta -= tl.load(DLSE + stats, mask=offs_m < seqlen_q, other=0.0)
-    tl.store(DELTA + stats, delta, mask=offs_m < seqlen_q)
+    store_delta = offs_m < seqlen_q
+    if SPLIT:
+        store_delta &= slot < 0
+    tl.store(DELTA + stats, delta, mask=store_delta)
+    if SPLIT:
+        if skip:
+            return
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if SPARSE:
         row = ((b * MB_B) * HM + h * MB_H) * NQB + pid_m
         SUB: tl.constexpr = MASK_N // BLOCK_N
-        for j in range(tl.load(FULL_NUM + row) * SUB):  # (listed block, key step) in one loop, as in dK/dV
+        f_lo, f_hi, p_lo, p_hi = _walk_ranges(FULL_NUM, KV_NUM, row, u0, u1, SPLIT)
+        for j in range(f_lo * SUB, f_hi * SUB):  # (listed block, key step) in one loop, as in dK/dV
             n0 = tl.load(FULL_IDX + row * NKB + j // SUB) * MASK_N + (j % SUB) * BLOCK_N
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out,
                           LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
                           PAD_D, PAD_DV, ARITH, False, WORDS, SOFTCAP, DOT_PREC)
-        for j in range(tl.load(KV_NUM + row) * SUB):
+        for j in range(p_lo * SUB, p_hi * SUB):
             kb, c0 = tl.load(KV_IDX + row * NKB + j // SUB), (j % SUB) * BLOCK_N
             tile = tl.load(TILE_MAP + row * NKB + kb)
             dq = _dq_tile(dq, q, do, lse, delta, Kb, Vb, sk_t, sv_t, kb * MASK_N + c0, pos, seqlen_k, qk_scale,
@@ -298,8 +335,15 @@ def _dq_kernel(
                           LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
                           PAD_D, PAD_DV, True, False, WORDS, SOFTCAP, DOT_PREC)
     dq = dq * (qk_scale * 0.6931471805599453)
-    dq_ptrs = DQ + bb * sdq_b + q0 * sdq_t + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+    to_part: tl.constexpr = False
+    if SPLIT:
+        to_part = slot >= 0
+    if to_part:  # a part's partial sum, added up by the launcher
+        rows = slot * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(DQ_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=offs_d[None, :] < HEAD_DIM)
+    else:
+        dq_ptrs = DQ + bb * sdq_b + q0 * sdq_t + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :]
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -353,9 +397,14 @@ def _run(plan, q, k, v, o, do, lse, dlse):
     dk = empty_output(k.shape, k.dtype, k.device)
     dv = empty_output(v.shape, v.dtype, v.device)
     q_launch(q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, delta, *q_static,
-             *(delta,) * 6, 0, 0, 1, 1, 1)
-    _launch_dkdv(kv, (q, k, v, do, lse, delta, dk, dv, delta), (delta,) * 6 + (0, 0, 1, 1, 1))
+             *_no_sparse_args(delta, 1))
+    _launch_dkdv(kv, (q, k, v, do, lse, delta, dk, dv, delta), _no_sparse_args(delta, 2))
     return dq, dk, dv
+
+
+def _no_sparse_args(t: torch.Tensor, n_part_buffers: int) -> tuple:
+    """The block-sparse and split arguments of a dense launch (unread placeholders)."""
+    return (t,) * 6 + (0, 0, 1, 1, 1) + (t, t, 0, 1) + (t,) * n_part_buffers
 
 
 # Attention sinks: the dense dK/dV program of a sink block would walk every query row (each sees the sinks),
@@ -420,6 +469,8 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     cap_out = softcap * LOG2E if softcap else 1.0
     arith = causal or window is not None
     fixed = sparse.block if sparse is not None else None
+    split_q = mask_split(sparse, False, B, H, 1) if sparse is not None else None
+    split_kv = mask_split(sparse, True, B, Hkv, H // Hkv) if sparse is not None else None
     rows = max_seqlen if varlen else T
     cols = max_seqlen if varlen else S
     scal = (scale * LOG2E, cap_in, cap_out, left, right, sinks)
@@ -439,10 +490,12 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
                              f"its query block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
         kv_grid = sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn)
         parts, sink_rows = sink_split(sinks, T, S, left, right, bn) if dense else (0, 0)
-        grid = (kv_grid + parts * sink_rows // bn, n_seq * Hkv)
+        extra = split_args(split_kv, n_seq * Hkv, kv_grid, 1, delta)[0]
+        grid = (kv_grid + parts * sink_rows // bn, n_seq * Hkv + extra)
         return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal, kv_grid, parts, sink_rows),
                 KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_M=fixed[0] if fixed else bm,
-                                                      EARLY_DP=bool(cfg[6]), SINK_PARTS=parts > 0, num_warps=warps,
+                                                      EARLY_DP=bool(cfg[6]), SINK_PARTS=parts > 0,
+                                                      SPLIT=split_kv is not None, num_warps=warps,
                                                       num_stages=stages)),
                 (parts, sink_rows))
 
@@ -451,10 +504,12 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
         if sparse is not None and (bm != fixed[0] or fixed[1] % bn):
             raise ValueError(f"a block-sparse dQ configuration must keep the block mask's query block and split "
                              f"its key block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
-        grid = (sparse.num_q_blocks if sparse is not None else cdiv(rows, bm), n_seq * H)
+        grid0 = sparse.num_q_blocks if sparse is not None else cdiv(rows, bm)
+        grid = (grid0, n_seq * H + split_args(split_q, n_seq * H, grid0, 1, delta)[0])
         return ((*strides, o.stride(0), o.stride(1), o.stride(2), *dq_strides, T, S, H, H // Hkv, *scal),
                 KernelLaunch(_dq_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_N=fixed[1] if fixed else bn,
-                                                    HAS_DLSE=dlse is not None, num_warps=warps, num_stages=stages)))
+                                                    HAS_DLSE=dlse is not None, SPLIT=split_q is not None,
+                                                    num_warps=warps, num_stages=stages)))
 
     # The tuner times each candidate on this call's tensors (cu_seqlens and the sparse index lists included).
     dq = empty_output(q.shape, q.dtype, q.device)
@@ -462,8 +517,17 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     dv = empty_output(v.shape, v.dtype, v.device)
     delta = empty_output((B, H, T), torch.float32, q.device)  # written by the dQ kernel, read by dK/dV's
     cu = cu_seqlens if varlen else delta
-    sp_kv = sparse.kernel_args_transposed() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
-    sp_q = sparse.kernel_args() if sparse is not None else (delta,) * 6 + (0, 0, 1, 1, 1)
+    sp_kv, sp_q = _no_sparse_args(delta, 2), _no_sparse_args(delta, 1)
+    if sparse is not None:  # the long walks split over part programs, whose float32 sums are added up below
+        f32 = dict(dtype=torch.float32, device=q.device)
+        dq_parts = dk_parts = dv_parts = delta
+        if split_q is not None:
+            dq_parts = torch.empty((split_q.n_parts, fixed[0], D), **f32)
+        if split_kv is not None:
+            dk_parts = torch.empty((split_kv.n_parts, fixed[1], D), **f32)
+            dv_parts = torch.empty((split_kv.n_parts, fixed[1], Dv), **f32)
+        sp_q = sparse.kernel_args() + split_args(split_q, n_seq * H, 1, 1, delta)[1] + (dq_parts,)
+        sp_kv = sparse.kernel_args_transposed() + split_args(split_kv, n_seq * Hkv, 1, 1, delta)[1] + (dk_parts, dv_parts)
 
     def run_dkdv(part):
         _launch_dkdv(part, (q, k, v, do, lse, delta, dk, dv, cu), sp_kv)
@@ -477,9 +541,14 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     # dQ first: its launch writes the Delta that dK/dV reads (tuning dQ writes it too, before dK/dV's timing)
     qp = dq_part(pick_config(("dq",) + key, bwd_configs(d, q.dtype, fixed, "dq"), lambda c: run_dq(dq_part(c))))
     run_dq(qp)
+    if split_q is not None:
+        combine(split_q, dq_parts, dq)
     kv = dkdv_part(pick_config(("dkdv",) + key, bwd_configs(d, q.dtype, fixed, "dkdv"),
                                lambda c: run_dkdv(dkdv_part(c))))
     run_dkdv(kv)
+    if split_kv is not None:
+        combine(split_kv, dk_parts, dk)
+        combine(split_kv, dv_parts, dv)
     if dense:
         remember_plan(_PLANS, sig, (kv, qp))
     return dq, dk, dv

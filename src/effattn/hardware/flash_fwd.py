@@ -14,6 +14,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._memory import empty_output
 
+from ._flash_split import _split_program, _walk_ranges, combine, mask_split, split_args
 from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
                             _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config, remember_plan,
                             seqlen_bucket, tuner_env, window_bucket)
@@ -85,20 +86,31 @@ def _flash_fwd_kernel(
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, slse_b, slse_h,
         T, S, H, GROUP, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
         KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, TILE_MAP, BITS, MB_B, MB_H, HM, NQB, NKB,
+        FLAGS, PARTS, NPARTS, NBH, O_PART, LSE_PART,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, REVERSE: tl.constexpr,
         DOT_PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, AHEAD: tl.constexpr, MASK_M: tl.constexpr,
-        MASK_N: tl.constexpr):
+        MASK_N: tl.constexpr, SPLIT: tl.constexpr):
     """O and LSE of one query block. Block-sparse, the program covers BLOCK_M of its mask block's MASK_M rows
     and walks each listed key block (MASK_N keys) BLOCK_N keys at a time: the mask's 128-row blocks may run as
-    two one-warpgroup programs of 64 rows, which share an SM (the dense kernel's winner on short programs)."""
+    two one-warpgroup programs of 64 rows, which share an SM (the dense kernel's winner on short programs).
+
+    SPLIT (block-sparse): the long walks are cut into parts (`_flash_split`), each a program on the grid's
+    second axis past the first NBH rows, which walks units [u0, u1) of its block's list and stores its rows'
+    normalised float32 output and LSE to O_PART `[NPARTS, MASK_M, Dv]` / LSE_PART `[NPARTS, MASK_M]`."""
     pid_m = tl.program_id(0)
     if REVERSE:  # causal: start the longest rows first so the last wave is short
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    u0 = 0
+    u1 = 0
+    if SPLIT:
+        b, h, pid_m, u0, u1, slot, skip = _split_program(FLAGS, PARTS, NPARTS, NBH, H, NQB, MASK_M // BLOCK_M)
+        if skip:
+            return
     q0, seqlen_q, seqlen_k, bb = _sequence(CU, b, T, S, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
@@ -129,13 +141,14 @@ def _flash_fwd_kernel(
         SUB_N: tl.constexpr = MASK_N // BLOCK_N
         row = ((b * MB_B) * HM + h * MB_H) * NQB + pid_m // SUB_M
         r0 = (pid_m % SUB_M) * BLOCK_M
-        for j in range(tl.load(FULL_NUM + row) * SUB_N):  # (listed block, key step) in one loop
+        f_lo, f_hi, p_lo, p_hi = _walk_ranges(FULL_NUM, KV_NUM, row, u0, u1, SPLIT)
+        for j in range(f_lo * SUB_N, f_hi * SUB_N):  # (listed block, key step) in one loop
             n0 = tl.load(FULL_IDX + row * NKB + j // SUB_N) * MASK_N + (j % SUB_N) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
                                       cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, 0, offs_d, offs_dv, bb, kcol, vcol,
                                       HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False, MASK_M,
                                       WORDS, SOFTCAP, DOT_PREC, TMA)
-        for j in range(tl.load(KV_NUM + row) * SUB_N):
+        for j in range(p_lo * SUB_N, p_hi * SUB_N):
             kb, c0 = tl.load(KV_IDX + row * NKB + j // SUB_N), (j % SUB_N) * BLOCK_N
             tile = tl.load(TILE_MAP + row * NKB + kb)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, kb * MASK_N + c0, pos, seqlen_k,
@@ -189,12 +202,20 @@ def _flash_fwd_kernel(
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_ok = offs_m < seqlen_q
-    if TMA:  # the copy engine clips rows past T
-        O.store([bb, m0, h * HEAD_DIM_V], o.to(q.dtype).reshape([1, BLOCK_M, HEAD_DIM_V]))
+    to_part: tl.constexpr = False
+    if SPLIT:
+        to_part = slot >= 0
+    if to_part:  # a part's rows: every row of the mask block (the combine reads them all)
+        rows = slot * MASK_M + (pid_m % (MASK_M // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(O_PART + rows[:, None] * HEAD_DIM_V + offs_dv[None, :], o, mask=offs_dv[None, :] < HEAD_DIM_V)
+        tl.store(LSE_PART + rows, lse)
     else:
-        o_ptrs = O + bb * so_b + q0 * so_t + h * so_h + offs_m[:, None] * so_t + offs_dv[None, :]
-        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + bb * slse_b + h * slse_h + q0 + offs_m, lse, mask=row_ok)
+        if TMA:  # the copy engine clips rows past T
+            O.store([bb, m0, h * HEAD_DIM_V], o.to(q.dtype).reshape([1, BLOCK_M, HEAD_DIM_V]))
+        else:
+            o_ptrs = O + bb * so_b + q0 * so_t + h * so_h + offs_m[:, None] * so_t + offs_dv[None, :]
+            tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+        tl.store(LSE + bb * slse_b + h * slse_h + q0 + offs_m, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -225,6 +246,11 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
                 Config(128, 64, 8, 3, 1), Config(128, 128, 8, 2, 1), Config(128, 64, 8, 3, ahead=1),
                 Config(64, 64, 4, 3, 1)]
     return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
+
+
+def no_sparse_args(t: torch.Tensor) -> tuple:
+    """The block-sparse and split arguments of a dense launch (unread placeholders)."""
+    return (t,) * 6 + (0, 0, 1, 1, 1) + (t, t, 0, 1, t, t)
 
 
 def _tma_ok(q, k, v, varlen: bool) -> bool:
@@ -289,7 +315,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
                window, sinks, softcap, tma_ok, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, tuner_env())
         plan = _PLANS.get(sig)
         if plan is not None:
-            _launch(plan, q, k, v, o, lse, lse, (lse,) * 6 + (0, 0, 1, 1, 1))
+            _launch(plan, q, k, v, o, lse, lse, no_sparse_args(lse))
             return o, lse
     left, right = window if window is not None else (NO_LIMIT, NO_LIMIT)
     if causal:
@@ -298,7 +324,14 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
     rows = max_seqlen if varlen else T
     cap_in = scale / softcap if softcap else 1.0
     cap_out = softcap * LOG2E if softcap else 1.0
-    sp = sparse.kernel_args() if sparse is not None else (lse,) * 6 + (0, 0, 1, 1, 1)
+    split = mask_split(sparse, False, B, H, 1) if sparse is not None else None
+    sp = no_sparse_args(lse)
+    if sparse is not None:
+        o_part = lse_part = lse
+        if split is not None:  # the parts' rows, merged into o and lse after the launch
+            o_part = torch.empty((split.n_parts, sparse.block[0], Dv), dtype=torch.float32, device=q.device)
+            lse_part = torch.empty((split.n_parts, sparse.block[0]), dtype=torch.float32, device=q.device)
+        sp = sparse.kernel_args() + split_args(split, n_bh, 1, 1, lse)[1] + (o_part, lse_part)
     cu = cu_seqlens if varlen else lse
     arith = causal or window is not None
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
@@ -314,12 +347,14 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
         cfg = cfg if tma_ok or not cfg[4] else Config(*cfg[:4], 0, *cfg[5:])  # a pinned TMA config, non-TMA inputs
         bm, bn = cfg[:2]
         if fixed is None:
-            return _plan(cfg, (cdiv(rows, bm), n_bh), args, dict(meta, MASK_M=bm, MASK_N=bn))
+            return _plan(cfg, (cdiv(rows, bm), n_bh), args, dict(meta, MASK_M=bm, MASK_N=bn, SPLIT=False))
         if fixed[0] % bm or fixed[1] % bn:
             raise ValueError(f"a block-sparse forward configuration must split the block mask's blocks evenly: "
                              f"mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
-        return _plan(cfg, (sparse.num_q_blocks * (fixed[0] // bm), n_bh), args,
-                     dict(meta, MASK_M=fixed[0], MASK_N=fixed[1]))
+        sub = fixed[0] // bm
+        extra = split_args(split, n_bh, sparse.num_q_blocks * sub, sub, lse)[0]
+        return _plan(cfg, (sparse.num_q_blocks * sub, n_bh + extra), args,
+                     dict(meta, MASK_M=fixed[0], MASK_N=fixed[1], SPLIT=split is not None))
 
     key = ("fwd", D, Dv, q.dtype, arith, bool(softcap), sparse.tuning_class if sparse is not None else None, varlen,
            seqlen_bucket(rows), window_bucket(window, left, right, max_seqlen if varlen else S))
@@ -328,4 +363,6 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
     if dense:
         remember_plan(_PLANS, sig, plan)
     _launch(plan, q, k, v, o, lse, cu, sp)
+    if split is not None:
+        combine(split, o_part, o, lse_part, lse)
     return o, lse

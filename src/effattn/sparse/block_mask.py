@@ -10,7 +10,7 @@ transpose (per KV block, the query blocks that visit it) for the dK/dV pass of t
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -50,6 +50,10 @@ class BlockMask:
     full_q_idx: torch.Tensor
     tile_map: torch.Tensor
     tile_bits: torch.Tensor
+    # Whether launches may split its long walks over several programs (effattn.hardware._flash_split), which
+    # reads the counts on the host once; off for per-call selections that promise no synchronisation.
+    balance: bool = True
+    splits: dict = field(default_factory=dict, repr=False, compare=False)  # the launches' splits, cached
 
     @property
     def num_q_blocks(self) -> int:
@@ -82,7 +86,7 @@ class BlockMask:
         return float((self.state != SKIP).float().mean())
 
     def to(self, device) -> "BlockMask":
-        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "splits"}
         return BlockMask(**{f: v.to(device) if isinstance(v, torch.Tensor) else v for f, v in fields.items()})
 
     def to_dense(self) -> torch.Tensor:
@@ -134,7 +138,7 @@ def _pack_bits(tiles: torch.Tensor) -> torch.Tensor:
 
 
 def _assemble(B: int, H: int, T: int, S: int, block: tuple[int, int], state: torch.Tensor,
-              tile_map: torch.Tensor, bits: list[torch.Tensor]) -> BlockMask:
+              tile_map: torch.Tensor, bits: list[torch.Tensor], balance: bool = True) -> BlockMask:
     """BlockMask from the tile states, `tile_map` and the partial tiles' bitmasks (concatenated: rows of tile_bits)."""
     BQ, BK = block
     words = -(-BK // 32)
@@ -147,7 +151,7 @@ def _assemble(B: int, H: int, T: int, S: int, block: tuple[int, int], state: tor
     q_num, q_idx = _index_lists(partial.transpose(2, 3))
     full_q_num, full_q_idx = _index_lists(full.transpose(2, 3))
     return BlockMask(B, H, T, S, (BQ, BK), state, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx,
-                     full_q_num, full_q_idx, tile_map.contiguous(), tile_bits.contiguous())
+                     full_q_num, full_q_idx, tile_map.contiguous(), tile_bits.contiguous(), balance)
 
 
 def _classify(t: torch.Tensor) -> torch.Tensor:
@@ -288,7 +292,7 @@ def block_mask_from_blocks(selected: torch.Tensor, T: int, S: int, block=(128, 6
     if mask_fn is None:
         state = torch.where(selected & full, FULL, torch.where(selected & edge, PARTIAL, SKIP)).to(torch.int8)
         tile_map = torch.where(selected & edge, edge_id, -1).to(torch.int32)
-        return _assemble(B, H, T, S, block, state, tile_map, [edge_bits.clone()])
+        return _assemble(B, H, T, S, block, state, tile_map, [edge_bits.clone()], balance=False)
     state = torch.zeros(B, H, nq, nk, dtype=torch.int8, device=selected.device)
     where = (selected & (full | edge)).nonzero(as_tuple=True)  # tiles to look inside, row-major (b, h, i, j)
     bits, step = [], max(1, _CHUNK_ELEMENTS // (BQ * BK))
