@@ -310,3 +310,26 @@ def test_grid_pattern_in_tile_order_matches_the_reference(pattern, monkeypatch):
     torch.testing.assert_close(o.double(), ref, rtol=1e-4, atol=1e-4)
     for a, b in zip((q, k, v), x):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_registered_methods_keep_their_block_masks(monkeypatch):
+    """A registered pattern method builds its pattern and block mask once per shapes and options (a build
+    evaluates the mask over T x S), then reuses them: fresh inputs, same outputs as a fresh build."""
+    from effattn.sparse import pattern_methods, patterns
+
+    builds = []
+    real = patterns.block_mask
+    monkeypatch.setattr(patterns, "block_mask", lambda *a, **kw: builds.append(a[1:5]) or real(*a, **kw))
+    monkeypatch.setattr(pattern_methods, "_PATTERNS", {})
+    fn = pattern_methods.FUNCTIONS["bigbird"][0]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=g) for _ in range(3))
+    opts = dict(block_size=8, random_blocks=1, seed=3)
+    first = fn(q, k, v, **opts)
+    assert fn(q, k, v, **opts).equal(first) and len(builds) == 1
+    fn(q, k[:, :32], v[:, :32], **opts)  # T != S: the shifted pattern keeps its own
+    fn(q, k[:, :32], v[:, :32], **opts)
+    fn(q, k, v, **dict(opts, seed=4))  # other options: another pattern
+    assert len(builds) == 3
+    fresh = pattern_methods.pattern_attention(q, k, v, pattern_methods.bigbird_pattern(40, 40, 2, **opts))
+    assert fresh.equal(first)

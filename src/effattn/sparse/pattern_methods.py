@@ -172,9 +172,34 @@ class _Spec:
     grid: tuple | None = None  # the registry's shapes must be this grid's length
 
 
+_PATTERNS: dict = {}
+
+
+def _frozen(x):
+    """A hashable copy of an option value (lists and tuples -> tuples); TypeError if there is none."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_frozen(y) for y in x)
+    hash(x)
+    return x
+
+
+def _built(spec: _Spec, T: int, S: int, H: int, options: dict) -> P.Pattern:
+    """`spec.build(T, S, H, **options)`, cached: the same pattern object (and so its block masks, which
+    `Pattern.block_mask` keeps) for every call of a registered method with the same shapes and options."""
+    try:
+        key = (spec.name, T, S, H, tuple(sorted((k, _frozen(v)) for k, v in options.items())))
+    except TypeError:  # an option without a hashable value (e.g. a tensor): no caching
+        return spec.build(T, S, H, **options)
+    if key not in _PATTERNS:
+        if len(_PATTERNS) >= 32:
+            _PATTERNS.clear()
+        _PATTERNS[key] = spec.build(T, S, H, **options)
+    return _PATTERNS[key]
+
+
 def _methods(spec: _Spec):
     def fn(q, k, v, *, scale=None, block=None, **options):
-        return pattern_attention(q, k, v, spec.build(q.shape[1], k.shape[1], q.shape[2], **options),
+        return pattern_attention(q, k, v, _built(spec, q.shape[1], k.shape[1], q.shape[2], options),
                                  scale=scale, block=block)
 
     def reference(q, k, v, *, scale=None, block=None, **options):
