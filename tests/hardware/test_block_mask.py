@@ -203,3 +203,19 @@ def test_only_imbalanced_walks_split():
     assert split.flags.view(16, 64)[:, 0].all() and int(split.flags.sum()) == 16
     assert split.n_parts == 16 * 6  # parts of 11 = max(8, 16 * 694 / (4 * 264)) blocks
     assert split.parts[:6, 3:].tolist() == [[0, 10], [10, 21], [21, 32], [32, 42], [42, 53], [53, 64]]
+
+
+def test_block_sparse_launch_plans_are_reused_across_masks(monkeypatch, device):
+    """Block-sparse launches are cached by the mask's geometry, not its contents: a second mask of the same
+    shapes reuses the plans with its own index lists (and its own split), outputs poisoned each time."""
+    from effattn.hardware import _flash_split, flash_bwd, flash_fwd
+
+    monkeypatch.setattr(_flash_split, "SPLIT_UNITS", 2)
+    monkeypatch.setattr(flash_fwd, "_PLANS", {})
+    monkeypatch.setattr(flash_bwd, "_PLANS", {})
+    shape = Shape(batch=2, seq_q=70, seq_k=90, heads=4, kv_heads=2, head_dim=32)
+    first = block_mask(global_and_band, 1, 4, 70, 90, block=(16, 16), device=device)
+    other = block_mask(lambda b, h, q, k: global_and_band(b, 3 - h, q, k), 1, 4, 70, 90, block=(16, 16), device=device)
+    for bm in (first, other, other):
+        assert_matches_reference(FLASH, shape=shape, device=device, block_mask=bm, causal=False)
+    assert len(flash_fwd._PLANS) == len(flash_bwd._PLANS) == 1  # (the heads permuted: the same part counts)

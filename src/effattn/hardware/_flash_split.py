@@ -101,6 +101,16 @@ def mask_split(mask, transposed: bool, B: int, H: int, group: int) -> WorkSplit 
     return mask.splits[key]
 
 
+def sparse_signature(mask, splits) -> tuple | None:
+    """What a launch plan over `mask` (None: dense) depends on besides the inputs' shapes: the mask's geometry
+    (its tensors' shapes, which the kernels take as integers) and the split's part counts (the grid). Masks with
+    the same signature share plans; their tensors are passed anew on every launch."""
+    if mask is None:
+        return None
+    return (mask.B, mask.H, mask.block, mask.num_q_blocks, mask.num_kv_blocks, mask.words, mask.tuning_class,
+            tuple(None if s is None else s.n_parts for s in splits))
+
+
 def split_args(split: WorkSplit | None, n_bh: int, grid0: int, sub: int, dummy: torch.Tensor):
     """(grid rows to append, kernel arguments FLAGS, PARTS, NPARTS, NBH) of a launch with `grid0` programs on
     its first axis, `sub` of them per block."""
@@ -187,16 +197,24 @@ def _combine_kernel(PART, PART_LSE, OUT, OUT_LSE, GROUPS, s_b, s_t, s_h, slse_b,
              mask=(rows[:, None] < N) & d_ok)
 
 
+_COMBINES: dict = {}  # the merge launches, by what they specialise on (replayed: KernelLaunch)
+
+
 def combine(split: WorkSplit, part: torch.Tensor, out: torch.Tensor, part_lse=None, out_lse=None) -> None:
     """Merge the parts' results `part` `[n_parts, ROWS, DIM]` into the split blocks' rows of `out` `[B, N, H,
     DIM]` (and, for the forward, `part_lse` `[n_parts, ROWS]` into `out_lse` `[B, H, N]`)."""
-    from ._flash_common import block_d
+    from ._flash_common import KernelLaunch, block_d, remember_plan
 
     _, rows, dim = part.shape
-    block_r = min(rows, 32)
     softmax = part_lse is not None
     lse_args = (part_lse, out_lse, out_lse.stride(0), out_lse.stride(1)) if softmax else (part, part, 0, 0)
-    _combine_kernel[(split.n_groups, rows // block_r)](
-        part, lse_args[0], out, lse_args[1], split.groups, out.stride(0), out.stride(1), out.stride(2),
-        lse_args[2], lse_args[3], out.shape[1], ROWS=rows, DIM=dim, BLOCK_R=block_r, BLOCK_D=block_d(dim),
-        SOFTMAX=softmax, num_warps=4)
+    args = (part, lse_args[0], out, lse_args[1], split.groups, out.stride(0), out.stride(1), out.stride(2),
+            lse_args[2], lse_args[3], out.shape[1])
+    key = (split.n_groups, rows, dim, softmax, out.dtype, out.device, args[5:])
+    launch = _COMBINES.get(key)
+    if launch is None:
+        block_r = min(rows, 32)
+        launch = remember_plan(_COMBINES, key, KernelLaunch(
+            _combine_kernel, (split.n_groups, rows // block_r),
+            dict(ROWS=rows, DIM=dim, BLOCK_R=block_r, BLOCK_D=block_d(dim), SOFTMAX=softmax, num_warps=4)))
+    launch(*args)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ._flash_split import _split_program, _walk_ranges, combine, mask_split, split_args
+from ._flash_split import _split_program, _walk_ranges, combine, mask_split, sparse_signature, split_args
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
                             _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
                             remember_plan, seqlen_bucket, tuner_env, window_bucket)
@@ -384,22 +384,48 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
             Config(64, 32, 4, 3)]
 
 
-# Launch plans of dense backwards, keyed like the forward's (flash_fwd._PLANS): the two launches with
+# Launch plans of fixed-length backwards (dense or block-sparse), keyed like the forward's (flash_fwd._PLANS): the two launches with
 # their static arguments, replayed on new tensors.
 _PLANS: dict = {}
 
 
-def _run(plan, q, k, v, o, do, lse, dlse):
+def _run(plan, q, k, v, o, do, lse, dlse, sparse=None, splits=(None, None)):
+    """Replay a cached plan (dense or block-sparse, fixed-length batches) on new tensors."""
     kv, (q_static, q_launch) = plan
-    B, T, H, _ = q.shape
-    delta = empty_output((B, H, T), torch.float32, q.device)
-    dq = empty_output(q.shape, q.dtype, q.device)
-    dk = empty_output(k.shape, k.dtype, k.device)
-    dv = empty_output(v.shape, v.dtype, v.device)
-    q_launch(q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, delta, *q_static,
-             *_no_sparse_args(delta, 1))
-    _launch_dkdv(kv, (q, k, v, do, lse, delta, dk, dv, delta), _no_sparse_args(delta, 2))
+    dq, dk, dv, delta = _outputs(q, k, v)
+    sp_q, sp_kv, parts = _sparse_args(sparse, splits, delta, k.shape[2], k.shape[3], v.shape[3])
+    q_launch(q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, delta, *q_static, *sp_q)
+    if splits[0] is not None:
+        combine(splits[0], parts[0], dq)
+    _launch_dkdv(kv, (q, k, v, do, lse, delta, dk, dv, delta), sp_kv)
+    if splits[1] is not None:
+        combine(splits[1], parts[1], dk)
+        combine(splits[1], parts[2], dv)
     return dq, dk, dv
+
+
+def _outputs(q, k, v):
+    """Fresh dq, dk, dv and the dQ kernel's Delta `[B, H, T]` (float32)."""
+    B, T, H, _ = q.shape
+    return (empty_output(q.shape, q.dtype, q.device), empty_output(k.shape, k.dtype, k.device),
+            empty_output(v.shape, v.dtype, v.device), empty_output((B, H, T), torch.float32, q.device))
+
+
+def _sparse_args(sparse, splits, delta, Hkv: int, D: int, Dv: int):
+    """(dQ's, dK/dV's) block-mask and split arguments, and the parts' float32 buffers (dq, dk, dv)."""
+    if sparse is None:
+        return _no_sparse_args(delta, 1), _no_sparse_args(delta, 2), None
+    (split_q, split_kv), (B, H, _) = splits, delta.shape
+    f32 = dict(dtype=torch.float32, device=delta.device)
+    parts = [delta] * 3
+    if split_q is not None:
+        parts[0] = torch.empty((split_q.n_parts, sparse.block[0], D), **f32)
+    if split_kv is not None:
+        parts[1] = torch.empty((split_kv.n_parts, sparse.block[1], D), **f32)
+        parts[2] = torch.empty((split_kv.n_parts, sparse.block[1], Dv), **f32)
+    return (sparse.kernel_args() + split_args(split_q, B * H, 1, 1, delta)[1] + (parts[0],),
+            sparse.kernel_args_transposed() + split_args(split_kv, B * Hkv, 1, 1, delta)[1] + tuple(parts[1:]),
+            parts)
 
 
 def _no_sparse_args(t: torch.Tensor, n_part_buffers: int) -> tuple:
@@ -453,14 +479,17 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     dlse = None if dlse is None else dlse.contiguous()
     varlen = cu_seqlens is not None
     dense = not varlen and sparse is None
-    if dense:
+    splits = (None, None)
+    if sparse is not None:
+        splits = (mask_split(sparse, False, B, H, 1), mask_split(sparse, True, B, Hkv, H // Hkv))
+    if not varlen:  # dense or block-sparse: a launch plan per signature (the mask's by its geometry)
         ts = (q, k, v, o, do)
         aligned = tuple(t.data_ptr() % 16 for t in ts + (lse,) + (() if dlse is None else (dlse,)))
         sig = (tuple(t.shape for t in ts), tuple(t.stride() for t in ts), aligned, q.dtype, q.device, scale, causal,
-               window, sinks, softcap, dlse is None, tuner_env())
+               window, sinks, softcap, dlse is None, tuner_env(), sparse_signature(sparse, splits))
         plan = _PLANS.get(sig)
         if plan is not None:
-            return _run(plan, q, k, v, o, do, lse, dlse)
+            return _run(plan, q, k, v, o, do, lse, dlse, sparse, splits)
     n_seq = cu_seqlens.numel() - 1 if varlen else B
     left, right = window if window is not None else (NO_LIMIT, NO_LIMIT)
     if causal:
@@ -469,8 +498,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     cap_out = softcap * LOG2E if softcap else 1.0
     arith = causal or window is not None
     fixed = sparse.block if sparse is not None else None
-    split_q = mask_split(sparse, False, B, H, 1) if sparse is not None else None
-    split_kv = mask_split(sparse, True, B, Hkv, H // Hkv) if sparse is not None else None
+    split_q, split_kv = splits
     rows = max_seqlen if varlen else T
     cols = max_seqlen if varlen else S
     scal = (scale * LOG2E, cap_in, cap_out, left, right, sinks)
@@ -512,22 +540,9 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
                                                     num_warps=warps, num_stages=stages)))
 
     # The tuner times each candidate on this call's tensors (cu_seqlens and the sparse index lists included).
-    dq = empty_output(q.shape, q.dtype, q.device)
-    dk = empty_output(k.shape, k.dtype, k.device)
-    dv = empty_output(v.shape, v.dtype, v.device)
-    delta = empty_output((B, H, T), torch.float32, q.device)  # written by the dQ kernel, read by dK/dV's
+    dq, dk, dv, delta = _outputs(q, k, v)  # delta: written by the dQ kernel, read by dK/dV's
     cu = cu_seqlens if varlen else delta
-    sp_kv, sp_q = _no_sparse_args(delta, 2), _no_sparse_args(delta, 1)
-    if sparse is not None:  # the long walks split over part programs, whose float32 sums are added up below
-        f32 = dict(dtype=torch.float32, device=q.device)
-        dq_parts = dk_parts = dv_parts = delta
-        if split_q is not None:
-            dq_parts = torch.empty((split_q.n_parts, fixed[0], D), **f32)
-        if split_kv is not None:
-            dk_parts = torch.empty((split_kv.n_parts, fixed[1], D), **f32)
-            dv_parts = torch.empty((split_kv.n_parts, fixed[1], Dv), **f32)
-        sp_q = sparse.kernel_args() + split_args(split_q, n_seq * H, 1, 1, delta)[1] + (dq_parts,)
-        sp_kv = sparse.kernel_args_transposed() + split_args(split_kv, n_seq * Hkv, 1, 1, delta)[1] + (dk_parts, dv_parts)
+    sp_q, sp_kv, parts = _sparse_args(sparse, splits, delta, Hkv, D, Dv)  # parts: the split walks' sums
 
     def run_dkdv(part):
         _launch_dkdv(part, (q, k, v, do, lse, delta, dk, dv, cu), sp_kv)
@@ -542,13 +557,13 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     qp = dq_part(pick_config(("dq",) + key, bwd_configs(d, q.dtype, fixed, "dq"), lambda c: run_dq(dq_part(c))))
     run_dq(qp)
     if split_q is not None:
-        combine(split_q, dq_parts, dq)
+        combine(split_q, parts[0], dq)
     kv = dkdv_part(pick_config(("dkdv",) + key, bwd_configs(d, q.dtype, fixed, "dkdv"),
                                lambda c: run_dkdv(dkdv_part(c))))
     run_dkdv(kv)
     if split_kv is not None:
-        combine(split_kv, dk_parts, dk)
-        combine(split_kv, dv_parts, dv)
-    if dense:
+        combine(split_kv, parts[1], dk)
+        combine(split_kv, parts[2], dv)
+    if not varlen:
         remember_plan(_PLANS, sig, (kv, qp))
     return dq, dk, dv
