@@ -36,7 +36,9 @@ for name in ("bigbird", "longformer"):
     def grads(fn, ins):
         o = fn(*ins); o.backward(g.to(o.dtype)); return [o.detach().float()] + [t.grad.float() for t in ins]
     ins32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    sd = lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), attn_mask=dense).transpose(1, 2)
+    def sd(a, b, c):
+        return torch.nn.functional.scaled_dot_product_attention(a.transpose(1, 2), b.transpose(1, 2),
+                                                                c.transpose(1, 2), attn_mask=dense).transpose(1, 2)
     ref = grads(sd, ins32)
     insb = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     plain = grads(sd, insb)
@@ -62,7 +64,8 @@ for N in sizes:
         qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
         fbm = SB.flex_block_mask(pat, cfg.H, N, "cuda")
         theirs = lambda: flex(qf, kf, vf, block_mask=fbm)
-        row = {"pattern": name, "N": N, "flex_fwd_ms": bench(theirs), "flex_fwd_bwd_ms": bench(SB.fwd_bwd(theirs, qf, kf, vf))}
+        row = {"pattern": name, "N": N, "flex_fwd_ms": bench(theirs),
+               "flex_fwd_bwd_ms": bench(SB.fwd_bwd(theirs, qf, kf, vf))}
         for block in ((128, 64), (128, 128)):
             bm = pat.block_mask(1, cfg.H, N, N, block=block, device="cuda")
             call = lambda: effattn.flash_attention(q, k, v, block_mask=bm)
@@ -70,7 +73,8 @@ for N in sizes:
                 _flash_split.SPLIT_UNITS = units
                 t0 = time.perf_counter(); call(); torch.cuda.synchronize(); first = time.perf_counter() - t0
                 e = {"fwd_ms": bench(call), "fwd_bwd_ms": bench(SB.fwd_bwd(call, q, k, v)), "first_call_s": first,
-                     "parts": [None if s is None else (s.n_parts, s.n_groups) for kk, s in bm.splits.items() if kk[4] == units]}
+                     "parts": [None if s is None else (s.n_parts, s.n_groups)
+                               for kk, s in bm.splits.items() if kk[4] == units]}
                 row[f"{block[0]}x{block[1]} {mode}"] = e
             _flash_split.SPLIT_UNITS = None
         res["rows"].append(row); print(json.dumps(row), flush=True); save()

@@ -111,12 +111,14 @@ def sparse_signature(mask, splits) -> tuple | None:
             tuple(None if s is None else s.n_parts for s in splits))
 
 
-def split_args(split: WorkSplit | None, n_bh: int, grid0: int, sub: int, dummy: torch.Tensor):
-    """(grid rows to append, kernel arguments FLAGS, PARTS, NPARTS, NBH) of a launch with `grid0` programs on
-    its first axis, `sub` of them per block."""
-    if split is None:
-        return 0, (dummy, dummy, 0, n_bh)
-    return cdiv(split.n_parts * sub, grid0), (split.flags, split.parts, split.n_parts, n_bh)
+def extra_rows(split: WorkSplit | None, grid0: int, sub: int) -> int:
+    """Rows to append to the second grid axis of a launch with `grid0` programs on its first, `sub` per block."""
+    return 0 if split is None else cdiv(split.n_parts * sub, grid0)
+
+
+def split_args(split: WorkSplit | None, n_bh: int, dummy: torch.Tensor) -> tuple:
+    """The kernels' FLAGS, PARTS, NPARTS, NBH for a launch over `n_bh` (batch, head) rows (`dummy`: unread)."""
+    return (dummy, dummy, 0, n_bh) if split is None else (split.flags, split.parts, split.n_parts, n_bh)
 
 
 @triton.jit

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ._flash_split import _split_program, _walk_ranges, combine, mask_split, sparse_signature, split_args
+from ._flash_split import (_split_program, _walk_ranges, combine, extra_rows, mask_split, sparse_signature,
+                           split_args)
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
                             _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
                             remember_plan, seqlen_bucket, tuner_env, window_bucket)
@@ -384,8 +385,8 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
             Config(64, 32, 4, 3)]
 
 
-# Launch plans of fixed-length backwards (dense or block-sparse), keyed like the forward's (flash_fwd._PLANS): the two launches with
-# their static arguments, replayed on new tensors.
+# Launch plans of fixed-length backwards (dense or block-sparse), keyed like the forward's (flash_fwd._PLANS): the
+# two launches with their static arguments, replayed on new tensors.
 _PLANS: dict = {}
 
 
@@ -423,8 +424,8 @@ def _sparse_args(sparse, splits, delta, Hkv: int, D: int, Dv: int):
     if split_kv is not None:
         parts[1] = torch.empty((split_kv.n_parts, sparse.block[1], D), **f32)
         parts[2] = torch.empty((split_kv.n_parts, sparse.block[1], Dv), **f32)
-    return (sparse.kernel_args() + split_args(split_q, B * H, 1, 1, delta)[1] + (parts[0],),
-            sparse.kernel_args_transposed() + split_args(split_kv, B * Hkv, 1, 1, delta)[1] + tuple(parts[1:]),
+    return (sparse.kernel_args() + split_args(split_q, B * H, delta) + (parts[0],),
+            sparse.kernel_args_transposed() + split_args(split_kv, B * Hkv, delta) + tuple(parts[1:]),
             parts)
 
 
@@ -518,7 +519,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
                              f"its query block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
         kv_grid = sparse.num_kv_blocks if sparse is not None else cdiv(cols, bn)
         parts, sink_rows = sink_split(sinks, T, S, left, right, bn) if dense else (0, 0)
-        extra = split_args(split_kv, n_seq * Hkv, kv_grid, 1, delta)[0]
+        extra = extra_rows(split_kv, kv_grid, 1)
         grid = (kv_grid + parts * sink_rows // bn, n_seq * Hkv + extra)
         return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal, kv_grid, parts, sink_rows),
                 KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_M=fixed[0] if fixed else bm,
@@ -533,7 +534,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
             raise ValueError(f"a block-sparse dQ configuration must keep the block mask's query block and split "
                              f"its key block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
         grid0 = sparse.num_q_blocks if sparse is not None else cdiv(rows, bm)
-        grid = (grid0, n_seq * H + split_args(split_q, n_seq * H, grid0, 1, delta)[0])
+        grid = (grid0, n_seq * H + extra_rows(split_q, grid0, 1))
         return ((*strides, o.stride(0), o.stride(1), o.stride(2), *dq_strides, T, S, H, H // Hkv, *scal),
                 KernelLaunch(_dq_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_N=fixed[1] if fixed else bn,
                                                     HAS_DLSE=dlse is not None, SPLIT=split_q is not None,

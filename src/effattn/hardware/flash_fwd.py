@@ -14,7 +14,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._memory import empty_output
 
-from ._flash_split import _split_program, _walk_ranges, combine, mask_split, sparse_signature, split_args
+from ._flash_split import (_split_program, _walk_ranges, combine, extra_rows, mask_split, sparse_signature,
+                           split_args)
 from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
                             _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config, remember_plan,
                             seqlen_bucket, tuner_env, window_bucket)
@@ -263,7 +264,7 @@ def _sparse_args(sparse, split, lse, Dv: int):
         o_part = torch.empty((split.n_parts, sparse.block[0], Dv), dtype=torch.float32, device=lse.device)
         lse_part = torch.empty((split.n_parts, sparse.block[0]), dtype=torch.float32, device=lse.device)
     B, H = lse.shape[:2]
-    args = sparse.kernel_args() + split_args(split, B * H, 1, 1, lse)[1] + (o_part, lse_part)
+    args = sparse.kernel_args() + split_args(split, B * H, lse) + (o_part, lse_part)
     return args, None if split is None else (o_part, lse_part)
 
 
@@ -365,7 +366,7 @@ def flash_fwd(q, k, v, *, scale, causal, window, sinks, softcap, cu_seqlens, max
             raise ValueError(f"a block-sparse forward configuration must split the block mask's blocks evenly: "
                              f"mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
         sub = fixed[0] // bm
-        extra = split_args(split, n_bh, sparse.num_q_blocks * sub, sub, lse)[0]
+        extra = extra_rows(split, sparse.num_q_blocks * sub, sub)
         return _plan(cfg, (sparse.num_q_blocks * sub, n_bh + extra), args,
                      dict(meta, MASK_M=fixed[0], MASK_N=fixed[1], SPLIT=split is not None))
 
