@@ -191,7 +191,7 @@ def _built(spec: _Spec, T: int, S: int, H: int, options: dict) -> P.Pattern:
     except TypeError:  # an option without a hashable value (e.g. a tensor): no caching
         return spec.build(T, S, H, **options)
     if key not in _PATTERNS:
-        if len(_PATTERNS) >= 32:
+        if len(_PATTERNS) >= 8:  # (each keeps up to 4 block masks: ~30 MB each for BigBird at 32k)
             _PATTERNS.clear()
         _PATTERNS[key] = spec.build(T, S, H, **options)
     return _PATTERNS[key]

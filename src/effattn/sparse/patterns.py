@@ -101,12 +101,12 @@ class Pattern:
     def block_mask(self, B: int, H: int, T: int, S: int, block=None, device=None):
         """The `BlockMask` of the block-sparse flash kernel, `[B or 1, H or 1]` as the pattern needs. Built once
         per shape, tile and device and kept on the pattern (a build evaluates the mask over T x S: 0.07 s on
-        the H100 at N = 16k, some 50x the attention it serves), at most 8 of them."""
+        the H100 at N = 16k, some 50x the attention it serves), at most 4 of them."""
         kw = {} if block is None else {"block": tuple(block)}  # None: the kernel's default tiles
         B, H = B if self.per_batch else 1, H if self.per_head else 1
         key = (B, H, T, S, kw.get("block"), str(torch.device(device) if device is not None else None))
         if key not in self._block_masks:
-            if len(self._block_masks) >= 8:
+            if len(self._block_masks) >= 4:
                 self._block_masks.clear()
             self._block_masks[key] = block_mask(self, B, H, T, S, device=device, **kw)
         return self._block_masks[key]
