@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._flash_common import cdiv
+from ._flash_common import KernelLaunch, block_d, cdiv, remember_plan
 
 SPLIT_MIN_UNITS = 8  # a part walks at least this many listed blocks
 SPLIT_WAVES = 4  # a part is at most 1/SPLIT_WAVES of a program slot's share of the walk (the tail it may add)
@@ -111,6 +111,15 @@ def sparse_signature(mask, splits) -> tuple | None:
             tuple(None if s is None else s.n_parts for s in splits))
 
 
+def part_buffer(split: WorkSplit | None, rows: int, dim: int | None, dummy: torch.Tensor) -> torch.Tensor:
+    """The float32 results of a split launch's parts, `[n_parts, rows, dim]` (`[n_parts, rows]` for dim None), as
+    `_store_part` writes and `combine` reads them; `dummy` (unread) without a split."""
+    if split is None:
+        return dummy
+    return torch.empty((split.n_parts, rows) + (() if dim is None else (dim,)), dtype=torch.float32,
+                       device=dummy.device)
+
+
 def extra_rows(split: WorkSplit | None, grid0: int, sub: int) -> int:
     """Rows to append to the second grid axis of a launch with `grid0` programs on its first, `sub` per block."""
     return 0 if split is None else cdiv(split.n_parts * sub, grid0)
@@ -140,6 +149,13 @@ def _split_program(FLAGS, PARTS, NPARTS, NBH, HH, NB, SUB: tl.constexpr):
     flag = tl.load(FLAGS + tl.minimum(pid1, NBH - 1) * NB + tl.minimum(pid0 // SUB, NB - 1))
     skip = (slot >= NPARTS) | ((slot < 0) & (flag != 0))
     return bh // HH, bh % HH, col, u0, u1, slot, skip
+
+
+@triton.jit
+def _store_part(PART, slot, r0, x, offs, ROWS: tl.constexpr, DIM: tl.constexpr):
+    """Store x `[n, len(offs)]` (float32) as rows r0.. of part `slot` of PART `[NPARTS, ROWS, DIM]`."""
+    rows = slot * ROWS + r0 + tl.arange(0, x.shape[0])
+    tl.store(PART + rows[:, None] * DIM + offs[None, :], x, mask=offs[None, :] < DIM)
 
 
 @triton.jit
@@ -205,8 +221,6 @@ _COMBINES: dict = {}  # the merge launches, by what they specialise on (replayed
 def combine(split: WorkSplit, part: torch.Tensor, out: torch.Tensor, part_lse=None, out_lse=None) -> None:
     """Merge the parts' results `part` `[n_parts, ROWS, DIM]` into the split blocks' rows of `out` `[B, N, H,
     DIM]` (and, for the forward, `part_lse` `[n_parts, ROWS]` into `out_lse` `[B, H, N]`)."""
-    from ._flash_common import KernelLaunch, block_d, remember_plan
-
     _, rows, dim = part.shape
     softmax = part_lse is not None
     lse_args = (part_lse, out_lse, out_lse.stride(0), out_lse.stride(1)) if softmax else (part, part, 0, 0)

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ._flash_split import (_split_program, _walk_ranges, combine, extra_rows, mask_split, sparse_signature,
-                           split_args)
+from ._flash_split import (_split_program, _store_part, _walk_ranges, combine, extra_rows, mask_split, part_buffer,
+                           sparse_signature, split_args)
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
                             _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
                             remember_plan, seqlen_bucket, tuner_env, window_bucket)
@@ -190,9 +190,8 @@ def _dkdv_kernel(
     if SPLIT:
         to_part = slot >= 0
     if to_part:  # a part's partial sums, added up by the launcher
-        rows = slot * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.store(DK_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], dk, mask=offs_d[None, :] < HEAD_DIM)
-        tl.store(DV_PART + rows[:, None] * HEAD_DIM_V + offs_dv[None, :], dv, mask=offs_dv[None, :] < HEAD_DIM_V)
+        _store_part(DK_PART, slot, 0, dk, offs_d, BLOCK_N, HEAD_DIM)
+        _store_part(DV_PART, slot, 0, dv, offs_dv, BLOCK_N, HEAD_DIM_V)
     elif SINK_PARTS:
         if n0 < SINKS:  # a partial sum: float32, summed over the parts by the launcher
             rows = ((part * (tl.num_programs(1) // HKV) + b) * SINK_ROWS + offs_n) * HKV + hk
@@ -340,8 +339,7 @@ def _dq_kernel(
     if SPLIT:
         to_part = slot >= 0
     if to_part:  # a part's partial sum, added up by the launcher
-        rows = slot * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(DQ_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=offs_d[None, :] < HEAD_DIM)
+        _store_part(DQ_PART, slot, 0, dq, offs_d, BLOCK_M, HEAD_DIM)
     else:
         dq_ptrs = DQ + bb * sdq_b + q0 * sdq_t + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :]
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
@@ -417,13 +415,8 @@ def _sparse_args(sparse, splits, delta, Hkv: int, D: int, Dv: int):
     if sparse is None:
         return _no_sparse_args(delta, 1), _no_sparse_args(delta, 2), None
     (split_q, split_kv), (B, H, _) = splits, delta.shape
-    f32 = dict(dtype=torch.float32, device=delta.device)
-    parts = [delta] * 3
-    if split_q is not None:
-        parts[0] = torch.empty((split_q.n_parts, sparse.block[0], D), **f32)
-    if split_kv is not None:
-        parts[1] = torch.empty((split_kv.n_parts, sparse.block[1], D), **f32)
-        parts[2] = torch.empty((split_kv.n_parts, sparse.block[1], Dv), **f32)
+    parts = (part_buffer(split_q, sparse.block[0], D, delta), part_buffer(split_kv, sparse.block[1], D, delta),
+             part_buffer(split_kv, sparse.block[1], Dv, delta))
     return (sparse.kernel_args() + split_args(split_q, B * H, delta) + (parts[0],),
             sparse.kernel_args_transposed() + split_args(split_kv, B * Hkv, delta) + tuple(parts[1:]),
             parts)

@@ -14,8 +14,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._memory import empty_output
 
-from ._flash_split import (_split_program, _walk_ranges, combine, extra_rows, mask_split, sparse_signature,
-                           split_args)
+from ._flash_split import (_split_program, _store_part, _walk_ranges, combine, extra_rows, mask_split, part_buffer,
+                           sparse_signature, split_args)
 from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
                             _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config, remember_plan,
                             seqlen_bucket, tuner_env, window_bucket)
@@ -207,9 +207,9 @@ def _flash_fwd_kernel(
     if SPLIT:
         to_part = slot >= 0
     if to_part:  # a part's rows: every row of the mask block (the combine reads them all)
-        rows = slot * MASK_M + (pid_m % (MASK_M // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(O_PART + rows[:, None] * HEAD_DIM_V + offs_dv[None, :], o, mask=offs_dv[None, :] < HEAD_DIM_V)
-        tl.store(LSE_PART + rows, lse)
+        r0 = (pid_m % (MASK_M // BLOCK_M)) * BLOCK_M
+        _store_part(O_PART, slot, r0, o, offs_dv, MASK_M, HEAD_DIM_V)
+        tl.store(LSE_PART + slot * MASK_M + r0 + tl.arange(0, BLOCK_M), lse)
     else:
         if TMA:  # the copy engine clips rows past T
             O.store([bb, m0, h * HEAD_DIM_V], o.to(q.dtype).reshape([1, BLOCK_M, HEAD_DIM_V]))
@@ -259,10 +259,7 @@ def _sparse_args(sparse, split, lse, Dv: int):
     Dv]`, LSE `[parts, rows]`, merged into o and lse after the launch) or None."""
     if sparse is None:
         return no_sparse_args(lse), None
-    o_part = lse_part = lse
-    if split is not None:
-        o_part = torch.empty((split.n_parts, sparse.block[0], Dv), dtype=torch.float32, device=lse.device)
-        lse_part = torch.empty((split.n_parts, sparse.block[0]), dtype=torch.float32, device=lse.device)
+    o_part, lse_part = part_buffer(split, sparse.block[0], Dv, lse), part_buffer(split, sparse.block[0], None, lse)
     B, H = lse.shape[:2]
     args = sparse.kernel_args() + split_args(split, B * H, lse) + (o_part, lse_part)
     return args, None if split is None else (o_part, lse_part)
