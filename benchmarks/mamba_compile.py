@@ -9,7 +9,7 @@ except those a kernel marks `do_not_specialize`. Hopper's exp units (MUFU, 16 pe
 take 8 cycles per warp instruction and a sub-partition issues one warp instruction per cycle, so a warp spends
 at least max(instructions, 8 x exps) cycles per state element: "exp"-bound or "issue"-bound below. Per element:
 - walk forward passes and the backward's carry pass: the difference between UNROLL = 8 and 4 builds, per token;
-- the walk backward: the whole kernel over its two loop bodies (4 tokens each), an upper bound;
+- the walk backward: the whole kernel over its two loop bodies (SUB tokens each), an upper bound;
 - the scan kernels: the whole kernel over one chunk, an upper bound.
 BAR counts barriers in the whole kernel (a layout change through shared memory costs one). It times nothing.
 """
@@ -46,8 +46,8 @@ def walk_rows(n: int, dtype: str) -> list[dict]:
     types.update({name: "*fp32" for name in ("dt_bias", "A_t", "Bp", "Cp", "start", "hs", "ends", "sums", "ht", "carry",
                                              "ddt", "dA", "dB", "dC", "dh0", "ckpt")})
     rows = []
-    for bd, warps in ((128, 4), (64, 2), (32, 1)):
-        per_thread = bd // (32 * warps)  # channels per thread
+    for bd, warps in ((128, 4), (64, 2), (32, 1), (16, 1)):
+        per_thread = bd / (32 * warps)  # channels per thread (16 channels a warp: each over 2 lanes, half a channel)
         kernels = [("walk fwd pass 1 (end states)", selective_walk._walk_fwd,
                     dict(BT=32, BD=bd, BN=bn, HAS_BIAS=True, USE_START=False, EMIT=False, SAVE=False, STORE_HT=False)),
                    ("walk fwd pass 2 (y)", selective_walk._walk_fwd,
@@ -57,11 +57,12 @@ def walk_rows(n: int, dtype: str) -> list[dict]:
             built = {u: _build(fn, types, dict(consts, UNROLL=u), warps) for u in (4, 8)}
             diff = lambda k: (built[8][k] - built[4][k]) / 4 / per_thread  # noqa: E731  (per channel and token)
             rows.append(_row(name, bd, warps, built[4], diff("instructions"), diff("MUFU"), n))
-        r = _build(selective_walk._walk_bwd, types, dict(BT=32, BD=bd, BN=bn, HAS_BIAS=True, USE_CARRY=True,
-                                                         STORE_DH0=False), warps)
-        steps = 4 * per_thread  # (channel, token) pairs a thread handles per trip of each loop body
-        rows.append(_row("walk bwd (bound: whole kernel)", bd, warps, r, r["instructions"] / steps,
-                         r["MUFU"] / steps, n))
+        for sub in (4, 2):
+            r = _build(selective_walk._walk_bwd, types, dict(BT=32, BD=bd, BN=bn, SUB=sub, HAS_BIAS=True,
+                                                             USE_CARRY=True, STORE_DH0=False), warps)
+            steps = sub * per_thread  # (channel, token) pairs a thread handles per trip of each loop body
+            rows.append(_row(f"walk bwd, SUB = {sub} (bound: whole kernel)", bd, warps, r, r["instructions"] / steps,
+                             r["MUFU"] / steps, n))
     return rows
 
 

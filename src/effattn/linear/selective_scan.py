@@ -209,19 +209,22 @@ def _configs(B: int, T: int, D: int, N: int) -> list[FwdConfig]:
 
 class BwdConfig(NamedTuple):
     """A backward candidate. kernel "walk": `_walk_bwd` over time chunks of TC tokens (a multiple of the
-    forward's BT), BD channels per program, one per thread (one warp: the sums over channels stay in it);
-    "scan": `_scan_bwd`'s in-chunk associative scans over the whole sequence, BD channels x N states per
-    program."""
+    forward's BT), BD channels per program, one per thread (one warp: the sums over channels stay in it), its
+    states recomputed SUB (2 or 4) tokens at a time; "scan": `_scan_bwd`'s in-chunk associative scans over the
+    whole sequence, BD channels x N states per program."""
     kernel: str
     BD: int
     warps: int
     TC: int = 0
+    SUB: int = 4
 
 
 def _bwd_configs(B: int, T: int, D: int, N: int, BT: int) -> list[BwdConfig]:
-    """Backward candidates; the first is the interpreter's. The scan variants are those measured on the H100
-    (benchmarks/results/mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at B T = 16k."""
-    walk = [BwdConfig("walk", BD, warps, TC) for BD, warps in ((32, 1), (64, 2))
+    """Backward candidates; the first is the interpreter's. The walk at 32 channels per warp recomputing 4 or 2
+    states at a time (selective_walk.py: SUB = 2 was 3-8% faster on the H100, 2026-12-07,
+    benchmarks/results/mamba.md) or at 64 channels over 2 warps. The scan variants are those measured on the H100
+    (mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at B T = 16k."""
+    walk = [BwdConfig("walk", BD, warps, TC, sub) for BD, warps, sub in ((32, 1, 4), (32, 1, 2), (64, 2, 4))
             for TC in _time_chunks(B, T, D, BD, warps, BT)]
     return [*walk, *dict.fromkeys((BwdConfig("scan", 8 if N > 32 else 16, 4), BwdConfig("scan", 8, 4)))]
 
@@ -285,8 +288,9 @@ def _walk_backward(cfg: BwdConfig, x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, d
     Bsz, T, D = x.shape
     N = A.shape[1]
     BN, TC = next_pow2(N), cfg.TC
-    if TC % BT or BT % 4:
-        raise ValueError(f"mamba backward config {cfg}: TC must be a multiple of the forward's BT = {BT} (and it of 4)")
+    if cfg.SUB not in (2, 4) or TC % BT or BT % cfg.SUB:
+        raise ValueError(f"mamba backward config {cfg}: SUB must be 2 or 4, TC a multiple of the forward's BT = {BT} "
+                         f"and BT of SUB")
     NC, blocks = cdiv(T, TC), cdiv(D, cfg.BD)
     f32 = dict(dtype=torch.float32, device=x.device)
     A_t = A.t().contiguous()
@@ -303,9 +307,9 @@ def _walk_backward(cfg: BwdConfig, x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, d
     dA = empty_output((Bsz, NC, N, D), torch.float32, x.device)
     dB, dC = (empty_output((blocks, Bsz, T, N), torch.float32, x.device) for _ in range(2))
     dh0 = empty_output((Bsz, N, D), torch.float32, x.device) if want_dh0 else None
-    ckpt = torch.empty((Bsz, NC, BT // 4, N, D), **f32)
+    ckpt = torch.empty((Bsz, NC, BT // cfg.SUB, N, D), **f32)
     _walk_bwd[(blocks, NC, Bsz)](x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, dh0, ckpt, T, D, N,
-                                 TC, TP, BT=BT, BD=cfg.BD, BN=BN, HAS_BIAS=dt_bias is not None,
+                                 TC, TP, BT=BT, BD=cfg.BD, BN=BN, SUB=cfg.SUB, HAS_BIAS=dt_bias is not None,
                                  USE_CARRY=carry is not None, STORE_DH0=want_dh0, num_warps=cfg.warps)
     return {"dA": dA.sum((0, 1)).t(), "dB": dB.sum(0), "dC": dC.sum(0),
             "dh0": None if dh0 is None else dh0.transpose(1, 2)}

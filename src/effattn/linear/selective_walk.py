@@ -18,9 +18,12 @@ reversed: `_walk_carry` walks each chunk back from zero (g_t = G + C_t dy_t, G <
 chains them from dht. `_walk_bwd` then walks each chunk back from its carry. It needs h_t in reverse order: per
 BT block it recomputes the states forward from the saved one, keeping the state before every SUB tokens in a
 scratch (small enough to stay in cache), then per SUB tokens recomputes their SUB states in registers and walks
-them back. dB and dC sum over channels: each program reduces its BD channels (one warp per program: shuffles
-only) and writes a partial sum per channel block; dA sums over time: a partial per chunk. The launcher adds
-them.
+them back. SUB (2 or 4) trades registers for loop trips: the SUB + 1 states held at once set the register count
+(sm_90a at 32 channels per warp: 255 with spills at SUB = 4, 245 without at SUB = 2; either way 8 warps per SM, and
+the H100's profiler found the SUB = 4 walk issuing in 34% of cycles, latency-bound). On the H100 (2026-12-07) SUB = 2
+was 3-8% faster; 16 channels per warp (167 registers, 12 warps) was slower: twice the instructions per state.
+dB and dC sum over channels: each program reduces its BD channels (one warp per program: shuffles only) and writes
+a partial sum per channel block; dA sums over time: a partial per chunk. The launcher adds them.
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ import triton
 import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-SUB: tl.constexpr = tl.constexpr(4)  # the backward's tokens per register-held run of states (h0..h4 below)
 
 
 @triton.jit
@@ -239,13 +241,13 @@ def _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h_t,
 
 @triton.jit(do_not_specialize=["D"])  # see the module docstring
 def _walk_bwd(x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, dh0, ckpt, T, D, N, TC, TP,
-              BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_CARRY: tl.constexpr,
-              STORE_DH0: tl.constexpr):
+              BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, HAS_BIAS: tl.constexpr,
+              USE_CARRY: tl.constexpr, STORE_DH0: tl.constexpr):
     """Gradients of chunk c, walking back from the carry into its last token (carry `[B, NC, N, D]` in reversed
     chunk order, from `_pass_states`; dht itself when there is one chunk). Writes dx, ddt `[B, T, D]`, this
     channel block's dB, dC partials `[B, T, N]` (dB, dC point at its slice), dA's partial of this chunk
     `[B, NC, N, D]` and, from chunk 0, dh0 `[B, N, D]`. hs: the forward's states every BT tokens `[B, cdiv(T, BT),
-    D, N]`; ckpt: scratch `[B, NC, BT / SUB, N, D]` for the states before every SUB tokens of a block."""
+    D, N]`; ckpt: scratch `[B, NC, BT / SUB, N, D]` for the states before every SUB (2 or 4) tokens of a block."""
     pid_d, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B T D may pass 2^31
     NC = tl.num_programs(1)
     od, on, md, mnd, tile, A2, bias = _tile(A_t, dt_bias, pid_d, D, N, BD, BN, HAS_BIAS)
@@ -281,12 +283,13 @@ def _walk_bwd(x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, d
             h0 = tl.load(ckpt + (BT // SUB - 1 - kk) * D * N + tile, mask=mnd, other=0.0)
             h1 = _forward_step(x, dt, bias, Bp, A2, h0, b, t0, t_end, T, TP, D, od, md, on, BN)
             h2 = _forward_step(x, dt, bias, Bp, A2, h1, b, t0 + 1, t_end, T, TP, D, od, md, on, BN)
-            h3 = _forward_step(x, dt, bias, Bp, A2, h2, b, t0 + 2, t_end, T, TP, D, od, md, on, BN)
-            h4 = _forward_step(x, dt, bias, Bp, A2, h3, b, t0 + 3, t_end, T, TP, D, od, md, on, BN)
-            G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h4, h3, b, t0 + 3,
-                                       t_end, T, TP, D, N, od, md, on, mn, BN)
-            G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h3, h2, b, t0 + 2,
-                                       t_end, T, TP, D, N, od, md, on, mn, BN)
+            if SUB == 4:
+                h3 = _forward_step(x, dt, bias, Bp, A2, h2, b, t0 + 2, t_end, T, TP, D, od, md, on, BN)
+                h4 = _forward_step(x, dt, bias, Bp, A2, h3, b, t0 + 3, t_end, T, TP, D, od, md, on, BN)
+                G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h4, h3, b,
+                                           t0 + 3, t_end, T, TP, D, N, od, md, on, mn, BN)
+                G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h3, h2, b,
+                                           t0 + 2, t_end, T, TP, D, N, od, md, on, mn, BN)
             G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h2, h1, b, t0 + 1,
                                        t_end, T, TP, D, N, od, md, on, mn, BN)
             G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h1, h0, b, t0,
