@@ -10,6 +10,7 @@ take 8 cycles per warp instruction and a sub-partition issues one warp instructi
 at least max(instructions, 8 x exps) cycles per state element: "exp"-bound or "issue"-bound below. Per element:
 - walk forward passes and the backward's carry pass: the difference between UNROLL = 8 and 4 builds, per token;
 - the walk backward: the whole kernel over its two loop bodies (SUB tokens each), an upper bound;
+- the chunk chain (`_pass_states`): the whole kernel over one group of chunks, an upper bound;
 - the scan kernels: the whole kernel over one chunk, an upper bound.
 BAR counts barriers in the whole kernel (a layout change through shared memory costs one). It times nothing.
 """
@@ -46,8 +47,8 @@ def walk_rows(n: int, dtype: str) -> list[dict]:
     types.update({name: "*fp32" for name in ("dt_bias", "A_t", "Bp", "Cp", "start", "hs", "ends", "sums", "ht", "carry",
                                              "ddt", "dA", "dB", "dC", "dh0", "ckpt")})
     rows = []
-    for bd, warps in ((128, 4), (64, 2), (32, 1), (16, 1)):
-        per_thread = bd / (32 * warps)  # channels per thread (16 channels a warp: each over 2 lanes, half a channel)
+    for bd, warps in ((128, 4), (64, 2), (32, 1)):
+        per_thread = bd // (32 * warps)  # channels per thread
         kernels = [("walk fwd pass 1 (end states)", selective_walk._walk_fwd,
                     dict(BT=32, BD=bd, BN=bn, HAS_BIAS=True, USE_START=False, EMIT=False, SAVE=False, STORE_HT=False)),
                    ("walk fwd pass 2 (y)", selective_walk._walk_fwd,
@@ -64,6 +65,19 @@ def walk_rows(n: int, dtype: str) -> list[dict]:
             rows.append(_row(f"walk bwd, SUB = {sub} (bound: whole kernel)", bd, warps, r, r["instructions"] / steps,
                              r["MUFU"] / steps, n))
     return rows
+
+
+def chain_rows(n: int) -> list[dict]:
+    """`_pass_states` (the scan over chunks that chains the walks) at the launcher's tile; per state element and
+    chunk: each thread holds GROUP x BLOCK / (32 x warps) of them per group."""
+    from effattn.linear.selective_scan import PASS_TILE
+    tile = dict(PASS_TILE)
+    warps = tile.pop("num_warps")
+    types = {name: "*fp32" for name in ("A_t", "ends", "sums", "h0", "start")}
+    r = _build(selective_walk._pass_states, types, dict(tile, USE_H0=True), warps)
+    per_thread = tile["GROUP"] * tile["BLOCK"] / (32 * warps)
+    return [_row("chunk chain (whole kernel)", tile["BLOCK"], warps, r, r["instructions"] / per_thread * n,
+                 r["MUFU"] / per_thread * n, n)]
 
 
 def scan_rows(n: int, dtype: str) -> list[dict]:
@@ -89,7 +103,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    rows = walk_rows(args.n, args.dtype) + scan_rows(args.n, args.dtype)
+    rows = walk_rows(args.n, args.dtype) + chain_rows(args.n) + scan_rows(args.n, args.dtype)
     print("| kernel | BD | warps | registers | spill bytes | BAR | instructions / state element | exps / state element "
           "| bound |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -264,3 +264,28 @@ def test_mamba_kernels_pinned_by_environment(monkeypatch):
     monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "mamba_fwd=walk,8,16,4,16;mamba_bwd=walk,16,1,16")
     check_against_reference(mamba, mamba_reference, mamba_case(initial_state=True), {}, form="chunk")
     assert len(launches) >= 2  # the forward's end states and the backward's carries
+
+
+@pytest.mark.parametrize("use_h0", [True, False])
+def test_mamba_chunk_chain_over_several_groups(use_h0):
+    """`_pass_states` (the scan over chunks that chains the walks) against the one-chunk-a-step recurrence
+    h <- exp(A * sum of delta) h + end, in float64: 71 chunks (three groups of 32, the last partial) and
+    D N = 20 x 12 = 240 elements (two programs of 128, the second partial); start poisoned with NaN."""
+    from effattn.linear import selective_scan
+    from effattn.linear.selective_walk import _pass_states
+
+    gen = torch.Generator().manual_seed(3)
+    B, NC, D, N = 2, 71, 20, 12
+    A_t = -torch.rand(N, D, generator=gen) * 2  # [N, D] as the walks store it
+    ends = torch.randn(B, NC - 1, N, D, generator=gen)
+    sums = torch.rand(B, NC - 1, D, generator=gen) * 0.5
+    h0 = torch.randn(B, N, D, generator=gen) if use_h0 else None
+    start = torch.full((B, NC, N, D), float("nan"))
+    _pass_states[(-(-D * N // selective_scan.PASS_BLOCK), B)](A_t, ends, sums, h0, start, D, N, NC,
+                                                              **selective_scan.PASS_TILE, USE_H0=use_h0)
+    h = h0.double() if use_h0 else torch.zeros(B, N, D, dtype=torch.float64)
+    want = [h]
+    for c in range(NC - 1):
+        h = torch.exp(A_t.double() * sums[:, c, None, :].double()) * h + ends[:, c].double()
+        want.append(h)
+    torch.testing.assert_close(start.double(), torch.stack(want, 1), rtol=1e-5, atol=1e-5)

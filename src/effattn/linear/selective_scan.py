@@ -35,16 +35,15 @@ import triton.language as tl
 
 from .._memory import empty_output
 from ..hardware._flash_common import cdiv, next_pow2, pick_config, seqlen_bucket
-from .selective_walk import _pass_states, _softplus, _walk_bwd, _walk_carry, _walk_fwd
+from .selective_walk import _combine, _pass_states, _softplus, _walk_bwd, _walk_carry, _walk_fwd
 from . import _interpret_scan
 
 _interpret_scan.enable()
 
-
-@triton.jit
-def _combine(a1, u1, a2, u2):
-    # (a1, u1) then (a2, u2): h -> a2 (a1 h + u1) + u2
-    return a1 * a2, a2 * u1 + u2
+# `_pass_states`' tile: 128 (n, d) elements a program, the chunks 32 at a time (a [32, 128] float32 scan: 32 values
+# per thread per operand at 4 warps); at D N = 32768 that is 256 programs per sequence.
+PASS_BLOCK = 128
+PASS_TILE = dict(BLOCK=PASS_BLOCK, GROUP=32, num_warps=4)
 
 
 @triton.jit
@@ -271,8 +270,8 @@ def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool):
                                              N, cfg.TC, TP, USE_START=False, EMIT=False, SAVE=False, STORE_HT=False,
                                              **tiles)
             h0_t, start = start, torch.empty((Bsz, NC, N, D), dtype=torch.float32, device=x.device)
-            _pass_states[(cdiv(D * N, 1024), Bsz)](A_t, ends, sums, h0_t, start, D, N, NC, BLOCK=1024,
-                                                   USE_H0=h0_t is not None)
+            _pass_states[(cdiv(D * N, PASS_BLOCK), Bsz)](A_t, ends, sums, h0_t, start, D, N, NC, **PASS_TILE,
+                                                         USE_H0=h0_t is not None)
         ht_t = torch.empty((Bsz, N, D), dtype=torch.float32, device=x.device) if want_ht else None
         _walk_fwd[(blocks, NC, Bsz)](x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, None, None, ht_t, T, D, N, cfg.TC,
                                      TP, USE_START=start is not None, EMIT=True, SAVE=save, STORE_HT=want_ht, **tiles)
@@ -302,8 +301,8 @@ def _walk_backward(cfg: BwdConfig, x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, d
         _walk_carry[(blocks, NC - 1, Bsz)](dt, dt_bias, A_t, Cp, dy, ends, sums, T, D, N, TC, TP, BD=cfg.BD, BN=BN,
                                            UNROLL=4, HAS_BIAS=dt_bias is not None, num_warps=cfg.warps)
         dht_t, carry = carry, torch.empty((Bsz, NC, N, D), **f32)
-        _pass_states[(cdiv(D * N, 1024), Bsz)](A_t, ends, sums, dht_t, carry, D, N, NC, BLOCK=1024,
-                                               USE_H0=dht_t is not None)
+        _pass_states[(cdiv(D * N, PASS_BLOCK), Bsz)](A_t, ends, sums, dht_t, carry, D, N, NC, **PASS_TILE,
+                                                     USE_H0=dht_t is not None)
     dA = empty_output((Bsz, NC, N, D), torch.float32, x.device)
     dB, dC = (empty_output((blocks, Bsz, T, N), torch.float32, x.device) for _ in range(2))
     dh0 = empty_output((Bsz, N, D), torch.float32, x.device) if want_dh0 else None

@@ -159,10 +159,22 @@ def _walk_fwd(x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, ends, sums, ht, T, D, N
 
 
 @triton.jit
-def _pass_states(A_t, ends, sums, h0, start, D, N, NC, BLOCK: tl.constexpr, USE_H0: tl.constexpr):
+def _combine(a1, u1, a2, u2):
+    # (a1, u1) then (a2, u2): h -> a2 (a1 h + u1) + u2
+    return a1 * a2, a2 * u1 + u2
+
+
+@triton.jit
+def _pass_states(A_t, ends, sums, h0, start, D, N, NC, BLOCK: tl.constexpr, GROUP: tl.constexpr,
+                 USE_H0: tl.constexpr):
     """The state before each of NC chunks (start `[B, NC, N, D]`) from h0 and the chunks' own end states
     (ends `[B, NC - 1, N, D]`, from zero; sums of delta `[B, NC - 1, D]`): h <- exp(A * sum of delta) h + end.
-    The backward chains its carries with it too, from dht, its chunks in reverse order."""
+    The backward chains its carries with it too, from dht, its chunks in reverse order.
+
+    A program owns BLOCK (n, d) elements and takes the chunks GROUP at a time: it loads the group's decays and
+    end states at once and composes them with an associative scan (`_combine`), so the chain costs one load
+    latency per GROUP chunks. (A loop of one chunk a step waited on two dependent loads each step: 0.1 ms at 128
+    chunks, 0.42 ms at 512 on the H100, 2026-12-07, with 32 programs at D N = 32768.)"""
     pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)  # flat (n, d)
     m = idx < D * N
@@ -170,11 +182,17 @@ def _pass_states(A_t, ends, sums, h0, start, D, N, NC, BLOCK: tl.constexpr, USE_
     h = tl.zeros([BLOCK], dtype=tl.float32)
     if USE_H0:
         h += tl.load(h0 + b * D * N + idx, mask=m, other=0.0)
-    for c in range(0, NC - 1):
-        tl.store(start + (b * NC + c) * D * N + idx, h, mask=m)
-        total = tl.load(sums + (b * (NC - 1) + c) * D + idx % D, mask=m, other=0.0)
-        h = tl.exp2(A2 * total) * h + tl.load(ends + (b * (NC - 1) + c) * D * N + idx, mask=m, other=0.0)
-    tl.store(start + (b * NC + NC - 1) * D * N + idx, h, mask=m)
+    tl.store(start + b * NC * D * N + idx, h, mask=m)
+    rows = tl.arange(0, GROUP)[:, None]
+    for g0 in range(0, NC - 1, GROUP):
+        c = g0 + rows  # chunk c's end state is the state before chunk c + 1
+        live = (c < NC - 1) & m[None, :]
+        total = tl.load(sums + (b * (NC - 1) + c) * D + (idx % D)[None, :], mask=live, other=0.0)
+        end = tl.load(ends + (b * (NC - 1) + c) * D * N + idx[None, :], mask=live, other=0.0)
+        decay, state = tl.associative_scan((tl.exp2(A2[None, :] * total), end), axis=0, combine_fn=_combine)
+        after = decay * h[None, :] + state  # the state after chunk c; past NC - 1 the identity (1, 0) keeps it
+        tl.store(start + (b * NC + c + 1) * D * N + idx[None, :], after, mask=live)
+        h = tl.sum(tl.where(rows == GROUP - 1, after, 0.0), axis=0)
 
 
 @triton.jit(do_not_specialize=["D"])  # see the module docstring
