@@ -289,3 +289,18 @@ def test_mamba_chunk_chain_over_several_groups(use_h0):
         h = torch.exp(A_t.double() * sums[:, c, None, :].double()) * h + ends[:, c].double()
         want.append(h)
     torch.testing.assert_close(start.double(), torch.stack(want, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_mamba_pinned_backward_with_bad_sub_is_refused(monkeypatch):
+    """A pinned walk backward recomputing 8 states at a time fails with the config named: the kernel holds 2 or 4,
+    and 8 divides the forward's 8-token blocks, so only that check stops it (else its gradients would be wrong)."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "mamba_fwd=walk,8,16,4,16;mamba_bwd=walk,16,1,16,8")
+    inp = mamba_case(T=17)
+    for name in ("x", "dt"):
+        inp[name] = inp[name].float().requires_grad_(True)
+    for name in ("A", "B", "C", "D", "dt_bias", "z"):
+        inp[name] = inp[name].float()
+    inp.pop("initial_state", None)
+    y = mamba(**inp, form="chunk")
+    with pytest.raises(ValueError, match=r"SUB=8\): SUB must be 2 or 4"):
+        y.sum().backward()
