@@ -31,7 +31,7 @@ Fwd, Bwd = selective_scan.FwdConfig, selective_scan.BwdConfig
 # the checks run each forward kernel with each backward kernel; the walks in chunks of 32 tokens (2 at T = 37, 64
 # at T = 2048) so that the passes between chunks run too. The timing tunes over the library's own candidates.
 VARIANTS = {"walk,walk_bwd": ([Fwd("walk", 32, 128, 4, 32)], [Bwd("walk", 32, 1, 32)]),
-            "walk,walk_bwd_16ch_sub2": ([Fwd("walk", 32, 128, 4, 32)], [Bwd("walk", 16, 1, 32, 2)]),
+            "walk,walk_bwd_sub2": ([Fwd("walk", 32, 128, 4, 32)], [Bwd("walk", 32, 1, 32, 2)]),
             "walk,scan_bwd": ([Fwd("walk", 32, 128, 4, 32)], [Bwd("scan", 16, 4)]),
             "scan,scan_bwd": ([Fwd("scan", 32, 8, 4)], [Bwd("scan", 8, 4)])}
 
