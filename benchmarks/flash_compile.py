@@ -66,21 +66,18 @@ def compile_sm90(fn, constexprs: dict, warps: int, stages: int, descriptors: dic
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def compile_typed(fn, types: dict, constexprs: dict, warps: int, stages: int = 1, multiples_of_16=(),
-                  maxnreg=None):
+def compile_typed(fn, types: dict, constexprs: dict, warps: int, stages: int = 1, multiples_of_16=()):
     """Compile any kernel for sm_90a: `types` gives the Triton type of each non-constexpr argument (default
     i32). As the launcher specialises them on the GPU: pointers are 16-byte aligned, and integers named s*
     (strides) or listed in `multiples_of_16` are multiples of 16 unless the kernel says `do_not_specialize`;
-    integer arguments equal to 1 belong in `constexprs`. `maxnreg` caps the registers per thread (the launch
-    option of that name)."""
+    integer arguments equal to 1 belong in `constexprs`."""
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     fixed = {fn.arg_names[a] if isinstance(a, int) else a for a in getattr(fn, "do_not_specialize", ())}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                if sig[n].startswith("*") or (sig[n] == "i32" and (n.startswith("s") or n in multiples_of_16)
                                              and n not in fixed)}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=aligned)
-    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def sass_of(kernel) -> str:

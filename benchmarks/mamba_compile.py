@@ -31,9 +31,8 @@ from effattn.linear import selective_scan, selective_walk  # noqa: E402
 INTS = ("T", "D", "N", "TC", "TP", "NC")  # multiples of 16 at the benchmark's shapes
 
 
-def _build(fn, types, consts, warps, maxnreg=None) -> dict:
-    return flash_compile.report(flash_compile.compile_typed(fn, types, consts, warps, multiples_of_16=INTS,
-                                                            maxnreg=maxnreg))
+def _build(fn, types, consts, warps) -> dict:
+    return flash_compile.report(flash_compile.compile_typed(fn, types, consts, warps, multiples_of_16=INTS))
 
 
 def _row(kernel, bd, warps, r, instr, mufu, n) -> dict:
@@ -59,13 +58,12 @@ def walk_rows(n: int, dtype: str) -> list[dict]:
             built = {u: _build(fn, types, dict(consts, UNROLL=u), warps) for u in (4, 8)}
             diff = lambda k: (built[8][k] - built[4][k]) / 4 / per_thread  # noqa: E731  (per channel and token)
             rows.append(_row(name, bd, warps, built[4], diff("instructions"), diff("MUFU"), n))
-        for sub, regs in ((4, None), (2, None), (2, 200), (2, 168)):  # the tuner's walk candidates
+        for sub in (4, 2):
             r = _build(selective_walk._walk_bwd, types, dict(BT=32, BD=bd, BN=bn, SUB=sub, HAS_BIAS=True,
-                                                             USE_CARRY=True, STORE_DH0=False), warps, regs)
+                                                             USE_CARRY=True, STORE_DH0=False), warps)
             steps = sub * per_thread  # (channel, token) pairs a thread handles per trip of each loop body
-            cap = f", at most {regs} registers" if regs else ""
-            rows.append(_row(f"walk bwd, SUB = {sub}{cap} (bound: whole kernel)", bd, warps, r,
-                             r["instructions"] / steps, r["MUFU"] / steps, n))
+            rows.append(_row(f"walk bwd, SUB = {sub} (bound: whole kernel)", bd, warps, r, r["instructions"] / steps,
+                             r["MUFU"] / steps, n))
     return rows
 
 

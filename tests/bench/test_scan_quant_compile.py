@@ -3,7 +3,7 @@
 it guards against:
 - Mamba's walk forward keeps one channel per thread with all its states: no barrier in pass 1, no spills, and
   exp-bound. Specialising D moved the warps onto the state axis: 16 barriers per 4 tokens in pass 1. Its walk
-  backward at SUB = 2 and its chunk chain compile without spills; the tuner's register caps reach ptxas.
+  backward at SUB = 2 and its chunk chain compile without spills.
 - The FP8-PV attention copies its V tiles asynchronously (LDGSTS), stages ahead. A token mask or an unaligned
   start left them to per-byte loads (LDG 150 and LDGSTS 27 at D = 128 with 8 warps). Its V scale is per channel,
   read once after the loop: the per-tile scales of before were 32 more LDG (54 in all).
@@ -35,10 +35,8 @@ def test_mamba_walk_forward_keeps_states_in_thread(tmp_path):
     for r in pass2:
         assert r["BAR"] <= 8 and r["spill_bytes"] == 0 and r["instr_per_state"] <= 12, r
     walk_bwd = [r for r in rows if r["kernel"].startswith("walk bwd, SUB") and r["warps"] == 1]
-    assert len(walk_bwd) == 4 and all(r["BAR"] <= 20 for r in walk_bwd), walk_bwd  # sums over channels stay in the warp
-    assert [r["spill_bytes"] for r in walk_bwd if r["kernel"].startswith("walk bwd, SUB = 2 (")] == [0], walk_bwd
-    capped = {r["registers"] for r in walk_bwd if "at most" in r["kernel"]}
-    assert capped == {200, 168}, walk_bwd  # the cap reaches ptxas
+    assert len(walk_bwd) == 2 and all(r["BAR"] <= 20 for r in walk_bwd), walk_bwd  # sums over channels stay in the warp
+    assert [r["spill_bytes"] for r in walk_bwd if "SUB = 2" in r["kernel"]] == [0], walk_bwd
     chain = [r for r in rows if r["kernel"].startswith("chunk chain")]
     assert chain and chain[0]["spill_bytes"] == 0, chain
 
