@@ -209,26 +209,21 @@ def _configs(B: int, T: int, D: int, N: int) -> list[FwdConfig]:
 class BwdConfig(NamedTuple):
     """A backward candidate. kernel "walk": `_walk_bwd` over time chunks of TC tokens (a multiple of the
     forward's BT), BD channels per program, one per thread (one warp: the sums over channels stay in it), its
-    states recomputed SUB (2 or 4) tokens at a time, at most `regs` registers per thread (0: the compiler's
-    count; fewer let an SM hold more warps, for some spills); "scan": `_scan_bwd`'s in-chunk associative scans
-    over the whole sequence, BD channels x N states per program."""
+    states recomputed SUB (2 or 4) tokens at a time; "scan": `_scan_bwd`'s in-chunk associative scans over the
+    whole sequence, BD channels x N states per program."""
     kernel: str
     BD: int
     warps: int
     TC: int = 0
     SUB: int = 4
-    regs: int = 0
 
 
 def _bwd_configs(B: int, T: int, D: int, N: int, BT: int) -> list[BwdConfig]:
     """Backward candidates; the first is the interpreter's. The walk at 32 channels per warp recomputing 4 or 2
     states at a time (selective_walk.py: SUB = 2 was 3-8% faster on the H100, 2026-12-07,
-    benchmarks/results/mamba.md) or at 64 channels over 2 warps. At SUB = 2 it takes 245 registers, so an SM
-    holds 8 of its warps and the walk is latency-bound (34% of issue slots busy under ncu); capped at 200 / 168
-    registers (104 / 236 bytes of spills, sm_90a) it holds 10 / 12. The scan variants are those measured on the
-    H100 (mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at B T = 16k."""
-    shapes = ((32, 1, 4, 0), (32, 1, 2, 0), (32, 1, 2, 200), (32, 1, 2, 168), (64, 2, 4, 0))
-    walk = [BwdConfig("walk", BD, warps, TC, sub, regs) for BD, warps, sub, regs in shapes
+    benchmarks/results/mamba.md) or at 64 channels over 2 warps. The scan variants are those measured on the H100
+    (mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at B T = 16k."""
+    walk = [BwdConfig("walk", BD, warps, TC, sub) for BD, warps, sub in ((32, 1, 4), (32, 1, 2), (64, 2, 4))
             for TC in _time_chunks(B, T, D, BD, warps, BT)]
     return [*walk, *dict.fromkeys((BwdConfig("scan", 8 if N > 32 else 16, 4), BwdConfig("scan", 8, 4)))]
 
@@ -314,8 +309,7 @@ def _walk_backward(cfg: BwdConfig, x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, d
     ckpt = torch.empty((Bsz, NC, BT // cfg.SUB, N, D), **f32)
     _walk_bwd[(blocks, NC, Bsz)](x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, dh0, ckpt, T, D, N,
                                  TC, TP, BT=BT, BD=cfg.BD, BN=BN, SUB=cfg.SUB, HAS_BIAS=dt_bias is not None,
-                                 USE_CARRY=carry is not None, STORE_DH0=want_dh0, num_warps=cfg.warps,
-                                 **({"maxnreg": cfg.regs} if cfg.regs else {}))
+                                 USE_CARRY=carry is not None, STORE_DH0=want_dh0, num_warps=cfg.warps)
     return {"dA": dA.sum((0, 1)).t(), "dB": dB.sum(0), "dC": dC.sum(0),
             "dh0": None if dh0 is None else dh0.transpose(1, 2)}
 
