@@ -375,10 +375,10 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
     if kind == "dkdv":
         if D <= 64:
             return [Config(32, 128, 4, 3), Config(32, 64, 4, 3), Config(64, 64, 4, 3)]
-        # 32-row steps over 128 keys at 8 warps: the one D = 128 tile found with no spills on sm_90a
-        # (64 x 64 at 4 warps, the 1024-key window's pick, spills 580 bytes; flash_compile.py, 2026-12-07)
+        # Not listed: 32-row steps over 128 keys at 8 warps, the one D = 128 tile without spills on sm_90a (the
+        # window's 64 x 64 pick spills 580 bytes), lost 10-13% on the window (flash_tiles_2026-12-07_h100.md).
         return [Config(64, 128, 8, 2, ahead=1), Config(64, 128, 8, 3, ahead=1), Config(64, 128, 8, 3),
-                Config(64, 64, 4, 2), Config(32, 128, 8, 2), Config(32, 128, 8, 2, ahead=1)]
+                Config(64, 64, 4, 2)]
     if D <= 64:
         return [Config(64, 32, 4, 3), Config(128, 32, 4, 4), Config(128, 32, 4, 3)]
     return [Config(128, 64, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 8, 3),
