@@ -261,9 +261,45 @@ def test_mamba_kernels_pinned_by_environment(monkeypatch):
 
     real = selective_scan._pass_states
     monkeypatch.setattr(selective_scan, "_pass_states", CountedLaunches())
+    monkeypatch.setattr(selective_scan, "_FWD_PLANS", {})  # no launch plan holding the kernel from before
     monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "mamba_fwd=walk,8,16,4,16;mamba_bwd=walk,16,1,16")
     check_against_reference(mamba, mamba_reference, mamba_case(initial_state=True), {}, form="chunk")
     assert len(launches) >= 2  # the forward's end states and the backward's carries
+
+
+def test_mamba_forward_launch_plans_follow_the_inputs(monkeypatch):
+    """The forward's launch plans (its kernels replayed through the compiled kernels on the GPU) are keyed on all
+    that the kernels are specialised on: a call with new values of the same signature reuses the plan and still
+    matches the reference; a missing dt_bias, another dtype or an input 2 bytes off 16-byte alignment gets its own."""
+    from effattn.linear import selective_scan
+    from effattn.linear.mamba import mamba_reference
+
+    monkeypatch.setattr(selective_scan, "_configs", lambda *shape: [selective_scan.FwdConfig("walk", 8, 16, 4, 16)])
+    monkeypatch.setattr(selective_scan, "_FWD_PLANS", {})
+    plans = selective_scan._FWD_PLANS
+
+    def run(seed, bias=True, dtype=torch.float32, offset=0):
+        inp = mamba_case(seed=seed)
+        for name in ("D", "z", "initial_state"):
+            inp.pop(name, None)
+        if not bias:
+            inp.pop("dt_bias")
+        ins = {n: t.to(dtype if n in ("x", "dt", "B", "C") else torch.float32) for n, t in inp.items()}
+        if offset:  # x as a view starting `offset` elements into its storage
+            x = ins["x"]
+            ins["x"] = torch.empty(x.numel() + offset, dtype=x.dtype)[offset:].view_as(x).copy_(x)
+        y, h = mamba(**ins, form="chunk", output_final_state=True)
+        want, want_h = mamba_reference(**{n: t.double() for n, t in ins.items()}, output_final_state=True)
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # y in bf16
+        torch.testing.assert_close(y.double(), want, **tol)
+        torch.testing.assert_close(h.double(), want_h, **tol)
+        return len(plans)
+
+    assert run(0) == 1
+    assert run(1) == 1  # same signature, new values: the same plan
+    assert run(2, bias=False) == 2
+    assert run(3, dtype=torch.bfloat16) == 3
+    assert run(4, dtype=torch.bfloat16, offset=1) == 4  # x 2 bytes past a 16-byte boundary
 
 
 @pytest.mark.parametrize("use_h0", [True, False])

@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
-from ..hardware._flash_common import cdiv, next_pow2, pick_config, seqlen_bucket
+from ..hardware._flash_common import (KernelLaunch, cdiv, next_pow2, pick_config, remember_plan, seqlen_bucket,
+                                      tuner_env)
 from .selective_walk import _combine, _pass_states, _softplus, _walk_bwd, _walk_carry, _walk_fwd
 from . import _interpret_scan
 
@@ -229,11 +230,29 @@ def _bwd_configs(B: int, T: int, D: int, N: int, BT: int) -> list[BwdConfig]:
 
 
 def _padded_bc(Bm, Cm, TP: int, BN: int):
-    """B and C as the walk kernels read them: float32 `[B, TP, BN]`, zero past T tokens and N states."""
+    """B and C as the walk kernels read them: float32 `[B, TP, BN]`, zero past T tokens and N states (with no
+    padding to add, a cast, or the inputs themselves when float32)."""
     Bsz, T, N = Bm.shape
+    if (TP, BN) == (T, N):
+        return Bm.to(torch.float32), Cm.to(torch.float32)
     Bp, Cp = (torch.zeros((Bsz, TP, BN), dtype=torch.float32, device=Bm.device) for _ in range(2))
     Bp[:, :T, :N], Cp[:, :T, :N] = Bm, Cm
     return Bp, Cp
+
+
+# Launch plans of the forward, per input signature and configuration: its kernels launched through the compiled
+# kernels (KernelLaunch), not the JIT's per-call argument binding and cache lookup. At B = 1, T = 4k the forward
+# takes about 0.2 ms whatever the configuration (benchmarks/results/mamba.md): the host's launches, not the GPU.
+_FWD_PLANS: dict = {}
+
+
+def _launch(plan: dict, role: str, fn, grid, *args, **meta) -> None:
+    """fn[grid](*args, **meta), through the plan's KernelLaunch for `role` (made on first use). `meta` holds
+    every constexpr argument (and the launch options), `args` every other argument, in order."""
+    run = plan.get(role)
+    if run is None:
+        run = plan[role] = KernelLaunch(fn, grid, meta)
+    run(*args)
 
 
 def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool):
@@ -243,16 +262,23 @@ def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool):
     y = empty_output((Bsz, T, D), x.dtype, x.device)
     ht = empty_output((Bsz, D, N), torch.float32, x.device) if want_ht else None
     key = (D, N, x.dtype, Bsz, seqlen_bucket(T))
+    # what the compiled kernels are specialised on besides shapes: dtypes, which optional inputs there are, and
+    # the alignment of every input that a kernel may read in place
+    sig = (x.shape, A.shape, x.device, save, want_ht, tuner_env(),
+           *(None if t is None else (t.dtype, t.data_ptr() % 16) for t in (x, dt, dt_bias, A, Bm, Cm, h0)))
     holder = {}
 
     def launch(cfg: FwdConfig):
+        plan = _FWD_PLANS.get((sig, cfg))
+        if plan is None:
+            plan = remember_plan(_FWD_PLANS, (sig, cfg), {})
         # the states saved for the backward: their number depends on the candidate's BT
         holder["hs"] = hs = (torch.empty((Bsz, cdiv(T, cfg.BT), D, N), dtype=torch.float32, device=x.device)
                              if save else None)
         if cfg.kernel == "scan":
-            _scan_fwd[(cdiv(D, cfg.BD), Bsz)](x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D, N, cdiv(T, cfg.BT),
-                                              BT=cfg.BT, BD=cfg.BD, BN=BN, HAS_BIAS=dt_bias is not None,
-                                              USE_H0=h0 is not None, SAVE=save, STORE_HT=want_ht, num_warps=cfg.warps)
+            _launch(plan, "scan", _scan_fwd, (cdiv(D, cfg.BD), Bsz), x, dt, dt_bias, A, Bm, Cm, h0, y, hs, ht, T, D,
+                    N, cdiv(T, cfg.BT), BT=cfg.BT, BD=cfg.BD, BN=BN, HAS_BIAS=dt_bias is not None,
+                    USE_H0=h0 is not None, SAVE=save, STORE_HT=want_ht, num_warps=cfg.warps)
             return
         if cfg.TC % cfg.BT or cfg.BT % cfg.UNROLL:
             raise ValueError(f"mamba forward config {cfg}: TC must be a multiple of BT, and BT of UNROLL")
@@ -266,15 +292,16 @@ def _forward(x, dt, dt_bias, A, Bm, Cm, h0, save: bool, want_ht: bool):
         if NC > 1:  # pass 1: each chunk but the last from zero; then the states between chunks
             ends = torch.empty((Bsz, NC - 1, N, D), dtype=torch.float32, device=x.device)
             sums = torch.empty((Bsz, NC - 1, D), dtype=torch.float32, device=x.device)
-            _walk_fwd[(blocks, NC - 1, Bsz)](x, dt, dt_bias, A_t, Bp, None, None, None, None, ends, sums, None, T, D,
-                                             N, cfg.TC, TP, USE_START=False, EMIT=False, SAVE=False, STORE_HT=False,
-                                             **tiles)
+            _launch(plan, "ends", _walk_fwd, (blocks, NC - 1, Bsz), x, dt, dt_bias, A_t, Bp, None, None, None, None,
+                    ends, sums, None, T, D, N, cfg.TC, TP, USE_START=False, EMIT=False, SAVE=False, STORE_HT=False,
+                    **tiles)
             h0_t, start = start, torch.empty((Bsz, NC, N, D), dtype=torch.float32, device=x.device)
-            _pass_states[(cdiv(D * N, PASS_BLOCK), Bsz)](A_t, ends, sums, h0_t, start, D, N, NC, **PASS_TILE,
-                                                         USE_H0=h0_t is not None)
+            _launch(plan, "chain", _pass_states, (cdiv(D * N, PASS_BLOCK), Bsz), A_t, ends, sums, h0_t, start, D, N,
+                    NC, **PASS_TILE, USE_H0=h0_t is not None)
         ht_t = torch.empty((Bsz, N, D), dtype=torch.float32, device=x.device) if want_ht else None
-        _walk_fwd[(blocks, NC, Bsz)](x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, None, None, ht_t, T, D, N, cfg.TC,
-                                     TP, USE_START=start is not None, EMIT=True, SAVE=save, STORE_HT=want_ht, **tiles)
+        _launch(plan, "emit", _walk_fwd, (blocks, NC, Bsz), x, dt, dt_bias, A_t, Bp, Cp, start, y, hs, None, None,
+                ht_t, T, D, N, cfg.TC, TP, USE_START=start is not None, EMIT=True, SAVE=save, STORE_HT=want_ht,
+                **tiles)
         if want_ht:
             ht.copy_(ht_t.transpose(1, 2))
     cfg = pick_config(("mamba_fwd", *key), _configs(Bsz, T, D, N), launch)
