@@ -5,12 +5,18 @@ Written when one `sparse.py --row bigbird,8192,128` process timed the 128 x 64 t
 0.81 ms in sparse_split_probe.py (2026-12-07).
 
 usage: PYTHONPATH=src:benchmarks python3 benchmarks/sparse_row_probe.py [N]"""
-import json, sys, time
-import torch, triton.testing
+import json
+import sys
+import time
+
+import torch
+import triton.testing
+
 import effattn
 from effattn.hardware import _flash_common, flash_bwd, flash_fwd
 from effattn.sparse.pattern_methods import SPECS
-import sparse as SB
+import sparse as SB  # benchmarks/sparse.py
+
 cfg = SB.full_config("cuda")
 spec = next(s for s in SPECS if s.name == "bigbird")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
@@ -24,19 +30,25 @@ bm = pat.block_mask(1, cfg.H, N, N, block=(128, 64), device="cuda")
 fb = SB.fwd_bwd(lambda: effattn.flash_attention(q, k, v, block_mask=bm), q, k, v)
 n0 = (len(flash_fwd._PLANS), len(flash_bwd._PLANS))
 for i in range(3):
-    torch.cuda.synchronize(); t0 = time.perf_counter(); fb(); torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fb()
+    torch.cuda.synchronize()
     print("call", i, round((time.perf_counter() - t0) * 1e3, 3), "ms", flush=True)
 print("plans", n0, (len(flash_fwd._PLANS), len(flash_bwd._PLANS)))
 print("again fwd_bwd", triton.testing.do_bench(fb, warmup=25, rep=100))
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-    for _ in range(5): fb()
+    for _ in range(5):
+        fb()
     torch.cuda.synchronize()
 for e in prof.key_averages():
     t = getattr(e, "self_device_time_total", 0)
-    if t > 0: print(e.key[:60], e.count, round(t / 5 / 1000, 4))
+    if t > 0:
+        print(e.key[:60], e.count, round(t / 5 / 1000, 4))
 _flash_common._BEST.clear()
-for key in list(_flash_common.TIMINGS): del _flash_common.TIMINGS[key]
-fb(); torch.cuda.synchronize()
+_flash_common.TIMINGS.clear()
+fb()
+torch.cuda.synchronize()
 print("retuned fwd_bwd", triton.testing.do_bench(fb, warmup=25, rep=100))
 for k, t in _flash_common.TIMINGS.items():
     print(k[:3], {tuple(c)[:4]: round(ms, 4) for c, ms in t.items()})

@@ -270,16 +270,16 @@ def test_mamba_kernels_pinned_by_environment(monkeypatch):
 def test_mamba_forward_launch_plans_follow_the_inputs(monkeypatch):
     """The forward's launch plans (its kernels replayed through the compiled kernels on the GPU) are keyed on all
     that the kernels are specialised on: a call with new values of the same signature reuses the plan and still
-    matches the reference; a missing dt_bias, another dtype or an input 2 bytes off 16-byte alignment gets its own."""
+    matches the reference; a missing dt_bias, another dtype or an input 2 bytes off 16-byte alignment gets its own.
+    T a multiple of the 8-token blocks and N a power of 2: B and C go to the kernels unpadded (fp32: as given)."""
     from effattn.linear import selective_scan
-    from effattn.linear.mamba import mamba_reference
 
     monkeypatch.setattr(selective_scan, "_configs", lambda *shape: [selective_scan.FwdConfig("walk", 8, 16, 4, 16)])
     monkeypatch.setattr(selective_scan, "_FWD_PLANS", {})
     plans = selective_scan._FWD_PLANS
 
-    def run(seed, bias=True, dtype=torch.float32, offset=0):
-        inp = mamba_case(seed=seed)
+    def run(seed, bias=True, dtype=torch.float32, offset=0, **shape):
+        inp = mamba_case(seed=seed, **shape)
         for name in ("D", "z", "initial_state"):
             inp.pop(name, None)
         if not bias:
@@ -300,6 +300,8 @@ def test_mamba_forward_launch_plans_follow_the_inputs(monkeypatch):
     assert run(2, bias=False) == 2
     assert run(3, dtype=torch.bfloat16) == 3
     assert run(4, dtype=torch.bfloat16, offset=1) == 4  # x 2 bytes past a 16-byte boundary
+    assert run(5, T=48, N=16) == 5
+    assert run(6, dtype=torch.bfloat16, T=48, N=16) == 6
 
 
 @pytest.mark.parametrize("use_h0", [True, False])
