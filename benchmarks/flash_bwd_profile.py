@@ -1,8 +1,8 @@
 """Diagnostic probe (GPU): where fwd+bwd time goes, kernel by kernel, for our flash and the anchors.
 
-    PYTHONPATH=src python3 benchmarks/flash_bwd_profile.py --out DIR [--cases dense,window,patterns]
+    PYTHONPATH=src python3 benchmarks/flash_bwd_profile.py --out DIR [--cases dense,window,patterns] [--n 16384]
 
-bf16, H = 16, B = 1, N = 16384. For each case, torch.profiler sums the CUDA time of every kernel over a few
+bf16, H = 16, B = 1, N = 16384 (or --n). For each case, torch.profiler sums the CUDA time of every kernel over a few
 fwd+bwd steps (after a warm-up that also runs the tuner) and reports milliseconds per step and kernel:
 - dense: D = 128 (causal and not) and D = 64 (not causal), ours vs SDPA's flash and cuDNN backends;
 - window: causal sliding window 1024, D = 128, ours (native band) vs compiled FlexAttention;
@@ -108,10 +108,13 @@ def pattern_cases(res, with_masks):
 
 
 def main():
+    global N
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--cases", default="dense,window,patterns")
+    ap.add_argument("--n", type=int, default=N, help="sequence length")
     args = ap.parse_args()
+    N = args.n
     os.makedirs(args.out, exist_ok=True)
     cases = args.cases.split(",")
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
