@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .._memory import empty_output
+from .._triton_mode import interpreting
 from ..hardware._flash_common import (KernelLaunch, cdiv, next_pow2, pick_config, remember_plan, seqlen_bucket,
                                       tuner_env)
 from .selective_walk import _combine, _pass_states, _softplus, _walk_bwd, _walk_carry, _walk_fwd
@@ -334,9 +335,11 @@ def _walk_backward(cfg: BwdConfig, x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, d
     dB, dC = (empty_output((blocks, Bsz, T, N), torch.float32, x.device) for _ in range(2))
     dh0 = empty_output((Bsz, N, D), torch.float32, x.device) if want_dh0 else None
     ckpt = torch.empty((Bsz, NC, BT // cfg.SUB, N, D), **f32)
+    lanes = cfg.BD == 32 and cfg.warps == 1 and BN <= 32  # dB, dC summed by `_lane_sums` (selective_walk.py)
     _walk_bwd[(blocks, NC, Bsz)](x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, dh0, ckpt, T, D, N,
                                  TC, TP, BT=BT, BD=cfg.BD, BN=BN, SUB=cfg.SUB, HAS_BIAS=dt_bias is not None,
-                                 USE_CARRY=carry is not None, STORE_DH0=want_dh0, num_warps=cfg.warps)
+                                 USE_CARRY=carry is not None, STORE_DH0=want_dh0, LANES=lanes, EMULATE=interpreting(),
+                                 num_warps=cfg.warps)
     return {"dA": dA.sum((0, 1)).t(), "dB": dB.sum(0), "dC": dC.sum(0),
             "dh0": None if dh0 is None else dh0.transpose(1, 2)}
 

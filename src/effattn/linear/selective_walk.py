@@ -230,6 +230,36 @@ def _walk_carry(dt, dt_bias, A_t, Cp, dy, ends, sums, T, D, N, TC, TP, BD: tl.co
 
 
 @triton.jit
+def _shuffle_xor(x, lane, m: tl.constexpr, EMULATE: tl.constexpr):
+    """Each thread's x `[K, 32]` (one column a lane) from lane `lane ^ m` of its warp: one SHFL per register. EMULATE
+    (the CPU interpreter, which runs no PTX): the same exchange as a gather over the columns."""
+    if EMULATE:
+        y = tl.gather(x, tl.broadcast_to((lane ^ m)[None, :], x.shape), axis=1)
+    else:
+        y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 31, -1;", "=f,f,r",
+                                      [x, tl.full(x.shape, m, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+    return y
+
+
+@triton.jit
+def _lane_sums(x, lane, BN: tl.constexpr, EMULATE: tl.constexpr):
+    """Sums over the 32 lanes of a warp of x `[BN, 32]` (one channel a lane, BN <= 32 states in each thread's
+    registers): lane l returns state l // (32 // BN)'s sum `[32]`. A transposed butterfly: at lane bit m = 16, 8,
+    .., 1 each lane keeps the half of its rows that its bit m picks and adds the partner's copy of them, so the
+    rows halve at each step (then whole-row butterflies once one is left): BN - 1 + 5 - log2(BN) shuffles against
+    5 BN for BN separate sums (31 against 80 at BN = 16; sm_90a: 63 instead of 76 instructions per state element
+    of the walk backward, benchmarks/mamba_compile.py)."""
+    for i in tl.static_range(5):  # lane bit 16 >> i
+        if (BN >> i) > 1:
+            lo, hi = tl.split(tl.permute(tl.reshape(x, (2, (BN >> i) // 2, 32)), (1, 2, 0)))
+            up = ((lane & (16 >> i)) != 0)[None, :]
+            x = tl.where(up, hi, lo) + _shuffle_xor(tl.where(up, lo, hi), lane, 16 >> i, EMULATE)
+        else:
+            x += _shuffle_xor(x, lane, 16 >> i, EMULATE)
+    return tl.reshape(x, (32,))
+
+
+@triton.jit
 def _forward_step(x, dt, bias, Bp, A2, h, b, t, t_end, T, TP, D, od, md, on, BN: tl.constexpr):
     delta, xt, _, Bt, _ = _token(x, dt, bias, Bp, b, t, t_end, T, TP, D, od, md, on, BN)
     return tl.exp2(delta[None, :] * A2) * h + Bt[:, None] * (delta * xt)[None, :]
@@ -237,7 +267,7 @@ def _forward_step(x, dt, bias, Bp, A2, h, b, t, t_end, T, TP, D, od, md, on, BN:
 
 @triton.jit
 def _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h_t, h_prev, b, t, t_end, T, TP, D,
-                   N, od, md, on, mn, BN: tl.constexpr):
+                   N, od, md, on, mn, BN: tl.constexpr, LANES: tl.constexpr, EMULATE: tl.constexpr):
     """Token t of the adjoint walk, given h_t and h_{t-1}: stores dx_t, ddt_t and this block's dB_t, dC_t
     partial sums; returns the carry a_t g_t for token t - 1 and dA's running sum."""
     delta, xt, raw, Bt, mt = _token(x, dt, bias, Bp, b, t, t_end, T, TP, D, od, md, on, BN)
@@ -252,15 +282,22 @@ def _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h_t,
     # sum_n w A = (sum_n w A2) ln 2
     tl.store(ddt + row * D + od, (xt * gB + tl.sum(w * A2, axis=0) * 0.6931471805599453) * tl.sigmoid(raw), mask=mt)
     live = mn & (t < t_end)
-    tl.store(dB + row * N + on, tl.sum(g * (delta * xt)[None, :], axis=1), mask=live)
-    tl.store(dC + row * N + on, tl.sum(h_t * dyt[None, :], axis=1), mask=live)
+    if LANES:  # BD = 32 channels, one warp: lane l stores state l // (32 // BN)
+        lane = tl.arange(0, 32)
+        n = lane // (32 // BN)
+        mine = (lane % (32 // BN) == 0) & (n < N) & (t < t_end)
+        tl.store(dB + row * N + n, _lane_sums(g * (delta * xt)[None, :], lane, BN, EMULATE), mask=mine)
+        tl.store(dC + row * N + n, _lane_sums(h_t * dyt[None, :], lane, BN, EMULATE), mask=mine)
+    else:
+        tl.store(dB + row * N + on, tl.sum(g * (delta * xt)[None, :], axis=1), mask=live)
+        tl.store(dC + row * N + on, tl.sum(h_t * dyt[None, :], axis=1), mask=live)
     return a * g, dA_acc + w * delta[None, :]
 
 
 @triton.jit(do_not_specialize=["D"])  # see the module docstring
 def _walk_bwd(x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, dh0, ckpt, T, D, N, TC, TP,
               BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, HAS_BIAS: tl.constexpr,
-              USE_CARRY: tl.constexpr, STORE_DH0: tl.constexpr):
+              USE_CARRY: tl.constexpr, STORE_DH0: tl.constexpr, LANES: tl.constexpr, EMULATE: tl.constexpr):
     """Gradients of chunk c, walking back from the carry into its last token (carry `[B, NC, N, D]` in reversed
     chunk order, from `_pass_states`; dht itself when there is one chunk). Writes dx, ddt `[B, T, D]`, this
     channel block's dB, dC partials `[B, T, N]` (dB, dC point at its slice), dA's partial of this chunk
@@ -305,13 +342,13 @@ def _walk_bwd(x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, d
                 h3 = _forward_step(x, dt, bias, Bp, A2, h2, b, t0 + 2, t_end, T, TP, D, od, md, on, BN)
                 h4 = _forward_step(x, dt, bias, Bp, A2, h3, b, t0 + 3, t_end, T, TP, D, od, md, on, BN)
                 G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h4, h3, b,
-                                           t0 + 3, t_end, T, TP, D, N, od, md, on, mn, BN)
+                                           t0 + 3, t_end, T, TP, D, N, od, md, on, mn, BN, LANES, EMULATE)
                 G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h3, h2, b,
-                                           t0 + 2, t_end, T, TP, D, N, od, md, on, mn, BN)
+                                           t0 + 2, t_end, T, TP, D, N, od, md, on, mn, BN, LANES, EMULATE)
             G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h2, h1, b, t0 + 1,
-                                       t_end, T, TP, D, N, od, md, on, mn, BN)
+                                       t_end, T, TP, D, N, od, md, on, mn, BN, LANES, EMULATE)
             G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h1, h0, b, t0,
-                                       t_end, T, TP, D, N, od, md, on, mn, BN)
+                                       t_end, T, TP, D, N, od, md, on, mn, BN, LANES, EMULATE)
     tl.store(dA + (b * NC + c) * D * N + tile, dA_acc, mask=mnd)
     if STORE_DH0:
         if c == 0:
