@@ -60,7 +60,8 @@ def walk_rows(n: int, dtype: str) -> list[dict]:
             rows.append(_row(name, bd, warps, built[4], diff("instructions"), diff("MUFU"), n))
         for sub in (4, 2):
             r = _build(selective_walk._walk_bwd, types, dict(BT=32, BD=bd, BN=bn, SUB=sub, HAS_BIAS=True,
-                                                             USE_CARRY=True, STORE_DH0=False), warps)
+                                                             USE_CARRY=True, STORE_DH0=False, EMULATE=False,
+                                                             LANES=bd == 32 and warps == 1 and bn <= 32), warps)
             steps = sub * per_thread  # (channel, token) pairs a thread handles per trip of each loop body
             rows.append(_row(f"walk bwd, SUB = {sub} (bound: whole kernel)", bd, warps, r, r["instructions"] / steps,
                              r["MUFU"] / steps, n))

@@ -22,8 +22,9 @@ them back. SUB (2 or 4) trades registers for loop trips: the SUB + 1 states held
 (sm_90a at 32 channels per warp: 255 with spills at SUB = 4, 245 without at SUB = 2; either way 8 warps per SM, and
 the H100's profiler found the SUB = 4 walk issuing in 34% of cycles, latency-bound). On the H100 (2026-12-07) SUB = 2
 was 3-8% faster; 16 channels per warp (167 registers, 12 warps) was slower: twice the instructions per state.
-dB and dC sum over channels: each program reduces its BD channels (one warp per program: shuffles only) and writes
-a partial sum per channel block; dA sums over time: a partial per chunk. The launcher adds them.
+dB and dC sum over channels: each program reduces its BD channels and writes a partial sum per channel block (at
+BD = 32, one warp, by `_lane_sums`' transposed butterfly: shuffles only, 31 a sum at N = 16 instead of 80); dA
+sums over time: a partial per chunk. The launcher adds them.
 """
 from __future__ import annotations
 
