@@ -6,9 +6,12 @@ import pathlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from effattn.linear.mamba import mamba, mamba_inputs, mamba_reference
 from effattn.linear.mlstm import mlstm, mlstm_reference
+from effattn.linear.selective_walk import _lane_sums
 from effattn.linear.slstm import slstm, slstm_inputs, slstm_reference
 from effattn.registry import Shape
 
@@ -342,3 +345,21 @@ def test_mamba_pinned_backward_with_bad_sub_is_refused(monkeypatch):
     y = mamba(**inp, form="chunk")
     with pytest.raises(ValueError, match=r"SUB=8[,)].*: SUB must be 2 or 4"):
         y.sum().backward()
+
+
+
+@triton.jit
+def _lane_sums_probe(X, OUT, BN: tl.constexpr):
+    lane = tl.arange(0, 32)
+    x = tl.load(X + tl.arange(0, BN)[:, None] * 32 + lane[None, :])
+    tl.store(OUT + lane, _lane_sums(x, lane, BN, True))
+
+
+@pytest.mark.parametrize("BN", [1, 4, 16, 32])
+def test_mamba_lane_sums_give_each_lane_its_state(BN):
+    """`_lane_sums` (the walk backward's dB, dC over 32 channels) on x `[BN, 32]`: lane l returns the sum over the
+    32 columns of row l // (32 // BN), for every BN the launcher lets through (N <= 32); output poisoned."""
+    x = torch.randn(BN, 32, generator=torch.Generator().manual_seed(BN))
+    out = torch.full((32,), float("nan"))
+    _lane_sums_probe[(1,)](x, out, BN=BN)
+    torch.testing.assert_close(out, x.sum(1).repeat_interleave(32 // BN), rtol=1e-5, atol=1e-5)
