@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -98,12 +99,41 @@ def scan_rows(n: int, dtype: str) -> list[dict]:
                  n)]
 
 
+def shuffle_layouts(n: int, sub: int) -> list[str]:
+    """The register layouts (TTGIR) of the walk backward's lane shuffles (`_lane_sums`) as compiled for sm_90a at
+    32 channels a warp: their inline PTX exchanges physical lanes, so each must map lane bit i to channel bit i."""
+    types = {name: "*fp32" for name in ("dt_bias", "A_t", "Bp", "Cp", "hs", "carry", "ddt", "dA", "dB", "dC", "dh0",
+                                        "ckpt")}
+    types.update(x="*bf16", dt="*bf16", dy="*bf16", dx="*bf16")
+    kernel = flash_compile.compile_typed(selective_walk._walk_bwd, types,
+                                         dict(BT=32, BD=32, BN=triton.next_power_of_2(n), SUB=sub, HAS_BIAS=True,
+                                              USE_CARRY=True, STORE_DH0=False, LANES=True, EMULATE=False), 1,
+                                         multiples_of_16=INTS)
+    ttgir = kernel.asm["ttgir"]
+    layouts = dict(re.findall(r"^#(\w+) = (#ttg\.\w+<.*>)$", ttgir, re.M))
+    return [layouts[m] for m in re.findall(r"elementwise_inline_asm \"shfl[^\n]*-> tensor<[^,]+, #(\w+)>", ttgir)]
+
+
+def lanes_are_channels(layout: str) -> bool:
+    """A one-warp `[rows, 32]` layout whose lane l holds column l (linear: lane bases (0, 2^i); blocked: 32
+    threads along the columns, one column each)."""
+    return ("lane = [[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]]" in layout or
+            bool(re.search(r"sizePerThread = \[\d+, 1\], threadsPerWarp = \[1, 32\]", layout)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=16, help="state size N per channel")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--json", default=None)
+    p.add_argument("--check-lanes", action="store_true",
+                   help="only check that the walk backward's shuffles see lane l = channel l (exit 1 if not)")
     args = p.parse_args()
+    if args.check_lanes:
+        found = [lay for sub in (2, 4) for lay in shuffle_layouts(args.n, sub)]
+        bad = [lay for lay in found if not lanes_are_channels(lay)]
+        print(f"{len(found)} shuffles, {len(bad)} with lanes off the channels", *bad, sep="\n")
+        sys.exit(1 if bad or not found else 0)
     rows = walk_rows(args.n, args.dtype) + chain_rows(args.n) + scan_rows(args.n, args.dtype)
     print("| kernel | BD | warps | registers | spill bytes | BAR | instructions / state element | exps / state element "
           "| bound |")
