@@ -222,9 +222,10 @@ class BwdConfig(NamedTuple):
 
 def _bwd_configs(B: int, T: int, D: int, N: int, BT: int) -> list[BwdConfig]:
     """Backward candidates; the first is the interpreter's. The walk at 32 channels per warp recomputing 4 or 2
-    states at a time (selective_walk.py: SUB = 2 was 3-8% faster on the H100, 2026-12-07,
-    benchmarks/results/mamba.md) or at 64 channels over 2 warps. The scan variants are those measured on the H100
-    (mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at B T = 16k."""
+    states at a time (selective_walk.py: within 0.5% of each other on the H100 since the lane sums, 2026-12-07,
+    benchmarks/results/mamba.md) or at 64 channels over 2 warps (`tl.sum`: 3.58 against 2.33 ms at T = 16k). The
+    scan variants are those measured on the H100 (mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at
+    B T = 16k."""
     walk = [BwdConfig("walk", BD, warps, TC, sub) for BD, warps, sub in ((32, 1, 4), (32, 1, 2), (64, 2, 4))
             for TC in _time_chunks(B, T, D, BD, warps, BT)]
     return [*walk, *dict.fromkeys((BwdConfig("scan", 8 if N > 32 else 16, 4), BwdConfig("scan", 8, 4)))]

@@ -19,12 +19,13 @@ chains them from dht. `_walk_bwd` then walks each chunk back from its carry. It 
 BT block it recomputes the states forward from the saved one, keeping the state before every SUB tokens in a
 scratch (small enough to stay in cache), then per SUB tokens recomputes their SUB states in registers and walks
 them back. SUB (2 or 4) trades registers for loop trips: the SUB + 1 states held at once set the register count
-(sm_90a at 32 channels per warp: 255 with spills at SUB = 4, 245 without at SUB = 2; either way 8 warps per SM, and
-the H100's profiler found the SUB = 4 walk issuing in 34% of cycles, latency-bound). On the H100 (2026-12-07) SUB = 2
-was 3-8% faster; 16 channels per warp (167 registers, 12 warps) was slower: twice the instructions per state.
+(sm_90a at 32 channels per warp, with the lane sums below: 255 with 48 bytes of spills at SUB = 4, 242 without at
+SUB = 2; either way 8 warps per SM). On the H100 (2026-12-07, lane sums) SUB = 4 and 2 took 2.333 / 2.343 ms at
+T = 16k (with `tl.sum`'s 80 shuffles a sum SUB = 2 had been 3-8% faster, the walk issuing in 34% of cycles); 16
+channels per warp (167 registers, 12 warps) was slower: twice the instructions per state.
 dB and dC sum over channels: each program reduces its BD channels and writes a partial sum per channel block (at
-BD = 32, one warp, by `_lane_sums`' transposed butterfly: shuffles only, 31 a sum at N = 16 instead of 80); dA
-sums over time: a partial per chunk. The launcher adds them.
+BD = 32, one warp, by `_lane_sums`' transposed butterfly: shuffles only, 31 a sum at N = 16 instead of 80, which
+made the walk backward 14-15% faster on the H100); dA sums over time: a partial per chunk. The launcher adds them.
 """
 from __future__ import annotations
 
@@ -248,8 +249,8 @@ def _lane_sums(x, lane, BN: tl.constexpr, EMULATE: tl.constexpr):
     registers): lane l returns state l // (32 // BN)'s sum `[32]`. A transposed butterfly: at lane bit m = 16, 8,
     .., 1 each lane keeps the half of its rows that its bit m picks and adds the partner's copy of them, so the
     rows halve at each step (then whole-row butterflies once one is left): BN - 1 + 5 - log2(BN) shuffles against
-    5 BN for BN separate sums (31 against 80 at BN = 16; sm_90a: 63 instead of 76 instructions per state element
-    of the walk backward, benchmarks/mamba_compile.py)."""
+    5 BN for BN separate sums (31 against 80 at BN = 16; sm_90a: 53.5 / 63 instead of 66.4 / 76.3 instructions per
+    state element of the walk backward at SUB = 4 / 2, benchmarks/mamba_compile.py)."""
     for i in tl.static_range(5):  # lane bit 16 >> i
         if (BN >> i) > 1:
             lo, hi = tl.split(tl.permute(tl.reshape(x, (2, (BN >> i) // 2, 32)), (1, 2, 0)))
