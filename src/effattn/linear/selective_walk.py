@@ -283,7 +283,6 @@ def _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h_t,
     tl.store(dx + row * D + od, (delta * gB).to(dx.dtype.element_ty), mask=mt)
     # sum_n w A = (sum_n w A2) ln 2
     tl.store(ddt + row * D + od, (xt * gB + tl.sum(w * A2, axis=0) * 0.6931471805599453) * tl.sigmoid(raw), mask=mt)
-    live = mn & (t < t_end)
     if LANES:  # BD = 32 channels, one warp: lane l stores state l // (32 // BN)
         lane = tl.arange(0, 32)
         n = lane // (32 // BN)
@@ -291,6 +290,7 @@ def _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h_t,
         tl.store(dB + row * N + n, _lane_sums(g * (delta * xt)[None, :], lane, BN, EMULATE), mask=mine)
         tl.store(dC + row * N + n, _lane_sums(h_t * dyt[None, :], lane, BN, EMULATE), mask=mine)
     else:
+        live = mn & (t < t_end)
         tl.store(dB + row * N + on, tl.sum(g * (delta * xt)[None, :], axis=1), mask=live)
         tl.store(dC + row * N + on, tl.sum(h_t * dyt[None, :], axis=1), mask=live)
     return a * g, dA_acc + w * delta[None, :]
