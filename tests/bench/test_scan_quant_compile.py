@@ -3,7 +3,9 @@
 it guards against:
 - Mamba's walk forward keeps one channel per thread with all its states: no barrier in pass 1, no spills, and
   exp-bound. Specialising D moved the warps onto the state axis: 16 barriers per 4 tokens in pass 1. Its walk
-  backward at SUB = 2 and its chunk chain compile without spills.
+  backward at SUB = 2 and its chunk chain compile without spills. The walk backward's lane shuffles (inline PTX,
+  which the interpreter replaces by a gather over the columns) each see channel l in lane l, the layout that
+  replacement assumes.
 - The FP8-PV attention copies its V tiles asynchronously (LDGSTS), stages ahead. A token mask or an unaligned
   start left them to per-byte loads (LDG 150 and LDGSTS 27 at D = 128 with 8 warps). Its V scale is per channel,
   read once after the loop: the per-tile scales of before were 32 more LDG (54 in all).
@@ -39,6 +41,13 @@ def test_mamba_walk_forward_keeps_states_in_thread(tmp_path):
     assert [r["spill_bytes"] for r in walk_bwd if "SUB = 2" in r["kernel"]] == [0], walk_bwd
     chain = [r for r in rows if r["kernel"].startswith("chunk chain")]
     assert chain and chain[0]["spill_bytes"] == 0, chain
+
+
+def test_mamba_lane_shuffles_see_channel_l_in_lane_l():
+    out = subprocess.run([sys.executable, str(BENCH / "mamba_compile.py"), "--check-lanes"], capture_output=True,
+                         text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=1200)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "60 shuffles, 0 with lanes off the channels" in out.stdout  # SUB = 2 and 4
 
 
 def test_fp8_pv_attention_pipelines_its_v_tiles(tmp_path):

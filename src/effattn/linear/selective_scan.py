@@ -243,8 +243,9 @@ def _padded_bc(Bm, Cm, TP: int, BN: int):
 
 
 # Launch plans of the forward, per input signature and configuration: its kernels launched through the compiled
-# kernels (KernelLaunch), not the JIT's per-call argument binding and cache lookup. At B = 1, T = 4k the forward
-# takes about 0.2 ms whatever the configuration (benchmarks/results/mamba.md): the host's launches, not the GPU.
+# kernels (KernelLaunch), not the JIT's per-call argument binding and cache lookup, as the flash kernels are. They
+# matter where a call's GPU work is shorter than its host time; at B = 1, T = 4k it is not (0.207 ms with plans,
+# 0.206 without, on the H100: benchmarks/results/mamba.md).
 _FWD_PLANS: dict = {}
 
 
