@@ -56,14 +56,15 @@ def _signature(fn, constexprs: dict, descriptors: dict | None = None) -> dict:
     return sig
 
 
-def compile_sm90(fn, constexprs: dict, warps: int, stages: int, descriptors: dict | None = None):
+def compile_sm90(fn, constexprs: dict, warps: int, stages: int, descriptors: dict | None = None, regs: int = 0):
     sig = _signature(fn, constexprs, descriptors)
     # As the launcher specialises them on the GPU: pointers 16-byte aligned, strides multiples of 16 (without
     # these hints the compiler cannot prove the alignment that asynchronous copies need, and does not pipeline)
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                if sig[name].startswith("*") or (sig[name] == "i32" and name.startswith("s"))}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages} | ({"maxnreg": regs} if regs else {})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def compile_typed(fn, types: dict, constexprs: dict, warps: int, stages: int = 1, multiples_of_16=()):
@@ -178,8 +179,8 @@ def _kernel_fn(kernel: str):
 
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
         mask_m: int | None = None, ahead: bool = False, mask_n: int | None = None,
-        sink_parts: bool = False, split: bool = False) -> dict:
-    """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
+        sink_parts: bool = False, split: bool = False, regs: int = 0) -> dict:
+    """Compile one configuration (`regs`: a register cap per thread, as Config's); `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
     `mask_m` (block-sparse forward and dK/dV): the block mask's query rows, of which a program takes bm
     (forward) or walks them bm at a time (dK/dV) (default bm); `mask_n` (block-sparse forward and dQ): its key
     columns, walked bn at a time (default bn); `ahead`:
@@ -197,11 +198,11 @@ def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: 
     mask_m = bm if mask_m is None else mask_m
     descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
     compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead, mask_n,
-                                                            sink_parts, split), warps, stages, descs)
+                                                            sink_parts, split), warps, stages, descs, regs)
     return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel != "dq" else None,
             "mask_cols": (mask_n or bn) if kernel != "dkdv" else None, "warps": warps,
             "stages": stages, "head_dim": d, "sparse": sparse, "tma": tma, "ahead": ahead, "sink_parts": sink_parts,
-            "split": split, **report(compiled)}
+            "split": split, "regs": regs, **report(compiled)}
 
 
 def candidates(dims):
@@ -211,14 +212,15 @@ def candidates(dims):
     from effattn.hardware import flash_bwd, flash_fwd
     for d in dims:
         for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, None):
-            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, False, bool(cfg[4]), ahead=bool(cfg[6])), flush=True)
+            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, False, bool(cfg[4]), ahead=bool(cfg[6]), regs=cfg[7]),
+                  flush=True)
         for mask in ((128, 64), (128, 128)):
             for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, mask):
                 print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, True, bool(cfg[4]), mask_m=mask[0],
                           ahead=bool(cfg[6]), mask_n=mask[1]), flush=True)
         for kind in ("dkdv", "dq"):
             for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, None, kind):
-                print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False, ahead=bool(cfg[6])), flush=True)
+                print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False, ahead=bool(cfg[6]), regs=cfg[7]), flush=True)
             for mask in ((128, 64), (128, 128)):
                 for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, mask, kind):
                     print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, True, mask_m=mask[0], ahead=bool(cfg[6]),
@@ -246,6 +248,7 @@ def main():
                     help="dkdv: the attention sinks' rows below the band split over extra programs")
     ap.add_argument("--split", action="store_true",
                     help="block-sparse: the long walks split over part programs (the launches' SPLIT variant)")
+    ap.add_argument("--regs", type=int, default=0, help="a register cap per thread (ptx .maxnreg; 0: none)")
     ap.add_argument("--candidates", action="store_true", help="every tuner candidate instead of one config")
     a = ap.parse_args()
     if a.candidates:
@@ -253,7 +256,7 @@ def main():
         return
     bm, bn = (int(x) for x in a.tile.split(","))
     print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma, a.mask_rows, a.ahead,
-              a.mask_cols, a.sink_parts, a.split))
+              a.mask_cols, a.sink_parts, a.split, a.regs))
 
 
 if __name__ == "__main__":

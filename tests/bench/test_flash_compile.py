@@ -58,3 +58,32 @@ def test_split_walks_compile_for_hopper():
     for kernel in ("fwd", "dq", "dkdv"):
         plain, split = _compile(kernel, *cfg), _compile(kernel, *cfg, "--split")
         assert split["HGMMA"] == plain["HGMMA"] > 0 and split["instructions"] > plain["instructions"], kernel
+
+
+def test_register_cap_gives_the_window_dq_three_programs_an_sm():
+    """The dQ candidate `Config(64, 32, 4, 2, regs=160)`: capped (ptx .maxnreg), it compiles for sm_90a within 160
+    registers and 64 KB of shared memory, so three programs (12 warps) share an SM; uncapped it takes more."""
+    cfg = ("--tile", "64,32", "--warps", "4", "--stages", "2", "--head-dim", "128")
+    capped, free = _compile("dq", *cfg, "--regs", "160"), _compile("dq", *cfg)
+    assert capped["registers"] <= 160 < free["registers"], (capped["registers"], free["registers"])
+    assert 3 * capped["registers"] * 128 <= 65536 and 3 * (capped["shared_bytes"] + 1024) <= 233472
+    assert capped["spill_store_bytes"] <= 64
+
+
+def test_dq_reduce_probe_compiles_its_four_ways_of_adding_tiles():
+    """benchmarks/dq_reduce_probe.py (GPU-only: the interpreter has no TMA reduce): for sm_90a its TMA mode is a
+    bulk tensor reduce-add and its relaxed mode plain reductions, not the acq_rel atomics of the default."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import flash_compile, dq_reduce_probe
+for mode in (1, 2, 3):
+    k = flash_compile.compile_typed(dq_reduce_probe._add_tiles, {{"DQ": "*fp32"}}, dict(MODE=mode, BM=64, BN=64, D=128), 4)
+    ptx = k.asm["ptx"]
+    print(mode, "cp.reduce.async.bulk.tensor" in ptx, "acq_rel" in ptx, "relaxed" in ptx)
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()[-3:]
+    assert lines == ["1 False True False", "2 True False False", "3 False False True"], lines

@@ -163,14 +163,22 @@ def _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M: tl.constexpr, B
 
 # ------------------------------------------------------------------------------------------------- tuner
 class Config(tuple):
-    """(block_m, block_n, num_warps, num_stages, tma, ws, ahead) of one launch; tma=1 loads through TMA
+    """(block_m, block_n, num_warps, num_stages, tma, ws, ahead, regs) of one launch; tma=1 loads through TMA
     descriptors, ws=1 asks Triton to warp-specialise the unmasked key loop (forward kernels); ahead=1 issues
     the next matmul before the exponentials, so that the tensor cores work while they run: each unmasked key
-    block's Q K^T before the previous block's softmax (forward kernels), dP^T before P^T (dK/dV)."""
+    block's Q K^T before the previous block's softmax (forward kernels), dP^T before P^T (dK/dV); regs > 0
+    caps the registers per thread (ptx .maxnreg), so that more programs share an SM."""
 
     def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0, ws: int = 0,
-                ahead: int = 0):
-        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma, ws, ahead))
+                ahead: int = 0, regs: int = 0):
+        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma, ws, ahead, regs))
+
+    def options(self) -> dict:
+        """The launch's compiler options: warps, stages and the register cap where one is set."""
+        opts = dict(num_warps=self[2], num_stages=self[3])
+        if self[7]:
+            opts["maxnreg"] = self[7]
+        return opts
 
 
 _BEST: dict = {}

@@ -381,8 +381,12 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
                 Config(64, 64, 4, 2)]
     if D <= 64:
         return [Config(64, 32, 4, 3), Config(128, 32, 4, 4), Config(128, 32, 4, 3)]
+    # dQ 64 x 32 in 2 stages, capped at 160 registers (16 bytes of spills on sm_90a): 64 KB of shared memory and
+    # 20k registers a program, so three programs share an SM instead of two (12 warps; ncu showed the 1024-key
+    # window's dQ at 8 warps an SM, 35% of issue slots busy). Mixed on the H100 (flash_dq_regs_2026-12-07_h100.md):
+    # the window's fwd+bwd +6% / +3% at 8k / 16k on one machine, -1% / -7% on another; the tuner decides.
     return [Config(128, 64, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 8, 3),
-            Config(64, 32, 4, 3)]
+            Config(64, 32, 4, 3), Config(64, 32, 4, 2, regs=160)]
 
 
 # Launch plans of fixed-length backwards (dense or block-sparse), keyed like the forward's (flash_fwd._PLANS): the
@@ -508,7 +512,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
                v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
 
     def dkdv_part(cfg: Config):
-        bm, bn, warps, stages = cfg[:4]
+        bm, bn = cfg[:2]
         if sparse is not None and (bn != fixed[1] or fixed[0] % bm):
             raise ValueError(f"a block-sparse dK/dV configuration must keep the block mask's key block and split "
                              f"its query block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
@@ -519,12 +523,11 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
         return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal, kv_grid, parts, sink_rows),
                 KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_M=fixed[0] if fixed else bm,
                                                       EARLY_DP=bool(cfg[6]), SINK_PARTS=parts > 0,
-                                                      SPLIT=split_kv is not None, num_warps=warps,
-                                                      num_stages=stages)),
+                                                      SPLIT=split_kv is not None, **cfg.options())),
                 (parts, sink_rows))
 
     def dq_part(cfg: Config):
-        bm, bn, warps, stages = cfg[:4]
+        bm, bn = cfg[:2]
         if sparse is not None and (bm != fixed[0] or fixed[1] % bn):
             raise ValueError(f"a block-sparse dQ configuration must keep the block mask's query block and split "
                              f"its key block evenly: mask block {fixed}, got BLOCK_M={bm}, BLOCK_N={bn}")
@@ -533,7 +536,7 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
         return ((*strides, o.stride(0), o.stride(1), o.stride(2), *dq_strides, T, S, H, H // Hkv, *scal),
                 KernelLaunch(_dq_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_N=fixed[1] if fixed else bn,
                                                     HAS_DLSE=dlse is not None, SPLIT=split_q is not None,
-                                                    num_warps=warps, num_stages=stages)))
+                                                    **cfg.options())))
 
     # The tuner times each candidate on this call's tensors (cu_seqlens and the sparse index lists included).
     dq, dk, dv, delta = _outputs(q, k, v)  # delta: written by the dQ kernel, read by dK/dV's

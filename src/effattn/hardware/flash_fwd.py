@@ -299,14 +299,13 @@ _PLANS: dict = {}
 
 
 def _plan(cfg: Config, grid, args, meta):
-    bm, bn, warps, stages, tma, ws, ahead = cfg
+    bm, bn, _, _, tma, ws, ahead, _ = cfg
     return cfg, args, KernelLaunch(_flash_fwd_kernel, grid, dict(meta, TMA=bool(tma), WS=bool(ws), AHEAD=bool(ahead),
-                                                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                                                 num_stages=stages))
+                                                                 BLOCK_M=bm, BLOCK_N=bn, **cfg.options()))
 
 
 def _launch(plan, q, k, v, o, lse, cu, sp) -> None:
-    (bm, bn, _, _, tma, _, _), args, launch = plan
+    (bm, bn, _, _, tma, _, _, _), args, launch = plan
     ts = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, bm)) if tma else (q, k, v, o)
     launch(*ts, lse, cu, *args, *sp)
 

@@ -251,13 +251,13 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, softmax_scale: float, causa
                   k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT)
 
         def plan_of(cfg: Config) -> tuple:
-            bm, bn, warps, stages, _tma, ws, ahead = cfg  # the quantized loop loads through pointers only
+            bm, bn, _, _, _tma, ws, ahead, _ = cfg  # the quantized loop loads through pointers only
             k_scalar = scalar_ok and (k_group is None or k_group % bn == 0)
             return static, KernelLaunch(_quant_fwd_kernel, (cdiv(T, bm), B * H), dict(
                 HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
                 PV_FP8=pv_fp8, REVERSE=causal, DOT_PREC=None if pv_fp8 else dot_precision(v.dtype),
                 GRID_ROUND=interpreting(), K_SCALAR=k_scalar, QK_INT=q.dtype == torch.int8, WS=bool(ws),
-                AHEAD=bool(ahead), num_warps=warps, num_stages=stages))
+                AHEAD=bool(ahead), **cfg.options()))
 
         def run(p) -> None:
             p[1](q, k, v, q_scale, k_scale, vs, o, qk_scale, *p[0])
