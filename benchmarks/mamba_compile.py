@@ -59,13 +59,16 @@ def walk_rows(n: int, dtype: str) -> list[dict]:
             built = {u: _build(fn, types, dict(consts, UNROLL=u), warps) for u in (4, 8)}
             diff = lambda k: (built[8][k] - built[4][k]) / 4 / per_thread  # noqa: E731  (per channel and token)
             rows.append(_row(name, bd, warps, built[4], diff("instructions"), diff("MUFU"), n))
-        for sub in (4, 2):
+        for sub, defer in ((4, False), (2, False), (4, True), (2, True)):
+            if defer and bd != 32:  # deferred stores: a 32-channel walk's option (the tuner lists SUB = 2's)
+                continue
             r = _build(selective_walk._walk_bwd, types, dict(BT=32, BD=bd, BN=bn, SUB=sub, HAS_BIAS=True,
                                                              USE_CARRY=True, STORE_DH0=False, EMULATE=False,
-                                                             LANES=bd == 32 and warps == 1 and bn <= 32), warps)
+                                                             LANES=bd == 32 and warps == 1 and bn <= 32, DEFER=defer),
+                       warps)
             steps = sub * per_thread  # (channel, token) pairs a thread handles per trip of each loop body
-            rows.append(_row(f"walk bwd, SUB = {sub} (bound: whole kernel)", bd, warps, r, r["instructions"] / steps,
-                             r["MUFU"] / steps, n))
+            name = f"walk bwd, SUB = {sub}{', stores deferred' if defer else ''} (bound: whole kernel)"
+            rows.append(_row(name, bd, warps, r, r["instructions"] / steps, r["MUFU"] / steps, n))
     return rows
 
 
@@ -99,7 +102,7 @@ def scan_rows(n: int, dtype: str) -> list[dict]:
                  n)]
 
 
-def shuffle_layouts(n: int, sub: int) -> list[str]:
+def shuffle_layouts(n: int, sub: int, defer: bool = False) -> list[str]:
     """The register layouts (TTGIR) of the walk backward's lane shuffles (`_lane_sums`) as compiled for sm_90a at
     32 channels a warp: their inline PTX exchanges physical lanes, so each must map lane bit i to channel bit i."""
     types = {name: "*fp32" for name in ("dt_bias", "A_t", "Bp", "Cp", "hs", "carry", "ddt", "dA", "dB", "dC", "dh0",
@@ -107,7 +110,8 @@ def shuffle_layouts(n: int, sub: int) -> list[str]:
     types.update(x="*bf16", dt="*bf16", dy="*bf16", dx="*bf16")
     kernel = flash_compile.compile_typed(selective_walk._walk_bwd, types,
                                          dict(BT=32, BD=32, BN=triton.next_power_of_2(n), SUB=sub, HAS_BIAS=True,
-                                              USE_CARRY=True, STORE_DH0=False, LANES=True, EMULATE=False), 1,
+                                              USE_CARRY=True, STORE_DH0=False, LANES=True, EMULATE=False,
+                                              DEFER=defer), 1,
                                          multiples_of_16=INTS)
     ttgir = kernel.asm["ttgir"]
     layouts = dict(re.findall(r"^#(\w+) = (#ttg\.\w+<.*>)$", ttgir, re.M))
@@ -130,7 +134,7 @@ def main() -> None:
                    help="only check that the walk backward's shuffles see lane l = channel l (exit 1 if not)")
     args = p.parse_args()
     if args.check_lanes:
-        found = [lay for sub in (2, 4) for lay in shuffle_layouts(args.n, sub)]
+        found = [lay for sub, defer in ((2, False), (4, False), (2, True)) for lay in shuffle_layouts(args.n, sub, defer)]
         bad = [lay for lay in found if not lanes_are_channels(lay)]
         print(f"{len(found)} shuffles, {len(bad)} with lanes off the channels", *bad, sep="\n")
         sys.exit(1 if bad or not found else 0)

@@ -232,16 +232,19 @@ def test_slstm_errors(change, error, match):
 @pytest.mark.parametrize("fwd,bwd", [(("walk", 8, 16, 4, 16), ("walk", 16, 1, 16)),
                                      (("walk", 8, 16, 4, 16), ("walk", 16, 1, 16, 2)),
                                      (("walk", 8, 16, 4, 48), ("walk", 32, 1, 8)),
+                                     (("walk", 8, 16, 4, 48), ("walk", 32, 1, 8, 2, 1)),
+                                     (("walk", 8, 16, 4, 16), ("walk", 16, 1, 16, 4, 1)),
                                      (("walk", 8, 16, 4, 16), ("scan", 16, 4)),
                                      (("scan", 16, 16, 4), ("scan", 16, 4))],
-                         ids=["walk_3_chunks", "walk_3_chunks,bwd_sub_2", "walk_1_chunk,bwd_6_chunks", "walk,scan_bwd",
-                              "scan,scan_bwd"])
+                         ids=["walk_3_chunks", "walk_3_chunks,bwd_sub_2", "walk_1_chunk,bwd_6_chunks",
+                              "bwd_lanes_sub_2_deferred", "bwd_sub_4_deferred", "walk,scan_bwd", "scan,scan_bwd"])
 def test_mamba_kernel_variants(monkeypatch, fwd, bwd):
     """The variants the GPU tuning may pick, at T = 41, D = 20, N = 12 (two blocks of 16 channels, or one of 32).
     Walk forward in chunks of 16 tokens (pass 1's end states, the state passing, each chunk from its true start)
     or one chunk; walk backward in chunks of 16 or 8 tokens (the carries walked back from zero and chained from
     dht, each chunk walked back from its carry, its states recomputed from the forward's, saved every 8 tokens,
-    SUB = 4 or 2 at a time); the in-chunk associative scans, forward and backward."""
+    SUB = 4 or 2 at a time, their stores after each step or after the SUB steps); the in-chunk associative scans,
+    forward and backward."""
     from effattn.linear import selective_scan
 
     monkeypatch.setattr(selective_scan, "_configs", lambda *shape: [selective_scan.FwdConfig(*fwd)])

@@ -211,22 +211,26 @@ def _configs(B: int, T: int, D: int, N: int) -> list[FwdConfig]:
 class BwdConfig(NamedTuple):
     """A backward candidate. kernel "walk": `_walk_bwd` over time chunks of TC tokens (a multiple of the
     forward's BT), BD channels per program, one per thread (one warp: the sums over channels stay in it), its
-    states recomputed SUB (2 or 4) tokens at a time; "scan": `_scan_bwd`'s in-chunk associative scans over the
-    whole sequence, BD channels x N states per program."""
+    states recomputed SUB (2 or 4) tokens at a time, with DEFER its SUB tokens' stores after all of their steps
+    (no step's loads wait behind the previous step's stores); "scan": `_scan_bwd`'s in-chunk associative scans over
+    the whole sequence, BD channels x N states per program."""
     kernel: str
     BD: int
     warps: int
     TC: int = 0
     SUB: int = 4
+    DEFER: int = 0
 
 
 def _bwd_configs(B: int, T: int, D: int, N: int, BT: int) -> list[BwdConfig]:
     """Backward candidates; the first is the interpreter's. The walk at 32 channels per warp recomputing 4 or 2
     states at a time (selective_walk.py: within 0.5% of each other on the H100 since the lane sums, 2026-12-07,
-    benchmarks/results/mamba.md) or at 64 channels over 2 warps (`tl.sum`: 3.58 against 2.33 ms at T = 16k). The
-    scan variants are those measured on the H100 (mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at
+    benchmarks/results/mamba.md) or at 64 channels over 2 warps (`tl.sum`: 3.58 against 2.33 ms at T = 16k); SUB = 2
+    also with its stores deferred (untimed: sm_90a 57.75 instructions per state element against 60.25, no spills; at
+    SUB = 4 deferring spills 372 bytes). The scan variants are those measured on the H100 (mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at
     B T = 16k."""
-    walk = [BwdConfig("walk", BD, warps, TC, sub) for BD, warps, sub in ((32, 1, 4), (32, 1, 2), (64, 2, 4))
+    walk = [BwdConfig("walk", BD, warps, TC, sub, defer)
+            for BD, warps, sub, defer in ((32, 1, 4, 0), (32, 1, 2, 0), (32, 1, 2, 1), (64, 2, 4, 0))
             for TC in _time_chunks(B, T, D, BD, warps, BT)]
     return [*walk, *dict.fromkeys((BwdConfig("scan", 8 if N > 32 else 16, 4), BwdConfig("scan", 8, 4)))]
 
@@ -341,7 +345,7 @@ def _walk_backward(cfg: BwdConfig, x, dt, dt_bias, A, Bm, Cm, hs, BT, dy, dht, d
     _walk_bwd[(blocks, NC, Bsz)](x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, dh0, ckpt, T, D, N,
                                  TC, TP, BT=BT, BD=cfg.BD, BN=BN, SUB=cfg.SUB, HAS_BIAS=dt_bias is not None,
                                  USE_CARRY=carry is not None, STORE_DH0=want_dh0, LANES=lanes, EMULATE=interpreting(),
-                                 num_warps=cfg.warps)
+                                 DEFER=bool(cfg.DEFER), num_warps=cfg.warps)
     return {"dA": dA.sum((0, 1)).t(), "dB": dB.sum(0), "dC": dC.sum(0),
             "dh0": None if dh0 is None else dh0.transpose(1, 2)}
 

@@ -19,10 +19,14 @@ chains them from dht. `_walk_bwd` then walks each chunk back from its carry. It 
 BT block it recomputes the states forward from the saved one, keeping the state before every SUB tokens in a
 scratch (small enough to stay in cache), then per SUB tokens recomputes their SUB states in registers and walks
 them back. SUB (2 or 4) trades registers for loop trips: the SUB + 1 states held at once set the register count
-(sm_90a at 32 channels per warp, with the lane sums below: 255 with 52 bytes of spills at SUB = 4, 246 without at
+(sm_90a at 32 channels per warp, with the lane sums below: 255 with 60 bytes of spills at SUB = 4, 246 without at
 SUB = 2; either way 8 warps per SM). On the H100 (2026-12-07, lane sums) SUB = 4 and 2 took 2.333 / 2.343 ms at
 T = 16k (with `tl.sum`'s 80 shuffles a sum SUB = 2 had been 3-8% faster, the walk issuing in 34% of cycles); 16
-channels per warp (167 registers, 12 warps) was slower: twice the instructions per state.
+channels per warp (167 registers, 12 warps) was slower: twice the instructions per state. DEFER stores a group's
+SUB tokens' dx, ddt, dB, dC after all of its steps: a store between two steps keeps the next step's loads (which
+may alias it, as far as the compiler knows) from being issued before it, so each step waited on its loads; at
+SUB = 2 the compiler then also reuses the recompute's loads (sm_90a 57.75 instructions per state element against
+60.25, no spills; at SUB = 4 it spills 372 bytes). Untimed on a GPU: the tuner times both.
 dB and dC sum over channels: each program reduces its BD channels and writes a partial sum per channel block (at
 BD = 32, one warp, by `_lane_sums`' transposed butterfly: shuffles only, 31 a sum at N = 16 instead of 80, which
 made the walk backward 14-15% faster on the H100); dA sums over time: a partial per chunk. The launcher adds them.
@@ -283,10 +287,11 @@ def _forward_step(x, dt, bias, Bp, A2, h, b, t, t_end, T, TP, D, od, md, on, BN:
 
 
 @triton.jit
-def _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h_t, h_prev, b, t, t_end, T, TP, D,
-                   N, od, md, on, mn, BN: tl.constexpr, LANES: tl.constexpr, EMULATE: tl.constexpr):
-    """Token t of the adjoint walk, given h_t and h_{t-1}: stores dx_t, ddt_t and this block's dB_t, dC_t
-    partial sums; returns the carry a_t g_t for token t - 1 and dA's running sum."""
+def _backward_step(x, dt, bias, Bp, Cp, dy, A2, G, dA_acc, h_t, h_prev, b, t, t_end, T, TP, D, od, md, on,
+                   BN: tl.constexpr, LANES: tl.constexpr, EMULATE: tl.constexpr):
+    """Token t of the adjoint walk, given h_t and h_{t-1}: returns the carry a_t g_t for token t - 1, dA's running
+    sum, and token t's dx_t, ddt_t `[BD]` and this block's dB_t, dC_t partial sums (`[32]`, lane l holding state
+    l // (32 // BN)'s, with LANES; `[BN]` without), for `_store_step`."""
     delta, xt, raw, Bt, mt = _token(x, dt, bias, Bp, b, t, t_end, T, TP, D, od, md, on, BN)
     Ct = tl.load(Cp + (b * TP + t) * BN + on)
     dyt = tl.load(dy + (b * T + t) * D + od, mask=mt, other=0.0).to(tl.float32)
@@ -294,27 +299,44 @@ def _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h_t,
     g = G + Ct[:, None] * dyt[None, :]
     gB = tl.sum(g * Bt[:, None], axis=0)
     w = g * (a * h_prev)  # g_t a_t h_{t-1}
-    row = b * T + t
-    tl.store(dx + row * D + od, (delta * gB).to(dx.dtype.element_ty), mask=mt)
+    dx_t = delta * gB
     # sum_n w A = (sum_n w A2) ln 2
-    tl.store(ddt + row * D + od, (xt * gB + tl.sum(w * A2, axis=0) * 0.6931471805599453) * tl.sigmoid(raw), mask=mt)
-    if LANES:  # BD = 32 channels, one warp: lane l stores state l // (32 // BN)
+    ddt_t = (xt * gB + tl.sum(w * A2, axis=0) * 0.6931471805599453) * tl.sigmoid(raw)
+    if LANES:  # BD = 32 channels, one warp
+        lane = tl.arange(0, 32)
+        dB_t = _lane_sums(g * (delta * xt)[None, :], lane, BN, EMULATE)
+        dC_t = _lane_sums(h_t * dyt[None, :], lane, BN, EMULATE)
+    else:
+        dB_t = tl.sum(g * (delta * xt)[None, :], axis=1)
+        dC_t = tl.sum(h_t * dyt[None, :], axis=1)
+    return a * g, dA_acc + w * delta[None, :], dx_t, ddt_t, dB_t, dC_t
+
+
+@triton.jit
+def _store_step(dx, ddt, dB, dC, dx_t, ddt_t, dB_t, dC_t, b, t, t_end, T, D, N, od, md, on, mn, BN: tl.constexpr,
+                LANES: tl.constexpr):
+    """Token t's outputs from `_backward_step` into dx, ddt `[B, T, D]` and this block's dB, dC partials."""
+    row = b * T + t
+    mt = md & (t < t_end)
+    tl.store(dx + row * D + od, dx_t.to(dx.dtype.element_ty), mask=mt)
+    tl.store(ddt + row * D + od, ddt_t, mask=mt)
+    if LANES:  # lane l stores state l // (32 // BN)
         lane = tl.arange(0, 32)
         n = lane // (32 // BN)
         mine = (lane % (32 // BN) == 0) & (n < N) & (t < t_end)
-        tl.store(dB + row * N + n, _lane_sums(g * (delta * xt)[None, :], lane, BN, EMULATE), mask=mine)
-        tl.store(dC + row * N + n, _lane_sums(h_t * dyt[None, :], lane, BN, EMULATE), mask=mine)
+        tl.store(dB + row * N + n, dB_t, mask=mine)
+        tl.store(dC + row * N + n, dC_t, mask=mine)
     else:
         live = mn & (t < t_end)
-        tl.store(dB + row * N + on, tl.sum(g * (delta * xt)[None, :], axis=1), mask=live)
-        tl.store(dC + row * N + on, tl.sum(h_t * dyt[None, :], axis=1), mask=live)
-    return a * g, dA_acc + w * delta[None, :]
+        tl.store(dB + row * N + on, dB_t, mask=live)
+        tl.store(dC + row * N + on, dC_t, mask=live)
 
 
 @triton.jit(do_not_specialize=["D"])  # see the module docstring
 def _walk_bwd(x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, dh0, ckpt, T, D, N, TC, TP,
               BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, HAS_BIAS: tl.constexpr,
-              USE_CARRY: tl.constexpr, STORE_DH0: tl.constexpr, LANES: tl.constexpr, EMULATE: tl.constexpr):
+              USE_CARRY: tl.constexpr, STORE_DH0: tl.constexpr, LANES: tl.constexpr, EMULATE: tl.constexpr,
+              DEFER: tl.constexpr):
     """Gradients of chunk c, walking back from the carry into its last token (carry `[B, NC, N, D]` in reversed
     chunk order, from `_pass_states`; dht itself when there is one chunk). Writes dx, ddt `[B, T, D]`, this
     channel block's dB, dC partials `[B, T, N]` (dB, dC point at its slice), dA's partial of this chunk
@@ -358,14 +380,30 @@ def _walk_bwd(x, dt, dt_bias, A_t, Bp, Cp, hs, dy, carry, dx, ddt, dA, dB, dC, d
             if SUB == 4:
                 h3 = _forward_step(x, dt, bias, Bp, A2, h2, b, t0 + 2, t_end, T, TP, D, od, md, on, BN)
                 h4 = _forward_step(x, dt, bias, Bp, A2, h3, b, t0 + 3, t_end, T, TP, D, od, md, on, BN)
-                G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h4, h3, b,
-                                           t0 + 3, t_end, T, TP, D, N, od, md, on, mn, BN, LANES, EMULATE)
-                G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h3, h2, b,
-                                           t0 + 2, t_end, T, TP, D, N, od, md, on, mn, BN, LANES, EMULATE)
-            G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h2, h1, b, t0 + 1,
-                                       t_end, T, TP, D, N, od, md, on, mn, BN, LANES, EMULATE)
-            G, dA_acc = _backward_step(x, dt, bias, Bp, Cp, dy, dx, ddt, dB, dC, A2, G, dA_acc, h1, h0, b, t0,
-                                       t_end, T, TP, D, N, od, md, on, mn, BN, LANES, EMULATE)
+                G, dA_acc, dx3, ddt3, dB3, dC3 = _backward_step(x, dt, bias, Bp, Cp, dy, A2, G, dA_acc, h4, h3, b,
+                                                                t0 + 3, t_end, T, TP, D, od, md, on, BN, LANES, EMULATE)
+                if not DEFER:
+                    _store_step(dx, ddt, dB, dC, dx3, ddt3, dB3, dC3, b, t0 + 3, t_end, T, D, N, od, md, on, mn, BN,
+                                LANES)
+                G, dA_acc, dx2, ddt2, dB2, dC2 = _backward_step(x, dt, bias, Bp, Cp, dy, A2, G, dA_acc, h3, h2, b,
+                                                                t0 + 2, t_end, T, TP, D, od, md, on, BN, LANES, EMULATE)
+                if not DEFER:
+                    _store_step(dx, ddt, dB, dC, dx2, ddt2, dB2, dC2, b, t0 + 2, t_end, T, D, N, od, md, on, mn, BN,
+                                LANES)
+            G, dA_acc, dx1, ddt1, dB1, dC1 = _backward_step(x, dt, bias, Bp, Cp, dy, A2, G, dA_acc, h2, h1, b, t0 + 1,
+                                                            t_end, T, TP, D, od, md, on, BN, LANES, EMULATE)
+            if not DEFER:
+                _store_step(dx, ddt, dB, dC, dx1, ddt1, dB1, dC1, b, t0 + 1, t_end, T, D, N, od, md, on, mn, BN, LANES)
+            G, dA_acc, dx0, ddt0, dB0, dC0 = _backward_step(x, dt, bias, Bp, Cp, dy, A2, G, dA_acc, h1, h0, b, t0,
+                                                            t_end, T, TP, D, od, md, on, BN, LANES, EMULATE)
+            _store_step(dx, ddt, dB, dC, dx0, ddt0, dB0, dC0, b, t0, t_end, T, D, N, od, md, on, mn, BN, LANES)
+            if DEFER:  # the group's stores after all of its steps, so that no step's loads wait behind a store
+                _store_step(dx, ddt, dB, dC, dx1, ddt1, dB1, dC1, b, t0 + 1, t_end, T, D, N, od, md, on, mn, BN, LANES)
+                if SUB == 4:
+                    _store_step(dx, ddt, dB, dC, dx2, ddt2, dB2, dC2, b, t0 + 2, t_end, T, D, N, od, md, on, mn, BN,
+                                LANES)
+                    _store_step(dx, ddt, dB, dC, dx3, ddt3, dB3, dC3, b, t0 + 3, t_end, T, D, N, od, md, on, mn, BN,
+                                LANES)
     tl.store(dA + (b * NC + c) * D * N + tile, dA_acc, mask=mnd)
     if STORE_DH0:
         if c == 0:
