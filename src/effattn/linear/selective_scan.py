@@ -227,8 +227,8 @@ def _bwd_configs(B: int, T: int, D: int, N: int, BT: int) -> list[BwdConfig]:
     states at a time (selective_walk.py: within 0.5% of each other on the H100 since the lane sums, 2026-12-07,
     benchmarks/results/mamba.md) or at 64 channels over 2 warps (`tl.sum`: 3.58 against 2.33 ms at T = 16k); SUB = 2
     also with its stores deferred (untimed: sm_90a 57.75 instructions per state element against 60.25, no spills; at
-    SUB = 4 deferring spills 372 bytes). The scan variants are those measured on the H100 (mamba.md): fwd+bwd 0.62-0.92x the engine's, 7-9 ms of backward at
-    B T = 16k."""
+    SUB = 4 deferring spills 372 bytes). The scan variants are those measured on the H100 (mamba.md): fwd+bwd
+    0.62-0.92x the engine's, 7-9 ms of backward at B T = 16k."""
     walk = [BwdConfig("walk", BD, warps, TC, sub, defer)
             for BD, warps, sub, defer in ((32, 1, 4, 0), (32, 1, 2, 0), (32, 1, 2, 1), (64, 2, 4, 0))
             for TC in _time_chunks(B, T, D, BD, warps, BT)]
