@@ -180,7 +180,8 @@ def _kernel_fn(kernel: str):
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
         mask_m: int | None = None, ahead: bool = False, mask_n: int | None = None,
         sink_parts: bool = False, split: bool = False, regs: int = 0) -> dict:
-    """Compile one configuration (`regs`: a register cap per thread, as Config's); `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
+    """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
+    `regs`: a register cap per thread (Config's, ptx .maxnreg; 0: none);
     `mask_m` (block-sparse forward and dK/dV): the block mask's query rows, of which a program takes bm
     (forward) or walks them bm at a time (dK/dV) (default bm); `mask_n` (block-sparse forward and dQ): its key
     columns, walked bn at a time (default bn); `ahead`:

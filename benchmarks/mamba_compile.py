@@ -134,7 +134,8 @@ def main() -> None:
                    help="only check that the walk backward's shuffles see lane l = channel l (exit 1 if not)")
     args = p.parse_args()
     if args.check_lanes:
-        found = [lay for sub, defer in ((2, False), (4, False), (2, True)) for lay in shuffle_layouts(args.n, sub, defer)]
+        found = [lay for sub, defer in ((2, False), (4, False), (2, True))
+                 for lay in shuffle_layouts(args.n, sub, defer)]
         bad = [lay for lay in found if not lanes_are_channels(lay)]
         print(f"{len(found)} shuffles, {len(bad)} with lanes off the channels", *bad, sep="\n")
         sys.exit(1 if bad or not found else 0)

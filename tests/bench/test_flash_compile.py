@@ -78,7 +78,8 @@ import sys
 sys.path.insert(0, {str(SCRIPT.parent)!r})
 import flash_compile, dq_reduce_probe
 for mode in (1, 2, 3):
-    k = flash_compile.compile_typed(dq_reduce_probe._add_tiles, {{"DQ": "*fp32"}}, dict(MODE=mode, BM=64, BN=64, D=128), 4)
+    k = flash_compile.compile_typed(dq_reduce_probe._add_tiles, {{"DQ": "*fp32"}},
+                                    dict(MODE=mode, BM=64, BN=64, D=128), 4)
     ptx = k.asm["ptx"]
     print(mode, "cp.reduce.async.bulk.tensor" in ptx, "acq_rel" in ptx, "relaxed" in ptx)
 """
