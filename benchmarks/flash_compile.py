@@ -131,8 +131,10 @@ def mma_loop(sass: str) -> dict:
     many of its MUFU instructions (exp2) issue while a wgmma is in flight, i.e. after a wgmma and before the
     wait (WARPGROUP.DEPBAR) that follows it. A loop that waits for Q K^T before its softmax has none; one
     that issues the next block's Q K^T first has its exponentials overlap the tensor cores. loop_LDG:
-    synchronous global loads in it (tiles the software pipeline refused, or scalars)."""
+    synchronous global loads in it (tiles the software pipeline refused, or scalars). loop_skippable: the most
+    instructions one conditional forward branch in it jumps over (a lazy rescale's skipped block)."""
     ins, loops = sass_loops(sass)
+    addr = [int(m.group(1), 16) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
 
     def mmas_in(lo, hi):
         return sum("GMMA" in t for t in ins[lo:hi + 1])
@@ -144,9 +146,15 @@ def mma_loop(sass: str) -> dict:
         body = ins[lo:hi + 1]  # (inner loops without wgmma, e.g. a TMA barrier's spin, stay in)
         mmas = mmas_in(lo, hi)
         if mmas and (best is None or (mmas, -len(body)) > (best[0], -len(best[1]))):
-            best = (mmas, body)  # the unmasked loop: the shortest of those with the most wgmma
+            best = (mmas, body, lo, hi)  # the unmasked loop: the shortest of those with the most wgmma
     if best is None:
-        return {"loop_instructions": 0, "loop_mufu_in_flight": 0, "loop_LDG": 0}
+        return {"loop_instructions": 0, "loop_mufu_in_flight": 0, "loop_LDG": 0, "loop_skippable": 0}
+    lo, hi = best[2], best[3]
+    skip = 0
+    for i in range(lo, hi + 1):
+        jump = re.match(r"@!?P\d+ BRA.*?0x([0-9a-f]+)", ins[i])
+        if jump and addr[i] < int(jump.group(1), 16) <= addr[hi]:
+            skip = max(skip, addr.index(int(jump.group(1), 16)) - i - 1)
     in_flight, overlapped = False, 0
     for t in best[1]:
         if "GMMA" in t:
@@ -156,17 +164,19 @@ def mma_loop(sass: str) -> dict:
         elif "MUFU" in t and in_flight:
             overlapped += 1
     loads = sum(t.split()[0 if not t.startswith("@") else 1].startswith("LDG.") for t in best[1])
-    return {"loop_instructions": len(best[1]), "loop_mufu_in_flight": overlapped, "loop_LDG": loads}
+    return {"loop_instructions": len(best[1]), "loop_mufu_in_flight": overlapped, "loop_LDG": loads,
+            "loop_skippable": skip}
 
 
 def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, mask_m: int, ahead: bool = False,
-                mask_n: int | None = None, sink_parts: bool = False, split: bool = False) -> dict:
+                mask_n: int | None = None, sink_parts: bool = False, split: bool = False, lazy: bool = False) -> dict:
     mask_n = bn if mask_n is None else mask_n
     common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn, VARLEN=False,
                   SPARSE=sparse, ARITH=not sparse, WORDS=max(1, mask_n // 32), SOFTCAP=False, DOT_PREC=None,
                   SPLIT=split)
     if kernel == "fwd":
-        return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead, MASK_M=mask_m, MASK_N=mask_n)
+        return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead, MASK_M=mask_m, MASK_N=mask_n,
+                    LAZY=lazy)
     if kernel == "dkdv":
         return dict(common, MASK_M=mask_m, EARLY_DP=ahead, SINK_PARTS=sink_parts)
     return dict(common, MASK_N=mask_n, HAS_DLSE=False)
@@ -179,7 +189,7 @@ def _kernel_fn(kernel: str):
 
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
         mask_m: int | None = None, ahead: bool = False, mask_n: int | None = None,
-        sink_parts: bool = False, split: bool = False, regs: int = 0) -> dict:
+        sink_parts: bool = False, split: bool = False, regs: int = 0, lazy: bool = False) -> dict:
     """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
     `regs`: a register cap per thread (Config's, ptx .maxnreg; 0: none);
     `mask_m` (block-sparse forward and dK/dV): the block mask's query rows, of which a program takes bm
@@ -199,11 +209,11 @@ def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: 
     mask_m = bm if mask_m is None else mask_m
     descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
     compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead, mask_n,
-                                                            sink_parts, split), warps, stages, descs, regs)
+                                                            sink_parts, split, lazy), warps, stages, descs, regs)
     return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel != "dq" else None,
             "mask_cols": (mask_n or bn) if kernel != "dkdv" else None, "warps": warps,
             "stages": stages, "head_dim": d, "sparse": sparse, "tma": tma, "ahead": ahead, "sink_parts": sink_parts,
-            "split": split, "regs": regs, **report(compiled)}
+            "split": split, "regs": regs, "lazy": lazy, **report(compiled)}
 
 
 def candidates(dims):
@@ -213,8 +223,8 @@ def candidates(dims):
     from effattn.hardware import flash_bwd, flash_fwd
     for d in dims:
         for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, None):
-            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, False, bool(cfg[4]), ahead=bool(cfg[6]), regs=cfg[7]),
-                  flush=True)
+            print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, False, bool(cfg[4]), ahead=bool(cfg[6]), regs=cfg[7],
+                      lazy=bool(cfg[8])), flush=True)
         for mask in ((128, 64), (128, 128)):
             for cfg in flash_fwd.fwd_configs(d, torch.bfloat16, mask):
                 print(one("fwd", cfg[0], cfg[1], cfg[2], cfg[3], d, True, bool(cfg[4]), mask_m=mask[0],
@@ -250,6 +260,7 @@ def main():
     ap.add_argument("--split", action="store_true",
                     help="block-sparse: the long walks split over part programs (the launches' SPLIT variant)")
     ap.add_argument("--regs", type=int, default=0, help="a register cap per thread (ptx .maxnreg; 0: none)")
+    ap.add_argument("--lazy", action="store_true", help="fwd: the running max moves only past a growth threshold")
     ap.add_argument("--candidates", action="store_true", help="every tuner candidate instead of one config")
     a = ap.parse_args()
     if a.candidates:
@@ -257,7 +268,7 @@ def main():
         return
     bm, bn = (int(x) for x in a.tile.split(","))
     print(one(a.kernel, bm, bn, a.warps, a.stages, a.head_dim[0], a.sparse, a.tma, a.mask_rows, a.ahead,
-              a.mask_cols, a.sink_parts, a.split, a.regs))
+              a.mask_cols, a.sink_parts, a.split, a.regs, a.lazy))
 
 
 if __name__ == "__main__":

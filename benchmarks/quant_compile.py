@@ -37,12 +37,12 @@ def rows(dims) -> list[dict]:
                 bm, bn, warps, stages = cfg[:4]
                 consts = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn, PV_FP8=pv8,
                               REVERSE=False, DOT_PREC=None, GRID_ROUND=False, K_SCALAR=True, QK_INT=qk == "*i8",
-                              WS=False, AHEAD=bool(cfg[6]))
+                              WS=False, AHEAD=bool(cfg[6]), LAZY=bool(cfg[8]) and not pv8)
                 consts["sv_t" if pv8 else "sv_d"] = 1  # V's unit stride, which the launcher specialises
                 r = flash_compile.report(flash_compile.compile_typed(quant_fwd._quant_fwd_kernel, types, consts,
                                                                      warps, stages))
                 out.append({"path": path, "head_dim": d, "tile": (bm, bn), "warps": warps, "stages": stages,
-                            "ahead": bool(cfg[6]), **r})
+                            "ahead": bool(cfg[6]), "lazy": bool(cfg[8]), **r})
     return out
 
 
@@ -52,8 +52,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     table = rows(args.head_dim)
-    keys = ("ahead", "registers", "spill_store_bytes", "shared_bytes", "LDGSTS", "LDG", "HGMMA", "IGMMA", "QGMMA",
-            "wgmma_serialized", "loop_instructions", "loop_mufu_in_flight", "loop_LDG")
+    keys = ("ahead", "lazy", "registers", "spill_store_bytes", "shared_bytes", "LDGSTS", "LDG", "HGMMA", "IGMMA", "QGMMA",
+            "wgmma_serialized", "loop_instructions", "loop_mufu_in_flight", "loop_LDG", "loop_skippable")
     print("| path | D | tile | warps | stages | " + " | ".join(keys) + " |")
     print("|---" * (5 + len(keys)) + "|")
     for r in table:

@@ -88,3 +88,14 @@ for mode in (1, 2, 3):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()[-3:]
     assert lines == ["1 False True False", "2 True False False", "3 False False True"], lines
+
+
+def test_lazy_rescale_skips_the_output_rescale():
+    """The lazy forward (D = 64, 128 x 64, 4 warps): compiled for sm_90a, its unmasked loop jumps over the
+    rescale of the output tile (64 multiplies a thread and more) when no row's max grew, so the loop it runs is
+    shorter than the eager one; no spills."""
+    cfg = ("--tile", "128,64", "--warps", "4", "--stages", "3", "--head-dim", "64")
+    eager, lazy = _compile("fwd", *cfg), _compile("fwd", *cfg, "--lazy")
+    assert eager["loop_skippable"] == 0 and lazy["loop_skippable"] >= 64, (eager, lazy)
+    assert lazy["loop_instructions"] - lazy["loop_skippable"] < eager["loop_instructions"]
+    assert lazy["spill_store_bytes"] == 0

@@ -206,3 +206,34 @@ def test_attention_sinks_varlen_and_errors(device):
         effattn.flash_attention(q, q, q, causal=True, sink_tokens=2)
     with pytest.raises(ValueError, match="sink_tokens must be an int >= 0, got -1"):
         effattn.flash_attention(q, q, q, window=4, sink_tokens=-1)
+
+
+def _growing_scores(shape: Shape, dtype, device, generator, **options) -> dict:
+    """q, k, v whose scores jump by ~58 log2 units every 40 keys in half of the rows (and fall in the others),
+    with N(0, 1) noise: the lazy forward must move its running max at those key blocks (three jumps overflow float32
+    if it does not), and may keep it between."""
+    B, T, H, D = shape.batch, shape.seq_q, shape.heads, shape.head_dim
+    u = torch.zeros(D)
+    u[0] = 1.0
+    ramp = 40.0 * D ** 0.5 * torch.div(torch.arange(shape.S), 40, rounding_mode="floor").float()
+    sign = torch.where(torch.arange(T) % 2 == 0, 1.0, -0.5)
+    q = torch.randn((B, T, H, D), generator=generator) + sign[None, :, None, None] * u
+    k = torch.randn((B, shape.S, shape.Hkv, D), generator=generator) + ramp[None, :, None, None] * u
+    v = torch.randn((B, shape.S, shape.Hkv, shape.Dv), generator=generator)
+    return {"q": q.to(device, dtype), "k": k.to(device, dtype), "v": v.to(device, dtype), **options}
+
+
+@pytest.mark.parametrize("tma", [0, 1])
+def test_lazy_rescale_forward(monkeypatch, device, tma):
+    """The forward whose unmasked loop moves its running max only past LAZY_GROWTH (a tuner candidate on
+    Hopper), pinned, on scores that jump every 40 keys (so it must move there) and on plain N(0, 1) scores (so it
+    keeps the first tile's max): outputs and LSE against float64, causal and not, bf16 and fp32."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", f"fwd=32,32,4,1,{tma},0,0,0,1")
+    growing = replace(FLASH, make_inputs=_growing_scores)
+    for method in (growing, FLASH):
+        for causal in (False, True):
+            shape = replace(GQA, seq_q=130, seq_k=150)
+            assert_matches_reference(method, shape=shape, device=device, causal=causal, return_lse=True,
+                                     backward=False)
+            assert_matches_reference(method, shape=shape, dtype=torch.bfloat16, device=device, causal=causal,
+                                     return_lse=True, backward=False)

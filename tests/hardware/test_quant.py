@@ -144,6 +144,29 @@ def test_look_ahead_loop(name, pin, monkeypatch):
             assert_matches_reference(REGISTRY.get(name), shape=shape, seed=n, causal=causal)
 
 
+@pytest.mark.parametrize("name,pin", [("sage_int8", "quant=32,32,4,1,0,0,0,0,1"),
+                                      ("sage_int8", "quant=32,32,4,1,0,0,1,0,1"),
+                                      ("sage_int8_fp8pv", "quant=32,64,4,1,0,0,0,0,1")])
+def test_lazy_rescale_loop(name, pin, monkeypatch):
+    """The quantized forward whose unmasked loop moves its running max only past LAZY_GROWTH (plain and
+    look-ahead loops; the FP8 P V path ignores it), pinned: N(0, 1) inputs (the max kept after the first tile),
+    then scores that jump by ~58 log2 units every 40 keys (it must move, or float32 overflows)."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", pin)
+    for n in (30, 150):
+        shape = Shape(batch=1, seq_q=n // 2 + 3, seq_k=n, heads=4, kv_heads=2, head_dim=32)
+        for causal in (True, False):
+            assert_matches_reference(REGISTRY.get(name), shape=shape, seed=n, causal=causal)
+    q, k, v = (_rand(1, n, 2, 32, seed=s) for s, n in ((21, 77), (22, 150), (23, 150)))
+    k[..., 0] += 40.0 * 32 ** 0.5 * torch.div(torch.arange(150), 40, rounding_mode="floor")[None, :, None]
+    q[..., 0] += 1.0
+    opts = {"pv_dtype": "fp8"} if name == "sage_int8_fp8pv" else {}
+    for causal in (True, False):
+        with poisoned_outputs():
+            got = effattn.sage_attention(q, k, v, causal=causal, **opts).double()
+        want = sage_reference(q.double(), k.double(), v.double(), causal=causal, **opts)
+        assert (got - want).abs().max() < 1e-4, (got - want).abs().max()  # as the eager loop (~1e-5)
+
+
 def test_strided_inputs():
     """Views with a non-unit last stride (e.g. from a fused QKV projection laid out [B, T, D, H])."""
     q, k, v = (_rand(1, 21, 32, 2, seed=s).transpose(2, 3) for s in (1, 2, 3))

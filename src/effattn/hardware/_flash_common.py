@@ -117,6 +117,22 @@ def _softmax_step(x, c_row, c_tile, shift, m_i, l_i, MASK: tl.constexpr):
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
 
 
+# Lazy online softmax: the running max moves only when a row's max grew by more than this (log2 units), so a
+# kept max leaves p <= 2^8 = 256 (well inside bf16 / fp16 P and the float32 sums; not e4m3 P, scaled to 448)
+LAZY_GROWTH: tl.constexpr = tl.constexpr(8.0)
+
+
+@triton.jit
+def _max_grew(x, c_row, m_i):
+    """For the lazy online softmax of an unmasked tile (scores x * c_row, c_row > 0, as in `_softmax_step`): the
+    tile's row maxima and whether any grew by more than LAZY_GROWTH over the running max m_i (+inf while m_i is
+    -inf), one decision for the whole program (a reduction over its rows). Only then does the caller move m and
+    rescale l and its output by 2^(m_old - m_new) (FlashAttention-4's conditional rescale); a kept max gives
+    p = 2^(x c - m) <= 2^LAZY_GROWTH, and the output, l and the LSE stay consistent, as they share m."""
+    m_tile = tl.max(x, 1) * c_row
+    return m_tile, tl.max(m_tile - m_i, 0) > LAZY_GROWTH
+
+
 @triton.jit
 def _tile_bits(BITS, tile, r, c, BLOCK_Q: tl.constexpr, WORDS: tl.constexpr):
     """Bit (r, c) of partial tile `tile`: rows r and columns c local to the tile, one of them [n, 1] and
@@ -163,15 +179,16 @@ def _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M: tl.constexpr, B
 
 # ------------------------------------------------------------------------------------------------- tuner
 class Config(tuple):
-    """(block_m, block_n, num_warps, num_stages, tma, ws, ahead, regs) of one launch; tma=1 loads through TMA
-    descriptors, ws=1 asks Triton to warp-specialise the unmasked key loop (forward kernels); ahead=1 issues
+    """(block_m, block_n, num_warps, num_stages, tma, ws, ahead, regs, lazy) of one launch; tma=1 loads through
+    TMA descriptors, ws=1 asks Triton to warp-specialise the unmasked key loop (forward kernels); ahead=1 issues
     the next matmul before the exponentials, so that the tensor cores work while they run: each unmasked key
     block's Q K^T before the previous block's softmax (forward kernels), dP^T before P^T (dK/dV); regs > 0
-    caps the registers per thread (ptx .maxnreg), so that more programs share an SM."""
+    caps the registers per thread (ptx .maxnreg), so that more programs share an SM; lazy=1 (the dense forward's
+    unmasked loop) rescales the output only when a row's max grew past a threshold (`_max_grew`)."""
 
     def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0, ws: int = 0,
-                ahead: int = 0, regs: int = 0):
-        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma, ws, ahead, regs))
+                ahead: int = 0, regs: int = 0, lazy: int = 0):
+        return super().__new__(cls, (block_m, block_n, num_warps, num_stages, tma, ws, ahead, regs, lazy))
 
     def options(self) -> dict:
         """The launch's compiler options: warps, stages and the register cap where one is set."""

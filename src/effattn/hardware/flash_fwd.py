@@ -16,9 +16,9 @@ from .._memory import empty_output
 
 from ._flash_split import (_split_program, _store_part, _walk_ranges, combine, extra_rows, mask_split, part_buffer,
                            sparse_signature, split_args)
-from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _scores, _sequence, _softmax_step, _tile_bits,
-                            _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config, remember_plan,
-                            seqlen_bucket, tuner_env, window_bucket)
+from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _max_grew, _scores, _sequence,
+                            _softmax_step, _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision,
+                            pick_config, remember_plan, seqlen_bucket, tuner_env, window_bucket)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -41,10 +41,11 @@ def _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in
                 tile, r0, c0, offs_dv, bb, vcol, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr,
                 MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                TMA: tl.constexpr):
+                TMA: tl.constexpr, LAZY: tl.constexpr = False):
     """Online-softmax step of the key block [n0, n0 + BLOCK_N) from its raw scores qk: mask, rescale,
     acc += P V. With USE_BITS the tile is rows r0.., columns c0.. of partial tile `tile` of the block mask
-    (MASK_M rows a tile). Returns (acc, l, m)."""
+    (MASK_M rows a tile). LAZY (unmasked tiles): acc is rescaled only when the running max moved
+    (`_max_grew`). Returns (acc, l, m)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if SOFTCAP:
         s, _ = _scores(qk, qk_scale, cap_in, cap_out, SOFTCAP)
@@ -58,13 +59,26 @@ def _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in
             keep &= _tile_bits(BITS, tile, r0 + tl.arange(0, BLOCK_M)[:, None], c0 + tl.arange(0, BLOCK_N)[None, :],
                                MASK_M, WORDS)
         s = tl.where(keep, s, float("-inf"))
-    p, alpha, l_i, m_new = _softmax_step(s, c, c, 0.0, m_i, l_i, MASK)
+    if LAZY and not MASK:
+        m_tile, moved = _max_grew(s, c, m_i)
+        if moved:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(s * c - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        m_new = m_i
+    else:
+        p, alpha, l_i, m_new = _softmax_step(s, c, c, 0.0, m_i, l_i, MASK)
+        acc = acc * alpha[:, None]
     if TMA:
         v = Vb.load([bb, n0, vcol]).reshape([BLOCK_N, HEAD_DIM_V])
     else:
         v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :], offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
                        MASK, PAD_DV)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC)
+    acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
     return acc, l_i, m_new
 
 
@@ -73,12 +87,13 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale,
               SINKS, BITS, tile, r0, c0, offs_d, offs_dv, bb, kcol, vcol, HEAD_DIM: tl.constexpr,
               HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr,
               PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr, MASK_M: tl.constexpr,
-              WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+              WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+              LAZY: tl.constexpr = False):
     """One online-softmax step over the key block [n0, n0 + BLOCK_N): scores, then the update."""
     qk = _fwd_scores(q, Kb, sk_t, n0, seqlen_k, offs_d, bb, kcol, HEAD_DIM, BLOCK_N, PAD_D, MASK, DOT_PREC, TMA)
     return _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS,
                        BITS, tile, r0, c0, offs_dv, bb, vcol, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_DV, MASK, USE_BITS,
-                       MASK_M, WORDS, SOFTCAP, DOT_PREC, TMA)
+                       MASK_M, WORDS, SOFTCAP, DOT_PREC, TMA, LAZY)
 
 
 @triton.jit
@@ -92,7 +107,7 @@ def _flash_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, REVERSE: tl.constexpr,
         DOT_PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, AHEAD: tl.constexpr, MASK_M: tl.constexpr,
-        MASK_N: tl.constexpr, SPLIT: tl.constexpr):
+        MASK_N: tl.constexpr, SPLIT: tl.constexpr, LAZY: tl.constexpr):
     """O and LSE of one query block. Block-sparse, the program covers BLOCK_M of its mask block's MASK_M rows
     and walks each listed key block (MASK_N keys) BLOCK_N keys at a time: the mask's 128-row blocks may run as
     two one-warpgroup programs of 64 rows, which share an SM (the dense kernel's winner on short programs).
@@ -189,7 +204,7 @@ def _flash_fwd_kernel(
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kb, Vb, sk_t, sv_t, n0, pos, seqlen_k, qk_scale, cap_in,
                                           cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, 0, offs_d, offs_dv, bb, kcol, vcol,
                                           HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False,
-                                          MASK_M, WORDS, SOFTCAP, DOT_PREC, TMA)
+                                          MASK_M, WORDS, SOFTCAP, DOT_PREC, TMA, LAZY)
         # masked: diagonal / right window edge / end of the keys. After the look-ahead loop, unpipelined: its
         # pipelined copy took ptxas to 255 registers, which then issued the look-ahead loop's exponentials after
         # the wait for Q K^T, not beside it (benchmarks/flash_compile.py, loop_mufu_in_flight 34 -> 0)
@@ -240,7 +255,7 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
     if D <= 64:  # measured on the H100 (benchmarks/results): 256-row tiles and 8 warps never won (the 8-warp
         # look-ahead loop neither: 1.20-1.26x the best, lookahead_2026-12-05_h100.md)
         return [Config(128, 64, 4, 3), Config(128, 128, 4, 3), Config(128, 64, 4, 3, 1), Config(128, 64, 4, 4, 1),
-                Config(64, 64, 4, 3, 1)]
+                Config(64, 64, 4, 3, 1), *_LAZY_CANDIDATES[64]]
     # Not used: Q (and, in the backward, dO, K, V) kept in registers for wgmma's register-A form through an opaque
     # move: +1-3% for the 64 x 64 forward, -8% for the 128 x 128 causal one, -15% for the window's backward, -7-11% for
     # the FP8 forwards (H100, flash_a_regs_2026-12-07_h100.md).
@@ -248,8 +263,18 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
         # 64-key tiles) came within 2-14% of the 128 x 128 TMA tile on the H100, 2026-12-05
         return [Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(128, 128, 8, 3, 1),
                 Config(128, 64, 8, 3, 1), Config(128, 128, 8, 2, 1), Config(128, 64, 8, 3, ahead=1),
-                Config(64, 64, 4, 3, 1)]
+                Config(64, 64, 4, 3, 1), *_LAZY_CANDIDATES[128]]
     return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
+
+
+# The lazy rescale (LAZY) on the leading tiles, untimed: compiled for sm_90a its unmasked loop skips 88 of 553
+# instructions per tile at D = 64 (128 x 64, 4 warps: 465 against the eager loop's 514; with TMA 455 against 511)
+# and 76 of 517 at D = 128 (128 x 128, 8 warps, TMA: 441 against 489) when no row's max grew past the threshold,
+# for a program-wide max (a shared-memory reduction and two barriers per tile; `flash_compile.py --lazy`,
+# loop_skippable). The forward at D = 64 issues ~8 instructions per score, as many as its exp units and tensor
+# cores allow (16 scores per cycle and SM each), so issue slots bound it as much as they do.
+_LAZY_CANDIDATES = {64: [Config(128, 64, 4, 3, lazy=1), Config(128, 64, 4, 3, 1, lazy=1)],
+                    128: [Config(128, 128, 8, 3, lazy=1), Config(128, 128, 8, 3, 1, lazy=1)]}
 
 
 def no_sparse_args(t: torch.Tensor) -> tuple:
@@ -299,13 +324,14 @@ _PLANS: dict = {}
 
 
 def _plan(cfg: Config, grid, args, meta):
-    bm, bn, _, _, tma, ws, ahead, _ = cfg
+    bm, bn, _, _, tma, ws, ahead, _, lazy = cfg
     return cfg, args, KernelLaunch(_flash_fwd_kernel, grid, dict(meta, TMA=bool(tma), WS=bool(ws), AHEAD=bool(ahead),
-                                                                 BLOCK_M=bm, BLOCK_N=bn, **cfg.options()))
+                                                                 LAZY=bool(lazy), BLOCK_M=bm, BLOCK_N=bn,
+                                                                 **cfg.options()))
 
 
 def _launch(plan, q, k, v, o, lse, cu, sp) -> None:
-    (bm, bn, _, _, tma, _, _, _), args, launch = plan
+    (bm, bn, _, _, tma, _, _, _, _), args, launch = plan
     ts = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(o, bm)) if tma else (q, k, v, o)
     launch(*ts, lse, cu, *args, *sp)
 

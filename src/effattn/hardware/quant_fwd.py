@@ -19,8 +19,8 @@ import triton.language as tl
 
 from .._memory import empty_output
 from .._triton_mode import interpreting
-from ._flash_common import (LOG2E, NO_LIMIT, Config, KernelLaunch, _dot, _kv_stages, _load_tile, _softmax_step,
-                            _visible, block_d, cdiv, dot_precision, pick_config, remember_plan,
+from ._flash_common import (LOG2E, NO_LIMIT, Config, KernelLaunch, _dot, _kv_stages, _load_tile, _max_grew,
+                            _softmax_step, _visible, block_d, cdiv, dot_precision, pick_config, remember_plan,
                             seqlen_bucket, tuner_env)
 from .quantize import V_PAD
 
@@ -66,8 +66,9 @@ def _quant_scores(q, Kb, KSb, sk_t, n0, seqlen_k, offs_d, HEAD_DIM: tl.constexpr
 def _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, seqlen_k, LEFT, RIGHT, offs_dv,
                   HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr,
                   PV_FP8: tl.constexpr, DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr,
-                  QK_INT: tl.constexpr):
+                  QK_INT: tl.constexpr, LAZY: tl.constexpr = False):
     """Online-softmax step of the key block [n0, n0 + BLOCK_N) from its raw scores qk. Returns (acc, l, m).
+    LAZY (unmasked tiles, 16-bit P V): acc and l are rescaled only when the running max moved (`_max_grew`).
 
     K_SCALAR (the tile lies inside one K scale group): the scores are qk * r_i with the row factor
     r_i = sq_i * sk, so the row max is max(qk) * r_i (r_i > 0) and p = exp2(qk * r_i - m_i) is one FMA per
@@ -82,12 +83,25 @@ def _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, seqlen_k, 
         r = sq * sk
         if MASK:
             qk = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, 0), qk, float("-inf"))
-        p, alpha, l_i, m_new = _softmax_step(qk, r, r[:, None], LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
+        x, c_row, c_tile = qk, r, r[:, None]
     else:
         s = qk.to(tl.float32) * sq[:, None] * sk[None, :]
         if MASK:
             s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, 0), s, float("-inf"))
-        p, alpha, l_i, m_new = _softmax_step(s, 1.0, 1.0, LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
+        x, c_row, c_tile = s, 1.0, 1.0
+    if LAZY and not MASK and not PV_FP8:  # (e4m3 P, scaled to 448, has no room for a kept max's 2^8)
+        m_tile, moved = _max_grew(x, c_row, m_i)
+        if moved:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(x * c_tile - m_i[:, None])
+        v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
+                       MASK, PAD_DV)
+        return _dot(p.to(v.dtype), v, acc, DOT_PREC), l_i + tl.sum(p, 1), m_i
+    p, alpha, l_i, m_new = _softmax_step(x, c_row, c_tile, LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
     if PV_FP8:
         # V^T `[Dv, S_pad]` loaded as stored (token rows contiguous) and transposed in shared memory, as K is:
         # FP8 wgmma wants V K-major. No mask on tokens: S_pad is a multiple of V_PAD (and BLOCK_N), zero past S
@@ -108,11 +122,12 @@ def _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, seqlen_k, 
 def _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, seqlen_k, LEFT, RIGHT,
                 offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                 PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, PV_FP8: tl.constexpr,
-                DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr):
+                DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr,
+                LAZY: tl.constexpr = False):
     """One online-softmax step over the key block [n0, n0 + BLOCK_N) with quantized operands."""
     qk, sk = _quant_scores(q, Kb, KSb, sk_t, n0, seqlen_k, offs_d, HEAD_DIM, BLOCK_N, PAD_D, MASK, K_SCALAR)
     return _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, seqlen_k, LEFT, RIGHT, offs_dv,
-                         HEAD_DIM_V, BLOCK_N, PAD_DV, MASK, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
+                         HEAD_DIM_V, BLOCK_N, PAD_DV, MASK, PV_FP8, DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT, LAZY)
 
 
 @triton.jit
@@ -123,7 +138,7 @@ def _quant_fwd_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, REVERSE: tl.constexpr,
         DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr, QK_INT: tl.constexpr,
-        WS: tl.constexpr, AHEAD: tl.constexpr):
+        WS: tl.constexpr, AHEAD: tl.constexpr, LAZY: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal: longest rows first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -160,18 +175,18 @@ def _quant_fwd_kernel(
                                                  BLOCK_D != HEAD_DIM, False, K_SCALAR)
                 acc, l_i, m_i = _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, S, LEFT, RIGHT,
                                               offs_dv, HEAD_DIM_V, BLOCK_N, BLOCK_DV != HEAD_DIM_V, False, PV_FP8,
-                                              DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT)
+                                              DOT_PREC, GRID_ROUND, K_SCALAR, QK_INT, LAZY)
                 qk = qk_next
                 sk = sk_next
             acc, l_i, m_i = _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, c - BLOCK_N, pos, S, LEFT, RIGHT,
                                           offs_dv, HEAD_DIM_V, BLOCK_N, BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC,
-                                          GRID_ROUND, K_SCALAR, QK_INT)
+                                          GRID_ROUND, K_SCALAR, QK_INT, LAZY)
     else:
         for n0 in tl.range(a, c, BLOCK_N, warp_specialize=WS):
             acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, S,
                                         LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
                                         BLOCK_D != HEAD_DIM, BLOCK_DV != HEAD_DIM_V, False, PV_FP8, DOT_PREC,
-                                        GRID_ROUND, K_SCALAR, QK_INT)
+                                        GRID_ROUND, K_SCALAR, QK_INT, LAZY)
     for n0 in tl.range(c, hi, BLOCK_N, num_stages=1 if AHEAD else None):  # unpipelined after look-ahead: flash_fwd
         acc, l_i, m_i = _quant_tile(acc, l_i, m_i, q, sq, Kb, KSb, Vb, sk_t, sv_t, sv_d, n0, pos, S,
                                     LEFT, RIGHT, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D != HEAD_DIM,
@@ -206,8 +221,10 @@ def quant_configs(D: int, pv_fp8: bool, dtype: torch.dtype) -> list[Config]:
     # At D = 64 the one-warpgroup 64-row look-ahead tile is the unserialized, unspilled 4-warp candidate. At
     # D = 128 it fits two programs per SM (239 registers, 88 KB shared on sm_90a; the 8-warp tile fits one):
     # the bf16 forward's winner on short programs (flash_tiles_2026-12-06_h100.md); untimed here.
+    # The lazy rescale (flash_fwd._LAZY_CANDIDATES) on the two leading loops, untimed.
     return [Config(128, 64, 4, 3), Config(128, 64, 4, 4), Config(128, 64, 8, 3), Config(128, 128, 8, 3),
-            Config(128, 64, 8, 3, ahead=1)] + ([Config(64, 64, 4, 3, ahead=1)] if D <= 128 else [])
+            Config(128, 64, 8, 3, ahead=1), Config(128, 64, 4, 3, lazy=1), Config(128, 64, 8, 3, ahead=1, lazy=1)
+            ] + ([Config(64, 64, 4, 3, ahead=1)] if D <= 128 else [])
 
 
 # Launch plans keyed by shapes, strides, dtypes, alignment and options (see flash_fwd._PLANS).
@@ -251,13 +268,13 @@ def quant_fwd(q, k, v, q_scale, k_scale, v_scale, *, softmax_scale: float, causa
                   k_scale.stride(1), *vs_strides, T, S, H, H // Hkv, NO_LIMIT, 0 if causal else NO_LIMIT)
 
         def plan_of(cfg: Config) -> tuple:
-            bm, bn, _, _, _tma, ws, ahead, _ = cfg  # the quantized loop loads through pointers only
+            bm, bn, _, _, _tma, ws, ahead, _, lazy = cfg  # the quantized loop loads through pointers only
             k_scalar = scalar_ok and (k_group is None or k_group % bn == 0)
             return static, KernelLaunch(_quant_fwd_kernel, (cdiv(T, bm), B * H), dict(
                 HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=bm, BLOCK_N=bn,
                 PV_FP8=pv_fp8, REVERSE=causal, DOT_PREC=None if pv_fp8 else dot_precision(v.dtype),
                 GRID_ROUND=interpreting(), K_SCALAR=k_scalar, QK_INT=q.dtype == torch.int8, WS=bool(ws),
-                AHEAD=bool(ahead), **cfg.options()))
+                AHEAD=bool(ahead), LAZY=bool(lazy) and not pv_fp8, **cfg.options()))
 
         def run(p) -> None:
             p[1](q, k, v, q_scale, k_scale, vs, o, qk_scale, *p[0])
