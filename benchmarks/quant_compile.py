@@ -52,8 +52,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     table = rows(args.head_dim)
-    keys = ("ahead", "lazy", "registers", "spill_store_bytes", "shared_bytes", "LDGSTS", "LDG", "HGMMA", "IGMMA", "QGMMA",
-            "wgmma_serialized", "loop_instructions", "loop_mufu_in_flight", "loop_LDG", "loop_skippable")
+    keys = ("ahead", "lazy", "registers", "spill_store_bytes", "shared_bytes", "LDGSTS", "LDG", "HGMMA", "IGMMA",
+            "QGMMA", "wgmma_serialized", "loop_instructions", "loop_mufu_in_flight", "loop_LDG", "loop_skippable")
     print("| path | D | tile | warps | stages | " + " | ".join(keys) + " |")
     print("|---" * (5 + len(keys)) + "|")
     for r in table:

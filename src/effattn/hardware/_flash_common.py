@@ -123,14 +123,22 @@ LAZY_GROWTH: tl.constexpr = tl.constexpr(8.0)
 
 
 @triton.jit
-def _max_grew(x, c_row, m_i):
-    """For the lazy online softmax of an unmasked tile (scores x * c_row, c_row > 0, as in `_softmax_step`): the
-    tile's row maxima and whether any grew by more than LAZY_GROWTH over the running max m_i (+inf while m_i is
-    -inf), one decision for the whole program (a reduction over its rows). Only then does the caller move m and
-    rescale l and its output by 2^(m_old - m_new) (FlashAttention-4's conditional rescale); a kept max gives
-    p = 2^(x c - m) <= 2^LAZY_GROWTH, and the output, l and the LSE stay consistent, as they share m."""
+def _lazy_softmax_step(x, c_row, c_tile, acc, l_i, m_i):
+    """The online softmax of an unmasked tile (scores x * c, c > 0 as in `_softmax_step`, no shift) with a lazy
+    rescale (FlashAttention-4's conditional one): the running max m moves, and l and the output acc are rescaled by
+    2^(m_old - m_new), only when some row's max grew by more than LAZY_GROWTH since m last moved (+inf while m is
+    -inf), one decision for the whole program (a reduction over its rows). A kept max gives p = 2^(x c - m) <=
+    2^LAZY_GROWTH; acc, l and the LSE stay consistent, as they share m. Returns (p, acc, l, m); the caller adds
+    p V to acc."""
     m_tile = tl.max(x, 1) * c_row
-    return m_tile, tl.max(m_tile - m_i, 0) > LAZY_GROWTH
+    if tl.max(m_tile - m_i, 0) > LAZY_GROWTH:
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.exp2(x * c_tile - m_i[:, None])
+    return p, acc, l_i + tl.sum(p, 1), m_i
 
 
 @triton.jit
@@ -184,7 +192,7 @@ class Config(tuple):
     the next matmul before the exponentials, so that the tensor cores work while they run: each unmasked key
     block's Q K^T before the previous block's softmax (forward kernels), dP^T before P^T (dK/dV); regs > 0
     caps the registers per thread (ptx .maxnreg), so that more programs share an SM; lazy=1 (the dense forward's
-    unmasked loop) rescales the output only when a row's max grew past a threshold (`_max_grew`)."""
+    unmasked loop) rescales the output only when a row's max grew past a threshold (`_lazy_softmax_step`)."""
 
     def __new__(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: int = 0, ws: int = 0,
                 ahead: int = 0, regs: int = 0, lazy: int = 0):

@@ -16,7 +16,7 @@ from .._memory import empty_output
 
 from ._flash_split import (_split_program, _store_part, _walk_ranges, combine, extra_rows, mask_split, part_buffer,
                            sparse_signature, split_args)
-from ._flash_common import (Config, _dot, _kv_stages, _load_tile, _max_grew, _scores, _sequence,
+from ._flash_common import (Config, _dot, _kv_stages, _lazy_softmax_step, _load_tile, _scores, _sequence,
                             _softmax_step, _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision,
                             pick_config, remember_plan, seqlen_bucket, tuner_env, window_bucket)
 
@@ -45,7 +45,7 @@ def _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in
     """Online-softmax step of the key block [n0, n0 + BLOCK_N) from its raw scores qk: mask, rescale,
     acc += P V. With USE_BITS the tile is rows r0.., columns c0.. of partial tile `tile` of the block mask
     (MASK_M rows a tile). LAZY (unmasked tiles): acc is rescaled only when the running max moved
-    (`_max_grew`). Returns (acc, l, m)."""
+    (`_lazy_softmax_step`). Returns (acc, l, m)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if SOFTCAP:
         s, _ = _scores(qk, qk_scale, cap_in, cap_out, SOFTCAP)
@@ -60,16 +60,7 @@ def _fwd_update(qk, acc, l_i, m_i, Vb, sv_t, n0, pos, seqlen_k, qk_scale, cap_in
                                MASK_M, WORDS)
         s = tl.where(keep, s, float("-inf"))
     if LAZY and not MASK:
-        m_tile, moved = _max_grew(s, c, m_i)
-        if moved:
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.exp2(s * c - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        m_new = m_i
+        p, acc, l_i, m_new = _lazy_softmax_step(s, c, c, acc, l_i, m_i)
     else:
         p, alpha, l_i, m_new = _softmax_step(s, c, c, 0.0, m_i, l_i, MASK)
         acc = acc * alpha[:, None]

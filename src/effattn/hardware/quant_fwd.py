@@ -19,9 +19,9 @@ import triton.language as tl
 
 from .._memory import empty_output
 from .._triton_mode import interpreting
-from ._flash_common import (LOG2E, NO_LIMIT, Config, KernelLaunch, _dot, _kv_stages, _load_tile, _max_grew,
-                            _softmax_step, _visible, block_d, cdiv, dot_precision, pick_config, remember_plan,
-                            seqlen_bucket, tuner_env)
+from ._flash_common import (LOG2E, NO_LIMIT, Config, KernelLaunch, _dot, _kv_stages, _lazy_softmax_step,
+                            _load_tile, _softmax_step, _visible, block_d, cdiv, dot_precision, pick_config,
+                            remember_plan, seqlen_bucket, tuner_env)
 from .quantize import V_PAD
 
 LOG2_P_SCALE: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): P V in FP8 stores 448 P (e4m3 range)
@@ -68,7 +68,8 @@ def _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, seqlen_k, 
                   PV_FP8: tl.constexpr, DOT_PREC: tl.constexpr, GRID_ROUND: tl.constexpr, K_SCALAR: tl.constexpr,
                   QK_INT: tl.constexpr, LAZY: tl.constexpr = False):
     """Online-softmax step of the key block [n0, n0 + BLOCK_N) from its raw scores qk. Returns (acc, l, m).
-    LAZY (unmasked tiles, 16-bit P V): acc and l are rescaled only when the running max moved (`_max_grew`).
+    LAZY (unmasked tiles, 16-bit P V): acc and l are rescaled only when the running max moves
+    (`_lazy_softmax_step`).
 
     K_SCALAR (the tile lies inside one K scale group): the scores are qk * r_i with the row factor
     r_i = sq_i * sk, so the row max is max(qk) * r_i (r_i > 0) and p = exp2(qk * r_i - m_i) is one FMA per
@@ -90,17 +91,10 @@ def _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, seqlen_k, 
             s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, 0), s, float("-inf"))
         x, c_row, c_tile = s, 1.0, 1.0
     if LAZY and not MASK and not PV_FP8:  # (e4m3 P, scaled to 448, has no room for a kept max's 2^8)
-        m_tile, moved = _max_grew(x, c_row, m_i)
-        if moved:
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.exp2(x * c_tile - m_i[:, None])
+        p, acc, l_i, m_i = _lazy_softmax_step(x, c_row, c_tile, acc, l_i, m_i)
         v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
                        MASK, PAD_DV)
-        return _dot(p.to(v.dtype), v, acc, DOT_PREC), l_i + tl.sum(p, 1), m_i
+        return _dot(p.to(v.dtype), v, acc, DOT_PREC), l_i, m_i
     p, alpha, l_i, m_new = _softmax_step(x, c_row, c_tile, LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
     if PV_FP8:
         # V^T `[Dv, S_pad]` loaded as stored (token rows contiguous) and transposed in shared memory, as K is:
