@@ -178,7 +178,7 @@ def _constexprs(kernel: str, bm: int, bn: int, d: int, sparse: bool, tma: bool, 
         return dict(common, REVERSE=False, TMA=tma, WS=False, AHEAD=ahead, MASK_M=mask_m, MASK_N=mask_n,
                     LAZY=lazy)
     if kernel == "dkdv":
-        return dict(common, MASK_M=mask_m, EARLY_DP=ahead, SINK_PARTS=sink_parts)
+        return dict(common, MASK_M=mask_m, EARLY_DP=ahead, SINK_PARTS=sink_parts, TMA=tma)
     return dict(common, MASK_N=mask_n, HAS_DLSE=False)
 
 
@@ -190,7 +190,7 @@ def _kernel_fn(kernel: str):
 def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: bool, tma: bool = False,
         mask_m: int | None = None, ahead: bool = False, mask_n: int | None = None,
         sink_parts: bool = False, split: bool = False, regs: int = 0, lazy: bool = False) -> dict:
-    """Compile one configuration; `tma` (forward only): Q, K, V, O as [B, N, H * D] descriptors, as launched;
+    """Compile one configuration; `tma`: Q, K, V, O (forward) or Q, dO (dK/dV) as [B, N, H * D] descriptors;
     `regs`: a register cap per thread (Config's, ptx .maxnreg; 0: none);
     `mask_m` (block-sparse forward and dK/dV): the block mask's query rows, of which a program takes bm
     (forward) or walks them bm at a time (dK/dV) (default bm); `mask_n` (block-sparse forward and dQ): its key
@@ -198,8 +198,8 @@ def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: 
     the forward's unmasked loop issues the next block's Q K^T before this block's softmax, dK/dV issues
     dP^T before its exponentials (EARLY_DP); `sink_parts` (dK/dV): the attention sinks' rows split over extra
     programs (SINK_PARTS); `split` (block-sparse): the long walks' part programs (SPLIT)."""
-    if tma and kernel != "fwd":
-        raise ValueError("only the forward has a TMA variant")
+    if tma and kernel == "dq":
+        raise ValueError("dQ has no TMA variant")
     if sink_parts and (kernel != "dkdv" or sparse):
         raise ValueError("only the dense dK/dV kernel splits the sinks' rows")
     if split and not sparse:
@@ -207,7 +207,8 @@ def one(kernel: str, bm: int, bn: int, warps: int, stages: int, d: int, sparse: 
     if ahead and kernel == "dq":
         raise ValueError("dQ has no look-ahead variant")
     mask_m = bm if mask_m is None else mask_m
-    descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in (("Q", bm), ("K", bn), ("V", bn), ("O", bm))} if tma else None
+    tiles = (("Q", bm), ("K", bn), ("V", bn), ("O", bm)) if kernel == "fwd" else (("Q", bm), ("DO", bm))
+    descs = {n: f"tensordesc<bf16[1,{b},{d}]>" for n, b in tiles} if tma else None
     compiled = compile_sm90(_kernel_fn(kernel), _constexprs(kernel, bm, bn, d, sparse, tma, mask_m, ahead, mask_n,
                                                             sink_parts, split, lazy), warps, stages, descs, regs)
     return {"kernel": kernel, "tile": (bm, bn), "mask_rows": mask_m if kernel != "dq" else None,
@@ -231,7 +232,8 @@ def candidates(dims):
                           ahead=bool(cfg[6]), mask_n=mask[1]), flush=True)
         for kind in ("dkdv", "dq"):
             for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, None, kind):
-                print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False, ahead=bool(cfg[6]), regs=cfg[7]), flush=True)
+                print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, False, bool(cfg[4]), ahead=bool(cfg[6]),
+                          regs=cfg[7]), flush=True)
             for mask in ((128, 64), (128, 128)):
                 for cfg in flash_bwd.bwd_configs(d, torch.bfloat16, mask, kind):
                     print(one(kind, cfg[0], cfg[1], cfg[2], cfg[3], d, True, mask_m=mask[0], ahead=bool(cfg[6]),
@@ -246,7 +248,7 @@ def main():
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--head-dim", type=int, nargs="+", default=[128])
     ap.add_argument("--sparse", action="store_true", help="the block-sparse variant (index lists, bitmasks)")
-    ap.add_argument("--tma", action="store_true", help="forward only: TMA descriptor loads")
+    ap.add_argument("--tma", action="store_true", help="fwd, dkdv: TMA descriptor loads (Q, K, V, O; Q, dO)")
     ap.add_argument("--ahead", action="store_true",
                     help="fwd: next block's Q K^T before this softmax; dkdv: dP^T before the exponentials")
     ap.add_argument("--mask-rows", type=int, default=None,

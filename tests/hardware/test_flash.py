@@ -237,3 +237,19 @@ def test_lazy_rescale_forward(monkeypatch, device, tma):
                                      backward=False)
             assert_matches_reference(method, shape=shape, dtype=torch.bfloat16, device=device, causal=causal,
                                      return_lse=True, backward=False)
+
+
+def test_tma_dkdv_backward(monkeypatch, device):
+    """The dK/dV kernel loading Q and dO through TMA descriptors (a tuner candidate on Hopper), pinned: causal,
+    windows, GQA, cross lengths, a block mask; fp32 inputs and padded head dims fall back to pointer loads."""
+    monkeypatch.setenv("EFFATTN_FLASH_CONFIGS", "dkdv=32,32,4,1,1")
+    for shape in (GQA, replace(GQA, seq_q=70, seq_k=90), CROSS):
+        assert_matches_reference(FLASH, shape=shape, dtype=torch.bfloat16, device=device, causal=True)
+        assert_matches_reference(FLASH, shape=shape, dtype=torch.float16, device=device, window=(9, 2))
+    bm = effattn.sparse.block_mask(lambda b, h, i, j: (i // 32 + j // 32) % 2 == 0, 1, 4, 70, 70, block=(32, 32),
+                                   device=device)
+    assert_matches_reference(FLASH, shape=replace(GQA, seq_q=70), dtype=torch.bfloat16, device=device,
+                             block_mask=bm)
+    assert_matches_reference(FLASH, shape=GQA, device=device, causal=True)
+    assert_matches_reference(FLASH, shape=Shape(batch=1, seq_q=20, heads=2, head_dim=96), dtype=torch.bfloat16,
+                             device=device)

@@ -17,6 +17,7 @@ import triton.language as tl
 from .._memory import empty_output
 from ._flash_split import (_split_program, _store_part, _walk_ranges, combine, extra_rows, mask_split, part_buffer,
                            sparse_signature, split_args)
+from .flash_fwd import _descriptor, _tma_ok
 from ._flash_common import (LOG2E, NO_LIMIT, Config, _dot, _kv_stages, _load_tile, _q_stages, _scores, _sequence,
                             _tile_bits, _visible, KernelLaunch, block_d, cdiv, dot_precision, pick_config,
                             remember_plan, seqlen_bucket, tuner_env, window_bucket)
@@ -36,19 +37,26 @@ def _lse2(LSEb, offs, n, CHECK: tl.constexpr):
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q, seqlen_k,
-               qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, r0, offs_d, offs_dv,
+               qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, r0, offs_d, offs_dv, bb, h,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASK: tl.constexpr, USE_BITS: tl.constexpr,
                MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-               EARLY_DP: tl.constexpr):
+               EARLY_DP: tl.constexpr, TMA: tl.constexpr):
     """Accumulate the query block [m0, m0 + BLOCK_M) into dK, dV of the key block, transposed: [keys, rows].
     With USE_BITS its rows are rows r0.. of partial tile `tile` of the block mask (MASK_M rows a tile).
     EARLY_DP issues dP^T = V dO^T before the exponentials, so that sm_90a code runs them while the tensor
-    cores work (benchmarks/flash_compile.py: loop_mufu_in_flight 0 -> 16-32), at some 8% more instructions."""
+    cores work (benchmarks/flash_compile.py: loop_mufu_in_flight 0 -> 16-32), at some 8% more instructions.
+    With TMA, Qb and DOb are tensor descriptors over [B, T, H * D] (rows past T zero-filled by the copy engine)
+    and the tiles of head h of sequence bb are loaded by it; else they are pointers."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = _load_tile(Qb + offs_m[:, None] * sq_t + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, MASK, PAD_D)
-    do = _load_tile(DOb + offs_m[:, None] * sdo_t + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DIM_V,
-                    MASK, PAD_DV)
+    if TMA:
+        q = Qb.load([bb, m0, h * HEAD_DIM]).reshape([BLOCK_M, HEAD_DIM])
+        do = DOb.load([bb, m0, h * HEAD_DIM_V]).reshape([BLOCK_M, HEAD_DIM_V])
+    else:
+        q = _load_tile(Qb + offs_m[:, None] * sq_t + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, MASK,
+                       PAD_D)
+        do = _load_tile(DOb + offs_m[:, None] * sdo_t + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DIM_V,
+                        MASK, PAD_DV)
     lse = _lse2(LSEb, offs_m, seqlen_q, MASK)
     sT, tT = _scores(_dot(k, tl.trans(q), None, DOT_PREC), qk_scale, cap_in, cap_out, SOFTCAP)
     if EARLY_DP:
@@ -86,7 +94,8 @@ def _dkdv_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, SPARSE: tl.constexpr,
         ARITH: tl.constexpr, MASK_M: tl.constexpr, WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
-        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr, SINK_PARTS: tl.constexpr, SPLIT: tl.constexpr):
+        DOT_PREC: tl.constexpr, EARLY_DP: tl.constexpr, SINK_PARTS: tl.constexpr, SPLIT: tl.constexpr,
+        TMA: tl.constexpr):
     """dK, dV of one key block. Block-sparse, each listed query block (MASK_M rows, the block mask's) is
     walked BLOCK_M rows at a time: a 64-row step at 8 warps compiles for sm_90a without register spills at
     D = 128, the mask's 128-row tile spills 760 bytes (benchmarks/flash_compile.py).
@@ -132,8 +141,12 @@ def _dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(GROUP):
         h = hk * GROUP + g
-        Qb = Q + bb * sq_b + q0 * sq_t + h * sq_h
-        DOb = DO + bb * sdo_b + q0 * sdo_t + h * sdo_h
+        if TMA:  # fixed-length, unpadded [B, T, H * D] layouts only (the launcher checks)
+            Qb = Q
+            DOb = DO
+        else:
+            Qb = Q + bb * sq_b + q0 * sq_t + h * sq_h
+            DOb = DO + bb * sdo_b + q0 * sdo_t + h * sdo_h
         LSEb = LSE + bb * slse_b + h * slse_h + q0
         DELTAb = DELTA + bb * slse_b + h * slse_h + q0
         if SPARSE:
@@ -146,15 +159,15 @@ def _dkdv_kernel(
                 m0 = tl.load(FULL_IDX + row * NQB + j // SUB) * MASK_M + (j % SUB) * BLOCK_M
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
-                                    offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH, False,
-                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
+                                    offs_dv, bb, h, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, ARITH,
+                                    False, MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP, TMA)
             for j in range(p_lo * SUB, p_hi * SUB):
                 qb, r0 = tl.load(Q_IDX + row * NQB + j // SUB), (j % SUB) * BLOCK_M
                 tile = tl.load(TILE_MAP + (((b * MB_B) * HM + h * MB_H) * NQB + qb) * NKB + pid_n)
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, qb * MASK_M + r0, offs_n, off,
                                     seqlen_q, seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, tile, r0,
-                                    offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True,
-                                    True, MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
+                                    offs_d, offs_dv, bb, h, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV,
+                                    True, True, MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP, TMA)
         else:
             lo, a, c, hi = _q_stages(n0, seqlen_q, seqlen_k, off, LEFT, RIGHT, BLOCK_M, BLOCK_N)
             # the masked query blocks (both edges of the band, then the rows below a sink block that the band
@@ -178,13 +191,13 @@ def _dkdv_kernel(
                               tl.where(j < n1 + n2, c + (j - n1) * BLOCK_M, done + (j - n1 - n2) * BLOCK_M))
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
-                                    offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True, False,
-                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
+                                    offs_dv, bb, h, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, True,
+                                    False, MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP, TMA)
             for m0 in tl.range(a, c_end, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, m0, offs_n, off, seqlen_q,
                                     seqlen_k, qk_scale, cap_in, cap_out, LEFT, RIGHT, SINKS, BITS, 0, 0, offs_d,
-                                    offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False, False,
-                                    MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP)
+                                    offs_dv, bb, h, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAD_D, PAD_DV, False,
+                                    False, MASK_M, WORDS, SOFTCAP, DOT_PREC, EARLY_DP, TMA)
     dk = dk * (qk_scale * 0.6931471805599453)  # d(raw score) = scale * dS; qk_scale carries log2(e)
     to_part: tl.constexpr = False
     if SPLIT:
@@ -377,8 +390,11 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
             return [Config(32, 128, 4, 3), Config(32, 64, 4, 3), Config(64, 64, 4, 3)]
         # Not listed: 32-row steps over 128 keys at 8 warps, the one D = 128 tile without spills on sm_90a (the
         # window's 64 x 64 pick spills 580 bytes), lost 10-13% on the window (flash_tiles_2026-12-07_h100.md).
+        # Q, dO through TMA descriptors (tma=1; untimed): at the window's 64 x 64 tile sm_90a spills 124 bytes
+        # instead of 580, none of them in the unmasked loop (38 accesses a tile before), which runs 485
+        # instructions a tile instead of 522 (benchmarks/flash_compile.py --kernel dkdv --tma).
         return [Config(64, 128, 8, 2, ahead=1), Config(64, 128, 8, 3, ahead=1), Config(64, 128, 8, 3),
-                Config(64, 64, 4, 2)]
+                Config(64, 64, 4, 2), Config(64, 64, 4, 2, 1), Config(64, 128, 8, 2, 1, ahead=1)]
     if D <= 64:
         return [Config(64, 32, 4, 3), Config(128, 32, 4, 4), Config(128, 32, 4, 3)]
     # dQ 64 x 32 in 2 stages, capped at 160 registers (16 bytes of spills on sm_90a): 64 KB of shared memory and
@@ -453,11 +469,14 @@ def sink_split(sinks: int, T: int, S: int, left: int, right: int, block_n: int) 
 
 
 def _launch_dkdv(part, tensors, sparse_args) -> None:
-    """Run a dK/dV launch `part` = (static args, launch, (sink parts, sink rows)) on `tensors` = (q, k, v, do,
-    lse, delta, dk, dv, cu); with sink parts, its float32 partial sums of the sink blocks are added up into
-    dk / dv here (a sum over the parts' axis and a copy: a few microseconds)."""
-    static, launch, (parts, rows) = part
+    """Run a dK/dV launch `part` = (static args, launch, (sink parts, sink rows), TMA rows) on `tensors` = (q,
+    k, v, do, lse, delta, dk, dv, cu); with TMA rows (its BLOCK_M) q and do go as tensor descriptors; with sink
+    parts, its float32 partial sums of the sink blocks are added up into dk / dv here (a sum over the parts'
+    axis and a copy: a few microseconds)."""
+    static, launch, (parts, rows), tma_rows = part
     q, k, v, do, lse, delta, dk, dv, cu = tensors
+    if tma_rows:
+        q, do = _descriptor(q, tma_rows), _descriptor(do, tma_rows)
     if not parts:
         launch(q, k, v, do, lse, delta, dk, dv, cu, delta, delta, *static, *sparse_args)
         return
@@ -511,6 +530,8 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
 
+    tma_ok = _tma_ok(q, do, do, varlen)  # q and do as [B, T, H * D] descriptors for dK/dV (K, V: pointers)
+
     def dkdv_part(cfg: Config):
         bm, bn = cfg[:2]
         if sparse is not None and (bn != fixed[1] or fixed[0] % bm):
@@ -520,11 +541,12 @@ def flash_bwd(do, dlse, q, k, v, o, lse, *, scale, causal, window, sinks, softca
         parts, sink_rows = sink_split(sinks, T, S, left, right, bn) if dense else (0, 0)
         extra = extra_rows(split_kv, kv_grid, 1)
         grid = (kv_grid + parts * sink_rows // bn, n_seq * Hkv + extra)
+        tma = bool(cfg[4]) and tma_ok
         return ((*strides, *dk_strides, *dv_strides, T, S, Hkv, H // Hkv, *scal, kv_grid, parts, sink_rows),
                 KernelLaunch(_dkdv_kernel, grid, dict(meta, BLOCK_M=bm, BLOCK_N=bn, MASK_M=fixed[0] if fixed else bm,
                                                       EARLY_DP=bool(cfg[6]), SINK_PARTS=parts > 0,
-                                                      SPLIT=split_kv is not None, **cfg.options())),
-                (parts, sink_rows))
+                                                      SPLIT=split_kv is not None, TMA=tma, **cfg.options())),
+                (parts, sink_rows), bm if tma else 0)
 
     def dq_part(cfg: Config):
         bm, bn = cfg[:2]
