@@ -111,11 +111,15 @@ def report(kernel) -> dict:
             **{op: ops[op] for op in ("LDG", "LDGSTS", "UTMALDG", "HGMMA", "IGMMA", "QGMMA", "MUFU", "BAR")}, **loop}
 
 
+def sass_instructions(sass: str) -> list[tuple[int, str]]:
+    """The SASS instructions in order, as (address, text)."""
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
 def sass_loops(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
     """The SASS instructions (text, in order) and every loop as (first, last) indices into them: a backward
     branch and its target."""
-    ins = [(int(m.group(1), 16), m.group(2).strip())
-           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    ins = sass_instructions(sass)
     index = {a: i for i, (a, _) in enumerate(ins)}
     loops = []
     for i, (a, text) in enumerate(ins):
@@ -134,7 +138,7 @@ def mma_loop(sass: str) -> dict:
     synchronous global loads in it (tiles the software pipeline refused, or scalars). loop_skippable: the most
     instructions one conditional forward branch in it jumps over (a lazy rescale's skipped block)."""
     ins, loops = sass_loops(sass)
-    addr = [int(m.group(1), 16) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    addr = [a for a, _ in sass_instructions(sass)]
 
     def mmas_in(lo, hi):
         return sum("GMMA" in t for t in ins[lo:hi + 1])

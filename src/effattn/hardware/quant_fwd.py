@@ -91,11 +91,9 @@ def _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, seqlen_k, 
             s = tl.where(_visible(pos[:, None], offs_n[None, :], seqlen_k, LEFT, RIGHT, 0), s, float("-inf"))
         x, c_row, c_tile = s, 1.0, 1.0
     if LAZY and not MASK and not PV_FP8:  # (e4m3 P, scaled to 448, has no room for a kept max's 2^8)
-        p, acc, l_i, m_i = _lazy_softmax_step(x, c_row, c_tile, acc, l_i, m_i)
-        v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
-                       MASK, PAD_DV)
-        return _dot(p.to(v.dtype), v, acc, DOT_PREC), l_i, m_i
-    p, alpha, l_i, m_new = _softmax_step(x, c_row, c_tile, LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
+        p, acc, l_i, m_new = _lazy_softmax_step(x, c_row, c_tile, acc, l_i, m_i)
+    else:
+        p, alpha, l_i, m_new = _softmax_step(x, c_row, c_tile, LOG2_P_SCALE if PV_FP8 else 0.0, m_i, l_i, MASK)
     if PV_FP8:
         # V^T `[Dv, S_pad]` loaded as stored (token rows contiguous) and transposed in shared memory, as K is:
         # FP8 wgmma wants V K-major. No mask on tokens: S_pad is a multiple of V_PAD (and BLOCK_N), zero past S
@@ -108,7 +106,8 @@ def _quant_update(qk, sk, acc, l_i, m_i, sq, Vb, sv_t, sv_d, n0, pos, seqlen_k, 
     else:
         v = _load_tile(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
                        MASK, PAD_DV)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC)
+        lazy: tl.constexpr = LAZY and not MASK  # acc rescaled already, where the max moved
+        acc = _dot(p.to(v.dtype), v, acc if lazy else acc * alpha[:, None], DOT_PREC)
     return acc, l_i, m_new
 
 
