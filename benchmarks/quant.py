@@ -9,7 +9,7 @@ TFLOP/s count bf16-equivalent attention FLOPs, 4 B H N^2 D (half of it causal), 
 Errors: relative L1 (sum|o - ref| / sum|ref|) and cosine similarity against float32 attention on 256 query
 rows spread over the sequence (all keys, causal mask applied). Inputs are bf16 N(0, 1). Timings are
 triton.testing.do_bench medians; quantisation time is included for every quantized method (SageAttention's
-too). Writes quant[_d<D>].json and .md into --out, after every cell.
+too). Writes quant[_d<D>].json (with what the tuner timed and chose) and .md into --out, after every cell.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import effattn  # noqa: E402
+from effattn.hardware import _flash_common  # noqa: E402
 
 PEAK = {"bf16": 989.0, "int8/fp8": 1979.0}  # H100 SXM dense TFLOP/s (datasheet), for the floor
 
@@ -197,6 +198,8 @@ def main() -> None:
                                                for k2, v2 in r.items() if k2 != "method"}, flush=True)
                     del o
                 res["cells"].append(cell)
+                res["tuner"] = {repr(k): {repr(c): ms for c, ms in v.items()} for k, v in _flash_common.TIMINGS.items()}
+                res["chosen"] = {repr(k): repr(v) for k, v in _flash_common._BEST.items()}
                 with open(os.path.join(args.out, stem + ".json"), "w") as f:
                     json.dump(res, f, indent=1)
                 with open(os.path.join(args.out, stem + ".md"), "w") as f:

@@ -61,8 +61,9 @@ def test_split_walks_compile_for_hopper():
 
 
 def test_register_cap_gives_the_window_dq_three_programs_an_sm():
-    """The dQ candidate `Config(64, 32, 4, 2, regs=160)`: capped (ptx .maxnreg), it compiles for sm_90a within 160
-    registers and 64 KB of shared memory, so three programs (12 warps) share an SM; uncapped it takes more."""
+    """`Config.regs` (ptx .maxnreg; a pinned `EFFATTN_FLASH_CONFIGS` field, no longer a tuner candidate): the dQ at
+    64 x 32 in 2 stages capped at 160 compiles for sm_90a within 160 registers and 64 KB of shared memory, so three
+    programs (12 warps) share an SM; uncapped it takes more."""
     cfg = ("--tile", "64,32", "--warps", "4", "--stages", "2", "--head-dim", "128")
     capped, free = _compile("dq", *cfg, "--regs", "160"), _compile("dq", *cfg)
     assert capped["registers"] <= 160 < free["registers"], (capped["registers"], free["registers"])

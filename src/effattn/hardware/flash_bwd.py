@@ -397,12 +397,11 @@ def bwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None, kind:
                 Config(64, 64, 4, 2), Config(64, 64, 4, 2, 1), Config(64, 128, 8, 2, 1, ahead=1)]
     if D <= 64:
         return [Config(64, 32, 4, 3), Config(128, 32, 4, 4), Config(128, 32, 4, 3)]
-    # dQ 64 x 32 in 2 stages, capped at 160 registers (16 bytes of spills on sm_90a): 64 KB of shared memory and
-    # 20k registers a program, so three programs share an SM instead of two (12 warps; ncu showed the 1024-key
-    # window's dQ at 8 warps an SM, 35% of issue slots busy). Mixed on the H100 (flash_dq_regs_2026-12-07_h100.md):
-    # the window's fwd+bwd +6% / +3% at 8k / 16k on one machine, -1% / -7% on another; the tuner decides.
+    # Not listed: dQ 64 x 32 in 2 stages capped at 160 registers (Config.regs; three programs an SM instead of two,
+    # 16 bytes of spills on sm_90a): the window's fwd+bwd +6% / +3% at 8k / 16k on one H100, -1% / -7% on another
+    # (flash_dq_regs_2026-12-07_h100.md), its dQ kernel 0.7-2% slower on a third (2026-12-07 19:20).
     return [Config(128, 64, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 8, 3),
-            Config(64, 32, 4, 3), Config(64, 32, 4, 2, regs=160)]
+            Config(64, 32, 4, 3)]
 
 
 # Launch plans of fixed-length backwards (dense or block-sparse), keyed like the forward's (flash_fwd._PLANS): the

@@ -246,7 +246,7 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
     if D <= 64:  # measured on the H100 (benchmarks/results): 256-row tiles and 8 warps never won (the 8-warp
         # look-ahead loop neither: 1.20-1.26x the best, lookahead_2026-12-05_h100.md)
         return [Config(128, 64, 4, 3), Config(128, 128, 4, 3), Config(128, 64, 4, 3, 1), Config(128, 64, 4, 4, 1),
-                Config(64, 64, 4, 3, 1), *_LAZY_CANDIDATES[64]]
+                Config(64, 64, 4, 3, 1), *_LAZY_CANDIDATES]
     # Not used: Q (and, in the backward, dO, K, V) kept in registers for wgmma's register-A form through an opaque
     # move: +1-3% for the 64 x 64 forward, -8% for the 128 x 128 causal one, -15% for the window's backward, -7-11% for
     # the FP8 forwards (H100, flash_a_regs_2026-12-07_h100.md).
@@ -254,18 +254,18 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
         # 64-key tiles) came within 2-14% of the 128 x 128 TMA tile on the H100, 2026-12-05
         return [Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(128, 128, 8, 3, 1),
                 Config(128, 64, 8, 3, 1), Config(128, 128, 8, 2, 1), Config(128, 64, 8, 3, ahead=1),
-                Config(64, 64, 4, 3, 1), *_LAZY_CANDIDATES[128]]
+                Config(64, 64, 4, 3, 1)]
     return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
 
 
-# The lazy rescale (LAZY) on the leading tiles, untimed: compiled for sm_90a its unmasked loop skips 88 of 553
-# instructions per tile at D = 64 (128 x 64, 4 warps: 465 against the eager loop's 514; with TMA 455 against 511)
-# and 76 of 517 at D = 128 (128 x 128, 8 warps, TMA: 441 against 489) when no row's max grew past the threshold,
-# for a program-wide max (a shared-memory reduction and two barriers per tile; `flash_compile.py --lazy`,
-# loop_skippable). The forward at D = 64 issues ~8 instructions per score, as many as its exp units and tensor
-# cores allow (16 scores per cycle and SM each), so issue slots bound it as much as they do.
-_LAZY_CANDIDATES = {64: [Config(128, 64, 4, 3, lazy=1), Config(128, 64, 4, 3, 1, lazy=1)],
-                    128: [Config(128, 128, 8, 3, lazy=1), Config(128, 128, 8, 3, 1, lazy=1)]}
+# The lazy rescale (LAZY) on the leading D <= 64 tiles: compiled for sm_90a its unmasked loop skips 88 of 553
+# instructions per tile (128 x 64, 4 warps: 465 against the eager loop's 514; with TMA 455 against 511) when no
+# row's max grew past the threshold, for a program-wide max (a shared-memory reduction and two barriers per tile;
+# `flash_compile.py --lazy`, loop_skippable). The forward at D = 64 issues ~8 instructions per score, as many as
+# its exp units and tensor cores allow (16 scores per cycle and SM each). H100, 2026-12-07 (lazy_rescale.md):
+# picked at D = 64 non-causal 16k (-2.4% against the same tile eager), 3% slower at 4k and causal. At D = 128 the
+# two lazy tiles (128 x 128, 8 warps, with and without TMA) lost in all four cells (+3-5%): not listed.
+_LAZY_CANDIDATES = [Config(128, 64, 4, 3, lazy=1), Config(128, 64, 4, 3, 1, lazy=1)]
 
 
 def no_sparse_args(t: torch.Tensor) -> tuple:

@@ -26,7 +26,8 @@ channels per warp (167 registers, 12 warps) was slower: twice the instructions p
 SUB tokens' dx, ddt, dB, dC after all of its steps: a store between two steps keeps the next step's loads (which
 may alias it, as far as the compiler knows) from being issued before it, so each step waited on its loads; at
 SUB = 2 the compiler then also reuses the recompute's loads (sm_90a 57.75 instructions per state element against
-60.25, no spills; at SUB = 4 it spills 372 bytes). Untimed on a GPU: the tuner times both.
+60.25, no spills; at SUB = 4 it spills 372 bytes). On the H100 (2026-12-07 19:07) that made SUB = 2 6% faster at
+T = 16k (1.951 ms against 2.082), 1% behind SUB = 4 (1.935): the tuner times both.
 dB and dC sum over channels: each program reduces its BD channels and writes a partial sum per channel block (at
 BD = 32, one warp, by `_lane_sums`' transposed butterfly: shuffles only, 31 a sum at N = 16 instead of 80, which
 made the walk backward 14-15% faster on the H100); dA sums over time: a partial per chunk. The launcher adds them.
