@@ -257,6 +257,12 @@ def _pattern_row(cfg, flex, spec, N, D):
             "density": density, "build_s": build_s,
             "max_abs_diff_vs_flex": float((native().detach().float() - theirs().detach().transpose(1, 2).float()).abs().max()),
             "fwd_ms": bench(native, cfg.device), "fwd_bwd_ms": bench(fwd_bwd(native, q, k, v), cfg.device)}
+    # Flex again, last: ours is the best of several tiles, each timed after the one before it, so Flex gets a
+    # second median too, timed late in the row as well (the clocks follow the load that ran before)
+    again = [("flex_fwd_ms", theirs)] + ([("flex_fwd_bwd_ms", fwd_bwd(theirs, qf, kf, vf))] if flex_grad else [])
+    for metric, fn in again:
+        r[metric.replace("_ms", "_rounds_ms")] = [r[metric], bench(fn, cfg.device)]
+        r[metric] = min(r[metric.replace("_ms", "_rounds_ms")])
     # Reported: each metric at the tile that is best for it (the caller picks the tile when building the mask).
     for metric in ("fwd_ms", "fwd_bwd_ms"):
         tile, best = min(r["by_block"].items(), key=lambda kv: kv[1][metric])

@@ -19,6 +19,7 @@ def test_isolated_pattern_rows(tmp_path):
     for r in rows:
         assert r["N"] == 128 and r["fwd_ms"] > 0 and r["max_abs_diff_vs_flex"] < 1e-4, r
         assert set(r["by_block"]) >= {"16x16", "16x32"}, r
+        assert len(r["flex_fwd_rounds_ms"]) == 2 and r["flex_fwd_ms"] == min(r["flex_fwd_rounds_ms"]), r
 
 
 def test_flex_block_mask_in_head_chunks():
