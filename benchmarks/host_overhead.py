@@ -5,7 +5,8 @@
 bf16, B = 1, H = 16. A call whose host time exceeds its GPU time leaves the GPU idle between launches, and
 short sequences then measure Python, not kernels. Per method: host microseconds per call (many calls
 queued without a sync, at a size where the GPU keeps up), GPU microseconds per call (CUDA events around a
-synchronised call) and cProfile's top functions by own time. Writes host_overhead.json.
+synchronised call) and cProfile's top functions by own time; then the same for a training step (fwd+bwd) of ours
+and of SDPA's flash backend. Writes host_overhead.json.
 """
 from __future__ import annotations
 
@@ -29,6 +30,38 @@ CALLS = {
     "flash_fp8": lambda q, k, v: effattn.flash_fp8(q, k, v, causal=True),
     "flash_fp8_block": lambda q, k, v: effattn.flash_fp8(q, k, v, causal=True, granularity="block"),
 }
+
+
+def _sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                v.transpose(1, 2), is_causal=True)
+
+
+# Training steps (inputs requiring grad, an upstream gradient of ones): the backward's host time beside SDPA's.
+TRAIN_CALLS = {
+    "flash_bf16 fwd+bwd": lambda q, k, v: effattn.flash_attention(q, k, v, causal=True),
+    "sdpa_flash fwd+bwd": _sdpa_flash,
+}
+
+
+def _train_step(call, q, k, v) -> None:
+    o = call(q, k, v)
+    o.backward(torch.ones_like(o))
+
+
+def _backward_alone(q, k, v):
+    """Our backward called directly: autograd runs a CUDA backward on its device thread, out of cProfile's view."""
+    from effattn.hardware.flash_bwd import flash_bwd
+    from effattn.hardware.flash_fwd import flash_fwd
+
+    cfg = dict(scale=q.shape[-1] ** -0.5, causal=True, window=None, sinks=0, softcap=None, cu_seqlens=None,
+               max_seqlen=None, sparse=None)
+    o, lse = flash_fwd(q, k, v, **cfg)
+    do = torch.ones_like(o)
+    return lambda: flash_bwd(do, None, q, k, v, o, lse, **cfg)
 
 
 def host_us(call, reps: int = 200) -> float:
@@ -65,9 +98,12 @@ def main() -> None:
     for d in args.d:
         for n in args.n:
             q, k, v = (torch.randn(1, n, 16, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            for name, call in CALLS.items():
-                with torch.no_grad():
-                    step = lambda: call(q, k, v)  # noqa: E731
+            qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+            steps = {name: (lambda c=call: c(q, k, v)) for name, call in CALLS.items()}
+            steps.update({name: (lambda c=call: _train_step(c, qg, kg, vg)) for name, call in TRAIN_CALLS.items()})
+            steps["flash_bf16 bwd alone"] = _backward_alone(q, k, v)  # on this thread, where cProfile sees it
+            for name, step in steps.items():
+                with torch.set_grad_enabled(name in TRAIN_CALLS):  # (the backward alone needs none)
                     for _ in range(5):
                         step()
                     host = host_us(step)
