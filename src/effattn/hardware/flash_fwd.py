@@ -262,9 +262,10 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
 # instructions per tile (128 x 64, 4 warps: 465 against the eager loop's 514; with TMA 455 against 511) when no
 # row's max grew past the threshold, for a program-wide max (a shared-memory reduction and two barriers per tile;
 # `flash_compile.py --lazy`, loop_skippable). The forward at D = 64 issues ~8 instructions per score, as many as
-# its exp units and tensor cores allow (16 scores per cycle and SM each). H100, 2026-12-07 (lazy_rescale.md):
-# picked at D = 64 non-causal 16k (-2.4% against the same tile eager), 3% slower at 4k and causal. At D = 128 the
-# two lazy tiles (128 x 128, 8 warps, with and without TMA) lost in all four cells (+3-5%): not listed.
+# its exp units and tensor cores allow (16 scores per cycle and SM each). H100, 2026-12-07
+# (session_2026-12-07c_h100.md): picked at D = 64 non-causal 16k (-2.4% against the same tile eager), 3% slower at
+# 4k and causal. At D = 128 the two lazy tiles (128 x 128, 8 warps, with and without TMA) lost in all four cells
+# (+3-5%): not listed.
 _LAZY_CANDIDATES = [Config(128, 64, 4, 3, lazy=1), Config(128, 64, 4, 3, 1, lazy=1)]
 
 
