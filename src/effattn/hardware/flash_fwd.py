@@ -244,9 +244,11 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
     # 64 x 64 TMA tiles (one warpgroup, two programs per SM) win where programs are short: N = 1k, causal 4k at
     # D = 64, 1024-key windows (+4-20% over the 128-row tiles on the H100, flash_tiles_2026-12-06_h100.md)
     if D <= 64:  # measured on the H100 (benchmarks/results): 256-row tiles and 8 warps never won (the 8-warp
-        # look-ahead loop neither: 1.20-1.26x the best, lookahead_2026-12-05_h100.md)
+        # look-ahead loop neither: 1.20-1.26x the best, lookahead_2026-12-05_h100.md). The 64 x 64 TMA tile in two
+        # stages (untimed): 41 KB of shared memory instead of 57 and 107 registers on sm_90a, so four programs share
+        # an SM instead of three, to hide more of a short program's Q load and O store (N = 1k, causal 4k)
         return [Config(128, 64, 4, 3), Config(128, 128, 4, 3), Config(128, 64, 4, 3, 1), Config(128, 64, 4, 4, 1),
-                Config(64, 64, 4, 3, 1), *_LAZY_CANDIDATES]
+                Config(64, 64, 4, 3, 1), Config(64, 64, 4, 2, 1), *_LAZY_CANDIDATES]
     # Not used: Q (and, in the backward, dO, K, V) kept in registers for wgmma's register-A form through an opaque
     # move: +1-3% for the 64 x 64 forward, -8% for the 128 x 128 causal one, -15% for the window's backward, -7-11% for
     # the FP8 forwards (H100, flash_a_regs_2026-12-07_h100.md).
