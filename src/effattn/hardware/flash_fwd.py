@@ -253,10 +253,12 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
     # move: +1-3% for the 64 x 64 forward, -8% for the 128 x 128 causal one, -15% for the window's backward, -7-11% for
     # the FP8 forwards (H100, flash_a_regs_2026-12-07_h100.md).
     if D <= 128:  # the look-ahead loop (sm_90a overlaps its exponentials with the next Q K^T only at 8 warps and
-        # 64-key tiles) came within 2-14% of the 128 x 128 TMA tile on the H100, 2026-12-05
+        # 64-key tiles) came within 2-14% of the 128 x 128 TMA tile on the H100, 2026-12-05. The 64 x 64 TMA tile
+        # unpipelined (untimed): 32 KB of shared memory and 133 registers on sm_90a (83-116 KB and 141 pipelined),
+        # so three programs share an SM instead of two and hide each other's loads (short programs: N = 1k, windows)
         return [Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(128, 128, 8, 3, 1),
                 Config(128, 64, 8, 3, 1), Config(128, 128, 8, 2, 1), Config(128, 64, 8, 3, ahead=1),
-                Config(64, 64, 4, 3, 1)]
+                Config(64, 64, 4, 3, 1), Config(64, 64, 4, 1, 1)]
     return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
 
 
