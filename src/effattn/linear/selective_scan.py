@@ -226,8 +226,9 @@ def _bwd_configs(B: int, T: int, D: int, N: int, BT: int) -> list[BwdConfig]:
     """Backward candidates; the first is the interpreter's. The walk at 32 channels per warp recomputing 4 or 2
     states at a time (selective_walk.py: within 0.5% of each other on the H100 since the lane sums, 2026-12-07,
     benchmarks/results/mamba.md) or at 64 channels over 2 warps (`tl.sum`: 3.58 against 2.33 ms at T = 16k); SUB = 2
-    also with its stores deferred (untimed: sm_90a 57.75 instructions per state element against 60.25, no spills; at
-    SUB = 4 deferring spills 372 bytes). The scan variants are those measured on the H100 (mamba.md): fwd+bwd
+    also with its stores deferred (sm_90a 57.75 instructions per state element against 60.25, no spills; at SUB = 4
+    deferring spills 372 bytes): on the H100, 2026-12-07 19:07, 6% faster than SUB = 2 eager at T = 16k, 1% behind
+    SUB = 4. The scan variants are those measured on the H100 (mamba.md): fwd+bwd
     0.62-0.92x the engine's, 7-9 ms of backward at B T = 16k."""
     walk = [BwdConfig("walk", BD, warps, TC, sub, defer)
             for BD, warps, sub, defer in ((32, 1, 4, 0), (32, 1, 2, 0), (32, 1, 2, 1), (64, 2, 4, 0))
