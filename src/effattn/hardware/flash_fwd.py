@@ -245,20 +245,20 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
     # D = 64, 1024-key windows (+4-20% over the 128-row tiles on the H100, flash_tiles_2026-12-06_h100.md)
     if D <= 64:  # measured on the H100 (benchmarks/results): 256-row tiles and 8 warps never won (the 8-warp
         # look-ahead loop neither: 1.20-1.26x the best, lookahead_2026-12-05_h100.md). The 64 x 64 TMA tile in two
-        # stages (untimed): 41 KB of shared memory instead of 57 and 107 registers on sm_90a, so four programs share
-        # an SM instead of three, to hide more of a short program's Q load and O store (N = 1k, causal 4k)
+        # stages: 41 KB of shared memory instead of 57 and 107 registers on sm_90a, so four programs share an SM
+        # instead of three; picked at causal N = 1k (-2.4%), 0.3-12% slower elsewhere (session_2026-12-07d_h100.md)
         return [Config(128, 64, 4, 3), Config(128, 128, 4, 3), Config(128, 64, 4, 3, 1), Config(128, 64, 4, 4, 1),
                 Config(64, 64, 4, 3, 1), Config(64, 64, 4, 2, 1), *_LAZY_CANDIDATES]
     # Not used: Q (and, in the backward, dO, K, V) kept in registers for wgmma's register-A form through an opaque
     # move: +1-3% for the 64 x 64 forward, -8% for the 128 x 128 causal one, -15% for the window's backward, -7-11% for
     # the FP8 forwards (H100, flash_a_regs_2026-12-07_h100.md).
     if D <= 128:  # the look-ahead loop (sm_90a overlaps its exponentials with the next Q K^T only at 8 warps and
-        # 64-key tiles) came within 2-14% of the 128 x 128 TMA tile on the H100, 2026-12-05. The 64 x 64 TMA tile
-        # unpipelined (untimed): 32 KB of shared memory and 133 registers on sm_90a (83-116 KB and 141 pipelined),
-        # so three programs share an SM instead of two and hide each other's loads (short programs: N = 1k, windows)
+        # 64-key tiles) came within 2-14% of the 128 x 128 TMA tile on the H100, 2026-12-05. Not listed: the 64 x 64
+        # TMA tile unpipelined (one stage: 32 KB of shared memory, 133 registers, three programs an SM instead of
+        # two) lost in every cell, N = 1k to 16k and the 1024-key window, by 7-45% (session_2026-12-07d_h100.md)
         return [Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(128, 128, 8, 3, 1),
                 Config(128, 64, 8, 3, 1), Config(128, 128, 8, 2, 1), Config(128, 64, 8, 3, ahead=1),
-                Config(64, 64, 4, 3, 1), Config(64, 64, 4, 1, 1)]
+                Config(64, 64, 4, 3, 1)]
     return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
 
 
