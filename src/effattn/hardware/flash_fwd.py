@@ -256,12 +256,14 @@ def fwd_configs(D: int, dtype: torch.dtype, fixed: tuple[int, int] | None) -> li
         # 64-key tiles) came within 2-14% of the 128 x 128 TMA tile on the H100, 2026-12-05. Not listed: the 64 x 64
         # TMA tile unpipelined (one stage: 32 KB of shared memory, 133 registers, three programs an SM instead of
         # two) lost in every cell, N = 1k to 16k and the 1024-key window, by 7-45% (session_2026-12-07d_h100.md).
-        # The 128 x 64 TMA tile in two stages capped at 128 registers (untimed): 98 KB of shared memory, no spills on
-        # sm_90a (142 registers uncapped), so two 8-warp programs share an SM; each program's two warpgroups share
-        # its K / V tiles, half the L2 reads of the 64-row tiles that win at N = 1k (ptxas then serializes its wgmma)
+        # Nor the 128 x 64 TMA tile in two stages capped at 128 registers (98 KB of shared memory, no spills on
+        # sm_90a, two 8-warp programs an SM whose warpgroups share K / V: half the L2 reads of the 64-row tiles;
+        # ptxas serializes its wgmma at that cap): at N = 1k the fastest 128-row tile (0.330 / 0.225 ms against
+        # 0.353 / 0.256 non-causal / causal) but 5-6% behind the 64 x 64 one; 6-12% behind at 4k, 4-6% on the
+        # window (H100, session_2026-12-07e_h100.md)
         return [Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(128, 128, 8, 3, 1),
                 Config(128, 64, 8, 3, 1), Config(128, 128, 8, 2, 1), Config(128, 64, 8, 3, ahead=1),
-                Config(64, 64, 4, 3, 1), Config(128, 64, 8, 2, 1, regs=128)]
+                Config(64, 64, 4, 3, 1)]
     return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
 
 
