@@ -41,6 +41,9 @@ def add_parsers(sub) -> None:
                     help="measure nothing: rewrite the reports of --out from its results.json (e.g. on a machine "
                          "with matplotlib, for a GPU run's results)")
     pb.add_argument("--seed", type=int, default=None)
+    pb.add_argument("--compile-jobs", type=int, default=None,
+                    help="worker processes that compile every cell's kernels before the timed run, within its "
+                         "budget (default: on CUDA the host's cores less two, at most 12; on CPU 0, none)")
     pb.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: 1, stable timings)")
     pb.set_defaults(func=cmd_bench)
     pa = sub.add_parser("advise", help="rank methods for a sequence length and task from measured results")
@@ -74,8 +77,7 @@ def cmd_bench(args) -> int:
                          head_dim=args.head_dim, seq_lens=_ints(args.seq_lens) if args.seq_lens else None,
                          modes=_modes(args.mode) if args.mode else None, anchors=args.anchors,
                          methods=tuple(args.methods) if args.methods else None, time_limit=args.time_limit,
-                         budget=args.budget,
-                         seed=args.seed, threads=args.threads)
+                         budget=args.budget, seed=args.seed, threads=args.threads, compile_jobs=args.compile_jobs)
     given = {k: v for k, v in vars(args).items() if k != "func" and v not in (None, False)}
     command = "effattn bench " + " ".join(
         f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {shlex.quote(' '.join(v) if isinstance(v, list) else str(v))}"

@@ -43,6 +43,7 @@ class BenchConfig:
     rep_ms: float = 100.0
     seed: int = 0
     threads: int | None = 1  # torch CPU threads: 1 keeps tiny sizes stable on a shared machine; None: torch's
+    compile_jobs: int = 0  # worker processes compiling every cell's kernels before the timed run (warm.py); 0: none
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -68,9 +69,12 @@ class BenchConfig:
 
 def default_config(device: str, quick: bool = False, **overrides) -> BenchConfig:
     """The defaults for `device`, then every override that is not None."""
+    from .warm import default_jobs
+
     if device == "cuda":
         cfg = BenchConfig(device="cuda", dtype="bfloat16", seq_lens=CUDA_SEQ_LENS, batch=None, heads=16,
-                          head_dim=128, time_limit=180.0, threads=None, budget=420.0)
+                          head_dim=128, time_limit=180.0, threads=None, budget=420.0,
+                          compile_jobs=default_jobs("cuda"))
         if quick:
             cfg.seq_lens = (1024, 4096)
     else:
@@ -99,6 +103,8 @@ def validate_config(cfg: BenchConfig) -> None:
     for name in ("heads", "head_dim", "tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.compile_jobs < 0:
+        raise ValueError(f"compile_jobs must be >= 0, got {cfg.compile_jobs}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"threads must be >= 1, got {cfg.threads}")
     if cfg.batch is not None and cfg.batch < 1:

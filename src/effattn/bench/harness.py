@@ -3,7 +3,8 @@
 results.json is rewritten (atomically) after every cell, so Ctrl-C keeps everything measured so far and
 `--resume` continues where the run stopped. A cell that fails (error, out of memory, past its time limit)
 is recorded and the run goes on; after a timeout or OOM the larger sizes of that subject and mode are
-recorded as skipped instead of being tried.
+recorded as skipped instead of being tried. On CUDA the kernels are first compiled in parallel worker processes
+(`warm.py`), within the run's budget.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .cells import Prepared, Skip, accuracy, exact_attention, first_output, prep
 from .config import BenchConfig, Cell, validate_config
 from .measure import CellTimeout, failure_status, median_seconds, peak_memory, release, synchronize, time_limit
 from .progress import Progress
+from .warm import compile_ahead
 
 
 def selected_methods(cfg: BenchConfig, registry=None):
@@ -130,7 +132,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike, *, resume: bool = Fa
         data = res.load(path)
         # the interrupted run's sizes, modes and methods, so numbers compare; this invocation's limits
         saved = BenchConfig.from_json(data["config"])
-        saved.budget, saved.time_limit = cfg.budget, cfg.time_limit
+        saved.budget, saved.time_limit, saved.compile_jobs = cfg.budget, cfg.time_limit, cfg.compile_jobs
         validate_config(saved)  # e.g. a CUDA run cannot be continued on a machine without CUDA
         cfg = saved
         print(f"resuming {path}: {len(data['records'])} cells already measured", file=stream)
@@ -161,13 +163,18 @@ def _run(cfg: BenchConfig, data: dict | None, path: Path, command: str, stream, 
     cells = plan(cfg, methods, anchors)
     todo = [c for c in cells if c.key not in done]
     subjects = {("anchor", a.name): a for a in anchors} | {("method", m.name): m for m in methods}
-    progress = Progress([c.n for c in todo], max(cfg.seq_lens), stream, budget=cfg.budget)
+    started = time.perf_counter()
+    if cfg.compile_jobs and todo:  # at most half the budget, so that the run measures something
+        ahead = compile_ahead(cfg, todo, cfg.compile_jobs, None if cfg.budget is None else cfg.budget / 2, stream)
+        failed = {k: v for k, v in ahead.pop("cells").items() if v != "ok" and not v.startswith("skipped")}
+        data.setdefault("compile_ahead", []).append({**ahead, "failed": failed})
+    left = None if cfg.budget is None else max(0.0, cfg.budget - (time.perf_counter() - started))
+    progress = Progress([c.n for c in todo], max(cfg.seq_lens), stream, budget=left)
     last: dict[tuple, dict] = {}  # (kind, name, form, mode) -> its latest record, to decide on larger N
     for r in sorted(data["records"], key=lambda r: r["n"]):
         if not r.get("reason", "").startswith("not run:"):
             last[(r["kind"], r["name"], r["form"], r["mode"])] = r
     data["complete"] = False
-    started = time.perf_counter()
     try:
         for cell in todo:
             group = (cell.kind, cell.name, cell.form, cell.mode)
