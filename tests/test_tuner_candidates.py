@@ -152,6 +152,11 @@ def test_untuned_pick_takes_the_first_candidate_that_fits(monkeypatch):
     assert pick(("kind", 1), ["wide", "narrow", "other"], launch) == "narrow" and len(tried) == 2  # cached
     with pytest.raises(RuntimeError, match=r"no kernel configuration could run for \('kind', 2\)"):
         pick(("kind", 2), ["wide", "wide"], launch)
+    # compile mode (bench's compile-ahead workers): every candidate launched once, the first that fits kept
+    monkeypatch.setenv("EFFATTN_FLASH_TUNE", "compile")
+    tried.clear()
+    assert pick(("kind", 1), ["wide", "narrow", "other"], launch) == "narrow"
+    assert tried == ["wide", "narrow", "other"]
 
 
 def test_window_tuning_key_follows_the_span():

@@ -2,6 +2,7 @@
 import io
 import json
 import math
+import time
 from dataclasses import replace
 
 import pytest
@@ -120,6 +121,21 @@ def test_time_limit_and_failure_classes():
 def test_median_seconds_takes_several_samples():
     t, calls = median_seconds(lambda: sum(range(1000)), "cpu", min_run_time=0.0, min_samples=5)
     assert calls == 5 and 0 < t < 1 and math.isfinite(t)
+
+
+def test_slow_cuda_calls_are_timed_one_at_a_time(monkeypatch):
+    """A call slower than do_bench's window (a Python step loop) is timed by single synchronized calls, as many
+    as min_samples allows within max_seconds, not by do_bench's 7 or more (no GPU needed: no do_bench here)."""
+    from effattn.bench import measure
+
+    synced = []
+    monkeypatch.setattr(measure, "synchronize", synced.append)
+    t, calls = median_seconds(lambda: time.sleep(0.01), "cuda", rep_ms=5.0, min_samples=3, max_seconds=10.0,
+                              first_call_s=0.01)
+    assert calls == 3 and synced == ["cuda"] * 3 and 0.01 <= t < 1
+    t, calls = median_seconds(lambda: time.sleep(0.01), "cuda", rep_ms=5.0, min_samples=3, max_seconds=0.015,
+                              first_call_s=0.01)
+    assert calls == 1
 
 
 def test_budget_leaves_cells_for_resume(tmp_path, tiny):

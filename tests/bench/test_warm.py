@@ -20,7 +20,7 @@ def test_workers_report_every_cell(tiny):
     cells += [Cell("anchor", "sdpa_math", "default", "fwd", 8), Cell("method", "linformer", "default", "decode", 8),
               Cell("method", "no_such_method", "default", "fwd", 8)]
     out = compile_ahead(cfg, cells, 2, None, io.StringIO())
-    assert out["units"] == out["done"] == 4 and out["jobs"] == 2
+    assert out["units"] == out["done"] == 4 and out["jobs"] == 2 and out["unfinished"] == []
     status = out["cells"]
     assert [status[c.key] for c in cells[:4]] == ["ok"] * 4
     assert status[cells[4].key].startswith("skipped: no decode support")
@@ -30,7 +30,7 @@ def test_workers_report_every_cell(tiny):
 def test_the_deadline_stops_the_workers(tiny):
     cfg = tiny(seq_lens=(8,), modes=("fwd",))
     out = compile_ahead(cfg, [Cell("method", "standard", "default", "fwd", 8)], 1, 0.0, io.StringIO())
-    assert out["done"] == 0 and out["cells"] == {}
+    assert out["done"] == 0 and out["cells"] == {} and out["unfinished"] == ["standard"]
 
 
 def test_the_run_records_what_was_compiled_ahead(tmp_path, tiny):

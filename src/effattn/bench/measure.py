@@ -81,8 +81,10 @@ def median_seconds(fn: Callable[[], object], device: str, *, min_run_time: float
     On the CPU, fast calls go through blocked_autorange (one sample per block of calls). Slow ones (the
     warm-up took longer than `min_run_time`, e.g. Triton's interpreter) are timed one call at a time.
     Either way single-call samples are added up to `min_samples` while they fit in `max_seconds`.
+    On CUDA, do_bench; calls slower than its `rep_ms` window (a Python step loop: do_bench would make 7 or
+    more of them) are timed one at a time like the CPU's slow ones.
     """
-    if device == "cuda":
+    if device == "cuda" and (first_call_s is None or first_call_s * 1e3 < rep_ms):
         import triton.testing
 
         times = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
@@ -92,9 +94,10 @@ def median_seconds(fn: Callable[[], object], device: str, *, min_run_time: float
     def one_call() -> float:  # Timer.timeit(1) would run 2 more warm-up calls first
         start = time.perf_counter()
         fn()
+        synchronize(device)
         return time.perf_counter() - start
 
-    if min_run_time > 0 and (first_call_s is None or first_call_s < min_run_time):
+    if device == "cpu" and min_run_time > 0 and (first_call_s is None or first_call_s < min_run_time):
         timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         m = timer.blocked_autorange(min_run_time=min_run_time)
         per_call, calls = [t / m.number_per_run for t in m.raw_times], m.number_per_run * len(m.raw_times)

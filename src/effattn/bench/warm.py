@@ -5,9 +5,9 @@ run starts.
 On a machine with an empty cache most of a CUDA run's first calls are compilation, one kernel at a time per
 process: 280 of 364 s on the H100 (benchmarks/results/session_2026-12-07e_h100.md, FLA's `chunk_gla` alone 82 s).
 Workers compile side by side on the host's cores. Each worker runs whole subjects (all forms and modes, at the
-smallest N of the plan, where the same kernels compile as at larger N), taken from a shared queue; the tuner
-choices they make are thrown away (their timings share the GPU), and the run times its candidates again from
-cached binaries. A failure here is only reported: the run measures and records every cell as usual.
+smallest N of the plan, where the same kernels compile as at larger N), taken from a shared queue. Our tuner
+launches each candidate once there, untimed (EFFATTN_FLASH_TUNE=compile); the run times them from cached
+binaries. A failure here is only reported: the run measures and records every cell as usual.
 """
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ def _subject(kind: str, name: str):
     return REGISTRY.get(name)
 
 
+def _worker_init() -> None:
+    if os.environ.get("EFFATTN_FLASH_TUNE", "1") != "0":  # the run tunes: compile every candidate
+        os.environ["EFFATTN_FLASH_TUNE"] = "compile"
+
+
 def _run_unit(task: tuple[dict, list[tuple]]) -> dict[str, str]:
     """Worker: the first call of each cell of one unit; cell key -> 'ok' or its failure status and reason."""
     from .cells import Skip, prepare_method
@@ -80,17 +85,18 @@ def _run_unit(task: tuple[dict, list[tuple]]) -> dict[str, str]:
 
 def compile_ahead(cfg: BenchConfig, cells: list[Cell], jobs: int, deadline_s: float | None, stream) -> dict:
     """Run every unit of `cells` in `jobs` worker processes, stopping them at `deadline_s` seconds; returns
-    {"jobs", "seconds", "units", "done", "cells": {key: status}} (cells of units not finished are absent)."""
+    {"jobs", "seconds", "units", "done", "unfinished": [subject names], "cells": {key: status}} (cells of units
+    not finished are absent)."""
     todo = units(cells)
     start = time.perf_counter()
     statuses: dict[str, str] = {}
     done = 0
     if not todo or jobs < 1:
-        return {"jobs": jobs, "seconds": 0.0, "units": len(todo), "done": 0, "cells": statuses}
+        return {"jobs": jobs, "seconds": 0.0, "units": len(todo), "done": 0, "unfinished": [], "cells": statuses}
     print(f"compiling ahead: {len(todo)} subjects in {jobs} worker processes", file=stream, flush=True)
     tasks = [(cfg.to_json(), [(c.kind, c.name, c.form, c.mode, c.n) for c in unit]) for unit in todo]
     # spawn: a forked child would inherit this process's CUDA state, which CUDA does not allow
-    pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)))
+    pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), initializer=_worker_init)
     try:
         pending = pool.imap_unordered(_run_unit, tasks)
         while done < len(todo):
@@ -106,5 +112,9 @@ def compile_ahead(cfg: BenchConfig, cells: list[Cell], jobs: int, deadline_s: fl
         pool.terminate()  # past the deadline: the units still compiling are dropped
         pool.join()
     seconds = time.perf_counter() - start
-    print(f"compiled ahead: {done} of {len(todo)} subjects in {seconds:.0f} s", file=stream, flush=True)
-    return {"jobs": jobs, "seconds": seconds, "units": len(todo), "done": done, "cells": statuses}
+    unfinished = [unit[0].name for unit in todo if unit[0].key not in statuses]
+    print(f"compiled ahead: {done} of {len(todo)} subjects in {seconds:.0f} s"
+          + (f" (stopped at the deadline: {', '.join(unfinished)} not done)" if unfinished else ""),
+          file=stream, flush=True)
+    return {"jobs": jobs, "seconds": seconds, "units": len(todo), "done": done, "unfinished": unfinished,
+            "cells": statuses}

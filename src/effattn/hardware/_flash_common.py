@@ -235,15 +235,18 @@ def _forced() -> dict:
 def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]) -> Config:
     """The fastest of `configs` for `key` (key[0] is the kernel kind), timed once per key with do_bench and
     cached; the interpreter (and a single candidate) takes the first. With EFFATTN_FLASH_TUNE=0, the first
-    that compiles and fits in the GPU's resources (one compile instead of one per candidate). Launches must
-    be idempotent."""
+    that compiles and fits in the GPU's resources (one compile instead of one per candidate); with
+    EFFATTN_FLASH_TUNE=compile, the same after launching every candidate once, untimed (so that all of them
+    are compiled into Triton's disk cache: `effattn bench`'s compile-ahead workers). Launches must be
+    idempotent."""
     forced = _forced().get(key[0])
     if forced is not None:  # the candidates' own type (a NamedTuple such as Config, or a plain tuple)
         return forced if type(configs[0]) is tuple else type(configs[0])(*forced)
     if interpreting() or len(configs) == 1:
         return configs[0]
-    tune = os.environ.get("EFFATTN_FLASH_TUNE", "1") != "0"
-    cache_key = key if tune else ("first", *key)  # apart: the variable may change within a process
+    mode = os.environ.get("EFFATTN_FLASH_TUNE", "1")
+    tune = mode not in ("0", "compile")
+    cache_key = key if tune else (mode, *key)  # apart: the variable may change within a process
     if cache_key not in _BEST:
         best, best_ms = None, math.inf
         for cfg in configs:
@@ -252,8 +255,10 @@ def pick_config(key, configs: Sequence[Config], launch: Callable[[Config], None]
             except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
                 continue  # e.g. too much shared memory for this tile shape
             if not tune:
-                best = cfg
-                break
+                best = best or cfg
+                if mode == "0":
+                    break
+                continue
             TIMINGS.setdefault(key, {})[cfg] = ms
             if ms < best_ms:
                 best, best_ms = cfg, ms
