@@ -156,3 +156,18 @@ def test_resuming_a_cuda_run_without_cuda_is_an_error(tmp_path, tiny):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="torch.cuda.is_available"):
         run_bench(cfg, tmp_path, resume=True, stream=io.StringIO())
+
+
+def test_quick_runs_time_step_loops_only_in_decode():
+    """--quick leaves out the fwd / fwdbwd cells of a method's token-by-token 'recurrent' form when it has
+    another (they measure a PyTorch step loop); decode keeps them, and a method with one form keeps it."""
+    from effattn.bench.config import default_config
+
+    methods = [REGISTRY.get(n) for n in ("gla", "slstm", "standard")]
+    quick = harness.plan(default_config("cpu", quick=True, modes=("fwd", "decode")), methods, [])
+    forms = {(c.mode, c.name): {x.form for x in quick if (x.mode, x.name) == (c.mode, c.name)} for c in quick}
+    assert forms[("fwd", "gla")] == {"chunk", "parallel"} and forms[("fwd", "slstm")] == {"fused"}
+    assert forms[("decode", "gla")] == {"chunk", "parallel", "recurrent"}
+    assert forms[("fwd", "standard")] == forms[("decode", "standard")] == {"default"}
+    full = harness.plan(default_config("cpu", modes=("fwd", "decode")), methods, [])
+    assert {c.form for c in full if c.mode == "fwd" and c.name == "gla"} == {"chunk", "parallel", "recurrent"}

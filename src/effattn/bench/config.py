@@ -44,6 +44,10 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = 1  # torch CPU threads: 1 keeps tiny sizes stable on a shared machine; None: torch's
     compile_jobs: int = 0  # worker processes compiling every cell's kernels before the timed run (warm.py); 0: none
+    # time the token-by-token "recurrent" form of a method that has another form in fwd and fwdbwd too (quick
+    # runs: only in decode, the one step it exists for; a PyTorch step loop took 0.15-0.8 s a call at N = 1024 on
+    # the H100, benchmarks/results/bench_h100_2026-12-07)
+    step_forms_in_prefill: bool = True
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -82,6 +86,7 @@ def default_config(device: str, quick: bool = False, **overrides) -> BenchConfig
         if quick:
             cfg.seq_lens, cfg.heads, cfg.head_dim, cfg.budget = QUICK_SEQ_LENS, 1, 16, 120.0
             cfg.min_run_time = 0.02
+    cfg.step_forms_in_prefill = not quick
     for key, value in overrides.items():
         if value is not None:
             if not hasattr(cfg, key):

@@ -41,7 +41,8 @@ def plan(cfg: BenchConfig, methods, anchors: list[Anchor]) -> list[Cell]:
             cells += [Cell("anchor", a.name, "default", mode, n) for a in anchors
                       if a.group == "softmax" or has_linear]
             for m in methods:
-                cells += [Cell("method", m.name, f, mode, n) for f in m.forms]
+                step_only = not cfg.step_forms_in_prefill and mode != "decode" and len(m.forms) > 1
+                cells += [Cell("method", m.name, f, mode, n) for f in m.forms if not (step_only and f == "recurrent")]
     return cells
 
 
