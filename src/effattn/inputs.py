@@ -11,6 +11,26 @@ import torch.nn.functional as F
 from .registry import Shape
 
 
+# One `make_inputs` serves the tests (tiny odd shapes, where a method's real defaults, e.g. 64-token chunks or
+# blocks, would leave a single chunk or make it dense) and `effattn bench` (thousands of tokens, where the tests'
+# tiny options would measure something no one runs): below SMALL tokens, the tests' options.
+SMALL = 256
+
+
+def is_small(shape: Shape) -> bool:
+    return max(shape.seq_q, shape.S) < SMALL
+
+
+def sized_options(shape: Shape, small: dict, large: dict | None = None) -> dict:
+    return dict(small if is_small(shape) else (large or {}))
+
+
+def with_test_options(make, small: dict, shape: Shape, dtype, device, generator, **options) -> dict:
+    """`make(shape, ...)` with the options `small` added at test sizes only: bind it as
+    `partial(with_test_options, make, {"chunk_size": 16})` (a partial, so a record stays picklable)."""
+    return make(shape, dtype, device, generator, **{**sized_options(shape, small), **options})
+
+
 def randn(shape, dtype, device, generator: torch.Generator, std: float = 1.0) -> torch.Tensor:
     return (torch.randn(shape, generator=generator, dtype=torch.float32) * std).to(device=device, dtype=dtype)
 

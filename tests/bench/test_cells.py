@@ -60,3 +60,20 @@ def test_anchor_detection_reports_why(monkeypatch):
     chosen, status = anchors_mod.select("sdpa_math,broken", BenchConfig(heads=1, head_dim=16))
     assert [a.name for a in chosen] == ["sdpa_math"] and set(status) == {"sdpa_math", "broken"}
     assert anchors_mod.select("none", BenchConfig()) == ([], {})
+
+
+def test_test_sized_chunks_stay_out_of_benchmark_sizes():
+    """Records draw 16-token chunks at test sizes (several chunks at T = 37) and leave the method's own chunk size
+    at benchmark sizes: the H100 bench of 2026-12-07 had timed every chunked linear method at chunk_size 16."""
+    from effattn.inputs import SMALL
+
+    chunked = [m for m in (effattn.REGISTRY.get(n) for n in effattn.REGISTRY.names())
+               if m.family == "linear" and "chunk_size" in m.options]
+    test_sized = []
+    for m in chunked:
+        gen = torch.Generator().manual_seed(0)
+        small = m.make_inputs(Shape(batch=1, seq_q=37, heads=2, head_dim=16), torch.float32, "cpu", gen)
+        large = m.make_inputs(Shape(batch=1, seq_q=SMALL, heads=1, head_dim=16), torch.float32, "cpu", gen)
+        assert small.get("chunk_size") in (None, 16) and "chunk_size" not in large, m.name
+        test_sized += [m.name] if small.get("chunk_size") == 16 else []
+    assert len(test_sized) >= 13 and {"gla", "mlstm", "rwkv7", "mamba2"} <= set(test_sized)

@@ -183,16 +183,16 @@ def _reference(fn):
 def _register() -> None:
     from functools import partial
 
-    from ..inputs import linear_inputs
+    from ..inputs import linear_inputs, with_test_options
     from ..registry import CHUNKWISE, MATRIX_STATE, Method, register
 
     for name, (fn, gate, delta, extra, cite) in METHODS.items():
         grads = ("q", "k", "v") + (("g",) if gate else ()) + (("beta",) if delta else ()) + ("initial_state",)
         register(Method(
             name=name, family="linear", cite=cite, fn=fn, reference=_reference(fn),
-            # chunk_size 16: several chunks (and a remainder) even at the registry's short test lengths
-            make_inputs=partial(linear_inputs, gate=gate, beta=delta, normalize_qk=delta, output_final_state=True,
-                                chunk_size=16, **extra),
+            # chunk_size 16 at test sizes: several chunks (and a remainder) even at the registry's short lengths
+            make_inputs=partial(with_test_options, partial(linear_inputs, gate=gate, beta=delta, normalize_qk=delta,
+                                                           output_final_state=True, **extra), {"chunk_size": 16}),
             complexity=CHUNKWISE,
             state_or_cache=MATRIX_STATE,
             forms=FORMS, options={"scale": None, "initial_state": None, "output_final_state": False,

@@ -165,13 +165,15 @@ def gsa_inputs(shape, dtype, device, generator, *, slots=None, initial_state=Tru
 def _register() -> None:
     from functools import partial
 
+    from ..inputs import with_test_options
+
     from ..registry import CHUNKWISE, Method, StateOrCache, register
 
     register(Method(
         name="gsa", family="linear",
         cite="Zhang et al. 2024, Gated Slot Attention (survey Table 6, forget gate, Eq. 74-75)",
         fn=gsa, reference=gsa_reference,
-        make_inputs=partial(gsa_inputs, output_final_state=True, chunk_size=16),
+        make_inputs=partial(with_test_options, partial(gsa_inputs, output_final_state=True), {"chunk_size": 16}),
         complexity=CHUNKWISE,
         state_or_cache=StateOrCache("H M (d_k + d_v)", False, lambda sh: sh.heads * max(1, sh.head_dim - 8) *
                                     (sh.head_dim + sh.Dv)),

@@ -113,6 +113,8 @@ def mamba2_inputs(shape, dtype, device, generator, *, initial_state=True, **opti
 def _register() -> None:
     from functools import partial
 
+    from ..inputs import with_test_options
+
     from ..registry import CHUNKWISE, Method, StateOrCache, register
 
     register(Method(
@@ -120,7 +122,7 @@ def _register() -> None:
         cite="Dao & Gu 2024, Mamba2 / SSD (survey Table 5, forget + select)",
         fn=mamba2, reference=mamba2_reference,
         # chunk_size 16: several chunks (and a remainder) even at the registry's short test lengths
-        make_inputs=partial(mamba2_inputs, output_final_state=True, chunk_size=16),
+        make_inputs=partial(with_test_options, partial(mamba2_inputs, output_final_state=True), {"chunk_size": 16}),
         complexity=CHUNKWISE,
         state_or_cache=StateOrCache("H N P", False, lambda s: s.heads * s.head_dim * s.Dv),
         forms=FORMS, options={"D": None, "dt_bias": None, "initial_state": None, "output_final_state": False,

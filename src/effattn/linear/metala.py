@@ -106,13 +106,15 @@ def metala_inputs(shape, dtype, device, generator, *, initial_state=True, **opti
 def _register() -> None:
     from functools import partial
 
+    from ..inputs import with_test_options
+
     from ..registry import CHUNKWISE, MATRIX_STATE, Method, register
 
     register(Method(
         name="metala", family="linear",
         cite="Chou et al. 2024, MetaLA (survey Table 6, forget gate, Eq. 76)",
         fn=metala, reference=metala_reference,
-        make_inputs=partial(metala_inputs, output_final_state=True, chunk_size=16),
+        make_inputs=partial(with_test_options, partial(metala_inputs, output_final_state=True), {"chunk_size": 16}),
         complexity=CHUNKWISE, state_or_cache=MATRIX_STATE, forms=FORMS,
         options={"scale": None, "initial_state": None, "output_final_state": False, "cu_seqlens": None,
                  "form": "chunk", "chunk_size": 64},

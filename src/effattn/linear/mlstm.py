@@ -200,13 +200,15 @@ def mlstm_inputs(shape, dtype, device, generator, *, initial_state=True, **optio
 def _register() -> None:
     from functools import partial
 
+    from ..inputs import with_test_options
+
     from ..registry import CHUNKWISE, Method, StateOrCache, register
 
     register(Method(
         name="mlstm", family="linear",
         cite="Beck et al. 2024, xLSTM: mLSTM (survey Table 5, forget + select)",
         fn=mlstm, reference=mlstm_reference,
-        make_inputs=partial(mlstm_inputs, output_final_state=True, chunk_size=16),
+        make_inputs=partial(with_test_options, partial(mlstm_inputs, output_final_state=True), {"chunk_size": 16}),
         complexity=CHUNKWISE,
         state_or_cache=StateOrCache("H d_k (d_v + 2)", False, lambda s: s.heads * s.head_dim * (s.Dv + 2)),
         forms=FORMS, options={"scale": None, "forget": "sigmoid", "initial_state": None,

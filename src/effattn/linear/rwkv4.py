@@ -165,13 +165,15 @@ def rwkv4_inputs(shape, dtype, device, generator, *, initial_state=True, **optio
 def _register() -> None:
     from functools import partial
 
+    from ..inputs import with_test_options
+
     from ..registry import Complexity, Method, StateOrCache, register
 
     register(Method(
         name="rwkv4", family="linear",
         cite="Peng et al. 2023, RWKV: Reinventing RNNs for the Transformer Era (survey Table 6, forget gate)",
         fn=rwkv4, reference=rwkv4_reference,
-        make_inputs=partial(rwkv4_inputs, output_final_state=True, chunk_size=16),
+        make_inputs=partial(with_test_options, partial(rwkv4_inputs, output_final_state=True), {"chunk_size": 16}),
         complexity=Complexity("O(N C d)", "O(N C d)", 1.0, 1.0),
         state_or_cache=StateOrCache("2 H d", False, lambda s: 2 * s.heads * s.head_dim),
         forms=FORMS, options={"initial_state": None, "output_final_state": False, "form": "chunk", "chunk_size": 32},

@@ -169,6 +169,8 @@ def rwkv6_inputs(shape, dtype, device, generator, *, initial_state=True, **optio
 def _register() -> None:
     from functools import partial
 
+    from ..inputs import with_test_options
+
     from ..registry import CHUNKWISE, MATRIX_STATE, Method, register
 
     register(Method(
@@ -176,7 +178,7 @@ def _register() -> None:
         cite="Peng et al. 2024, Eagle and Finch (RWKV5/6) (survey Table 5, forget gate)",
         fn=rwkv6, reference=rwkv6_reference,
         # chunk_size 16: several chunks (and a remainder) even at the registry's short test lengths
-        make_inputs=partial(rwkv6_inputs, output_final_state=True, chunk_size=16),
+        make_inputs=partial(with_test_options, partial(rwkv6_inputs, output_final_state=True), {"chunk_size": 16}),
         complexity=CHUNKWISE,
         state_or_cache=MATRIX_STATE,
         forms=FORMS, options={"scale": None, "initial_state": None, "output_final_state": False, "form": "chunk",
@@ -189,7 +191,7 @@ def _register() -> None:
         name="rwkv5", family="linear",
         cite="Peng et al. 2024, Eagle and Finch (RWKV5/6) (survey Table 6, forget gate)",
         fn=rwkv5, reference=rwkv5_reference,
-        make_inputs=partial(rwkv5_inputs, output_final_state=True, chunk_size=16),
+        make_inputs=partial(with_test_options, partial(rwkv5_inputs, output_final_state=True), {"chunk_size": 16}),
         complexity=CHUNKWISE,
         state_or_cache=MATRIX_STATE,
         forms=FORMS, options={"scale": None, "initial_state": None, "output_final_state": False, "form": "chunk",

@@ -258,13 +258,15 @@ def rwkv7_inputs(shape, dtype, device, generator, *, initial_state=True, **optio
 def _register() -> None:
     from functools import partial
 
+    from ..inputs import with_test_options
+
     from ..registry import MATRIX_STATE, Complexity, Method, register
 
     register(Method(
         name="rwkv7", family="linear",
         cite="Peng et al. 2025, RWKV-7 \"Goose\" with expressive dynamic state evolution (survey Table 6, forget gate)",
         fn=rwkv7, reference=rwkv7_reference,
-        make_inputs=partial(rwkv7_inputs, output_final_state=True, chunk_size=16),
+        make_inputs=partial(with_test_options, partial(rwkv7_inputs, output_final_state=True), {"chunk_size": 16}),
         complexity=Complexity("O(N C d + N d^2)", "O(N C d + N/C d^2)", 1.0, 1.0),
         state_or_cache=MATRIX_STATE,
         forms=FORMS, options={"scale": None, "initial_state": None, "output_final_state": False, "form": "chunk",

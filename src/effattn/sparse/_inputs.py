@@ -1,22 +1,9 @@
-"""Input factories of the sparse methods' registry records.
-
-The same `make_inputs` serves the tests (tiny odd shapes, where a method's real defaults, e.g. 64-token
-blocks or a 512-token window, would make it dense or degenerate) and `effattn bench` (thousands of
-tokens, where the tests' tiny options would be meaningless): options depend on the size.
+"""Input factories of the sparse methods' registry records: options depend on the size (`inputs.is_small`;
+a 512-token window or 64-token blocks would make the tests' tiny shapes dense or degenerate).
 """
 from __future__ import annotations
 
-from ..inputs import softmax_inputs
-
-SMALL = 256  # below this many tokens, the tests' options
-
-
-def is_small(shape) -> bool:
-    return max(shape.seq_q, shape.S) < SMALL
-
-
-def sized_options(shape, small: dict, large: dict | None = None) -> dict:
-    return dict(small if is_small(shape) else (large or {}))
+from ..inputs import sized_options, softmax_inputs
 
 
 def sparse_inputs(shape, dtype, device, generator, *, small: dict, large: dict | None = None, **options) -> dict:

@@ -37,7 +37,7 @@ def linformer_reference(q, k, v, E, F, *, scale=None, **_ignored):
 
 def linformer_inputs(shape, dtype, device, generator, *, proj=None, **options):
     from ..inputs import randn, softmax_inputs
-    from ._inputs import is_small
+    from ..inputs import is_small
 
     proj = (8 if is_small(shape) else 256) if proj is None else proj  # the paper's k = 256
     out = softmax_inputs(shape, dtype, device, generator, **options)

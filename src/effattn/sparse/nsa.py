@@ -140,7 +140,7 @@ def nsa_reference(q, k, v, gates, w_k, w_v, *, block_size=64, top_n=4, window=51
 
 def nsa_inputs(shape, dtype, device, generator, **options):
     from ..inputs import randn, softmax_inputs
-    from ._inputs import sized_options
+    from ..inputs import sized_options
 
     options = {**sized_options(shape, {"block_size": 16, "top_n": 1, "window": 6}), **options}
     block_size = options.setdefault("block_size", 64)

@@ -242,7 +242,8 @@ FUNCTIONS = {spec.name: _methods(spec) for spec in SPECS}
 def _register() -> None:
     from ..inputs import softmax_inputs
     from ..registry import KV_CACHE, Complexity, Method, register
-    from ._inputs import fit_kernel, grid_for, is_small
+    from ..inputs import is_small
+    from ._inputs import fit_kernel, grid_for
 
     def make_inputs(spec):
         def make(shape, dtype, device, generator, **options):
