@@ -49,9 +49,12 @@ def _subject(kind: str, name: str):
     return REGISTRY.get(name)
 
 
-def _worker_init() -> None:
+def _worker_init(jobs: int) -> None:
     if os.environ.get("EFFATTN_FLASH_TUNE", "1") != "0":  # the run tunes: compile every candidate
         os.environ["EFFATTN_FLASH_TUNE"] = "compile"
+    if torch.cuda.is_available():  # a share of the GPU each: one worker's 64 GiB cell (a masked-quadratic
+        # reference form, H100 2026-12-07) fails alone instead of starving the others' compiles
+        torch.cuda.set_per_process_memory_fraction(0.9 / jobs)
 
 
 def _run_unit(task: tuple[dict, list[tuple]]) -> dict[str, str]:
@@ -96,7 +99,8 @@ def compile_ahead(cfg: BenchConfig, cells: list[Cell], jobs: int, deadline_s: fl
     print(f"compiling ahead: {len(todo)} subjects in {jobs} worker processes", file=stream, flush=True)
     tasks = [(cfg.to_json(), [(c.kind, c.name, c.form, c.mode, c.n) for c in unit]) for unit in todo]
     # spawn: a forked child would inherit this process's CUDA state, which CUDA does not allow
-    pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), initializer=_worker_init)
+    workers = min(jobs, len(todo))
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(workers,))
     try:
         pending = pool.imap_unordered(_run_unit, tasks)
         while done < len(todo):
