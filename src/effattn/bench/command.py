@@ -35,8 +35,9 @@ def add_parsers(sub) -> None:
                     help="seconds for the whole run, 0 for none (default: 240 on CPU, 420 on CUDA); cells left "
                          "are recorded and --resume runs them")
     pb.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
-    pb.add_argument("--quick", action="store_true", help="fewer, smaller sizes; a method's token-by-token 'recurrent' form, "
-                    "where it has another, timed in decode only")
+    pb.add_argument("--quick", action="store_true",
+                    help="fewer, smaller sizes; a method's token-by-token 'recurrent' form, where it has another, "
+                         "timed in decode only")
     pb.add_argument("--resume", action="store_true", help="continue the interrupted run in --out with its settings")
     pb.add_argument("--report-only", action="store_true",
                     help="measure nothing: rewrite the reports of --out from its results.json (e.g. on a machine "
