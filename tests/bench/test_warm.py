@@ -3,6 +3,7 @@ import io
 
 from effattn.bench import run_bench
 from effattn.bench.config import Cell
+from effattn.bench.report import caveats
 from effattn.bench.warm import compile_ahead, default_jobs, units
 
 
@@ -39,3 +40,4 @@ def test_the_run_records_what_was_compiled_ahead(tmp_path, tiny):
     [ahead] = data["compile_ahead"]
     assert ahead["units"] == ahead["done"] == 2 and ahead["failed"] == {} and ahead["seconds"] > 0
     assert data["complete"] and [r["status"] for r in data["records"]] == ["ok"] * 4
+    assert "Compiled ahead: 2 of 2 subjects in" in "\n".join(caveats(data))

@@ -109,6 +109,11 @@ def caveats(data: dict) -> list[str]:
                "'parallel' form of a recurrence can legitimately exceed them.")
     out.append("FLOPs: softmax-type methods and anchors 4·B·H·T·S·D (halved when causal), fwd+bwd 3.5x fwd; "
                "linear recurrences 4·B·T·(state size), fwd+bwd 3x; other methods report tokens/s only.")
+    for ahead in data.get("compile_ahead", []):
+        cut = f"; cut off at its deadline: {', '.join(ahead['unfinished'])}" if ahead.get("unfinished") else ""
+        out.append(f"Compiled ahead: {ahead['done']} of {ahead['units']} subjects in {ahead['seconds']:.0f} s by "
+                   f"{ahead['jobs']} worker processes, within the budget{cut}; the first call of the rest compiled "
+                   f"in its own cell.")
     if not data.get("complete"):
         out.append("This run is INCOMPLETE (interrupted, or its --budget ran out); `effattn bench --resume "
                    "--out DIR` continues it.")
