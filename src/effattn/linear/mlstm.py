@@ -110,6 +110,7 @@ def _chunked(q, k, v, i, logf, state, L: int):
     C0, n0, m0 = state
     B, H, T, K = q.shape
     V = v.shape[-1]
+    L = min(L, T)
     nc = -(-T // L)
     pad = nc * L - T
     q, k, v, i, logf = (F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad)) for x in (q, k, v, i, logf))
