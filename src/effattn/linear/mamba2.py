@@ -114,7 +114,6 @@ def _register() -> None:
     from functools import partial
 
     from ..inputs import with_test_options
-
     from ..registry import CHUNKWISE, Method, StateOrCache, register
 
     register(Method(

@@ -166,7 +166,6 @@ def _register() -> None:
     from functools import partial
 
     from ..inputs import with_test_options
-
     from ..registry import Complexity, Method, StateOrCache, register
 
     register(Method(

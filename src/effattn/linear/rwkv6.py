@@ -170,7 +170,6 @@ def _register() -> None:
     from functools import partial
 
     from ..inputs import with_test_options
-
     from ..registry import CHUNKWISE, MATRIX_STATE, Method, register
 
     register(Method(

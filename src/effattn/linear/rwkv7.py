@@ -259,7 +259,6 @@ def _register() -> None:
     from functools import partial
 
     from ..inputs import with_test_options
-
     from ..registry import MATRIX_STATE, Complexity, Method, register
 
     register(Method(
