@@ -122,6 +122,16 @@ def test_mlstm_matches_reference(form, forget):
     check_against_reference(mlstm, mlstm_reference, inp, {"forget": forget}, form=form, chunk_size=8)
 
 
+@pytest.mark.parametrize("initial", [True, False])
+def test_mlstm_state_carried_over_several_spans(initial):
+    """23 chunks of 2 tokens: the chunk states are unrolled 16 chunks at a time (`_carry`), so this crosses a span
+    boundary, with and without an initial state (m = -inf), wide input gates included."""
+    inp = mlstm_case(T=45, seed=8, spread=20.0)
+    if not initial:
+        inp.pop("initial_state")
+    check_against_reference(mlstm, mlstm_reference, inp, {}, form="chunk", chunk_size=2)
+
+
 def test_mlstm_wide_input_gates_stay_exact():
     """Input gates spanning 200 nats (exp(i) overflows float32): the carried stabiliser keeps every form exact."""
     inp = mlstm_case(seed=5, spread=60.0)

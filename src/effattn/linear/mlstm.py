@@ -18,11 +18,13 @@ Forms (all exact, the same m_t, so the same final state):
 - "parallel": log D_ts = F_t - F_s + i~_s (F = cumsum log f), m_t = max_s log D_ts (the row max),
   h_t = sum_s exp(log D_ts - m_t) (q_t . k_s) v_s / max(|sum_s exp(log D_ts - m_t) q_t . k_s|, exp(-m_t)).
 - "chunk": the parallel form inside chunks of C tokens, all chunks at once, the state (C, n, m) carried
-  between chunks with its own stabiliser by elementwise updates, O(T C Dk + T Dk Dv) (the whole parallel form
-  run chunk after chunk was 3-6x slower on the CPU, and 76 ms on the H100 at B = 16, T = 1024, C = 16; a few
-  launches a chunk still bound it on GPUs). Not on the engine's Triton kernels: the engine's state has no
-  per-chunk rescale, so exp(i~) would have to be folded into k against one global stabiliser, which
-  underflows (numerator and normaliser both 0) once the input gates span more than ~88 nats.
+  between chunks with its own stabiliser, 16 chunks a step, O(T C Dk + T Dk Dv): some 100 PyTorch ops up to
+  16 chunks where the parallel form run chunk after chunk issued ~25 a chunk (76 ms on the H100 at B = 16,
+  T = 1024, C = 16). On 2 CPU cores, fwd / fwd+bwd: 50 / 329 -> 36 / 104 ms at B = 2, T = 4096, H = 4, D = 64,
+  137 / 737 -> 176 / 798 ms at B = 16, T = 1024, H = 16, D = 32 (compute-bound there; GPU untimed). Not on the
+  engine's Triton kernels: the engine's state has no per-chunk rescale, so exp(i~) would have to be folded
+  into k against one global stabiliser, which underflows (numerator and normaliser both 0) once the input
+  gates span more than ~88 nats.
 - "recurrent": the equations above token by token (the decode step).
 """
 from __future__ import annotations
@@ -96,6 +98,37 @@ def mlstm_step(q, k, v, i, logf, state):
     return num / den[..., None], (C, n, m_new)
 
 
+def _segsum(g: torch.Tensor) -> torch.Tensor:
+    """`[..., p]` -> `[..., p, p]`: entry (c, c') = g_{c'+1} + ... + g_c for c' <= c (0 on the diagonal), -inf
+    above it; summed segment by segment, never as a difference of two long running totals."""
+    p = g.shape[-1]
+    strict = torch.ones(p, p, dtype=torch.bool, device=g.device).tril(-1)
+    seg = g.unsqueeze(-1).expand(*g.shape, p).masked_fill(~strict, 0).cumsum(-2)
+    return seg.masked_fill(~torch.ones_like(strict).tril(), float("-inf"))
+
+
+def _carry(a, g, inner, S, m, span: int = 16):
+    """Every chunk's start state of the recurrence m_c = max(a_c, g_c + m_{c-1}), S_c = e^{g_c + m_{c-1} - m_c}
+    S_{c-1} + e^{a_c - m_c} X_c (a, g `[B, H, nc]`, X = inner `[B, H, nc, K, V + 1]`) from (S, m) before the first.
+
+    Unrolled over `span` chunks at a time: m_c = max(m + G_c, max_{c' <= c} a_{c'} + seg(c', c)) and S_c =
+    e^{m + G_c - m_c} S + sum_{c' <= c} e^{a_{c'} + seg(c', c) - m_c} X_{c'} (G_c = seg(-1, c), `_segsum`), one
+    batched product a span instead of a step a chunk. Returns (start states `[B, H, nc, K, V + 1]`, their
+    stabilisers `[B, H, nc]`, the final S, the final m)."""
+    starts, start_m = [], []
+    for c0 in range(0, a.shape[-1], span):
+        a_s, g_s, X = a[..., c0:c0 + span], g[..., c0:c0 + span], inner[:, :, c0:c0 + span]
+        E = a_s.unsqueeze(-2) + _segsum(g_s)  # [B, H, c, c']: a_{c'} + seg(c', c)
+        init = m.unsqueeze(-1) + g_s.cumsum(-1)  # m + G_c
+        m_end = torch.maximum(E.amax(-1), init)
+        S_end = (torch.exp(E - m_end.unsqueeze(-1)) @ X.flatten(-2)).view(X.shape)
+        S_end = S_end + torch.exp(init - m_end)[..., None, None] * S.unsqueeze(2)
+        starts.append(torch.cat([S.unsqueeze(2), S_end[:, :, :-1]], 2))
+        start_m.append(torch.cat([m.unsqueeze(-1), m_end[..., :-1]], -1))
+        S, m = S_end[:, :, -1], m_end[..., -1]
+    return torch.cat(starts, 2), torch.cat(start_m, -1), S, m
+
+
 def _chunked(q, k, v, i, logf, state, L: int):
     """The parallel form inside chunks of L tokens `[B, H, T, .]`, continuing `state`; returns (h, final state).
 
@@ -103,7 +136,8 @@ def _chunked(q, k, v, i, logf, state, L: int):
     chunk's start is carried chunk by chunk, by elementwise updates: with g_c the chunk's total log forget gate and
     a_c = max_s (g_c - b_s + i~_s) (b the in-chunk cumulative log forget gate), m_c = max(a_c, g_c + m_{c-1}) and
     [C | n]_c = e^{g_c + m_{c-1} - m_c} [C | n]_{c-1} + e^{a_c - m_c} sum_s e^{g_c - b_s + i~_s - a_c} k_s^T [v_s | 1]
-    (the last row of the chunk's parallel form). A partial last chunk is padded with tokens that change nothing:
+    (the last row of the chunk's parallel form; `_carry` runs that recurrence). A partial last chunk is padded
+    with tokens that change nothing:
     log f = 0, zero q, k, v, input gates that are -inf in the state (0 in the padded rows' own scores, which only
     those rows see, so that their stabiliser stays finite) and a normaliser of 1 for the padded rows (q = 0 makes
     theirs 0, and e^{-m} can underflow)."""
@@ -125,16 +159,7 @@ def _chunked(q, k, v, i, logf, state, L: int):
     a = w_end.amax(-1)
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # [v | 1]: n rides along as column V of the state
     inner = (k * torch.exp(w_end - a.unsqueeze(-1)).unsqueeze(-1)).transpose(-1, -2) @ v1  # [B, H, nc, K, V + 1]
-    S, m = torch.cat([C0, n0.unsqueeze(-1)], -1), m0
-    starts, start_m = [], []
-    for c in range(nc):
-        starts.append(S)
-        start_m.append(m)
-        m_new = torch.maximum(a[..., c], g[..., c] + m)
-        S = (torch.exp(g[..., c] + m - m_new)[..., None, None] * S
-             + torch.exp(a[..., c] - m_new)[..., None, None] * inner[:, :, c])
-        m = m_new
-    S0, M0 = torch.stack(starts, 2), torch.stack(start_m, 2)  # each chunk's start state
+    S0, M0, S, m = _carry(a, g, inner, torch.cat([C0, n0.unsqueeze(-1)], -1), m0)
     inter = b + M0.unsqueeze(-1)  # the carried state's log weight at each row
     m_row = torch.maximum(logD.amax(-1), inter)
     w0 = torch.exp(inter - m_row)
