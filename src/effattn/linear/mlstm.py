@@ -20,8 +20,9 @@ Forms (all exact, the same m_t, so the same final state):
 - "chunk": the parallel form inside chunks of C tokens, all chunks at once, the state (C, n, m) carried
   between chunks with its own stabiliser, 16 chunks a step, O(T C Dk + T Dk Dv): some 100 PyTorch ops up to
   16 chunks where the parallel form run chunk after chunk issued ~25 a chunk (76 ms on the H100 at B = 16,
-  T = 1024, C = 16). On 2 CPU cores, fwd / fwd+bwd: 50 / 329 -> 36 / 104 ms at B = 2, T = 4096, H = 4, D = 64,
-  137 / 737 -> 176 / 798 ms at B = 16, T = 1024, H = 16, D = 32 (compute-bound there; GPU untimed). Not on the
+  T = 1024, C = 16). On 2 CPU cores, fwd / fwd+bwd: 50 / 329 -> 35 / 101 ms at B = 2, T = 4096, H = 4, D = 64,
+  137 / 737 -> 171 / 700 ms at B = 16, T = 1024, H = 16, D = 32 (memory-bound there: all chunks' L x L tiles
+  at once are 67 MB each, one chunk's stayed in cache; GPU untimed). Not on the
   engine's Triton kernels: the engine's state has no per-chunk rescale, so exp(i~) would have to be folded
   into k against one global stabiliser, which underflows (numerator and normaliser both 0) once the input
   gates span more than ~88 nats.
@@ -147,7 +148,8 @@ def _chunked(q, k, v, i, logf, state, L: int):
     L = min(L, T)
     nc = -(-T // L)
     pad = nc * L - T
-    q, k, v, i, logf = (F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad)) for x in (q, k, v, i, logf))
+    if pad:  # (without padding the chunks are views)
+        q, k, v, i, logf = (F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad)) for x in (q, k, v, i, logf))
     q, k, v = (x.reshape(B, H, nc, L, x.shape[-1]) for x in (q, k, v))
     i = i.reshape(B, H, nc, L)
     b = logf.reshape(B, H, nc, L).cumsum(-1)
