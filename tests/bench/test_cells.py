@@ -76,4 +76,4 @@ def test_test_sized_chunks_stay_out_of_benchmark_sizes():
         large = m.make_inputs(Shape(batch=1, seq_q=SMALL, heads=1, head_dim=16), torch.float32, "cpu", gen)
         assert small.get("chunk_size") in (None, 16) and "chunk_size" not in large, m.name
         test_sized += [m.name] if small.get("chunk_size") == 16 else []
-    assert len(test_sized) >= 13 and {"gla", "mlstm", "rwkv7", "mamba2"} <= set(test_sized)
+    assert len(test_sized) >= 14 and {"gla", "mlstm", "rwkv7", "mamba2"} <= set(test_sized)
