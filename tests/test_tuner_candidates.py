@@ -81,7 +81,7 @@ def test_selective_scan_candidates(every_candidate):
                          ids=["dense", "causal_window", "causal_d128"])
 def test_flash_candidates(every_candidate, causal, window, D):
     """T=29 != S=41, GQA 4/2, bf16: every forward and dK/dV, dQ candidate the H100 tunes over at D (tiles of
-    up to 128 x 128, TMA descriptors, register caps), in the interpreter."""
+    up to 128 x 128, TMA descriptors), in the interpreter."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 29, 4, D, generator=gen).bfloat16().requires_grad_()
     k, v = (torch.randn(1, 41, 2, D, generator=gen).bfloat16().requires_grad_() for _ in range(2))

@@ -22,7 +22,7 @@ from .config import BenchConfig, Cell
 
 def default_jobs(device: str) -> int:
     """Worker processes for a run on `device`: none on the CPU (the interpreter compiles nothing); on CUDA two
-    cores fewer than the host has, at most 12 (each worker holds a CUDA context and ~2 GB of host memory)."""
+    cores fewer than the host has, at most 12 (each worker holds its own CUDA context and copy of torch)."""
     if device != "cuda":
         return 0
     return max(1, min(12, (os.cpu_count() or 2) - 2))
