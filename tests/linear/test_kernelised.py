@@ -1,9 +1,11 @@
 """RFA and cosFormer beyond the registry's checks: the variants its inputs do not draw (ungated RFA with M != D,
-non-causal cosFormer), decode == chunk token by token, RFA's kernel estimate, redraw, bf16 at T = 4096, errors."""
+non-causal cosFormer), decode == chunk token by token, RFA's kernel estimate, redraw, bf16 at T = 4096, errors;
+the default random features (RFA's and Performer's) drawn once."""
 import pytest
 import torch
 
-from effattn.linear import FavorProjection, cosformer, gaussian_random_features, rfa
+from effattn.linear import (FavorProjection, cosformer, gaussian_random_features, orthogonal_random_features,
+                            performer, rfa)
 from effattn.linear.cosformer import cosformer_reference
 from effattn.registry import REGISTRY, Shape
 from effattn.testing import assert_matches_reference
@@ -113,3 +115,23 @@ def test_errors():
         cosformer(x, x, x, causal=False, initial_state=torch.zeros(1, 2, 16, 9))
     with pytest.raises(ValueError, match="max_len"):
         cosformer(x, x, x, max_len=0)
+
+
+@pytest.mark.parametrize("fn", [performer, rfa])
+def test_default_projection_is_drawn_once_and_trains_after_inference(fn):
+    """The default random features are drawn once per (size, seed, device), not on every call (a host-side draw
+    and a pageable copy each call synchronised the host with the GPU); the cached tensor, first drawn under
+    inference_mode here, still joins autograd afterwards."""
+    from effattn.linear.performer import _projection
+
+    x = torch.randn(1, 9, 2, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        first = fn(x, x, x, seed=9173)
+    draw = orthogonal_random_features if fn is performer else gaussian_random_features
+    w = _projection(x, None, None, 9173, draw)
+    assert w is _projection(x, None, None, 9173, draw) and torch.equal(w, draw(8, 8, 9173))
+    xg = x.clone().requires_grad_(True)
+    out = fn(xg, xg, xg, seed=9173)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), first)
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()

@@ -12,6 +12,7 @@ normaliser (v augmented by a column of ones; state `[B, H, M, Dv + 1]`).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -74,11 +75,20 @@ def _features(x, w, scale, stabilize: bool):
     return torch.exp(logits) / math.sqrt(w.shape[0])
 
 
+@functools.lru_cache(maxsize=16)
+def _drawn(draw, num_features: int, head_dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    """`draw(num_features, head_dim, seed)` on `device`, drawn once: drawing on the host (a QR per block) and
+    copying the result from pageable memory on every call synchronised the host with the GPU each call."""
+    with torch.inference_mode(False):  # a tensor first drawn under inference_mode could not join autograd later
+        return draw(num_features, head_dim, seed).to(device)
+
+
 def _projection(q, projection, num_features, seed, draw=orthogonal_random_features):
-    """The given projection `[M, D]` (checked) or a fresh `draw(num_features or D, D, seed)`."""
+    """The given projection `[M, D]` (checked) or the default `draw(num_features or D, D, seed)` on q's device
+    (float64; cached per arguments and device, so treat it as read-only)."""
     D = q.shape[-1]
     if projection is None:
-        return draw(D if num_features is None else num_features, D, seed)
+        return _drawn(draw, D if num_features is None else num_features, D, int(seed), q.device)
     check_tensor("projection", projection, ndim=2, layout="[M, D]")
     if projection.shape[1] != D:
         raise ValueError(f"projection must be [M, D={D}], got {tuple(projection.shape)}")

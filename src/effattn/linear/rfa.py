@@ -47,7 +47,7 @@ def _features(x, w, sigma):
     """phi(x) `[B, T, H, 2M]` in float32 (float64 stays float64)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(acc)
-    proj = (x / x.norm(dim=-1, keepdim=True)) @ w.to(device=x.device, dtype=acc).T / sigma
+    proj = (x / x.norm(dim=-1, keepdim=True)) @ (w.to(device=x.device, dtype=acc) / sigma).T
     return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1) / math.sqrt(w.shape[0])
 
 
