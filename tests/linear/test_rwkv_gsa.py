@@ -292,7 +292,7 @@ def test_rwkv4_decode_equals_chunk():
 def test_rwkv45_bf16_long_sequence_is_finite():
     x = {n: t.to(torch.bfloat16) for n, t in rwkv4_case(B=1, T=4096, H=1, D=16, seed=2, state=False, big=20).items()}
     x["w"] = x["w"] * 1e-3  # almost no decay: the weights sum the whole sequence
-    o, h = rwkv4(**x, output_final_state=True, chunk_size=64)
+    o, h = rwkv4(**x, output_final_state=True, form="chunk", chunk_size=64)  # the fused form: test_rwkv4_fused.py
     assert _finite(o, h) and o.dtype == torch.bfloat16
     y = {n: t.to(torch.bfloat16) for n, t in rwkv5_case(B=1, T=4096, H=1, K=16, V=16, seed=2, state=False).items()}
     y["w"] = y["w"] * 1e-3

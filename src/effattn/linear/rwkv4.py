@@ -17,29 +17,38 @@ The state `[B, H, 2, D]` stacks (m, l); no initial state means the empty one (l 
 chunk, the chunk's earlier tokens, the bonus term), all chunks at once; the state passes between chunks by
 one log-space merge per chunk. Sequences are padded at the start with masked tokens, so the last chunk ends
 on the last token.
+
+"fused" form (the default; rwkv4_fused.py): one Triton kernel per direction, a program per (batch, head, 32
+channels) walking the tokens with (m, l) in registers: O(T D) time like the recurrence, no `[.., C, C, ..]`
+intermediates, and for the backward float32 state checkpoints every 16 tokens (0.5 bytes per token and channel).
+Tested with Triton's interpreter only so far (not yet run on a GPU).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..validate import check_choice, check_positive_int, check_tensor
+from .._triton_mode import require_triton
+from ..validate import FLOAT_DTYPES, check_choice, check_positive_int, check_same, check_tensor
+from .rwkv4_fused import fused_rwkv4
 
-FORMS = ("chunk", "recurrent")
+FORMS = ("fused", "chunk", "recurrent")
 
 
 def _check(k, v, w, u, initial_state):
-    check_tensor("k", k, ndim=4, layout="[B, T, H, D]")
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES, layout="[B, T, H, D]")
     check_tensor("v", v, ndim=4, dtypes=(k.dtype,), layout="[B, T, H, D]")
     if v.shape != k.shape:
         raise ValueError(f"v must be [B, T, H, D] = {tuple(k.shape)} like k, got {tuple(v.shape)}")
     B, _, H, D = k.shape
     for name, t in (("w", w), ("u", u)):
-        check_tensor(name, t, ndim=2, layout="[H, D]")
+        check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, layout="[H, D]")
+        check_same("k", k, name, t, dtype=False)
         if t.shape != (H, D):
             raise ValueError(f"{name} must be [H, D] = {(H, D)}, got {tuple(t.shape)}")
     if initial_state is not None:
-        check_tensor("initial_state", initial_state, ndim=4, layout="[B, H, 2, D]")
+        check_tensor("initial_state", initial_state, ndim=4, dtypes=FLOAT_DTYPES, layout="[B, H, 2, D]")
+        check_same("k", k, "initial_state", initial_state, dtype=False)
         if initial_state.shape != (B, H, 2, D):
             raise ValueError(f"initial_state must be [B, H, 2, D] = {(B, H, 2, D)}, got {tuple(initial_state.shape)}")
 
@@ -106,19 +115,27 @@ def _recurrent(k, v, w, u, initial_state):
     return torch.stack(outs, 1), torch.stack([m, l], dim=2)
 
 
-def rwkv4(k, v, w, u, *, initial_state=None, output_final_state=False, form="chunk", chunk_size=32):
+def rwkv4(k, v, w, u, *, initial_state=None, output_final_state=False, form="fused", chunk_size=32):
     """RWKV-4's WKV operator.
 
     k, v: `[B, T, H, D]` (channels grouped as H x D; RWKV-4 has no heads, H = 1 works), w: log decay `[H, D]`
     (<= 0), u: bonus `[H, D]`; initial_state `[B, H, 2, D]` = (weighted mean of past values, log of their
     total weight). Returns wkv `[B, T, H, D]` in v's dtype (and the final state, float32 / float64, with
-    `output_final_state`). `form`: "chunk" (O(T C D) time and memory, chunks in parallel) or "recurrent"
-    (the decode step, O(D) state).
+    `output_final_state`). `form`: "fused" (Triton, O(T D) time, float16 / bfloat16 / float32 k and v; CUDA
+    tensors, or CPU ones through Triton's interpreter), "chunk" (PyTorch, O(T C D) time and memory, chunks in
+    parallel; `chunk_size` C) or "recurrent" (PyTorch, the decode step, O(D) state).
     """
     check_choice("form", form, FORMS)
     check_positive_int("chunk_size", chunk_size)
     check_choice("output_final_state", output_final_state, (True, False))
     _check(k, v, w, u, initial_state)
+    if form == "fused":
+        require_triton("rwkv4(form='fused')", k)
+        if k.dtype == torch.float64:
+            raise TypeError("rwkv4(form='fused') takes float16, bfloat16 or float32 k and v, got float64 (the "
+                            "'chunk' and 'recurrent' forms take float64)")
+        o, state = fused_rwkv4(k, v, w, u, initial_state)
+        return (o, state) if output_final_state else o
     o, state = (_chunk(k, v, w, u, initial_state, chunk_size) if form == "chunk"
                 else _recurrent(k, v, w, u, initial_state))
     o = o.to(v.dtype)
@@ -173,9 +190,9 @@ def _register() -> None:
         cite="Peng et al. 2023, RWKV: Reinventing RNNs for the Transformer Era (survey Table 6, forget gate)",
         fn=rwkv4, reference=rwkv4_reference,
         make_inputs=partial(with_test_options, partial(rwkv4_inputs, output_final_state=True), {"chunk_size": 16}),
-        complexity=Complexity("O(N C d)", "O(N C d)", 1.0, 1.0),
+        complexity=Complexity("O(N d)", "O(N d)", 1.0, 1.0),  # fused; chunk: O(N C d)
         state_or_cache=StateOrCache("2 H d", False, lambda s: 2 * s.heads * s.head_dim),
-        forms=FORMS, options={"initial_state": None, "output_final_state": False, "form": "chunk", "chunk_size": 32},
+        forms=FORMS, options={"initial_state": None, "output_final_state": False, "form": "fused", "chunk_size": 32},
         supports=frozenset({"causal", "backward", "decode", "state"}),
         grad_inputs=("k", "v", "w", "u", "initial_state"),
         description="per-channel vector state with time decay w and bonus u, kept in log space (mean, log weight)"))
