@@ -79,14 +79,14 @@ def _rwkv4_fwd(k, v, w, u, s0, o, sT, ck, T, H, D, NS, BD: tl.constexpr, CK: tl.
         K = _tile(k, x0, t, md, H, D, T)
         V = _tile(v, x0, t, md, H, D, T)
         if SAVE:  # ck [B, NS, 2, H, D]: the state before the segment
-            cb = ((b * NS + s) * 2 * H + h) * D + d
+            cb = ((b.to(tl.int64) * NS + s) * 2 * H + h) * D + d
             tl.store(ck + cb, m, mask=md)
             tl.store(ck + cb + H * D, l, mask=md)
         for i in tl.static_range(CK):
             sel = (j == i)[:, None]
             _, _, ot, m_next, l_next = _gates(m, l, _row(K, sel), _row(V, sel), w_, u_)
             live = s * CK + i < T
-            tl.store(o + x0 + (s * CK + i) * H * D, ot.to(o.dtype.element_ty), mask=md & live)
+            tl.store(o + x0 + tl.cast(s * CK + i, tl.int64) * H * D, ot.to(o.dtype.element_ty), mask=md & live)
             m = tl.where(live, m_next, m)
             l = tl.where(live, l_next, l)
     tl.store(sT + sb, m, mask=md)
@@ -114,7 +114,7 @@ def _rwkv4_bwd(k, v, w, u, ck, do, dsT, dk, dv, dw, du, ds0, T, H, D, NS, BD: tl
             G = _tile(do, x0, t, md, H, D, T)
         else:
             G = tl.zeros([CK, BD], tl.float32)
-        cb = ((b * NS + s) * 2 * H + h) * D + d
+        cb = ((b.to(tl.int64) * NS + s) * 2 * H + h) * D + d
         m = tl.load(ck + cb, mask=md, other=0.0)
         l = tl.load(ck + cb + H * D, mask=md, other=0.0)
         M = tl.zeros([CK, BD], tl.float32)
@@ -132,7 +132,7 @@ def _rwkv4_bwd(k, v, w, u, ck, do, dsT, dk, dv, dw, du, ds0, T, H, D, NS, BD: tl
             a = go * (m - vt) * lam * (1.0 - lam)
             bk = gm * (m - vt) * keep * (1.0 - keep)
             live = s * CK + i < T
-            xt = x0 + (s * CK + i) * H * D
+            xt = x0 + tl.cast(s * CK + i, tl.int64) * H * D
             tl.store(dk + xt, (gl * (1.0 - keep) - a - bk).to(dk.dtype.element_ty), mask=md & live)
             tl.store(dv + xt, (go * (1.0 - lam) + gm * (1.0 - keep)).to(dv.dtype.element_ty), mask=md & live)
             dw_ += tl.where(live, bk + gl * keep, 0.0)
